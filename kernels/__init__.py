@@ -1,0 +1,29 @@
+"""Compute kernels of sglite.
+
+Each op lives in a file of its own that holds a torch reference (``*_ref``, the CPU path and the ground truth
+in tests) and, on CUDA, a Triton kernel. The public function of each file dispatches: Triton for CUDA tensors,
+the reference otherwise. This package knows nothing of the runtime.
+"""
+
+from .activation import silu_and_mul, silu_and_mul_ref
+from .decode_attention import decode_attention, decode_attention_ref
+from .extend_attention import extend_attention, extend_attention_ref
+from .norm import rms_norm, rms_norm_ref
+from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
+from .store_kv import store_kv, store_kv_ref
+
+__all__ = [
+    "apply_rotary",
+    "apply_rotary_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "extend_attention",
+    "extend_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_cos_sin",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "store_kv",
+    "store_kv_ref",
+]
