@@ -1,22 +1,30 @@
 """Compute kernels of sglite.
 
 Each op lives in a file of its own that holds a torch reference (``*_ref``, the CPU path and the ground truth
-in tests) and, on CUDA, a Triton kernel. The public function of each file dispatches: Triton for CUDA tensors,
-the reference otherwise. This package knows nothing of the runtime.
+in tests) and, on CUDA, a Triton kernel with its launcher (``*_triton``). The public function of each file
+dispatches: Triton for CUDA tensors (when triton is installed), the reference otherwise. This package knows
+nothing of the runtime.
+
+Triton is optional: without it (macOS, Windows) the package imports and every public function uses its reference.
+Set ``TRITON_INTERPRET=1`` before this package is first imported to run the launchers on CPU tensors (tests).
 """
 
 from .activation import silu_and_mul, silu_and_mul_ref
-from .decode_attention import decode_attention, decode_attention_ref
+from .decode_attention import decode_attention, decode_attention_ref, decode_num_splits
 from .extend_attention import extend_attention, extend_attention_ref
 from .norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from .store_kv import store_kv, store_kv_ref
+from .token_bitmask import apply_token_bitmask_, apply_token_bitmask_ref
 
 __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
+    "apply_token_bitmask_",
+    "apply_token_bitmask_ref",
     "decode_attention",
     "decode_attention_ref",
+    "decode_num_splits",
     "extend_attention",
     "extend_attention_ref",
     "rms_norm",

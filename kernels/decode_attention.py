@@ -3,11 +3,43 @@
 Layout shared with the runtime: ``k_buffer/v_buffer [num_slots, Hkv, D]`` (slot 0 is the dummy slot padded
 rows write to), ``req_to_token [rows, context_len]`` maps (request row, position) -> slot. The K/V of the new
 token is already stored in the pool when attention runs.
+
+The Triton path is split-KV "flash decoding" in two launches:
+
+* stage 1, grid ``(B, Hkv, num_splits)``: a program reads one contiguous range of positions ("split") of one
+  request for one KV head, once, and attends all the query heads of that KV group to it (GQA: the group is the M
+  dimension of the matmul). It writes the split's normalised partial output and its log-sum-exp.
+* stage 2, grid ``(B, Hq)``: merges the splits of a request with their log-sum-exps.
+
+Why split: at decode the batch gives only ``B * Hkv`` programs (8 for Llama-3-8B at batch 1, on a GPU with 132
+SMs), and each would stream the whole history alone. Splitting the positions makes enough programs to keep every
+SM reading memory. ``decode_num_splits`` picks the count from the batch size; each request then uses only as many
+of those splits as its own length warrants (at least ``min_split_tokens`` positions per split), the others exit at
+once, so the grid does not depend on the sequence lengths (what CUDA graphs need).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+try:  # triton is optional (absent on macOS / Windows): then only the reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+# Programs per SM the split heuristic aims for: about one full wave (a stage-1 program of 4 warps with two
+# pipelined K/V tiles leaves room for ~3 resident per SM), so no SM idles and there is no long tail.
+DECODE_PROGRAMS_PER_SM = 3
+# A split shorter than this costs more in its own merge traffic (Hq/Hkv partial rows of D floats) and launch
+# overhead than it saves; requests shorter than this use one split.
+DECODE_MIN_SPLIT_TOKENS = 128
+# Upper bound on splits: bounds the stage-2 tile and the intermediate buffers.
+DECODE_MAX_SPLITS = 64
+# H100 and H200 SXM; used when the device cannot be asked (the CPU interpreter).
+DEFAULT_NUM_SMS = 132
 
 
 def decode_attention_ref(
@@ -38,6 +70,236 @@ def decode_attention_ref(
     return out.reshape(bs, num_q_heads, head_dim).to(q.dtype)
 
 
+def decode_num_splits(
+    batch_size: int,
+    num_kv_heads: int,
+    num_sms: int = DEFAULT_NUM_SMS,
+    max_seq_len: int | None = None,
+    min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
+    max_splits: int = DECODE_MAX_SPLITS,
+) -> int:
+    """How many KV splits stage 1 launches per (request, KV head); at least 1, at most ``max_splits``.
+
+    Aims at ``DECODE_PROGRAMS_PER_SM * num_sms`` programs in all: a small batch gets many splits, a batch that
+    already fills the GPU gets one. With ``max_seq_len`` (a host int, when known without a device sync) the count
+    is also capped at ``ceil(max_seq_len / min_split_tokens)`` so no program is launched only to exit. Leave it None
+    for CUDA graphs: the count then depends on the batch size only.
+    """
+    if batch_size < 1 or num_kv_heads < 1 or num_sms < 1 or min_split_tokens < 1 or max_splits < 1:
+        raise ValueError("batch_size, num_kv_heads, num_sms, min_split_tokens and max_splits must be >= 1")
+    splits = math.ceil(DECODE_PROGRAMS_PER_SM * num_sms / (batch_size * num_kv_heads))
+    if max_seq_len is not None:
+        splits = min(splits, math.ceil(max(max_seq_len, 1) / min_split_tokens))
+    return max(1, min(splits, max_splits))
+
+
+def num_sms_of(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; ``DEFAULT_NUM_SMS`` for anything else."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N: tl.constexpr):
+        """Positions per split of one request: its length spread over the splits it uses, rounded up to whole
+        BLOCK_N tiles (so only a split's last tile is partial). Both stages derive the split layout from this."""
+        n = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_tokens)), 1)
+        per = tl.cdiv(tl.cdiv(seq_len, n), BLOCK_N) * BLOCK_N
+        return tl.maximum(per, BLOCK_N)
+
+    @triton.jit
+    def _decode_stage1_kernel(
+        Q, KB, VB, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE,
+        qk_scale,  # sm_scale * log2(e): scores live in base 2 so the softmax uses exp2
+        sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt,
+        smo_b, smo_h, smo_s, sml_b, sml_h,
+        group, head_dim, num_splits, min_split_tokens,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(SEQ_LENS + b)
+        split_len = _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        if start < end:  # splits this request does not use do nothing; stage 2 skips them the same way
+            row = tl.load(REQ_IDX + b).to(tl.int64)
+            offs_g = tl.arange(0, BLOCK_G)
+            mask_g = offs_g < group
+            heads = kvh * group + offs_g
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < head_dim
+            # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
+            q = tl.load(
+                Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0,
+            )
+            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < end
+                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(KB + slots[:, None] * sk_s + kvh * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                # Online softmax; every tile holds >= 1 valid position, so m is finite after the first one.
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m = m_new
+            o_ptr = MID_O + b * smo_b + heads[:, None] * smo_h + split * smo_s + offs_d[None, :]
+            tl.store(o_ptr, acc / l[:, None], mask=mask_g[:, None] & mask_d[None, :])
+            tl.store(MID_LSE + b * sml_b + heads * sml_h + split, m + tl.log2(l), mask=mask_g)
+
+    @triton.jit
+    def _decode_stage2_kernel(
+        MID_O, MID_LSE, SEQ_LENS, OUT,
+        smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
+        head_dim, num_splits, min_split_tokens,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        seq_len = tl.load(SEQ_LENS + b)
+        used = tl.cdiv(seq_len, _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N))
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_s = offs_s < used
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        # Unused splits hold stale data from earlier launches: masked on load, weight forced to 0.
+        lse = tl.load(MID_LSE + b * sml_b + h * sml_h + offs_s, mask=mask_s, other=float("-inf"))
+        w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+        o = tl.load(
+            MID_O + b * smo_b + h * smo_h + offs_s[:, None] * smo_s + offs_d[None, :],
+            mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+        )
+        total = tl.sum(w, 0)
+        # seq_len == 0 (an empty padded row) has no split at all: write zeros rather than 0/0.
+        res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+        tl.store(OUT + b * so_b + h * so_h + offs_d, res.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+def decode_intermediate_buffers(
+    batch_size: int, num_q_heads: int, num_splits: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allocate ``(mid_o [B, Hq, S, D], mid_lse [B, Hq, S])`` float32 for ``decode_attention_triton``."""
+    mid_o = torch.empty((batch_size, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((batch_size, num_q_heads, num_splits), dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    *,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
+
+    ``q [B, Hq, D]`` (last dim contiguous), pool buffers ``[num_slots, Hkv, D]``, ``req_to_token [rows, ctx]``
+    int32/int64, ``req_pool_indices`` / ``seq_lens [B]`` int64 on the device. ``Hq`` must be a multiple of ``Hkv``.
+    Every request needs ``seq_lens[b] >= 1`` for a meaningful output (a row with 0 gets zeros, not NaN).
+
+    Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``.
+    Request b uses ``min(num_splits, ceil(seq_lens[b] / min_split_tokens))`` of them; the rest exit at once.
+
+    CUDA graphs: the grid is ``(B, Hkv, num_splits)`` and ``(B, Hq)``; it never depends on the sequence lengths,
+    and no host sync happens when ``num_splits`` is given. To capture, pass a fixed ``num_splits`` and
+    preallocated ``mid_o [>=B, Hq, >=num_splits, D]`` / ``mid_lse [>=B, Hq, >=num_splits]`` float32 (views of
+    larger buffers are fine; only their strides are used) and optionally ``out [B, Hq, D]`` in q's dtype. Their
+    contents between launches do not matter.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use decode_attention_ref")
+    bs, n_q, d = q.shape
+    n_kv = k_buffer.shape[1]
+    if n_kv < 1 or n_q % n_kv:
+        raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
+    if k_buffer.shape[2] != d or v_buffer.shape != k_buffer.shape:
+        raise ValueError(f"k/v buffers {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} do not match q head_dim {d}")
+    if req_pool_indices.shape != (bs,) or seq_lens.shape != (bs,):
+        raise ValueError(f"req_pool_indices / seq_lens must be [{bs}]")
+    if min_split_tokens < 1:
+        raise ValueError(f"min_split_tokens must be >= 1, got {min_split_tokens}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((bs, n_q, d), dtype=q.dtype, device=q.device)
+    elif out.shape != (bs, n_q, d) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{bs}, {n_q}, {d}] with a contiguous last dim")
+    if bs == 0:
+        return out
+    if num_splits is None:
+        num_splits = decode_num_splits(bs, n_kv, num_sms_of(q.device), max_seq_len, min_split_tokens)
+    if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {DECODE_MAX_SPLITS}], got {num_splits}")
+    if mid_o is None or mid_lse is None:
+        mid_o, mid_lse = decode_intermediate_buffers(bs, n_q, num_splits, d, q.device)
+    if (
+        mid_o.dtype != torch.float32 or mid_lse.dtype != torch.float32
+        or mid_o.dim() != 4 or mid_o.shape[0] < bs or mid_o.shape[1] != n_q or mid_o.shape[2] < num_splits
+        or mid_o.shape[3] != d or mid_o.stride(-1) != 1
+        or mid_lse.dim() != 3 or mid_lse.shape[0] < bs or mid_lse.shape[1] != n_q or mid_lse.shape[2] < num_splits
+        or mid_lse.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"mid_o must be float32 [>={bs}, {n_q}, >={num_splits}, {d}] and mid_lse float32 "
+            f"[>={bs}, {n_q}, >={num_splits}], got {tuple(mid_o.shape)} {mid_o.dtype} / "
+            f"{tuple(mid_lse.shape)} {mid_lse.dtype}"
+        )
+    full_precision = q.dtype == torch.float32
+    if block_n is None:
+        block_n = 32 if full_precision else 64  # fp32 tiles are twice the bytes: halve them to keep 2 stages
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    group = n_q // n_kv
+    block_d = max(16, triton.next_power_of_2(d))
+    # tl.dot needs M >= 16: small groups are padded with zero query rows (free: decode is bandwidth-bound).
+    block_g = max(16, triton.next_power_of_2(group))
+    # fp32 must not silently drop to TF32 (10-bit mantissa) in the matmuls.
+    precision = "ieee" if full_precision else "tf32"
+    _decode_stage1_kernel[(bs, n_kv, num_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        float(sm_scale) * math.log2(math.e),
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        group, d, num_splits, min_split_tokens,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision,
+        num_warps=4, num_stages=2,
+    )
+    _decode_stage2_kernel[(bs, n_q)](
+        mid_o, mid_lse, seq_lens, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        d, num_splits, min_split_tokens,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return out
+
+
 def decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -47,5 +309,8 @@ def decode_attention(
     seq_lens: torch.Tensor,
     sm_scale: float,
 ) -> torch.Tensor:
-    """Dispatching decode attention: Triton on CUDA, the reference elsewhere."""
+    """Dispatching decode attention: Triton (split-KV, split count from the batch size) for CUDA tensors when
+    triton is installed, the reference elsewhere. Contract as ``decode_attention_ref``."""
+    if q.is_cuda and triton is not None:
+        return decode_attention_triton(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale)
     return decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale)

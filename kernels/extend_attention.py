@@ -2,11 +2,25 @@
 
 Same pool layout as decode attention. The K/V of the new tokens is already stored in the pool (at
 ``req_to_token[row, prefix_len : seq_len]``) when attention runs, so prefix and new keys are read one way.
+
+The Triton path is flash attention over the pool: grid ``(Hq, q_blocks, B)``, a program takes BLOCK_M new tokens
+of one request for one query head and streams that request's keys (through ``req_to_token``) from position 0 up to
+its last query's position, with an online softmax; keys after a query's position are masked (causal on positions,
+so a cached prefix is fully visible to every new token). Query heads vary fastest in the launch order, so the
+programs of one KV group run together and share their K/V tiles through L2 (GQA).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+try:  # triton is optional (absent on macOS / Windows): then only the reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
 
 
 def extend_attention_ref(
@@ -46,6 +60,145 @@ def extend_attention_ref(
     return out
 
 
+if triton is not None:
+
+    @triton.jit
+    def _extend_kernel(
+        Q, KB, VB, OUT, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, EXT_LENS, EXT_START,
+        qk_scale,  # sm_scale * log2(e): scores live in base 2 so the softmax uses exp2
+        sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, s_rt,
+        group, head_dim,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        m0 = tl.program_id(1) * BLOCK_M
+        b = tl.program_id(2).to(tl.int64)
+        ext_len = tl.load(EXT_LENS + b)
+        if m0 < ext_len:  # the grid covers the longest extend; shorter requests' extra blocks do nothing
+            seq_len = tl.load(SEQ_LENS + b)
+            start = tl.load(EXT_START + b)
+            row = tl.load(REQ_IDX + b).to(tl.int64)
+            prefix = seq_len - ext_len
+            kvh = h // group
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < ext_len
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < head_dim
+            q_rows = (start + offs_m).to(tl.int64)
+            q = tl.load(
+                Q + q_rows[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+            )
+            q_pos = prefix + offs_m
+            # Keys past the block's last query position are invisible to the whole block: stop there.
+            end = prefix + tl.minimum(m0 + BLOCK_M, ext_len)
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for n0 in range(0, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < end
+                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(KB + slots[:, None] * sk_s + kvh * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                s = tl.where(visible, s, float("-inf"))
+                # Online softmax. Position 0 is visible to every row and lies in the first tile, so m is finite
+                # from then on and fully masked later tiles only contribute exp2(-inf) = 0.
+                m_new = tl.maximum(m, tl.max(s, 1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m = m_new
+            res = acc / l[:, None]
+            tl.store(
+                OUT + q_rows[:, None] * so_t + h * so_h + offs_d[None, :],
+                res.to(OUT.dtype.element_ty),
+                mask=mask_m[:, None] & mask_d[None, :],
+            )
+
+
+def _extend_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tiles that keep q + two stages of K/V tiles within shared memory."""
+    if dtype == torch.float32:  # 4-byte tiles
+        return (64, 32, 4) if head_dim <= 128 else (32, 32, 4)
+    if head_dim <= 64:
+        return 128, 64, 4
+    if head_dim <= 128:
+        return 128, 64, 8
+    return 64, 32, 4
+
+
+def extend_attention_triton(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    sm_scale: float,
+    *,
+    max_extend_len: int | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Flash extend attention with the contract of ``extend_attention_ref``; returns ``o [T, Hq, D]``.
+
+    ``q [T, Hq, D]`` (may be a strided view with a contiguous last dim), pool buffers ``[num_slots, Hkv, D]``,
+    ``req_to_token [rows, ctx]`` int32/int64, the ``[B]`` int64 arrays on the device. ``Hq`` must be a multiple of
+    ``Hkv``. ``max_extend_len`` (a host int >= max(extend_seq_lens)) sizes the grid; when None it is read from the
+    device (one sync). Rows of ``out`` that belong to no request are left untouched. ``block_m``/``block_n``
+    override the tile sizes (powers of two >= 16; tests use small ones).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use extend_attention_ref")
+    t, n_q, d = q.shape
+    n_kv = k_buffer.shape[1]
+    if n_kv < 1 or n_q % n_kv:
+        raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
+    if k_buffer.shape[2] != d or v_buffer.shape != k_buffer.shape:
+        raise ValueError(f"k/v buffers {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} do not match q head_dim {d}")
+    bs = req_pool_indices.shape[0]
+    if any(x.shape != (bs,) for x in (seq_lens, extend_seq_lens, extend_start_loc)):
+        raise ValueError(f"req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc must all be [{bs}]")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((t, n_q, d), dtype=q.dtype, device=q.device)
+    elif out.shape != (t, n_q, d) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{t}, {n_q}, {d}] with a contiguous last dim")
+    if bs == 0 or t == 0:
+        return out
+    if max_extend_len is None:
+        max_extend_len = int(extend_seq_lens.max())
+    if max_extend_len <= 0:
+        return out
+    cfg_m, cfg_n, num_warps = _extend_config(q.dtype, d)
+    block_m = block_m or cfg_m
+    block_n = block_n or cfg_n
+    if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
+        raise ValueError(f"block_m / block_n must be powers of two >= 16, got {block_m} / {block_n}")
+    grid = (n_q, triton.cdiv(max_extend_len, block_m), bs)
+    _extend_kernel[grid](
+        q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc,
+        float(sm_scale) * math.log2(math.e),
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1), req_to_token.stride(0),
+        n_q // n_kv, d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        # fp32 must not silently drop to TF32 (10-bit mantissa) in the matmuls.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=2,
+    )
+    return out
+
+
 def extend_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -57,7 +210,13 @@ def extend_attention(
     extend_start_loc: torch.Tensor,
     sm_scale: float,
 ) -> torch.Tensor:
-    """Dispatching extend attention: Triton on CUDA, the reference elsewhere."""
+    """Dispatching extend attention: Triton for CUDA tensors when triton is installed, the reference elsewhere.
+    Contract as ``extend_attention_ref``."""
+    if q.is_cuda and triton is not None:
+        return extend_attention_triton(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc,
+            sm_scale,
+        )
     return extend_attention_ref(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, sm_scale
     )

@@ -1,8 +1,18 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it.
+
+``rms_norm_ref`` is the ground truth (and the CPU path); ``rms_norm_triton`` is one Triton program per row that
+does the residual add, the float32 reduction and the weight multiply in a single pass over memory.
+"""
 
 from __future__ import annotations
 
 import torch
+
+try:  # triton is optional (absent on macOS / Windows): then only the reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
 
 
 def rms_norm_ref(
@@ -22,8 +32,85 @@ def rms_norm_ref(
     return weight * h.to(dtype), residual
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        X, R, W, OUT, NEW_R,
+        stride_x, stride_r, stride_o, stride_nr,
+        n_cols, eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            # The reference adds in the input dtype: one rounding of the exact sum, which an fp32 add + cast gives.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(NEW_R + row * stride_nr + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        var = tl.sum(h * h, axis=0) / n_cols
+        h = h * tl.rsqrt(var + eps)
+        # Cast to the input dtype before the weight multiply, as the reference (and HF) do.
+        h = h.to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + row * stride_o + cols, (w * h).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View ``t [..., N]`` as ``[M, N]`` with a unit stride on the last dim (copies only when it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton launcher with the contract of ``rms_norm_ref``.
+
+    ``x [..., N]`` (any float dtype), ``weight [N]``, optional ``residual`` shaped like ``x``. Returns new tensors
+    ``(out, new_residual)``: ``out`` has dtype ``promote(weight.dtype, x.dtype)`` like the reference, ``new_residual``
+    (``x + residual`` in x's dtype) is None without a residual. Inputs are not modified.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use rms_norm_ref")
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight must have shape ({n},), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        new_r = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:  # never read: HAS_RESIDUAL=False compiles the residual branch away
+        r2, new_r = x2, out
+    if m > 0:
+        block = triton.next_power_of_2(n)
+        # One row per program; wide rows get more warps so each thread keeps a few elements in registers.
+        num_warps = min(max(block // 512, 1), 16)
+        _rms_norm_kernel[(m,)](
+            x2, r2, weight.contiguous(), out, new_r,
+            x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
+            n, float(eps),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        )
+    out = out.view(x.shape)
+    return out, (new_r.view(x.shape) if residual is not None else None)
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatching RMSNorm: Triton on CUDA, the reference elsewhere."""
+    """Dispatching RMSNorm: Triton for CUDA tensors (when triton is installed), the reference elsewhere.
+
+    Same contract as ``rms_norm_ref``: returns ``(norm(x + residual) * weight, x + residual or None)``.
+    """
+    if x.is_cuda and triton is not None:
+        return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

@@ -1,0 +1,462 @@
+"""``Engine``: the offline and async API of the runtime.
+
+The engine validates and tokenizes requests on the caller's thread (bad input is rejected before anything is
+queued), then hands them to the scheduler, which runs on its own thread so that neither an asyncio event loop nor
+an HTTP server ever waits on a model step, and a model step never waits on them. Results come back as
+``StreamChunk``s through a per-request sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import psutil
+import torch
+from transformers import AutoTokenizer
+
+from .allocator import ReqToTokenPool, TokenAllocator
+from .attention import AttentionBackend, TorchAttentionBackend
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .errors import ConfigError, InvalidRequestError
+from .kv_pool import KVPool
+from .memory_plan import MemoryInputs, MemoryPlan, plan_memory
+from .model_runner import ModelRunner
+from .models.config import ModelConfig
+from .models.loader import load_model
+from .output_processor import OutputProcessor
+from .outputs import GenerateOutput, StreamChunk
+from .radix_cache import RadixCache
+from .request import Req
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerLimits
+
+logger = logging.getLogger("xinf_sglang.runtime")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Call:
+    """Run ``fn`` on the scheduler thread and put its result in ``future``."""
+
+    fn: Callable[[], Any]
+    future: Future
+
+
+class Engine:
+    """An inference engine over one model. Thread-safe; ``generate_stream`` may be used from many asyncio tasks."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.model_config = ModelConfig.from_dir(config.model_path)
+        self.dtype = _resolve_dtype(config.dtype, self.device, self.model_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        self.eos_token_ids = _eos_ids(Path(config.model_path), self.model_config, self.tokenizer)
+        torch.manual_seed(config.seed)
+
+        free_before = _free_memory(self.device)
+        model = load_model(
+            config.model_path, self.model_config, self.dtype, self.device, config.load_format, seed=config.seed
+        )
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        mc = self.model_config
+        kv_bytes = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        inputs = MemoryInputs(
+            device=self.device.type,
+            free_before_weights=free_before,
+            free_after_weights=_free_memory(self.device),
+            weights_bytes=weights_bytes,
+            kv_bytes_per_token=kv_bytes,
+            model_context_length=_model_context_length(mc),
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.intermediate_size,
+            vocab_size=mc.vocab_size,
+            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+        )
+        self.memory_plan: MemoryPlan = plan_memory(
+            inputs,
+            mem_fraction_static=config.mem_fraction_static,
+            max_total_tokens=config.max_total_tokens,
+            context_length=config.context_length,
+            max_running_requests=config.max_running_requests,
+            chunked_prefill_size=config.chunked_prefill_size,
+            max_prefill_tokens=config.max_prefill_tokens,
+        )
+        plan = self.memory_plan
+        self.context_length = plan.context_length
+        kv_pool = KVPool(plan.pool_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        allocator = TokenAllocator(plan.pool_tokens, self.device)
+        req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, self.device)
+        attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, self.device)
+        self.runner = ModelRunner(model, kv_pool, attn, req_pool.table, self.device)
+        limits = SchedulerLimits(
+            max_running_requests=plan.max_running_requests,
+            max_prefill_tokens=plan.max_prefill_tokens,
+            chunked_prefill_size=plan.chunked_prefill_size,
+            schedule_policy=config.schedule_policy,
+            disable_radix_cache=config.disable_radix_cache,
+        )
+        self.scheduler = Scheduler(limits, self.runner, allocator, req_pool, RadixCache(allocator), OutputProcessor())
+        logger.info(
+            "sglite engine: %s (%s) on %s, %s, attention=%s",
+            mc.architecture, config.model_path, self.device, str(self.dtype).removeprefix("torch."),
+            type(attn).__name__,
+        )
+        for line in plan.report():
+            logger.info("memory plan: %s", line)
+
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: set[str] = set()  # request ids queued or running (guarded by _lock)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="sglite-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----
+
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        input_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        request_id: str | Sequence[str] | None = None,
+    ) -> list[GenerateOutput]:
+        """Run a batch of prompts to completion; one ``GenerateOutput`` per prompt, in order.
+
+        ``prompt`` is a string or a list of strings; ``input_ids`` a list of token ids or a list of such lists.
+        ``sampling_params`` is one ``SamplingParams`` for all, or one per prompt. Every request is validated
+        before any is queued; an invalid one raises ``InvalidRequestError``.
+        """
+        prompts = _as_prompt_list(prompt, input_ids)
+        params = _as_list(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        rids = _as_list(request_id, len(prompts), "request_id") if request_id is not None else [None] * len(prompts)
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        reqs = [self._make_request(p, sp, rid, results.put) for p, sp, rid in zip(prompts, params, rids)]
+        for req in reqs:
+            self._submit(req)
+        collected = {req.rid: _Collector(req.rid) for req in reqs}
+        pending = len(reqs)
+        while pending:
+            chunk = results.get()
+            if collected[chunk.request_id].add(chunk):
+                pending -= 1
+        return [collected[req.rid].result() for req in reqs]
+
+    async def generate_stream(
+        self,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Stream one request's output. Closing the iterator early (``aclose``, a client disconnect) aborts the
+        request and frees its KV."""
+        [p] = _as_prompt_list(prompt, input_ids)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        req = self._make_request(p, sampling_params or SamplingParams(), request_id,
+                                 lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
+        self._submit(req)
+        finished = False
+        try:
+            while not finished:
+                chunk = await chunks.get()
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request wherever it is (queued, prefilling, decoding); a no-op for unknown ids."""
+        self._inbox.put(("abort", request_id))
+
+    def metrics(self) -> dict[str, float | int]:
+        """A snapshot of the engine's counters (read without stopping the scheduler, so approximately consistent)."""
+        s = self.scheduler
+        stats = s.stats
+        return {
+            "kv_total_tokens": s.allocator.size,
+            "kv_free_tokens": s.allocator.available,
+            "kv_evictable_tokens": 0 if self.config.disable_radix_cache else s.tree.evictable_size(),
+            "kv_used_tokens": s.allocator.size - s.allocator.available,
+            "running_requests": len(s.running) + (1 if s.chunked else 0),
+            "waiting_requests": len(s.waiting),
+            "cache_hit_rate": stats.cache_hit_rate,
+            "prompt_tokens_total": stats.prompt_tokens,
+            "cached_prompt_tokens_total": stats.cached_prompt_tokens,
+            "generated_tokens_total": stats.generated_tokens,
+            "finished_requests": stats.finished_requests,
+            "aborted_requests": stats.aborted_requests,
+            "retractions": stats.retractions,
+            "prefill_steps": stats.prefill_steps,
+            "decode_steps": stats.decode_steps,
+            "new_token_ratio": s.new_token_ratio,
+        }
+
+    def check_invariants(self, timeout: float = 30.0) -> list[str]:
+        """Wait until the engine is idle, then return the idle-invariant violations (empty when exact)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            problems = self.run_on_scheduler(self.scheduler.idle_invariant_violations)
+            if problems != ["scheduler is not idle"] or time.monotonic() > deadline:
+                return problems
+            time.sleep(0.01)
+
+    def run_on_scheduler(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn`` on the scheduler thread between steps and return its result."""
+        fut: Future = Future()
+        self._inbox.put(_Call(fn, fut))
+        return fut.result(timeout)
+
+    def shutdown(self) -> None:
+        """Abort what is left, stop the scheduler thread and release the model's memory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=60)
+        self.runner = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- requests ----
+
+    def _make_request(
+        self, prompt: str | list[int], params: SamplingParams, rid: str | None, sink: Callable[[StreamChunk], None]
+    ) -> Req:
+        if self._closed:
+            raise InvalidRequestError("the engine is shut down")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        params.verify(self.model_config.vocab_size)
+        if any(v is not None for v in (params.json_schema, params.regex, params.ebnf, params.choices)):
+            raise InvalidRequestError(
+                "structured output (json_schema / regex / ebnf / choices) is not supported by this build yet"
+            )
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        req = Req(
+            rid=rid or uuid.uuid4().hex,
+            input_ids=ids,
+            params=params,
+            sink=self._wrap_sink(sink),
+            stop_token_ids=frozenset(stop_ids),
+            max_new_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
+        )
+        req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        req.stop_matcher = StopStringMatcher(params.stop or [])
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return req
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        ctx = self.context_length
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: at least one token is needed")
+        if len(ids) >= ctx:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; context_length is {ctx}, so at most {ctx - 1} prompt tokens fit "
+                f"(with room for one new token)"
+            )
+        if len(ids) >= self.memory_plan.pool_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the KV pool holds {self.memory_plan.pool_tokens}; "
+                f"raise max_total_tokens / mem_fraction_static"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is out of range: the vocabulary has ids 0..{vocab - 1}")
+
+    def _wrap_sink(self, sink: Callable[[StreamChunk], None]) -> Callable[[StreamChunk], None]:
+        def deliver(chunk: StreamChunk) -> None:
+            if chunk.finish_reason is not None:
+                with self._lock:
+                    self._live.discard(chunk.request_id)
+            sink(chunk)
+
+        return deliver
+
+    def _submit(self, req: Req) -> None:
+        with self._lock:
+            if req.rid in self._live:
+                raise InvalidRequestError(f"request id {req.rid!r} is already in use by a running request")
+            self._live.add(req.rid)
+        if req.max_new_tokens == 0:
+            OutputProcessor().finish(req, "length")  # nothing to generate: no need to queue it
+            return
+        self._inbox.put(("add", req))
+
+    # ---- scheduler thread ----
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            if not self._drain_inbox(block=not sched.has_work):
+                break
+            try:
+                worked = sched.step()
+            except Exception as e:  # keep serving: fail the requests of the broken step, not the engine
+                logger.exception("scheduler step failed; aborting the requests in flight")
+                sched.abort_all(f"engine error: {type(e).__name__}: {e}")
+                worked = False
+            if not worked and self.config.debug_invariants and not sched.has_work:
+                problems = sched.idle_invariant_violations()
+                if problems:
+                    logger.error("idle invariant violated: %s", "; ".join(problems))
+        sched.abort_all("the engine is shutting down")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every queued message (waiting for one if ``block``); False once asked to stop."""
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(item, _Call):
+                try:
+                    item.future.set_result(item.fn())
+                except Exception as e:
+                    item.future.set_exception(e)
+            else:
+                kind, payload = item
+                if kind == "stop":
+                    return False
+                if kind == "add":
+                    self.scheduler.add(payload)
+                elif kind == "abort":
+                    self.scheduler.abort(payload)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+
+class _Collector:
+    """Accumulates one request's chunks into its ``GenerateOutput``."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.text: list[str] = []
+        self.tokens: list[int] = []
+        self.last: StreamChunk | None = None
+
+    def add(self, chunk: StreamChunk) -> bool:
+        self.text.append(chunk.text)
+        self.tokens.extend(chunk.token_ids)
+        self.last = chunk
+        return chunk.finish_reason is not None
+
+    def result(self) -> GenerateOutput:
+        c = self.last
+        return GenerateOutput(
+            request_id=self.rid,
+            token_ids=self.tokens,
+            text="".join(self.text),
+            finish_reason=c.finish_reason,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            cached_tokens=c.cached_tokens,
+            matched_stop=c.matched_stop,
+            error=c.error,
+        )
+
+
+def _as_prompt_list(prompt, input_ids) -> list[str | list[int]]:
+    if (prompt is None) == (input_ids is None):
+        raise InvalidRequestError("give exactly one of prompt (text) or input_ids (token ids)")
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequestError("prompt must be a string or a list of strings")
+        return prompts
+    ids = list(input_ids)
+    if ids and all(isinstance(t, int) for t in ids):
+        return [ids]
+    if not all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in ids):
+        raise InvalidRequestError("input_ids must be a list of token ids or a list of such lists")
+    return [list(p) for p in ids]
+
+
+def _as_list(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InvalidRequestError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32  # half precision on CPU is slow and lossy
+    return DTYPES.get(str(cfg.torch_dtype), torch.bfloat16) if cfg.torch_dtype != "float32" else torch.float32
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def _model_context_length(cfg: ModelConfig) -> int:
+    if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings:
+        # Attention here is full, not windowed: beyond the window it would differ from the model's training.
+        return cfg.sliding_window
+    return cfg.max_position_embeddings
+
+
+def _eos_ids(model_path: Path, cfg: ModelConfig, tokenizer) -> frozenset[int]:
+    ids = set(cfg.eos_token_ids)
+    gen_cfg = model_path / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _make_attention_backend(
+    choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device
+) -> AttentionBackend:
+    sm_scale = cfg.head_dim**-0.5
+    if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+        if device.type != "cuda":
+            raise ConfigError("attention_backend='triton' needs a CUDA device")
+        from .attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale)
+    return TorchAttentionBackend(kv_pool, req_to_token, sm_scale)

@@ -1,0 +1,95 @@
+"""``ModelRunner``: turns a ``ScheduleBatch`` into tensors, runs the model, and samples the next tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionBackend
+from .forward_batch import ForwardBatch, ForwardMode
+from .kv_pool import KVPool
+from .models.decoder import DecoderLM
+from .request import Req
+from .sampler import SamplingBatch, sample
+from .schedule_batch import ScheduleBatch
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the attention backend; stateless between steps otherwise."""
+
+    def __init__(
+        self, model: DecoderLM, kv_pool: KVPool, attn: AttentionBackend, req_to_token: torch.Tensor, device: torch.device
+    ) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.attn = attn
+        self.req_to_token = req_to_token
+        self.device = device
+        self.vocab_size = model.cfg.vocab_size
+
+    def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+        """Write the new slots into the request->token table and build the forward's index tensors."""
+        ids: list[int] = []
+        positions: list[int] = []
+        starts: list[int] = []
+        seq_lens: list[int] = []
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            starts.append(len(ids))
+            if batch.mode is ForwardMode.DECODE:
+                ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+            else:
+                ids.extend(_token_range(req, req.kv_len, n))
+            positions.extend(range(req.kv_len, req.kv_len + n))
+            seq_lens.append(req.kv_len + n)
+        dev = self.device
+        rows = torch.tensor([r.req_pool_idx for r in batch.reqs], dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        row_of_token = torch.repeat_interleave(rows, torch.tensor(batch.extend_lens, device=dev))
+        self.req_to_token[row_of_token, pos] = batch.out_cache_loc.to(torch.int32)
+        extend_lens = torch.tensor(batch.extend_lens, dtype=torch.int64, device=dev)
+        start_loc = torch.tensor(starts, dtype=torch.int64, device=dev)
+        return ForwardBatch(
+            mode=batch.mode,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=pos,
+            out_cache_loc=batch.out_cache_loc,
+            req_pool_indices=rows,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            extend_seq_lens=extend_lens,
+            extend_start_loc=start_loc,
+            logits_indices=start_loc + extend_lens - 1,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduleBatch) -> torch.Tensor:
+        """float32 logits ``[B, vocab]``, one row per request of the batch (its last new token)."""
+        fb = self.build_forward_batch(batch)
+        self.attn.init_forward_metadata(fb)
+        return self.model(fb, self.attn)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
+        """Next token of each request (penalties, bans and seeds applied per request)."""
+        sb = SamplingBatch.build(
+            params=[r.params for r in reqs],
+            output_ids=[r.output_ids for r in reqs],
+            prompt_ids=[r.input_ids for r in reqs],
+            generators=[r.generator for r in reqs],
+            banned_token_ids=[_banned(r) for r in reqs],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+        return sample(logits, sb).tolist()
+
+
+def _token_range(req: Req, start: int, n: int) -> list[int]:
+    prompt_len = len(req.input_ids)
+    if start + n <= prompt_len:
+        return req.input_ids[start : start + n]
+    return req.fill_ids[start : start + n]
+
+
+def _banned(req: Req) -> list[int]:
+    """Stop tokens may not be sampled before ``min_new_tokens`` outputs exist."""
+    if len(req.output_ids) < req.params.min_new_tokens:
+        return sorted(req.stop_token_ids)
+    return []

@@ -1,0 +1,69 @@
+"""Turns sampled tokens into request progress: finish checks, incremental text, stop strings, stream chunks."""
+
+from __future__ import annotations
+
+import logging
+
+from .outputs import FinishReason, StreamChunk
+from .request import Req
+
+logger = logging.getLogger(__name__)
+
+
+class OutputProcessor:
+    """Runs on the scheduler thread right after sampling. Owns no state beyond each request's own."""
+
+    def append_token(self, req: Req, token: int) -> None:
+        """Record ``token`` for ``req``, decide whether it finished, and send the resulting chunk."""
+        req.output_ids.append(token)
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            self.finish(req, "abort", error=f"grammar rejected token {token}: {req.grammar.error() or 'no detail'}")
+            return
+        if token in req.stop_token_ids:
+            # A stop token ends the output; its own text is never part of it.
+            req.finish_reason, req.matched_stop = "stop", token
+            text = self._drain(req)
+        else:
+            text, hit = req.stop_matcher.feed(req.detok.add([token]))
+            if hit:
+                req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
+            elif req.grammar is not None and req.grammar.is_terminated():
+                req.finish_reason = "stop"
+                text += self._drain(req)
+            elif len(req.output_ids) >= req.max_new_tokens:
+                req.finish_reason = "length"
+                text += self._drain(req)
+        self._send(req, text, [token])
+
+    def finish(self, req: Req, reason: FinishReason, error: str | None = None) -> None:
+        """Finish ``req`` outside the normal token path (abort, pool exhausted) and send its last chunk."""
+        req.finish_reason, req.error = reason, error
+        text = "" if reason == "abort" or req.detok is None else self._drain(req)
+        self._send(req, text, [])
+
+    @staticmethod
+    def _drain(req: Req) -> str:
+        """At finish: the text held back for a possible stop string or an unfinished character."""
+        text, hit = req.stop_matcher.feed(req.detok.flush())
+        if hit:
+            req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
+            return text
+        return text + req.stop_matcher.flush()
+
+    @staticmethod
+    def _send(req: Req, text: str, tokens: list[int]) -> None:
+        chunk = StreamChunk(
+            request_id=req.rid,
+            text=text,
+            token_ids=tokens,
+            finish_reason=req.finish_reason,
+            prompt_tokens=len(req.input_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            matched_stop=req.matched_stop,
+            error=req.error,
+        )
+        try:
+            req.sink(chunk)
+        except Exception:  # a broken consumer must not take the scheduler down
+            logger.exception("delivering output of request %s failed", req.rid)

@@ -1,0 +1,66 @@
+"""``Req``: the state of one request from admission to finish. Fields say who fills them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .outputs import FinishReason, StreamChunk
+from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .radix_cache import TreeNode
+
+
+@dataclass(eq=False)
+class Req:
+    """One request. Invariant while it holds KV (``req_pool_idx`` set): ``req_to_token[req_pool_idx, :kv_len]`` are
+    the slots of ``fill_ids[:kv_len]``; the first ``prefix_len`` of them belong to the radix cache (locked through
+    ``last_node``), the rest are the request's own."""
+
+    # set by the engine at submission
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[StreamChunk], None]  # called on the scheduler thread with every chunk
+    stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
+    max_new_tokens: int  # params.max_new_tokens clamped to the context length
+    arrival: float = field(default_factory=time.monotonic)
+
+    # filled by the scheduler and the output processor
+    output_ids: list[int] = field(default_factory=list)
+    req_pool_idx: int | None = None
+    prefix_len: int = 0  # tokens of fill_ids served by the radix cache at the last admission
+    last_node: "TreeNode | None" = None  # locked radix node covering the prefix
+    kv_len: int = 0  # tokens of fill_ids whose K/V is in the pool
+    cached_tokens: int = 0  # prompt tokens served by the cache at the first admission (usage + hit rate)
+    admitted_once: bool = False
+    finish_reason: FinishReason | None = None
+    matched_stop: str | int | None = None
+    error: str | None = None
+    generator: torch.Generator | None = None  # per-request seed
+    detok: Any = None  # IncrementalDetokenizer
+    stop_matcher: Any = None  # StopStringMatcher
+    grammar: Any = None  # GrammarMatcher, for constrained requests
+    retractions: int = 0
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose K/V the request needs: prompt + output so far."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def extend_len(self) -> int:
+        """Tokens still to prefill before the request can decode."""
+        return len(self.input_ids) + len(self.output_ids) - self.kv_len
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))

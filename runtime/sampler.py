@@ -1,0 +1,345 @@
+"""Batched token sampling on a step's logits.
+
+Once per step the model runner builds a `SamplingBatch` from the per-request data (parameters, tokens so far,
+generators, tokens banned this step) and calls `sample(logits, batch)`. The batch holds per-row parameter tensors,
+so the work is vectorised across rows; only rows with their own seed are drawn one by one, because a seeded
+request must get the same tokens whatever else shares the batch.
+
+Order of operations, per row: repetition / frequency / presence penalties, banned tokens -> -inf, then either
+argmax (greedy rows) or temperature, top-k, top-p, min-p and a draw from what is left.
+
+Fast paths: penalty tensors are only built when some row uses a penalty, and an all-greedy batch with no penalty
+and no banned token is a single argmax (the benchmark path).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class PenaltyInputs:
+    """Penalty parameters of the rows that use any penalty (P rows of the batch; built only when P > 0)."""
+
+    rows: torch.Tensor
+    """int64 [P]: the batch rows these tensors describe."""
+    all_rows: bool
+    """True when P is the whole batch, so the logits are updated without gathering rows."""
+    repetition: torch.Tensor | None
+    """float32 [P, 1]; None when no row has repetition_penalty != 1."""
+    seen: torch.Tensor | None
+    """bool [P, V]: the token occurs in the prompt or the output (what repetition_penalty applies to)."""
+    frequency: torch.Tensor | None
+    """float32 [P, 1]; None when no row has a frequency or presence penalty."""
+    presence: torch.Tensor | None
+    """float32 [P, 1]; set together with `frequency`."""
+    counts: torch.Tensor | None
+    """float32 [P, V]: occurrences of each token in the output (frequency / presence apply to output only)."""
+
+
+@dataclass
+class RandomRows:
+    """Parameters of the rows that are sampled rather than argmaxed (S rows of the batch, temperature > 0)."""
+
+    rows: torch.Tensor
+    """int64 [S]: the batch rows these tensors describe."""
+    all_rows: bool
+    """True when S is the whole batch (no greedy row), so no gather or scatter of rows is needed."""
+    temperature: torch.Tensor
+    """float32 [S, 1]."""
+    top_k: torch.Tensor | None
+    """int64 [S, 1], disabled rows hold V; None when no row uses top_k."""
+    top_p: torch.Tensor | None
+    """float32 [S, 1], disabled rows hold 1; None when no row uses top_p."""
+    min_p: torch.Tensor | None
+    """float32 [S, 1], disabled rows hold 0; None when no row uses min_p."""
+    unseeded: torch.Tensor | None
+    """int64 positions (in 0..S-1) of rows without a generator; None when all S rows are unseeded."""
+    seeded: list[tuple[int, torch.Generator]]
+    """(position in 0..S-1, generator) for rows with their own seed; drawn one by one."""
+
+
+@dataclass
+class SamplingBatch:
+    """Everything `sample` needs for one step, as tensors on the logits' device. Build it with `build`."""
+
+    batch_size: int
+    vocab_size: int
+    banned: tuple[torch.Tensor, torch.Tensor] | None
+    """(rows, token ids), int64: logits set to -inf this step; None when nothing is banned."""
+    penalties: PenaltyInputs | None
+    """None when no row uses a penalty (fast path)."""
+    random: RandomRows | None
+    """None when every row is greedy (fast path)."""
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        output_ids: list[list[int]],
+        prompt_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        banned_token_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """Build the step's sampling inputs; all lists are per row and must have the same length.
+
+        Args:
+            params: each row's sampling parameters.
+            output_ids: tokens generated so far (frequency / presence / repetition penalties).
+            prompt_ids: prompt tokens (repetition penalty only); only read for rows that use it.
+            generators: the row's `torch.Generator` (on `device`) when the request has a seed, else None.
+            banned_token_ids: tokens that must not be sampled this step (EOS / stop ids before min_new_tokens).
+            vocab_size: width of the logits `sample` will get.
+            device: device of those logits.
+
+        Raises:
+            ValueError: lists of different lengths, a token id outside [0, vocab_size), or a generator on
+                another device (engine bugs, not user errors).
+        """
+        n = len(params)
+        if not len(output_ids) == len(prompt_ids) == len(generators) == len(banned_token_ids) == n:
+            raise ValueError(
+                "SamplingBatch.build needs one entry per row in every list; got "
+                f"{n} params, {len(output_ids)} output_ids, {len(prompt_ids)} prompt_ids, "
+                f"{len(generators)} generators, {len(banned_token_ids)} banned_token_ids"
+            )
+        device = torch.device(device)
+        return cls(
+            batch_size=n,
+            vocab_size=vocab_size,
+            banned=_build_banned(banned_token_ids, vocab_size, device),
+            penalties=_build_penalties(params, output_ids, prompt_ids, vocab_size, device),
+            random=_build_random(params, generators, vocab_size, device),
+        )
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device` for a request's whole life, or None when there is no seed."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Pick one token per row of `logits` ([B, V], float32) under `batch`; returns int64 [B].
+
+    The logits are consumed: penalties, bans and temperature are applied in place (no [B, V] copy per step), so
+    pass a clone if the raw values are needed afterwards. Logits in another dtype are first copied to float32.
+    """
+    if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
+        raise ValueError(
+            f"sample expects logits of shape [{batch.batch_size}, {batch.vocab_size}] as built; "
+            f"got {list(logits.shape)}"
+        )
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if batch.penalties is not None:
+        _apply_penalties(logits, batch.penalties)
+    if batch.banned is not None:
+        logits.index_put_(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+    if batch.random is None:
+        return logits.argmax(dim=-1)
+    if batch.random.all_rows:
+        return _sample_random(logits, batch.random)
+    # Mixed batch: argmax for all (cheap), then overwrite the sampled rows.
+    tokens = logits.argmax(dim=-1)
+    tokens[batch.random.rows] = _sample_random(logits[batch.random.rows], batch.random)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the batch
+
+
+def _flat_index(token_lists: list[list[int]], vocab_size: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) int64 index pairs for `token_lists` (row i = list i), range-checked, on the CPU."""
+    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    cols = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= vocab_size):
+        raise ValueError(f"{what} holds a token id outside [0, {vocab_size})")
+    return rows, cols
+
+
+def _build_banned(
+    banned_token_ids: list[list[int]], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not any(banned_token_ids):
+        return None
+    rows, cols = _flat_index(banned_token_ids, vocab_size, "banned_token_ids")
+    return rows.to(device), cols.to(device)
+
+
+def _column(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-row parameter as a [N, 1] tensor, so it broadcasts over the vocabulary."""
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+
+def _build_penalties(
+    params: list[SamplingParams],
+    output_ids: list[list[int]],
+    prompt_ids: list[list[int]],
+    vocab_size: int,
+    device: torch.device,
+) -> PenaltyInputs | None:
+    rows = [i for i, p in enumerate(params) if _uses_repetition(p) or _uses_additive(p)]
+    if not rows:
+        return None
+    chosen = [params[i] for i in rows]
+    repetition = seen = frequency = presence = counts = None
+    if any(_uses_repetition(p) for p in chosen):
+        repetition = _column([p.repetition_penalty for p in chosen], torch.float32, device)
+        # Rows whose penalty is 1 need no token set: scaling by 1 is a no-op whatever `seen` says.
+        tokens = [prompt_ids[i] + output_ids[i] if _uses_repetition(params[i]) else [] for i in rows]
+        seen = _scatter(tokens, vocab_size, torch.bool, device, "prompt_ids/output_ids")
+    if any(_uses_additive(p) for p in chosen):
+        frequency = _column([p.frequency_penalty for p in chosen], torch.float32, device)
+        presence = _column([p.presence_penalty for p in chosen], torch.float32, device)
+        tokens = [output_ids[i] if _uses_additive(params[i]) else [] for i in rows]
+        counts = _scatter(tokens, vocab_size, torch.float32, device, "output_ids")
+    return PenaltyInputs(
+        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        all_rows=len(rows) == len(params),
+        repetition=repetition,
+        seen=seen,
+        frequency=frequency,
+        presence=presence,
+        counts=counts,
+    )
+
+
+def _uses_repetition(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0
+
+
+def _uses_additive(p: SamplingParams) -> bool:
+    return p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _scatter(
+    token_lists: list[list[int]], vocab_size: int, dtype: torch.dtype, device: torch.device, what: str
+) -> torch.Tensor:
+    """[N, V] tensor: per row, the number of occurrences of each token (bool dtype: whether it occurs)."""
+    rows, cols = _flat_index(token_lists, vocab_size, what)
+    out = torch.zeros(len(token_lists), vocab_size, dtype=dtype, device=device)
+    ones = torch.ones(cols.numel(), dtype=dtype, device=device)
+    out.index_put_((rows.to(device), cols.to(device)), ones, accumulate=dtype != torch.bool)
+    return out
+
+
+def _build_random(
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    vocab_size: int,
+    device: torch.device,
+) -> RandomRows | None:
+    rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not rows:
+        return None
+    chosen = [params[i] for i in rows]
+    seeded = [(pos, generators[i]) for pos, i in enumerate(rows) if generators[i] is not None]
+    for _, g in seeded:
+        if torch.device(g.device).type != device.type:
+            raise ValueError(f"a row's generator is on {g.device} but the logits are on {device}")
+    unseeded = [pos for pos, i in enumerate(rows) if generators[i] is None]
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in chosen]
+    return RandomRows(
+        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        all_rows=len(rows) == len(params),
+        temperature=_column([p.temperature for p in chosen], torch.float32, device),
+        top_k=_column(top_k, torch.int64, device) if any(k < vocab_size for k in top_k) else None,
+        top_p=_column([p.top_p for p in chosen], torch.float32, device) if any(p.top_p < 1 for p in chosen) else None,
+        min_p=_column([p.min_p for p in chosen], torch.float32, device) if any(p.min_p > 0 for p in chosen) else None,
+        unseeded=None if not seeded else torch.tensor(unseeded, dtype=torch.int64, device=device),
+        seeded=seeded,  # type: ignore[arg-type]  # None generators were filtered out above
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> None:
+    """Apply repetition (HF), then frequency and presence (OpenAI) penalties to the penalised rows, in place."""
+    x = logits if pen.all_rows else logits[pen.rows]
+    if pen.seen is not None and pen.repetition is not None:
+        penalised = torch.where(x > 0, x / pen.repetition, x * pen.repetition)
+        x = torch.where(pen.seen, penalised, x)
+    if pen.counts is not None and pen.frequency is not None and pen.presence is not None:
+        x = x - pen.counts * pen.frequency - (pen.counts > 0).float() * pen.presence
+    if pen.all_rows:
+        logits.copy_(x)
+    else:
+        logits[pen.rows] = x
+
+
+def _sample_random(logits: torch.Tensor, rows: RandomRows) -> torch.Tensor:
+    """Sample one token per row of `logits` ([S, V], the sampled rows only); int64 [S]."""
+    probs = torch.softmax(logits.div_(rows.temperature), dim=-1)
+    threshold = _keep_threshold(probs, rows)
+    if threshold is not None:
+        # Filtering by a per-row probability threshold keeps every row's values (no renormalisation, no scatter),
+        # so a seeded row draws from exactly the same vector whatever filters the other rows use.
+        probs.masked_fill_(probs < threshold, 0.0)
+    return _draw(probs, rows)
+
+
+def _keep_threshold(probs: torch.Tensor, rows: RandomRows) -> torch.Tensor | None:
+    """Per-row [S, 1] probability below which tokens are dropped (top_k, top_p, min_p combined); None = keep all.
+
+    Disabled filters give a threshold no real probability falls below, so rows that do not use a filter are
+    unaffected when other rows of the batch do.
+    """
+    thresholds = []
+    if rows.top_k is not None or rows.top_p is not None:
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        if rows.top_k is not None:
+            thresholds.append(sorted_probs.gather(1, rows.top_k - 1))
+            if rows.top_p is not None:
+                # top_p applies to what top_k kept (HF order): zero the rest before accumulating.
+                ranks = torch.arange(sorted_probs.shape[1], device=probs.device)
+                sorted_probs.masked_fill_(ranks >= rows.top_k, 0.0)
+        if rows.top_p is not None:
+            thresholds.append(_top_p_threshold(sorted_probs, rows.top_p))
+    if rows.min_p is not None:
+        thresholds.append(probs.amax(dim=-1, keepdim=True) * rows.min_p)
+    if not thresholds:
+        return None
+    threshold = thresholds[0]
+    for t in thresholds[1:]:
+        threshold = torch.maximum(threshold, t)
+    return threshold
+
+
+def _top_p_threshold(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Smallest probability in each row's nucleus: the shortest prefix of the sorted row reaching top_p of its mass.
+
+    A token is kept when the mass strictly before it is below top_p, so the most likely token is always kept.
+    """
+    cumulative = sorted_probs.cumsum(dim=-1)
+    before = cumulative - sorted_probs
+    kept = (before < top_p * cumulative[:, -1:]).sum(dim=-1, keepdim=True).clamp_(min=1)
+    threshold = sorted_probs.gather(1, kept - 1)
+    # top_p == 1 means disabled; rounding in the cumulative sum must not drop the tail of such rows.
+    return threshold.masked_fill_(top_p >= 1.0, 0.0)
+
+
+def _draw(probs: torch.Tensor, rows: RandomRows) -> torch.Tensor:
+    """One draw per row from (unnormalised) `probs`: unseeded rows in one call, seeded rows with their generator."""
+    if rows.unseeded is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    tokens = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    if rows.unseeded.numel():
+        tokens[rows.unseeded] = torch.multinomial(probs[rows.unseeded], 1).squeeze(1)
+    for pos, generator in rows.seeded:
+        tokens[pos] = torch.multinomial(probs[pos], 1, generator=generator)[0]
+    return tokens

@@ -1,0 +1,289 @@
+"""Per-request sampling parameters and their validation.
+
+`SamplingParams` is what a request asks for: how many tokens, how to pick them (temperature, top-k/top-p/min-p,
+penalties, seed), when to stop (stop strings, stop token ids, EOS) and, optionally, one structured-output
+constraint (JSON schema, regex, EBNF or a list of choices; enforcing it is the grammar backend's job).
+
+Every field is validated at construction (and on assignment). A bad value raises `InvalidRequestError` whose
+message names the field, the value that was sent and what is allowed, so the plugin can return it verbatim as a
+400. Unknown fields are an error too: nothing a user sends is silently ignored.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+"""Most stop strings one request may give (each is matched against every text delta)."""
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are treated as greedy: dividing logits by them overflows float32 for no gain."""
+
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+"""Seed range accepted by `torch.Generator.manual_seed` (negative seeds are folded into the unsigned range)."""
+
+STRUCTURED_FIELDS = ("json_schema", "regex", "ebnf", "choices")
+"""Structured-output constraints; at most one may be set per request."""
+
+# Read-only: what each field accepts, in words. One source for the messages of range checks and of type errors.
+_ALLOWED = MappingProxyType(
+    {
+        "max_new_tokens": "an integer >= 0",
+        "min_new_tokens": "an integer with 0 <= min_new_tokens <= max_new_tokens",
+        "temperature": "a number >= 0 (0 means greedy)",
+        "top_p": "a number in (0, 1] (1 disables it)",
+        "top_k": "-1 or 0 (disabled) or an integer >= 1",
+        "min_p": "a number in [0, 1] (0 disables it)",
+        "frequency_penalty": "a number in [-2, 2]",
+        "presence_penalty": "a number in [-2, 2]",
+        "repetition_penalty": "a number > 0 (1 disables it)",
+        "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+        "stop_token_ids": "a list of token ids >= 0 (and below the vocabulary size)",
+        "ignore_eos": "true or false",
+        "seed": f"an integer in [{SEED_MIN}, {SEED_MAX}]",
+        "skip_special_tokens": "true or false",
+        "json_schema": "a JSON schema, as a JSON string or an object",
+        "regex": "a regular expression string",
+        "ebnf": "an EBNF grammar string",
+        "choices": "a non-empty list of strings",
+    }
+)
+
+
+def _invalid(field: str, value: Any) -> ValueError:
+    """The error for `field` = `value` being out of range; pydantic wraps it, `_format_errors` unwraps it."""
+    return ValueError(f"{field} must be {_ALLOWED[field]}; got {value!r}")
+
+
+class SamplingParams(BaseModel):
+    """How one request is sampled and when it stops.
+
+    Normalisation done at construction: `stop` is always a list of strings, `stop_token_ids` always a list of
+    ints (both possibly empty), and `top_k` 0 becomes -1 (both mean disabled).
+
+    Raises:
+        InvalidRequestError: a field is out of range, has the wrong type, is unknown, or more than one of
+            `json_schema`, `regex`, `ebnf`, `choices` is set.
+    """
+
+    # validate_default: the normalising validators (stop, stop_token_ids) must also run on the defaults.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
+
+    max_new_tokens: int = 128
+    """Most tokens to generate (the engine may lower it to fit the context length)."""
+    min_new_tokens: int = 0
+    """EOS and stop token ids are banned until this many tokens were generated."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 (or below `GREEDY_TEMPERATURE`) is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability sum reaches top_p."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 (or 0) disables it."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's probability."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per occurrence in the output so far (OpenAI semantics)."""
+    presence_penalty: float = 0.0
+    """Subtracted from a token's logit if it occurs in the output so far (OpenAI semantics)."""
+    repetition_penalty: float = 1.0
+    """HF semantics over prompt + output tokens: positive logits are divided by it, others multiplied."""
+    stop: list[str] | str | None = None
+    """Stop strings; the output ends before the first one and never contains it. Always a list after validation."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the output (like EOS, the token itself is not shown). Always a list after validation."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks); stop strings and stop_token_ids still apply."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else shares the batch."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the returned text."""
+    json_schema: str | dict[str, Any] | None = None
+    """Constrain the output to JSON valid under this schema."""
+    regex: str | None = None
+    """Constrain the output to match this regular expression."""
+    ebnf: str | None = None
+    """Constrain the output to this EBNF grammar."""
+    choices: list[str] | None = None
+    """Constrain the output to exactly one of these strings."""
+
+    def __init__(self, **data: Any) -> None:
+        """Validate keyword arguments; see the class docstring for what raises."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InvalidRequestError(_format_errors(exc)) from exc
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> SamplingParams:
+        """Validate a mapping (e.g. a request body) into `SamplingParams`, raising `InvalidRequestError`."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise InvalidRequestError(_format_errors(exc)) from exc
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assignment is validated too (validate_assignment); keep the error type the same as at construction.
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise InvalidRequestError(_format_errors(exc)) from exc
+
+    @field_validator(
+        "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+        "presence_penalty", "repetition_penalty", "seed", mode="before",
+    )
+    @classmethod
+    def _reject_bool(cls, v: Any, info: Any) -> Any:
+        # pydantic's lax mode reads True as 1; a boolean where a number is expected is a client bug, not a value.
+        if isinstance(v, bool):
+            raise _invalid(info.field_name, v)
+        return v
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _check_max_new_tokens(cls, v: int) -> int:
+        if v < 0:
+            raise _invalid("max_new_tokens", v)
+        return v
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _check_min_new_tokens(cls, v: int) -> int:
+        if v < 0:
+            raise _invalid("min_new_tokens", v)
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, v: float) -> float:
+        if v < 0:
+            raise _invalid("temperature", v)
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _check_top_p(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise _invalid("top_p", v)
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _check_top_k(cls, v: int) -> int:
+        if v < -1:
+            raise _invalid("top_k", v)
+        return -1 if v == 0 else v
+
+    @field_validator("min_p")
+    @classmethod
+    def _check_min_p(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise _invalid("min_p", v)
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _check_additive_penalty(cls, v: float, info: Any) -> float:
+        if not -2 <= v <= 2:
+            raise _invalid(info.field_name, v)
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _check_repetition_penalty(cls, v: float) -> float:
+        if v <= 0:
+            raise _invalid("repetition_penalty", v)
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _normalise_stop(cls, v: list[str] | str | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP_STRINGS or any(s == "" for s in stops):
+            raise _invalid("stop", v)
+        return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _normalise_stop_token_ids(cls, v: list[int] | None) -> list[int]:
+        ids = [] if v is None else list(v)
+        if any(i < 0 for i in ids):
+            raise _invalid("stop_token_ids", v)
+        return ids
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, v: int | None) -> int | None:
+        if v is not None and not SEED_MIN <= v <= SEED_MAX:
+            raise _invalid("seed", v)
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _check_choices(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise _invalid("choices", v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> SamplingParams:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be {_ALLOWED['min_new_tokens']}; "
+                f"got min_new_tokens={self.min_new_tokens}, max_new_tokens={self.max_new_tokens}"
+            )
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"at most one of {', '.join(STRUCTURED_FIELDS)} may be set (one structured-output constraint "
+                f"per request); got {', '.join(given)}"
+            )
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether tokens are picked by argmax (temperature 0 or too small to divide by)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def structured_output(self) -> str | None:
+        """Name of the structured-output field that is set (`json_schema`, `regex`, `ebnf`, `choices`), or None."""
+        return next((name for name in STRUCTURED_FIELDS if getattr(self, name) is not None), None)
+
+    def verify(self, vocab_size: int) -> None:
+        """Check the fields that depend on the model: every stop token id must be in [0, vocab_size).
+
+        Raises:
+            InvalidRequestError: a stop token id is outside the model's vocabulary.
+        """
+        bad = [i for i in self.stop_token_ids or [] if not 0 <= i < vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids must be token ids in [0, {vocab_size}) for this model's vocabulary; "
+                f"got {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            )
+
+
+def _format_errors(exc: ValidationError) -> str:
+    """One readable line per pydantic error, each naming the field, the value and what is allowed."""
+    return "; ".join(_format_error(err) for err in exc.errors())
+
+
+def _format_error(err: Any) -> str:
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if err["type"] == "extra_forbidden":
+        return f"unknown sampling parameter {field!r}; allowed: {', '.join(SamplingParams.model_fields)}"
+    if err["type"] == "value_error":
+        # Our own validators already wrote the full message; pydantic only prefixed "Value error, ".
+        return str(err["ctx"]["error"])
+    allowed = _ALLOWED.get(field)
+    detail = err["msg"][0].lower() + err["msg"][1:]
+    if allowed is None:
+        return f"{field}: {detail}; got {err.get('input')!r}"
+    return f"{field} must be {allowed}; got {err.get('input')!r} ({detail})"

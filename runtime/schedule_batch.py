@@ -1,0 +1,29 @@
+"""``ScheduleBatch``: what the scheduler decided to run this step, before it becomes tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forward_batch import ForwardMode
+from .request import Req
+
+
+@dataclass
+class ScheduleBatch:
+    """Requests of one step and how many new tokens each runs.
+
+    Invariant: ``extend_lens[i]`` new tokens of ``reqs[i]`` start at ``reqs[i].kv_len`` (the scheduler advances
+    ``kv_len`` only after the forward), and ``out_cache_loc`` holds their slots in request order.
+    """
+
+    mode: ForwardMode
+    reqs: list[Req]
+    extend_lens: list[int]
+    out_cache_loc: torch.Tensor  # [sum(extend_lens)] int64
+    samples: list[bool]  # False for a prefill chunk that does not finish its prompt: nothing is sampled for it
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)

@@ -1,0 +1,337 @@
+"""The scheduler: continuous batching over the token pool with radix prefix reuse.
+
+Each step it either admits waiting requests into a prefill (extend) batch under the token budgets, or runs one
+decode step for every running request. When the pool cannot hold the next decode step it retracts the requests
+with the fewest decoded tokens back to the waiting queue (their output is kept and re-prefilled later). Everything
+here runs on the scheduler thread; other threads talk to it only through the engine's inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .allocator import ReqToTokenPool, TokenAllocator
+from .forward_batch import ForwardMode
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
+from .radix_cache import RadixCache, TreeNode
+from .request import Req
+from .schedule_batch import ScheduleBatch
+
+logger = logging.getLogger(__name__)
+
+# Admission reserves at most this many future tokens per request (SGLang's clip), so one huge max_new_tokens does
+# not block admission forever.
+RESERVE_CLIP = 4096
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running_requests: int
+    max_prefill_tokens: int
+    chunked_prefill_size: int
+    schedule_policy: str  # "fcfs" | "lpm"
+    disable_radix_cache: bool
+
+
+@dataclass
+class SchedulerStats:
+    prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    retractions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        limits: SchedulerLimits,
+        runner: ModelRunner,
+        allocator: TokenAllocator,
+        req_pool: ReqToTokenPool,
+        tree: RadixCache,
+        outputs: OutputProcessor,
+    ) -> None:
+        self.limits = limits
+        self.runner = runner
+        self.allocator = allocator
+        self.req_pool = req_pool
+        self.tree = tree
+        self.outputs = outputs
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # the one request whose prompt is being prefilled in chunks
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.stats = SchedulerStats()
+
+    # ---- queue operations (called from the engine's inbox handler, on the scheduler thread) ----
+
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def abort(self, rid: str, error: str | None = None) -> bool:
+        """Finish request ``rid`` wherever it is, free its KV and send its last chunk. False if unknown."""
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish_aborted(req, error)
+                return True
+        if self.chunked is not None and self.chunked.rid == rid:
+            req, self.chunked = self.chunked, None
+            self._release_kv(req)
+            self._finish_aborted(req, error)
+            return True
+        for req in self.running:
+            if req.rid == rid:
+                self.running.remove(req)
+                self._release_kv(req)
+                self._finish_aborted(req, error)
+                return True
+        return False
+
+    def abort_all(self, error: str) -> None:
+        for req in [*self.waiting, *self.running] + ([self.chunked] if self.chunked else []):
+            self.abort(req.rid, error)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    # ---- one step ----
+
+    def step(self) -> bool:
+        """Run one prefill or decode step; False when there was nothing to do."""
+        batch = self._schedule_prefill()
+        if batch is None:
+            batch = self._schedule_decode()
+        if batch is None:
+            return False
+        logits = self.runner.forward(batch)
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.kv_len += n
+        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
+        if sampled:
+            rows = [i for i, s in enumerate(batch.samples) if s]
+            logits = logits[rows] if len(rows) != len(batch.reqs) else logits
+            tokens = self.runner.sample(logits, sampled)
+            for req, tok in zip(sampled, tokens):
+                self.outputs.append_token(req, tok)
+                self.stats.generated_tokens += 1
+        if batch.mode is ForwardMode.EXTEND:
+            self.stats.prefill_steps += 1
+            self.running.extend(r for r, s in zip(batch.reqs, batch.samples) if s and r is not self.chunked)
+        else:
+            self.stats.decode_steps += 1
+            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self._retire_finished()
+        return True
+
+    def _retire_finished(self) -> None:
+        still = []
+        for req in self.running:
+            if req.finished:
+                self._release_kv(req)
+                self.stats.finished_requests += 1
+            else:
+                still.append(req)
+        self.running = still
+
+    # ---- prefill admission ----
+
+    def _schedule_prefill(self) -> ScheduleBatch | None:
+        if not self.waiting and self.chunked is None:
+            return None
+        lim = self.limits
+        token_budget = lim.max_prefill_tokens
+        room = self._free_tokens() - self._reserved_for_running()
+        reqs: list[Req] = []
+        lens: list[int] = []
+        samples: list[bool] = []
+        slots: list[torch.Tensor] = []
+
+        if self.chunked is not None:
+            req = self.chunked
+            n = min(req.extend_len, lim.chunked_prefill_size, token_budget)
+            got = self._alloc_slots(n)
+            if got is None:
+                return None  # the decode of running requests frees room (or retracts) first
+            done = n == req.extend_len
+            reqs.append(req), lens.append(n), samples.append(done), slots.append(got)
+            token_budget -= n
+            room -= n
+            if done:
+                self.chunked = None
+            # the next chunk's forward must run before any other request is admitted behind this one
+            return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples)
+
+        free_rows = lim.max_running_requests - len(self.running)
+        for req in self._ordered_waiting():
+            if len(reqs) >= free_rows or token_budget <= 0:
+                break
+            prefix_slots, node = self._match(req)
+            extend = len(req.input_ids) + len(req.output_ids) - len(prefix_slots)
+            need = extend + min(req.remaining_new_tokens, RESERVE_CLIP)
+            alone = not self.running and not reqs
+            if need > room and not (alone and extend <= self._free_tokens()):
+                break  # no skipping ahead: a large request at the head must not starve
+            n = min(extend, lim.chunked_prefill_size, token_budget)
+            if n < extend and self.chunked is not None:
+                break
+            got = self._admit(req, n, prefix_slots, node)
+            if got is None:
+                break
+            reqs.append(req), lens.append(n), samples.append(n == extend), slots.append(got)
+            if n < extend:
+                self.chunked = req
+            token_budget -= n
+            room -= need
+        if not reqs:
+            return None
+        for req in reqs:
+            self.waiting.remove(req)
+        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples)
+
+    def _ordered_waiting(self) -> list[Req]:
+        if self.limits.schedule_policy == "lpm" and not self.limits.disable_radix_cache and len(self.waiting) <= 128:
+            # Longest prefix first: requests sharing a cached prefix run while it is hot. Beyond 128 waiting
+            # requests the matching costs more than it saves; fall back to arrival order.
+            return sorted(self.waiting, key=lambda r: -self._peek_prefix_len(r))
+        return list(self.waiting)
+
+    def _peek_prefix_len(self, req: Req) -> int:
+        return len(self._match(req)[0])
+
+    def _match(self, req: Req) -> tuple[torch.Tensor, "TreeNode | None"]:
+        """The cached prefix of ``req`` and its node, always leaving one token uncached to compute logits from.
+
+        The slots are only safe to use until the next eviction unless the node is locked (``_admit`` locks it).
+        """
+        if self.limits.disable_radix_cache:
+            return torch.empty(0, dtype=torch.int64), None
+        return self.tree.match_prefix(req.fill_ids[:-1])
+
+    def _admit(self, req: Req, n: int, prefix_slots: torch.Tensor, node: "TreeNode | None") -> torch.Tensor | None:
+        """Give ``req`` a table row, lock its cached prefix and return ``n`` new slots for it; None (and nothing
+        changed) if there is no free row or the pool cannot provide them."""
+        row = self.req_pool.alloc()
+        if row is None:
+            return None
+        if node is not None:
+            self.tree.lock(node)  # before allocating: eviction must not take the prefix we are about to use
+        got = self._alloc_slots(n)
+        if got is None:
+            if node is not None:
+                self.tree.unlock(node)
+            self.req_pool.free(row)
+            return None
+        prefix_len = len(prefix_slots)
+        self.req_pool.table[row, :prefix_len] = prefix_slots.to(self.req_pool.table.device, torch.int32)
+        req.req_pool_idx, req.last_node, req.prefix_len, req.kv_len = row, node, prefix_len, prefix_len
+        if not req.admitted_once:
+            req.admitted_once = True
+            req.cached_tokens = min(prefix_len, len(req.input_ids))
+            self.stats.prompt_tokens += len(req.input_ids)
+            self.stats.cached_prompt_tokens += req.cached_tokens
+        return got
+
+    # ---- decode ----
+
+    def _schedule_decode(self) -> ScheduleBatch | None:
+        if not self.running:
+            return None
+        while self._free_tokens() < len(self.running) and len(self.running) > 1:
+            self._retract_one()
+        if self._free_tokens() < len(self.running):
+            # A lone request has filled the whole pool: it cannot grow, and there is nobody to retract.
+            req = self.running[0]
+            logger.warning("request %s filled the KV pool (%d tokens); finishing it", req.rid, req.kv_len)
+            self.outputs.finish(req, "length")
+            self._retire_finished()
+            return None
+        got = self._alloc_slots(len(self.running))
+        assert got is not None  # guaranteed by the loop above
+        reqs = list(self.running)
+        return ScheduleBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), got, [True] * len(reqs))
+
+    def _retract_one(self) -> None:
+        """Send the request with the fewest decoded tokens (latest arrival on ties) back to the queue."""
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -r.arrival))
+        self.running.remove(victim)
+        self._release_kv(victim)
+        victim.retractions += 1
+        self.waiting.appendleft(victim)
+        self.stats.retractions += 1
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        logger.info("retracted request %s (%d output tokens kept) to free KV", victim.rid, len(victim.output_ids))
+
+    # ---- KV bookkeeping ----
+
+    def _free_tokens(self) -> int:
+        return self.allocator.available + (0 if self.limits.disable_radix_cache else self.tree.evictable_size())
+
+    def _reserved_for_running(self) -> int:
+        reserved = sum(min(r.remaining_new_tokens, RESERVE_CLIP) for r in self.running) * self.new_token_ratio
+        return int(reserved)
+
+    def _alloc_slots(self, n: int) -> torch.Tensor | None:
+        if self.allocator.available < n and not self.limits.disable_radix_cache:
+            self.tree.evict(n - self.allocator.available)
+        return self.allocator.alloc(n)
+
+    def _release_kv(self, req: Req) -> None:
+        """Return a request's KV: its tokens go into the radix cache (or are freed without one), its lock and its
+        table row are released. Afterwards the request holds nothing."""
+        if req.req_pool_idx is None:
+            return
+        row, kv_len = req.req_pool_idx, req.kv_len
+        slots = self.req_pool.table[row, :kv_len].to(torch.int64).clone()
+        if self.limits.disable_radix_cache:
+            self.allocator.free(slots)
+        else:
+            tokens = req.fill_ids[:kv_len]
+            already = self.tree.insert(tokens, slots)
+            # The tree keeps its own slots for the part it already had; ours for that part beyond our locked
+            # prefix are duplicates (another request inserted the same tokens meanwhile).
+            if already > req.prefix_len:
+                self.allocator.free(slots[req.prefix_len : already])
+            if req.last_node is not None:
+                self.tree.unlock(req.last_node)
+        self.req_pool.free(row)
+        req.req_pool_idx, req.last_node, req.prefix_len, req.kv_len = None, None, 0, 0
+
+    def _finish_aborted(self, req: Req, error: str | None) -> None:
+        self.stats.aborted_requests += 1
+        self.outputs.finish(req, "abort", error=error)
+
+    # ---- checks ----
+
+    def idle_invariant_violations(self) -> list[str]:
+        """Empty when idle bookkeeping is exact: ``free + evictable == total`` and no request holds anything."""
+        problems = []
+        if self.has_work:
+            return ["scheduler is not idle"]
+        evictable = 0 if self.limits.disable_radix_cache else self.tree.evictable_size()
+        if self.allocator.available + evictable != self.allocator.size:
+            problems.append(
+                f"free {self.allocator.available} + evictable {evictable} != total {self.allocator.size}"
+            )
+        if not self.limits.disable_radix_cache and self.tree.protected_size() != 0:
+            problems.append(f"{self.tree.protected_size()} cached tokens still locked")
+        if self.req_pool.available != self.req_pool.rows:
+            problems.append(f"{self.req_pool.rows - self.req_pool.available} request rows still held")
+        return problems

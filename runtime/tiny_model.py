@@ -1,0 +1,340 @@
+"""Deterministic tiny random-weight checkpoints for tests and demos (no model hub needed).
+
+``make_tiny_model(out_dir, arch, seed)`` writes a complete Hugging Face checkpoint folder that
+``AutoTokenizer`` / ``AutoModelForCausalLM`` load like a real one:
+
+- ``config.json`` + ``model.safetensors``: a Llama, Qwen2 (q/k/v bias, tied embeddings) or Qwen3 (q/k norm)
+  model of ~0.2M parameters whose every tensor, biases and norm weights included, is drawn from a seeded RNG.
+  HF initialises biases to 0 and norms to 1; we re-draw them so a loader that skips them fails parity.
+- tokenizer files: a byte-level BPE trained with ``tokenizers`` on a fixed list of Python standard-library
+  sources, wrapped as a fast tokenizer with ChatML special tokens and a ChatML chat template.
+- ``generation_config.json``: stops on ``<|im_end|>`` and ``<|endoftext|>``.
+
+Same arch + seed + overrides give byte-identical weights and the same tokenizer (on one Python version:
+the training text is that version's standard library). The CLI is ``sglite make-tiny-model OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import sys
+import sysconfig
+import zlib
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+Arch = Literal["llama", "qwen2", "qwen3"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (EOS_TOKEN, IM_START, IM_END)
+
+# Qwen-style ChatML, without Qwen's default system prompt so tests control every rendered token.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen2's pre-tokenizer split pattern. ``AutoTokenizer`` loads a ``qwen2`` folder with ``Qwen2Tokenizer``, which
+# rebuilds the normalizer / pre-tokenizer from scratch (NFC + this split + ByteLevel) and keeps only our
+# vocab and merges; training with exactly that pipeline makes every arch tokenize identically.
+QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+TOKENIZER_VOCAB_SIZE = 1024  # trained vocab incl. 256 byte symbols and the 3 specials; a multiple of 64
+
+# Training text: standard-library modules present in every supported Python (3.10+), in sorted order.
+CORPUS_MODULES: tuple[str, ...] = tuple(
+    sorted(
+        (
+            "argparse.py",
+            "collections/__init__.py",
+            "contextlib.py",
+            "csv.py",
+            "dataclasses.py",
+            "functools.py",
+            "heapq.py",
+            "json/__init__.py",
+            "json/decoder.py",
+            "json/encoder.py",
+            "pprint.py",
+            "queue.py",
+            "string.py",
+            "textwrap.py",
+        )
+    )
+)
+
+# Shape of the default tiny model; every key can be overridden through ``make_tiny_model(**overrides)``.
+BASE_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+}
+
+ARCH_CONFIG: dict[str, dict[str, Any]] = {
+    "llama": {"tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": True},  # Qwen2's attention always has q/k/v bias
+    "qwen3": {"tie_word_embeddings": True, "attention_bias": False},  # like Qwen3-0.6B
+}
+
+ARCH_CLASSES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+# Config classes accept unknown kwargs silently; these legacy names are real aliases we let through.
+LEGACY_CONFIG_KEYS = frozenset({"rope_scaling", "rope_theta"})
+# Config keys that exist but that this builder decides; accepting them would silently do nothing.
+FIXED_CONFIG_KEYS: dict[str, str] = {
+    "dtype": "weights are always written in float32",
+    "initializer_range": "every tensor is re-drawn by this module",
+    "architectures": "set by arch",
+    "model_type": "set by arch",
+    "transformers_version": "written by save_pretrained",
+    "_name_or_path": "written by save_pretrained",
+}
+
+NORM_SCALE = 0.1  # norm weights ~ 1 + 0.1 * randn
+BIAS_SCALE = 0.1  # biases ~ 0.1 * randn
+# Embedding / lm_head std in units of 1/sqrt(hidden): logits get std ~2, so the greedy top-1 usually leads the
+# runner-up by a margin that reduced-precision kernels do not flip, while no single token takes all the mass.
+EMBEDDING_GAIN = 2.0
+VOCAB_MULTIPLE = 64  # the config's vocab_size is the tokenizer's length rounded up to this
+
+
+def hide_broken_torchvision() -> None:
+    """Make ``transformers`` treat an unimportable torchvision as absent.
+
+    A CUDA torchvision wheel next to a CPU torch fails at import ("operator torchvision::nms does not exist"),
+    and transformers imports it whenever it is installed, even for text models. Marking it missing in
+    ``sys.modules`` (``find_spec`` then returns None) is the smallest fix; a working torchvision is left alone.
+    """
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # any failure means it is unusable; a partial import leaves submodules behind
+        for name in [n for n in sys.modules if n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
+def make_tiny_model(
+    out_dir: str | os.PathLike[str], arch: Arch = "llama", seed: int = 0, **overrides: Any
+) -> pathlib.Path:
+    """Write a deterministic random-weight HF checkpoint of ``arch`` into ``out_dir`` and return its path.
+
+    ``overrides`` are config keys (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``, ``tie_word_embeddings``, ``rope_scaling``, ...). ``out_dir``
+    must be missing or empty so that no stale file from another build ends up in the folder.
+    """
+    _validate_call(arch, seed)
+    out = pathlib.Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass a new or empty folder")
+    hide_broken_torchvision()
+    tokenizer = _hf_tokenizer(_train_tokenizer(), max_length=_max_positions(overrides))
+    config = _build_config(arch, overrides, tokenizer_len=len(tokenizer))
+    model = _random_model(arch, config, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _validate_call(arch: str, seed: int) -> None:
+    """Reject a bad arch or seed with a message that names the valid values."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+def _max_positions(overrides: dict[str, Any]) -> int:
+    return int(overrides.get("max_position_embeddings", BASE_CONFIG["max_position_embeddings"]))
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def _corpus_texts() -> list[str]:
+    """The training text: a fixed, sorted list of standard-library sources (missing ones skipped)."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    paths = [stdlib / name for name in CORPUS_MODULES if (stdlib / name).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"no training text found under {stdlib}")
+    return [p.read_text(encoding="utf-8") for p in paths]
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    """Train the byte-level BPE once per process (it is arch- and seed-independent) and keep it as JSON."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),  # ids 0, 1, 2 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unknown tokens
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus_texts(), trainer=trainer)
+    return tokenizer.to_str()
+
+
+def _train_tokenizer() -> Tokenizer:
+    """A fresh ``tokenizers.Tokenizer`` with the trained vocab (a copy, so callers may mutate it)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_tokenizer_json())
+
+
+def _hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """Wrap the trained tokenizer as a HF fast tokenizer with ChatML specials and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,  # keeps decode(encode(x)) == x
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def _build_config(arch: str, overrides: dict[str, Any], tokenizer_len: int) -> PretrainedConfig:
+    """The HF config of ``arch``: base shape, then arch defaults, then the caller's overrides (validated)."""
+    import transformers
+
+    config_cls = getattr(transformers, ARCH_CLASSES[arch][0])
+    _check_override_keys(config_cls, overrides)
+    padded_vocab = -(-tokenizer_len // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    values = {**BASE_CONFIG, "vocab_size": padded_vocab, **ARCH_CONFIG[arch], **overrides}
+    _check_shape(values, tokenizer_len)
+    if arch != "qwen2" and "head_dim" not in overrides:
+        # Qwen3Config defaults head_dim to 128 whatever the hidden size; derive it as Llama does.
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    eos_id = SPECIAL_TOKENS.index(EOS_TOKEN)
+    values.setdefault("eos_token_id", eos_id)
+    values.setdefault("pad_token_id", eos_id)
+    values.setdefault("bos_token_id", None)  # the tokenizer adds no BOS, like Qwen's
+    return config_cls(**values)
+
+
+def _check_override_keys(config_cls: type, overrides: dict[str, Any]) -> None:
+    """Config classes swallow unknown kwargs; a typo in a test must fail instead of building the default."""
+    fixed = sorted(set(overrides) & set(FIXED_CONFIG_KEYS))
+    if fixed:
+        raise ValueError("; ".join(f"{key} cannot be overridden: {FIXED_CONFIG_KEYS[key]}" for key in fixed))
+    valid = (set(config_cls().to_dict()) | LEGACY_CONFIG_KEYS) - set(FIXED_CONFIG_KEYS)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown config override(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _check_shape(values: dict[str, Any], tokenizer_len: int) -> None:
+    """Shape constraints HF checks late or not at all."""
+    if values["vocab_size"] < tokenizer_len:
+        raise ValueError(f"vocab_size={values['vocab_size']} is smaller than the tokenizer ({tokenizer_len} tokens)")
+    heads, kv_heads = values["num_attention_heads"], values["num_key_value_heads"]
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    if "head_dim" not in values and values["hidden_size"] % heads:
+        raise ValueError(f"hidden_size={values['hidden_size']} is not a multiple of num_attention_heads={heads}")
+
+
+def _random_model(arch: str, config: PretrainedConfig, seed: int) -> torch.nn.Module:
+    """Instantiate ``arch`` in float32 and overwrite every parameter with seeded random values."""
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    model_cls = getattr(transformers, ARCH_CLASSES[arch][1])
+    with torch.random.fork_rng(devices=[]):  # HF's init draws from the global RNG; leave the caller's alone
+        model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        # named_parameters() lists a tied weight once, so a tied lm_head keeps the embedding's values.
+        for name, param in model.named_parameters():
+            param.copy_(torch.from_numpy(_draw(name, tuple(param.shape), seed)))
+    eos_ids = [SPECIAL_TOKENS.index(IM_END), SPECIAL_TOKENS.index(EOS_TOKEN)]
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=eos_ids[1])
+    return model
+
+
+def _draw(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Random values for one parameter, seeded by (seed, name) so a tensor does not depend on the others.
+
+    numpy's PCG64 + ``standard_normal`` is platform-independent, unlike torch's CPU normal kernels whose
+    vectorised paths differ by instruction set, so files match across machines.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    noise = rng.standard_normal(shape)
+    if name.endswith("norm.weight"):
+        values = 1.0 + NORM_SCALE * noise
+    elif name.endswith(".bias"):
+        values = BIAS_SCALE * noise
+    elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        values = EMBEDDING_GAIN * noise / np.sqrt(shape[-1])  # shape (vocab, hidden): fan-in is hidden
+    else:
+        values = noise / np.sqrt(shape[-1])  # 1/sqrt(fan_in) keeps activations O(1) through the stack
+    return values.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parameter_count(checkpoint: str | os.PathLike[str]) -> int:
+    """Number of stored parameters in a checkpoint's ``model.safetensors`` (a tied lm_head counts once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(pathlib.Path(checkpoint) / "model.safetensors"), framework="np") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``sglite make-tiny-model``."""
+    parser.add_argument("out", type=pathlib.Path, help="folder to write (must be missing or empty)")
+    parser.add_argument("--arch", choices=ARCHS, default="llama", help="model architecture (default: llama)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the checkpoint and say where it went and how big it is."""
+    path = make_tiny_model(args.out, args.arch, args.seed)
+    print(f"wrote {args.arch} checkpoint (seed {args.seed}) to {path}: {parameter_count(path):,} parameters")
+    return 0

@@ -1,0 +1,34 @@
+"""Shared pytest fixtures. No model hub is reachable: checkpoints are built locally by ``tiny_model``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Set before anything imports huggingface_hub / transformers, which read them at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from xinf_sglang.runtime.tiny_model import Arch, hide_broken_torchvision, make_tiny_model  # noqa: E402
+
+# The venv's torchvision is a CUDA wheel next to a CPU torch; transformers would import it and crash.
+hide_broken_torchvision()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory ``tiny_model(arch="llama", seed=0, **overrides) -> Path``; one build per distinct argument set."""
+    built: dict[tuple[str, int, str], Path] = {}
+
+    def build(arch: Arch = "llama", seed: int = 0, **overrides: Any) -> Path:
+        key = (arch, seed, json.dumps(overrides, sort_keys=True, default=repr))
+        if key not in built:
+            built[key] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}-{seed}"), arch, seed, **overrides)
+        return built[key]
+
+    return build

@@ -1,0 +1,329 @@
+"""Every Triton kernel of kernels/ against its torch reference, on fresh random inputs.
+
+CI has no GPU, so the Triton launchers (``*_triton``) run on CPU tensors under the Triton interpreter with tiny
+shapes. The interpreter is chosen when a kernel is *defined* (``TRITON_INTERPRET=1`` read by ``@triton.jit``), so
+it is set here before the kernel modules are imported; if an earlier test module (or conftest) imported them
+already, they are re-executed once with the interpreter on (``_interpreted``). bf16 arithmetic is wrong in the
+interpreter, so half precision is tested in fp16; bf16 is covered by scripts/gpu_kernel_check.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import types
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+if os.environ["TRITON_INTERPRET"] != "1":
+    pytest.skip("TRITON_INTERPRET is set to something other than 1: Triton cannot run on CPU", allow_module_level=True)
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+
+
+def _interpreted(name: str) -> types.ModuleType:
+    """Module ``xinf_sglang.kernels.<name>`` with its kernels defined under the interpreter (re-executed if they
+    were defined for a GPU). Imported by full name: the package re-exports functions named like some modules."""
+    module = importlib.import_module(f"xinf_sglang.kernels.{name}")
+    kernels = [v for k, v in vars(module).items() if k.endswith("_kernel")]
+    assert kernels, f"{module.__name__} defines no kernel"
+    if not all(isinstance(k, InterpretedFunction) for k in kernels):
+        importlib.reload(module)  # same module object: names other modules imported from it keep working
+    return module
+
+
+norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask = (
+    _interpreted(m)
+    for m in ("norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask")
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def randint(lo: int, hi: int) -> int:
+    """Uniform in [lo, hi] from torch's (seeded) generator."""
+    return int(torch.randint(lo, hi + 1, ()).item())
+
+
+# ---------------------------------------------------------------- elementwise / row kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, with_residual: bool) -> None:
+    torch.manual_seed(1 + with_residual)
+    lead = (randint(1, 3), randint(1, 4))
+    n = randint(8, 100)  # mostly not a power of two: exercises the masked tail
+    x = torch.randn(*lead, n).mul(3).to(dtype)
+    w = torch.randn(n).to(dtype)
+    res = torch.randn(*lead, n).to(dtype) if with_residual else None
+    eps = 1e-6
+    out, new_res = norm.rms_norm_triton(x, w, eps, res)
+    ref, ref_res = norm.rms_norm_ref(x, w, eps, res)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < TOL[dtype]
+    if with_residual:
+        assert torch.equal(new_res, ref_res)  # one rounding of the exact sum in both
+    else:
+        assert new_res is None
+
+
+def test_rms_norm_strided_input_and_fp32_weight() -> None:
+    torch.manual_seed(3)
+    base = torch.randn(4, 2 * 48)
+    x = base[:, :48]  # row stride 96: the kernel reads strided rows
+    w = torch.randn(48)
+    out, _ = norm.rms_norm_triton(x.half(), w, 1e-5)  # fp32 weight * fp16 row -> fp32, as in torch
+    ref, _ = norm.rms_norm_ref(x.half(), w, 1e-5)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+    out, _ = norm.rms_norm_triton(x, w, 1e-5)
+    assert rel_err(out, norm.rms_norm_ref(x, w, 1e-5)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    h = randint(5, 70)
+    x = torch.randn(randint(1, 3), randint(1, 4), 2 * h).mul(4).to(dtype)
+    out = activation.silu_and_mul_triton(x)
+    ref = activation.silu_and_mul_ref(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _llama3_inv_freq(head_dim: int) -> torch.Tensor:
+    from xinf_sglang.runtime.models.config import RopeConfig
+    from xinf_sglang.runtime.models.rope import rope_inv_freq
+
+    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=64)
+    return rope_inv_freq(rope, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scaling", ["default", "llama3"])
+def test_apply_rotary(dtype: torch.dtype, scaling: str) -> None:
+    torch.manual_seed(5 + (scaling == "llama3"))
+    t, hq, hkv, d = randint(1, 9), 4, 2, 32
+    if scaling == "llama3":
+        inv_freq = _llama3_inv_freq(d)
+        # The scaling must actually change something, or this case tests nothing new.
+        assert not torch.allclose(inv_freq, 1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d))
+    else:
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2).float() / d)
+    positions = torch.randint(0, 4096, (t,))
+    cos, sin = rotary.rotary_cos_sin(inv_freq, positions, dtype)
+    # q and k as views of a fused qkv projection (token stride != heads * D), as the model produces them.
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    q_out, k_out = rotary.apply_rotary_triton(q, k, cos, sin)
+    q_ref, k_ref = rotary.apply_rotary_ref(q, k, cos, sin)
+    assert q_out.dtype == q_ref.dtype and k_out.shape == k_ref.shape
+    assert rel_err(q_out, q_ref) < TOL[dtype] and rel_err(k_out, k_ref) < TOL[dtype]
+    assert torch.equal(qkv[:, : hq * d].view(t, hq, d), q)  # inputs untouched
+
+
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float16])
+def test_store_kv(buf_dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    num_slots, hkv, d = 50, 2, 16
+    t = randint(1, 12)
+    loc = torch.randperm(num_slots)[:t] + 1  # distinct, never the dummy slot 0
+    kv = torch.randn(t, 2 * hkv * d)  # float32 source, cast into the buffer dtype
+    k = kv[:, : hkv * d].view(t, hkv, d)
+    v = kv[:, hkv * d :].view(t, hkv, d)
+    bufs = [torch.randn(num_slots + 1, hkv, d).to(buf_dtype) for _ in range(2)]
+    ref = [b.clone() for b in bufs]
+    store_kv.store_kv_triton(bufs[0], bufs[1], loc, k, v)
+    store_kv.store_kv_ref(ref[0], ref[1], loc, k, v)
+    assert torch.equal(bufs[0], ref[0]) and torch.equal(bufs[1], ref[1])
+
+
+# ---------------------------------------------------------------- attention over the pool
+
+
+def _pool(num_slots: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(num_slots + 1, hkv, d).to(dtype), torch.randn(num_slots + 1, hkv, d).to(dtype)
+
+
+def _req_to_token(seq_lens: list[int], num_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table with one spare row per request (so pool indices are not 0..B-1) and scattered, distinct slots."""
+    rows = 2 * len(seq_lens) + 1
+    table = torch.zeros(rows, width, dtype=torch.int32)
+    req_pool_indices = torch.randperm(rows)[: len(seq_lens)]
+    slots = (torch.randperm(num_slots) + 1).int()
+    used = 0
+    for row, n in zip(req_pool_indices.tolist(), seq_lens):
+        table[row, :n] = slots[used : used + n]
+        used += n
+    return table, req_pool_indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (4, 1, 32), (2, 2, 16)])
+def test_decode_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    torch.manual_seed(7 + hq * hkv + d)
+    bs = randint(2, 3)
+    seq = [randint(1, 40) for _ in range(bs)]
+    seq[0], seq[1] = 40, 1  # a long one (many splits) and a single-token history
+    num_slots = 160
+    kb, vb = _pool(num_slots, hkv, d, dtype)
+    table, rows = _req_to_token(seq, num_slots, width=48)
+    seq_lens = torch.tensor(seq)
+    q = torch.randn(bs, hq, d).to(dtype)
+    sm_scale = 1.0 / math.sqrt(d)
+    ref = decode_attention.decode_attention_ref(q, kb, vb, table, rows, seq_lens, sm_scale)
+    # (num_splits, min_split_tokens): one split; splits of >= 8 tokens (request 0 uses 3 tiles of 16); more splits
+    # than a request can use (the rest must be skipped); the heuristic's own choice.
+    for num_splits, min_tokens in [(1, 8), (3, 8), (7, 1), (None, 8)]:
+        out = decode_attention.decode_attention_triton(
+            q, kb, vb, table, rows, seq_lens, sm_scale, num_splits=num_splits, min_split_tokens=min_tokens, block_n=16
+        )
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], (num_splits, min_tokens)
+
+
+def test_decode_attention_preallocated_buffers() -> None:
+    """The CUDA-graph path: oversized, NaN-filled intermediate buffers and a fixed out; stale splits must not leak."""
+    torch.manual_seed(8)
+    hq, hkv, d = 4, 2, 16
+    seq = [33, 5, 17]
+    kb, vb = _pool(80, hkv, d, torch.float32)
+    table, rows = _req_to_token(seq, 80, width=40)
+    seq_lens = torch.tensor(seq)
+    q = torch.randn(3, hq, d)
+    mid_o = torch.full((5, hq, 6, d), float("nan"))
+    mid_lse = torch.full((5, hq, 6), float("nan"))
+    out = torch.empty(3, hq, d)
+    ref = decode_attention.decode_attention_ref(q, kb, vb, table, rows, seq_lens, 0.3)
+    res = decode_attention.decode_attention_triton(
+        q, kb, vb, table, rows, seq_lens, 0.3,
+        num_splits=4, mid_o=mid_o, mid_lse=mid_lse, out=out, min_split_tokens=4, block_n=16,
+    )
+    assert res.data_ptr() == out.data_ptr()
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="mid_o"):
+        decode_attention.decode_attention_triton(
+            q, kb, vb, table, rows, seq_lens, 0.3, num_splits=8, mid_o=mid_o, mid_lse=mid_lse
+        )
+
+
+def test_decode_num_splits() -> None:
+    f = decode_attention.decode_num_splits
+    assert f(1, 8, num_sms=132) == 50  # ceil(3 * 132 / 8): small batches are split to fill the GPU
+    assert f(64, 8, num_sms=132) == 1  # 512 programs already fill it
+    assert f(1, 1, num_sms=132) == decode_attention.DECODE_MAX_SPLITS
+    assert f(1, 8, num_sms=132, max_seq_len=300) == 3  # >= 128 tokens per split
+    assert f(1, 8, num_sms=132, max_seq_len=1) == 1
+    assert all(f(b, 8, num_sms=132) >= f(b + 1, 8, num_sms=132) >= 1 for b in range(1, 300))
+    with pytest.raises(ValueError):
+        f(0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (4, 4, 32)])
+def test_extend_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    torch.manual_seed(9 + hkv + d)
+    # (prefix, extend): no prefix and several q blocks; a prefix with a one-token extend; a random one.
+    reqs = [(0, randint(17, 36)), (randint(1, 20), 1), (randint(0, 20), randint(1, 20))]
+    seq = [p + n for p, n in reqs]
+    ext = [n for _, n in reqs]
+    num_slots = 160
+    kb, vb = _pool(num_slots, hkv, d, dtype)
+    table, rows = _req_to_token(seq, num_slots, width=64)
+    q = torch.randn(sum(ext), hq, d).to(dtype)
+    seq_lens, ext_lens = torch.tensor(seq), torch.tensor(ext)
+    ext_start = torch.cumsum(ext_lens, 0) - ext_lens
+    sm_scale = 1.0 / math.sqrt(d)
+    args = (q, kb, vb, table, rows, seq_lens, ext_lens, ext_start, sm_scale)
+    ref = extend_attention.extend_attention_ref(*args)
+    out = extend_attention.extend_attention_triton(*args, block_m=16, block_n=16)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # max_extend_len given by the host (no device read) and a tile that covers whole requests.
+    out2 = extend_attention.extend_attention_triton(*args, max_extend_len=max(ext), block_m=64, block_n=32)
+    assert rel_err(out2, ref) < TOL[dtype]
+
+
+# ---------------------------------------------------------------- grammar bitmask
+
+
+def _bitmask_by_loop(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The layout spelled out token by token: bit j of word w (LSB first) covers token 32 * w + j."""
+    out = logits.clone()
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            word = int(bitmask[b, t // 32]) & 0xFFFFFFFF
+            if not (word >> (t % 32)) & 1:
+                out[b, t] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_bitmask(dtype: torch.dtype) -> None:
+    torch.manual_seed(10)
+    bs, vocab = 3, randint(70, 200)  # vocab not a multiple of 32: the last word is partial
+    words = (vocab + 31) // 32
+    logits = torch.randn(bs, vocab).to(dtype)
+    bitmask = torch.randint(-(2**31), 2**31, (bs, words), dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1  # an unconstrained row: allow all
+    bitmask[2, 0] = -(2**31)  # only bit 31 set: the sign bit must read as "allowed"
+    expected = _bitmask_by_loop(logits, bitmask)
+    ref = token_bitmask.apply_token_bitmask_ref(logits.clone(), bitmask)
+    assert torch.equal(ref, expected)
+    assert torch.equal(ref[1], logits[1])
+    got = logits.clone()
+    res = token_bitmask.apply_token_bitmask_triton(got, bitmask, block=64)  # several programs per row
+    assert res.data_ptr() == got.data_ptr()
+    assert torch.equal(got, expected)
+
+
+def test_token_bitmask_rejects_short_mask() -> None:
+    with pytest.raises(ValueError, match="does not cover"):
+        token_bitmask.apply_token_bitmask_ref(torch.zeros(2, 65), torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        token_bitmask.apply_token_bitmask_ref(torch.zeros(2, 64), torch.zeros(2, 2, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------- dispatch and import
+
+
+def test_cpu_dispatch_uses_reference() -> None:
+    from xinf_sglang import kernels
+
+    torch.manual_seed(11)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], kernels.rms_norm_ref(x, w, 1e-6)[0])
+    gu = torch.randn(2, 10)
+    assert torch.equal(kernels.silu_and_mul(gu), kernels.silu_and_mul_ref(gu))
+    logits, mask = torch.randn(2, 40), torch.randint(-5, 5, (2, 2), dtype=torch.int32)
+    assert torch.equal(kernels.apply_token_bitmask_(logits.clone(), mask), kernels.apply_token_bitmask_ref(logits, mask))
+
+
+def test_package_imports_without_triton() -> None:
+    """macOS / Windows have no triton: the package must import and run its references."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "import xinf_sglang.kernels as k\n"
+        "x = torch.randn(2, 8)\n"
+        "assert torch.equal(k.rms_norm(x, torch.ones(8), 1e-6)[0], k.rms_norm_ref(x, torch.ones(8), 1e-6)[0])\n"
+        "from xinf_sglang.kernels import norm\n"
+        "assert norm.triton is None\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

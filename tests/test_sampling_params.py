@@ -1,0 +1,185 @@
+"""Tests for SamplingParams: defaults, normalisation, and a clear InvalidRequestError for every bad value."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xinf_sglang.runtime.errors import InvalidRequestError
+from xinf_sglang.runtime.sampling_params import MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams
+
+
+def test_defaults() -> None:
+    p = SamplingParams()
+    assert p.max_new_tokens == 128
+    assert p.min_new_tokens == 0
+    assert p.temperature == 1.0
+    assert p.top_p == 1.0
+    assert p.top_k == -1
+    assert p.min_p == 0.0
+    assert p.frequency_penalty == 0.0
+    assert p.presence_penalty == 0.0
+    assert p.repetition_penalty == 1.0
+    assert p.stop == []
+    assert p.stop_token_ids == []
+    assert p.ignore_eos is False
+    assert p.seed is None
+    assert p.skip_special_tokens is True
+    assert p.structured_output is None
+    assert not p.is_greedy
+
+
+# (kwargs, field named in the message, words of the allowed range that must appear, the value shown)
+BAD_VALUES = [
+    ({"max_new_tokens": -1}, "max_new_tokens", ">= 0", "-1"),
+    ({"min_new_tokens": -1}, "min_new_tokens", "0 <= min_new_tokens <= max_new_tokens", "-1"),
+    ({"min_new_tokens": 5, "max_new_tokens": 4}, "min_new_tokens", "<= max_new_tokens", "max_new_tokens=4"),
+    ({"temperature": -0.1}, "temperature", ">= 0", "-0.1"),
+    ({"temperature": float("nan")}, "temperature", ">= 0", "nan"),
+    ({"temperature": float("inf")}, "temperature", ">= 0", "inf"),
+    ({"top_p": 0.0}, "top_p", "(0, 1]", "0.0"),
+    ({"top_p": 1.5}, "top_p", "(0, 1]", "1.5"),
+    ({"top_p": -0.2}, "top_p", "(0, 1]", "-0.2"),
+    ({"top_k": -2}, "top_k", "-1 or 0", "-2"),
+    ({"min_p": -0.01}, "min_p", "[0, 1]", "-0.01"),
+    ({"min_p": 1.01}, "min_p", "[0, 1]", "1.01"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]", "2.5"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "[-2, 2]", "-2.5"),
+    ({"presence_penalty": 3}, "presence_penalty", "[-2, 2]", "3"),
+    ({"presence_penalty": -3}, "presence_penalty", "[-2, 2]", "-3"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "> 0", "0"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty", "> 0", "-1.0"),
+    ({"stop": ""}, "stop", "non-empty", "''"),
+    ({"stop": ["ok", ""]}, "stop", "non-empty", "''"),
+    ({"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop", f"at most {MAX_STOP_STRINGS}", "'s'"),
+    ({"stop_token_ids": [3, -1]}, "stop_token_ids", ">= 0", "-1"),
+    ({"seed": 2**64}, "seed", "an integer in", str(2**64)),
+    ({"seed": -(2**63) - 1}, "seed", "an integer in", str(-(2**63) - 1)),
+    ({"choices": []}, "choices", "non-empty list", "[]"),
+    # Wrong types get the same shape of message: field, what is allowed, what was sent.
+    ({"temperature": "hot"}, "temperature", ">= 0", "'hot'"),
+    ({"max_new_tokens": 1.5}, "max_new_tokens", ">= 0", "1.5"),
+    ({"top_k": True}, "top_k", "-1 or 0", "True"),
+    ({"stop": 5}, "stop", "non-empty string", "5"),
+    ({"ignore_eos": "maybe"}, "ignore_eos", "true or false", "'maybe'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "allowed", "shown"), BAD_VALUES)
+def test_bad_value_names_field_range_and_value(kwargs: dict, field: str, allowed: str, shown: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    message = str(info.value)
+    assert field in message
+    assert allowed in message
+    assert shown in message
+
+
+def test_invalid_request_error_is_value_error() -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 0},
+        {"temperature": 100.0},
+        {"top_p": 1e-9},
+        {"top_p": 1},
+        {"top_k": -1},
+        {"top_k": 0},
+        {"top_k": 1},
+        {"top_k": 10**6},
+        {"min_p": 0},
+        {"min_p": 1},
+        {"frequency_penalty": -2, "presence_penalty": 2},
+        {"frequency_penalty": 2, "presence_penalty": -2},
+        {"repetition_penalty": 1e-6},
+        {"repetition_penalty": 10},
+        {"max_new_tokens": 0},
+        {"min_new_tokens": 7, "max_new_tokens": 7},
+        {"stop": ["s"] * MAX_STOP_STRINGS},
+        {"seed": 0},
+        {"seed": 2**64 - 1},
+        {"seed": -(2**63)},
+        {"json_schema": {"type": "object"}},
+        {"json_schema": '{"type": "object"}'},
+        {"regex": "[a-z]+"},
+        {"ebnf": 'root ::= "yes" | "no"'},
+        {"choices": ["yes", "no"]},
+    ],
+)
+def test_boundary_values_accepted(kwargs: dict) -> None:
+    SamplingParams(**kwargs)
+
+
+def test_normalisation() -> None:
+    assert SamplingParams(stop="END").stop == ["END"]
+    assert SamplingParams(stop=["a", "b"]).stop == ["a", "b"]
+    assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
+    assert SamplingParams(top_k=0).top_k == -1
+    assert SamplingParams(temperature=0).is_greedy
+
+
+def test_unknown_field_rejected_with_allowed_list() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(temprature=0.5)
+    message = str(info.value)
+    assert "temprature" in message
+    assert "temperature" in message.split("allowed:")[1]
+
+
+def test_several_errors_reported_together() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(temperature=-1, top_p=2)
+    assert "temperature" in str(info.value) and "top_p" in str(info.value)
+
+
+@pytest.mark.parametrize("first", STRUCTURED_FIELDS)
+@pytest.mark.parametrize("second", STRUCTURED_FIELDS)
+def test_at_most_one_structured_output(first: str, second: str) -> None:
+    values = {"json_schema": {"type": "object"}, "regex": "a+", "ebnf": 'root ::= "a"', "choices": ["a"]}
+    if first == second:
+        assert SamplingParams(**{first: values[first]}).structured_output == first
+        return
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{first: values[first], second: values[second]})
+    message = str(info.value)
+    assert "at most one of" in message
+    assert first in message and second in message
+
+
+def test_verify_stop_token_ids_against_vocab() -> None:
+    SamplingParams(stop_token_ids=[0, 99]).verify(100)
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(stop_token_ids=[5, 100]).verify(100)
+    message = str(info.value)
+    assert "stop_token_ids" in message and "[0, 100)" in message and "100" in message
+
+
+def test_assignment_is_validated() -> None:
+    p = SamplingParams()
+    p.max_new_tokens = 5
+    assert p.max_new_tokens == 5
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        p.temperature = -1.0
+
+
+def test_model_validate_raises_invalid_request() -> None:
+    assert SamplingParams.model_validate({"top_k": 5}).top_k == 5
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams.model_validate({"top_p": 0})
+
+
+@given(st.floats(min_value=0, max_value=1e6, allow_nan=False))
+def test_any_non_negative_temperature_accepted(t: float) -> None:
+    assert SamplingParams(temperature=t).temperature == t
+
+
+@given(st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False))
+def test_any_negative_temperature_rejected(t: float) -> None:
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=t)
