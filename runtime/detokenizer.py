@@ -2,6 +2,8 @@
 
 Per request, each step's new token ids go through `IncrementalDetokenizer.add` (text delta, never half a
 character) and then `StopStringMatcher.feed` (text safe to show, and whether a stop string ended the output).
+On a finish without a stop string (EOS, length, abort), drain both in that order:
+`shown, stopped = matcher.feed(detok.flush())`, then, if not stopped, `shown += matcher.flush()`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class IncrementalDetokenizer:
 
     UTF-8 safety: a byte-level token can end inside a multi-byte character, which decodes to U+FFFD. Trailing
     U+FFFD are held back until a later token completes the character; the text before them is emitted at once.
-    Concatenating every delta plus `flush()` gives `tokenizer.decode(all_ids)`.
+    Concatenating every delta plus `flush()` gives `tokenizer.decode(all_ids)` for byte-level BPE tokenizers
+    (and any tokenizer whose decode of a token window ends the same way as the decode of the whole output).
 
     Limitation: while every new token leaves the text ending in U+FFFD (invalid bytes, or tokens that each
     straddle two characters) the window grows; after `MAX_PENDING_TOKENS` such tokens the held text is emitted

@@ -158,7 +158,7 @@ class RadixCache:
             child = node.children.get(key[pos])
             if child is None:
                 # Copy: slots is often a view of a request->token row that is reused after the request ends.
-                value = slots[pos:].to(device=self.device, dtype=torch.int64)
+                value = slots[pos:].to(device=self.device, dtype=torch.int64, copy=True)
                 leaf = TreeNode(next(self._ids), key[pos:], value, node, now)
                 node.children[key[pos]] = leaf
                 self._evictable += len(leaf.key)

@@ -145,7 +145,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.penalties is not None:
         _apply_penalties(logits, batch.penalties)
     if batch.banned is not None:
-        logits.index_put_(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+        logits[batch.banned] = float("-inf")  # a Python scalar: no host-to-device copy
     if batch.random is None:
         return logits.argmax(dim=-1)
     if batch.random.all_rows:

@@ -13,6 +13,7 @@ import pytest
 # Set before anything imports huggingface_hub / transformers, which read them at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels then run on CPU tensors
 
 from xinf_sglang.runtime.tiny_model import Arch, hide_broken_torchvision, make_tiny_model  # noqa: E402
 

@@ -183,3 +183,12 @@ def test_any_non_negative_temperature_accepted(t: float) -> None:
 def test_any_negative_temperature_rejected(t: float) -> None:
     with pytest.raises(InvalidRequestError, match="temperature"):
         SamplingParams(temperature=t)
+
+
+def test_pickle_and_dump_round_trip() -> None:
+    # The scheduler may run in its own process: parameters cross it by pickle.
+    import pickle
+
+    p = SamplingParams(stop="x", seed=3, choices=["a", "b"], top_k=0)
+    assert pickle.loads(pickle.dumps(p)) == p
+    assert SamplingParams(**p.model_dump()) == p
