@@ -173,7 +173,7 @@ if triton is not None:
         seq_len = tl.load(SEQ_LENS + b)
         used = tl.cdiv(seq_len, _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N))
         offs_s = tl.arange(0, BLOCK_S)
-        mask_s = offs_s < num_splits
+        mask_s = offs_s < used
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < head_dim
         # Unused splits hold stale data from earlier launches: masked on load, weight forced to 0.

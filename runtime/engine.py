@@ -184,7 +184,10 @@ class Engine:
         self._inbox.put(("abort", request_id))
 
     def metrics(self) -> dict[str, float | int]:
-        """A snapshot of the engine's counters (read without stopping the scheduler, so approximately consistent)."""
+        """A consistent snapshot of the engine's counters, taken on the scheduler thread between two steps."""
+        return self.run_on_scheduler(self._metrics_now)
+
+    def _metrics_now(self) -> dict[str, float | int]:
         s = self.scheduler
         stats = s.stats
         return {
@@ -203,6 +206,8 @@ class Engine:
             "retractions": stats.retractions,
             "prefill_steps": stats.prefill_steps,
             "decode_steps": stats.decode_steps,
+            "peak_running_requests": stats.peak_running_requests,
+            "peak_prefill_tokens": stats.peak_prefill_tokens,
             "new_token_ratio": s.new_token_ratio,
         }
 
@@ -393,7 +398,7 @@ def _as_prompt_list(prompt, input_ids) -> list[str | list[int]]:
             raise InvalidRequestError("prompt must be a string or a list of strings")
         return prompts
     ids = list(input_ids)
-    if ids and all(isinstance(t, int) for t in ids):
+    if all(isinstance(t, int) for t in ids):  # one prompt (possibly empty, which validation rejects)
         return [ids]
     if not all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in ids):
         raise InvalidRequestError("input_ids must be a list of token ids or a list of such lists")

@@ -51,6 +51,8 @@ class SchedulerStats:
     retractions: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
+    peak_running_requests: int = 0  # largest decode batch so far
+    peak_prefill_tokens: int = 0  # largest prefill batch so far, in new tokens
 
     @property
     def cache_hit_rate(self) -> float:
@@ -134,9 +136,11 @@ class Scheduler:
                 self.stats.generated_tokens += 1
         if batch.mode is ForwardMode.EXTEND:
             self.stats.prefill_steps += 1
+            self.stats.peak_prefill_tokens = max(self.stats.peak_prefill_tokens, batch.num_tokens)
             self.running.extend(r for r, s in zip(batch.reqs, batch.samples) if s and r is not self.chunked)
         else:
             self.stats.decode_steps += 1
+            self.stats.peak_running_requests = max(self.stats.peak_running_requests, len(batch.reqs))
             self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         self._retire_finished()
         return True

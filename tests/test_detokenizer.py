@@ -12,18 +12,18 @@ from transformers import PreTrainedTokenizerFast
 
 from xinf_sglang.runtime.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher
 
-WORDS = [
+WORDS = (
     "héllo", "wörld", "世界", "🙂", "the", "quick", "brown", "fox", "naïve", "café", "Привет", "こんにちは",
     "👍🏽", "日本語", "ünïcödé", "jumps", "over", "lazy", "dog", "€100", "😀😃", "hello", "world", ".", ",",
-]  # fmt: skip
+)  # fmt: skip
 
-SAMPLE_TEXTS = [
+SAMPLE_TEXTS = (
     "héllo wörld 世界 🙂",
     "the quick brown fox jumps over the lazy dog",
     "Привет, こんにちは! 日本語 👍🏽 😀😃 café naïve €100",
     "🙂🙂🙂 世界世界 ünïcödé",
     "emoji alone: 🦀 and 🧪 (never in the training text)",
-]
+)
 
 
 @pytest.fixture(scope="module")

@@ -336,3 +336,77 @@ def test_package_imports_without_triton() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- the Triton attention backend
+
+
+def _backend_batches(hkv: int, d: int, num_slots: int):
+    """An extend batch (prefix 0 / > 0 / extend 1) and the decode batch that follows it, with their pool table."""
+    from xinf_sglang.runtime.forward_batch import ForwardBatch, ForwardMode
+
+    reqs = [(0, 9), (12, 1), (5, 20)]  # (cached prefix, new tokens)
+    seq = [p + n for p, n in reqs]
+    table, rows = _req_to_token([s + 1 for s in seq], num_slots, width=48)  # room for one decode token each
+    ext = torch.tensor([n for _, n in reqs])
+    seq_lens = torch.tensor(seq)
+    start = torch.cumsum(ext, 0) - ext
+    loc = torch.cat([table[r, p : p + n] for r, (p, n) in zip(rows.tolist(), reqs)]).long()
+    positions = torch.cat([torch.arange(p, p + n) for p, n in reqs])
+    t = int(ext.sum())
+    extend = ForwardBatch(
+        ForwardMode.EXTEND, torch.zeros(t, dtype=torch.int64), positions, loc, rows, seq_lens, ext, start,
+        start + ext - 1,
+    )
+    dec_lens = seq_lens + 1
+    dec_loc = table[rows, seq_lens].long()
+    ones = torch.ones(len(reqs), dtype=torch.int64)
+    decode = ForwardBatch(
+        ForwardMode.DECODE, torch.zeros(len(reqs), dtype=torch.int64), seq_lens.clone(), dec_loc, rows, dec_lens,
+        ones, torch.arange(len(reqs)), torch.arange(len(reqs)),
+    )
+    return table, extend, decode
+
+
+@pytest.mark.parametrize("with_heads", [True, False])
+def test_triton_backend_matches_torch_backend(with_heads: bool) -> None:
+    """The whole seam (store K/V, extend, decode, CUDA-graph metadata) against the reference backend."""
+    from xinf_sglang.runtime.attention import TorchAttentionBackend
+    from xinf_sglang.runtime.attention_triton import TritonAttentionBackend
+    from xinf_sglang.runtime.kv_pool import KVPool
+
+    torch.manual_seed(12)
+    hq, hkv, d, num_slots, layers = 4, 2, 16, 120, 2
+    table, extend, decode = _backend_batches(hkv, d, num_slots)
+    pools = [KVPool(num_slots, layers, hkv, d, torch.float32, torch.device("cpu")) for _ in range(2)]
+    ref = TorchAttentionBackend(pools[0], table, 0.25)
+    tri = TritonAttentionBackend(pools[1], table, 0.25, num_q_heads=hq if with_heads else None, min_split_tokens=4)
+    for batch in (extend, decode):
+        ref.init_forward_metadata(batch)
+        tri.init_forward_metadata(batch)
+        for layer in range(layers):
+            q = torch.randn(batch.num_tokens, hq, d)
+            k, v = torch.randn(batch.num_tokens, hkv, d), torch.randn(batch.num_tokens, hkv, d)
+            want = ref.forward(q, k, v, layer, batch)
+            got = tri.forward(q, k, v, layer, batch)
+            assert rel_err(got, want) < 1e-5, (batch.mode, layer)
+    for layer in range(layers):
+        assert torch.equal(pools[0].k_buffers[layer], pools[1].k_buffers[layer])
+        assert torch.equal(pools[0].v_buffers[layer], pools[1].v_buffers[layer])
+    if not with_heads:
+        with pytest.raises(ValueError, match="num_q_heads"):
+            tri.init_cuda_graph_state(4, 64)
+        return
+    # CUDA-graph hooks: fixed buffers whose views do not move between batch sizes, split count from bs only.
+    tri.init_cuda_graph_state(max_bs=4, max_context_len=48)
+    tri.init_forward_metadata_capture(decode)
+    captured = tri.metadata
+    assert captured.mid_o.data_ptr() == tri.graph_state.mid_o_flat.data_ptr()
+    q = torch.randn(decode.num_tokens, hq, d)
+    want = ref.forward_decode(q, 0, decode)
+    assert rel_err(tri.forward_decode(q, 0, decode), want) < 1e-5
+    tri.init_forward_metadata_replay(decode)
+    assert tri.metadata.num_splits == captured.num_splits
+    assert tri.metadata.mid_o.data_ptr() == captured.mid_o.data_ptr()
+    with pytest.raises(ValueError, match="only decode"):
+        tri.init_forward_metadata_capture(extend)

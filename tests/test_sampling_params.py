@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,7 +33,7 @@ def test_defaults() -> None:
 
 
 # (kwargs, field named in the message, words of the allowed range that must appear, the value shown)
-BAD_VALUES = [
+BAD_VALUES = (
     ({"max_new_tokens": -1}, "max_new_tokens", ">= 0", "-1"),
     ({"min_new_tokens": -1}, "min_new_tokens", "0 <= min_new_tokens <= max_new_tokens", "-1"),
     ({"min_new_tokens": 5, "max_new_tokens": 4}, "min_new_tokens", "<= max_new_tokens", "max_new_tokens=4"),
@@ -63,7 +65,7 @@ BAD_VALUES = [
     ({"top_k": True}, "top_k", "-1 or 0", "True"),
     ({"stop": 5}, "stop", "non-empty string", "5"),
     ({"ignore_eos": "maybe"}, "ignore_eos", "true or false", "'maybe'"),
-]
+)
 
 
 @pytest.mark.parametrize(("kwargs", "field", "allowed", "shown"), BAD_VALUES)
@@ -187,8 +189,6 @@ def test_any_negative_temperature_rejected(t: float) -> None:
 
 def test_pickle_and_dump_round_trip() -> None:
     # The scheduler may run in its own process: parameters cross it by pickle.
-    import pickle
-
     p = SamplingParams(stop="x", seed=3, choices=["a", "b"], top_k=0)
     assert pickle.loads(pickle.dumps(p)) == p
     assert SamplingParams(**p.model_dump()) == p

@@ -1,0 +1,266 @@
+"""OpenAI request fields -> runtime ``SamplingParams`` fields, with nothing a client sends silently ignored.
+
+Xinference calls an engine with one ``generate_config`` dict per request: the OpenAI fields the client set
+(after Xinference's REST layer parsed them), plus a few Xinference keys. :func:`map_request` splits it into
+
+- ``sampling``: keyword arguments for ``SamplingParams`` (sampling, stops, structured output),
+- ``RequestOptions``: what the plugin itself acts on (streaming, usage chunk, tools, echo, chat template kwargs),
+
+and raises :class:`RequestMappingError` for fields sglite cannot honour (``logprobs``, ``n`` > 1, LoRA,
+forced tool choice, ...) or does not know. Pure functions, no Xinference or torch import: unit-testable.
+
+Structured output: ``response_format`` ``json_object`` / ``json_schema``, ``guided_json``,
+``guided_json_object``, ``guided_regex`` / ``regex``, ``guided_grammar`` / ``ebnf``, ``guided_choice`` /
+``choice`` / ``choices`` become one of ``json_schema``, ``regex``, ``ebnf``, ``choices``; the runtime enforces
+them (or rejects them clearly). Note: Xinference 4.1's REST layer keeps only the fields its pydantic request
+models declare (plus the vLLM-style ``guided_*`` fields), so over HTTP ``regex``, ``ebnf``, ``choice``,
+``min_p``, ``min_tokens`` and ``n`` never reach an engine; use ``guided_regex``, ``guided_grammar`` and
+``guided_choice`` for structured output over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RequestKind = Literal["chat", "completion"]
+
+
+class RequestMappingError(ValueError):
+    """A request field sglite cannot honour as asked; the message says which and what to do instead."""
+
+
+@dataclass
+class RequestOptions:
+    """Per-request settings the plugin acts on itself (not sampling)."""
+
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a final chunk with choices=[] and usage
+    echo: bool = False  # completions: prepend the prompt to the output
+    tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_tokens_given: bool = False  # whether the client set max_tokens (else: fill the context)
+
+
+# OpenAI / Xinference name -> SamplingParams name, for fields that map one to one.
+_DIRECT = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos",
+    "skip_special_tokens": "skip_special_tokens",
+    "min_tokens": "min_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+}
+_MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+
+# Structured-output request fields -> the SamplingParams field they fill.
+_STRUCTURED = {
+    "guided_json": "json_schema",
+    "json_schema": "json_schema",
+    "guided_regex": "regex",
+    "regex": "regex",
+    "guided_grammar": "ebnf",
+    "ebnf": "ebnf",
+    "guided_choice": "choices",
+    "choice": "choices",
+    "choices": "choices",
+}
+
+# Fields that do not change what is generated: accepted, and deliberately without effect.
+_NO_EFFECT = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "stream_interval",  # Xinference's Transformers-engine streaming granularity; sglite streams every step
+    "request_id",  # the actor passes the request id separately
+    "guided_decoding_backend",  # sglite has one grammar backend; the constraint means the same
+    "model",
+}
+
+# Fields sglite refuses when set to anything that would change the result, with what to do instead.
+_UNSUPPORTED = {
+    "logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
+    "top_logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
+    "n": "sglite returns one choice per request; send n separate requests instead of n > 1",
+    "best_of": "best_of is not supported by sglite; send separate requests",
+    "suffix": "suffix (fill-in-the-middle) is not supported by sglite",
+    "lora_name": "LoRA adapters are not supported by sglite",
+    "logit_bias": "logit_bias is not supported by sglite",
+    "functions": "the deprecated functions/function_call fields are not supported; use tools",
+    "function_call": "the deprecated functions/function_call fields are not supported; use tools",
+    "guided_whitespace_pattern": "guided_whitespace_pattern is not supported; sglite uses compact JSON",
+    "reasoning_effort": "reasoning_effort is not supported by sglite; use chat_template_kwargs",
+    "modalities": "sglite serves text-only models",
+    "audio": "sglite serves text-only models",
+    "prediction": "predicted outputs are not supported by sglite",
+    "web_search_options": "web search is not supported by sglite",
+    "mm_processor_kwargs": "sglite serves text-only models",
+    "cache_salt": "cache_salt is not supported by sglite",
+    "_pd_kv_transfer_params": "prefill/decode disaggregation is not supported by sglite",
+}
+# Values of unsupported fields that mean "not asked for" (OpenAI clients often send the defaults).
+_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1)}
+
+# Xinference-internal keys added on the way to the engine, and harmless to drop.
+_INTERNAL = {"_anthropic_request", "_anthropic_cache_control"}
+
+
+def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[str, Any], RequestOptions]:
+    """Split an Xinference ``generate_config`` into ``SamplingParams`` kwargs and :class:`RequestOptions`.
+
+    ``max_new_tokens`` is only in the result when the client set ``max_tokens``; the caller fills the rest of
+    the context otherwise. Raises :class:`RequestMappingError` for fields that cannot be honoured.
+    """
+    cfg = {k: v for k, v in (config or {}).items() if k not in _INTERNAL}
+    sampling: dict[str, Any] = {}
+    opts = RequestOptions()
+    problems: list[str] = []
+
+    for key in _MAX_TOKENS_KEYS:
+        value = cfg.pop(key, None)
+        if value is not None and "max_new_tokens" not in sampling:
+            sampling["max_new_tokens"] = value
+            opts.max_tokens_given = True
+    for key, target in _DIRECT.items():
+        value = cfg.pop(key, None)
+        if value is not None:
+            sampling[target] = value
+    if isinstance(sampling.get("stop_token_ids"), int):
+        sampling["stop_token_ids"] = [sampling["stop_token_ids"]]
+    if sampling.get("stop") == []:
+        del sampling["stop"]
+
+    _map_structured(cfg, sampling, problems)
+
+    opts.stream = bool(cfg.pop("stream", False))
+    stream_options = cfg.pop("stream_options", None) or {}
+    if not isinstance(stream_options, dict):
+        problems.append(f"stream_options must be an object, got {stream_options!r}")
+    else:
+        opts.include_usage = bool(stream_options.get("include_usage", False))
+    opts.echo = bool(cfg.pop("echo", False))
+    if opts.echo and kind == "chat":
+        problems.append("echo applies to completions only")
+
+    opts.chat_template_kwargs = _chat_template_kwargs(cfg.pop("chat_template_kwargs", None), problems)
+    _map_tools(cfg, opts, kind, problems)
+
+    for key in list(cfg):
+        value = cfg.pop(key)
+        if key in _NO_EFFECT:
+            continue
+        if key in _UNSUPPORTED:
+            if value in _NEUTRAL.get(key, (None,)):
+                continue
+            problems.append(f"{key}={value!r}: {_UNSUPPORTED[key]}")
+        else:
+            problems.append(f"unknown request field {key!r}")
+    if problems:
+        raise RequestMappingError("; ".join(problems))
+    return sampling, opts
+
+
+def _map_structured(cfg: dict[str, Any], sampling: dict[str, Any], problems: list[str]) -> None:
+    given: dict[str, tuple[str, Any]] = {}  # request field -> (SamplingParams field, value)
+
+    response_format = cfg.pop("response_format", None)
+    if response_format is not None:
+        schema = _schema_from_response_format(response_format, problems)
+        if schema is not None:
+            given["response_format"] = ("json_schema", schema)
+    if cfg.pop("guided_json_object", None):
+        given["guided_json_object"] = ("json_schema", {"type": "object"})
+    for key, target in _STRUCTURED.items():
+        value = cfg.pop(key, None)
+        if value is None:
+            continue
+        if target == "json_schema" and isinstance(value, str):
+            value = _parse_json_schema(key, value, problems)
+        given[key] = (target, value)
+
+    if len(given) > 1:
+        problems.append(
+            "at most one structured-output constraint per request; got " + ", ".join(sorted(given))
+        )
+    elif given:
+        (target, value), = given.values()
+        sampling[target] = value
+
+
+def _schema_from_response_format(response_format: Any, problems: list[str]) -> dict[str, Any] | None:
+    """The JSON schema a ``response_format`` asks for; ``None`` for plain text."""
+    if not isinstance(response_format, dict):
+        problems.append(f"response_format must be an object, got {response_format!r}")
+        return None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}  # any JSON object
+    if kind == "json_schema":
+        block = response_format.get("json_schema")
+        # Xinference's request model renames "schema" to "schema_" (a pydantic alias); accept both.
+        schema = (block or {}).get("schema_", (block or {}).get("schema")) if isinstance(block, dict) else None
+        if isinstance(schema, str):
+            schema = _parse_json_schema("response_format.json_schema.schema", schema, problems)
+        if not isinstance(schema, dict):
+            problems.append("response_format json_schema needs json_schema.schema (a JSON schema object)")
+            return None
+        return schema
+    problems.append(f"response_format type {kind!r} is not supported; use text, json_object or json_schema")
+    return None
+
+
+def _parse_json_schema(key: str, text: str, problems: list[str]) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(f"{key} is not valid JSON: {e}")
+        return None
+
+
+def _chat_template_kwargs(value: Any, problems: list[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            problems.append("chat_template_kwargs must be a JSON object")
+            return {}
+    if not isinstance(value, dict):
+        problems.append("chat_template_kwargs must be a JSON object")
+        return {}
+    return dict(value)
+
+
+def _map_tools(cfg: dict[str, Any], opts: RequestOptions, kind: RequestKind, problems: list[str]) -> None:
+    tools = cfg.pop("tools", None)
+    tool_choice = cfg.pop("tool_choice", None)
+    parallel = cfg.pop("parallel_tool_calls", None)
+    if kind == "completion":
+        for name, value in (("tools", tools), ("tool_choice", tool_choice), ("parallel_tool_calls", parallel)):
+            if value is not None:
+                problems.append(f"{name} applies to chat completions only")
+        return
+    if parallel is not None:
+        opts.parallel_tool_calls = bool(parallel)
+    if tool_choice == "none":
+        tools = None  # OpenAI: the model must not call a tool; render without them
+    elif tool_choice not in (None, "auto"):
+        problems.append(
+            f"tool_choice={tool_choice!r} is not supported by sglite (forcing a tool call needs constrained "
+            "decoding of the call); use tool_choice 'auto' or 'none'"
+        )
+    opts.tools = list(tools) if tools else None
