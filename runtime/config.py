@@ -20,6 +20,7 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_format: Literal["auto", "dummy"] = "auto"
     seed: int = 0
+    skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings); for config-only models
     # memory
     mem_fraction_static: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_total_tokens: int | None = Field(default=None, ge=16)

@@ -62,7 +62,9 @@ class Engine:
         self.device = _resolve_device(config.device)
         self.model_config = ModelConfig.from_dir(config.model_path)
         self.dtype = _resolve_dtype(config.dtype, self.device, self.model_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        self.tokenizer = (
+            None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        )
         self.eos_token_ids = _eos_ids(Path(config.model_path), self.model_config, self.tokenizer)
         torch.manual_seed(config.seed)
 
@@ -252,6 +254,10 @@ class Engine:
             raise InvalidRequestError("the engine is shut down")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise InvalidRequestError("this engine runs with skip_tokenizer_init: send input_ids, not text")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
         params.verify(self.model_config.vocab_size)
@@ -270,7 +276,8 @@ class Engine:
             stop_token_ids=frozenset(stop_ids),
             max_new_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
         )
-        req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         req.stop_matcher = StopStringMatcher(params.stop or [])
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -449,7 +456,7 @@ def _eos_ids(model_path: Path, cfg: ModelConfig, tokenizer) -> frozenset[int]:
     if gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
 

@@ -24,7 +24,7 @@ class OutputProcessor:
             req.finish_reason, req.matched_stop = "stop", token
             text = self._drain(req)
         else:
-            text, hit = req.stop_matcher.feed(req.detok.add([token]))
+            text, hit = req.stop_matcher.feed(req.detok.add([token]) if req.detok is not None else "")
             if hit:
                 req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
             elif req.grammar is not None and req.grammar.is_terminated():
@@ -38,13 +38,13 @@ class OutputProcessor:
     def finish(self, req: Req, reason: FinishReason, error: str | None = None) -> None:
         """Finish ``req`` outside the normal token path (abort, pool exhausted) and send its last chunk."""
         req.finish_reason, req.error = reason, error
-        text = "" if reason == "abort" or req.detok is None else self._drain(req)
+        text = "" if reason == "abort" else self._drain(req)
         self._send(req, text, [])
 
     @staticmethod
     def _drain(req: Req) -> str:
         """At finish: the text held back for a possible stop string or an unfinished character."""
-        text, hit = req.stop_matcher.feed(req.detok.flush())
+        text, hit = req.stop_matcher.feed(req.detok.flush() if req.detok is not None else "")
         if hit:
             req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
             return text

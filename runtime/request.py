@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .outputs import FinishReason, StreamChunk
 from .sampling_params import SamplingParams
 
@@ -42,8 +43,8 @@ class Req:
     matched_stop: str | int | None = None
     error: str | None = None
     generator: torch.Generator | None = None  # per-request seed
-    detok: Any = None  # IncrementalDetokenizer
-    stop_matcher: Any = None  # StopStringMatcher
+    detok: IncrementalDetokenizer | None = None  # None when the engine runs without a tokenizer
+    stop_matcher: StopStringMatcher = field(default_factory=lambda: StopStringMatcher([]))
     grammar: Any = None  # GrammarMatcher, for constrained requests
     retractions: int = 0
 

@@ -123,23 +123,6 @@ EMBEDDING_GAIN = 2.0
 VOCAB_MULTIPLE = 64  # the config's vocab_size is the tokenizer's length rounded up to this
 
 
-def hide_broken_torchvision() -> None:
-    """Make ``transformers`` treat an unimportable torchvision as absent.
-
-    A CUDA torchvision wheel next to a CPU torch fails at import ("operator torchvision::nms does not exist"),
-    and transformers imports it whenever it is installed, even for text models. Marking it missing in
-    ``sys.modules`` (``find_spec`` then returns None) is the smallest fix; a working torchvision is left alone.
-    """
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # any failure means it is unusable; a partial import leaves submodules behind
-        for name in [n for n in sys.modules if n.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision"] = None  # type: ignore[assignment]
-
-
 def make_tiny_model(
     out_dir: str | os.PathLike[str], arch: Arch = "llama", seed: int = 0, **overrides: Any
 ) -> pathlib.Path:
@@ -153,7 +136,6 @@ def make_tiny_model(
     out = pathlib.Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; pass a new or empty folder")
-    hide_broken_torchvision()
     tokenizer = _hf_tokenizer(_train_tokenizer(), max_length=_max_positions(overrides))
     config = _build_config(arch, overrides, tokenizer_len=len(tokenizer))
     model = _random_model(arch, config, seed)

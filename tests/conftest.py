@@ -15,10 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels then run on CPU tensors
 
-from xinf_sglang.runtime.tiny_model import Arch, hide_broken_torchvision, make_tiny_model  # noqa: E402
-
-# The venv's torchvision is a CUDA wheel next to a CPU torch; transformers would import it and crash.
-hide_broken_torchvision()
+from xinf_sglang.runtime.tiny_model import Arch, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -238,7 +238,6 @@ def test_cli_in_process(
 
 
 def test_cli_subprocess(tmp_path: Path) -> None:
-    # A fresh process: the torchvision workaround in conftest does not apply there, the module's own must.
     out = tmp_path / "cli"
     if _missing_subcommand_modules():
         # cli.py cannot build its parser yet; drive the same add_arguments/run pair the way cli.main does.

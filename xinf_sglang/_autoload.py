@@ -8,21 +8,25 @@ bootstraps, in every process that builds the engine tables. So this module only 
 ``sys.meta_path`` that never finds anything: it notices the first import of ``xinference.model``, registers the
 hook at that moment (``xinference`` itself is already imported then) and removes itself.
 
-Cheap by design: importing it costs a few microseconds and imports nothing but ``os``/``sys``/``logging``
+Cheap by design: importing it costs a few microseconds and imports nothing but ``os``/``sys``
 (already loaded at start-up). It must never break Python start-up or Xinference: every failure is a warning.
 Set ``SGLITE_XINFERENCE_AUTOLOAD=0`` to switch it off.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 _TRIGGER = "xinference.model"
 _DISABLE_ENV = "SGLITE_XINFERENCE_AUTOLOAD"
 
-logger = logging.getLogger("xinf_sglang")
+
+def _warn(msg: str, *args: object) -> None:
+    # logging is imported only when there is something to say: it is not loaded at interpreter start-up.
+    import logging
+
+    logging.getLogger("xinf_sglang").warning(msg, *args)
 
 
 class _XinferenceBootstrapWatcher:
@@ -58,9 +62,9 @@ def register_with_xinference() -> bool:
         register_engine_registration_hook("LLM", register_llm_engine)
         return True
     except ImportError as e:
-        logger.warning("sglite: not registered with Xinference (%s); Xinference >= 3.4 is required", e)
+        _warn("sglite: not registered with Xinference (%s); Xinference >= 3.4 is required", e)
     except Exception as e:  # never break Xinference because of this plugin
-        logger.warning("sglite: could not register the Xinference engine: %s", e)
+        _warn("sglite: could not register the Xinference engine: %s", e)
     return False
 
 
@@ -69,8 +73,8 @@ def install() -> None:
     if os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return
     if _TRIGGER in sys.modules:
-        # Too late for the hook in this process; say so instead of failing in a confusing way later.
-        logger.debug("sglite: xinference.model was imported before the sglite start-up hook")
+        # Too late for the hook in this process (someone imported this module by hand, late).
+        _warn("sglite: xinference.model was imported before the sglite start-up hook; engine not registered")
         return
     if not any(f is _WATCHER for f in sys.meta_path):
         sys.meta_path.insert(0, _WATCHER)
@@ -84,4 +88,4 @@ def uninstall() -> None:
 try:
     install()
 except Exception as _e:  # pragma: no cover - defensive: a .pth import must never raise
-    logger.warning("sglite: start-up hook not installed: %s", _e)
+    _warn("sglite: start-up hook not installed: %s", _e)

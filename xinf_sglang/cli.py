@@ -1,7 +1,7 @@
 """The ``sglite`` command: one subcommand per module, each module owning its arguments and its run function.
 
-Every subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
-when their subcommand runs, so ``sglite make-tiny-model`` never imports xinference.
+Every subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only the module of the
+subcommand being run is imported, so ``sglite make-tiny-model`` never imports xinference.
 """
 
 from __future__ import annotations
@@ -12,24 +12,28 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny-model": ("xinf_sglang.runtime.tiny_model", "write a deterministic random-weight checkpoint"),
-    "bench": ("xinf_sglang.runtime.bench", "benchmark the runtime (offline throughput, baseline HF generate)"),
     "demo": ("xinf_sglang.demo", "serve a tiny model through a real Xinference with the sglite engine"),
+    "bench": ("xinf_sglang.runtime.bench", "benchmark the runtime against HF transformers generate"),
+    "make-tiny-model": ("xinf_sglang.runtime.tiny_model", "write a deterministic random-weight checkpoint"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The full parser, with arguments loaded for ``command`` only (the others list just their help line)."""
     parser = argparse.ArgumentParser(prog="sglite", description="sglite: an SGLang-style engine for Xinference")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(sub_parser)
+        if name == command:
+            importlib.import_module(module).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return importlib.import_module(args._module).run(args)
 
 

@@ -15,7 +15,6 @@ endpoint returns sglite's own message, and both log it in full.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -28,8 +27,8 @@ from xinference.model.llm.context_length import ContextLengthExceeded
 from xinference.model.llm.core import LLM, chat_context_var
 from xinference.model.llm.utils import ChatModelMixin
 
-from .launch_options import LaunchOptions, LaunchOptionsError, split_model_config, to_engine_config
-from .registration import ENGINE_NAME, declare_in_virtualenv
+from .launch_options import LaunchOptions, split_model_config, to_engine_config
+from .registration import ENGINE_NAME, complete_late_registration, declare_in_virtualenv
 from .request_mapping import RequestMappingError, RequestOptions, map_request
 
 if TYPE_CHECKING:
@@ -251,12 +250,13 @@ class SgliteModel(LLM):
         engine_stream = self._engine.generate_stream(
             input_ids=input_ids, sampling_params=params, request_id=request_id
         )
-        finished = False
+        received = finished = False
         self._active_requests.add(request_id)
         try:
             async for chunk in engine_stream:
                 if chunk.error:
                     raise RuntimeError(f"sglite aborted request {request_id}: {chunk.error}")
+                received = True
                 finished = chunk.finish_reason is not None
                 yield chunk
         except InvalidRequestError as e:
@@ -266,7 +266,7 @@ class SgliteModel(LLM):
             # aclose() the runtime's iterator now rather than at garbage collection: its finally aborts the
             # request in the scheduler, which frees the request's KV slots.
             await engine_stream.aclose()
-            if not finished:
+            if received and not finished:
                 self._aborted_by_client += 1
                 logger.info("%s: request %s closed before it finished; aborted, KV freed", ENGINE_NAME, request_id)
 
@@ -570,5 +570,8 @@ async def _collect_completion(
     }
 
 
-__all__ = ["SgliteChatModel", "SgliteModel", "SgliteRequestError", "SUPPORTED_ARCHITECTURES", "LaunchOptions"]
-_ = (asyncio, LaunchOptionsError)  # re-exported names used by tests
+# If xinference.model was bootstrapped by this module's own import (a model subprocess unpickling its engine),
+# the registration hook had to wait for the classes above.
+complete_late_registration([SgliteChatModel, SgliteModel])
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "LaunchOptions", "SgliteChatModel", "SgliteModel", "SgliteRequestError"]

@@ -23,6 +23,7 @@ being imported.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, MutableMapping
 
 logger = logging.getLogger(__name__)
@@ -33,12 +34,25 @@ ENGINE_NAME = "sglite"
 VIRTUALENV_MARKER = f'#{ENGINE_NAME}_dependencies# ; #engine# == "{ENGINE_NAME}"'
 
 
+_ENGINE_MODULE = "xinf_sglang.engine"
+_late_registration_pending = False
+
+
 def register_llm_engine(table: MutableMapping[str, list[type]]) -> None:
     """Xinference LLM engine-registration hook: add ``sglite`` to ``table`` (the ``SUPPORTED_ENGINES`` copy).
 
     Idempotent (replaces its own entry). Never raises: if the engine cannot be imported, Xinference keeps
     running without it and a warning says why.
     """
+    global _late_registration_pending
+    set_context_length_key()
+    partial = sys.modules.get(_ENGINE_MODULE)
+    if partial is not None and not hasattr(partial, "SgliteChatModel"):
+        # This bootstrap was triggered *by* the import of xinf_sglang.engine (its first xinference import):
+        # that is how a model subprocess starts, unpickling its engine object. The classes do not exist yet;
+        # xinf_sglang.engine calls complete_late_registration() once they do.
+        _late_registration_pending = True
+        return
     try:
         from .engine import SgliteChatModel, SgliteModel
     except Exception:
@@ -46,7 +60,61 @@ def register_llm_engine(table: MutableMapping[str, list[type]]) -> None:
         return
     # Chat first: for a chat family the chat class matches; generate-only families fall through to SgliteModel.
     table[ENGINE_NAME] = [SgliteChatModel, SgliteModel]
-    set_context_length_key()
+
+
+def complete_late_registration(classes: list[type]) -> None:
+    """Finish a registration :func:`register_llm_engine` had to defer (see there); a no-op otherwise.
+
+    Adds sglite to the live ``SUPPORTED_ENGINES`` and sglite's entries to ``LLM_ENGINES`` for the families
+    it serves, as Xinference's bootstrap would have done.
+    """
+    global _late_registration_pending
+    if not _late_registration_pending:
+        return
+    _late_registration_pending = False
+    try:
+        from xinference.model.llm.custom import get_user_defined_llm_families
+        from xinference.model.llm.llm_family import BUILTIN_LLM_FAMILIES, LLM_ENGINES, SUPPORTED_ENGINES
+
+        SUPPORTED_ENGINES[ENGINE_NAME] = list(classes)
+        for family in [*BUILTIN_LLM_FAMILIES, *get_user_defined_llm_families()]:
+            params = _engine_params(family, classes)
+            if params:
+                LLM_ENGINES.setdefault(family.model_name, {})[ENGINE_NAME] = params
+    except Exception:
+        logger.warning("sglite: late registration with Xinference failed", exc_info=True)
+
+
+def _engine_params(family: Any, classes: list[type]) -> list[dict[str, Any]]:
+    """sglite's ``LLM_ENGINES[model_name]["sglite"]`` entry, in the shape Xinference's bootstrap builds it."""
+    params: list[dict[str, Any]] = []
+    for spec in family.model_specs:
+        quantization = spec.quantization
+        cls = next((c for c in classes if c.match(family, spec, quantization)), None)
+        if cls is None:
+            continue
+        same = next(
+            (
+                p
+                for p in params
+                if p["model_format"] == spec.model_format
+                and p["model_size_in_billions"] == spec.model_size_in_billions
+            ),
+            None,
+        )
+        if same is None:
+            params.append(
+                {
+                    "model_name": family.model_name,
+                    "model_format": spec.model_format,
+                    "model_size_in_billions": spec.model_size_in_billions,
+                    "quantizations": [quantization],
+                    "llm_class": cls,
+                }
+            )
+        elif quantization not in same["quantizations"]:
+            same["quantizations"].append(quantization)
+    return params
 
 
 def set_context_length_key() -> None:

@@ -1,9 +1,10 @@
 """What a request asks its output to match: `GrammarSpec`, built from the four structured-output fields.
 
 A `GrammarSpec` is the backend-independent, hashable description of one constraint. Its ``(kind, text)`` pair is
-the compile-cache key, so ``text`` is canonical: two requests that mean the same constraint produce the same text
-(a JSON schema is re-serialised with sorted keys and compact separators, so key order and spacing in the request
-do not matter).
+the compile-cache key, so ``text`` is canonical: a JSON schema is re-serialised with compact separators, so its
+spacing and whether it came as text or as a dict do not matter. Key order is kept on purpose: the output lists
+an object's properties in the order of the schema's ``properties`` (models are often asked for a "reasoning"
+field before an "answer" one), so two schemas that differ only in key order are different constraints.
 
 Accepted inputs (`GrammarSpec.from_fields`, at most one of them):
 
@@ -108,7 +109,8 @@ class GrammarSpec:
 
 
 def canonical_json_schema(schema: str | Mapping[str, Any]) -> str:
-    """The schema as canonical JSON text: sorted keys, compact separators, non-ASCII kept as is.
+    """The schema as canonical JSON text: key order kept (it orders the output), compact separators, non-ASCII
+    kept as is.
 
     Raises:
         InvalidRequestError: not valid JSON, not a JSON object, contains NaN/Infinity, or uses ``x-guidance``.
@@ -135,7 +137,7 @@ def canonical_json_schema(schema: str | Mapping[str, Any]) -> str:
         )
     try:
         # allow_nan=False: NaN/Infinity are not JSON, and a bound of NaN would mean nothing.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"json_schema is not JSON-serialisable: {exc}") from None
 

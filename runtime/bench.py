@@ -1,0 +1,236 @@
+"""``sglite bench offline``: throughput of the runtime on a random workload, next to HF ``generate`` on the same
+prompts in the same run.
+
+Prompts are random token ids with uniformly drawn input and output lengths; EOS is ignored so every request
+produces exactly its output length. ``--load-format dummy --model-config config.json`` benchmarks real model
+shapes with random weights (no checkpoint or tokenizer needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig
+from .engine import Engine
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    def head(self, n: int) -> "Workload":
+        return Workload(self.prompts[:n], self.output_lens[:n])
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    workload: Workload
+    seconds: float
+    cache_hit_rate: float | None = None
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.workload.output_tokens / self.seconds
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"expected A:B with 1 <= A <= B, got {text!r}")
+    return lo_i, hi_i
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("offline", help="offline throughput: all prompts submitted at once")
+    p.add_argument("--model", help="checkpoint folder (or use --model-config with --load-format dummy)")
+    p.add_argument("--model-config", help="a config.json to benchmark with random weights (--load-format dummy)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=_range, default=(32, 256), help="A:B, uniform (default 32:256)")
+    p.add_argument("--output-len", type=_range, default=(32, 128), help="A:B, uniform (default 32:128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--baseline", choices=["hf", "none"], default="hf", help="also time HF generate (default hf)")
+    p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+
+
+def make_workload(vocab_size: int, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                  seed: int, reserved_ids: int = 16) -> Workload:
+    """Random prompts avoiding the lowest ``reserved_ids`` ids (where tokenizers keep their special tokens)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(reserved_ids, vocab_size) for _ in range(rng.randint(*input_len))]
+               for _ in range(num_prompts)]
+    return Workload(prompts, [rng.randint(*output_len) for _ in range(num_prompts)])
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir, cleanup = _model_dir(args)
+    try:
+        engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
+        has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        config = EngineConfig.build(
+            model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
+            seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
+        )
+        engine = Engine(config)
+        try:
+            workload = make_workload(engine.model_config.vocab_size, args.num_prompts, args.input_len,
+                                     args.output_len, args.seed)
+            print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens, "
+                  f"{workload.output_tokens} output tokens", flush=True)
+            results = [bench_engine(engine, workload)]
+            device, dtype = engine.device, engine.dtype
+        finally:
+            engine.shutdown()
+            del engine
+        if args.baseline == "hf":
+            subset = workload.head(args.baseline_num_prompts or len(workload.prompts))
+            results.append(bench_hf(model_dir, subset, device, dtype, args.load_format == "dummy", args.seed))
+        print_table(results, device, dtype)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([_as_dict(r) for r in results], indent=2))
+    finally:
+        if cleanup:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    return 0
+
+
+def bench_engine(engine: Engine, workload: Workload) -> Result:
+    """Submit every prompt at once; time until the last one finishes. A short warm-up runs first."""
+    warm = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    # Warm up on prompts outside the workload, so the radix cache holds nothing the workload could hit.
+    engine.generate(input_ids=[[p[0]] * 8 for p in workload.prompts[:2]], sampling_params=warm)
+    before = engine.metrics()
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    done = threading.Event()
+    progress = threading.Thread(target=_report_progress, args=(engine, before, workload, done), daemon=True)
+    start = time.perf_counter()
+    progress.start()
+    outs = engine.generate(input_ids=workload.prompts, sampling_params=params)
+    seconds = time.perf_counter() - start
+    done.set()
+    assert sum(len(o.token_ids) for o in outs) == workload.output_tokens, "a request stopped early"
+    after = engine.metrics()
+    prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+    cached = after["cached_prompt_tokens_total"] - before["cached_prompt_tokens_total"]
+    return Result("sglite", workload, seconds, cached / prompt if prompt else 0.0)
+
+
+def _report_progress(engine: Engine, before: dict, workload: Workload, done: threading.Event) -> None:
+    while not done.wait(5.0):
+        m = engine.metrics()
+        print(f"[bench] sglite: {m['finished_requests'] - before['finished_requests']}/{len(workload.prompts)} "
+              f"requests done, {m['running_requests']} running", flush=True)
+
+
+def bench_hf(model_dir: Path, workload: Workload, device: torch.device, dtype: torch.dtype, dummy: bool,
+             seed: int) -> Result:
+    """HF ``generate``, greedy, one prompt at a time (no padding), exactly ``output_len`` tokens each."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dummy:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
+    model.generation_config.eos_token_id = None  # ignore EOS, like the runtime's ignore_eos
+    model.generation_config.pad_token_id = 0
+
+    def one(prompt: list[int], n: int) -> None:
+        with torch.no_grad():
+            model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    one(workload.prompts[0], 4)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    last = start
+    for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
+        one(prompt, n)
+        if time.perf_counter() - last > 5.0:
+            last = time.perf_counter()
+            print(f"[bench] HF generate: {i + 1}/{len(workload.prompts)} prompts", flush=True)
+    _sync(device)
+    return Result("HF generate (batch 1)", workload, time.perf_counter() - start)
+
+
+def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:
+    base = results[0]
+    print()
+    print(f"device: {_device_name(device)}, dtype: {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
+    header = f"{'engine':<24}{'prompts':>8}{'in tok':>9}{'out tok':>9}{'seconds':>10}{'out tok/s':>11}{'sglite x':>10}{'cache hit':>11}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = base.output_tok_s / r.output_tok_s
+        hit = f"{r.cache_hit_rate:.1%}" if r.cache_hit_rate is not None else "-"
+        print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.workload.output_tokens:>9}"
+              f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{ratio:>10.2f}{hit:>11}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_dict(r: Result) -> dict:
+    return {"engine": r.name, "prompts": len(r.workload.prompts), "input_tokens": r.workload.input_tokens,
+            "output_tokens": r.workload.output_tokens, "seconds": r.seconds, "output_tok_s": r.output_tok_s,
+            "cache_hit_rate": r.cache_hit_rate}
+
+
+def _parse_engine_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--engine-arg expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _model_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The folder to load: --model, or a temporary folder holding only --model-config (dummy weights)."""
+    if args.model_config:
+        if args.load_format != "dummy":
+            raise SystemExit("--model-config needs --load-format dummy (there are no weights to load)")
+        tmp = Path(tempfile.mkdtemp(prefix="sglite-bench-"))
+        shutil.copy(args.model_config, tmp / "config.json")
+        return tmp, True
+    if not args.model:
+        raise SystemExit("give --model DIR, or --model-config config.json with --load-format dummy")
+    return Path(args.model), False
