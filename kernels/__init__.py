@@ -6,7 +6,8 @@ dispatches: Triton for CUDA tensors (when triton is installed), the reference ot
 nothing of the runtime.
 
 Triton is optional: without it (macOS, Windows) the package imports and every public function uses its reference.
-Set ``TRITON_INTERPRET=1`` before this package is first imported to run the launchers on CPU tensors (tests).
+To run the launchers on CPU tensors (tests), set ``TRITON_INTERPRET=1`` before triton is first imported in the
+process: triton decides between compiling and interpreting when it and each kernel are defined.
 """
 
 from .activation import silu_and_mul, silu_and_mul_ref

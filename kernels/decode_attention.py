@@ -294,7 +294,8 @@ def decode_attention_triton(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         d, num_splits, min_split_tokens,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, BLOCK_N=block_n,
+        # >= 4 rows: no degenerate 1-wide tile for a single split (the extra rows are masked).
+        BLOCK_S=max(4, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, BLOCK_N=block_n,
         num_warps=4,
     )
     return out

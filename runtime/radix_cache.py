@@ -158,7 +158,7 @@ class RadixCache:
             child = node.children.get(key[pos])
             if child is None:
                 # Copy: slots is often a view of a request->token row that is reused after the request ends.
-                value = slots[pos:].to(device=self.device, dtype=torch.int64, copy=True)
+                value = slots[pos:].to(device=self.device, dtype=torch.int64)
                 leaf = TreeNode(next(self._ids), key[pos:], value, node, now)
                 node.children[key[pos]] = leaf
                 self._evictable += len(leaf.key)
@@ -180,29 +180,33 @@ class RadixCache:
         Locks nest: each ``lock`` needs one matching ``unlock``. Locking the root is a no-op. ``node`` must be
         in the tree: a handle to an evicted node (or one from before ``reset``) raises ``AssertionError``.
         """
-        top = node
-        while top.parent is not None:  # only the root has no parent, plus evicted nodes (detached leaves)
-            if top.lock_ref == 0:
-                self._evictable -= len(top.key)
-                self._protected += len(top.key)
-            top.lock_ref += 1
-            top = top.parent
-        if top is not self.root:
-            raise AssertionError(f"lock of {node!r}, which is not in this tree (evicted, or from before reset)")
+        self._check_handle(node, "lock", need_locked=False)
+        while node.parent is not None:
+            if node.lock_ref == 0:
+                self._evictable -= len(node.key)
+                self._protected += len(node.key)
+            node.lock_ref += 1
+            node = node.parent
 
     def unlock(self, node: TreeNode) -> None:
         """Undo one ``lock(node)``. Raises ``AssertionError`` if ``node`` is not locked. O(depth)."""
+        self._check_handle(node, "unlock", need_locked=True)
+        while node.parent is not None:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable += len(node.key)
+                self._protected -= len(node.key)
+            node = node.parent
+
+    def _check_handle(self, node: TreeNode, op: str, need_locked: bool) -> None:
+        """Validate before mutating, so a bad handle leaves the counters untouched."""
         top = node
-        while top.parent is not None:
-            if top.lock_ref <= 0:
-                raise AssertionError(f"unlock of {node!r}, which is not locked")
-            top.lock_ref -= 1
-            if top.lock_ref == 0:
-                self._evictable += len(top.key)
-                self._protected -= len(top.key)
+        while top.parent is not None:  # only the root has no parent, plus evicted nodes (detached leaves)
+            if need_locked and top.lock_ref <= 0:
+                raise AssertionError(f"{op} of {node!r}, which is not locked")
             top = top.parent
         if top is not self.root:
-            raise AssertionError(f"unlock of {node!r}, which is not in this tree (from before reset?)")
+            raise AssertionError(f"{op} of {node!r}, which is not in this tree (evicted, or from before reset)")
 
     # ------------------------------------------------------------------ eviction
 

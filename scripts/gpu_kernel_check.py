@@ -50,6 +50,16 @@ def _kernels_package():
 # Llama-3.1-8B
 HIDDEN, INTERMEDIATE, HQ, HKV, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOKENS = (1, 64, 4096)  # rows of the row-wise kernels: one decode token, a decode batch, a prefill chunk
+DECODE_BATCHES = (1, 8, 64)
+DECODE_MAX_LENS = (1024, 4096)  # request 0 has exactly this history, the others uniform in [max/2, max]
+GRAPH_BATCH, GRAPH_WIDTH = 8, 4096
+# (cached prefix, new tokens) per request
+EXTEND_CASES = {
+    "1 req: 4096 new": [(0, 4096)],
+    "4 reqs, prefixes 0/1024/2048/3000": [(0, 512), (1024, 256), (2048, 1), (3000, 1000)],
+    "8 reqs: 2048 cached + 128 new": [(2048, 128)] * 8,
+}
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -85,7 +95,7 @@ def gbps(num_bytes: float, ms: float) -> str:
     return f"{num_bytes / ms / 1e6:8.1f} GB/s"
 
 
-def llama3_inv_freq(head_dim: int = HEAD_DIM, theta: float = 500000.0) -> torch.Tensor:
+def llama3_inv_freq(head_dim: int, theta: float = 500000.0) -> torch.Tensor:
     """Llama-3.1's scaled rope frequencies (factor 8, low/high freq factors 1/4, original context 8192)."""
     factor, low, high, old_len = 8.0, 1.0, 4.0, 8192
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -134,7 +144,7 @@ class Checker:
     def check_rms_norm(self) -> None:
         norm = self.k["norm"]
         for dtype in DTYPES:
-            for tokens in (1, 64, 4096):
+            for tokens in TOKENS:
                 for residual in (False, True):
 
                     def body(row: Row, dtype=dtype, tokens=tokens, residual=residual) -> None:
@@ -156,7 +166,7 @@ class Checker:
     def check_silu_and_mul(self) -> None:
         act = self.k["activation"]
         for dtype in DTYPES:
-            for tokens in (1, 64, 4096):
+            for tokens in TOKENS:
 
                 def body(row: Row, dtype=dtype, tokens=tokens) -> None:
                     gu = self.randn(tokens, 2 * INTERMEDIATE, dtype=dtype, scale=3.0)
@@ -169,9 +179,9 @@ class Checker:
 
     def check_rotary(self) -> None:
         rot = self.k["rotary"]
-        inv_freq = llama3_inv_freq().to(self.dev)
+        inv_freq = llama3_inv_freq(HEAD_DIM).to(self.dev)
         for dtype in DTYPES:
-            for tokens in (64, 4096):
+            for tokens in TOKENS[1:]:
 
                 def body(row: Row, dtype=dtype, tokens=tokens) -> None:
                     qkv = self.randn(tokens, (HQ + 2 * HKV) * HEAD_DIM, dtype=dtype)
@@ -191,7 +201,7 @@ class Checker:
         skv = self.k["store_kv"]
         num_slots = 200_000
         for dtype in DTYPES:
-            for tokens in (64, 4096):
+            for tokens in TOKENS[1:]:
 
                 def body(row: Row, dtype=dtype, tokens=tokens) -> None:
                     kb = torch.zeros(num_slots + 1, HKV, HEAD_DIM, device=self.dev, dtype=dtype)
@@ -254,8 +264,8 @@ class Checker:
         num_sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
         gen = torch.Generator().manual_seed(0)
         for dtype in DTYPES:
-            for bs in (1, 8, 64):
-                for max_len in (1024, 4096):
+            for bs in DECODE_BATCHES:
+                for max_len in DECODE_MAX_LENS:
 
                     def body(row: Row, dtype=dtype, bs=bs, max_len=max_len) -> None:
                         seq = [max_len] + torch.randint(max_len // 2, max_len + 1, (bs - 1,), generator=gen).tolist()
@@ -284,7 +294,7 @@ class Checker:
         """Capture with fixed buffers and split count, then replay with other lengths (longer and shorter)."""
         dec = self.k["decode_attention"]
         num_sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
-        bs, width = 8, 4096
+        bs, width = GRAPH_BATCH, GRAPH_WIDTH
         for dtype in DTYPES:
 
             def body(row: Row, dtype=dtype) -> None:
@@ -311,29 +321,25 @@ class Checker:
                 with torch.cuda.graph(graph):
                     fn()
                 errs = []
-                for lens in ([4096, 1, 17, 300, 2048, 4000, 129, 1000], [1] * bs, [4096] * bs):
-                    seq_lens.copy_(torch.tensor(lens, device=self.dev))
+                mixed = torch.randint(1, width + 1, (bs,), generator=torch.Generator().manual_seed(1))
+                mixed[0], mixed[-1] = width, 1
+                for lens in (mixed, torch.ones(bs, dtype=torch.int64), torch.full((bs,), width)):
+                    seq_lens.copy_(lens)
                     q.copy_(self.randn(bs, HQ, HEAD_DIM, dtype=dtype))
                     graph.replay()
                     errs.append(rel_err(out, dec.decode_attention_ref(q, kb, vb, table, rows, seq_lens, scale)))
                 row.err = max(errs)
                 row.ms = bench(graph.replay)
-                moved = bs * 4096 * (2 * HKV * HEAD_DIM * kb.element_size() + 4) + 2 * nbytes(q)
+                moved = bs * width * (2 * HKV * HEAD_DIM * kb.element_size() + 4) + 2 * nbytes(q)
                 row.throughput = gbps(moved, row.ms)
                 row.note = f"splits={splits}, 3 replays"
 
-            self.run("decode_attention[graph]", dtype, f"B={bs} L<=4096 Hq={HQ} Hkv={HKV} D={HEAD_DIM}", body)
+            self.run("decode_attention[graph]", dtype, f"B={bs} L<={width} Hq={HQ} Hkv={HKV} D={HEAD_DIM}", body)
 
     def check_extend(self) -> None:
         ext = self.k["extend_attention"]
-        # (cached prefix, new tokens) per request
-        cases = {
-            "1 req: 4096 new": [(0, 4096)],
-            "4 reqs, prefixes 0/1024/2048/3000": [(0, 512), (1024, 256), (2048, 1), (3000, 1000)],
-            "8 reqs: 2048 cached + 128 new": [(2048, 128)] * 8,
-        }
         for dtype in DTYPES:
-            for label, reqs in cases.items():
+            for label, reqs in EXTEND_CASES.items():
 
                 def body(row: Row, dtype=dtype, reqs=reqs) -> None:
                     seq = [p + n for p, n in reqs]

@@ -298,11 +298,18 @@ def test_lock_of_evicted_or_stale_node_raises():
     tree.evict(2)
     with pytest.raises(AssertionError, match="not in this tree"):
         tree.lock(node)
+    put(alloc, tree, [3, 4, 5])
+    _, stale = tree.match_prefix([3, 4])
     old_root = tree.root
     tree.reset()
-    with pytest.raises(AssertionError, match="not in this tree"):
-        tree.unlock(old_root)
-    assert tree.protected_size() == 0 and tree.evictable_size() == 0
+    put(alloc, tree, [6])
+    for op in (tree.lock, tree.unlock):
+        for handle in (stale, old_root):
+            with pytest.raises(AssertionError, match="not in this tree"):
+                op(handle)
+    # a rejected handle leaves the new tree's counters untouched
+    assert tree.protected_size() == 0 and tree.evictable_size() == 1
+    tree.check_invariants(check_allocator=True)
 
 
 def test_evict_stops_once_enough_is_freed():
