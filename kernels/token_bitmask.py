@@ -79,8 +79,8 @@ def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor, bloc
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Dispatching in-place bitmask apply: Triton for CUDA tensors when triton is installed, the reference
-    elsewhere. ``logits [B, V]`` float, ``bitmask [B, >=ceil(V/32)]`` int32 on the same device; returns ``logits``."""
+    """Dispatching in-place bitmask apply: Triton for CUDA logits with a contiguous last dim when triton is
+    installed, the reference elsewhere. ``logits [B, V]`` float, ``bitmask [B, >=ceil(V/32)]`` int32 on the same device; returns ``logits``."""
     if logits.is_cuda and triton is not None and logits.stride(-1) == 1:
         return apply_token_bitmask_triton(logits, bitmask)
     return apply_token_bitmask_ref(logits, bitmask)

@@ -122,7 +122,6 @@ class RadixCache:
             n = _shared_len(child.key, key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
-            child.last_access = now
             parts.append(child.value)
             # After a split the next key token differs from the remaining child's first token (or the key
             # ended), so the loop stops at the next probe.
@@ -158,7 +157,7 @@ class RadixCache:
             child = node.children.get(key[pos])
             if child is None:
                 # Copy: slots is often a view of a request->token row that is reused after the request ends.
-                value = slots[pos:].to(device=self.device, dtype=torch.int64)
+                value = slots[pos:].to(device=self.device, dtype=torch.int64, copy=True)
                 leaf = TreeNode(next(self._ids), key[pos:], value, node, now)
                 node.children[key[pos]] = leaf
                 self._evictable += len(leaf.key)
@@ -200,13 +199,14 @@ class RadixCache:
 
     def _check_handle(self, node: TreeNode, op: str, need_locked: bool) -> None:
         """Validate before mutating, so a bad handle leaves the counters untouched."""
-        top = node
+        top, unlocked = node, False
         while top.parent is not None:  # only the root has no parent, plus evicted nodes (detached leaves)
-            if need_locked and top.lock_ref <= 0:
-                raise AssertionError(f"{op} of {node!r}, which is not locked")
+            unlocked = unlocked or top.lock_ref <= 0
             top = top.parent
         if top is not self.root:
             raise AssertionError(f"{op} of {node!r}, which is not in this tree (evicted, or from before reset)")
+        if need_locked and unlocked:
+            raise AssertionError(f"{op} of {node!r}, which is not locked")
 
     # ------------------------------------------------------------------ eviction
 

@@ -341,7 +341,7 @@ def test_package_imports_without_triton() -> None:
 # ---------------------------------------------------------------- the Triton attention backend
 
 
-def _backend_batches(hkv: int, d: int, num_slots: int):
+def _backend_batches(num_slots: int):
     """An extend batch (prefix 0 / > 0 / extend 1) and the decode batch that follows it, with their pool table."""
     from xinf_sglang.runtime.forward_batch import ForwardBatch, ForwardMode
 
@@ -377,8 +377,13 @@ def test_triton_backend_matches_torch_backend(with_heads: bool) -> None:
 
     torch.manual_seed(12)
     hq, hkv, d, num_slots, layers = 4, 2, 16, 120, 2
-    table, extend, decode = _backend_batches(hkv, d, num_slots)
+    table, extend, decode = _backend_batches(num_slots)
     pools = [KVPool(num_slots, layers, hkv, d, torch.float32, torch.device("cpu")) for _ in range(2)]
+    for layer in range(layers):  # the cached prefixes: the same random K/V in both pools
+        for bufs in ("k_buffers", "v_buffers"):
+            cached = torch.randn(num_slots + 1, hkv, d)
+            getattr(pools[0], bufs)[layer].copy_(cached)
+            getattr(pools[1], bufs)[layer].copy_(cached)
     ref = TorchAttentionBackend(pools[0], table, 0.25)
     tri = TritonAttentionBackend(pools[1], table, 0.25, num_q_heads=hq if with_heads else None, min_split_tokens=4)
     for batch in (extend, decode):

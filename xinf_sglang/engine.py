@@ -169,6 +169,7 @@ class SgliteModel(LLM):
             plugin_client_aborts=self._aborted_by_client,
             context_length=self._context_length,
             launch_options=self._options.model_dump(),
+            pid=os.getpid(),
         )
         return metrics
 

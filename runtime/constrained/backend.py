@@ -23,6 +23,8 @@ llguidance options (why):
   ``dependentRequired``, unknown ``format``, ...) is an error, never silently dropped; ``coerce_one_of=False``:
   ``oneOf`` whose branches may overlap is an error instead of being weakened to ``anyOf``. They are passed as
   overrides, which take precedence over a schema's own ``x-guidance`` (that key is also rejected by the spec).
+- Limits: llguidance's defaults (grammar size, lexer fuel, Earley items per step) bound compile and mask work;
+  ``verbose_errors=False`` keeps error messages short (no parser-state or grammar dump).
 - Tokenizer: built from the HF fast tokenizer's JSON with ``n_vocab`` = the model's logits width, so padded rows
   exist in llguidance's mask (always 0) and a row of the scheduler's bitmask is filled in one call.
 """
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidRequestError
-from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy, check_bitmask
+from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy, check_bitmask, clean_error
 from .spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,6 @@ LLGUIDANCE_JSON_OPTIONS = MappingProxyType(
 
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*[A-Za-z_][A-Za-z0-9_-]*[ \t]*::=")
 _LARK_START = re.compile(r"(?m)^[ \t]*(?:%llguidance\b|\??start[ \t]*:(?!:=))")
-_MAX_ERROR_CHARS = 1000
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,6 +175,9 @@ class LLGuidanceBackend(GrammarBackend):
         self._policy = _token_policy(self._lltok, tokenizer, vocab_size, eos_token_ids)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
         self._executor = llguidance.LLExecutor(fill_threads)
+        # Default resource limits; verbose_errors off: a rejected token's message then names the token and the
+        # failing byte instead of dumping parser state and the whole grammar (it goes back to the client).
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)
         self._deadlines = _DeadlineWatch()
         self._owner = object()
         self._lock = threading.Lock()  # guards the cache, the counters and template deep copies
@@ -211,16 +215,19 @@ class LLGuidanceBackend(GrammarBackend):
         key = spec.cache_key
         with self._lock:
             inner = self._cache.get(key)
+            submitted = inner is None
             if inner is not None:
                 self._hits += 1
                 self._cache.move_to_end(key)
             else:
                 self._misses += 1
                 inner = self._pool.submit(self._compile_blocking, spec)
-                inner.add_done_callback(lambda f: self._forget_unexpected_failure(key, f))
                 self._cache[key] = inner
                 while len(self._cache) > self._max_cache_entries:
                     self._cache.popitem(last=False)
+        if submitted:
+            # Registered outside the lock: the callback takes it, and runs at once if the compile already ended.
+            inner.add_done_callback(lambda f: self._forget_unexpected_failure(key, f))
         outer: Future[CompiledGrammar] = Future()
         outer.set_running_or_notify_cancel()  # a waiter cannot cancel it; it resolves or fails
         inner.add_done_callback(lambda f: _forward(f, outer))  # runs at once if `inner` is done
@@ -234,7 +241,7 @@ class LLGuidanceBackend(GrammarBackend):
 
         start = time.perf_counter()
         grammar = self._grammar_definition(spec)
-        template = llguidance.LLMatcher(self._lltok, grammar, log_level=0)
+        template = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._limits)
         # Compute the first mask here: some problems only show then (lexer limits), and the lexer states it
         # builds are carried into every deep copy, so the first decode step of each request is cheaper.
         if not template.is_error():
@@ -293,9 +300,12 @@ class LLGuidanceBackend(GrammarBackend):
     def fill_bitmasks(self, rows: Sequence[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         """Fill many rows in one llguidance call (parallel over ``fill_threads``), then apply the token policy.
 
-        Matchers already failed get an EOS-only row, like `GrammarMatcher.fill_bitmask`.
+        Same rows as calling `GrammarMatcher.fill_bitmask` for each pair (failed matchers get an EOS-only row).
+        Whether it beats that loop depends on the host's free cores: measure with ``scripts/bench_grammar.py``.
         """
         check_bitmask(bitmask, self._policy.num_words)
+        if len({row for _, row in rows}) != len(rows):
+            raise ValueError("fill_bitmasks rows must be distinct")
         words = bitmask.numpy()
         live: list[tuple[Any, int]] = []
         owners: list[tuple[LLGuidanceMatcher, int]] = []
@@ -311,8 +321,6 @@ class LLGuidanceBackend(GrammarBackend):
                 owners.append((matcher, row))
         if not live:
             return
-        if len({row for _, row in live}) != len(live):
-            raise ValueError("fill_bitmasks rows must be distinct")
         self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words.shape[1] * 4, bitmask.shape[0])
         for matcher, row in owners:
             matcher.sanitize_row(words[row])
@@ -476,9 +484,7 @@ _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
 
 def _compile_error(spec: GrammarSpec, message: str) -> InvalidRequestError:
     """Turn llguidance's error into a request error that says what is wrong and what is allowed."""
-    message = message.strip()
-    if len(message) > _MAX_ERROR_CHARS:
-        message = message[: _MAX_ERROR_CHARS - 3] + "..."
+    message = clean_error(message)
     unimplemented = _UNIMPLEMENTED.search(message)
     if spec.kind == "json_schema" and unimplemented:
         return InvalidRequestError(

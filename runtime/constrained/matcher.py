@@ -153,7 +153,7 @@ class LLGuidanceMatcher(GrammarMatcher):
         """
         policy = self._policy
         if self._m.is_error():
-            self._error = self._error or _truncate(self._m.get_error()) or "grammar engine error"
+            self._error = self._error or clean_error(self._m.get_error()) or "grammar engine error"
             words[:] = policy.eos_mask
             return
         np.bitwise_and(words, policy.text_mask, out=words)
@@ -183,7 +183,7 @@ class LLGuidanceMatcher(GrammarMatcher):
             self._error = f"special token {token_id} is never allowed in constrained output"
             return False
         if not self._m.consume_token(token_id):
-            self._error = _truncate(self._m.get_error()) or f"token {token_id} is not allowed by the grammar here"
+            self._error = clean_error(self._m.get_error()) or f"token {token_id} is not allowed by the grammar here"
             return False
         return True
 
@@ -199,7 +199,7 @@ class LLGuidanceMatcher(GrammarMatcher):
 
     def error(self) -> str | None:
         if self._error is None and self._m.is_error():
-            self._error = _truncate(self._m.get_error()) or "grammar engine error"
+            self._error = clean_error(self._m.get_error()) or "grammar engine error"
         return self._error
 
     def is_accepting(self) -> bool:
@@ -215,8 +215,10 @@ class LLGuidanceMatcher(GrammarMatcher):
         return self._error is not None or self._m.is_error()
 
 
-def _truncate(message: str) -> str:
+def clean_error(message: str) -> str:
+    """llguidance's error message, trimmed for a request error: marker dropped, length bounded."""
+    message = message.replace("<non-verbose/>", "").strip()
     return message if len(message) <= _MAX_ERROR_CHARS else message[: _MAX_ERROR_CHARS - 3] + "..."
 
 
-__all__ = ["GrammarMatcher", "LLGuidanceMatcher", "TokenPolicy", "check_bitmask"]
+__all__ = ["GrammarMatcher", "LLGuidanceMatcher", "TokenPolicy", "check_bitmask", "clean_error"]
