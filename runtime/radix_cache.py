@@ -122,6 +122,7 @@ class RadixCache:
             n = _shared_len(child.key, key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
+            child.last_access = now
             parts.append(child.value)
             # After a split the next key token differs from the remaining child's first token (or the key
             # ended), so the loop stops at the next probe.
@@ -228,7 +229,7 @@ class RadixCache:
         ]
         heapq.heapify(heap)
         freed, values = 0, []
-        while freed < num_tokens and heap:
+        while heap:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None
