@@ -9,6 +9,7 @@ shapes with random weights (no checkpoint or tokenizer needed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -79,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
+    p.add_argument("--roofline", action="store_true",
+                   help="measure the device's copy bandwidth and print how close decode gets to the weight-read floor")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
 
 
@@ -108,13 +111,19 @@ def run(args: argparse.Namespace) -> int:
                   f"{workload.output_tokens} output tokens", flush=True)
             results = [bench_engine(engine, workload)]
             device, dtype = engine.device, engine.dtype
+            weights_bytes = engine.memory_plan.weights_bytes
         finally:
             engine.shutdown()
             del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if args.baseline == "hf":
             subset = workload.head(args.baseline_num_prompts or len(workload.prompts))
             results.append(bench_hf(model_dir, subset, device, dtype, args.load_format == "dummy", args.seed))
         print_table(results, device, dtype)
+        if args.roofline:
+            print_roofline(results[0], weights_bytes, device)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([_as_dict(r) for r in results], indent=2))
     finally:
@@ -158,7 +167,8 @@ def bench_hf(model_dir: Path, workload: Workload, device: torch.device, dtype: t
 
     if dummy:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        with torch.device(device):  # random init where the model runs: minutes faster than on CPU at 8B
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(device).eval()
@@ -194,6 +204,32 @@ def print_table(results: list[Result], device: torch.device, dtype: torch.dtype)
         hit = f"{r.cache_hit_rate:.1%}" if r.cache_hit_rate is not None else "-"
         print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.workload.output_tokens:>9}"
               f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{ratio:>10.2f}{hit:>11}")
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 * 1024**3) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (median of 10 copies)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(13):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / sorted(times[3:])[len(times[3:]) // 2]
+
+
+def print_roofline(result: Result, weights_bytes: int, device: torch.device) -> None:
+    """Batch-1 decode reads every weight once per token: the floor is weights_bytes / bandwidth per token."""
+    bandwidth = measure_copy_bandwidth(device)
+    floor_ms = weights_bytes / bandwidth * 1e3
+    per_token_ms = result.seconds / max(1, result.workload.output_tokens / len(result.workload.prompts)) * 1e3
+    print(f"\nroofline: weights {weights_bytes / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+          f"(read+write) -> floor {floor_ms:.2f} ms/token ({1e3 / floor_ms:.0f} tok/s at batch 1)")
+    print(f"roofline: sglite {per_token_ms:.2f} ms/token ({1e3 / per_token_ms:.0f} tok/s per request) = "
+          f"{floor_ms / per_token_ms:.1%} of the roofline")
 
 
 def _device_name(device: torch.device) -> str:

@@ -103,6 +103,14 @@ class Engine:
         req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, self.device)
         attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, self.device)
         self.runner = ModelRunner(model, kv_pool, attn, req_pool.table, self.device)
+        if self.device.type == "cuda" and not config.disable_cuda_graph:
+            if not hasattr(attn, "init_cuda_graph_state"):
+                raise ConfigError(
+                    f"CUDA graphs need the triton attention backend (got {config.attention_backend!r}); "
+                    f"set disable_cuda_graph=True to run {type(attn).__name__} eagerly"
+                )
+            max_bs = min(config.cuda_graph_max_bs or 256, plan.max_running_requests)
+            self.runner.enable_cuda_graphs(max_bs, plan.context_length)
         limits = SchedulerLimits(
             max_running_requests=plan.max_running_requests,
             max_prefill_tokens=plan.max_prefill_tokens,
@@ -470,5 +478,5 @@ def _make_attention_backend(
             raise ConfigError("attention_backend='triton' needs a CUDA device")
         from .attention_triton import TritonAttentionBackend
 
-        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale)
+        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale, num_q_heads=cfg.num_heads)
     return TorchAttentionBackend(kv_pool, req_to_token, sm_scale)

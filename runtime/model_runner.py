@@ -25,6 +25,13 @@ class ModelRunner:
         self.req_to_token = req_to_token
         self.device = device
         self.vocab_size = model.cfg.vocab_size
+        self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
+
+    def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
+        """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
+        from .cuda_graph import CudaGraphRunner
+
+        self.graphs = CudaGraphRunner(self.model, self.attn, max_bs, max_context_len, self.device)
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
         """Write the new slots into the request->token table and build the forward's index tensors."""
@@ -63,6 +70,8 @@ class ModelRunner:
     def forward(self, batch: ScheduleBatch) -> torch.Tensor:
         """float32 logits ``[B, vocab]``, one row per request of the batch (its last new token)."""
         fb = self.build_forward_batch(batch)
+        if self.graphs is not None and self.graphs.can_run(fb):
+            return self.graphs.replay(fb)
         self.attn.init_forward_metadata(fb)
         return self.model(fb, self.attn)
 

@@ -229,7 +229,7 @@ class RadixCache:
         ]
         heapq.heapify(heap)
         freed, values = 0, []
-        while heap:
+        while freed < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None

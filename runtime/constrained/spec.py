@@ -160,9 +160,9 @@ def choices_to_lark(choices: Sequence[str]) -> str:
         if not choice:
             raise InvalidRequestError(f"choices must be non-empty strings; choices[{i}] is empty")
     unique = list(dict.fromkeys(choices))
-    # JSON string escapes are valid Lark string-literal escapes; ensure_ascii=False keeps astral characters as
-    # themselves (a \\ud83d\\ude00 surrogate pair would not be read back as one character).
-    return "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in unique)
+    # llguidance reads Lark string literals as JSON strings. ASCII-only escaping: a raw DEL (and maybe other
+    # controls) is a lexer error there, while \uXXXX escapes, surrogate pairs included, always read back.
+    return "start: " + " | ".join(json.dumps(c, ensure_ascii=True) for c in unique)
 
 
 def _non_empty_str(field: str, value: Any, allowed: str) -> str:

@@ -1,0 +1,106 @@
+"""Decode as CUDA-graph replays: one graph per captured batch size, a real batch padded up to the next size.
+
+Captured sizes: 1, 2, 4, 8, then steps of 8 up to ``max_bs``. Static input tensors are refilled in place before
+each replay. Padded rows read request row 0 (harmless: their outputs are dropped) and write their K/V to the
+dummy slot 0, which the allocator never hands out, so padding never touches a real request's cache.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from .forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_bs]
+    sizes += list(range(16, max_bs + 1, 8))
+    if sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
+class CudaGraphRunner:
+    """Captures the model's decode forward for each size in ``capture_sizes(max_bs)`` and replays it."""
+
+    def __init__(self, model, attn, max_bs: int, max_context_len: int, device: torch.device) -> None:
+        self.model = model
+        self.attn = attn
+        self.sizes = capture_sizes(max_bs)
+        self.max_bs = self.sizes[-1]
+        self.device = device
+        n = self.max_bs
+        # Static inputs, refilled in place before every replay (the graphs read these addresses).
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=device)  # slot 0: the dummy slot
+        self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int64, device=device)
+        self.ones = torch.ones(n, dtype=torch.int64, device=device)
+        self.arange = torch.arange(n, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        attn.init_cuda_graph_state(self.max_bs, max_context_len)
+        self._capture_all()
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            req_pool_indices=self.req_pool_indices[:bs],
+            seq_lens=self.seq_lens[:bs],
+            extend_seq_lens=self.ones[:bs],
+            extend_start_loc=self.arange[:bs],
+            logits_indices=self.arange[:bs],
+        )
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        # Largest first: later (smaller) graphs reuse the memory pool the largest one reserved.
+        for bs in reversed(self.sizes):
+            batch = self._static_batch(bs)
+            self.attn.init_forward_metadata_capture(batch)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: autotuning and lazy allocations must not happen during capture
+                    self.model(batch, self.attn)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[bs] = self.model(batch, self.attn)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s..%s) in %.1f s",
+                    len(self.sizes), self.sizes[0], self.sizes[-1], time.perf_counter() - start)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
+
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of a real decode batch, computed by the graph of the next captured size."""
+        bs = batch.batch_size
+        padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
+        self.input_ids[:bs].copy_(batch.input_ids)
+        self.positions[:bs].copy_(batch.positions)
+        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
+        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
+        self.seq_lens[:bs].copy_(batch.seq_lens)
+        if padded > bs:
+            # padded rows: token 0 at position 0 of request row 0, K/V into the dummy slot
+            for t in (self.input_ids, self.positions, self.out_cache_loc, self.req_pool_indices):
+                t[bs:padded].zero_()
+            self.seq_lens[bs:padded].fill_(1)
+        self.attn.init_forward_metadata_replay(self._static_batch(padded))
+        self.graphs[padded].replay()
+        return self.outputs[padded][:bs]
