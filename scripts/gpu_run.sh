@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Everything the GPU issue measures, in one go on a CUDA machine (logs to ${OUT:-/tmp/sglite-gpu}).
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
+# The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
+# (a machine without network access): build them first with
+#   pip wheel --no-deps -w .whl . && pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl pydantic ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/sglite-gpu}; mkdir -p "$out"
 steps=${*:-kernels parity bench-a bench-b bench-c}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >"$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 run() { local name=$1; shift; echo "=== $name: $*"; "$@" 2>&1 | tee "$out/$name.log" | grep -vE "^\[bench\]|it/s\]|Warning|warn\(" ; }
@@ -14,11 +19,11 @@ for s in $steps; do
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
-    bench-a) run bench-a sglite bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
+    bench-a) run bench-a python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
         --num-prompts 1 --input-len 128:128 --output-len 256:256 --roofline --engine-arg context_length=4096 ;;
-    bench-b) run bench-b sglite bench offline --load-format dummy --model-config configs/qwen3-0.6b.json \
+    bench-b) run bench-b python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/qwen3-0.6b.json \
         --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --baseline-num-prompts 4 --engine-arg context_length=4096 ;;
-    bench-c) run bench-c sglite bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
+    bench-c) run bench-c python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
         --num-prompts 500 --input-len 1:4096 --output-len 1:2048 --baseline-num-prompts 2 --engine-arg context_length=8192 ;;
   esac
 done
