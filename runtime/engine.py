@@ -154,8 +154,7 @@ class Engine:
         rids = _as_list(request_id, len(prompts), "request_id") if request_id is not None else [None] * len(prompts)
         results: queue.SimpleQueue = queue.SimpleQueue()
         reqs = [self._make_request(p, sp, rid, results.put) for p, sp, rid in zip(prompts, params, rids)]
-        for req in reqs:
-            self._submit(req)
+        self._submit(reqs)
         collected = {req.rid: _Collector(req.rid) for req in reqs}
         pending = len(reqs)
         while pending:
@@ -178,7 +177,7 @@ class Engine:
         chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
         req = self._make_request(p, sampling_params or SamplingParams(), request_id,
                                  lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
-        self._submit(req)
+        self._submit([req])
         finished = False
         try:
             while not finished:
@@ -319,15 +318,21 @@ class Engine:
 
         return deliver
 
-    def _submit(self, req: Req) -> None:
+    def _submit(self, reqs: list[Req]) -> None:
+        """Queue ``reqs`` as one message: a batch reaches the scheduler together, whatever the thread timing."""
         with self._lock:
-            if req.rid in self._live:
-                raise InvalidRequestError(f"request id {req.rid!r} is already in use by a running request")
-            self._live.add(req.rid)
-        if req.max_new_tokens == 0:
-            OutputProcessor().finish(req, "length")  # nothing to generate: no need to queue it
-            return
-        self._inbox.put(("add", req))
+            rids = [r.rid for r in reqs]
+            taken = [rid for rid in rids if rid in self._live]
+            if taken or len(set(rids)) != len(rids):
+                raise InvalidRequestError(f"request id {(taken or rids)[0]!r} is already in use by a running request")
+            self._live.update(rids)
+        queued = []
+        for req in reqs:
+            if req.max_new_tokens == 0:
+                OutputProcessor().finish(req, "length")  # nothing to generate: no need to queue it
+            else:
+                queued.append(req)
+        self._inbox.put(("add", queued))
 
     # ---- scheduler thread ----
 
@@ -365,7 +370,8 @@ class Engine:
                 if kind == "stop":
                     return False
                 if kind == "add":
-                    self.scheduler.add(payload)
+                    for req in payload:
+                        self.scheduler.add(req)
                 elif kind == "abort":
                     self.scheduler.abort(payload)
             try:

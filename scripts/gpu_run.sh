@@ -19,11 +19,11 @@ for s in $steps; do
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
-    bench-a) run bench-a python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
+    bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
         --num-prompts 1 --input-len 128:128 --output-len 256:256 --roofline --engine-arg context_length=4096 ;;
-    bench-b) run bench-b python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/qwen3-0.6b.json \
+    bench-b) run bench-b python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/qwen3-0.6b.json \
         --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --baseline-num-prompts 4 --engine-arg context_length=4096 ;;
-    bench-c) run bench-c python3 -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
-        --num-prompts 500 --input-len 1:4096 --output-len 1:2048 --baseline-num-prompts 2 --engine-arg context_length=8192 ;;
+    bench-c) run bench-c python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
+        --num-prompts 500 --input-len 1:4096 --output-len 1:2048 --baseline-num-prompts 1 --engine-arg context_length=8192 ;;
   esac
 done

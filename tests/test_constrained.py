@@ -342,6 +342,12 @@ def test_regex_walks_fullmatch(text_walker: Walker, pattern: str, seed: int) -> 
     assert re.fullmatch(pattern, text), (pattern, text)
 
 
+def test_regex_digit_class_is_ascii(text_walker: Walker) -> None:
+    for seed in range(8):  # Rust's \d alone would also emit Arabic-Indic, fullwidth, ... digits
+        text = text_walker.walk(GrammarSpec.from_fields(regex=r"\d{6}|x\D"), seed)
+        assert re.fullmatch(r"[0-9]{6}|x[^0-9]", text), text
+
+
 # ---------------------------------------------------------------------------------------------------- EBNF
 
 ARITH_LARK = r"""
@@ -589,6 +595,7 @@ def test_rollback_restores_the_mask(backend: LLGuidanceBackend, tokenizer: Any, 
 def test_matchers_are_independent(backend: LLGuidanceBackend, tokenizer: Any, vocab_size: int) -> None:
     compiled = backend.compile(GrammarSpec.from_fields(regex=r"[a-z]+!"))
     first, second = backend.new_matcher(compiled), backend.new_matcher(compiled)
+    assert isinstance(first, LLGuidanceMatcher) and first.spec == compiled.spec
     for token in tokenizer.encode("abc"):
         assert first.accept_token(token)
     bitmask = allocate_bitmask(2, vocab_size)
@@ -659,6 +666,7 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("regex_unclosed_group", {"regex": "(abc"}, "regex does not compile"),
     ("regex_lookahead", {"regex": "(?=a)a"}, "look-around"),
     ("regex_empty", {"regex": ""}, "non-empty"),
+    ("regex_trailing_backslash", {"regex": "ab\\"}, "lone backslash"),
     ("regex_not_string", {"regex": 5}, "regex must be"),
     ("lark_syntax_error", {"ebnf": 'start: "a" ('}, "ebnf grammar does not compile"),
     ("lark_unknown_rule", {"ebnf": "start: undefined_rule"}, "undefined_rule"),

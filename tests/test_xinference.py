@@ -260,6 +260,10 @@ def test_sglite_listed_for_custom_and_builtin_families(server: Server, custom_mo
     status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-instruct")
     assert status == 200
     assert {p["model_format"] for p in engines["sglite"]} == {"pytorch"}
+    # The web UI's launch dialog asks with the user's virtualenv choice; sglite is offered either way.
+    for flag in ("true", "false"):
+        status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-instruct?enable_virtual_env={flag}")
+        assert status == 200 and isinstance(engines["sglite"], list), (flag, engines.get("sglite"))
     status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-vl-instruct")
     assert status == 200
     assert isinstance(engines["sglite"], str) and "sglite serves pytorch/safetensors" in engines["sglite"]

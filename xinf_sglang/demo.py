@@ -223,7 +223,7 @@ class _Demo:
         )
         print(
             f"""
-Web UI:        {self.endpoint}/ui/
+Web UI:        {self.endpoint}/   (Launch Model -> LLM -> {MODEL_NAME} -> engine sglite)
 OpenAI API:    {self.endpoint}/v1   (model: {MODEL_UID})
 
 Try it with curl:
@@ -323,7 +323,7 @@ def structured_output_demo(endpoint: str, model_uid: str) -> None:
             max_tokens=64,
         )
     except BadRequestError as e:
-        _say(f"  structured output is not available in this build yet (HTTP {e.status_code})")
+        _say(f"  rejected with HTTP {e.status_code}: structured output is not available in this build yet")
         return
     _say(f"  JSON answer: {r.choices[0].message.content}")
 

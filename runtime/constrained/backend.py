@@ -228,11 +228,13 @@ class LLGuidanceBackend(GrammarBackend):
         if submitted:
             # Registered outside the lock: the callback takes it, and runs at once if the compile already ended.
             inner.add_done_callback(lambda f: self._forget_unexpected_failure(key, f))
+        deadline = time.monotonic() + self._timeout_s
+        timeout_error = self._timeout_error(spec)
         outer: Future[CompiledGrammar] = Future()
         outer.set_running_or_notify_cancel()  # a waiter cannot cancel it; it resolves or fails
-        inner.add_done_callback(lambda f: _forward(f, outer))  # runs at once if `inner` is done
+        inner.add_done_callback(lambda f: _forward(f, outer, deadline, timeout_error))  # at once if `inner` is done
         if not outer.done():
-            self._deadlines.add(time.monotonic() + self._timeout_s, outer, self._timeout_error(spec))
+            self._deadlines.add(deadline, outer, timeout_error)
         return outer
 
     def _compile_blocking(self, spec: GrammarSpec) -> LLGuidanceCompiledGrammar:
@@ -269,7 +271,7 @@ class LLGuidanceBackend(GrammarBackend):
         if spec.kind == "json_schema":
             return LLMatcher.grammar_from_json_schema(spec.text, overrides=dict(LLGUIDANCE_JSON_OPTIONS))
         if spec.kind == "regex":
-            return LLMatcher.grammar_from_regex(spec.text)
+            return LLMatcher.grammar_from_lark(f"start: /{_regex_to_lark(spec.text)}/")
         if spec.kind == "ebnf":
             return LLMatcher.grammar_from_lark(_ebnf_to_lark(spec.text))
         return LLMatcher.grammar_from_lark(spec.text)  # choices: already a Lark grammar
@@ -336,9 +338,16 @@ class LLGuidanceBackend(GrammarBackend):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _forward(src: Future[Any], dst: Future[Any]) -> None:
-    """Copy ``src``'s outcome into ``dst`` unless ``dst`` was already resolved (timed out)."""
+def _forward(src: Future[Any], dst: Future[Any], deadline: float, timeout_error: BaseException) -> None:
+    """Copy ``src``'s outcome into ``dst`` unless ``dst`` was already resolved (timed out).
+
+    An outcome that arrives after ``deadline`` is a timeout even if the watchdog has not fired yet, so the bound
+    does not depend on how quickly the watchdog thread gets scheduled.
+    """
     try:
+        if time.monotonic() > deadline:
+            dst.set_exception(timeout_error)
+            return
         if src.cancelled():
             dst.set_exception(InvalidRequestError("grammar compilation was cancelled (the server is shutting down)"))
             return
@@ -477,6 +486,22 @@ def _ebnf_to_lark(text: str) -> str:
         return gbnf_to_lark(text)
     except Exception as exc:  # the translator raises plain Exception for missing rules
         raise InvalidRequestError(f"ebnf grammar (GBNF dialect, `name ::= ...`) is malformed: {exc}") from None
+
+
+def _regex_to_lark(pattern: str) -> str:
+    """The regex as a Lark ``/.../`` body, with ``\\d`` / ``\\D`` meaning ASCII ``[0-9]`` / ``[^0-9]``.
+
+    Rust's ``\\d`` is every Unicode decimal digit (Arabic-Indic, fullwidth, ...): a model could fill a phone
+    number pattern with digits no program parses. ``\\w`` and ``\\s`` keep their Unicode meaning.
+
+    Raises:
+        InvalidRequestError: the pattern ends with a lone backslash (llguidance's converter would drop it).
+    """
+    from llguidance import regex_to_lark
+
+    if re.search(r"(?<!\\)(?:\\\\)*\\$", pattern):
+        raise InvalidRequestError("regex does not compile: it ends with a lone backslash (escape it as \\\\)")
+    return regex_to_lark(pattern, "d")
 
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")

@@ -171,6 +171,7 @@ class LLGuidanceMatcher(GrammarMatcher):
     def accept_token(self, token_id: int) -> bool:
         if self._failed():
             return False
+        token_id = int(token_id)  # numpy / torch scalars from the sampler
         policy = self._policy
         if not 0 <= token_id < policy.num_tokens:
             self._error = f"token {token_id} is outside the tokenizer's vocabulary [0, {policy.num_tokens})"

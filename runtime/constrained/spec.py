@@ -12,8 +12,9 @@ Accepted inputs (`GrammarSpec.from_fields`, at most one of them):
   The schema's top level must be a JSON object. ``x-guidance`` (llguidance's per-schema options) is rejected:
   the output format (compact JSON, strict enforcement) is fixed by the runtime, not by the request.
 - ``regex``: a regular expression in the Rust ``regex`` crate syntax (as in llguidance): Perl-style classes,
-  ``\\p{...}`` Unicode classes, bounded repeats; no look-around and no back-references. The whole output must
-  match (the pattern is anchored at both ends; ``^``/``$`` are allowed but redundant).
+  ``\\p{...}`` Unicode classes, bounded repeats; no look-around and no back-references. ``\\d`` means ASCII
+  ``[0-9]`` (as in JSON Schema); ``\\w`` and ``\\s`` are Unicode-aware. The whole output must match (the pattern
+  is anchored at both ends; ``^``/``$`` are allowed but redundant).
 - ``ebnf``: a context-free grammar, in one of two dialects told apart by the rule separator:
 
   * Lark, llguidance's dialect (``start: item+`` / ``ITEM: /[a-z]+/``; the start rule is ``start``; string
