@@ -8,9 +8,9 @@ bootstraps, in every process that builds the engine tables. So this module only 
 ``sys.meta_path`` that never finds anything: it notices the first import of ``xinference.model``, registers the
 hook at that moment (``xinference`` itself is already imported then) and removes itself.
 
-Cheap by design: importing it (with the empty ``xinf_sglang`` package) takes about a millisecond and imports
-nothing but ``os``/``sys`` (already loaded at start-up). It must never break Python start-up or Xinference: every failure is a warning.
-Set ``SGLITE_XINFERENCE_AUTOLOAD=0`` to switch it off.
+Cheap by design: importing it (with the empty ``xinf_sglang`` package) takes about a millisecond and
+imports nothing but ``os``/``sys`` (already loaded at start-up). It must never break Python start-up or
+Xinference: every failure is a warning. Set ``SGLITE_XINFERENCE_AUTOLOAD=0`` to switch it off.
 """
 
 from __future__ import annotations

@@ -83,7 +83,6 @@ class SgliteModel(LLM):
         self._context_length = 0
         self._active_requests: set[str] = set()
         self._aborted_by_client = 0  # streams closed before they finished (client disconnects, aborts)
-        self._started_at = 0.0
         logger.info("%s: launch options for %s: %s", ENGINE_NAME, model_uid, self._options.model_dump())
 
     # ---- Xinference engine contract: discovery ----
@@ -130,7 +129,6 @@ class SgliteModel(LLM):
             raise ValueError(f"sglite cannot load {self.model_path}: {e}") from None
         self._tokenizer = self._engine.tokenizer
         self._context_length = int(self._engine.context_length)
-        self._started_at = time.time()
         self._prepare_parsers()
         logger.info(
             "%s: %s loaded on %s in %.1fs, context_length=%d",
@@ -332,8 +330,10 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
                 ids.add(token_id)
             else:
                 strings.append(s)
+        stop_strings = set(self.model_family.stop or [])
         for i in self.model_family.stop_token_ids or []:
-            if 0 <= i < vocab:
+            # Trust a family id only if it names one of the family's stop strings in *this* vocabulary.
+            if 0 <= i < vocab and (not stop_strings or tok.convert_ids_to_tokens(i) in stop_strings):
                 ids.add(i)
         return sorted(ids), strings
 
