@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from .allocator import ReqToTokenPool, TokenAllocator
 from .attention import AttentionBackend, TorchAttentionBackend
 from .config import EngineConfig
+from .constrained import GrammarBackend, GrammarSpec, LLGuidanceBackend
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .errors import ConfigError, InvalidRequestError
 from .kv_pool import KVPool
@@ -130,6 +131,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: set[str] = set()  # request ids queued or running (guarded by _lock)
         self._lock = threading.Lock()
+        self._grammar: GrammarBackend | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="sglite-scheduler", daemon=True)
         self._thread.start()
@@ -154,6 +156,10 @@ class Engine:
         rids = _as_list(request_id, len(prompts), "request_id") if request_id is not None else [None] * len(prompts)
         results: queue.SimpleQueue = queue.SimpleQueue()
         reqs = [self._make_request(p, sp, rid, results.put) for p, sp, rid in zip(prompts, params, rids)]
+        compiling = [(req, self._compile_grammar(req)) for req in reqs]  # all compile in parallel
+        for req, fut in compiling:
+            if fut is not None:
+                req.grammar = self.grammar_backend.new_matcher(fut.result())
         self._submit(reqs)
         collected = {req.rid: _Collector(req.rid) for req in reqs}
         pending = len(reqs)
@@ -177,6 +183,9 @@ class Engine:
         chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
         req = self._make_request(p, sampling_params or SamplingParams(), request_id,
                                  lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
+        compiling = self._compile_grammar(req)
+        if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
+            req.grammar = self.grammar_backend.new_matcher(await asyncio.wrap_future(compiling))
         self._submit([req])
         finished = False
         try:
@@ -242,6 +251,8 @@ class Engine:
         self._closed = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=60)
+        if self._grammar is not None:
+            self._grammar.close()
         self.runner = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -268,10 +279,8 @@ class Engine:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         self._validate_prompt(ids)
         params.verify(self.model_config.vocab_size)
-        if any(v is not None for v in (params.json_schema, params.regex, params.ebnf, params.choices)):
-            raise InvalidRequestError(
-                "structured output (json_schema / regex / ebnf / choices) is not supported by this build yet"
-            )
+        if params.structured_output is not None and self.tokenizer is None:
+            raise InvalidRequestError("structured output needs a tokenizer; this engine runs with skip_tokenizer_init")
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
@@ -289,6 +298,23 @@ class Engine:
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return req
+
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """The grammar backend, built on first use (building llguidance's token table takes ~0.5 s on big vocabs)."""
+        with self._lock:
+            if self._grammar is None:
+                self._grammar = LLGuidanceBackend(
+                    self.tokenizer, self.model_config.vocab_size, eos_token_ids=sorted(self.eos_token_ids)
+                )
+            return self._grammar
+
+    def _compile_grammar(self, req: Req) -> Future | None:
+        """Start compiling ``req``'s grammar (cached); None for an unconstrained request. The future fails with
+        ``InvalidRequestError`` when the grammar cannot be enforced."""
+        p = req.params
+        spec = GrammarSpec.from_fields(json_schema=p.json_schema, regex=p.regex, ebnf=p.ebnf, choices=p.choices)
+        return None if spec is None else self.grammar_backend.compile_async(spec)
 
     def _validate_prompt(self, ids: list[int]) -> None:
         ctx = self.context_length

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionBackend
+from .constrained import allocate_bitmask, apply_bitmask_
 from .forward_batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool
 from .models.decoder import DecoderLM
@@ -26,6 +27,7 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.cfg.vocab_size
         self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
+        self._bitmask = allocate_bitmask(0, self.vocab_size)  # grown on demand, reused across steps
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
@@ -77,7 +79,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
-        """Next token of each request (penalties, bans and seeds applied per request)."""
+        """Next token of each request (grammar masks, penalties, bans and seeds applied per request)."""
+        if any(r.grammar is not None for r in reqs):
+            self._apply_grammar_masks(logits, reqs)
         sb = SamplingBatch.build(
             params=[r.params for r in reqs],
             output_ids=[r.output_ids for r in reqs],
@@ -88,6 +92,19 @@ class ModelRunner:
             device=self.device,
         )
         return sample(logits, sb).tolist()
+
+
+    def _apply_grammar_masks(self, logits: torch.Tensor, reqs: list[Req]) -> None:
+        """Mask each constrained row to what its grammar allows next; every other row allows everything (rows are
+        reset each step, so a mask never leaks into the next request that lands on that row)."""
+        if self._bitmask.shape[0] < len(reqs):
+            self._bitmask = allocate_bitmask(max(len(reqs), 2 * self._bitmask.shape[0]), self.vocab_size)
+        bitmask = self._bitmask[: len(reqs)]
+        bitmask.fill_(-1)
+        for row, req in enumerate(reqs):
+            if req.grammar is not None:
+                req.grammar.fill_bitmask(bitmask, row)
+        apply_bitmask_(logits, bitmask)
 
 
 def _token_range(req: Req, start: int, n: int) -> list[int]:
