@@ -72,6 +72,8 @@ class SamplingBatch:
     vocab_size: int
     banned: tuple[torch.Tensor, torch.Tensor] | None
     """(rows, token ids), int64: logits set to -inf this step; None when nothing is banned."""
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """(rows, token ids, float32 biases) added to the logits first (OpenAI logit_bias); None when unused."""
     penalties: PenaltyInputs | None
     """None when no row uses a penalty (fast path)."""
     random: RandomRows | None
@@ -115,6 +117,7 @@ class SamplingBatch:
             batch_size=n,
             vocab_size=vocab_size,
             banned=_build_banned(banned_token_ids, vocab_size, device),
+            bias=_build_bias(params, vocab_size, device),
             penalties=_build_penalties(params, output_ids, prompt_ids, vocab_size, device),
             random=_build_random(params, generators, vocab_size, device),
         )
@@ -142,6 +145,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         )
     if logits.dtype != torch.float32:
         logits = logits.float()
+    if batch.bias is not None:
+        rows, cols, values = batch.bias
+        logits.index_put_((rows, cols), values, accumulate=True)
     if batch.penalties is not None:
         _apply_penalties(logits, batch.penalties)
     if batch.banned is not None:
@@ -177,6 +183,16 @@ def _build_banned(
         return None
     rows, cols = _flat_index(banned_token_ids, vocab_size, "banned_token_ids")
     return rows.to(device), cols.to(device)
+
+
+def _build_bias(
+    params: list[SamplingParams], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    if not any(p.logit_bias for p in params):
+        return None
+    rows, cols = _flat_index([list(p.logit_bias or {}) for p in params], vocab_size, "logit_bias")
+    values = torch.tensor([b for p in params for b in (p.logit_bias or {}).values()], dtype=torch.float32)
+    return rows.to(device), cols.to(device), values.to(device)
 
 
 def _column(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -48,6 +48,7 @@ _ALLOWED = MappingProxyType(
         "ignore_eos": "true or false",
         "seed": f"an integer in [{SEED_MIN}, {SEED_MAX}]",
         "skip_special_tokens": "true or false",
+        "logit_bias": "a map of token id (>= 0, below the vocabulary size) to a bias in [-100, 100]",
         "json_schema": "a JSON schema, as a JSON string or an object",
         "regex": "a regular expression string",
         "ebnf": "an EBNF grammar string",
@@ -103,6 +104,8 @@ class SamplingParams(BaseModel):
     """Per-request seed: the same seed gives the same tokens whatever else shares the batch."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's logit_bias: added to the token's logit before sampling (-100 bans it, +100 all but forces it)."""
     json_schema: str | dict[str, Any] | None = None
     """Constrain the output to JSON valid under this schema."""
     regex: str | None = None
@@ -217,6 +220,13 @@ class SamplingParams(BaseModel):
             raise _invalid("stop_token_ids", v)
         return ids
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is not None and any(t < 0 or not -100 <= b <= 100 or b != b for t, b in v.items()):
+            raise _invalid("logit_bias", v)
+        return v or None
+
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, v: int | None) -> int | None:
@@ -262,6 +272,11 @@ class SamplingParams(BaseModel):
         Raises:
             InvalidRequestError: a stop token id is outside the model's vocabulary.
         """
+        bad_bias = [t for t in self.logit_bias or {} if not 0 <= t < vocab_size]
+        if bad_bias:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids in [0, {vocab_size}) for this model's vocabulary; got {bad_bias[0]!r}"
+            )
         bad = [i for i in self.stop_token_ids or [] if not 0 <= i < vocab_size]
         if bad:
             raise InvalidRequestError(

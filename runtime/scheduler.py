@@ -274,7 +274,11 @@ class Scheduler:
 
     def _retract_one(self) -> None:
         """Send the request with the fewest decoded tokens (latest arrival on ties) back to the queue."""
-        victim = min(self.running, key=lambda r: (len(r.output_ids), -r.arrival))
+        self.retract(min(self.running, key=lambda r: (len(r.output_ids), -r.arrival)))
+
+    def retract(self, victim: Req) -> None:
+        """Move a running request back to the head of the queue: its KV goes to the radix cache (evictable), its
+        output and its grammar state stay, and it is re-prefilled when admitted again."""
         self.running.remove(victim)
         self._release_kv(victim)
         victim.retractions += 1
