@@ -335,14 +335,13 @@ def test_sample_rejects_wrong_shape() -> None:
 
 
 def test_logit_bias_bans_and_forces_tokens() -> None:
-    import torch as _torch
-
-    from xinf_sglang.runtime.sampler import SamplingBatch, sample
-    from xinf_sglang.runtime.sampling_params import SamplingParams as _SP
-
-    logits = _torch.randn(3, 50, generator=_torch.Generator().manual_seed(0))
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     top = logits.argmax(-1).tolist()
-    params = [_SP(temperature=0.0, logit_bias={top[0]: -100.0}), _SP(temperature=0.0, logit_bias={7: 100.0}), _SP(temperature=0.0)]
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={top[0]: -100.0}),
+        SamplingParams(temperature=0.0, logit_bias={7: 100.0}),
+        SamplingParams(temperature=0.0),
+    ]
     batch = SamplingBatch.build(params, [[]] * 3, [[]] * 3, [None] * 3, [[]] * 3, 50, "cpu")
     out = sample(logits.clone(), batch).tolist()
     assert out[0] != top[0] and out[1] == 7 and out[2] == top[2]

@@ -195,15 +195,10 @@ def test_pickle_and_dump_round_trip() -> None:
 
 
 def test_logit_bias_range_and_vocab_checks() -> None:
-    import pytest as _pytest
-
-    from xinf_sglang.runtime.errors import InvalidRequestError as _E
-    from xinf_sglang.runtime.sampling_params import SamplingParams as _SP
-
-    with _pytest.raises(_E, match="logit_bias"):
-        _SP(logit_bias={3: 101.0})
-    with _pytest.raises(_E, match="logit_bias"):
-        _SP(logit_bias={-1: 1.0})
-    with _pytest.raises(_E, match=r"logit_bias keys must be token ids in \[0, 10\)"):
-        _SP(logit_bias={10: 1.0}).verify(10)
-    assert _SP(logit_bias={}).logit_bias is None
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101.0})
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 1.0})
+    with pytest.raises(InvalidRequestError, match=r"logit_bias keys must be token ids in \[0, 10\)"):
+        SamplingParams(logit_bias={10: 1.0}).verify(10)
+    assert SamplingParams(logit_bias={}).logit_bias is None
