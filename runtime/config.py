@@ -34,6 +34,9 @@ class EngineConfig(BaseModel):
     # GPU fast path
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     disable_cuda_graph: bool = False
+    # Launch decode step t+1 before processing step t's tokens (auto: on with CUDA, where the device runs
+    # asynchronously; on the CPU the same thread does both, so there is nothing to overlap).
+    overlap_schedule: Literal["auto", "on", "off"] = "auto"
     cuda_graph_max_bs: int | None = Field(default=None, ge=1)
     # checks
     debug_invariants: bool = False  # check the idle invariant every time the scheduler goes idle

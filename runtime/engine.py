@@ -118,12 +118,13 @@ class Engine:
             chunked_prefill_size=plan.chunked_prefill_size,
             schedule_policy=config.schedule_policy,
             disable_radix_cache=config.disable_radix_cache,
+            overlap=config.overlap_schedule == "on" or (config.overlap_schedule == "auto" and self.device.type == "cuda"),
         )
         self.scheduler = Scheduler(limits, self.runner, allocator, req_pool, RadixCache(allocator), OutputProcessor())
         logger.info(
-            "sglite engine: %s (%s) on %s, %s, attention=%s",
+            "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s",
             mc.architecture, config.model_path, self.device, str(self.dtype).removeprefix("torch."),
-            type(attn).__name__,
+            type(attn).__name__, self.runner.graphs is not None, limits.overlap,
         )
         for line in plan.report():
             logger.info("memory plan: %s", line)
@@ -226,6 +227,7 @@ class Engine:
             "decode_steps": stats.decode_steps,
             "peak_running_requests": stats.peak_running_requests,
             "peak_prefill_tokens": stats.peak_prefill_tokens,
+            "overlapped_steps": stats.overlapped_steps,
             "new_token_ratio": s.new_token_ratio,
         }
 

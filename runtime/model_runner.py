@@ -41,12 +41,15 @@ class ModelRunner:
         positions: list[int] = []
         starts: list[int] = []
         seq_lens: list[int] = []
+        offset = 0
         for req, n in zip(batch.reqs, batch.extend_lens):
-            starts.append(len(ids))
-            if batch.mode is ForwardMode.DECODE:
-                ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
-            else:
-                ids.extend(_token_range(req, req.kv_len, n))
+            starts.append(offset)
+            offset += n
+            if batch.input_ids is None:  # otherwise a chained decode: the inputs are already on the device
+                if batch.mode is ForwardMode.DECODE:
+                    ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+                else:
+                    ids.extend(_token_range(req, req.kv_len, n))
             positions.extend(range(req.kv_len, req.kv_len + n))
             seq_lens.append(req.kv_len + n)
         dev = self.device
@@ -58,7 +61,7 @@ class ModelRunner:
         start_loc = torch.tensor(starts, dtype=torch.int64, device=dev)
         return ForwardBatch(
             mode=batch.mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            input_ids=batch.input_ids if batch.input_ids is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=pos,
             out_cache_loc=batch.out_cache_loc,
             req_pool_indices=rows,
@@ -78,8 +81,9 @@ class ModelRunner:
         return self.model(fb, self.attn)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
-        """Next token of each request (grammar masks, penalties, bans and seeds applied per request)."""
+    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """Next token of each request, int64 on the device, not synchronised (grammar masks, penalties, bans and
+        seeds applied per request)."""
         if any(r.grammar is not None for r in reqs):
             self._apply_grammar_masks(logits, reqs)
         sb = SamplingBatch.build(
@@ -91,7 +95,7 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        return sample(logits, sb).tolist()
+        return sample(logits, sb)
 
 
     def _apply_grammar_masks(self, logits: torch.Tensor, reqs: list[Req]) -> None:

@@ -23,6 +23,9 @@ class ScheduleBatch:
     extend_lens: list[int]
     out_cache_loc: torch.Tensor  # [sum(extend_lens)] int64
     samples: list[bool]  # False for a prefill chunk that does not finish its prompt: nothing is sampled for it
+    # Decode inputs still on the device: the tokens the previous (not yet resolved) step sampled, in request order.
+    # None: the inputs are read from the requests (their last output token).
+    input_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -39,6 +39,7 @@ class SchedulerLimits:
     chunked_prefill_size: int
     schedule_policy: str  # "fcfs" | "lpm"
     disable_radix_cache: bool
+    overlap: bool = False  # launch decode step t+1 before processing step t's outputs (see Scheduler.step)
 
 
 @dataclass
@@ -53,10 +54,22 @@ class SchedulerStats:
     decode_steps: int = 0
     peak_running_requests: int = 0  # largest decode batch so far
     peak_prefill_tokens: int = 0  # largest prefill batch so far, in new tokens
+    overlapped_steps: int = 0  # decode steps launched before the previous step was resolved
 
     @property
     def cache_hit_rate(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class Launched:
+    """A step whose forward and sampling were issued to the device but whose tokens were not processed yet."""
+
+    batch: ScheduleBatch
+    sampled: list[Req]  # requests that get a token from this step, in the order of ``tokens``
+    tokens: torch.Tensor  # int64 on the device
+    host: torch.Tensor  # the same tokens, copied (asynchronously on CUDA) to the host
+    copied: torch.cuda.Event | None  # set once ``host`` holds them (None: already there)
 
 
 class Scheduler:
@@ -80,6 +93,8 @@ class Scheduler:
         self.chunked: Req | None = None  # the one request whose prompt is being prefilled in chunks
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
+        self.inflight: Launched | None = None  # overlap mode: the launched step not yet resolved
+        self._pinned = [_pinned_buffer(limits.max_running_requests, runner.device) for _ in range(2)]
 
     # ---- queue operations (called from the engine's inbox handler, on the scheduler thread) ----
 
@@ -104,46 +119,129 @@ class Scheduler:
                 self._release_kv(req)
                 self._finish_aborted(req, error)
                 return True
+        # prefilled by the launched step, not yet running: resolving that step will skip it (it is finished)
+        for req in self.inflight.batch.reqs if self.inflight is not None else ():
+            if req.rid == rid and not req.finished:
+                self._release_kv(req)
+                self._finish_aborted(req, error)
+                return True
         return False
 
     def abort_all(self, error: str) -> None:
-        for req in [*self.waiting, *self.running] + ([self.chunked] if self.chunked else []):
-            self.abort(req.rid, error)
+        """Abort every request (after a failed step, at shutdown); a launched step is dropped unprocessed."""
+        inflight = self.inflight.batch.reqs if self.inflight is not None else []
+        for req in [*self.waiting, *self.running, *inflight] + ([self.chunked] if self.chunked else []):
+            if not req.finished:
+                self.abort(req.rid, error)
+        self.inflight = None
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.inflight)
 
     # ---- one step ----
 
     def step(self) -> bool:
-        """Run one prefill or decode step; False when there was nothing to do."""
+        """Run one step; False when there was nothing to do.
+
+        A step is launched (forward and sampling issued, tokens left on the device) and later resolved (tokens
+        appended, finishes decided, chunks sent). Without overlap a step is resolved right after its launch. With
+        overlap, while the batch stays the same, decode step t+1 is launched from step t's device tokens *before*
+        step t is resolved, so the CPU work of resolving overlaps the device's work. A request that step t
+        finishes still gets a token from step t+1; resolving t+1 drops it.
+        """
+        if self.inflight is not None:
+            launched, self.inflight = self.inflight, None
+            if self._can_chain(launched):
+                self.inflight = self._launch(self._chained_decode(launched))
+                self.stats.overlapped_steps += 1
+            self._resolve(launched)
+            return True
         batch = self._schedule_prefill()
         if batch is None:
             batch = self._schedule_decode()
         if batch is None:
             return False
+        launched = self._launch(batch)
+        if self.limits.overlap and batch.mode is ForwardMode.DECODE:
+            self.inflight = launched
+        else:
+            self._resolve(launched)
+        return True
+
+    def _launch(self, batch: ScheduleBatch) -> Launched:
         logits = self.runner.forward(batch)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
-        sampled = [r for r, s in zip(batch.reqs, batch.samples) if s]
-        if sampled:
-            rows = [i for i, s in enumerate(batch.samples) if s]
-            logits = logits[rows] if len(rows) != len(batch.reqs) else logits
-            tokens = self.runner.sample(logits, sampled)
-            for req, tok in zip(sampled, tokens):
-                self.outputs.append_token(req, tok)
-                self.stats.generated_tokens += 1
+        rows = [i for i, s in enumerate(batch.samples) if s]
+        sampled = [batch.reqs[i] for i in rows]
+        if len(rows) != len(batch.reqs):
+            logits = logits[rows]
+        tokens = self.runner.sample(logits, sampled) if sampled else torch.empty(0, dtype=torch.int64)
+        host, copied = tokens, None
+        if tokens.is_cuda:
+            self._pinned.reverse()  # alternate: the other buffer may still be read by the step being resolved
+            host = self._pinned[0][: len(sampled)]
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
         if batch.mode is ForwardMode.EXTEND:
             self.stats.prefill_steps += 1
             self.stats.peak_prefill_tokens = max(self.stats.peak_prefill_tokens, batch.num_tokens)
-            self.running.extend(r for r, s in zip(batch.reqs, batch.samples) if s and r is not self.chunked)
         else:
             self.stats.decode_steps += 1
             self.stats.peak_running_requests = max(self.stats.peak_running_requests, len(batch.reqs))
             self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return Launched(batch, sampled, tokens, host, copied)
+
+    def _resolve(self, launched: Launched) -> None:
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        for req, tok in zip(launched.sampled, launched.host.tolist()):
+            if req.finished:
+                continue  # finished or aborted after this step was launched: its token is dropped
+            self.outputs.append_token(req, tok)
+            self.stats.generated_tokens += 1
+        if launched.batch.mode is ForwardMode.EXTEND:
+            # Prefilled requests join the running batch, also those that finished on their first token (retiring
+            # them releases their KV); only requests aborted meanwhile, which hold nothing any more, stay out.
+            self.running.extend(
+                r for r in launched.sampled if r is not self.chunked and r.req_pool_idx is not None
+            )
         self._retire_finished()
-        return True
+
+    def _can_chain(self, launched: Launched) -> bool:
+        """Whether the next decode step can be launched before ``launched`` is resolved: it decodes, every running
+        request's next step does not depend on the token still in flight, no waiting request could be admitted
+        instead, and the pool has a slot for every running request without retracting."""
+        if launched.batch.mode is not ForwardMode.DECODE or not self.running or self.chunked is not None:
+            return False
+        if not all(_overlap_safe(r) for r in self.running):
+            return False
+        if self._free_tokens() < len(self.running):
+            return False
+        return not self._admission_possible()
+
+    def _admission_possible(self) -> bool:
+        """The admission test of ``_schedule_prefill`` for the request at the head of the queue."""
+        if not self.waiting or len(self.running) >= self.limits.max_running_requests:
+            return False
+        head = self.waiting[0]
+        prefix, _ = self._match(head)
+        need = len(head.input_ids) + len(head.output_ids) - len(prefix) + min(head.remaining_new_tokens, RESERVE_CLIP)
+        return need <= self._free_tokens() - self._reserved_for_running()
+
+    def _chained_decode(self, launched: Launched) -> ScheduleBatch:
+        """The next decode step of the running requests, its inputs gathered from ``launched``'s device tokens."""
+        reqs = list(self.running)
+        position = {id(r): i for i, r in enumerate(launched.sampled)}
+        rows = [position[id(r)] for r in reqs]  # every running request was in the launched decode step
+        inputs = launched.tokens
+        if rows != list(range(len(launched.sampled))):
+            inputs = inputs[torch.tensor(rows, device=inputs.device)]
+        got = self._alloc_slots(len(reqs))
+        assert got is not None  # _can_chain checked the room
+        return ScheduleBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), got, [True] * len(reqs), input_ids=inputs)
 
     def _retire_finished(self) -> None:
         still = []
@@ -343,3 +441,16 @@ class Scheduler:
         if self.req_pool.available != self.req_pool.rows:
             problems.append(f"{self.req_pool.rows - self.req_pool.available} request rows still held")
         return problems
+
+
+def _overlap_safe(req: Req) -> bool:
+    """Whether the next step of ``req`` can be sampled before its last token is known on the host: no grammar
+    (its mask depends on that token), no penalties (they count it), no stop-token ban still pending."""
+    p = req.params
+    uses_penalty = p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_penalty != 1.0
+    return req.grammar is None and not uses_penalty and len(req.output_ids) >= p.min_new_tokens
+
+
+def _pinned_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """Host memory for sampled tokens; page-locked on CUDA so the device-to-host copy is asynchronous."""
+    return torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")

@@ -19,9 +19,10 @@ def model_dir(tiny_model):
     return tiny_model("qwen2")
 
 
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    eng = make_engine(model_dir)
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "overlap"])
+def engine(model_dir, request):
+    """The shared engine, once with each schedule: every test using it must hold with overlap too."""
+    eng = make_engine(model_dir, overlap_schedule=request.param)
     yield eng
     eng.shutdown()
 
@@ -111,12 +112,13 @@ def test_seed_gives_same_output_in_any_batch(engine, model_dir):
     assert other.token_ids != alone.token_ids
 
 
-def test_abort_waiting_prefilling_and_decoding_requests(model_dir):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_abort_waiting_prefilling_and_decoding_requests(model_dir, overlap):
     """With one running slot, request B waits while A decodes; aborting each leaves everything free and the
     others unaffected."""
     prompts = varied_prompts(model_dir, 3, min_len=40, max_len=80)
     ref = hf_greedy(model_dir, prompts[2], 12)
-    with make_engine(model_dir, max_running_requests=1, chunked_prefill_size=16) as engine:
+    with make_engine(model_dir, max_running_requests=1, chunked_prefill_size=16, overlap_schedule=overlap) as engine:
 
         async def main():
             long = SamplingParams(max_new_tokens=400, **GREEDY)

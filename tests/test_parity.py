@@ -68,3 +68,15 @@ def test_retraction_matches_hf(case, disable_radix_cache):
         _assert_parity(engine.generate(input_ids=prompts, sampling_params=GREEDY), refs)
         assert engine.metrics()["retractions"] > 0
         assert engine.check_invariants() == []
+
+
+@pytest.mark.parametrize("pool", [None, 260])
+def test_overlap_schedule_matches_hf(case, pool):
+    """Launching step t+1 before processing step t changes nothing in the tokens, with and without retraction."""
+    model_dir, prompts, refs = case
+    with make_engine(model_dir, overlap_schedule="on", max_total_tokens=pool) as engine:
+        _assert_parity(engine.generate(input_ids=prompts, sampling_params=GREEDY), refs)
+        m = engine.metrics()
+        assert m["overlapped_steps"] > NEW_TOKENS // 2
+        assert (m["retractions"] > 0) == (pool is not None)
+        assert engine.check_invariants() == []

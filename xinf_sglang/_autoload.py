@@ -5,12 +5,16 @@ The installed ``xinf_sglang_autoload.pth`` file imports this module in every Pyt
 add the parent site-packages and its ``.pth`` files). Xinference offers no entry-point discovery for engines; its
 ``xinference.engine_hooks.register_engine_registration_hook`` must be called *before* ``xinference.model``
 bootstraps, in every process that builds the engine tables. So this module only puts a meta-path finder on
-``sys.meta_path`` that never finds anything: it notices the first import of ``xinference.model``, registers the
-hook at that moment (``xinference`` itself is already imported then) and removes itself.
+``sys.meta_path`` that notices the first import of ``xinference.model`` and registers the hook at that moment
+(``xinference`` itself is already imported then). It also notices the first import of
+``xinference.api.restful_api`` (only the process serving the REST API imports it) and applies
+:mod:`xinf_sglang.xinference_compat`'s patches right after that module has run. It removes itself once both
+have happened.
 
 Cheap by design: importing it (with the empty ``xinf_sglang`` package) takes about a millisecond and
 imports nothing but ``os``/``sys`` (already loaded at start-up). It must never break Python start-up or
-Xinference: every failure is a warning. Set ``SGLITE_XINFERENCE_AUTOLOAD=0`` to switch it off.
+Xinference: every failure is a warning. Set ``SGLITE_XINFERENCE_AUTOLOAD=0`` to switch it off (registration and
+patches), ``SGLITE_XINFERENCE_COMPAT=0`` to keep the registration but not the REST-layer patches.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import os
 import sys
 
 _TRIGGER = "xinference.model"
+_REST_TRIGGER = "xinference.api.restful_api"
 _DISABLE_ENV = "SGLITE_XINFERENCE_AUTOLOAD"
+_COMPAT_ENV = "SGLITE_XINFERENCE_COMPAT"
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _warn(msg: str, *args: object) -> None:
@@ -30,19 +40,70 @@ def _warn(msg: str, *args: object) -> None:
 
 
 class _XinferenceBootstrapWatcher:
-    """A ``sys.meta_path`` finder that finds nothing; on the first ``import xinference.model`` it registers sglite.
+    """A ``sys.meta_path`` finder; on the first ``import xinference.model`` it registers sglite, and on the first
+    ``import xinference.api.restful_api`` it arranges for the REST-layer compatibility patches.
 
-    Returning ``None`` from ``find_spec`` lets the regular finders import the module as usual.
+    For ``xinference.model`` it returns ``None``: the regular finders import the module as usual. For the REST
+    module it returns the regular finders' own spec, whose loader runs the patches after the module's code.
     """
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
-        if fullname == _TRIGGER:
+    def __init__(self) -> None:
+        self.pending = {_TRIGGER, _REST_TRIGGER}
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+        if fullname not in self.pending:
+            return None
+        self.pending.discard(fullname)
+        if not self.pending:
             uninstall()
+        if fullname == _TRIGGER:
             register_with_xinference()
-        return None
+            return None
+        return _spec_with_compat_patches(self, fullname, path, target)
 
     def __repr__(self) -> str:  # shows up in sys.meta_path listings
-        return "<sglite: registers the Xinference engine on the first import of xinference.model>"
+        return (
+            "<sglite: registers the Xinference engine on the first import of xinference.model; "
+            "applies xinf_sglang.xinference_compat after xinference.api.restful_api>"
+        )
+
+
+def _spec_with_compat_patches(watcher: object, fullname: str, path: object, target: object) -> object:
+    """The spec the other finders give for ``fullname``, its loader set to apply the patches after running it.
+
+    ``None`` (import as usual, unpatched) when the patches are switched off or the spec cannot be wrapped.
+    """
+    if _switched_off(_COMPAT_ENV):
+        return None
+    try:
+        spec = None
+        for finder in list(sys.meta_path):
+            if finder is watcher or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None:
+            return None
+
+        def exec_then_patch(module: object) -> None:
+            exec_module(module)
+            try:
+                from xinf_sglang.xinference_compat import install as install_compat
+
+                install_compat()
+            except Exception as e:  # never break Xinference because of this plugin
+                _warn("sglite: Xinference compatibility patches not applied: %s", e)
+
+        # On this spec's own loader instance only (path finders make one per module): module.__loader__ stays the
+        # regular loader object.
+        loader.exec_module = exec_then_patch  # type: ignore[union-attr]
+        return spec
+    except Exception as e:  # never break the import
+        _warn("sglite: Xinference compatibility patches not applied: %s", e)
+        return None
 
 
 _WATCHER = _XinferenceBootstrapWatcher()
@@ -76,6 +137,8 @@ def install() -> None:
         # Too late for the hook in this process (someone imported this module by hand, late).
         _warn("sglite: xinference.model was imported before the sglite start-up hook; engine not registered")
         return
+    if _REST_TRIGGER in sys.modules:
+        _WATCHER.pending.discard(_REST_TRIGGER)  # late: nothing to wrap; xinference_compat.install() still works
     if not any(f is _WATCHER for f in sys.meta_path):
         sys.meta_path.insert(0, _WATCHER)
 

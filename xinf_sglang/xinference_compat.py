@@ -1,0 +1,201 @@
+"""Two small compatibility patches of Xinference 4.1's REST layer, for sglite's structured output and errors.
+
+This module is the ONLY place sglite touches Xinference internals beyond engine registration
+(:mod:`xinf_sglang.registration`, :mod:`xinf_sglang._autoload`). Both patches wrap a static method of
+``xinference.api.restful_api.RESTfulAPI`` and call the original for everything that is not sglite's business.
+
+1. **Request errors** (``RESTfulAPI.handle_request_limit_error``). Xinference 4.1 turns exactly one engine
+   exception type into an HTTP 400, ``ContextLengthExceeded``, which is why :class:`xinf_sglang.engine.
+   SgliteRequestError` subclasses it. On ``/v1/chat/completions`` Xinference calls the handler with
+   ``sanitize=True``, which replaces the 400's detail by a fixed "Request exceeds the model's configured context
+   length." whatever went wrong (an invalid JSON schema, a bad regex, an unsupported field), and every other
+   engine error by a generic 500 text. The wrapper raises ``HTTPException(400, detail=<sglite's message>)`` for
+   sglite's own request errors (the exception crosses the model actor boundary pickled, as its own class or an
+   Xoscar-made subclass of it; ``isinstance`` holds for both), on every endpoint and with or without
+   ``sanitize``. In a chat *stream* the same text becomes the SSE ``error`` event. Any other exception goes to
+   Xinference's handler unchanged, so its sanitizing still covers everything sglite did not write.
+
+2. **Field aliases** (``RESTfulAPI.extract_guided_params``). Xinference 4.1's request models drop top-level
+   fields they do not declare; only the vLLM-style ``guided_*`` fields are forwarded (top level or inside a raw
+   ``extra_body`` object). The wrapper also forwards SGLang's names, ``regex`` -> ``guided_regex``, ``ebnf`` ->
+   ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places. The guided names are what vLLM
+   understands too, so other engines see nothing new. Nothing else is forwarded. An alias that contradicts the
+   guided field it maps to (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick.
+
+Guards: the patches are applied once per process (idempotent; a marker on the wrapper), only when Xinference is
+4.1.x and the patched attribute is a static method with the signature read from 4.1.0's source. Otherwise one
+warning per unavailable feature says which and why, and Xinference runs unpatched: it never crashes because of
+this module. ``SGLITE_XINFERENCE_COMPAT=0`` (process environment, read at install time) switches both off.
+
+Installed by :mod:`xinf_sglang._autoload` right after ``xinference.api.restful_api`` is imported, which happens
+in the process that serves the REST API (``xinference-local`` on POSIX runs it in its own ``api_worker``
+subprocess; the supervisor and worker run elsewhere and need no patch).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "SGLITE_XINFERENCE_COMPAT"
+SUPPORTED_SERIES = ("4", "1")  # major, minor of the Xinference the patched internals were read from
+# SGLang request field -> the vLLM-style field Xinference 4.1 forwards to engines.
+FIELD_ALIASES = {"regex": "guided_regex", "ebnf": "guided_grammar", "choice": "guided_choice"}
+
+ERRORS = "sglite's request-error messages on /v1/chat/completions"
+FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice over HTTP"
+
+_MARK = "__sglite_compat__"
+_ENGINE_MODULE = "xinf_sglang.engine"
+
+
+def enabled() -> bool:
+    """Whether the patches may be applied in this process (``SGLITE_XINFERENCE_COMPAT`` not switched off)."""
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
+    """Apply both patches to ``api_cls`` (default: Xinference's ``RESTfulAPI``). Never raises.
+
+    ``version`` defaults to the installed ``xinference.__version__``. Returns ``{"errors": bool,
+    "field_aliases": bool}``: whether each patch is in place now (also when it already was).
+    """
+    result = {"errors": False, "field_aliases": False}
+    if not enabled():
+        logger.info("sglite: Xinference compatibility patches switched off (%s=0)", DISABLE_ENV)
+        return result
+    try:
+        if api_cls is None:
+            from xinference.api.restful_api import RESTfulAPI as api_cls
+        if version is None:
+            import xinference
+
+            version = str(getattr(xinference, "__version__", "unknown"))
+        if tuple(version.split(".")[:2]) != SUPPORTED_SERIES:
+            for feature in (ERRORS, FIELD_ALIAS_FEATURE):
+                _unavailable(feature, f"Xinference {version} is not 4.1.x, the version these patches were written for")
+            return result
+        result["errors"] = _patch(
+            api_cls, "handle_request_limit_error", ("e", "sanitize"), _errors_wrapper, ERRORS
+        )
+        result["field_aliases"] = _patch(
+            api_cls, "extract_guided_params", ("raw_body",), _aliases_wrapper, FIELD_ALIAS_FEATURE
+        )
+    except Exception as e:  # never break Xinference because of this plugin
+        logger.warning("sglite: Xinference compatibility patches not applied: %s", e, exc_info=True)
+    return result
+
+
+def is_patched(api_cls: Any, name: str) -> bool:
+    """Whether ``api_cls.name`` is sglite's wrapper."""
+    raw = getattr(api_cls, "__dict__", {}).get(name)
+    return isinstance(raw, staticmethod) and getattr(raw.__func__, _MARK, False)
+
+
+def _unavailable(feature: str, why: str) -> None:
+    logger.warning("sglite: %s unavailable: %s; Xinference's own behaviour is kept", feature, why)
+
+
+def _patch(
+    api_cls: Any,
+    name: str,
+    expected_params: tuple[str, ...],
+    make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
+    feature: str,
+) -> bool:
+    if is_patched(api_cls, name):
+        return True
+    raw = getattr(api_cls, "__dict__", {}).get(name)
+    if not isinstance(raw, staticmethod):
+        _unavailable(feature, f"{getattr(api_cls, '__name__', api_cls)}.{name} is missing or not a static method")
+        return False
+    original = raw.__func__
+    try:
+        params = inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if tuple(params) != expected_params or (
+        "sanitize" in params and params["sanitize"].kind is not inspect.Parameter.KEYWORD_ONLY
+    ):
+        _unavailable(feature, f"{name}{inspect.signature(original)} does not have the expected signature")
+        return False
+    wrapper = make_wrapper(original)
+    setattr(wrapper, _MARK, True)
+    setattr(api_cls, name, staticmethod(wrapper))
+    logger.info("sglite: Xinference compatibility patch applied: %s", feature)
+    return True
+
+
+def is_sglite_request_error(e: BaseException) -> bool:
+    """Whether ``e`` is sglite's own request error (or Xoscar's traceback-carrying subclass of it).
+
+    An unpickled ``SgliteRequestError`` can only exist once its module is imported, so the module is looked up,
+    never imported, here.
+    """
+    engine = sys.modules.get(_ENGINE_MODULE)
+    cls = getattr(engine, "SgliteRequestError", None)
+    return isinstance(cls, type) and isinstance(e, cls)
+
+
+def request_error_message(e: BaseException) -> str:
+    """sglite's own message of ``e``, without what the actor RPC added on the way.
+
+    Xoscar re-raises a remote exception as a generated subclass whose ``str`` starts with the model actor's
+    address and pid (``[address=127.0.0.1:45485, pid=24320] ...``); the original exception is its ``__wrapped__``.
+    """
+    inner = e
+    for _ in range(8):  # one level per actor hop; a request error makes one
+        wrapped = getattr(type(inner), "__wrapped__", None)
+        if not isinstance(wrapped, BaseException):
+            break
+        inner = wrapped
+    return BaseException.__str__(inner)
+
+
+def _errors_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def handle_request_limit_error(e: Exception, *, sanitize: bool = False) -> Any:
+        if is_sglite_request_error(e):
+            from fastapi import HTTPException
+
+            # Safe to show even where Xinference sanitizes: every SgliteRequestError message is written by sglite
+            # (request mapping, the engine's checks, the runtime's request validation and grammar compiler) and
+            # names only the offending request field, its value, or limits of the model; none holds credentials,
+            # file paths, actor addresses or other worker internals. Keep it that way when adding messages.
+            raise HTTPException(status_code=400, detail=request_error_message(e))
+        return original(e, sanitize=sanitize)
+
+    return handle_request_limit_error
+
+
+def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def extract_guided_params(raw_body: dict) -> dict:
+        kwargs = original(raw_body=raw_body)
+        if not isinstance(raw_body, dict):
+            return kwargs
+        extra_body = raw_body.get("extra_body")
+        sources = [raw_body] + ([extra_body] if isinstance(extra_body, dict) else [])
+        for source in sources:
+            for alias, guided in FIELD_ALIASES.items():
+                value = source.get(alias)
+                if value is None:
+                    continue
+                present = kwargs.get(guided)
+                if present is not None and present != value:
+                    from fastapi import HTTPException
+
+                    raise HTTPException(
+                        status_code=400,
+                        detail=f"{alias!r} and {guided!r} are the same constraint with different values; send one",
+                    )
+                kwargs[guided] = value
+        return kwargs
+
+    return extract_guided_params
