@@ -22,7 +22,8 @@ from xinf_sglang.runtime.tiny_model import make_tiny_model  # noqa: E402
 
 NEW_TOKENS = 48
 REGIMES = {
-    "triton + cuda graphs": dict(),
+    "graphs + overlap": dict(),
+    "graphs, no overlap": dict(overlap_schedule="off"),
     "triton, no graphs": dict(disable_cuda_graph=True),
     "torch reference": dict(attention_backend="torch", disable_cuda_graph=True),
     "chunked prefill 16": dict(chunked_prefill_size=16, max_prefill_tokens=32),
@@ -43,11 +44,13 @@ def hf_reference(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
 
 def main() -> int:
     failures = 0
-    print(f"{'arch':<8}{'regime':<24}{'match':>10}{'retractions':>13}")
+    print(f"{'arch':<8}{'regime':<24}{'match':>10}{'retractions':>13}{'overlapped':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ("llama", "qwen2", "qwen3"):
             model_dir = str(make_tiny_model(os.path.join(tmp, arch), arch))
-            prompts = make_workload(1024, 12, (3, 150), (1, 1), seed=1).prompts
+            # lengths spread evenly over 3..150, as in tests/test_parity.py (the retraction regime relies on it)
+            pool = make_workload(1024, 1, (2000, 2000), (1, 1), seed=1).prompts[0]
+            prompts = [pool[i * 7 : i * 7 + 3 + 147 * i // 11] for i in range(12)]
             refs = hf_reference(model_dir, prompts)
             for name, extra in REGIMES.items():
                 cfg = EngineConfig(model_path=model_dir, device="cuda", dtype="float32", debug_invariants=True, **extra)
@@ -55,11 +58,13 @@ def main() -> int:
                     outs = engine.generate(input_ids=prompts, sampling_params=SamplingParams(
                         temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True))
                     same = sum(o.token_ids == r for o, r in zip(outs, refs))
-                    retr = engine.metrics()["retractions"]
+                    m = engine.metrics()
+                    retr = m["retractions"]
                     problems = engine.check_invariants()
                 ok = same == len(prompts) and not problems and (retr > 0 or "retraction" not in name)
                 failures += not ok
-                print(f"{arch:<8}{name:<24}{same:>6}/{len(prompts):<3}{retr:>13}  {'PASS' if ok else 'FAIL'} {problems or ''}",
+                print(f"{arch:<8}{name:<24}{same:>6}/{len(prompts):<3}{retr:>13}{m['overlapped_steps']:>12}  "
+                      f"{'PASS' if ok else 'FAIL'} {problems or ''}",
                       flush=True)
     return 1 if failures else 0
 
