@@ -1,0 +1,58 @@
+"""Where the time of one batch-1 decode step goes, per kernel, next to its byte floor.
+
+    python scripts/gpu_profile_decode.py [--config configs/llama-3.1-8b.json] [--steps 64]
+
+Runs a dummy-weight engine (CUDA graphs on), decodes one request, and profiles `--steps` decode steps with the
+torch profiler. Prints the wall time per step, the device time per step, and the kernels grouped by name with
+their share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "llama-3.1-8b.json"))
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--engine-arg", action="append", default=[])
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    shutil.copy(args.config, tmp / "config.json")
+    extra = dict(a.split("=", 1) for a in args.engine_arg)
+    engine = Engine(EngineConfig(model_path=str(tmp), load_format="dummy", skip_tokenizer_init=True,
+                                 context_length=4096, **extra))
+    prompt = [[1000 + i for i in range(128)]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.steps, ignore_eos=True)
+    engine.generate(input_ids=prompt, sampling_params=params)  # warm-up
+    start = time.perf_counter()
+    engine.generate(input_ids=prompt, sampling_params=params)
+    wall = (time.perf_counter() - start) / args.steps
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.generate(input_ids=prompt, sampling_params=params)
+    engine.shutdown()
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:90]][0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            kernels[e.name[:90]][1] += 1
+    total = sum(v[0] for v in kernels.values())
+    print(f"wall per decode step: {wall * 1e3:.3f} ms; device time per step (profiled): {total / args.steps / 1e3:.3f} ms")
+    print(f"{'kernel':<92}{'us/step':>10}{'calls/step':>12}{'share':>8}")
+    for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"{name:<92}{t / args.steps:>10.1f}{n / args.steps:>12.1f}{t / total:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
