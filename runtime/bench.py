@@ -50,10 +50,16 @@ class Result:
     workload: Workload
     seconds: float
     cache_hit_rate: float | None = None
+    output_tokens: int | None = None  # when it differs from the workload's (constrained requests end early)
+    mask_ms_per_step: float | None = None
+
+    @property
+    def generated(self) -> int:
+        return self.workload.output_tokens if self.output_tokens is None else self.output_tokens
 
     @property
     def output_tok_s(self) -> float:
-        return self.workload.output_tokens / self.seconds
+        return self.generated / self.seconds
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -80,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="also run the same workload constrained to this JSON schema (needs a tokenizer) and report "
+                        "its throughput and the grammar-mask time per step next to the unconstrained run")
     p.add_argument("--roofline", action="store_true",
                    help="measure the device's copy bandwidth and print how close decode gets to the weight-read floor")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
@@ -110,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens, "
                   f"{workload.output_tokens} output tokens", flush=True)
             results = [bench_engine(engine, workload)]
+            if args.json_schema:
+                schema = json.loads(Path(args.json_schema).read_text())
+                engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
+                results.append(bench_engine(engine, workload, json_schema=schema))
             device, dtype = engine.device, engine.dtype
             weights_bytes = engine.memory_plan.weights_bytes
         finally:
@@ -122,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             subset = workload.head(args.baseline_num_prompts or len(workload.prompts))
             results.append(bench_hf(model_dir, subset, device, dtype, args.load_format == "dummy", args.seed))
         print_table(results, device, dtype)
+        print_mask_times(results)
         if args.roofline:
             print_roofline(results[0], weights_bytes, device)
         if args.json_out:
@@ -132,13 +146,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_engine(engine: Engine, workload: Workload) -> Result:
-    """Submit every prompt at once; time until the last one finishes. A short warm-up runs first."""
+def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = None) -> Result:
+    """Submit every prompt at once; time until the last one finishes. A short warm-up runs first.
+
+    With ``json_schema`` every request is constrained to it; requests then end when their JSON is complete (or
+    at their output length), so the throughput counts the tokens actually generated."""
     warm = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
     # Warm up on prompts outside the workload, so the radix cache holds nothing the workload could hit.
     engine.generate(input_ids=[[p[0]] * 8 for p in workload.prompts[:2]], sampling_params=warm)
     before = engine.metrics()
-    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True, json_schema=json_schema)
+              for n in workload.output_lens]
     done = threading.Event()
     progress = threading.Thread(target=_report_progress, args=(engine, before, workload, done), daemon=True)
     start = time.perf_counter()
@@ -146,11 +164,18 @@ def bench_engine(engine: Engine, workload: Workload) -> Result:
     outs = engine.generate(input_ids=workload.prompts, sampling_params=params)
     seconds = time.perf_counter() - start
     done.set()
-    assert sum(len(o.token_ids) for o in outs) == workload.output_tokens, "a request stopped early"
+    generated = sum(len(o.token_ids) for o in outs)
+    if json_schema is None:
+        assert generated == workload.output_tokens, "a request stopped early"
     after = engine.metrics()
     prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
     cached = after["cached_prompt_tokens_total"] - before["cached_prompt_tokens_total"]
-    return Result("sglite", workload, seconds, cached / prompt if prompt else 0.0)
+    if json_schema is None:
+        return Result("sglite", workload, seconds, cached / prompt if prompt else 0.0)
+    steps = after["grammar_mask_steps"] - before["grammar_mask_steps"]
+    mask_ms = (after["grammar_mask_ms_per_step"] * after["grammar_mask_steps"]
+               - before["grammar_mask_ms_per_step"] * before["grammar_mask_steps"]) / max(1, steps)
+    return Result("sglite + JSON schema", workload, seconds, cached / prompt if prompt else 0.0, generated, mask_ms)
 
 
 def _report_progress(engine: Engine, before: dict, workload: Workload, done: threading.Event) -> None:
@@ -202,7 +227,7 @@ def print_table(results: list[Result], device: torch.device, dtype: torch.dtype)
     for r in results:
         ratio = base.output_tok_s / r.output_tok_s
         hit = f"{r.cache_hit_rate:.1%}" if r.cache_hit_rate is not None else "-"
-        print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.workload.output_tokens:>9}"
+        print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.generated:>9}"
               f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{ratio:>10.2f}{hit:>11}")
 
 
@@ -232,6 +257,13 @@ def print_roofline(result: Result, weights_bytes: int, device: torch.device) -> 
           f"{floor_ms / per_token_ms:.1%} of the roofline")
 
 
+def print_mask_times(results: list[Result]) -> None:
+    for r in results:
+        if r.mask_ms_per_step is not None:
+            print(f"{r.name}: grammar mask (fill + apply) {r.mask_ms_per_step:.3f} ms per decode step "
+                  f"for {len(r.workload.prompts)} constrained rows")
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -245,8 +277,8 @@ def _sync(device: torch.device) -> None:
 
 def _as_dict(r: Result) -> dict:
     return {"engine": r.name, "prompts": len(r.workload.prompts), "input_tokens": r.workload.input_tokens,
-            "output_tokens": r.workload.output_tokens, "seconds": r.seconds, "output_tok_s": r.output_tok_s,
-            "cache_hit_rate": r.cache_hit_rate}
+            "output_tokens": r.generated, "seconds": r.seconds, "output_tok_s": r.output_tok_s,
+            "cache_hit_rate": r.cache_hit_rate, "mask_ms_per_step": r.mask_ms_per_step}
 
 
 def _parse_engine_arg(text: str) -> tuple[str, object]:

@@ -228,8 +228,15 @@ class Engine:
             "peak_running_requests": stats.peak_running_requests,
             "peak_prefill_tokens": stats.peak_prefill_tokens,
             "overlapped_steps": stats.overlapped_steps,
+            "grammar_mask_steps": self.runner.mask_steps,
+            "grammar_mask_ms_per_step": 1e3 * self.runner.mask_seconds / max(1, self.runner.mask_steps),
             "new_token_ratio": s.new_token_ratio,
         }
+
+    def flush_cache(self) -> int:
+        """Evict every cached prefix that no request uses; returns the number of KV tokens freed."""
+        sched = self.scheduler
+        return self.run_on_scheduler(lambda: sched.tree.evict(sched.tree.evictable_size()))
 
     def check_invariants(self, timeout: float = 30.0) -> list[str]:
         """Wait until the engine is idle, then return the idle-invariant violations (empty when exact)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .attention import AttentionBackend
@@ -28,6 +30,8 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
         self._bitmask = allocate_bitmask(0, self.vocab_size)  # grown on demand, reused across steps
+        self.mask_seconds = 0.0  # host time spent filling and applying grammar masks (metrics)
+        self.mask_steps = 0
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
@@ -101,6 +105,7 @@ class ModelRunner:
     def _apply_grammar_masks(self, logits: torch.Tensor, reqs: list[Req]) -> None:
         """Mask each constrained row to what its grammar allows next; every other row allows everything (rows are
         reset each step, so a mask never leaks into the next request that lands on that row)."""
+        start = time.perf_counter()
         if self._bitmask.shape[0] < len(reqs):
             self._bitmask = allocate_bitmask(max(len(reqs), 2 * self._bitmask.shape[0]), self.vocab_size)
         bitmask = self._bitmask[: len(reqs)]
@@ -109,6 +114,8 @@ class ModelRunner:
             if req.grammar is not None:
                 req.grammar.fill_bitmask(bitmask, row)
         apply_bitmask_(logits, bitmask)
+        self.mask_seconds += time.perf_counter() - start
+        self.mask_steps += 1
 
 
 def _token_range(req: Req, start: int, n: int) -> list[int]:

@@ -252,6 +252,17 @@ def test_duplicate_request_id_rejected(engine, model_dir):
     asyncio.run(main())
 
 
+def test_flush_cache_empties_the_radix_cache(engine, model_dir):
+    prompt = varied_prompts(model_dir, 1, min_len=30, max_len=30)[0]
+    engine.generate(input_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=4, **GREEDY))
+    assert engine.metrics()["kv_evictable_tokens"] > 0
+    assert engine.flush_cache() > 0
+    m = engine.metrics()
+    assert m["kv_evictable_tokens"] == 0 and m["kv_free_tokens"] == m["kv_total_tokens"]
+    [again] = engine.generate(input_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=4, **GREEDY))
+    assert again.cached_tokens == 0
+
+
 def test_metrics_report_the_pool(engine):
     m = engine.metrics()
     for key in ("kv_total_tokens", "kv_free_tokens", "kv_evictable_tokens", "running_requests",

@@ -285,6 +285,20 @@ def test_compat_patches_installed_on_import_of_the_rest_module_unless_switched_o
     # Switched on (the default), the live server tests below show the patches at work in the REST process.
 
 
+def test_literal_extra_body_object_is_read_like_top_level_fields() -> None:
+    from xinf_sglang.request_mapping import RequestMappingError, map_request
+
+    # As the REST layer delivers {"extra_body": {"regex": ..., "top_k": 5}}: regex already copied as guided_regex.
+    sampling, _ = map_request({"guided_regex": "a+", "max_tokens": None, "extra_body": {"regex": "a+", "top_k": 5}}, "chat")
+    assert sampling == {"regex": "a+", "top_k": 5}
+    sampling, _ = map_request({"extra_body": {"regex": "a+", "max_tokens": 7}, "max_tokens": None}, "completion")
+    assert sampling == {"regex": "a+", "max_new_tokens": 7}  # compat patch off: the SGLang name itself
+    with pytest.raises(RequestMappingError, match="'temperature' is given both"):
+        map_request({"temperature": 0.5, "extra_body": {"temperature": 0.7}}, "chat")
+    with pytest.raises(RequestMappingError, match="unknown request field 'bogus'"):
+        map_request({"extra_body": {"bogus": 1}}, "chat")
+
+
 def _clean_env() -> dict[str, str]:
     import os
 

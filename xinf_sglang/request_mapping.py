@@ -15,7 +15,13 @@ Structured output: ``response_format`` ``json_object`` / ``json_schema``, ``guid
 them (or rejects them clearly). Note: Xinference 4.1's REST layer keeps only the fields its pydantic request
 models declare (plus the vLLM-style ``guided_*`` fields), so over HTTP ``regex``, ``ebnf``, ``choice``,
 ``min_p``, ``min_tokens`` and ``n`` never reach an engine; use ``guided_regex``, ``guided_grammar`` and
-``guided_choice`` for structured output over HTTP.
+``guided_choice`` for structured output over HTTP, or let :mod:`xinf_sglang.xinference_compat` forward
+``regex`` / ``ebnf`` / ``choice`` as those (it does by default).
+
+A literal ``extra_body`` object in a request's JSON (what curl users write; the OpenAI client merges its
+``extra_body`` argument into the top level instead) reaches engines as one field. Its entries are read like
+top-level fields, except those Xinference's REST layer has already copied to the top level (the ``guided_*``
+names and their aliases); an entry that contradicts the same top-level field is an error.
 """
 
 from __future__ import annotations
@@ -112,6 +118,20 @@ _UNSUPPORTED = {
 # Values of unsupported fields that mean "not asked for" (OpenAI clients often send the defaults).
 _NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1)}
 
+# extra_body entries Xinference's REST layer (with sglite's compat patch) copies to the top level: entry -> copy.
+_LIFTED_FROM_EXTRA_BODY = {
+    "guided_json": "guided_json",
+    "guided_regex": "guided_regex",
+    "guided_choice": "guided_choice",
+    "guided_grammar": "guided_grammar",
+    "guided_json_object": "guided_json_object",
+    "guided_decoding_backend": "guided_decoding_backend",
+    "guided_whitespace_pattern": "guided_whitespace_pattern",
+    "regex": "guided_regex",
+    "ebnf": "guided_grammar",
+    "choice": "guided_choice",
+}
+
 # Xinference-internal keys added on the way to the engine, and harmless to drop.
 _INTERNAL = {"_anthropic_request", "_anthropic_cache_control"}
 
@@ -126,6 +146,7 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     sampling: dict[str, Any] = {}
     opts = RequestOptions()
     problems: list[str] = []
+    _merge_extra_body(cfg, problems)
 
     for key in _MAX_TOKENS_KEYS:
         value = cfg.pop(key, None)
@@ -169,6 +190,24 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     if problems:
         raise RequestMappingError("; ".join(problems))
     return sampling, opts
+
+
+def _merge_extra_body(cfg: dict[str, Any], problems: list[str]) -> None:
+    """Read a literal ``extra_body`` object's entries as top-level fields (see the module docstring)."""
+    extra = cfg.pop("extra_body", None)
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        problems.append(f"extra_body must be an object, got {extra!r}")
+        return
+    for key, value in extra.items():
+        lifted = _LIFTED_FROM_EXTRA_BODY.get(key)
+        if lifted is not None and lifted in cfg and cfg[lifted] == value:
+            continue  # already at the top level, copied by Xinference's REST layer
+        if cfg.get(key) is None:  # None: not set (Xinference fills some fields with None, e.g. max_tokens)
+            cfg[key] = value
+        elif cfg[key] != value:
+            problems.append(f"{key!r} is given both at the top level and in extra_body, with different values")
 
 
 def _map_structured(cfg: dict[str, Any], sampling: dict[str, Any], problems: list[str]) -> None:
