@@ -1,20 +1,29 @@
 """sglite's embedded runtime: continuous batching on a token-level KV pool with a radix prefix cache.
 
-Public API: ``Engine``, ``EngineConfig``, ``SamplingParams`` (and the output types in ``outputs``).
+Public API: ``Engine``, ``EngineConfig``, ``SamplingParams`` (and the output types in ``outputs``). Names are
+loaded on first use, so importing a light submodule (``xinf_sglang.runtime.config``) does not import torch.
 """
 
-from .config import EngineConfig
-from .engine import Engine
-from .errors import ConfigError, InvalidRequestError
-from .outputs import GenerateOutput, StreamChunk
-from .sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError",
-    "Engine",
-    "EngineConfig",
-    "GenerateOutput",
-    "InvalidRequestError",
-    "SamplingParams",
-    "StreamChunk",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "ConfigError": "errors",
+    "Engine": "engine",
+    "EngineConfig": "config",
+    "GenerateOutput": "outputs",
+    "InvalidRequestError": "errors",
+    "SamplingParams": "sampling_params",
+    "StreamChunk": "outputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -14,32 +14,41 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_path: str
-    tokenizer_path: str | None = None  # defaults to model_path
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    load_format: Literal["auto", "dummy"] = "auto"
-    seed: int = 0
-    skip_tokenizer_init: bool = False  # token ids in and out only (no text, no stop strings); for config-only models
+    model_path: str = Field(description="Hugging Face checkpoint folder (config.json + safetensors)")
+    tokenizer_path: str | None = Field(None, description="tokenizer folder (default: model_path)")
+    skip_tokenizer_init: bool = Field(False, description="token ids in and out only (no text, no stop strings)")
     # memory
-    mem_fraction_static: float | None = Field(default=None, gt=0.0, lt=1.0)
-    max_total_tokens: int | None = Field(default=None, ge=16)
-    context_length: int | None = Field(default=None, ge=16)
+    context_length: int | None = Field(None, ge=16, description="max prompt + output tokens per request")
+    mem_fraction_static: float | None = Field(
+        None, gt=0.0, lt=1.0, description="fraction of GPU (CPU: available) memory for weights + KV pool"
+    )
+    max_total_tokens: int | None = Field(None, ge=16, description="cap on the KV pool size, in tokens")
     # scheduling
-    max_running_requests: int | None = Field(default=None, ge=1)
-    max_prefill_tokens: int | None = Field(default=None, ge=16)
-    chunked_prefill_size: int | None = Field(default=None, ge=16)
-    schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
-    disable_radix_cache: bool = False
+    max_running_requests: int | None = Field(None, ge=1, description="max requests in the decode batch")
+    max_prefill_tokens: int | None = Field(None, ge=16, description="token budget of one prefill batch")
+    chunked_prefill_size: int | None = Field(None, ge=16, description="prefill chunk size for long prompts")
+    schedule_policy: Literal["fcfs", "lpm"] = Field("fcfs", description="fcfs or lpm (longest prefix match)")
+    disable_radix_cache: bool = Field(False, description="turn off prefix reuse")
+    # model and device
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda if available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = the checkpoint's dtype on GPU, float32 on CPU"
+    )
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
+    seed: int = Field(0, description="seed of the engine's default random generator")
     # GPU fast path
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    disable_cuda_graph: bool = False
-    # Launch decode step t+1 before processing step t's tokens (auto: on with CUDA, where the device runs
-    # asynchronously; on the CPU the same thread does both, so there is nothing to overlap).
-    overlap_schedule: Literal["auto", "on", "off"] = "auto"
-    cuda_graph_max_bs: int | None = Field(default=None, ge=1)
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="auto = triton on CUDA, the torch reference elsewhere"
+    )
+    disable_cuda_graph: bool = Field(False, description="run decode eagerly instead of as CUDA-graph replays")
+    cuda_graph_max_bs: int | None = Field(None, ge=1, description="largest decode batch captured (default 256)")
+    overlap_schedule: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="launch decode step t+1 before processing step t's tokens (auto: on with CUDA, where the "
+        "device runs asynchronously; on the CPU one thread does both, so there is nothing to overlap)",
+    )
     # checks
-    debug_invariants: bool = False  # check the idle invariant every time the scheduler goes idle
+    debug_invariants: bool = Field(False, description="check the KV idle invariant whenever the engine idles")
 
     @field_validator("model_path")
     @classmethod

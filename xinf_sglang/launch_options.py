@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
+
+from xinf_sglang.runtime.config import EngineConfig
 
 # Values that mean "not set, use the default": the web UI sends empty fields as "" and the CLI/REST as "None".
 _UNSET_STRINGS = frozenset({"", "none", "null"})
@@ -31,34 +33,19 @@ class LaunchOptionsError(ValueError):
     """Launch options that cannot work. A ``ValueError``, so Xinference's REST API answers 400 with the text."""
 
 
-class LaunchOptions(BaseModel):
-    """Every option of the sglite engine. ``None`` means "derived from the model and the device"."""
+# EngineConfig fields that are not launch options: Xinference supplies the model path, and a served model always
+# has a tokenizer.
+ENGINE_ONLY_FIELDS = frozenset({"model_path", "tokenizer_path", "skip_tokenizer_init"})
+
+
+class _LaunchOptionsBase(BaseModel):
+    """Every option of the sglite engine. ``None`` means "derived from the model and the device".
+
+    The fields are the runtime's ``EngineConfig`` fields (minus ``ENGINE_ONLY_FIELDS``), generated below, so a
+    runtime knob is a launch option as soon as it exists; this class adds what the web UI's strings need.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # memory
-    context_length: int | None = Field(None, ge=16, description="max prompt + output tokens per request")
-    mem_fraction_static: float | None = Field(
-        None, gt=0.0, lt=1.0, description="fraction of GPU memory for weights + KV pool (0 < x < 1)"
-    )
-    max_total_tokens: int | None = Field(None, ge=16, description="cap on the KV pool size, in tokens")
-    # scheduling
-    max_running_requests: int | None = Field(None, ge=1, description="max requests in the decode batch")
-    chunked_prefill_size: int | None = Field(None, ge=16, description="prefill chunk size for long prompts")
-    max_prefill_tokens: int | None = Field(None, ge=16, description="token budget of one prefill batch")
-    schedule_policy: Literal["fcfs", "lpm"] = Field("fcfs", description="fcfs or lpm (longest prefix match)")
-    disable_radix_cache: bool = Field(False, description="turn off prefix reuse")
-    # model / device
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda if available, else cpu")
-    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
-    seed: int = Field(0, description="seed of the engine's sampler")
-    # GPU fast path
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = Field(None, ge=1)
-    # checks
-    debug_invariants: bool = Field(False, description="check the KV idle invariant whenever the engine idles")
 
     @model_validator(mode="before")
     @classmethod
@@ -68,12 +55,13 @@ class LaunchOptions(BaseModel):
             return data
         return {k: v for k, v in data.items() if not _is_unset(v)}
 
-    @field_validator("schedule_policy", "device", "load_format", "attention_backend", mode="before")
+    @field_validator("schedule_policy", "device", "load_format", "attention_backend", "overlap_schedule",
+                     mode="before", check_fields=False)
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("dtype", mode="before")
+    @field_validator("dtype", mode="before", check_fields=False)
     @classmethod
     def _dtype_alias(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -96,6 +84,14 @@ class LaunchOptions(BaseModel):
         for name, field in cls.model_fields.items():
             parts.append(f"{name} ({_allowed(field)})")
         return ", ".join(parts)
+
+
+LaunchOptions = create_model(
+    "LaunchOptions",
+    __base__=_LaunchOptionsBase,
+    __module__=__name__,
+    **{name: (f.annotation, f) for name, f in EngineConfig.model_fields.items() if name not in ENGINE_ONLY_FIELDS},
+)
 
 
 def _is_unset(v: Any) -> bool:
@@ -185,9 +181,6 @@ def split_model_config(model_config: dict[str, Any] | None) -> tuple[LaunchOptio
     return LaunchOptions.parse(config), xinference_keys
 
 
-def to_engine_config(options: LaunchOptions, model_path: str) -> Any:
+def to_engine_config(options: _LaunchOptionsBase, model_path: str) -> EngineConfig:
     """The runtime ``EngineConfig`` for ``options``. The only place launch options become engine settings."""
-    from xinf_sglang.runtime import EngineConfig  # lazy: importing the runtime imports torch
-
-    fields = options.model_dump()
-    return EngineConfig(model_path=model_path, **fields)
+    return EngineConfig(model_path=model_path, **options.model_dump())
