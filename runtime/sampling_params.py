@@ -57,6 +57,20 @@ _ALLOWED = MappingProxyType(
 )
 
 
+# field -> the values it accepts (the words for each are in _ALLOWED)
+_IN_RANGE: dict[str, Any] = {
+    "max_new_tokens": lambda v: v >= 0,
+    "min_new_tokens": lambda v: v >= 0,
+    "temperature": lambda v: v >= 0,
+    "top_p": lambda v: 0 < v <= 1,
+    "top_k": lambda v: v >= -1,
+    "min_p": lambda v: 0 <= v <= 1,
+    "frequency_penalty": lambda v: -2 <= v <= 2,
+    "presence_penalty": lambda v: -2 <= v <= 2,
+    "repetition_penalty": lambda v: v > 0,
+}
+
+
 def _invalid(field: str, value: Any) -> ValueError:
     """The error for `field` = `value` being out of range; pydantic wraps it, `_format_errors` unwraps it."""
     return ValueError(f"{field} must be {_ALLOWED[field]}; got {value!r}")
@@ -148,61 +162,12 @@ class SamplingParams(BaseModel):
             raise _invalid(info.field_name, v)
         return v
 
-    @field_validator("max_new_tokens")
+    @field_validator(*_IN_RANGE)
     @classmethod
-    def _check_max_new_tokens(cls, v: int) -> int:
-        if v < 0:
-            raise _invalid("max_new_tokens", v)
-        return v
-
-    @field_validator("min_new_tokens")
-    @classmethod
-    def _check_min_new_tokens(cls, v: int) -> int:
-        if v < 0:
-            raise _invalid("min_new_tokens", v)
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _check_temperature(cls, v: float) -> float:
-        if v < 0:
-            raise _invalid("temperature", v)
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _check_top_p(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise _invalid("top_p", v)
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _check_top_k(cls, v: int) -> int:
-        if v < -1:
-            raise _invalid("top_k", v)
-        return -1 if v == 0 else v
-
-    @field_validator("min_p")
-    @classmethod
-    def _check_min_p(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise _invalid("min_p", v)
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _check_additive_penalty(cls, v: float, info: Any) -> float:
-        if not -2 <= v <= 2:
+    def _check_range(cls, v: Any, info: Any) -> Any:
+        if not _IN_RANGE[info.field_name](v):
             raise _invalid(info.field_name, v)
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _check_repetition_penalty(cls, v: float) -> float:
-        if v <= 0:
-            raise _invalid("repetition_penalty", v)
-        return v
+        return -1 if info.field_name == "top_k" and v == 0 else v  # top_k 0 means disabled, like -1
 
     @field_validator("stop")
     @classmethod

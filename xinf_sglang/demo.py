@@ -3,8 +3,8 @@
 Steps (each one printed as it happens): make the tiny demo checkpoint if it is missing (a random-weight Qwen2
 model with a ChatML template: its text is gibberish, the serving path is real), start ``xinference-local`` on
 127.0.0.1 with auth off in a fresh ``XINFERENCE_HOME``, register the checkpoint as a custom model, launch it with
-``xinference launch --model-engine sglite``, stream a chat answer to the terminal, then print the web UI URL
-and the exact ``curl`` / OpenAI-client commands to try. Without ``--keep-serving`` everything is shut down and
+``xinference launch --model-engine sglite``, stream a chat answer to the terminal, ask for a JSON-schema-constrained
+answer and parse it, then print the web UI URL and the exact ``curl`` / OpenAI-client commands to try. Without ``--keep-serving`` everything is shut down and
 removed at the end; with it, the server stays up until Ctrl-C.
 
 Module-level imports are standard library only: ``sglite --help`` must stay fast.
@@ -300,32 +300,70 @@ print(get_runtime_metrics('{self.endpoint}', '{MODEL_UID}'))"
             return status, raw.decode(errors="replace")
 
 
-def structured_output_demo(endpoint: str, model_uid: str) -> None:
-    """HOOK (structured output): show a JSON-schema-constrained chat answer.
+# A small schema whose every field is bounded (string length, integer range, enum, no extra keys): the grammar
+# then ends the answer within a few dozen tokens even on the random-weight demo model.
+DEMO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 16},
+        "stars": {"type": "integer", "minimum": 0, "maximum": 5},
+        "language": {"enum": ["python", "rust", "go"]},
+    },
+    "required": ["name", "stars", "language"],
+    "additionalProperties": False,
+}
 
-    Placeholder until the runtime enforces structured output (another engineer fills this in then): it sends
-    the request and reports the engine's answer, which today is a clear "not supported yet" 400.
-    """
-    from openai import BadRequestError, OpenAI
+
+def structured_output_demo(endpoint: str, model_uid: str) -> None:
+    """Structured output: one JSON-schema-constrained chat request, its parsed answer, and how to send one."""
+    from openai import APIError, OpenAI
 
     client = OpenAI(base_url=endpoint + "/v1", api_key="not-needed", max_retries=0, timeout=120)
-    schema = {
-        "type": "object",
-        "properties": {"name": {"type": "string"}, "stars": {"type": "integer"}},
-        "required": ["name", "stars"],
-    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "project", "schema": DEMO_SCHEMA}}
     _say("structured output: asking for JSON matching a schema (response_format json_schema) ...")
     try:
         r = client.chat.completions.create(
             model=model_uid,
             messages=[{"role": "user", "content": "Describe a project as JSON."}],
-            response_format={"type": "json_schema", "json_schema": {"name": "project", "schema": schema}},
+            response_format=response_format,  # type: ignore[arg-type]
             max_tokens=64,
+            temperature=0,
         )
-    except BadRequestError as e:
-        _say(f"  rejected with HTTP {e.status_code}: structured output is not available in this build yet")
-        return
-    _say(f"  JSON answer: {r.choices[0].message.content}")
+    except APIError as e:
+        raise _DemoError(f"the JSON-schema request failed: {e} {getattr(e, 'body', '')}") from None
+    text = r.choices[0].message.content or ""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise _DemoError(f"the constrained answer is not JSON ({r.choices[0].finish_reason}): {text!r}") from None
+    _say(f"  raw answer ({r.choices[0].finish_reason}, {r.usage.completion_tokens} tokens): {text}")
+    _say(f"  parsed: name={parsed['name']!r} stars={parsed['stars']} language={parsed['language']!r} "
+         "(the schema holds by construction; the values are the random model's)")
+
+    body = json.dumps(
+        {
+            "model": model_uid,
+            "messages": [{"role": "user", "content": "Describe a project as JSON."}],
+            "max_tokens": 64,
+            "response_format": response_format,
+        }
+    )
+    print(
+        f"""
+Structured output (JSON schema) with curl:
+  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{body}'
+
+Or with the OpenAI client:
+  {sys.executable} -c "from openai import OpenAI; c = OpenAI(base_url='{endpoint}/v1', api_key='x'); \\
+print(c.chat.completions.create(model='{model_uid}', messages=[{{'role': 'user', 'content': 'Describe a project as JSON.'}}], \\
+max_tokens=64, response_format={{'type': 'json_schema', 'json_schema': {{'name': 'project', 'schema': {DEMO_SCHEMA!r}}}}}\\
+).choices[0].message.content)"
+
+Also: extra_body={{"regex": ...}} / {{"choice": [...]}} / {{"ebnf": ...}} (or guided_regex / guided_choice / guided_grammar).
+""",
+        flush=True,
+    )
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str, tick: Callable[[], None]) -> None:
