@@ -30,3 +30,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return built[key]
 
     return build
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """List the files tests attached with ``record_property("artifact", path)`` (e.g. web UI screenshots)."""
+    paths = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "artifact"
+    ]
+    if paths:
+        terminalreporter.section("artifacts")
+        for nodeid, path in paths:
+            terminalreporter.write_line(f"{path}  ({nodeid})")

@@ -30,18 +30,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
 from xinf_sglang import xinference_compat  # noqa: E402
+from xinf_sglang.metrics import get_runtime_metrics  # noqa: E402
 
-from .test_xinference import (  # noqa: E402,F401  (module fixtures: server, custom_model, qwen2_dir)
-    Server,
-    cli,
-    client,
-    custom_model,
-    http,
-    qwen2_dir,
-    server,
-    terminate,
-    wait_idle,
-)
+from .xinference_server import BIN, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, server_env, wait_for  # noqa: E402
+from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 MAX_TOKENS = 600  # far above what any bounded constraint below can produce
 SAMPLINGS = [  # (temperature, seed): greedy, and random sampling from mild to very flat
@@ -137,6 +129,28 @@ MESSAGES = [{"role": "user", "content": "Answer in the requested format."}]
 CONTEXT_LENGTH_TEXT = "Request exceeds the model's configured context length"
 
 
+def cli(server: Server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "xinference"), *args, "-e", server.endpoint],
+        env=server_env(server.home), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )
+
+
+def client(server: Server) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=server.endpoint + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT)
+
+
+def wait_idle(server: Server, uid: str, timeout: float = 60) -> dict[str, Any]:
+    """Runtime metrics once nothing runs or waits and every KV slot is free or held by the prefix cache only."""
+
+    def idle() -> dict[str, Any] | None:
+        m = get_runtime_metrics(server.endpoint, uid, timeout=60)
+        quiet = m["running_requests"] == 0 and m["waiting_requests"] == 0 and m["plugin_active_requests"] == 0
+        return m if quiet and m["kv_free_tokens"] + m["kv_evictable_tokens"] == m["kv_total_tokens"] else None
+
+    return wait_for(idle, timeout, f"{uid} to go idle with its KV freed")
+
+
 @pytest.fixture(scope="module")
 def model(server: Server, custom_model: str) -> str:
     uid = "tiny-structured"
@@ -146,7 +160,7 @@ def model(server: Server, custom_model: str) -> str:
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
     yield uid
-    terminate(server, uid)
+    http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
 
 
 def validate(text: str, schema: dict[str, Any]) -> Any:
@@ -289,7 +303,9 @@ def test_literal_extra_body_object_is_read_like_top_level_fields() -> None:
     from xinf_sglang.request_mapping import RequestMappingError, map_request
 
     # As the REST layer delivers {"extra_body": {"regex": ..., "top_k": 5}}: regex already copied as guided_regex.
-    sampling, _ = map_request({"guided_regex": "a+", "max_tokens": None, "extra_body": {"regex": "a+", "top_k": 5}}, "chat")
+    sampling, _ = map_request(
+        {"guided_regex": "a+", "max_tokens": None, "extra_body": {"regex": "a+", "top_k": 5}}, "chat"
+    )
     assert sampling == {"regex": "a+", "top_k": 5}
     sampling, _ = map_request({"extra_body": {"regex": "a+", "max_tokens": 7}, "max_tokens": None}, "completion")
     assert sampling == {"regex": "a+", "max_new_tokens": 7}  # compat patch off: the SGLang name itself
@@ -407,12 +423,10 @@ def test_completions_with_constraints(server: Server, model: str) -> None:
 
 # ---- invalid constraints: a 400 that names the problem, and the model keeps serving ----
 
+UNIQUE_ITEMS = {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}}
 INVALID = [
     # (request fields, text the error must contain)
-    (
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}}},
-        "uniqueItems",
-    ),
+    ({"response_format": UNIQUE_ITEMS}, "uniqueItems"),
     ({"guided_json": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
     (
         {"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "objekt"}}}},
@@ -456,7 +470,7 @@ def test_invalid_constraints_through_the_openai_client_then_the_model_keeps_serv
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
             model=model, messages=MESSAGES, max_tokens=8,
-            response_format={"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": True}}},
+            response_format=UNIQUE_ITEMS,
         )
     assert "uniqueItems" in err.value.body["detail"]
     with pytest.raises(openai.BadRequestError) as err:
@@ -476,7 +490,8 @@ def test_invalid_constraints_through_the_openai_client_then_the_model_keeps_serv
     # Still serving, constrained and not, and nothing was left behind in the runtime.
     r = c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
-    text, finish = chat(server, model, 0.0, None, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    person = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    text, finish = chat(server, model, 0.0, None, response_format=person)
     assert finish == "stop"
     validate(text, PERSON)
     after = wait_idle(server, model)  # every KV slot free or held by the prefix cache only

@@ -4,8 +4,8 @@ Steps (each one printed as it happens): make the tiny demo checkpoint if it is m
 model with a ChatML template: its text is gibberish, the serving path is real), start ``xinference-local`` on
 127.0.0.1 with auth off in a fresh ``XINFERENCE_HOME``, register the checkpoint as a custom model, launch it with
 ``xinference launch --model-engine sglite``, stream a chat answer to the terminal, ask for a JSON-schema-constrained
-answer and parse it, then print the web UI URL and the exact ``curl`` / OpenAI-client commands to try. Without ``--keep-serving`` everything is shut down and
-removed at the end; with it, the server stays up until Ctrl-C.
+answer and parse it, then print the web UI URL and the exact ``curl`` / OpenAI-client commands to try. Without
+``--keep-serving`` everything is shut down and removed at the end; with it, the server stays up until Ctrl-C.
 
 Module-level imports are standard library only: ``sglite --help`` must stay fast.
 """
@@ -360,7 +360,8 @@ print(c.chat.completions.create(model='{model_uid}', messages=[{{'role': 'user',
 max_tokens=64, response_format={{'type': 'json_schema', 'json_schema': {{'name': 'project', 'schema': {DEMO_SCHEMA!r}}}}}\\
 ).choices[0].message.content)"
 
-Also: extra_body={{"regex": ...}} / {{"choice": [...]}} / {{"ebnf": ...}} (or guided_regex / guided_choice / guided_grammar).
+Also: extra_body={{"regex": ...}} / {{"choice": [...]}} / {{"ebnf": ...}}
+      (or guided_regex / guided_choice / guided_grammar).
 """,
         flush=True,
     )

@@ -8,9 +8,10 @@ together and share its continuous batch.
 
 Request errors: Xinference 4.1's REST layer turns exactly one exception type from an engine into an HTTP 400,
 ``xinference.model.llm.context_length.ContextLengthExceeded`` (everything else is a 500). So invalid requests
-raise :class:`SgliteRequestError`, a subclass of it. Caveat of Xinference's chat endpoint: it replaces the
-detail of that 400 by a fixed "Request exceeds the model's configured context length." text; the completions
-endpoint returns sglite's own message, and both log it in full.
+raise :class:`SgliteRequestError`, a subclass of it. Xinference's chat endpoint replaces the detail of that 400
+by a fixed "Request exceeds the model's configured context length." text; :mod:`xinf_sglang.xinference_compat`
+patches that so sglite's own message is shown there too (messages of this class must stay free of credentials
+and worker internals: they are shown to clients).
 """
 
 from __future__ import annotations

@@ -1,0 +1,196 @@
+"""A real ``xinference-local`` for integration tests, and the tiny checkpoint registered in it.
+
+Shared by ``test_xinference.py`` (REST / CLI / OpenAI API) and ``test_webui.py`` (the web UI in Chromium).
+Plain helpers first, then the fixtures; a test module uses the fixtures by importing them::
+
+    from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)
+
+The fixtures are module-scoped: each test module gets its own server (Xinference's default settings, per-model
+virtual environments on, auth off) with its own ``XINFERENCE_HOME``; the server's process group is killed at the end.
+Nothing is mocked: the engine reaches Xinference only through the installed ``xinf_sglang_autoload.pth`` hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT = 300  # 2 slow cores: Xinference imports its whole model catalog at start-up
+LAUNCH_TIMEOUT = 300
+REQUEST_TIMEOUT = 120
+CUSTOM_NAME = "sglite-tiny-qwen2"
+
+
+@dataclass
+class Server:
+    endpoint: str
+    home: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, Any]:
+    """(status, decoded JSON or text) of one request; never raises for HTTP error statuses."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_env(home: Path) -> dict[str, str]:
+    """Environment of the server and of the ``xinference`` CLI talking to it."""
+    env = dict(os.environ)
+    env.update(
+        XINFERENCE_HOME=str(home),
+        XINFERENCE_AUTH_ADVANCED="0",  # 4.x turns auth on by default
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        XINFERENCE_MODEL_SRC="huggingface",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("XINFERENCE_ENABLE_VIRTUAL_ENV", None)  # Xinference's default (on) is what users get
+    return env
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Model subprocesses that outlived the server in the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_server(home: Path) -> Iterator[Server]:
+    """``xinference-local`` on 127.0.0.1 (a free port), serving ``/v1/models``; killed, with its group, on exit."""
+    port = free_port()
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "xinference-local"), "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown kills model subprocesses too
+        )
+    srv = Server(f"http://127.0.0.1:{port}", home, proc, log)
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"xinference-local exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                return http("GET", srv.endpoint + "/v1/models", timeout=5)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, SERVER_START_TIMEOUT, "xinference-local to serve /v1/models", interval=1.0)
+        yield srv
+    finally:
+        kill_group(proc)
+
+
+def custom_family(model_dir: Path, name: str = CUSTOM_NAME) -> dict[str, Any]:
+    """A custom LLM family for a local checkpoint (no chat_template: the checkpoint's own is used)."""
+    return {
+        "version": 2,
+        "model_name": name,
+        "model_lang": ["en"],
+        "model_ability": ["generate", "chat"],
+        "model_family": name,
+        "architectures": ["Qwen2ForCausalLM"],
+        "context_length": 2048,
+        "model_specs": [
+            {
+                "model_format": "pytorch",
+                "model_size_in_billions": "0_001",
+                "quantization": "none",
+                "model_uri": str(model_dir),
+            }
+        ],
+    }
+
+
+@contextlib.contextmanager
+def registered_model(server: Server, model_dir: Path, name: str = CUSTOM_NAME) -> Iterator[str]:
+    """``model_dir`` registered (persisted) as the custom LLM family ``name``; unregistered on exit."""
+    status, body = http(
+        "POST",
+        server.endpoint + "/v1/model_registrations/LLM",
+        {"model": json.dumps(custom_family(model_dir, name)), "persist": True},
+    )
+    assert status == 200, body
+    try:
+        yield name
+    finally:
+        http("DELETE", f"{server.endpoint}/v1/model_registrations/LLM/{name}")
+
+
+# ---- fixtures ----
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("xinference-home")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tiny_model) -> Path:
+    return tiny_model(arch="qwen2", seed=0)
+
+
+@pytest.fixture(scope="module")
+def custom_model(server: Server, qwen2_dir: Path) -> Iterator[str]:
+    """The tiny checkpoint registered as a custom LLM family; returns its model name."""
+    with registered_model(server, qwen2_dir) as name:
+        yield name
