@@ -77,7 +77,7 @@ VENV_RADIO = ".//div[@role='radiogroup'][.//button[@value='unset']]//button[@val
 def _binary(env_var: str, name: str) -> str:
     path = os.environ.get(env_var) or shutil.which(name) or f"/usr/bin/{name}"
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"web UI test needs {name} (looked for ${env_var}, PATH, /usr/bin/{name}): {INSTALL_HINT}")
+        pytest.fail(f"web UI test needs {name}, found no executable {path} (${env_var}, PATH): {INSTALL_HINT}")
     return path
 
 
