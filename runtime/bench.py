@@ -165,6 +165,7 @@ def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = 
     seconds = time.perf_counter() - start
     done.set()
     generated = sum(len(o.token_ids) for o in outs)
+    _print_time_split(before, engine.metrics())
     if json_schema is None:
         assert generated == workload.output_tokens, "a request stopped early"
     after = engine.metrics()
@@ -176,6 +177,16 @@ def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = 
     mask_ms = (after["grammar_mask_ms_per_step"] * after["grammar_mask_steps"]
                - before["grammar_mask_ms_per_step"] * before["grammar_mask_steps"]) / max(1, steps)
     return Result("sglite + JSON schema", workload, seconds, cached / prompt if prompt else 0.0, generated, mask_ms)
+
+
+def _print_time_split(before: dict, after: dict) -> None:
+    """Where the engine's time went: prefill steps vs decode steps (wall time of the scheduler's steps)."""
+    d = {k: after[k] - before[k] for k in ("prefill_seconds_total", "decode_seconds_total", "prefill_tokens_total",
+                                           "generated_tokens_total", "decode_steps")}
+    print(f"[bench] sglite time split: prefill {d['prefill_seconds_total']:.2f} s "
+          f"({d['prefill_tokens_total'] / max(d['prefill_seconds_total'], 1e-9):.0f} prefill tok/s), decode "
+          f"{d['decode_seconds_total']:.2f} s ({d['decode_steps']} steps, "
+          f"{d['generated_tokens_total'] / max(d['decode_steps'], 1):.1f} tokens per step)", flush=True)
 
 
 def _report_progress(engine: Engine, before: dict, workload: Workload, done: threading.Event) -> None:

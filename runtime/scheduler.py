@@ -9,6 +9,7 @@ here runs on the scheduler thread; other threads talk to it only through the eng
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ class SchedulerStats:
     peak_running_requests: int = 0  # largest decode batch so far
     peak_prefill_tokens: int = 0  # largest prefill batch so far, in new tokens
     overlapped_steps: int = 0  # decode steps launched before the previous step was resolved
+    prefill_tokens: int = 0  # new tokens computed by prefill steps (cached prefixes excluded)
+    prefill_seconds: float = 0.0  # wall time of steps that launched or resolved a prefill
+    decode_seconds: float = 0.0  # wall time of the other steps
 
     @property
     def cache_hit_rate(self) -> float:
@@ -150,12 +154,14 @@ class Scheduler:
         step t is resolved, so the CPU work of resolving overlaps the device's work. A request that step t
         finishes still gets a token from step t+1; resolving t+1 drops it.
         """
+        start = time.perf_counter()
         if self.inflight is not None:
             launched, self.inflight = self.inflight, None
             if self._can_chain(launched):
                 self.inflight = self._launch(self._chained_decode(launched))
                 self.stats.overlapped_steps += 1
             self._resolve(launched)
+            self._account(launched.batch.mode, start)
             return True
         batch = self._schedule_prefill()
         if batch is None:
@@ -167,7 +173,15 @@ class Scheduler:
             self.inflight = launched
         else:
             self._resolve(launched)
+        self._account(batch.mode, start)
         return True
+
+    def _account(self, mode: ForwardMode, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        if mode is ForwardMode.EXTEND:
+            self.stats.prefill_seconds += elapsed
+        else:
+            self.stats.decode_seconds += elapsed
 
     def _launch(self, batch: ScheduleBatch) -> Launched:
         logits = self.runner.forward(batch)
@@ -187,6 +201,7 @@ class Scheduler:
             copied.record()
         if batch.mode is ForwardMode.EXTEND:
             self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += batch.num_tokens
             self.stats.peak_prefill_tokens = max(self.stats.peak_prefill_tokens, batch.num_tokens)
         else:
             self.stats.decode_steps += 1

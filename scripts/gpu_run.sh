@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-run() { local name=$1; shift; echo "=== $name: $*"; "$@" 2>&1 | tee "$out/$name.log" | grep -vE "^\[bench\]|it/s\]|Warning|warn\(" ; }
+run() { local name=$1; shift; echo "=== $name: $*"; "$@" 2>&1 | tee "$out/$name.log" | grep -vE "^\[bench\] [^s]|it/s\]|Warning|warn\(" ; }
 for s in $steps; do
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
