@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import pytest
 
+from xinf_sglang.custom_model import custom_llm_family
+
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 300  # 2 slow cores: Xinference imports its whole model catalog at start-up
 LAUNCH_TIMEOUT = 300
@@ -139,34 +141,13 @@ def running_server(home: Path) -> Iterator[Server]:
         kill_group(proc)
 
 
-def custom_family(model_dir: Path, name: str = CUSTOM_NAME) -> dict[str, Any]:
-    """A custom LLM family for a local checkpoint (no chat_template: the checkpoint's own is used)."""
-    return {
-        "version": 2,
-        "model_name": name,
-        "model_lang": ["en"],
-        "model_ability": ["generate", "chat"],
-        "model_family": name,
-        "architectures": ["Qwen2ForCausalLM"],
-        "context_length": 2048,
-        "model_specs": [
-            {
-                "model_format": "pytorch",
-                "model_size_in_billions": "0_001",
-                "quantization": "none",
-                "model_uri": str(model_dir),
-            }
-        ],
-    }
-
-
 @contextlib.contextmanager
 def registered_model(server: Server, model_dir: Path, name: str = CUSTOM_NAME) -> Iterator[str]:
     """``model_dir`` registered (persisted) as the custom LLM family ``name``; unregistered on exit."""
     status, body = http(
         "POST",
         server.endpoint + "/v1/model_registrations/LLM",
-        {"model": json.dumps(custom_family(model_dir, name)), "persist": True},
+        {"model": json.dumps(custom_llm_family(model_dir, name)), "persist": True},
     )
     assert status == 200, body
     try:

@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from xinf_sglang.custom_model import custom_llm_family
+
 DEFAULT_MODEL_DIR = Path("~/.cache/sglite/demo-model").expanduser()
 MODEL_NAME = "sglite-demo"
 MODEL_UID = "sglite-demo"
@@ -135,24 +137,7 @@ class _Demo:
         _say(f"Xinference is up after {time.monotonic() - started:.0f}s")
 
     def register_model(self) -> None:
-        family = {
-            "version": 2,
-            "model_name": MODEL_NAME,
-            "model_lang": ["en"],
-            "model_ability": ["generate", "chat"],
-            "model_family": MODEL_NAME,
-            "model_description": "sglite's tiny random-weight demo checkpoint",
-            "architectures": ["Qwen2ForCausalLM"],
-            "context_length": 2048,
-            "model_specs": [
-                {
-                    "model_format": "pytorch",
-                    "model_size_in_billions": "0_001",
-                    "quantization": "none",
-                    "model_uri": str(self.model_dir),
-                }
-            ],
-        }
+        family = custom_llm_family(self.model_dir, MODEL_NAME, "sglite's tiny random-weight demo checkpoint")
         _say(f"registering {self.model_dir} as the custom LLM {MODEL_NAME!r} (POST /v1/model_registrations/LLM)")
         status, body = self._http(
             "POST", "/v1/model_registrations/LLM", {"model": json.dumps(family), "persist": True}
