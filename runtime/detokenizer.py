@@ -159,9 +159,17 @@ class StopStringMatcher:
         return text[: match[0]], True
 
     def flush(self) -> str:
-        """At finish without a stop string: the held-back text (empty after a stop)."""
+        """At finish: the held-back text up to the first complete stop string in it, if any (then `stopped` is
+        set: a later stop string completed while an earlier-starting one was still possible, and the output ended
+        before the earlier one could complete), else all of it. Empty after a stop."""
         held, self._held = self._held, ""
-        return "" if self._stopped else held
+        if self._stopped:
+            return ""
+        match = self._earliest_match(held)
+        if match is None:
+            return held
+        self._stopped, self._matched = True, match[1]
+        return held[: match[0]]
 
     def _earliest_match(self, text: str) -> tuple[int, str] | None:
         """(start, stop string) of the earliest complete occurrence in `text`; ties go to the shortest string."""

@@ -44,11 +44,11 @@ class OutputProcessor:
     @staticmethod
     def _drain(req: Req) -> str:
         """At finish: the text held back for a possible stop string or an unfinished character."""
-        text, hit = req.stop_matcher.feed(req.detok.flush() if req.detok is not None else "")
-        if hit:
+        text, _ = req.stop_matcher.feed(req.detok.flush() if req.detok is not None else "")
+        text += req.stop_matcher.flush()
+        if req.stop_matcher.stopped:
             req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
-            return text
-        return text + req.stop_matcher.flush()
+        return text
 
     @staticmethod
     def _send(req: Req, text: str, tokens: list[int]) -> None:

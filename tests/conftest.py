@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# CI must be reproducible: the same examples every run (a failure there reproduces locally with CI=1). Local runs
+# keep exploring new random examples, which is how edge cases get found.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Set before anything imports huggingface_hub / transformers, which read them at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

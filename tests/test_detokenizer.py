@@ -161,7 +161,8 @@ def test_random_valid_text_never_shows_half_characters(tokenizer, text: str) -> 
 
 
 def run_matcher(stop: list[str], deltas: list[str]) -> tuple[str, bool]:
-    """Everything the matcher lets through for `deltas` (plus its flush when no stop was hit)."""
+    """Everything the matcher lets through for `deltas` (plus its flush when no stop was hit during the stream), and
+    whether a stop string ended it (during the stream or at the flush)."""
     matcher = StopStringMatcher(stop)
     out = []
     for delta in deltas:
@@ -170,7 +171,15 @@ def run_matcher(stop: list[str], deltas: list[str]) -> tuple[str, bool]:
         if stopped:
             assert matcher.stopped
             return "".join(out), True
-    return "".join(out) + matcher.flush(), False
+    out.append(matcher.flush())
+    return "".join(out), matcher.stopped
+
+
+def test_later_stop_applies_when_the_earlier_candidate_never_completes() -> None:
+    # "ab": "b" is complete at 1 while "aba" (from 0) might still come; the stream ends, so "b" stops it.
+    assert run_matcher(["b", "aba"], ["ab"]) == ("a", True)
+    assert run_matcher(["b", "aba"], ["a", "b"]) == ("a", True)
+    assert run_matcher(["b", "aba"], ["aba"]) == ("", True)  # the earlier-starting one completes: it wins
 
 
 def cut_before_first_stop(text: str, stop: list[str]) -> str:
