@@ -377,11 +377,11 @@ class Engine:
     def _loop(self) -> None:
         sched = self.scheduler
         while True:
-            if not self._drain_inbox(block=not sched.has_work):
-                break
             try:
+                if not self._drain_inbox(block=not sched.has_work):
+                    break
                 worked = sched.step()
-            except Exception as e:  # keep serving: fail the requests of the broken step, not the engine
+            except Exception as e:  # keep serving: fail the requests in flight, never the thread
                 logger.exception("scheduler step failed; aborting the requests in flight")
                 sched.abort_all(f"engine error: {type(e).__name__}: {e}")
                 worked = False

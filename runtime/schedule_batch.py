@@ -26,6 +26,9 @@ class ScheduleBatch:
     # Decode inputs still on the device: the tokens the previous (not yet resolved) step sampled, in request order.
     # None: the inputs are read from the requests (their last output token).
     input_ids: torch.Tensor | None = None
+    # Set by the scheduler once the forward ran and each request's kv_len counts its slots of out_cache_loc;
+    # until then those slots belong to the batch alone (a failed step must free them itself).
+    kv_committed: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -98,6 +98,9 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.stats = SchedulerStats()
         self.inflight: Launched | None = None  # overlap mode: the launched step not yet resolved
+        # The batch of the step in progress: its prefilled requests are neither waiting nor running until the step
+        # resolves, so an exception in between must still find them (abort_all).
+        self.stepping: ScheduleBatch | None = None
         self._pinned = [_pinned_buffer(limits.max_running_requests, runner.device) for _ in range(2)]
 
     # ---- queue operations (called from the engine's inbox handler, on the scheduler thread) ----
@@ -106,38 +109,35 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort(self, rid: str, error: str | None = None) -> bool:
-        """Finish request ``rid`` wherever it is, free its KV and send its last chunk. False if unknown."""
-        for req in list(self.waiting):
+        """Finish request ``rid`` wherever it is, free its KV and send its last chunk. False if unknown.
+
+        Called between steps, when every live request is waiting, chunked or running."""
+        for req in [*self.waiting, *self.running] + ([self.chunked] if self.chunked else []):
             if req.rid == rid:
-                self.waiting.remove(req)
-                self._finish_aborted(req, error)
-                return True
-        if self.chunked is not None and self.chunked.rid == rid:
-            req, self.chunked = self.chunked, None
-            self._release_kv(req)
-            self._finish_aborted(req, error)
-            return True
-        for req in self.running:
-            if req.rid == rid:
-                self.running.remove(req)
-                self._release_kv(req)
-                self._finish_aborted(req, error)
-                return True
-        # prefilled by the launched step, not yet running: resolving that step will skip it (it is finished)
-        for req in self.inflight.batch.reqs if self.inflight is not None else ():
-            if req.rid == rid and not req.finished:
-                self._release_kv(req)
-                self._finish_aborted(req, error)
+                self._abort_req(req, error)
                 return True
         return False
 
     def abort_all(self, error: str) -> None:
-        """Abort every request (after a failed step, at shutdown); a launched step is dropped unprocessed."""
-        inflight = self.inflight.batch.reqs if self.inflight is not None else []
-        for req in [*self.waiting, *self.running, *inflight] + ([self.chunked] if self.chunked else []):
+        """Abort every request (after a failed step, at shutdown), also those of the step that was interrupted;
+        a launched step is dropped unprocessed."""
+        stepped = [*(self.inflight.batch.reqs if self.inflight else []), *(self.stepping.reqs if self.stepping else [])]
+        if self.stepping is not None and not self.stepping.kv_committed:
+            self.allocator.free(self.stepping.out_cache_loc)
+        for req in [*self.waiting, *self.running, *stepped] + ([self.chunked] if self.chunked else []):
             if not req.finished:
-                self.abort(req.rid, error)
-        self.inflight = None
+                self._abort_req(req, error)
+        self.inflight = self.stepping = None
+
+    def _abort_req(self, req: Req, error: str | None) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+        self._release_kv(req)
+        self._finish_aborted(req, error)
 
     @property
     def has_work(self) -> bool:
@@ -158,9 +158,11 @@ class Scheduler:
         if self.inflight is not None:
             launched, self.inflight = self.inflight, None
             if self._can_chain(launched):
-                self.inflight = self._launch(self._chained_decode(launched))
+                self.stepping = self._chained_decode(launched)
+                self.inflight = self._launch(self.stepping)
                 self.stats.overlapped_steps += 1
             self._resolve(launched)
+            self.stepping = None
             self._account(launched.batch.mode, start)
             return True
         batch = self._schedule_prefill()
@@ -168,11 +170,13 @@ class Scheduler:
             batch = self._schedule_decode()
         if batch is None:
             return False
+        self.stepping = batch
         launched = self._launch(batch)
         if self.limits.overlap and batch.mode is ForwardMode.DECODE:
             self.inflight = launched
         else:
             self._resolve(launched)
+        self.stepping = None
         self._account(batch.mode, start)
         return True
 
@@ -187,6 +191,7 @@ class Scheduler:
         logits = self.runner.forward(batch)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
+        batch.kv_committed = True
         rows = [i for i, s in enumerate(batch.samples) if s]
         sampled = [batch.reqs[i] for i in rows]
         if len(rows) != len(batch.reqs):

@@ -302,3 +302,29 @@ def test_missing_tensor_is_named(tmp_path, model_dir):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match="model.layers.1.mlp.gate_up_proj.weight shard 1"):
         make_engine(tmp_path)
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+@pytest.mark.parametrize("failing_call", [1, 4], ids=["prefill", "decode"])
+def test_a_failing_step_aborts_its_requests_and_the_engine_keeps_serving(model_dir, overlap, failing_call):
+    """A forward that raises (the first one, a prefill, or a later decode) fails the requests in flight with the
+    error; the engine frees everything and the next request is served normally."""
+    prompts = varied_prompts(model_dir, 3, min_len=10, max_len=30)
+    with make_engine(model_dir, overlap_schedule=overlap) as engine:
+        runner = engine.runner
+        real_forward = runner.forward
+        calls = []
+
+        def broken_forward(batch):
+            calls.append(batch.mode)
+            if len(calls) < failing_call:
+                return real_forward(batch)
+            runner.forward = real_forward  # fail exactly once
+            raise RuntimeError("simulated device failure")
+
+        runner.forward = broken_forward
+        outs = engine.generate(input_ids=prompts, sampling_params=SamplingParams(max_new_tokens=8, **GREEDY))
+        assert all(o.finish_reason == "abort" and "simulated device failure" in o.error for o in outs)
+        assert engine.check_invariants() == []
+        [ok] = engine.generate(input_ids=prompts[:1], sampling_params=SamplingParams(max_new_tokens=8, **GREEDY))
+        assert ok.finish_reason == "length" and len(ok.token_ids) == 8
