@@ -11,6 +11,8 @@ Every wait is bounded; the server's process group is killed at the end.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import os
 import subprocess
 from pathlib import Path
@@ -303,6 +305,16 @@ def test_builtin_family_via_rest_then_terminate(server: Server, builtin_model: s
         max_tokens=8, temperature=0,
     )
     assert with_tools.usage.prompt_tokens > r.usage.prompt_tokens  # the tool schema is in the prompt
+    # A random model never writes a tool call by itself; a regex constraint makes it write Qwen's exact tool-call
+    # text, and the answer must come back parsed into OpenAI tool_calls (engine -> Xinference's Qwen parser -> API).
+    call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    called = c.chat.completions.create(
+        model=builtin_model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools,
+        max_tokens=64, temperature=0, extra_body={"guided_regex": re.escape(call_text)},
+    )
+    [call] = called.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert called.choices[0].finish_reason == "tool_calls"
 
     pid = m["pid"]
     terminate(server, builtin_model)
