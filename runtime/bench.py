@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
         has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        config = EngineConfig.build(
+        config = EngineConfig(
             model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
             seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,23 +57,46 @@ class EngineConfig(BaseModel):
             raise ValueError("model_path must name a checkpoint folder")
         return v
 
-    @classmethod
-    def build(cls, **kwargs) -> "EngineConfig":
-        """Like the constructor, but raises ``ConfigError`` with one readable line per problem."""
+    def __init__(self, **data: Any) -> None:
+        """Validate every option; raise ``ConfigError`` naming each bad one and listing the valid options."""
         try:
-            return cls(**kwargs)
+            super().__init__(**data)
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, cls)) from None
+            raise ConfigError(format_validation_error(e, type(self), "engine configuration")) from None
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
-    """One line per problem: the field, what was given, what is allowed; unknown keys list the valid ones."""
-    lines = []
+def describe_options(model: type[BaseModel]) -> str:
+    """``name (allowed values)`` for every field of ``model``, for error messages."""
+    return ", ".join(f"{name} ({allowed_values(field)})" for name, field in model.model_fields.items())
+
+
+def allowed_values(field: Any) -> str:
+    """What a field accepts, in words, read off its annotation and constraints (``number > 0.0, < 1.0``)."""
+    ann = field.annotation
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is Literal:
+        return "|".join(str(a) for a in args)
+    bounds = [
+        f"{sym} {getattr(m, attr)}"
+        for m in field.metadata
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(m, attr, None) is not None
+    ]
+    base = {bool: "true|false", int: "integer", float: "number", str: "text"}
+    kinds = "|".join(base.get(a, getattr(a, "__name__", str(a))) for a in (args or (ann,)) if a is not type(None))
+    return kinds + (" " + ", ".join(bounds) if bounds else "")
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], subject: str) -> str:
+    """``invalid <subject>: `` and one clause per problem (the field, what was given, what is allowed), then the
+    list of valid options with what each accepts."""
+    clauses = []
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(config)"
+        name = ".".join(str(p) for p in item["loc"]) or "(options)"
         if item["type"] == "extra_forbidden":
-            valid = ", ".join(sorted(model.model_fields))
-            lines.append(f"unknown option {field!r}; valid options: {valid}")
-        else:
-            lines.append(f"{field}={item.get('input')!r}: {item['msg']}")
-    return "invalid engine configuration: " + "; ".join(lines)
+            clauses.append(f"unknown option {name!r}")
+            continue
+        field = model.model_fields.get(name)
+        allowed = f" (allowed: {allowed_values(field)})" if field is not None else ""
+        clauses.append(f"{name}={item.get('input')!r}: {item['msg']}{allowed}")
+    return f"invalid {subject}: " + "; ".join(clauses) + f". Valid options: {describe_options(model)}."

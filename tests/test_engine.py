@@ -275,13 +275,13 @@ def test_metrics_report_the_pool(engine):
     "kwargs, message",
     [
         (dict(mem_fraction_static=1.5), "mem_fraction_static"),
-        (dict(no_such_option=1), "unknown option 'no_such_option'; valid options: .*chunked_prefill_size"),
+        (dict(no_such_option=1), "unknown option 'no_such_option'. Valid options: .*chunked_prefill_size"),
         (dict(schedule_policy="random"), "schedule_policy"),
     ],
 )
 def test_bad_engine_config(model_dir, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        EngineConfig.build(model_path=str(model_dir), **kwargs)
+        EngineConfig(model_path=str(model_dir), **kwargs)
 
 
 def test_unsupported_architecture(tmp_path):

@@ -64,7 +64,7 @@ def test_bad_options_are_rejected_with_the_valid_ones(options, expected) -> None
         split_model_config(options)
     message = str(err.value)
     assert expected in message
-    assert "Valid sglite options: context_length" in message and "mem_fraction_static (number > 0.0, < 1.0)" in message
+    assert "Valid options: context_length" in message and "mem_fraction_static (number > 0.0, < 1.0)" in message
 
 
 def test_xinference_keys_are_consumed_not_dropped() -> None:

@@ -12,11 +12,11 @@ silently: see :func:`split_model_config`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
-from xinf_sglang.runtime.config import EngineConfig
+from xinf_sglang.runtime.config import EngineConfig, describe_options, format_validation_error
 
 # Values that mean "not set, use the default": the web UI sends empty fields as "" and the CLI/REST as "None".
 _UNSET_STRINGS = frozenset({"", "none", "null"})
@@ -80,10 +80,7 @@ class _LaunchOptionsBase(BaseModel):
     @classmethod
     def describe(cls) -> str:
         """``name (allowed values)`` for every option, for error messages and ``--help`` texts."""
-        parts = []
-        for name, field in cls.model_fields.items():
-            parts.append(f"{name} ({_allowed(field)})")
-        return ", ".join(parts)
+        return describe_options(cls)
 
 
 LaunchOptions = create_model(
@@ -98,42 +95,8 @@ def _is_unset(v: Any) -> bool:
     return v is None or (isinstance(v, str) and v.strip().lower() in _UNSET_STRINGS)
 
 
-def _allowed(field: Any) -> str:
-    """A short human description of what a field accepts, read off its annotation and constraints."""
-    ann = field.annotation
-    args = getattr(ann, "__args__", ())
-    if getattr(ann, "__origin__", None) is Literal:
-        return "|".join(str(a) for a in args)
-    bounds = []
-    for m in field.metadata:
-        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            if getattr(m, attr, None) is not None:
-                bounds.append(f"{sym} {getattr(m, attr)}")
-    base = {bool: "true|false", int: "integer", float: "number"}
-    kinds = [base.get(a, getattr(a, "__name__", str(a))) for a in (args or (ann,)) if a is not type(None)]
-    text = "|".join(kinds)
-    if bounds:
-        text += " " + ", ".join(bounds)
-    return text
-
-
 def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for item in err.errors():
-        name = ".".join(str(p) for p in item["loc"]) or "(options)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"unknown option {name!r}")
-        else:
-            field = LaunchOptions.model_fields.get(name)
-            allowed = f" (allowed: {_allowed(field)})" if field is not None else ""
-            lines.append(f"{name}={item.get('input')!r}: {item['msg']}{allowed}")
-    return (
-        "invalid sglite launch options: "
-        + "; ".join(lines)
-        + ". Valid sglite options: "
-        + LaunchOptions.describe()
-        + "."
-    )
+    return format_validation_error(err, LaunchOptions, "sglite launch options")
 
 
 # Keys Xinference (4.1) itself may put into an engine's model_config, and what sglite does with each. Every one
