@@ -28,6 +28,7 @@ class ModelRunner:
         self.req_to_token = req_to_token
         self.device = device
         self.vocab_size = model.cfg.vocab_size
+        self._pin = device.type == "cuda"  # stage host->device index copies in page-locked memory
         self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
         self._bitmask = allocate_bitmask(0, self.vocab_size)  # grown on demand, reused across steps
         self.mask_seconds = 0.0  # host time spent filling and applying grammar masks (metrics)
@@ -40,11 +41,18 @@ class ModelRunner:
         self.graphs = CudaGraphRunner(self.model, self.attn, max_bs, max_context_len, self.device)
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
-        """Write the new slots into the request->token table and build the forward's index tensors."""
+        """Write the new slots into the request->token table and build the forward's index tensors.
+
+        Every index goes to the device in one asynchronous copy from pinned memory: a plain ``torch.tensor(...,
+        device="cuda")`` would block the host until the device finished the step before, which would undo the
+        overlap of host work and device work (and so would ``repeat_interleave`` with device-side counts).
+        """
         ids: list[int] = []
         positions: list[int] = []
         starts: list[int] = []
         seq_lens: list[int] = []
+        rows: list[int] = []
+        row_of_token: list[int] = []
         offset = 0
         for req, n in zip(batch.reqs, batch.extend_lens):
             starts.append(offset)
@@ -56,20 +64,21 @@ class ModelRunner:
                     ids.extend(_token_range(req, req.kv_len, n))
             positions.extend(range(req.kv_len, req.kv_len + n))
             seq_lens.append(req.kv_len + n)
-        dev = self.device
-        rows = torch.tensor([r.req_pool_idx for r in batch.reqs], dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        row_of_token = torch.repeat_interleave(rows, torch.tensor(batch.extend_lens, device=dev))
-        self.req_to_token[row_of_token, pos] = batch.out_cache_loc.to(torch.int32)
-        extend_lens = torch.tensor(batch.extend_lens, dtype=torch.int64, device=dev)
-        start_loc = torch.tensor(starts, dtype=torch.int64, device=dev)
+            rows.append(req.req_pool_idx)
+            row_of_token.extend([req.req_pool_idx] * n)
+        parts = [rows, positions, row_of_token, batch.extend_lens, starts, seq_lens, ids]
+        packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64, pin_memory=self._pin)
+        rows_t, pos, row_of_token_t, extend_lens, start_loc, seq_lens_t, ids_t = packed.to(
+            self.device, non_blocking=True
+        ).split([len(part) for part in parts])
+        self.req_to_token[row_of_token_t, pos] = batch.out_cache_loc.to(torch.int32)
         return ForwardBatch(
             mode=batch.mode,
-            input_ids=batch.input_ids if batch.input_ids is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
+            input_ids=batch.input_ids if batch.input_ids is not None else ids_t,
             positions=pos,
             out_cache_loc=batch.out_cache_loc,
-            req_pool_indices=rows,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            req_pool_indices=rows_t,
+            seq_lens=seq_lens_t,
             extend_seq_lens=extend_lens,
             extend_start_loc=start_loc,
             logits_indices=start_loc + extend_lens - 1,

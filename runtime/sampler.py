@@ -182,7 +182,7 @@ def _build_banned(
     if not any(banned_token_ids):
         return None
     rows, cols = _flat_index(banned_token_ids, vocab_size, "banned_token_ids")
-    return rows.to(device), cols.to(device)
+    return _to(rows, device), _to(cols, device)
 
 
 def _build_bias(
@@ -192,12 +192,20 @@ def _build_bias(
         return None
     rows, cols = _flat_index([list(p.logit_bias or {}) for p in params], vocab_size, "logit_bias")
     values = torch.tensor([b for p in params for b in (p.logit_bias or {}).values()], dtype=torch.float32)
-    return rows.to(device), cols.to(device), values.to(device)
+    return _to(rows, device), _to(cols, device), _to(values, device)
+
+
+def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait for the device's queued work: staged in page-locked
+    memory and copied asynchronously (a pageable copy would block until the step in flight finished)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _column(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-row parameter as a [N, 1] tensor, so it broadcasts over the vocabulary."""
-    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+    return _to(torch.tensor(values, dtype=dtype), device).unsqueeze(1)
 
 
 def _build_penalties(
@@ -223,7 +231,7 @@ def _build_penalties(
         tokens = [output_ids[i] if _uses_additive(params[i]) else [] for i in rows]
         counts = _scatter(tokens, vocab_size, torch.float32, device, "output_ids")
     return PenaltyInputs(
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        rows=_to(torch.tensor(rows, dtype=torch.int64), device),
         all_rows=len(rows) == len(params),
         repetition=repetition,
         seen=seen,
@@ -248,7 +256,7 @@ def _scatter(
     rows, cols = _flat_index(token_lists, vocab_size, what)
     out = torch.zeros(len(token_lists), vocab_size, dtype=dtype, device=device)
     ones = torch.ones(cols.numel(), dtype=dtype, device=device)
-    out.index_put_((rows.to(device), cols.to(device)), ones, accumulate=dtype != torch.bool)
+    out.index_put_((_to(rows, device), _to(cols, device)), ones, accumulate=dtype != torch.bool)
     return out
 
 
@@ -269,13 +277,13 @@ def _build_random(
     unseeded = [pos for pos, i in enumerate(rows) if generators[i] is None]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in chosen]
     return RandomRows(
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        rows=_to(torch.tensor(rows, dtype=torch.int64), device),
         all_rows=len(rows) == len(params),
         temperature=_column([p.temperature for p in chosen], torch.float32, device),
         top_k=_column(top_k, torch.int64, device) if any(k < vocab_size for k in top_k) else None,
         top_p=_column([p.top_p for p in chosen], torch.float32, device) if any(p.top_p < 1 for p in chosen) else None,
         min_p=_column([p.min_p for p in chosen], torch.float32, device) if any(p.min_p > 0 for p in chosen) else None,
-        unseeded=None if not seeded else torch.tensor(unseeded, dtype=torch.int64, device=device),
+        unseeded=None if not seeded else _to(torch.tensor(unseeded, dtype=torch.int64), device),
         seeded=seeded,  # type: ignore[arg-type]  # None generators were filtered out above
     )
 

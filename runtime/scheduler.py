@@ -258,7 +258,8 @@ class Scheduler:
         rows = [position[id(r)] for r in reqs]  # every running request was in the launched decode step
         inputs = launched.tokens
         if rows != list(range(len(launched.sampled))):
-            inputs = inputs[torch.tensor(rows, device=inputs.device)]
+            index = torch.tensor(rows, dtype=torch.int64, pin_memory=inputs.is_cuda)  # an async copy: no host wait
+            inputs = inputs[index.to(inputs.device, non_blocking=True)]
         got = self._alloc_slots(len(reqs))
         assert got is not None  # _can_chain checked the room
         return ScheduleBatch(ForwardMode.DECODE, reqs, [1] * len(reqs), got, [True] * len(reqs), input_ids=inputs)
