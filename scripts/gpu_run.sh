@@ -19,6 +19,7 @@ for s in $steps; do
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
     profile) run profile python3 scripts/gpu_profile_decode.py ;;
+    splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
     bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
         --num-prompts 1 --input-len 128:128 --output-len 256:256 --roofline --engine-arg context_length=4096 ;;
