@@ -8,10 +8,13 @@ For each minimum split size, builds a dummy-weight engine (CUDA graphs on) and t
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
 from xinf_sglang.runtime import attention_triton
@@ -47,6 +50,8 @@ def main() -> None:
         print(f"{min_split:>17}{decode_ms(engine, 128):>15.3f}{decode_ms(engine, 6000):>16.3f}", flush=True)
         engine.shutdown()
         del engine
+        gc.collect()
+        torch.cuda.empty_cache()
     attention_triton.TritonAttentionBackend.__init__ = original
 
 
