@@ -53,3 +53,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("artifacts")
         for nodeid, path in paths:
             terminalreporter.write_line(f"{path}  ({nodeid})")
+
+
+@pytest.fixture(autouse=True)
+def _idle_invariant_after(request: pytest.FixtureRequest):
+    """After every test that uses a module's shared ``engine`` fixture: that engine is back to its idle invariant
+    (``free + evictable == total``, no locked cache tokens, no request rows held)."""
+    yield
+    if "engine" in request.fixturenames:
+        assert request.getfixturevalue("engine").check_invariants() == []

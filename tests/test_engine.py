@@ -27,13 +27,6 @@ def engine(model_dir, request):
     eng.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _idle_invariant_after(request):
-    yield
-    if "engine" in request.fixturenames:
-        assert request.getfixturevalue("engine").check_invariants() == []
-
-
 async def _collect(engine, **kwargs):
     chunks = [c async for c in engine.generate_stream(**kwargs)]
     return chunks

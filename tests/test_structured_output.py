@@ -37,13 +37,6 @@ def engine(model_dir):
     eng.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _idle_invariant_after(request):
-    yield
-    if "engine" in request.fixturenames:
-        assert request.getfixturevalue("engine").check_invariants() == []
-
-
 @pytest.fixture(scope="module")
 def prompt(model_dir):
     return varied_prompts(model_dir, 1, min_len=12, max_len=12)[0]
