@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from .pool_layout import check_attention_shapes
+
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
     import triton.language as tl
@@ -232,12 +234,8 @@ def decode_attention_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use decode_attention_ref")
-    bs, n_q, d = q.shape
-    n_kv = k_buffer.shape[1]
-    if n_kv < 1 or n_q % n_kv:
-        raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
-    if k_buffer.shape[2] != d or v_buffer.shape != k_buffer.shape:
-        raise ValueError(f"k/v buffers {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} do not match q head_dim {d}")
+    bs, n_q, n_kv = check_attention_shapes(q, k_buffer, v_buffer)
+    d = q.shape[2]
     if req_pool_indices.shape != (bs,) or seq_lens.shape != (bs,):
         raise ValueError(f"req_pool_indices / seq_lens must be [{bs}]")
     if min_split_tokens < 1:

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .pool_layout import check_attention_shapes
+
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
     import triton.language as tl
@@ -158,12 +160,8 @@ def extend_attention_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use extend_attention_ref")
-    t, n_q, d = q.shape
-    n_kv = k_buffer.shape[1]
-    if n_kv < 1 or n_q % n_kv:
-        raise ValueError(f"query heads ({n_q}) must be a multiple of KV heads ({n_kv})")
-    if k_buffer.shape[2] != d or v_buffer.shape != k_buffer.shape:
-        raise ValueError(f"k/v buffers {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} do not match q head_dim {d}")
+    t, n_q, n_kv = check_attention_shapes(q, k_buffer, v_buffer)
+    d = q.shape[2]
     bs = req_pool_indices.shape[0]
     if any(x.shape != (bs,) for x in (seq_lens, extend_seq_lens, extend_start_loc)):
         raise ValueError(f"req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc must all be [{bs}]")
