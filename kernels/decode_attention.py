@@ -32,9 +32,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-# Programs per SM the split heuristic aims for: about one full wave (a stage-1 program of 4 warps with two
-# pipelined K/V tiles leaves room for ~3 resident per SM), so no SM idles and there is no long tail.
-DECODE_PROGRAMS_PER_SM = 3
+# Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
+# histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
+# 78 requests of 1..6000 tokens, 4 splits per request instead of 1 took a step from 413 to 375 us;
+# scripts/gpu_tune.py, docs/PERFORMANCE.md).
+DECODE_PROGRAMS_PER_SM = 16
 # A split shorter than this costs more in its own merge traffic (Hq/Hkv partial rows of D floats) and launch
 # overhead than it saves; requests shorter than this use one split.
 DECODE_MIN_SPLIT_TOKENS = 128
@@ -216,6 +218,8 @@ def decode_attention_triton(
     out: torch.Tensor | None = None,
     min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
 
@@ -268,7 +272,9 @@ def decode_attention_triton(
         )
     full_precision = q.dtype == torch.float32
     if block_n is None:
-        block_n = 32 if full_precision else 64  # fp32 tiles are twice the bytes: halve them to keep 2 stages
+        # 128-position half-precision tiles measured best on Hopper (scripts/gpu_tune.py); fp32 tiles are twice
+        # the bytes, so they stay small enough for the pipeline stages to fit in shared memory.
+        block_n = 32 if full_precision else 128
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     group = n_q // n_kv
@@ -285,7 +291,7 @@ def decode_attention_triton(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         group, d, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2_kernel[(bs, n_q)](
         mid_o, mid_lse, seq_lens, out,

@@ -112,7 +112,10 @@ class Checker:
     def __init__(self, kernels_pkg, only: str | None) -> None:
         self.k = {
             name: importlib.import_module(f"{kernels_pkg.__name__}.{name}")
-            for name in ("norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask")
+            for name in (
+                "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask",
+                "linear",
+            )
         }
         self.only = only
         self.rows: list[Row] = []
@@ -219,6 +222,25 @@ class Checker:
                     row.throughput = gbps(2 * nbytes(kv) + nbytes(loc), row.ms)
 
                 self.run("store_kv", dtype, f"T={tokens} Hkv={HKV} D={HEAD_DIM}", body)
+
+    def check_linear(self) -> None:
+        lin = self.k["linear"]
+        weights = {"qkv": ((HQ + 2 * HKV) * HEAD_DIM, HIDDEN), "down": (HIDDEN, INTERMEDIATE), "lm_head": (VOCAB, HIDDEN)}
+        for dtype in DTYPES:
+            for name, (n, k) in weights.items():
+                for m in (1, 8, 16):
+
+                    def body(row: Row, dtype=dtype, n=n, k=k, m=m, bias=name == "qkv") -> None:
+                        x = self.randn(m, k, dtype=dtype)
+                        w = self.randn(n, k, dtype=dtype, scale=k**-0.5)
+                        b = self.randn(n, dtype=dtype) if bias else None
+                        out = lin.linear_triton(x, w, b)
+                        ref = lin.linear_ref(x.double(), w.double(), b.double() if bias else None)
+                        row.err = rel_err(out, ref)
+                        row.ms = bench(lambda: lin.linear_triton(x, w, b))
+                        row.throughput = gbps(nbytes(x, w, out), row.ms)
+
+                    self.run("linear(skinny)", dtype, f"{name}: M={m} N={n} K={k}{' +bias' if name == 'qkv' else ''}", body)
 
     def check_token_bitmask(self) -> None:
         bm = self.k["token_bitmask"]
@@ -400,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         checker.check_rotary,
         checker.check_store_kv,
         checker.check_token_bitmask,
+        checker.check_linear,
         checker.check_decode,
         checker.check_decode_cuda_graph,
         checker.check_extend,

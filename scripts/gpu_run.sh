@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU issue measures, in one go on a CUDA machine (logs to ${OUT:-/tmp/sglite-gpu}).
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
+#   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep)
 # The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
 # (a machine without network access): build them first with
 #   pip wheel --no-deps -w .whl . && pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl pydantic ...
@@ -19,6 +20,7 @@ for s in $steps; do
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
     profile) run profile python3 scripts/gpu_profile_decode.py ;;
+    tune) run tune python3 scripts/gpu_tune.py ;;
     splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
     bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \

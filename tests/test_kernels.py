@@ -27,9 +27,11 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 # Modules by full name: the package re-exports functions named like some of its modules (store_kv, ...).
-norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask = (
+norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear = (
     importlib.import_module(f"xinf_sglang.kernels.{name}")
-    for name in ("norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask")
+    for name in (
+        "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask", "linear"
+    )
 )
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(norm._rms_norm_kernel, InterpretedFunction)
@@ -53,6 +55,44 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def randint(lo: int, hi: int) -> int:
     """Uniform in [lo, hi] from torch's (seeded) generator."""
     return int(torch.randint(lo, hi + 1, ()).item())
+
+
+# ---------------------------------------------------------------- skinny linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(dtype: torch.dtype, m: int, with_bias: bool) -> None:
+    torch.manual_seed(m + 10 * with_bias)
+    n, k = randint(40, 80), randint(40, 300)  # not multiples of the tiles: masked tails in N and K
+    x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(n, k) * k**-0.5).to(dtype)
+    b = torch.randn(n).to(dtype) if with_bias else None
+    ref = linear.linear_ref(x.double(), w.double(), b.double() if with_bias else None)
+    # The default launch shape, and one whose tiles divide K and N exactly (the unmasked loads).
+    k_even, n_even = k - k % 32, n - n % 32
+    for out, want in (
+        (linear.linear_triton(x, w, b), ref),
+        (
+            linear.linear_triton(x[:, :k_even], w[:n_even, :k_even], config=linear.SkinnyConfig(32, 32, 4, 2)),
+            linear.linear_ref(x[:, :k_even].double(), w[:n_even, :k_even].double()),
+        ),
+    ):
+        assert out.dtype == dtype and out.shape == want.shape
+        assert rel_err(out, want) < TOL[dtype]
+
+
+def test_linear_leading_dims_and_errors() -> None:
+    x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
+    out = linear.linear_triton(x, w)
+    assert out.shape == (2, 3, 24) and rel_err(out, linear.linear_ref(x, w)) < 1e-5
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        linear.linear_triton(torch.randn(17, 40), w)
+    with pytest.raises(ValueError, match="does not fit"):
+        linear.linear_triton(torch.randn(1, 41), w)
+    # CPU tensors always take the reference path of the dispatcher, whatever their size.
+    assert torch.equal(linear.linear(x, w), linear.linear_ref(x, w))
 
 
 # ---------------------------------------------------------------- elementwise / row kernels
@@ -220,8 +260,9 @@ def test_decode_attention_preallocated_buffers() -> None:
 
 def test_decode_num_splits() -> None:
     f = decode_attention.decode_num_splits
-    assert f(1, 8, num_sms=132) == 50  # ceil(3 * 132 / 8): small batches are split to fill the GPU
-    assert f(64, 8, num_sms=132) == 1  # 512 programs already fill it
+    assert f(1, 8, num_sms=132) == decode_attention.DECODE_MAX_SPLITS  # small batches are split to fill the GPU
+    assert f(78, 8, num_sms=132) == 4  # ceil(16 * 132 / (78 * 8)): several short programs per SM
+    assert f(512, 8, num_sms=132) == 1  # 4096 programs already fill it
     assert f(1, 1, num_sms=132) == decode_attention.DECODE_MAX_SPLITS
     assert f(1, 8, num_sms=132, max_seq_len=300) == 3  # >= 128 tokens per split
     assert f(1, 8, num_sms=132, max_seq_len=1) == 1

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from xinf_sglang.kernels import apply_rotary, rms_norm, rotary_cos_sin, silu_and_mul
+from xinf_sglang.kernels import apply_rotary, linear, rms_norm, rotary_cos_sin, silu_and_mul
 
 from ..attention import AttentionBackend
 from ..forward_batch import ForwardBatch
@@ -43,7 +43,8 @@ class Linear(nn.Module):
         self.bias = _param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        # kernels.linear: a bandwidth-bound Triton kernel for decode-sized batches on CUDA, F.linear otherwise.
+        return linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -145,7 +146,7 @@ class DecoderLM(nn.Module):
         for layer in self.model.layers:
             h, residual = layer(h, residual, cos, sin, batch, attn)
         h, _ = self.model.norm(h, residual)
-        return F.linear(h[batch.logits_indices], self.lm_head_weight).float()
+        return linear(h[batch.logits_indices], self.lm_head_weight).float()
 
     def load_weight(self, name: str, tensor: torch.Tensor, params: dict[str, nn.Parameter]) -> list[str]:
         """Copy one checkpoint tensor into its (possibly fused) parameter; return the parameter names it filled.

@@ -1,0 +1,151 @@
+"""Linear layers with few rows ("skinny" GEMMs): ``y [M, N] = x [M, K] @ W[N, K]^T (+ bias)`` for small M.
+
+At decode with a small batch every projection is memory-bound: the weight matrix is read once for a handful of
+rows, so the only thing that matters is streaming W at the card's bandwidth. cuBLAS picks split-K GEMM tiles for
+these shapes that reach ~75% of it on the smaller matrices (qkv, o_proj of an 8B model) plus a separate split-K
+reduce launch. ``linear_triton`` gives each program a strip of ``BLOCK_N`` output columns and streams the
+strip's ``BLOCK_N x K`` weights through a pipelined loop, with no reduction pass.
+
+``linear_ref`` (``F.linear``) is the ground truth and the path for every other case; ``linear`` dispatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+try:  # triton is optional (absent on macOS / Windows): then only the reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+# Up to this many rows the Triton kernel is used (decode batches up to 8, padded CUDA-graph batches included);
+# beyond it the matmul starts to be compute-shaped and cuBLAS's tensor-core tiles win.
+SKINNY_MAX_M = 8
+SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Launch shape of ``linear_triton``: columns per program, K per loop step, warps, pipeline depth."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def skinny_config(n: int, k: int) -> SkinnyConfig:
+    """The launch shape for an ``N x K`` weight (the same for every M up to ``SKINNY_MAX_M``).
+
+    From the sweep of scripts/gpu_tune.py on an H100 at Llama-3.1-8B shapes: 32-column strips (enough programs
+    for every SM even at N = 4096), 128-wide K steps (256 for long rows, which halves the loop trips), 4 warps and
+    a 5-deep pipeline (~60-120 KB of shared memory) came within 1% of the best shape for every weight.
+    """
+    return SkinnyConfig(block_n=32, block_k=256 if k >= 8192 else 128, num_warps=4, num_stages=5)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K]^T + bias[N]``: ``torch.nn.functional.linear``."""
+    return F.linear(x, weight, bias)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_linear_kernel(
+        X, W, BIAS, Y,
+        M, N, K,
+        sx_m, sw_n, sy_m,
+        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        x_ptr = X + offs_m[:, None] * sx_m + offs_k[None, :]
+        w_ptr = W + offs_n[:, None].to(tl.int64) * sw_n + offs_k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # Padded x rows (M < BLOCK_M, the matmul's minimum) are zeros; their outputs are never stored.
+            if EVEN_K:
+                x = tl.load(x_ptr, mask=mask_m[:, None], other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_ptr)
+                else:
+                    w = tl.load(w_ptr, mask=mask_n[:, None], other=0.0)
+            else:
+                mask_k = (k0 + offs_k) < K
+                x = tl.load(x_ptr, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        if HAS_BIAS:
+            # Added in float32 before the one rounding to the output dtype, as cuBLAS's bias epilogue does.
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptr = Y + offs_m[:, None] * sy_m + offs_n[None, :]
+        tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:
+    """Triton launcher with the contract of ``linear_ref`` for ``x [..., K]`` with at most 16 rows in all.
+
+    ``weight [N, K]`` and ``x`` need a contiguous last dim and the same dtype; ``bias [N]`` optional. float32 is
+    computed in IEEE float32 (no TF32). ``config`` overrides ``skinny_config(N, K)`` (the GPU tuning script uses
+    it). Returns a new ``[..., N]`` tensor in x's dtype.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use linear_ref")
+    n, k = weight.shape
+    if x.shape[-1] != k or x.dtype != weight.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > 16:
+        raise ValueError(f"linear_triton handles at most 16 rows, got {m}; use linear_ref")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        raise ValueError("weight must have a contiguous last dim")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m > 0:
+        cfg = config or skinny_config(n, k)
+        _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2, weight, bias if bias is not None else weight, y,
+            m, n, k,
+            x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y.view(*x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatching linear layer: the skinny Triton kernel for CUDA half-precision inputs of at most
+    ``SKINNY_MAX_M`` rows (decode at small batch), ``F.linear`` for everything else. Contract as ``linear_ref``."""
+    if (
+        x.is_cuda
+        and triton is not None
+        and x.dtype in SKINNY_DTYPES
+        and x.dtype == weight.dtype
+        and x.numel() <= SKINNY_MAX_M * x.shape[-1]
+    ):
+        return linear_triton(x, weight, bias)
+    return linear_ref(x, weight, bias)

@@ -1,0 +1,209 @@
+"""Launch-shape sweep for the decode-time kernels on the GPU at hand, at Llama-3.1-8B shapes.
+
+    python scripts/gpu_tune.py [--only linear|attention]
+
+1. Skinny linear (``kernels/linear.py``) vs cuBLAS (``F.linear``) for the qkv / o_proj / gate_up / down / LM-head
+   weights at M = 1, 4, 8 rows, over a grid of launch shapes. Timed as in a real decode step: 8 distinct copies
+   of the weight are multiplied in turn (so the L2 cache never holds the next one), captured in a CUDA graph.
+2. Split-KV decode attention (``kernels/decode_attention.py``) over a pool with scattered slots, for batch 1 with
+   a 384-token history (benchmark (a)) and batches 32 and 78 with histories uniform in [1, 6000] (benchmark (c)'s
+   steady state), over tile size, warps, pipeline stages and split count.
+
+Prints, per case, the baseline, the best launch shape and the achieved GB/s; the whole grid goes to
+``$OUT/tune.json`` when OUT is set. Also cuBLAS at M = 78 (the rest of a (c) decode step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_kernel_check import _kernels_package  # noqa: E402
+
+_kernels_package()
+# By module name: the package re-exports functions named like some of its modules.
+da = importlib.import_module("xinf_sglang.kernels.decode_attention")
+lin = importlib.import_module("xinf_sglang.kernels.linear")
+
+HIDDEN, INTER, HQ, HKV, D, VOCAB = 4096, 14336, 32, 8, 128, 128256
+WEIGHTS = {  # name -> (N, K)
+    "qkv": (HQ * D + 2 * HKV * D, HIDDEN),
+    "o_proj": (HIDDEN, HQ * D),
+    "gate_up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+    "lm_head": (VOCAB, HIDDEN),
+}
+DT = torch.bfloat16
+
+
+def graph_time_ms(fn, inner: int = 2, replays: int = 10) -> float:
+    """Mean device time of one ``fn()`` in ms: ``inner`` calls captured in a CUDA graph, replayed ``replays`` times."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (replays * inner)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = graph_time_ms(lambda: b.copy_(a), inner=4)
+    return 2 * a.numel() / ms / 1e6  # GB/s, read + write
+
+
+def sweep_linear(results: dict) -> None:
+    grid = [
+        lin.SkinnyConfig(bn, bk, w, s)
+        for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5))
+    ]
+    print(f"\n## skinny linear vs cuBLAS (bf16, 8 weight copies in turn; {len(grid)} launch shapes)")
+    print(f"{'weight':<9}{'M':>3}{'cuBLAS us':>11}{'GB/s':>7}{'default us':>12}{'GB/s':>7}{'best us':>9}{'GB/s':>7}  best")
+    for name, (n, k) in WEIGHTS.items():
+        copies = 4 if name == "lm_head" else 8
+        ws = [torch.randn(n, k, device="cuda", dtype=DT) * 0.02 for _ in range(copies)]
+        gb = n * k * 2 / 1e9
+        for m in (1, 4, 8):
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+
+            def run(f):
+                return graph_time_ms(lambda: [f(x, w) for w in ws]) / copies * 1e3  # us per call
+
+            base = run(F.linear)
+            default = run(lin.linear_triton)
+            rows = []
+            for cfg in grid:
+                try:
+                    t = run(lambda a, w, c=cfg: lin.linear_triton(a, w, config=c))
+                except Exception as e:  # noqa: BLE001 - shapes over the shared-memory limit fail to compile
+                    t = math.inf
+                    print(f"   {cfg}: {type(e).__name__}", file=sys.stderr)
+                rows.append((t, cfg))
+            best_t, best = min(rows, key=lambda r: r[0])
+            results.setdefault("linear", []).append(
+                {"weight": name, "m": m, "cublas_us": base, "default_us": default,
+                 "grid": [(t, vars(c)) for t, c in rows]}
+            )
+            print(f"{name:<9}{m:>3}{base:>11.1f}{gb / base * 1e6:>7.0f}{default:>12.1f}{gb / default * 1e6:>7.0f}"
+                  f"{best_t:>9.1f}{gb / best_t * 1e6:>7.0f}  {best}")
+            top = sorted(rows, key=lambda r: r[0])[:4]
+            print("           top:", "; ".join(f"{t:.1f} {c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}" for t, c in top))
+        del ws
+        torch.cuda.empty_cache()
+    print("\n## cuBLAS at M = 78 (a (c) decode step's GEMMs)")
+    total = 0.0
+    for name, (n, k) in WEIGHTS.items():
+        copies = 4 if name == "lm_head" else 8
+        ws = [torch.randn(n, k, device="cuda", dtype=DT) * 0.02 for _ in range(copies)]
+        x = torch.randn(78, k, device="cuda", dtype=DT)
+        t = graph_time_ms(lambda: [F.linear(x, w) for w in ws]) / copies * 1e3
+        total += t * (1 if name == "lm_head" else 32)
+        print(f"{name:<9} {t:8.1f} us  {n * k * 2 / 1e9 / t * 1e6:6.0f} GB/s")
+        del ws
+    print(f"GEMMs of one 32-layer step at M=78: {total / 1e3:.2f} ms")
+    results["gemm_m78_ms"] = total / 1e3
+
+
+def make_pool(lens: list[int], gen: torch.Generator):
+    total = sum(lens) + 1
+    slots = torch.randperm(total - 1, generator=gen)[: sum(lens)] + 1  # scattered, slot 0 is the dummy
+    ctx = max(lens)
+    req_to_token = torch.zeros(len(lens), ctx, dtype=torch.int32)
+    pos = 0
+    for i, n in enumerate(lens):
+        req_to_token[i, :n] = slots[pos : pos + n].to(torch.int32)
+        pos += n
+    k = torch.randn(total, HKV, D, dtype=DT, device="cuda")
+    v = torch.randn(total, HKV, D, dtype=DT, device="cuda")
+    return k, v, req_to_token.cuda()
+
+
+def sweep_attention(results: dict) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cases = {
+        "bs1 ctx384": ([384], (3, 8, 50)),
+        "bs32 U[1,6000]": (torch.randint(1, 6001, (32,), generator=gen).tolist(), (1, 2, 4, 8)),
+        "bs78 U[1,6000]": (torch.randint(1, 6001, (78,), generator=gen).tolist(), (1, 2, 4, 8)),
+        "bs128 U[1,4000]": (torch.randint(1, 4001, (128,), generator=gen).tolist(), (1, 2, 4)),
+    }
+    grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))
+    print(f"\n## decode attention (bf16, Hq {HQ}, Hkv {HKV}, D {D}; {len(grid)} tile shapes x split counts)")
+    print(f"{'case':<17}{'default us':>11}{'GB/s':>7}{'best us':>9}{'GB/s':>7}  best (block_n, warps, stages, splits)")
+    for name, (lens, split_opts) in cases.items():
+        k, v, rtt = make_pool(lens, gen)
+        bs = len(lens)
+        q = torch.randn(bs, HQ, D, dtype=DT, device="cuda")
+        idx = torch.arange(bs, device="cuda")
+        seq = torch.tensor(lens, device="cuda")
+        gb = sum(lens) * HKV * D * 2 * 2 / 1e9
+        default_splits = da.decode_num_splits(bs, HKV, da.num_sms_of(q.device))
+        mid = da.decode_intermediate_buffers(bs, HQ, da.DECODE_MAX_SPLITS, D, q.device)
+
+        def run(**kw):
+            return graph_time_ms(
+                lambda: da.decode_attention_triton(q, k, v, rtt, idx, seq, 0.088, mid_o=mid[0], mid_lse=mid[1], **kw),
+                inner=8,
+            ) * 1e3
+
+        default = run(num_splits=default_splits)
+        rows = []
+        for (bn, w, s), sp in itertools.product(grid, split_opts):
+            try:
+                t = run(num_splits=sp, block_n=bn, num_warps=w, num_stages=s)
+            except Exception as e:  # noqa: BLE001
+                t = math.inf
+                print(f"   {(bn, w, s, sp)}: {type(e).__name__}", file=sys.stderr)
+            rows.append((t, (bn, w, s, sp)))
+        best_t, best = min(rows, key=lambda r: r[0])
+        results.setdefault("attention", []).append(
+            {"case": name, "default_splits": default_splits, "default_us": default, "grid": rows}
+        )
+        print(f"{name:<17}{default:>11.1f}{gb / default * 1e6:>7.0f}{best_t:>9.1f}{gb / best_t * 1e6:>7.0f}  {best}"
+              f"  (default splits {default_splits})")
+        top = sorted(rows, key=lambda r: r[0])[:5]
+        print("                  top:", "; ".join(f"{t:.1f} {c}" for t, c in top))
+        del k, v
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=("linear", "attention"))
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), f"copy bandwidth {copy_bandwidth():.0f} GB/s (read + write)")
+    results: dict = {}
+    if args.only in (None, "attention"):
+        sweep_attention(results)
+    if args.only in (None, "linear"):
+        sweep_linear(results)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "tune.json").write_text(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()
