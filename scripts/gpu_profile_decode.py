@@ -42,6 +42,15 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         engine.generate(input_ids=prompt, sampling_params=params)
     engine.shutdown()
+    # Host side: where the scheduler thread's time goes (a device sync outside resolve would show up here).
+    host = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(("cuda", "aten::item", "aten::_local")):
+            host[e.name[:60]][0] += e.self_cpu_time_total
+            host[e.name[:60]][1] += 1
+    print(f"{'host call':<62}{'us/step':>10}{'calls/step':>12}")
+    for name, (t, n) in sorted(host.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"{name:<62}{t / args.steps:>10.1f}{n / args.steps:>12.1f}")
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
