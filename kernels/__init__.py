@@ -13,7 +13,7 @@ process: triton decides between compiling and interpreting when it and each kern
 from .activation import silu_and_mul, silu_and_mul_ref
 from .decode_attention import decode_attention, decode_attention_ref, decode_num_splits
 from .extend_attention import extend_attention, extend_attention_ref
-from .linear import linear, linear_ref, norm_linear, norm_linear_ref, silu_mul_linear, silu_mul_linear_ref
+from .linear import linear, linear_ref
 from .norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from .store_kv import store_kv, store_kv_ref
@@ -31,15 +31,11 @@ __all__ = [
     "extend_attention_ref",
     "linear",
     "linear_ref",
-    "norm_linear",
-    "norm_linear_ref",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cos_sin",
     "silu_and_mul",
     "silu_and_mul_ref",
-    "silu_mul_linear",
-    "silu_mul_linear_ref",
     "store_kv",
     "store_kv_ref",
 ]

@@ -242,31 +242,6 @@ class Checker:
 
                     self.run("linear(skinny)", dtype, f"{name}: M={m} N={n} K={k}{' +bias' if name == 'qkv' else ''}", body)
 
-        for dtype in DTYPES:
-            for m in (1, 8):
-
-                def body_norm(row: Row, dtype=dtype, m=m) -> None:
-                    n, k = weights["qkv"]
-                    x, r = self.randn(m, k, dtype=dtype, scale=3.0), self.randn(m, k, dtype=dtype)
-                    nw, w = self.randn(k, dtype=dtype), self.randn(n, k, dtype=dtype, scale=k**-0.5)
-                    out, new_r = lin.norm_linear_triton(x, r, nw, 1e-5, w)
-                    ref, ref_r = lin.norm_linear_ref(x, r, nw, 1e-5, w)
-                    row.err = max(rel_err(out, ref), rel_err(new_r, ref_r))
-                    row.ms = bench(lambda: lin.norm_linear_triton(x, r, nw, 1e-5, w))
-                    row.throughput = gbps(nbytes(x, r, w, out, new_r), row.ms)
-
-                self.run("norm_linear(skinny)", dtype, f"qkv: M={m} +residual", body_norm)
-
-                def body_silu(row: Row, dtype=dtype, m=m) -> None:
-                    n, k = weights["down"]
-                    gu, w = self.randn(m, 2 * k, dtype=dtype, scale=2.0), self.randn(n, k, dtype=dtype, scale=k**-0.5)
-                    out = lin.silu_mul_linear_triton(gu, w)
-                    row.err = rel_err(out, lin.silu_mul_linear_ref(gu, w))
-                    row.ms = bench(lambda: lin.silu_mul_linear_triton(gu, w))
-                    row.throughput = gbps(nbytes(gu, w, out), row.ms)
-
-                self.run("silu_mul_linear(skinny)", dtype, f"down: M={m}", body_silu)
-
     def check_token_bitmask(self) -> None:
         bm = self.k["token_bitmask"]
         words = (VOCAB + 31) // 32

@@ -83,47 +83,6 @@ def test_linear(dtype: torch.dtype, m: int, with_bias: bool) -> None:
         assert rel_err(out, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 7])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_linear(dtype: torch.dtype, m: int, with_residual: bool) -> None:
-    torch.manual_seed(3 * m + with_residual)
-    n, k = randint(40, 80), randint(40, 300)
-    x = torch.randn(m, k).mul(3).to(dtype)
-    res = torch.randn(m, k).to(dtype) if with_residual else None
-    norm_w = torch.randn(k).to(dtype)
-    w = (torch.randn(n, k) * k**-0.5).to(dtype)
-    b = torch.randn(n).to(dtype)
-    out, new_res = linear.norm_linear_triton(x, res, norm_w, 1e-6, w, b)
-    ref, ref_res = linear.norm_linear_ref(x, res, norm_w, 1e-6, w, b)
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert rel_err(out, ref) < TOL[dtype]
-    # The residual stream is exact: one rounding of x + residual, or x itself in the first layer.
-    assert torch.equal(new_res, ref_res)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 7])
-def test_silu_mul_linear(dtype: torch.dtype, m: int) -> None:
-    torch.manual_seed(11 * m)
-    n, k = randint(40, 80), randint(40, 300)
-    gate_up = torch.randn(m, 2 * k).mul(2).to(dtype)
-    w = (torch.randn(n, k) * k**-0.5).to(dtype)
-    out = linear.silu_mul_linear_triton(gate_up, w)
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert rel_err(out, linear.silu_mul_linear_ref(gate_up, w)) < TOL[dtype]
-
-
-def test_fused_linear_dispatch_on_cpu_is_the_unfused_reference() -> None:
-    x, res, norm_w, w = torch.randn(3, 40), torch.randn(3, 40), torch.randn(40), torch.randn(24, 40)
-    got, got_res = linear.norm_linear(x, res, norm_w, 1e-6, w)
-    want, want_res = linear.norm_linear_ref(x, res, norm_w, 1e-6, w)
-    assert torch.equal(got, want) and torch.equal(got_res, want_res)
-    assert linear.norm_linear(x, None, norm_w, 1e-6, w)[1] is x  # the stream starts at x in the first layer
-    gate_up = torch.randn(3, 80)
-    assert torch.equal(linear.silu_mul_linear(gate_up, w), linear.silu_mul_linear_ref(gate_up, w))
-
-
 def test_linear_leading_dims_and_errors() -> None:
     x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
     out = linear.linear_triton(x, w)
@@ -132,10 +91,6 @@ def test_linear_leading_dims_and_errors() -> None:
         linear.linear_triton(torch.randn(17, 40), w)
     with pytest.raises(ValueError, match="dtype"):
         linear.linear_triton(torch.randn(1, 40, dtype=torch.float16), w)
-    with pytest.raises(ValueError, match="gate_up must be"):
-        linear.silu_mul_linear_triton(torch.randn(1, 40), w)
-    with pytest.raises(ValueError, match="norm_weight must be"):
-        linear.norm_linear_triton(torch.randn(1, 40), None, torch.randn(39), 1e-6, w)
     with pytest.raises(ValueError, match="does not fit"):
         linear.linear_triton(torch.randn(1, 41), w)
     # CPU tensors always take the reference path of the dispatcher, whatever their size.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from xinf_sglang.kernels import apply_rotary, linear, norm_linear, rms_norm, rotary_cos_sin, silu_mul_linear
+from xinf_sglang.kernels import apply_rotary, linear, rms_norm, rotary_cos_sin, silu_and_mul
 
 from ..attention import AttentionBackend
 from ..forward_batch import ForwardBatch
@@ -34,11 +34,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual)
-
-    def then(self, proj: "Linear", x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(proj(norm(x + residual)), x + residual)`` (x itself when residual is None): the pre-norm and the
-        projection after it as one op, which kernels.norm_linear fuses into one kernel at decode-sized batches."""
-        return norm_linear(x, residual, self.weight, self.eps, proj.weight, proj.bias)
 
 
 class Linear(nn.Module):
@@ -64,10 +59,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, qkv, cos, sin, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """``qkv``: the output of ``qkv_proj`` (computed by the layer, fused with its pre-norm)."""
-        n = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, h, cos, sin, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        n = h.shape[0]
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
@@ -85,9 +79,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``gate_up``: the output of ``gate_up_proj`` (computed by the layer, fused with its pre-norm)."""
-        return silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(h)))
 
 
 class DecoderLayer(nn.Module):
@@ -99,12 +92,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, residual, cos, sin, batch, attn):
-        # Each sublayer starts with the residual add of the previous one, its pre-norm and its first projection,
-        # as one op (residual is None in the first layer: the stream starts at the embeddings).
-        qkv, residual = self.input_layernorm.then(self.self_attn.qkv_proj, h, residual)
-        h = self.self_attn(qkv, cos, sin, batch, attn)
-        gate_up, residual = self.post_attention_layernorm.then(self.mlp.gate_up_proj, h, residual)
-        return self.mlp(gate_up), residual
+        # The residual add of the previous sublayer is fused into the norm: (norm(h + residual), h + residual).
+        if residual is None:
+            residual = h
+            h, _ = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin, batch, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
