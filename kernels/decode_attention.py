@@ -4,12 +4,14 @@ Layout shared with the runtime: ``k_buffer/v_buffer [num_slots, Hkv, D]`` (slot 
 rows write to), ``req_to_token [rows, context_len]`` maps (request row, position) -> slot. The K/V of the new
 token is already stored in the pool when attention runs.
 
-The Triton path is split-KV "flash decoding" in two launches:
-
-* stage 1, grid ``(B, Hkv, num_splits)``: a program reads one contiguous range of positions ("split") of one
-  request for one KV head, once, and attends all the query heads of that KV group to it (GQA: the group is the M
-  dimension of the matmul). It writes the split's normalised partial output and its log-sum-exp.
-* stage 2, grid ``(B, Hq)``: merges the splits of a request with their log-sum-exps.
+The Triton path is split-KV "flash decoding" in one launch, grid ``(B, Hkv, num_splits)``: a program reads one
+contiguous range of positions ("split") of one request for one KV head, once, and attends all the query heads of
+that KV group to it (GQA: the group is the M dimension of the matmul). A request that uses one split writes its
+output directly. Otherwise each program writes its split's normalised partial output and log-sum-exp, then takes
+a ticket from a per-(request, KV head) counter; the program that draws the last ticket merges the partials of
+all splits and resets the counter to 0 for the next launch (the counter's atomic add orders the partial writes
+before the merge reads them). A separate merge launch would cost a few microseconds per layer, which at batch 1
+is more than the merge itself.
 
 Why split: at decode the batch gives only ``B * Hkv`` programs (8 for Llama-3-8B at batch 1, on a GPU with 132
 SMs), and each would stream the whole history alone. Splitting the positions makes enough programs to keep every
@@ -40,7 +42,7 @@ DECODE_PROGRAMS_PER_SM = 16
 # A split shorter than this costs more in its own merge traffic (Hq/Hkv partial rows of D floats) and launch
 # overhead than it saves; requests shorter than this use one split.
 DECODE_MIN_SPLIT_TOKENS = 128
-# Upper bound on splits: bounds the stage-2 tile and the intermediate buffers.
+# Upper bound on splits: bounds the merge loop and the intermediate buffers.
 DECODE_MAX_SPLITS = 64
 # H100 and H200 SXM; used when the device cannot be asked (the CPU interpreter).
 DEFAULT_NUM_SMS = 132
@@ -82,7 +84,7 @@ def decode_num_splits(
     min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
     max_splits: int = DECODE_MAX_SPLITS,
 ) -> int:
-    """How many KV splits stage 1 launches per (request, KV head); at least 1, at most ``max_splits``.
+    """How many KV splits the kernel launches per (request, KV head); at least 1, at most ``max_splits``.
 
     Aims at ``DECODE_PROGRAMS_PER_SM * num_sms`` programs in all: a small batch gets many splits, a batch that
     already fills the GPU gets one. With ``max_seq_len`` (a host int, when known without a device sync) the count
@@ -109,18 +111,18 @@ if triton is not None:
     @triton.jit
     def _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N: tl.constexpr):
         """Positions per split of one request: its length spread over the splits it uses, rounded up to whole
-        BLOCK_N tiles (so only a split's last tile is partial). Both stages derive the split layout from this."""
+        BLOCK_N tiles (so only a split's last tile is partial). Every program derives the split layout from this."""
         n = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_split_tokens)), 1)
         per = tl.cdiv(tl.cdiv(seq_len, n), BLOCK_N) * BLOCK_N
         return tl.maximum(per, BLOCK_N)
 
     @triton.jit
-    def _decode_stage1_kernel(
-        Q, KB, VB, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE,
+    def _decode_kernel(
+        Q, KB, VB, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE, COUNTERS, OUT,
         qk_scale,  # sm_scale * log2(e): scores live in base 2 so the softmax uses exp2
         sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt,
-        smo_b, smo_h, smo_s, sml_b, sml_h,
-        group, head_dim, num_splits, min_split_tokens,
+        smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
+        group, head_dim, num_kv_heads, num_splits, min_split_tokens,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
@@ -128,20 +130,23 @@ if triton is not None:
         split = tl.program_id(2)
         seq_len = tl.load(SEQ_LENS + b)
         split_len = _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N)
+        used = tl.cdiv(seq_len, split_len)
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
-        if start < end:  # splits this request does not use do nothing; stage 2 skips them the same way
+        offs_g = tl.arange(0, BLOCK_G)
+        mask_g = offs_g < group
+        heads = kvh * group + offs_g
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        mask_gd = mask_g[:, None] & mask_d[None, :]
+        out_ptr = OUT + b * so_b + heads[:, None] * so_h + offs_d[None, :]
+        if seq_len == 0:  # an empty padded row: zeros rather than 0/0
+            if split == 0:
+                tl.store(out_ptr, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(OUT.dtype.element_ty), mask=mask_gd)
+        elif start < end:  # splits this request does not use do nothing
             row = tl.load(REQ_IDX + b).to(tl.int64)
-            offs_g = tl.arange(0, BLOCK_G)
-            mask_g = offs_g < group
-            heads = kvh * group + offs_g
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_d = offs_d < head_dim
             # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
-            q = tl.load(
-                Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0,
-            )
+            q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=mask_gd, other=0.0)
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -161,36 +166,30 @@ if triton is not None:
                 v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
                 m = m_new
-            o_ptr = MID_O + b * smo_b + heads[:, None] * smo_h + split * smo_s + offs_d[None, :]
-            tl.store(o_ptr, acc / l[:, None], mask=mask_g[:, None] & mask_d[None, :])
-            tl.store(MID_LSE + b * sml_b + heads * sml_h + split, m + tl.log2(l), mask=mask_g)
-
-    @triton.jit
-    def _decode_stage2_kernel(
-        MID_O, MID_LSE, SEQ_LENS, OUT,
-        smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
-        head_dim, num_splits, min_split_tokens,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        seq_len = tl.load(SEQ_LENS + b)
-        used = tl.cdiv(seq_len, _split_len(seq_len, num_splits, min_split_tokens, BLOCK_N))
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_s = offs_s < used
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < head_dim
-        # Unused splits hold stale data from earlier launches: masked on load, weight forced to 0.
-        lse = tl.load(MID_LSE + b * sml_b + h * sml_h + offs_s, mask=mask_s, other=float("-inf"))
-        w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
-        o = tl.load(
-            MID_O + b * smo_b + h * smo_h + offs_s[:, None] * smo_s + offs_d[None, :],
-            mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-        )
-        total = tl.sum(w, 0)
-        # seq_len == 0 (an empty padded row) has no split at all: write zeros rather than 0/0.
-        res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-        tl.store(OUT + b * so_b + h * so_h + offs_d, res.to(OUT.dtype.element_ty), mask=mask_d)
+            if used == 1:
+                tl.store(out_ptr, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
+            else:
+                mo_ptr = MID_O + b * smo_b + heads[:, None] * smo_h + offs_d[None, :]
+                ml_ptr = MID_LSE + b * sml_b + heads * sml_h
+                tl.store(mo_ptr + split * smo_s, acc / l[:, None], mask=mask_gd)
+                tl.store(ml_ptr + split, m + tl.log2(l), mask=mask_g)
+                # acq_rel: this program's partial writes happen before its ticket; the last ticket's holder sees
+                # every other program's writes.
+                counter = COUNTERS + b * num_kv_heads + kvh
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+                if ticket == used - 1:
+                    lse_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                    for sp in range(0, used):
+                        lse_max = tl.maximum(lse_max, tl.load(ml_ptr + sp, mask=mask_g, other=0.0, cache_modifier=".cg"))
+                    total = tl.zeros([BLOCK_G], tl.float32)
+                    res = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                    for sp in range(0, used):
+                        w = tl.exp2(tl.load(ml_ptr + sp, mask=mask_g, other=0.0, cache_modifier=".cg") - lse_max)
+                        o = tl.load(mo_ptr + sp * smo_s, mask=mask_gd, other=0.0, cache_modifier=".cg")
+                        total += w
+                        res += w[:, None] * o
+                    tl.store(out_ptr, (res / total[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
+                    tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
 def decode_intermediate_buffers(
@@ -200,6 +199,12 @@ def decode_intermediate_buffers(
     mid_o = torch.empty((batch_size, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
     mid_lse = torch.empty((batch_size, num_q_heads, num_splits), dtype=torch.float32, device=device)
     return mid_o, mid_lse
+
+
+def decode_split_counters(batch_size: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 ``[B * Hkv]`` ticket counters for ``decode_attention_triton``; every launch leaves them zeroed,
+    so one buffer serves every layer and step (and a CUDA graph)."""
+    return torch.zeros(batch_size * num_kv_heads, dtype=torch.int32, device=device)
 
 
 def decode_attention_triton(
@@ -215,6 +220,7 @@ def decode_attention_triton(
     max_seq_len: int | None = None,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
+    split_counters: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
     block_n: int | None = None,
@@ -232,7 +238,8 @@ def decode_attention_triton(
 
     CUDA graphs: the grid is ``(B, Hkv, num_splits)`` and ``(B, Hq)``; it never depends on the sequence lengths,
     and no host sync happens when ``num_splits`` is given. To capture, pass a fixed ``num_splits`` and
-    preallocated ``mid_o [>=B, Hq, >=num_splits, D]`` / ``mid_lse [>=B, Hq, >=num_splits]`` float32 (views of
+    preallocated ``split_counters`` (``decode_split_counters``, >= B * Hkv, zeroed once) and
+    ``mid_o [>=B, Hq, >=num_splits, D]`` / ``mid_lse [>=B, Hq, >=num_splits]`` float32 (views of
     larger buffers are fine; only their strides are used) and optionally ``out [B, Hq, D]`` in q's dtype. Their
     contents between launches do not matter.
     """
@@ -283,24 +290,20 @@ def decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(group))
     # fp32 must not silently drop to TF32 (10-bit mantissa) in the matmuls.
     precision = "ieee" if full_precision else "tf32"
-    _decode_stage1_kernel[(bs, n_kv, num_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+    if split_counters is None:
+        split_counters = decode_split_counters(bs, n_kv, q.device)
+    elif split_counters.dtype != torch.int32 or split_counters.numel() < bs * n_kv:
+        raise ValueError(f"split_counters must be int32 with >= {bs * n_kv} elements (decode_split_counters)")
+    _decode_kernel[(bs, n_kv, num_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, split_counters, out,
         float(sm_scale) * math.log2(math.e),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        group, d, num_splits, min_split_tokens,
+        out.stride(0), out.stride(1),
+        group, d, n_kv, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
-    )
-    _decode_stage2_kernel[(bs, n_q)](
-        mid_o, mid_lse, seq_lens, out,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        d, num_splits, min_split_tokens,
-        # >= 4 rows: no degenerate 1-wide tile for a single split (the extra rows are masked).
-        BLOCK_S=max(4, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=4,
     )
     return out
 

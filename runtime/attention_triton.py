@@ -24,6 +24,7 @@ from xinf_sglang.kernels.decode_attention import (
     decode_attention_triton,
     decode_intermediate_buffers,
     decode_num_splits,
+    decode_split_counters,
     num_sms_of,
 )
 from xinf_sglang.kernels.extend_attention import extend_attention_triton
@@ -41,6 +42,7 @@ class _DecodeMetadata:
     # backend was built without num_q_heads (then shared by the remaining layers of the forward).
     mid_o: torch.Tensor | None
     mid_lse: torch.Tensor | None
+    split_counters: torch.Tensor  # int32 [>= B * Hkv], zero between launches (each launch re-zeroes it)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _GraphState:
     max_context_len: int
     mid_o_flat: torch.Tensor  # float32, viewed as [bs, Hq, splits(bs), D] for each captured bs
     mid_lse_flat: torch.Tensor  # float32, viewed as [bs, Hq, splits(bs)]
+    split_counters: torch.Tensor  # int32 [max_bs * Hkv], shared by every captured bs
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -100,7 +103,8 @@ class TritonAttentionBackend(AttentionBackend):
             mid_o = mid_lse = None
             if self.num_q_heads is not None:
                 mid_o, mid_lse = decode_intermediate_buffers(bs, self.num_q_heads, num_splits, self.head_dim, self.device)
-            self.metadata = _DecodeMetadata(num_splits, mid_o, mid_lse)
+            counters = decode_split_counters(bs, self.num_kv_heads, self.device)  # one memset per forward
+            self.metadata = _DecodeMetadata(num_splits, mid_o, mid_lse, counters)
         else:
             self.metadata = _ExtendMetadata(int(batch.extend_seq_lens.max()) if batch.batch_size else 0)
 
@@ -145,6 +149,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=md.num_splits,
             mid_o=md.mid_o,
             mid_lse=md.mid_lse,
+            split_counters=md.split_counters,
             min_split_tokens=self.min_split_tokens,
         )
 
@@ -170,6 +175,7 @@ class TritonAttentionBackend(AttentionBackend):
             max_context_len=max_context_len,
             mid_o_flat=torch.empty(rows * self.num_q_heads * self.head_dim, dtype=torch.float32, device=self.device),
             mid_lse_flat=torch.empty(rows * self.num_q_heads, dtype=torch.float32, device=self.device),
+            split_counters=decode_split_counters(max_bs, self.num_kv_heads, self.device),
         )
 
     def _graph_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
@@ -185,7 +191,7 @@ class TritonAttentionBackend(AttentionBackend):
         hq, d = self.num_q_heads, self.head_dim
         mid_o = gs.mid_o_flat[: bs * hq * splits * d].view(bs, hq, splits, d)
         mid_lse = gs.mid_lse_flat[: bs * hq * splits].view(bs, hq, splits)
-        return _DecodeMetadata(splits, mid_o, mid_lse)
+        return _DecodeMetadata(splits, mid_o, mid_lse, gs.split_counters)
 
     def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
         """Before capturing the decode graph of ``batch.batch_size``: fixed split count and fixed buffer views."""

@@ -297,11 +297,12 @@ class Checker:
                         scale = HEAD_DIM**-0.5
                         splits = dec.decode_num_splits(bs, HKV, num_sms)
                         mid_o, mid_lse = dec.decode_intermediate_buffers(bs, HQ, splits, HEAD_DIM, self.dev)
+                        counters = dec.decode_split_counters(bs, HKV, self.dev)
 
                         def fn() -> torch.Tensor:
                             return dec.decode_attention_triton(
                                 q, kb, vb, table, rows, seq_lens, scale,
-                                num_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
+                                num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, split_counters=counters,
                             )
 
                         row.err = rel_err(fn(), dec.decode_attention_ref(q, kb, vb, table, rows, seq_lens, scale))
@@ -326,12 +327,13 @@ class Checker:
                 scale = HEAD_DIM**-0.5
                 splits = dec.decode_num_splits(bs, HKV, num_sms)
                 mid_o, mid_lse = dec.decode_intermediate_buffers(bs, HQ, splits, HEAD_DIM, self.dev)
+                counters = dec.decode_split_counters(bs, HKV, self.dev)
                 out = torch.empty_like(q)
 
                 def fn() -> None:
                     dec.decode_attention_triton(
                         q, kb, vb, table, rows, seq_lens, scale,
-                        num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, out=out,
+                        num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, split_counters=counters, out=out,
                     )
 
                 side = torch.cuda.Stream()
@@ -350,6 +352,8 @@ class Checker:
                     q.copy_(self.randn(bs, HQ, HEAD_DIM, dtype=dtype))
                     graph.replay()
                     errs.append(rel_err(out, dec.decode_attention_ref(q, kb, vb, table, rows, seq_lens, scale)))
+                    if counters.any():  # every replay must leave the merge tickets at zero
+                        errs.append(float("inf"))
                 row.err = max(errs)
                 row.ms = bench(graph.replay)
                 moved = bs * width * (2 * HKV * HEAD_DIM * kb.element_size() + 4) + 2 * nbytes(q)

@@ -163,10 +163,12 @@ def sweep_attention(results: dict) -> None:
         gb = sum(lens) * HKV * D * 2 * 2 / 1e9
         default_splits = da.decode_num_splits(bs, HKV, da.num_sms_of(q.device))
         mid = da.decode_intermediate_buffers(bs, HQ, da.DECODE_MAX_SPLITS, D, q.device)
+        counters = da.decode_split_counters(bs, HKV, q.device)
 
         def run(**kw):
             return graph_time_ms(
-                lambda: da.decode_attention_triton(q, k, v, rtt, idx, seq, 0.088, mid_o=mid[0], mid_lse=mid[1], **kw),
+                lambda: da.decode_attention_triton(q, k, v, rtt, idx, seq, 0.088, mid_o=mid[0], mid_lse=mid[1],
+                                                   split_counters=counters, **kw),
                 inner=8,
             ) * 1e3
 

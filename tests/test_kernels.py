@@ -247,13 +247,26 @@ def test_decode_attention_preallocated_buffers() -> None:
     mid_o = torch.full((5, hq, 6, d), float("nan"))
     mid_lse = torch.full((5, hq, 6), float("nan"))
     out = torch.empty(3, hq, d)
+    counters = decode_attention.decode_split_counters(5, hkv, q.device)
     ref = decode_attention.decode_attention_ref(q, kb, vb, table, rows, seq_lens, 0.3)
-    res = decode_attention.decode_attention_triton(
-        q, kb, vb, table, rows, seq_lens, 0.3,
-        num_splits=4, mid_o=mid_o, mid_lse=mid_lse, out=out, min_split_tokens=4, block_n=16,
+    for _ in range(2):  # the second launch reuses the counters the first one left behind
+        res = decode_attention.decode_attention_triton(
+            q, kb, vb, table, rows, seq_lens, 0.3, num_splits=4, mid_o=mid_o, mid_lse=mid_lse,
+            split_counters=counters, out=out, min_split_tokens=4, block_n=16,
+        )
+        assert res.data_ptr() == out.data_ptr()
+        assert rel_err(out, ref) < 1e-5
+        # The program that merged a request's splits re-zeroed its counter (invariant of the one-launch merge).
+        assert not counters.any()
+    # An empty padded row (seq_len 0) gives zeros, not NaN.
+    out0 = decode_attention.decode_attention_triton(
+        q, kb, vb, table, rows, torch.tensor([33, 0, 17]), 0.3, num_splits=4, min_split_tokens=4, block_n=16
     )
-    assert res.data_ptr() == out.data_ptr()
-    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(out0[1], torch.zeros(hq, d)) and rel_err(out0[0], ref[0]) < 1e-5
+    with pytest.raises(ValueError, match="split_counters"):
+        decode_attention.decode_attention_triton(
+            q, kb, vb, table, rows, seq_lens, 0.3, split_counters=torch.zeros(5, dtype=torch.int64)
+        )
     with pytest.raises(ValueError, match="mid_o"):
         decode_attention.decode_attention_triton(
             q, kb, vb, table, rows, seq_lens, 0.3, num_splits=8, mid_o=mid_o, mid_lse=mid_lse
