@@ -14,6 +14,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 
 def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up = cat([gate, up], -1)``."""
@@ -24,7 +29,8 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _silu_and_mul_kernel(GU, OUT, stride_gu, stride_o, d, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(GU, OUT, stride_gu, stride_o, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
@@ -51,7 +57,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if m > 0 and d > 0:
         block = min(triton.next_power_of_2(d), 1024)
         _silu_and_mul_kernel[(m, triton.cdiv(d, block))](
-            gu, out, gu.stride(0), out.stride(0), d, BLOCK=block, num_warps=4
+            gu, out, gu.stride(0), out.stride(0), d, BLOCK=block, num_warps=4, **pdl_kwargs(gate_up.device)
         )
     return out.view(*gate_up.shape[:-1], d)
 

@@ -34,14 +34,22 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 # Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
 # histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
 # 78 requests of 1..6000 tokens, 4 splits per request instead of 1 took a step from 413 to 375 us;
 # scripts/gpu_tune.py, docs/PERFORMANCE.md).
 DECODE_PROGRAMS_PER_SM = 16
-# A split shorter than this costs more in its own merge traffic (Hq/Hkv partial rows of D floats) and launch
-# overhead than it saves; requests shorter than this use one split.
-DECODE_MIN_SPLIT_TOKENS = 128
+# A split shorter than this costs more than it saves: the merge (partials written, a ticket, the last program
+# reading them back) sits on the layer's critical path, while a program streams a few 128-position tiles quickly.
+# Requests shorter than this use one split. Whole decode layers in a CUDA graph on an H200 (scripts/gpu_tune.py
+# --only chain, 384-token histories): 512 beat 128 and 256 at batch 1 (128.6 vs 131.1 / 132.5 us per layer) and
+# at batch 8 (140.8 vs 141.4 / 141.9).
+DECODE_MIN_SPLIT_TOKENS = 512
 # Upper bound on splits: bounds the merge loop and the intermediate buffers.
 DECODE_MAX_SPLITS = 64
 # H100 and H200 SXM; used when the device cannot be asked (the CPU interpreter).
@@ -123,8 +131,10 @@ if triton is not None:
         sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt,
         smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
         group, head_dim, num_kv_heads, num_splits, min_split_tokens,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -178,17 +188,20 @@ if triton is not None:
                 counter = COUNTERS + b * num_kv_heads + kvh
                 ticket = tl.atomic_add(counter, 1, sem="acq_rel")
                 if ticket == used - 1:
-                    lse_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                    for sp in range(0, used):
-                        lse_max = tl.maximum(lse_max, tl.load(ml_ptr + sp, mask=mask_g, other=0.0, cache_modifier=".cg"))
-                    total = tl.zeros([BLOCK_G], tl.float32)
+                    # Every split's log-sum-exp in one load (the merge sits on the critical path of the layer),
+                    # then the partial outputs weighted by exp2(lse - max).
+                    offs_s = tl.arange(0, BLOCK_S)
+                    s_used = offs_s < used
+                    lse = tl.load(ml_ptr[:, None] + offs_s[None, :], mask=mask_g[:, None] & s_used[None, :],
+                                  other=0.0, cache_modifier=".cg")
+                    lse = tl.where(s_used[None, :], lse, float("-inf"))
+                    weights = tl.exp2(lse - tl.max(lse, 1)[:, None])  # [BLOCK_G, BLOCK_S], 0 for unused splits
                     res = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
                     for sp in range(0, used):
-                        w = tl.exp2(tl.load(ml_ptr + sp, mask=mask_g, other=0.0, cache_modifier=".cg") - lse_max)
                         o = tl.load(mo_ptr + sp * smo_s, mask=mask_gd, other=0.0, cache_modifier=".cg")
-                        total += w
+                        w = tl.sum(tl.where(offs_s[None, :] == sp, weights, 0.0), 1)
                         res += w[:, None] * o
-                    tl.store(out_ptr, (res / total[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
+                    tl.store(out_ptr, (res / tl.sum(weights, 1)[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
                     tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
@@ -302,8 +315,9 @@ def decode_attention_triton(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         group, d, n_kv, num_splits, min_split_tokens,
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
+        DOT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q.device),
     )
     return out
 

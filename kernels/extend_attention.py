@@ -24,6 +24,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 
 def extend_attention_ref(
     q: torch.Tensor,
@@ -71,7 +76,9 @@ if triton is not None:
         sq_t, sq_h, sk_s, sk_h, sv_s, sv_h, so_t, so_h, s_rt,
         group, head_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        pdl_wait(USE_PDL)
         h = tl.program_id(0)
         m0 = tl.program_id(1) * BLOCK_M
         b = tl.program_id(2).to(tl.int64)
@@ -192,7 +199,7 @@ def extend_attention_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         # fp32 must not silently drop to TF32 (10-bit mantissa) in the matmuls.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps, num_stages=2, **pdl_kwargs(q.device),
     )
     return out
 

@@ -23,6 +23,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait, prefetch_l2
+
 # Up to this many rows the Triton kernel is used (decode batches up to 8, padded CUDA-graph batches included);
 # beyond it the matmul starts to be compute-shaped and cuBLAS's tensor-core tiles win.
 SKINNY_MAX_M = 8
@@ -31,12 +36,16 @@ SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Launch shape of ``linear_triton``: columns per program, K per loop step, warps, pipeline depth."""
+    """Launch shape of ``linear_triton``: columns per program, K per loop step, warps, pipeline depth, and how
+    many K steps of its weight strip a program pulls into L2 before it waits for the previous kernel (PDL only,
+    kernels/pdl.py). Two steps measured best in a chain of whole decode layers on an H200 (`scripts/gpu_tune.py
+    --only chain`): 2% faster than none; prefetching 8-32 MB per launch was slower than none (docs/PERFORMANCE.md)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    prefetch_steps: int = 2
 
 
 def skinny_config(n: int, k: int) -> SkinnyConfig:
@@ -66,9 +75,17 @@ if triton is not None:
         sx_m, sw_n, sy_m,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH_STEPS: tl.constexpr, LINE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        # The weights are never written: while the previous kernel finishes, warm L2 with the first K steps of
+        # this program's strip (one address per cache line, clamped into the matrix).
+        lines_n = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * sw_n
+        for step in tl.static_range(PREFETCH_STEPS):
+            lines_k = tl.minimum(step * BLOCK_K + tl.arange(0, BLOCK_K // LINE) * LINE, K - 1)
+            prefetch_l2(W + lines_n + lines_k[None, :], USE_PDL)
+        pdl_wait(USE_PDL)
         offs_m = tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
@@ -136,7 +153,9 @@ def linear_triton(
             HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PREFETCH_STEPS=min(cfg.prefetch_steps, triton.cdiv(k, cfg.block_k)),
+            LINE=max(1, min(cfg.block_k, 128 // weight.element_size())),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x.device),
         )
     return y.view(*x.shape[:-1], n)
 

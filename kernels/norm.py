@@ -14,6 +14,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 
 def rms_norm_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -41,7 +46,9 @@ if triton is not None:
         n_cols, eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -98,7 +105,7 @@ def rms_norm_triton(
             x2, r2, weight.contiguous(), out, new_r,
             x2.stride(0), r2.stride(0), out.stride(0), new_r.stride(0),
             n, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_kwargs(x.device),
         )
     out = out.view(x.shape)
     return out, (new_r.view(x.shape) if residual is not None else None)

@@ -15,6 +15,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 
 def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[T, head_dim]`` for ``positions`` (computed in float32 like HF, then cast)."""
@@ -64,8 +69,9 @@ if triton is not None:
         Q, K, COS, SIN, QO, KO,
         sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, sqo_t, sqo_h, sko_t, sko_h,
         n_q_heads, n_kv_heads, half,
-        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_wait(USE_PDL)
         tok = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_HALF)[None, :]
         cmask = cols < half
@@ -108,7 +114,7 @@ def apply_rotary_triton(
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
             n_q, n_kv, half,
             BLOCK_HQ=triton.next_power_of_2(n_q), BLOCK_HK=triton.next_power_of_2(n_kv),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_kwargs(q.device),
         )
     return q_out, k_out
 

@@ -14,6 +14,11 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from .pdl import pdl_kwargs
+
+if triton is not None:
+    from .pdl import pdl_wait
+
 
 def store_kv_ref(
     k_buffer: torch.Tensor, v_buffer: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -30,8 +35,9 @@ if triton is not None:
         KB, VB, LOC, K, V,
         skb_s, skb_h, svb_s, svb_h, sk_t, sk_h, sv_t, sv_h,
         n_heads, head_dim,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        pdl_wait(USE_PDL)
         tok = tl.program_id(0).to(tl.int64)
         slot = tl.load(LOC + tok).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
@@ -74,7 +80,7 @@ def store_kv_triton(
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         n_heads, d,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4, **pdl_kwargs(k_buffer.device),
     )
 
 

@@ -24,6 +24,8 @@ import psutil
 import torch
 from transformers import AutoTokenizer
 
+from xinf_sglang.kernels.pdl import pdl_supported
+
 from .allocator import ReqToTokenPool, TokenAllocator
 from .attention import AttentionBackend, TorchAttentionBackend
 from .config import EngineConfig
@@ -122,9 +124,10 @@ class Engine:
         )
         self.scheduler = Scheduler(limits, self.runner, allocator, req_pool, RadixCache(allocator), OutputProcessor())
         logger.info(
-            "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s",
+            "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s, "
+            "programmatic dependent launch=%s",
             mc.architecture, config.model_path, self.device, str(self.dtype).removeprefix("torch."),
-            type(attn).__name__, self.runner.graphs is not None, limits.overlap,
+            type(attn).__name__, self.runner.graphs is not None, limits.overlap, pdl_supported(self.device),
         )
         for line in plan.report():
             logger.info("memory plan: %s", line)

@@ -16,6 +16,13 @@ GiB = 1024**3
 
 # Defaults that depend on the device (GPU, CPU).
 DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.25}
+# A GPU whose 10% is at least this much gets mem_fraction_static 0.9 by default (an 80 GB card, not a 40 or 48 GB
+# one). The plan already subtracts the prefill activations, the logits and GPU_FIXED_RESERVE from the pool, so
+# what the fraction leaves outside only covers allocator slack and other users of the card: 6 GiB is what the
+# 0.85 default leaves on a 40 GB card. On an 80 GB card the extra ~4 GB of KV pool holds ~10% more concurrent
+# requests, and each decode step reads the weights once for more tokens (docs/PERFORMANCE.md, workload (c)).
+LARGE_GPU_MEM_FRACTION = 0.9
+LARGE_GPU_HEADROOM = 6 * GiB
 DEFAULT_CHUNKED_PREFILL = {"cuda": 8192, "cpu": 1024}
 DEFAULT_MAX_PREFILL = {"cuda": 16384, "cpu": 4096}
 DEFAULT_MAX_RUNNING = {"cuda": 512, "cpu": 256}
@@ -49,6 +56,7 @@ class MemoryPlan:
     chunked_prefill_size: int
     max_prefill_tokens: int
     mem_fraction_static: float
+    mem_fraction_is_default: bool  # chosen by default_mem_fraction, not given
     weights_bytes: int
     kv_bytes_per_token: int
     req_table_bytes: int
@@ -63,7 +71,8 @@ class MemoryPlan:
         lines = [
             f"weights: {self.weights_bytes / GiB:.2f} GiB",
             f"KV pool: {self.pool_tokens} tokens, {self.kv_pool_bytes / GiB:.2f} GiB "
-            f"({self.kv_bytes_per_token} bytes/token, mem_fraction_static={self.mem_fraction_static})",
+            f"({self.kv_bytes_per_token} bytes/token, mem_fraction_static={self.mem_fraction_static}"
+            f"{' (default for this device)' if self.mem_fraction_is_default else ''})",
             f"request table: {self.max_running_requests} rows x {self.context_length} tokens "
             f"({self.req_table_bytes / GiB:.3f} GiB); activations reserve {self.activation_reserve_bytes / GiB:.2f} GiB",
             f"max running requests: {self.max_running_requests}; prefill chunk: {self.chunked_prefill_size} tokens; "
@@ -83,6 +92,14 @@ class MemoryPlan:
         return lines
 
 
+def default_mem_fraction(device: str, free_before_weights: int) -> float:
+    """``mem_fraction_static`` when none is given: 0.25 on CPU, 0.85 on a GPU, 0.9 on a GPU where 10% of the free
+    memory is at least ``LARGE_GPU_HEADROOM``."""
+    if device == "cuda" and free_before_weights * (1 - LARGE_GPU_MEM_FRACTION) >= LARGE_GPU_HEADROOM:
+        return LARGE_GPU_MEM_FRACTION
+    return DEFAULT_MEM_FRACTION[device]
+
+
 def plan_memory(
     inputs: MemoryInputs,
     mem_fraction_static: float | None = None,
@@ -94,7 +111,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """Size the pool from the measured memory; raise ``ConfigError`` naming the knob when nothing fits."""
     dev = inputs.device
-    frac = mem_fraction_static if mem_fraction_static is not None else DEFAULT_MEM_FRACTION[dev]
+    frac = mem_fraction_static if mem_fraction_static is not None else default_mem_fraction(dev, inputs.free_before_weights)
     ctx = context_length or inputs.model_context_length
     rows = max_running_requests or DEFAULT_MAX_RUNNING[dev]
     chunk = chunked_prefill_size or DEFAULT_CHUNKED_PREFILL[dev]
@@ -139,6 +156,7 @@ def plan_memory(
         chunked_prefill_size=chunk,
         max_prefill_tokens=max_prefill,
         mem_fraction_static=frac,
+        mem_fraction_is_default=mem_fraction_static is None,
         weights_bytes=inputs.weights_bytes,
         kv_bytes_per_token=inputs.kv_bytes_per_token,
         req_table_bytes=req_table,

@@ -12,7 +12,9 @@ float16 and bfloat16. The kernels run through their launchers (``*_triton``), th
 Prints one table: kernel, dtype, shape, relative error ``||out - ref|| / ||ref||``, pass/fail (float32 < 1e-5,
 half precision < 1e-2; the bitmask must match exactly), the kernel's median time from ``triton.testing.do_bench``
 and its throughput: achieved GB/s (bytes the kernel must move / time) for the memory-bound kernels, TFLOP/s for
-extend attention. It also captures the split-KV decode in a CUDA graph and replays it with other sequence lengths.
+extend attention. It also captures the split-KV decode in a CUDA graph and replays it with other sequence lengths,
+and runs whole decode layers as a chain of kernels in a CUDA graph (what programmatic dependent launch must keep
+ordered).
 Exits 1 if any row fails (an exception in a row counts as a failure and is printed), 2 without a CUDA device.
 
 Self-contained: works with the package installed (``pip install -e .``) or straight from a checkout.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_chain import llama3_inv_freq  # noqa: E402
 
 
 def _kernels_package():
@@ -93,17 +96,6 @@ def bench(fn: Callable[[], object]) -> float:
 
 def gbps(num_bytes: float, ms: float) -> str:
     return f"{num_bytes / ms / 1e6:8.1f} GB/s"
-
-
-def llama3_inv_freq(head_dim: int, theta: float = 500000.0) -> torch.Tensor:
-    """Llama-3.1's scaled rope frequencies (factor 8, low/high freq factors 1/4, original context 8192)."""
-    factor, low, high, old_len = 8.0, 1.0, 4.0, 8192
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
-    smooth = (old_len / wavelen - low) / (high - low)
-    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 class Checker:
@@ -362,6 +354,46 @@ class Checker:
 
             self.run("decode_attention[graph]", dtype, f"B={bs} L<={width} Hq={HQ} Hkv={HKV} D={HEAD_DIM}", body)
 
+    def check_layer_chain_graph(self) -> None:
+        """Decode layers as the model runs them (scripts/layer_chain.py: every kernel reads what the one before it
+        wrote, the skinny linear for these <= 8 rows), captured in a CUDA graph and replayed with fresh inputs.
+        With programmatic dependent launch on, a kernel that read its input before the previous kernel had written
+        it would give an O(1) error here. Compared with the float32 references, and with the same kernels run
+        eagerly (must match bit for bit: the kernels are deterministic)."""
+        from layer_chain import LayerChain
+
+        pkg = _kernels_package()
+        pdl = importlib.import_module(f"{pkg.__name__}.pdl")
+        layers, ctx, dtype = 4, 384, torch.float16
+        for bs in (1, 8):
+
+            def body(row: Row, bs=bs) -> None:
+                chain = LayerChain.build(pkg, bs, ctx, layers, dtype, self.dev)
+                h_in = self.randn(bs, HIDDEN, dtype=dtype)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    chain.run(h_in)  # compile and warm up outside the capture
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = chain.run(h_in)
+                errs, exact = [], True
+                for _ in range(3):
+                    h_in.copy_(self.randn(bs, HIDDEN, dtype=dtype))
+                    graph.replay()
+                    fp32_pools = [(kb.float(), vb.float()) for kb, vb in chain.pools]
+                    errs.append(rel_err(out, chain.run(h_in.float(), ref=True, pools=fp32_pools)))
+                    exact &= torch.equal(out, chain.run(h_in))
+                    exact &= not chain.decode_buffers["split_counters"].any()
+                row.err = max(errs) if exact else float("inf")
+                row.ms = bench(graph.replay)
+                row.throughput = gbps(chain.weight_bytes(), row.ms)
+                row.note = (f"{layers} layers, 3 replays, graph == eager: {exact}, "
+                            f"PDL {'on' if pdl.pdl_supported(self.dev) else 'off'}")
+
+            self.run("decode_layers[graph]", dtype, f"B={bs} ctx={ctx} Llama-3.1-8B layer x{layers}", body)
+
     def check_extend(self) -> None:
         ext = self.k["extend_attention"]
         for dtype in DTYPES:
@@ -415,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     checker = Checker(_kernels_package(), args.only)
     props = torch.cuda.get_device_properties(0)
+    pdl = importlib.import_module("xinf_sglang.kernels.pdl")
     print(
         f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}"
+        f"; programmatic dependent launch: {'on' if pdl.pdl_supported(torch.device('cuda')) else 'off'}"
     )
     print(HEADER)
     print("-" * len(HEADER))
@@ -429,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         checker.check_linear,
         checker.check_decode,
         checker.check_decode_cuda_graph,
+        checker.check_layer_chain_graph,
         checker.check_extend,
     ):
         check()

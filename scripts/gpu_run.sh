@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything the GPU issue measures, in one go on a CUDA machine (logs to ${OUT:-/tmp/sglite-gpu}).
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
-#   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep)
+#   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep),
+#   chain (decode layers in a CUDA graph, linear variants)
+#   kernels=TEXT checks only the kernel rows whose name contains TEXT
+#   STEP:nopdl runs STEP with programmatic dependent launch off (SGLITE_DISABLE_PDL=1, kernels/pdl.py), for A/B
 # The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
 # (a machine without network access): build them first with
 #   pip wheel --no-deps -w .whl . && pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl pydantic ...
@@ -15,12 +18,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-run() { local name=$1; shift; echo "=== $name: $*"; "$@" 2>&1 | tee "$out/$name.log" | grep -vE "^\[bench\] [^s]|it/s\]|Warning|warn\(" ; }
-for s in $steps; do
+run() { local name=$1; shift; echo "=== $name${SGLITE_DISABLE_PDL:+ (SGLITE_DISABLE_PDL=1)}: $*"; "$@" 2>&1 | tee "$out/$name${SGLITE_DISABLE_PDL:+-nopdl}.log" | grep -vE "^\[bench\] [^s]|it/s\]|Warning|warn\(" ; }
+for step in $steps; do
+  s=${step%:nopdl}
+  if [[ $step == *:nopdl ]]; then export SGLITE_DISABLE_PDL=1; else unset SGLITE_DISABLE_PDL; fi
   case $s in
     kernels) run kernels python3 scripts/gpu_kernel_check.py ;;
+    kernels=*) run kernels python3 scripts/gpu_kernel_check.py --only "${s#kernels=}" ;;
     profile) run profile python3 scripts/gpu_profile_decode.py ;;
     tune) run tune python3 scripts/gpu_tune.py ;;
+    chain) run chain python3 scripts/gpu_tune.py --only chain ;;
     splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
     bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \

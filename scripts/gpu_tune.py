@@ -9,6 +9,9 @@
    a 384-token history (benchmark (a)) and batches 32 and 78 with histories uniform in [1, 6000] (benchmark (c)'s
    steady state), over tile size, warps, pipeline stages and split count.
 
+3. Eight whole decode layers (``scripts/layer_chain.py``) in a CUDA graph: linear and attention variants, and
+   the chain without each kind of small kernel (``--only chain``; with ``SGLITE_DISABLE_PDL=1`` too for PDL off).
+
 Prints, per case, the baseline, the best launch shape and the achieved GB/s; the whole grid goes to
 ``$OUT/tune.json`` when OUT is set. Also cuBLAS at M = 78 (the rest of a (c) decode step).
 """
@@ -193,9 +196,55 @@ def sweep_attention(results: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def sweep_chain(results: dict) -> None:
+    """Whole decode layers (scripts/layer_chain.py) in a CUDA graph: the default kernels, cuBLAS or other L2
+    prefetch depths for the linear layers (what programmatic dependent launch lets a launch fetch while the
+    previous kernel runs; PDL itself is on or off for the whole process, see kernels/pdl.py), other attention
+    split sizes, and the chain without one kind of step (what that step costs in place)."""
+    from dataclasses import replace
+
+    from layer_chain import LayerChain
+
+    pkg = _kernels_package()
+    pdl = importlib.import_module(f"{pkg.__name__}.pdl")
+    layers = 8
+    print(f"\n## {layers} decode layers in a CUDA graph (bf16, ctx 384), PDL "
+          f"{'on' if pdl.pdl_supported(torch.device('cuda')) else 'off'}")
+
+    def skinny(steps: int):
+        def fn(x, w):
+            return lin.linear_triton(x, w, config=replace(lin.skinny_config(*w.shape), prefetch_steps=steps))
+        return fn
+
+    variants = {  # name -> LayerChain.run keyword arguments
+        "default (skinny, prefetch 2)": {},
+        "cuBLAS": dict(linear=F.linear),
+        "skinny, no prefetch": dict(linear=skinny(0)),
+        "skinny, prefetch 4": dict(linear=skinny(4)),
+        "attention min split 256": dict(attention_kwargs=dict(min_split_tokens=256)),
+        "attention min split 512": dict(attention_kwargs=dict(min_split_tokens=512)),
+        "without norms": dict(skip=frozenset({"norm"})),
+        "without rotary": dict(skip=frozenset({"rotary"})),
+        "without rotary, store-KV": dict(skip=frozenset({"rotary", "store"})),
+        "without attention": dict(skip=frozenset({"attention"})),
+        "without SiLU": dict(skip=frozenset({"silu"})),
+    }
+    print(f"{'variant':<36}{'bs':>4}{'us/layer':>10}{'GB/s':>7}")
+    for bs in (1, 8):
+        chain = LayerChain.build(pkg, bs, 384, layers, DT, torch.device("cuda"))
+        h = torch.randn(bs, 4096, device="cuda", dtype=DT)
+        for name, kw in variants.items():
+            us = graph_time_ms(lambda kw=kw: chain.run(h, **kw), inner=1, replays=20) * 1e3 / layers
+            gbs = chain.weight_bytes() / layers / us / 1e3
+            results.setdefault("chain", []).append({"variant": name, "bs": bs, "us_per_layer": us})
+            print(f"{name:<36}{bs:>4}{us:>10.1f}{gbs:>7.0f}")
+        del chain
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("linear", "attention"))
+    ap.add_argument("--only", choices=("linear", "attention", "chain"))
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), f"copy bandwidth {copy_bandwidth():.0f} GB/s (read + write)")
     results: dict = {}
@@ -203,6 +252,8 @@ def main() -> None:
         sweep_attention(results)
     if args.only in (None, "linear"):
         sweep_linear(results)
+    if args.only in (None, "chain"):
+        sweep_chain(results)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "tune.json").write_text(json.dumps(results, default=str))
 

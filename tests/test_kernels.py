@@ -279,7 +279,9 @@ def test_decode_num_splits() -> None:
     assert f(78, 8, num_sms=132) == 4  # ceil(16 * 132 / (78 * 8)): several short programs per SM
     assert f(512, 8, num_sms=132) == 1  # 4096 programs already fill it
     assert f(1, 1, num_sms=132) == decode_attention.DECODE_MAX_SPLITS
-    assert f(1, 8, num_sms=132, max_seq_len=300) == 3  # >= 128 tokens per split
+    assert f(1, 8, num_sms=132, max_seq_len=1300) == 3  # >= DECODE_MIN_SPLIT_TOKENS (512) tokens per split
+    assert f(1, 8, num_sms=132, max_seq_len=300) == 1  # short histories are not split (no merge on the path)
+    assert f(1, 8, num_sms=132, max_seq_len=300, min_split_tokens=128) == 3
     assert f(1, 8, num_sms=132, max_seq_len=1) == 1
     assert all(f(b, 8, num_sms=132) >= f(b + 1, 8, num_sms=132) >= 1 for b in range(1, 300))
     with pytest.raises(ValueError):
@@ -378,6 +380,57 @@ def test_package_imports_without_triton() -> None:
         "assert norm.triton is None\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- programmatic dependent launch
+
+# The kernels of the model's forward: each may be launched with PDL on Hopper (kernels/pdl.py).
+PDL_KERNELS = [
+    (norm, "_rms_norm_kernel"), (activation, "_silu_and_mul_kernel"), (rotary, "_rotary_kernel"),
+    (store_kv, "_store_kv_kernel"), (decode_attention, "_decode_kernel"), (extend_attention, "_extend_kernel"),
+    (linear, "_skinny_linear_kernel"),
+]
+
+
+@pytest.mark.parametrize("module,kernel", PDL_KERNELS, ids=[k for _, k in PDL_KERNELS])
+def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
+    """The PDL contract (kernels/pdl.py): a kernel that may start before its predecessor has finished waits for it
+    (a top-level ``pdl_wait(USE_PDL)``) before any load, store or atomic, so its launch is as ordered as a plain
+    one. Before the wait only index arithmetic and ``prefetch_l2`` of weights may run."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == kernel)
+    assert "USE_PDL" in [a.arg for a in fn.args.args]
+    body = [ast.unparse(stmt) for stmt in fn.body]
+    assert "pdl_wait(USE_PDL)" in body, f"{kernel} never calls pdl_wait(USE_PDL) at its top level"
+    before = fn.body[: body.index("pdl_wait(USE_PDL)")]
+    calls = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for stmt in before for node in ast.walk(stmt) if isinstance(node, ast.Call)
+    }
+    memory = {c for c in calls if c in ("load", "store") or c.startswith("atomic")}
+    assert not memory, f"{kernel} touches memory before pdl_wait: {sorted(memory)}"
+    assert calls <= {"program_id", "arange", "minimum", "to", "static_range", "prefetch_l2"}, sorted(calls)
+
+
+def test_pdl_is_off_without_a_hopper_gpu() -> None:
+    """PDL only on CUDA devices that have it: never for CPU tensors (the interpreter), and the kernel flag and
+    triton's launch option always agree."""
+    from xinf_sglang.kernels import pdl
+
+    assert pdl.pdl_kwargs(torch.device("cpu")) == {"USE_PDL": False, "launch_pdl": False}
+    code = (
+        "import torch\n"
+        "from xinf_sglang.kernels import pdl\n"
+        "assert not pdl.pdl_supported(torch.device('cpu'))\n"
+        "print(pdl.HAS_GDC)\n"
+    )
+    # Also without the interpreter and with the off switch: still off on a machine without a GPU.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"SGLITE_DISABLE_PDL": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 

@@ -58,9 +58,28 @@ def test_context_length_eats_the_request_table():
         plan_memory(gpu_inputs(), mem_fraction_static=0.22, max_running_requests=4096)
 
 
+def test_default_fraction_depends_on_the_card():
+    """0.9 where 10% of the card is >= 6 GiB (an 80 GB H100: 79 GiB free), 0.85 on smaller cards (40 and 48 GB);
+    a given value always wins, and the report says which it was."""
+    big = plan_memory(gpu_inputs(), context_length=4096)
+    assert big.mem_fraction_static == 0.9 and big.mem_fraction_is_default
+    assert "mem_fraction_static=0.9 (default for this device)" in "\n".join(big.report())
+    for free_gib in (39, 47):
+        small = plan_memory(gpu_inputs(free_before_weights=free_gib * GiB, free_after_weights=(free_gib - 15) * GiB),
+                            context_length=4096)
+        assert small.mem_fraction_static == 0.85
+    given = plan_memory(gpu_inputs(), mem_fraction_static=0.85, context_length=4096)
+    assert given.mem_fraction_static == 0.85 and not given.mem_fraction_is_default
+    assert "(default" not in "\n".join(given.report())
+    # The larger default buys pool tokens, and weights + pool + reserves still stay inside 90% of the card.
+    assert big.pool_tokens > given.pool_tokens
+    others = big.req_table_bytes + big.activation_reserve_bytes
+    assert big.kv_pool_bytes + big.weights_bytes + others <= 0.9 * 79 * GiB + 1
+
+
 def test_defaults_and_report_lines():
     plan = plan_memory(gpu_inputs(), context_length=4096)
-    assert plan.mem_fraction_static == 0.85
+    assert plan.mem_fraction_static == 0.9
     assert plan.context_length == 4096
     report = "\n".join(plan.report())
     for fact in ("weights: 15.00 GiB", "KV pool:", "max running requests:", "prefill chunk:", "context length: 4096"):
