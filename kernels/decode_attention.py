@@ -44,12 +44,12 @@ if triton is not None:
 # 78 requests of 1..6000 tokens, 4 splits per request instead of 1 took a step from 413 to 375 us;
 # scripts/gpu_tune.py, docs/PERFORMANCE.md).
 DECODE_PROGRAMS_PER_SM = 16
-# A split shorter than this costs more than it saves: the merge (partials written, a ticket, the last program
-# reading them back) sits on the layer's critical path, while a program streams a few 128-position tiles quickly.
-# Requests shorter than this use one split. Whole decode layers in a CUDA graph on an H200 (scripts/gpu_tune.py
-# --only chain, 384-token histories): 512 beat 128 and 256 at batch 1 (128.6 vs 131.1 / 132.5 us per layer) and
-# at batch 8 (140.8 vs 141.4 / 141.9).
-DECODE_MIN_SPLIT_TOKENS = 512
+# A split shorter than this costs more in its own merge (partials written, a ticket, the last program reading
+# them back) than it saves; requests shorter than this use one split. 512 was tried (one split for the 128-384
+# token histories of benchmark (a)): faster in a chain of decode layers at a fixed 384-token history, but
+# batch-1 decode of Llama-3.1-8B on an H200 went from 222.2 to 219.8 tok/s, and a 1024-token history at batch 1
+# from 13.4 to 18.5 us (docs/PERFORMANCE.md).
+DECODE_MIN_SPLIT_TOKENS = 128
 # Upper bound on splits: bounds the merge loop and the intermediate buffers.
 DECODE_MAX_SPLITS = 64
 # H100 and H200 SXM; used when the device cannot be asked (the CPU interpreter).

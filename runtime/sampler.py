@@ -123,6 +123,23 @@ class SamplingBatch:
         )
 
 
+# torch reduces each row of an argmax in one thread block: a [1, 128256] row took 28 us on an H200, 0.6% of a
+# batch-1 decode step. Cutting the rows into this many chunks first spreads the work over many blocks.
+ARGMAX_CHUNKS = 64
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[B, V]`` logits, the same index (the first maximal one, as torch documents),
+    computed in two stages (per-chunk max, then the first chunk holding the row's max) for small batches."""
+    b, v = logits.shape
+    if b >= ARGMAX_CHUNKS or v % ARGMAX_CHUNKS:
+        return logits.argmax(dim=-1)
+    width = v // ARGMAX_CHUNKS
+    values, within = logits.reshape(b, ARGMAX_CHUNKS, width).max(dim=-1)
+    chunk = values.argmax(dim=-1, keepdim=True)  # the first chunk whose max is the row's max
+    return (chunk * width + within.gather(-1, chunk)).squeeze(-1)
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded with `seed` on `device` for a request's whole life, or None when there is no seed."""
     if seed is None:
@@ -153,11 +170,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.banned is not None:
         logits[batch.banned] = float("-inf")  # a Python scalar: no host-to-device copy
     if batch.random is None:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     if batch.random.all_rows:
         return _sample_random(logits, batch.random)
     # Mixed batch: argmax for all (cheap), then overwrite the sampled rows.
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy(logits)
     tokens[batch.random.rows] = _sample_random(logits[batch.random.rows], batch.random)
     return tokens
 

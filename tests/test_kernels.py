@@ -279,9 +279,8 @@ def test_decode_num_splits() -> None:
     assert f(78, 8, num_sms=132) == 4  # ceil(16 * 132 / (78 * 8)): several short programs per SM
     assert f(512, 8, num_sms=132) == 1  # 4096 programs already fill it
     assert f(1, 1, num_sms=132) == decode_attention.DECODE_MAX_SPLITS
-    assert f(1, 8, num_sms=132, max_seq_len=1300) == 3  # >= DECODE_MIN_SPLIT_TOKENS (512) tokens per split
-    assert f(1, 8, num_sms=132, max_seq_len=300) == 1  # short histories are not split (no merge on the path)
-    assert f(1, 8, num_sms=132, max_seq_len=300, min_split_tokens=128) == 3
+    assert f(1, 8, num_sms=132, max_seq_len=300) == 3  # >= DECODE_MIN_SPLIT_TOKENS (128) tokens per split
+    assert f(1, 8, num_sms=132, max_seq_len=300, min_split_tokens=512) == 1  # short histories: one split, no merge
     assert f(1, 8, num_sms=132, max_seq_len=1) == 1
     assert all(f(b, 8, num_sms=132) >= f(b + 1, 8, num_sms=132) >= 1 for b in range(1, 300))
     with pytest.raises(ValueError):
