@@ -3,7 +3,8 @@
 Each op lives in a file of its own that holds a torch reference (``*_ref``, the CPU path and the ground truth
 in tests) and, on CUDA, a Triton kernel with its launcher (``*_triton``). The public function of each file
 dispatches: Triton for CUDA tensors (when triton is installed), the reference otherwise. This package knows
-nothing of the runtime.
+nothing of the runtime. On Hopper and newer GPUs the kernels of the model's forward are launched with programmatic
+dependent launch (``pdl.py``): each starts while its predecessor finishes and waits before touching memory.
 
 Triton is optional: without it (macOS, Windows) the package imports and every public function uses its reference.
 To run the launchers on CPU tensors (tests), set ``TRITON_INTERPRET=1`` before triton is first imported in the

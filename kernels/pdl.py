@@ -9,7 +9,8 @@ completed and its writes are visible. The launch overlaps the tail of the previo
 The contract every kernel with a ``USE_PDL`` parameter keeps: it calls ``pdl_wait(USE_PDL)`` before its first load
 or store, so it neither reads a predecessor's output early nor overwrites a buffer a predecessor still reads; a
 PDL launch is then exactly as ordered as a plain one. The only memory traffic allowed before the wait is
-``prefetch_l2`` of data that no kernel writes (the skinny linear warms L2 with its first weight tiles that way). ``pdl_wait`` also releases the next kernel right away
+``prefetch_l2`` of data that no kernel writes (the skinny linear warms L2 with its first weight tiles that way);
+tests/test_kernels.py checks this for every kernel. ``pdl_wait`` also releases the next kernel right away
 (``griddepcontrol.launch_dependents``), which only lets it be scheduled early: its own wait still covers this
 kernel's completion. Kernels of other libraries (cuBLAS, torch) in between are launched plainly and wait as usual.
 
