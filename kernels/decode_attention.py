@@ -38,6 +38,7 @@ from .pdl import pdl_kwargs
 
 if triton is not None:
     from .pdl import pdl_wait
+    from .pool_layout import attend_pool_tile
 
 # Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
 # histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
@@ -163,19 +164,11 @@ if triton is not None:
             for n0 in range(start, end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < end
-                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(KB + slots[:, None] * sk_s + kvh * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                # Online softmax; every tile holds >= 1 valid position, so m is finite after the first one.
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m = m_new
+                # Every tile holds >= 1 valid position, so m is finite after the first one.
+                m, l, acc = attend_pool_tile(
+                    q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
+                    offs_n, mask_n, mask_n[None, :], offs_d, mask_d, qk_scale, DOT_PRECISION,
+                )
             if used == 1:
                 tl.store(out_ptr, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
             else:

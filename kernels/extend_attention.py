@@ -28,6 +28,7 @@ from .pdl import pdl_kwargs
 
 if triton is not None:
     from .pdl import pdl_wait
+    from .pool_layout import attend_pool_tile
 
 
 def extend_attention_ref(
@@ -107,21 +108,12 @@ if triton is not None:
             for n0 in range(0, end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < end
-                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(KB + slots[:, None] * sk_s + kvh * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                # Position 0 is visible to every row and lies in the first tile, so m is finite from then on.
                 visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
-                s = tl.where(visible, s, float("-inf"))
-                # Online softmax. Position 0 is visible to every row and lies in the first tile, so m is finite
-                # from then on and fully masked later tiles only contribute exp2(-inf) = 0.
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m = m_new
+                m, l, acc = attend_pool_tile(
+                    q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
+                    offs_n, mask_n, visible, offs_d, mask_d, qk_scale, DOT_PRECISION,
+                )
             res = acc / l[:, None]
             tl.store(
                 OUT + q_rows[:, None] * so_t + h * so_h + offs_d[None, :],

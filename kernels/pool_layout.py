@@ -1,4 +1,5 @@
-"""The token-pool layout the attention kernels share, and the one check of it that their launchers run.
+"""The token-pool layout the attention kernels share, the one check of it that their launchers run, and the
+step both kernels repeat over it: attend one tile of pool positions with an online softmax.
 
 ``q [N, Hq, D]``; ``k_buffer`` and ``v_buffer`` ``[num_slots, Hkv, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA).
 """
@@ -6,6 +7,39 @@
 from __future__ import annotations
 
 import torch
+
+try:  # triton is optional (absent on macOS / Windows): then only the references run
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def attend_pool_tile(
+        q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
+        offs_n, mask_n, visible, offs_d, mask_d, qk_scale, DOT_PRECISION: tl.constexpr,
+    ):
+        """One tile of the online softmax over pool positions ``offs_n`` of request table row ``row``.
+
+        ``q [M, D]`` (scaled by ``qk_scale``, base 2), running max ``m [M]``, sum ``l [M]`` and output ``acc [M, D]``
+        in float32; ``visible [M, N]`` (or broadcastable) marks the (query, position) pairs that count, and must be
+        false where ``mask_n`` is. Returns the updated ``(m, l, acc)``. The caller guarantees ``m`` is finite after
+        its first tile (that tile has a visible position in every row), so later fully masked rows add exp2(-inf) = 0.
+        """
+        slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(KB + slots[:, None] * sk_s + kvh * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(VB + slots[:, None] * sv_s + kvh * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return m_new, l, acc
 
 
 def check_attention_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> tuple[int, int, int]:
