@@ -1,8 +1,11 @@
 """Decode attention: one new query token per request against its whole KV history in the token pool.
 
 Layout shared with the runtime: ``k_buffer/v_buffer [num_slots, Hkv, D]`` (slot 0 is the dummy slot padded
-rows write to), ``req_to_token [rows, context_len]`` maps (request row, position) -> slot. The K/V of the new
-token is already stored in the pool when attention runs.
+rows write to), ``req_to_token [rows, context_len]`` maps (request row, position) -> slot. Position
+``seq_lens[b] - 1`` is the step's own token. Either its K/V is already in the pool (stored by ``store_kv``), or
+the caller hands it over as a ``NewToken`` before rotary: the kernel then rotates q and k itself, stores the K/V
+at ``NewToken.loc`` and attends to it from registers, so rotary, store-KV and attention are one launch instead of
+three (at batch 1 the launches, not the bytes, are what attention costs).
 
 The Triton path is split-KV "flash decoding" in one launch, grid ``(B, Hkv, num_splits)``: a program reads one
 contiguous range of positions ("split") of one request for one KV head, once, and attends all the query heads of
@@ -18,15 +21,23 @@ SMs), and each would stream the whole history alone. Splitting the positions mak
 SM reading memory. ``decode_num_splits`` picks the count from the batch size; each request then uses only as many
 of those splits as its own length warrants (at least ``min_split_tokens`` positions per split), the others exit at
 once, so the grid does not depend on the sequence lengths (what CUDA graphs need).
+
+With programmatic dependent launch (kernels/pdl.py) a program reads the step's inputs that no kernel of the
+forward writes (``PDL_EARLY_READS``: lengths, request rows, the slot table) before its wait, and pulls the K/V
+lines of its first history tile into L2: the history was stored by earlier steps. Everything else, and every
+write, comes after the wait.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .pool_layout import check_attention_shapes
+from .rotary import apply_rotary_ref
+from .store_kv import store_kv_ref
 
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
@@ -37,8 +48,13 @@ except ImportError:  # pragma: no cover - depends on the platform
 from .pdl import pdl_kwargs
 
 if triton is not None:
-    from .pdl import pdl_wait
+    from .pdl import pdl_wait, prefetch_l2
     from .pool_layout import attend_pool_tile
+    from .rotary import rope_rotate
+
+# Kernel pointer arguments read before the PDL wait: step inputs written before the forward, never during it
+# (tests/test_kernels.py checks that nothing else is touched before the wait).
+PDL_EARLY_READS = ("SEQ_LENS", "REQ_IDX", "REQ_TO_TOKEN")
 
 # Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
 # histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
@@ -57,6 +73,19 @@ DECODE_MAX_SPLITS = 64
 DEFAULT_NUM_SMS = 132
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """The decode step's own token of each request, not yet rotated nor stored: ``k/v [B, Hkv, D]`` (strided views
+    of a fused qkv projection are fine), its rotary ``cos/sin [B, D]`` (``rotary_cos_sin`` at position
+    ``seq_lens - 1``), and the pool slot ``loc [B]`` it goes to. With it, decode attention takes q before rotary."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    loc: torch.Tensor
+
+
 def decode_attention_ref(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -65,11 +94,18 @@ def decode_attention_ref(
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     sm_scale: float,
+    new_token: NewToken | None = None,
 ) -> torch.Tensor:
     """``q [B, Hq, D]`` -> ``o [B, Hq, D]``; request b attends to positions ``[0, seq_lens[b])``.
 
     Query heads are grouped per KV head (GQA: head h uses KV head ``h // (Hq // Hkv)``). Computed in float32.
+    With ``new_token``: q and ``new_token.k`` are rotated first (``apply_rotary_ref``) and the token's K/V stored
+    at ``new_token.loc`` (``store_kv_ref``; rows with ``seq_lens == 0`` have no position and store nothing).
     """
+    if new_token is not None:
+        q, k = apply_rotary_ref(q, new_token.k, new_token.cos, new_token.sin)
+        keep = seq_lens > 0
+        store_kv_ref(k_buffer, v_buffer, new_token.loc[keep], k[keep], new_token.v[keep])
     bs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_q_heads // num_kv_heads
@@ -126,16 +162,46 @@ if triton is not None:
         return tl.maximum(per, BLOCK_N)
 
     @triton.jit
+    def _new_token_kv(
+        K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
+        offs_d, mask_d, head_dim, c, s, store, DT: tl.constexpr,
+    ):
+        """This step's token of request ``b``, KV head ``kvh``: k rotated by ``c/s`` (in ``DT``, then the pool
+        dtype) and v; stored at slot ``LOC[b]`` when ``store``. Returns them (``[D]``) for the softmax."""
+        k = rope_rotate(K_NEW + b * skn_b + kvh * skn_h, offs_d, mask_d, head_dim // 2, c, s, DT)
+        k = k.to(KB.dtype.element_ty)
+        v = tl.load(V_NEW + b * svn_b + kvh * svn_h + offs_d, mask=mask_d, other=0.0).to(VB.dtype.element_ty)
+        slot = tl.load(LOC + b).to(tl.int64)
+        store_mask = tl.where(store, mask_d, False)
+        tl.store(KB + slot * sk_s + kvh * sk_h + offs_d, k, mask=store_mask)
+        tl.store(VB + slot * sv_s + kvh * sv_h + offs_d, v, mask=store_mask)
+        return k, v
+
+    @triton.jit
+    def _attend_one(q, m, l, acc, k, v, qk_scale):
+        """The online-softmax step of ``attend_pool_tile`` for a single position held in registers (``k/v [D]``);
+        ``m`` may still be -inf (an empty history): ``exp2(-inf)`` then zeroes the empty running state."""
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        l = l * alpha + p
+        pv = p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+        return m_new, l, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _decode_kernel(
-        Q, KB, VB, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE, COUNTERS, OUT,
+        Q, KB, VB, REQ_TO_TOKEN, REQ_IDX, SEQ_LENS, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
         qk_scale,  # sm_scale * log2(e): scores live in base 2 so the softmax uses exp2
-        sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt,
+        sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt, skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
         smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
         group, head_dim, num_kv_heads, num_splits, min_split_tokens,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+        LINE: tl.constexpr, NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        pdl_wait(USE_PDL)
+        # Before the PDL wait, only what no kernel of the forward writes (PDL_EARLY_READS): the lengths, the request
+        # rows and the slots of the history (positions stored by earlier steps), whose K/V lines are pulled into
+        # L2. This overlaps the kernel before (the qkv projection when NEW_TOKEN) instead of following it.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -144,6 +210,37 @@ if triton is not None:
         used = tl.cdiv(seq_len, split_len)
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
+        # Splits a request does not use end here, before waiting: they touch nothing, and a program that exits
+        # lets the next kernel launch as surely as one that passed its wait, without holding an SM slot.
+        if (start < end) | ((seq_len == 0) & (split == 0)):
+            row = tl.load(REQ_IDX + b).to(tl.int64)
+            hist_end = tl.minimum(end, seq_len - 1)  # position seq_len - 1 is this step's token
+            if start < hist_end:
+                offs_p = start + tl.arange(0, BLOCK_N)
+                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_p, mask=offs_p < hist_end, other=0).to(tl.int64)
+                lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
+                prefetch_l2(KB + slots[:, None] * sk_s + kvh * sk_h + lines[None, :], USE_PDL)
+                prefetch_l2(VB + slots[:, None] * sv_s + kvh * sv_h + lines[None, :], USE_PDL)
+            pdl_wait(USE_PDL)
+            _decode_program(
+                Q, KB, VB, REQ_TO_TOKEN, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
+                qk_scale, sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt, skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
+                smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h, group, head_dim, num_kv_heads,
+                b, kvh, split, row, seq_len, used, start, end, hist_end,
+                BLOCK_G, BLOCK_D, BLOCK_N, BLOCK_S, NEW_TOKEN, DOT_PRECISION,
+            )
+
+    @triton.jit
+    def _decode_program(
+        Q, KB, VB, REQ_TO_TOKEN, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
+        qk_scale, sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt, skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
+        smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h, group, head_dim, num_kv_heads,
+        b, kvh, split, row, seq_len, used, start, end, hist_end,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+        NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """The part of a ``_decode_kernel`` program after its PDL wait: one split of request ``b``, KV head
+        ``kvh`` (positions ``[start, end)``), or the zeros of an empty row."""
         offs_g = tl.arange(0, BLOCK_G)
         mask_g = offs_g < group
         heads = kvh * group + offs_g
@@ -151,24 +248,42 @@ if triton is not None:
         mask_d = offs_d < head_dim
         mask_gd = mask_g[:, None] & mask_d[None, :]
         out_ptr = OUT + b * so_b + heads[:, None] * so_h + offs_d[None, :]
-        if seq_len == 0:  # an empty padded row: zeros rather than 0/0
-            if split == 0:
-                tl.store(out_ptr, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(OUT.dtype.element_ty), mask=mask_gd)
-        elif start < end:  # splits this request does not use do nothing
-            row = tl.load(REQ_IDX + b).to(tl.int64)
-            # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
-            q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=mask_gd, other=0.0)
+        if seq_len == 0:  # an empty padded row: zeros rather than 0/0 (no position, so no token to store)
+            tl.store(out_ptr, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(OUT.dtype.element_ty), mask=mask_gd)
+        else:
+            holds_new = end == seq_len  # this split holds the step's own token
+            q_ptr = Q + b * sq_b + heads[:, None] * sq_h
+            # The new token's K/V is read by every program before the history loop (tiny, and its loads then
+            # overlap the others'); only the program that holds it stores it and attends to it.
+            if NEW_TOKEN:
+                c = tl.load(COS + b * sc_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                s = tl.load(SIN + b * ss_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                q = rope_rotate(q_ptr, offs_d[None, :], mask_gd, head_dim // 2, c[None, :], s[None, :],
+                                Q.dtype.element_ty)
+                k_new, v_new = _new_token_kv(
+                    K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
+                    offs_d, mask_d, head_dim, c, s, holds_new, Q.dtype.element_ty,
+                )
+            else:
+                # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
+                q = tl.load(q_ptr + offs_d[None, :], mask=mask_gd, other=0.0)
+                # Already in the pool, stored by the kernel before this one.
+                slot = tl.load(REQ_TO_TOKEN + row * s_rt + seq_len - 1).to(tl.int64)
+                k_new = tl.load(KB + slot * sk_s + kvh * sk_h + offs_d, mask=mask_d, other=0.0)
+                v_new = tl.load(VB + slot * sv_s + kvh * sv_h + offs_d, mask=mask_d, other=0.0)
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for n0 in range(start, end, BLOCK_N):
+            for n0 in range(start, hist_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < end
+                mask_n = offs_n < hist_end
                 # Every tile holds >= 1 valid position, so m is finite after the first one.
                 m, l, acc = attend_pool_tile(
                     q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
                     offs_n, mask_n, mask_n[None, :], offs_d, mask_d, qk_scale, DOT_PRECISION,
                 )
+            if holds_new:
+                m, l, acc = _attend_one(q, m, l, acc, k_new, v_new, qk_scale)
             if used == 1:
                 tl.store(out_ptr, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
             else:
@@ -228,6 +343,7 @@ def decode_attention_triton(
     mid_lse: torch.Tensor | None = None,
     split_counters: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    new_token: NewToken | None = None,
     min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
     block_n: int | None = None,
     num_warps: int = 4,
@@ -238,6 +354,7 @@ def decode_attention_triton(
     ``q [B, Hq, D]`` (last dim contiguous), pool buffers ``[num_slots, Hkv, D]``, ``req_to_token [rows, ctx]``
     int32/int64, ``req_pool_indices`` / ``seq_lens [B]`` int64 on the device. ``Hq`` must be a multiple of ``Hkv``.
     Every request needs ``seq_lens[b] >= 1`` for a meaningful output (a row with 0 gets zeros, not NaN).
+    ``new_token`` (rotary + store-KV in the same launch): its k and cos/sin in q's dtype, ``loc`` int32/int64.
 
     Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``.
     Request b uses ``min(num_splits, ceil(seq_lens[b] / min_split_tokens))`` of them; the rest exit at once.
@@ -259,6 +376,7 @@ def decode_attention_triton(
         raise ValueError(f"min_split_tokens must be >= 1, got {min_split_tokens}")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    new_token = _checked_new_token(new_token, q, n_kv)
     if out is None:
         out = torch.empty((bs, n_q, d), dtype=q.dtype, device=q.device)
     elif out.shape != (bs, n_q, d) or out.stride(-1) != 1:
@@ -300,19 +418,49 @@ def decode_attention_triton(
         split_counters = decode_split_counters(bs, n_kv, q.device)
     elif split_counters.dtype != torch.int32 or split_counters.numel() < bs * n_kv:
         raise ValueError(f"split_counters must be int32 with >= {bs * n_kv} elements (decode_split_counters)")
+    # Without a new token its pointer arguments are never read: q stands in for them.
+    nt = new_token or NewToken(q, q, q[:, 0], q[:, 0], seq_lens)
     _decode_kernel[(bs, n_kv, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, split_counters, out,
+        nt.k, nt.v, nt.cos, nt.sin, nt.loc,
         float(sm_scale) * math.log2(math.e),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        req_to_token.stride(0),
+        req_to_token.stride(0), nt.k.stride(0), nt.k.stride(1), nt.v.stride(0), nt.v.stride(1),
+        nt.cos.stride(0), nt.sin.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         group, d, n_kv, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
-        DOT_PRECISION=precision,
+        # Prefetch addresses: one per 128-byte line of a head's K or V.
+        LINE=max(1, min(block_d, 128 // k_buffer.element_size())),
+        NEW_TOKEN=new_token is not None, DOT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q.device),
     )
     return out
+
+
+def _checked_new_token(new_token: NewToken | None, q: torch.Tensor, n_kv: int) -> NewToken | None:
+    """``new_token`` with contiguous last dims, after checking it fits ``q``; ValueError saying what does not."""
+    if new_token is None:
+        return None
+    bs, _, d = q.shape
+    k, v, cos, sin, loc = new_token.k, new_token.v, new_token.cos, new_token.sin, new_token.loc
+    if k.shape != (bs, n_kv, d) or v.shape != (bs, n_kv, d):
+        raise ValueError(f"new_token k/v must be [{bs}, {n_kv}, {d}], got {tuple(k.shape)} / {tuple(v.shape)}")
+    if cos.shape != (bs, d) or sin.shape != (bs, d) or loc.shape != (bs,):
+        raise ValueError(
+            f"new_token cos/sin must be [{bs}, {d}] and loc [{bs}], got {tuple(cos.shape)} / {tuple(sin.shape)} / "
+            f"{tuple(loc.shape)}"
+        )
+    if not k.dtype == cos.dtype == sin.dtype == q.dtype:
+        raise ValueError(
+            f"new_token k and cos/sin must have q's dtype {q.dtype} (the rotation rounds to it), got {k.dtype} / "
+            f"{cos.dtype} / {sin.dtype}"
+        )
+    if d % 2:
+        raise ValueError(f"head_dim must be even for the rotate-half layout, got {d}")
+    k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
+    return NewToken(k, v, cos, sin, loc)
 
 
 def decode_attention(
@@ -323,9 +471,11 @@ def decode_attention(
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     sm_scale: float,
+    new_token: NewToken | None = None,
 ) -> torch.Tensor:
     """Dispatching decode attention: Triton (split-KV, split count from the batch size) for CUDA tensors when
     triton is installed, the reference elsewhere. Contract as ``decode_attention_ref``."""
+    args = (q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale)
     if q.is_cuda and triton is not None:
-        return decode_attention_triton(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale)
-    return decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale)
+        return decode_attention_triton(*args, new_token=new_token)
+    return decode_attention_ref(*args, new_token)

@@ -45,43 +45,43 @@ def apply_rotary_ref(
 if triton is not None:
 
     @triton.jit
-    def _rotate_heads(
-        X, OUT, tok, sx_t, sx_h, so_t, so_h, n_heads, c1, c2, s1, s2, half,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    ):
-        """Rotate all heads of one token: ``out = x * cos + rotate_half(x) * sin`` on a [heads, half] tile."""
-        heads = tl.arange(0, BLOCK_H)[:, None]
-        cols = tl.arange(0, BLOCK_HALF)[None, :]
-        mask = (heads < n_heads) & (cols < half)
-        x_ptr = X + tok * sx_t + heads * sx_h + cols
-        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
-        dt = OUT.dtype.element_ty
-        # Each product and the sum rounded to the output dtype, in the reference's order.
-        o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-        o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        o_ptr = OUT + tok * so_t + heads * so_h + cols
-        tl.store(o_ptr, o1.to(dt), mask=mask)
-        tl.store(o_ptr + half, o2.to(dt), mask=mask)
+    def rope_rotate(X, offs_d, mask, half, c, s, DT: tl.constexpr):
+        """``x * cos + rotate_half(x) * sin`` of the head vectors at ``X + offs_d`` (``X`` a pointer or a column of
+        row pointers, ``offs_d`` the full head dim; ``c/s`` float32 cos/sin over the full head dim, broadcastable),
+        returned in ``DT``. Each product and the sum are rounded to ``DT`` in the reference's order, so half
+        precision matches ``apply_rotary_ref`` bit for bit. Shared by the rotary kernel and the decode kernel
+        (which rotates the new token's q and k itself)."""
+        lower = offs_d < half
+        # rotate_half: the lower half takes -x[d + half], the upper half x[d - half].
+        partner = tl.where(lower, offs_d + half, offs_d - half)
+        x = tl.load(X + offs_d, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(X + partner, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.where(lower, -xp, xp)
+        return ((x * c).to(DT).to(tl.float32) + (xp * s).to(DT).to(tl.float32)).to(DT)
 
     @triton.jit
     def _rotary_kernel(
         Q, K, COS, SIN, QO, KO,
         sq_t, sq_h, sk_t, sk_h, sc_t, ss_t, sqo_t, sqo_h, sko_t, sko_h,
-        n_q_heads, n_kv_heads, half,
-        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+        n_q_heads, n_kv_heads, head_dim,
+        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pdl_wait(USE_PDL)
         tok = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_HALF)[None, :]
-        cmask = cols < half
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        half = head_dim // 2
         # Both halves of cos/sin are loaded (not assumed equal) so any per-token table matches the reference.
-        c1 = tl.load(COS + tok * sc_t + cols, mask=cmask, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + tok * sc_t + half + cols, mask=cmask, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + tok * ss_t + cols, mask=cmask, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + tok * ss_t + half + cols, mask=cmask, other=0.0).to(tl.float32)
-        _rotate_heads(Q, QO, tok, sq_t, sq_h, sqo_t, sqo_h, n_q_heads, c1, c2, s1, s2, half, BLOCK_HQ, BLOCK_HALF)
-        _rotate_heads(K, KO, tok, sk_t, sk_h, sko_t, sko_h, n_kv_heads, c1, c2, s1, s2, half, BLOCK_HK, BLOCK_HALF)
+        c = tl.load(COS + tok * sc_t + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(SIN + tok * ss_t + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        hq = tl.arange(0, BLOCK_HQ)[:, None]
+        mask_q = (hq < n_q_heads) & mask_d[None, :]
+        q = rope_rotate(Q + tok * sq_t + hq * sq_h, offs_d[None, :], mask_q, half, c, s, QO.dtype.element_ty)
+        tl.store(QO + tok * sqo_t + hq * sqo_h + offs_d[None, :], q, mask=mask_q)
+        hk = tl.arange(0, BLOCK_HK)[:, None]
+        mask_k = (hk < n_kv_heads) & mask_d[None, :]
+        k = rope_rotate(K + tok * sk_t + hk * sk_h, offs_d[None, :], mask_k, half, c, s, KO.dtype.element_ty)
+        tl.store(KO + tok * sko_t + hk * sko_h + offs_d[None, :], k, mask=mask_k)
 
 
 def apply_rotary_triton(
@@ -107,14 +107,13 @@ def apply_rotary_triton(
     q_out = torch.empty((t, n_q, d), dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
     k_out = torch.empty((t, n_kv, d), dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
     if t > 0:
-        half = d // 2
         _rotary_kernel[(t,)](
             q, k, cos, sin, q_out, k_out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            n_q, n_kv, half,
+            n_q, n_kv, d,
             BLOCK_HQ=triton.next_power_of_2(n_q), BLOCK_HK=triton.next_power_of_2(n_kv),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_kwargs(q.device),
+            BLOCK_D=triton.next_power_of_2(d), num_warps=4, **pdl_kwargs(q.device),
         )
     return q_out, k_out
 

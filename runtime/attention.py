@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from xinf_sglang.kernels import (
+    NewToken,
+    apply_rotary,
     decode_attention_ref,
     extend_attention_ref,
     store_kv_ref,
@@ -24,9 +26,10 @@ from .kv_pool import KVPool
 class AttentionBackend(ABC):
     """Computes attention for one layer over the token pool.
 
-    Contract: ``init_forward_metadata`` is called once per forward before any layer runs; ``forward`` stores the
-    new tokens' K/V at ``batch.out_cache_loc`` and then attends, so a request sees its cached prefix and its own new
-    tokens (causally) and nothing else.
+    Contract: ``init_forward_metadata`` is called once per forward before any layer runs; ``forward`` rotates the
+    new tokens' q and k, stores their K/V at ``batch.out_cache_loc`` and attends, so a request sees its cached
+    prefix and its own new tokens (causally) and nothing else. Decode hands all three steps to ``forward_decode``
+    (one fused kernel on the GPU); extend runs rotary and store-KV here, then ``forward_extend``.
     """
 
     def __init__(self, kv_pool: KVPool, req_to_token: torch.Tensor, sm_scale: float) -> None:
@@ -38,21 +41,28 @@ class AttentionBackend(ABC):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Prepare whatever the kernels need for this batch (split counts, index arrays)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        """``q [T, Hq, D]``, ``k/v [T, Hkv, D]`` of the new tokens -> attention output ``[T, Hq, D]``."""
-        self.store_kv(layer_id, batch.out_cache_loc, k, v)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        layer_id: int, batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """``q [T, Hq, D]``, ``k/v [T, Hkv, D]`` of the new tokens before rotary, ``cos/sin [T, D]`` at their
+        positions -> attention output ``[T, Hq, D]``."""
         if batch.mode is ForwardMode.DECODE:
-            return self.forward_decode(q, layer_id, batch)
+            return self.forward_decode(q, NewToken(k, v, cos, sin, batch.out_cache_loc), layer_id, batch)
+        q, k = apply_rotary(q, k, cos, sin)
+        self.store_kv(layer_id, batch.out_cache_loc, k, v)
         return self.forward_extend(q, layer_id, batch)
 
     @abstractmethod
     def store_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor: ...
+    def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of rotated ``q`` whose K/V are already in the pool."""
 
     @abstractmethod
-    def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor: ...
+    def forward_decode(self, q: torch.Tensor, new_token: NewToken, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """Rotary, store-KV and attention of one token per request: ``q`` and ``new_token`` before rotary."""
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -77,7 +87,7 @@ class TorchAttentionBackend(AttentionBackend):
             self.sm_scale,
         )
 
-    def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+    def forward_decode(self, q: torch.Tensor, new_token: NewToken, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         return decode_attention_ref(
             q,
             self.kv_pool.k_buffers[layer_id],
@@ -86,4 +96,5 @@ class TorchAttentionBackend(AttentionBackend):
             batch.req_pool_indices,
             batch.seq_lens,
             self.sm_scale,
+            new_token,
         )

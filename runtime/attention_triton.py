@@ -21,6 +21,7 @@ import torch
 
 from xinf_sglang.kernels.decode_attention import (
     DECODE_MIN_SPLIT_TOKENS,
+    NewToken,
     decode_attention_triton,
     decode_intermediate_buffers,
     decode_num_splits,
@@ -130,7 +131,7 @@ class TritonAttentionBackend(AttentionBackend):
             max_extend_len=md.max_extend_len,
         )
 
-    def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+    def forward_decode(self, q: torch.Tensor, new_token: NewToken, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         md = self.metadata
         if not isinstance(md, _DecodeMetadata):
             raise RuntimeError("init_forward_metadata was not called for this decode batch")
@@ -150,6 +151,7 @@ class TritonAttentionBackend(AttentionBackend):
             mid_o=md.mid_o,
             mid_lse=md.mid_lse,
             split_counters=md.split_counters,
+            new_token=new_token,
             min_split_tokens=self.min_split_tokens,
         )
 

@@ -274,36 +274,48 @@ class Checker:
         return kb, vb, table, req_pool_indices
 
     def check_decode(self) -> None:
+        """Decode attention over a pool that holds the new token, and with the new token handed over before rotary
+        (``NewToken``: rotary + store-KV + attention in one launch; the pool it leaves is compared too)."""
         dec = self.k["decode_attention"]
+        rot = self.k["rotary"]
         num_sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
         gen = torch.Generator().manual_seed(0)
-        for dtype in DTYPES:
-            for bs in DECODE_BATCHES:
-                for max_len in DECODE_MAX_LENS:
+        for fused in (False, True):
+            for dtype in DTYPES:
+                for bs in DECODE_BATCHES:
+                    for max_len in DECODE_MAX_LENS:
 
-                    def body(row: Row, dtype=dtype, bs=bs, max_len=max_len) -> None:
-                        seq = [max_len] + torch.randint(max_len // 2, max_len + 1, (bs - 1,), generator=gen).tolist()
-                        kb, vb, table, rows = self._pool(seq, dtype, width=max_len)
-                        seq_lens = torch.tensor(seq, device=self.dev)
-                        q = self.randn(bs, HQ, HEAD_DIM, dtype=dtype)
-                        scale = HEAD_DIM**-0.5
-                        splits = dec.decode_num_splits(bs, HKV, num_sms)
-                        mid_o, mid_lse = dec.decode_intermediate_buffers(bs, HQ, splits, HEAD_DIM, self.dev)
-                        counters = dec.decode_split_counters(bs, HKV, self.dev)
+                        def body(row: Row, dtype=dtype, bs=bs, max_len=max_len, fused=fused) -> None:
+                            seq = [max_len] + torch.randint(max_len // 2, max_len + 1, (bs - 1,), generator=gen).tolist()
+                            kb, vb, table, rows = self._pool(seq, dtype, width=max_len)
+                            seq_lens = torch.tensor(seq, device=self.dev)
+                            q = self.randn(bs, HQ, HEAD_DIM, dtype=dtype)
+                            scale = HEAD_DIM**-0.5
+                            splits = dec.decode_num_splits(bs, HKV, num_sms)
+                            mid_o, mid_lse = dec.decode_intermediate_buffers(bs, HQ, splits, HEAD_DIM, self.dev)
+                            counters = dec.decode_split_counters(bs, HKV, self.dev)
+                            new = None
+                            if fused:
+                                cos, sin = rot.rotary_cos_sin(llama3_inv_freq(HEAD_DIM).to(self.dev), seq_lens - 1, dtype)
+                                k, v = (self.randn(bs, HKV, HEAD_DIM, dtype=dtype) for _ in range(2))
+                                new = dec.NewToken(k, v, cos, sin, table[rows, seq_lens - 1].long())
+                            kr, vr = kb.clone(), vb.clone()
 
-                        def fn() -> torch.Tensor:
-                            return dec.decode_attention_triton(
-                                q, kb, vb, table, rows, seq_lens, scale,
-                                num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, split_counters=counters,
-                            )
+                            def fn() -> torch.Tensor:
+                                return dec.decode_attention_triton(
+                                    q, kb, vb, table, rows, seq_lens, scale, new_token=new,
+                                    num_splits=splits, mid_o=mid_o, mid_lse=mid_lse, split_counters=counters,
+                                )
 
-                        row.err = rel_err(fn(), dec.decode_attention_ref(q, kb, vb, table, rows, seq_lens, scale))
-                        row.ms = bench(fn)
-                        moved = sum(seq) * (2 * HKV * HEAD_DIM * kb.element_size() + 4) + 2 * nbytes(q)
-                        row.throughput = gbps(moved, row.ms)
-                        row.note = f"splits={splits}"
+                            want = dec.decode_attention_ref(q, kr, vr, table, rows, seq_lens, scale, new)
+                            row.err = max(rel_err(fn(), want), rel_err(kb, kr), rel_err(vb, vr))
+                            row.ms = bench(fn)
+                            moved = sum(seq) * (2 * HKV * HEAD_DIM * kb.element_size() + 4) + 2 * nbytes(q)
+                            row.throughput = gbps(moved, row.ms)
+                            row.note = f"splits={splits}"
 
-                    self.run("decode_attention", dtype, f"B={bs} L<={max_len} Hq={HQ} Hkv={HKV} D={HEAD_DIM}", body)
+                        name = "decode_attention[new token]" if fused else "decode_attention"
+                        self.run(name, dtype, f"B={bs} L<={max_len} Hq={HQ} Hkv={HKV} D={HEAD_DIM}", body)
 
     def check_decode_cuda_graph(self) -> None:
         """Capture with fixed buffers and split count, then replay with other lengths (longer and shorter)."""

@@ -224,8 +224,9 @@ def sweep_chain(results: dict) -> None:
         "attention min split 256": dict(attention_kwargs=dict(min_split_tokens=256)),
         "attention min split 512": dict(attention_kwargs=dict(min_split_tokens=512)),
         "without norms": dict(skip=frozenset({"norm"})),
-        "without rotary": dict(skip=frozenset({"rotary"})),
-        "without rotary, store-KV": dict(skip=frozenset({"rotary", "store"})),
+        "unfused rotary, store-KV, attention": dict(fused=False),
+        "unfused, without rotary": dict(fused=False, skip=frozenset({"rotary"})),
+        "unfused, without rotary, store-KV": dict(fused=False, skip=frozenset({"rotary", "store"})),
         "without attention": dict(skip=frozenset({"attention"})),
         "without SiLU": dict(skip=frozenset({"silu"})),
     }

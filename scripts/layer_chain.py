@@ -1,7 +1,8 @@
 """Decode layers of a Llama-3.1-8B-shaped model as a plain chain of kernel calls, for the GPU scripts.
 
-Every kernel reads what the one before it wrote: norm -> qkv -> rotary -> store-KV -> attention over the
-just-stored token -> o_proj -> norm (+ residual) -> gate_up -> SiLU -> down. ``gpu_kernel_check.py`` replays it in
+Every kernel reads what the one before it wrote: norm -> qkv -> decode attention (rotary + store-KV of the new
+token + attention, one launch, as the runtime runs it) -> o_proj -> norm (+ residual) -> gate_up -> SiLU -> down.
+``fused=False`` runs rotary and store-KV as kernels of their own and attention over the just-stored token. ``gpu_kernel_check.py`` replays it in
 a CUDA graph against the float32 references (what programmatic dependent launch must keep ordered);
 ``gpu_tune.py`` times it with different linear launch settings.
 """
@@ -79,13 +80,14 @@ class LayerChain:
 
     def run(self, h: torch.Tensor, *, ref: bool = False, linear: Callable | None = None,
             pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None, skip: frozenset[str] = frozenset(),
-            attention_kwargs: dict | None = None) -> torch.Tensor:
+            attention_kwargs: dict | None = None, fused: bool = True) -> torch.Tensor:
         """``h [bs, HIDDEN]`` through the layers; returns ``h + residual`` after the last one. ``ref``: the torch
-        references in float32 (pass float32 ``pools`` copies); ``linear`` replaces the dispatching linear.
+        references in float32 (pass float32 ``pools`` copies); ``linear`` replaces the dispatching linear;
+        ``fused=False``: rotary and store-KV as separate kernels before attention.
 
-        For timing only: ``skip`` leaves steps out ("norm", "rotary", "store", "attention", "silu"; the data still
-        flows, e.g. without "silu" down reads the gate half), to see what a step costs inside the chain;
-        ``attention_kwargs`` are extra arguments of the decode-attention launcher."""
+        For timing only: ``skip`` leaves steps out ("norm", "attention", "silu", and with ``fused=False`` "rotary"
+        and "store"; the data still flows, e.g. without "silu" down reads the gate half), to see what a step costs
+        inside the chain; ``attention_kwargs`` are extra arguments of the decode-attention launcher."""
         k = self.pkg
         dec = importlib.import_module(f"{k.__name__}.decode_attention")
         f = (lambda t: t.float()) if ref else (lambda t: t)
@@ -104,18 +106,23 @@ class LayerChain:
             else:
                 x, residual = norm(h, f(w["ln1"]), self.eps, residual)
             q, kk, v = linear(x, f(w["qkv"])).split([HQ * HEAD_DIM, HKV * HEAD_DIM, HKV * HEAD_DIM], -1)
-            q, kk = q.reshape(bs, HQ, HEAD_DIM), kk.reshape(bs, HKV, HEAD_DIM)
-            if "rotary" not in skip:
-                q, kk = rotary(q, kk, f(self.cos), f(self.sin))
-            if "store" not in skip:
-                store(kb, vb, self.loc, kk, v.reshape(bs, HKV, HEAD_DIM))
+            q, kk, v = q.reshape(bs, HQ, HEAD_DIM), kk.reshape(bs, HKV, HEAD_DIM), v.reshape(bs, HKV, HEAD_DIM)
+            new_token = None
+            if fused:
+                new_token = dec.NewToken(kk, v, f(self.cos), f(self.sin), self.loc)
+            else:
+                if "rotary" not in skip:
+                    q, kk = rotary(q, kk, f(self.cos), f(self.sin))
+                if "store" not in skip:
+                    store(kb, vb, self.loc, kk, v)
             args = (q, kb, vb, self.table, self.rows, self.seq_lens, scale)
             if "attention" in skip:
                 o = q
             elif ref:
-                o = dec.decode_attention_ref(*args)
+                o = dec.decode_attention_ref(*args, new_token)
             else:
-                o = dec.decode_attention_triton(*args, **(self.decode_buffers | (attention_kwargs or {})))
+                kwargs = self.decode_buffers | (attention_kwargs or {})
+                o = dec.decode_attention_triton(*args, new_token=new_token, **kwargs)
             h = linear(o.reshape(bs, HQ * HEAD_DIM), f(w["o"]))
             if "norm" in skip:
                 x = h

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from xinf_sglang.kernels import apply_rotary, linear, rms_norm, rotary_cos_sin, silu_and_mul
+from xinf_sglang.kernels import linear, rms_norm, rotary_cos_sin, silu_and_mul
 
 from ..attention import AttentionBackend
 from ..forward_batch import ForwardBatch
@@ -68,8 +68,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, _ = self.q_norm(q)
             k, _ = self.k_norm(k)
-        q, k = apply_rotary(q, k, cos, sin)
-        o = attn.forward(q, k, v, self.layer_id, batch)
+        o = attn.forward(q, k, v, cos, sin, self.layer_id, batch)  # rotary and store-KV happen behind the seam
         return self.o_proj(o.reshape(n, self.q_size))
 
 
