@@ -69,6 +69,9 @@ DECODE_PROGRAMS_PER_SM = 16
 DECODE_MIN_SPLIT_TOKENS = 128
 # Upper bound on splits: bounds the merge loop and the intermediate buffers.
 DECODE_MAX_SPLITS = 64
+# Batches up to this size are latency-bound (the kernel sits on each layer's critical path with little to read);
+# larger ones are bandwidth-bound. The launch shape differs (decode_launch_shape).
+DECODE_SMALL_BATCH = 8
 # H100 and H200 SXM; used when the device cannot be asked (the CPU interpreter).
 DEFAULT_NUM_SMS = 132
 
@@ -142,6 +145,17 @@ def decode_num_splits(
     if max_seq_len is not None:
         splits = min(splits, math.ceil(max(max_seq_len, 1) / min_split_tokens))
     return max(1, min(splits, max_splits))
+
+
+def decode_launch_shape(batch_size: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of the decode kernel for a batch of ``batch_size`` rows.
+
+    Measured on an H200 (scripts/gpu_tune.py, docs/PERFORMANCE.md): in a CUDA graph of whole Llama-3.1-8B decode
+    layers at batch 1 and 8, 8 warps took 1.5-1.7 us off each layer (more loads in flight per program on the
+    critical path); standalone at batch 32-128 with 1-6000-token histories, 4 warps with a 2-deep pipeline were
+    4-6% faster than 3 stages, and 8 warps 3-5% slower.
+    """
+    return (8, 3) if batch_size <= DECODE_SMALL_BATCH else (4, 2)
 
 
 def num_sms_of(device: torch.device) -> int:
@@ -346,8 +360,8 @@ def decode_attention_triton(
     new_token: NewToken | None = None,
     min_split_tokens: int = DECODE_MIN_SPLIT_TOKENS,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
 
@@ -356,7 +370,8 @@ def decode_attention_triton(
     Every request needs ``seq_lens[b] >= 1`` for a meaningful output (a row with 0 gets zeros, not NaN).
     ``new_token`` (rotary + store-KV in the same launch): its k and cos/sin in q's dtype, ``loc`` int32/int64.
 
-    Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``.
+    Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``;
+    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``.
     Request b uses ``min(num_splits, ceil(seq_lens[b] / min_split_tokens))`` of them; the rest exit at once.
 
     CUDA graphs: the grid is ``(B, Hkv, num_splits)`` and ``(B, Hq)``; it never depends on the sequence lengths,
@@ -418,6 +433,7 @@ def decode_attention_triton(
         split_counters = decode_split_counters(bs, n_kv, q.device)
     elif split_counters.dtype != torch.int32 or split_counters.numel() < bs * n_kv:
         raise ValueError(f"split_counters must be int32 with >= {bs * n_kv} elements (decode_split_counters)")
+    default_warps, default_stages = decode_launch_shape(bs)
     # Without a new token its pointer arguments are never read: q stands in for them.
     nt = new_token or NewToken(q, q, q[:, 0], q[:, 0], seq_lens)
     _decode_kernel[(bs, n_kv, num_splits)](
@@ -434,7 +450,7 @@ def decode_attention_triton(
         # Prefetch addresses: one per 128-byte line of a head's K or V.
         LINE=max(1, min(block_d, 128 // k_buffer.element_size())),
         NEW_TOKEN=new_token is not None, DOT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q.device),
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages, **pdl_kwargs(q.device),
     )
     return out
 

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
 #   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep),
 #   chain (decode layers in a CUDA graph, linear variants)
-#   kernels=TEXT checks only the kernel rows whose name contains TEXT
+#   kernels=TEXT checks only the kernel rows whose name contains TEXT; tune=linear|attention|chain one sweep
 #   STEP:nopdl runs STEP with programmatic dependent launch off (SGLITE_DISABLE_PDL=1, kernels/pdl.py), for A/B
 # The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
 # (a machine without network access): build them first with
@@ -27,6 +27,7 @@ for step in $steps; do
     kernels=*) run kernels python3 scripts/gpu_kernel_check.py --only "${s#kernels=}" ;;
     profile) run profile python3 scripts/gpu_profile_decode.py ;;
     tune) run tune python3 scripts/gpu_tune.py ;;
+    tune=*) run tune python3 scripts/gpu_tune.py --only "${s#tune=}" ;;
     chain) run chain python3 scripts/gpu_tune.py --only chain ;;
     splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
