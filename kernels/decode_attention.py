@@ -211,7 +211,8 @@ if triton is not None:
         smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
         group, head_dim, num_kv_heads, num_splits, min_split_tokens,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        LINE: tl.constexpr, NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+        LINE: tl.constexpr, PREFETCH: tl.constexpr, NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         # Before the PDL wait, only what no kernel of the forward writes (PDL_EARLY_READS): the lengths, the request
         # rows and the slots of the history (positions stored by earlier steps), whose K/V lines are pulled into
@@ -229,12 +230,14 @@ if triton is not None:
         if (start < end) | ((seq_len == 0) & (split == 0)):
             row = tl.load(REQ_IDX + b).to(tl.int64)
             hist_end = tl.minimum(end, seq_len - 1)  # position seq_len - 1 is this step's token
-            if start < hist_end:
-                offs_p = start + tl.arange(0, BLOCK_N)
-                slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_p, mask=offs_p < hist_end, other=0).to(tl.int64)
-                lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
-                prefetch_l2(KB + slots[:, None] * sk_s + kvh * sk_h + lines[None, :], USE_PDL)
-                prefetch_l2(VB + slots[:, None] * sv_s + kvh * sv_h + lines[None, :], USE_PDL)
+            if PREFETCH:
+                if start < hist_end:
+                    offs_p = start + tl.arange(0, BLOCK_N)
+                    slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_p, mask=offs_p < hist_end, other=0)
+                    slots = slots.to(tl.int64)
+                    lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
+                    prefetch_l2(KB + slots[:, None] * sk_s + kvh * sk_h + lines[None, :], USE_PDL)
+                    prefetch_l2(VB + slots[:, None] * sv_s + kvh * sv_h + lines[None, :], USE_PDL)
             pdl_wait(USE_PDL)
             _decode_program(
                 Q, KB, VB, REQ_TO_TOKEN, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
@@ -362,6 +365,7 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch_history: bool = True,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
 
@@ -371,7 +375,8 @@ def decode_attention_triton(
     ``new_token`` (rotary + store-KV in the same launch): its k and cos/sin in q's dtype, ``loc`` int32/int64.
 
     Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``;
-    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``.
+    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``prefetch_history``: pull the first
+    history tile of each program into L2 before the PDL wait (a tuning switch; no effect without PDL).
     Request b uses ``min(num_splits, ceil(seq_lens[b] / min_split_tokens))`` of them; the rest exit at once.
 
     CUDA graphs: the grid is ``(B, Hkv, num_splits)`` and ``(B, Hq)``; it never depends on the sequence lengths,
@@ -448,7 +453,7 @@ def decode_attention_triton(
         group, d, n_kv, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
         # Prefetch addresses: one per 128-byte line of a head's K or V.
-        LINE=max(1, min(block_d, 128 // k_buffer.element_size())),
+        LINE=max(1, min(block_d, 128 // k_buffer.element_size())), PREFETCH=prefetch_history,
         NEW_TOKEN=new_token is not None, DOT_PRECISION=precision,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages, **pdl_kwargs(q.device),
     )

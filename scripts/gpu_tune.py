@@ -1,6 +1,6 @@
 """Launch-shape sweep for the decode-time kernels on the GPU at hand, at Llama-3.1-8B shapes.
 
-    python scripts/gpu_tune.py [--only linear|attention]
+    python scripts/gpu_tune.py [--only linear|attention|paths|chain]
 
 1. Skinny linear (``kernels/linear.py``) vs cuBLAS (``F.linear``) for the qkv / o_proj / gate_up / down / LM-head
    weights at M = 1, 4, 8 rows, over a grid of launch shapes. Timed as in a real decode step: 8 distinct copies
@@ -146,6 +146,56 @@ def make_pool(lens: list[int], gen: torch.Generator):
     return k, v, req_to_token.cuda()
 
 
+def compare_decode_paths(results: dict) -> None:
+    """Decode attention at bandwidth-bound batches: the new token in the pool (unfused) or handed over before
+    rotary (``NewToken``, as the runtime runs it), with and without the L2 prefetch of the first history tile,
+    at both pipeline depths."""
+    gen = torch.Generator().manual_seed(1)
+    cases = {  # name -> (lengths, query heads)
+        "bs137 U[100,2048] Hq16": (torch.randint(100, 2049, (137,), generator=gen).tolist(), 16),
+        "bs78 U[1,6000] Hq32": (torch.randint(1, 6001, (78,), generator=gen).tolist(), 32),
+        "bs8 ctx384 Hq32": ([384] * 8, 32),
+    }
+    variants = {
+        "unfused 4w 3s": dict(fused=False, num_warps=4, num_stages=3),
+        "unfused 4w 2s": dict(fused=False, num_warps=4, num_stages=2),
+        "fused 4w 3s": dict(fused=True, num_warps=4, num_stages=3),
+        "fused 4w 2s": dict(fused=True, num_warps=4, num_stages=2),
+        "fused 4w 2s no prefetch": dict(fused=True, num_warps=4, num_stages=2, prefetch_history=False),
+        "fused 8w 3s": dict(fused=True, num_warps=8, num_stages=3),
+        "fused default": dict(fused=True),
+    }
+    print(f"\n## decode attention paths (bf16, Hkv {HKV}, D {D}; us per launch, 8 launches per graph)")
+    print(f"{'case':<24}{'variant':<26}{'us':>8}")
+    for name, (lens, hq) in cases.items():
+        k, v, rtt = make_pool(lens, gen)
+        bs = len(lens)
+        q = torch.randn(bs, hq, D, dtype=DT, device="cuda")
+        idx = torch.arange(bs, device="cuda")
+        seq = torch.tensor(lens, device="cuda")
+        splits = da.decode_num_splits(bs, HKV, da.num_sms_of(q.device))
+        mid = da.decode_intermediate_buffers(bs, hq, splits, D, q.device)
+        counters = da.decode_split_counters(bs, HKV, q.device)
+        kn, vn = (torch.randn(bs, HKV, D, dtype=DT, device="cuda") for _ in range(2))
+        cos, sin = (torch.randn(bs, D, dtype=DT, device="cuda") for _ in range(2))
+        new = da.NewToken(kn, vn, cos, sin, rtt[idx, seq - 1].long())
+        row = {}
+        for vname, kw in variants.items():
+            kw = dict(kw)
+            nt = new if kw.pop("fused") else None
+            row[vname] = graph_time_ms(
+                lambda kw=kw, nt=nt: da.decode_attention_triton(
+                    q, k, v, rtt, idx, seq, 0.088, num_splits=splits, mid_o=mid[0], mid_lse=mid[1],
+                    split_counters=counters, new_token=nt, **kw),
+                inner=8,
+            ) * 1e3
+        results.setdefault("decode_paths", []).append({"case": name, "splits": splits, "us": row})
+        for vname, t in row.items():
+            print(f"{name:<24}{vname:<26}{t:>8.1f}")
+        del k, v
+        torch.cuda.empty_cache()
+
+
 def sweep_attention(results: dict) -> None:
     gen = torch.Generator().manual_seed(0)
     cases = {
@@ -259,10 +309,12 @@ def sweep_chain(results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("linear", "attention", "chain"))
+    ap.add_argument("--only", choices=("linear", "attention", "paths", "chain"))
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), f"copy bandwidth {copy_bandwidth():.0f} GB/s (read + write)")
     results: dict = {}
+    if args.only in (None, "paths"):
+        compare_decode_paths(results)
     if args.only in (None, "attention"):
         sweep_attention(results)
     if args.only in (None, "linear"):
