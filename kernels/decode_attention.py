@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from .pool_layout import check_attention_shapes
-from .rotary import apply_rotary_ref
-from .store_kv import store_kv_ref
+from .rotary import apply_rotary_ref, apply_rotary_triton
+from .store_kv import store_kv_ref, store_kv_triton
 
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
@@ -80,7 +80,8 @@ DEFAULT_NUM_SMS = 132
 class NewToken:
     """The decode step's own token of each request, not yet rotated nor stored: ``k/v [B, Hkv, D]`` (strided views
     of a fused qkv projection are fine), its rotary ``cos/sin [B, D]`` (``rotary_cos_sin`` at position
-    ``seq_lens - 1``), and the pool slot ``loc [B]`` it goes to. With it, decode attention takes q before rotary."""
+    ``seq_lens - 1``), and the pool slot ``loc [B]`` it goes to, which ``req_to_token`` already maps that position
+    to (as for every position). With it, decode attention takes q before rotary."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -102,13 +103,12 @@ def decode_attention_ref(
     """``q [B, Hq, D]`` -> ``o [B, Hq, D]``; request b attends to positions ``[0, seq_lens[b])``.
 
     Query heads are grouped per KV head (GQA: head h uses KV head ``h // (Hq // Hkv)``). Computed in float32.
-    With ``new_token``: q and ``new_token.k`` are rotated first (``apply_rotary_ref``) and the token's K/V stored
-    at ``new_token.loc`` (``store_kv_ref``; rows with ``seq_lens == 0`` have no position and store nothing).
+    With ``new_token``: q and ``new_token.k`` are rotated first (``apply_rotary_ref``) and every row's token K/V
+    stored at ``new_token.loc`` (``store_kv_ref``).
     """
     if new_token is not None:
         q, k = apply_rotary_ref(q, new_token.k, new_token.cos, new_token.sin)
-        keep = seq_lens > 0
-        store_kv_ref(k_buffer, v_buffer, new_token.loc[keep], k[keep], new_token.v[keep])
+        store_kv_ref(k_buffer, v_buffer, new_token.loc, k, new_token.v)
     bs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_q_heads // num_kv_heads
@@ -178,17 +178,16 @@ if triton is not None:
     @triton.jit
     def _new_token_kv(
         K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
-        offs_d, mask_d, head_dim, c, s, store, DT: tl.constexpr,
+        offs_d, mask_d, head_dim, c, s, DT: tl.constexpr,
     ):
         """This step's token of request ``b``, KV head ``kvh``: k rotated by ``c/s`` (in ``DT``, then the pool
-        dtype) and v; stored at slot ``LOC[b]`` when ``store``. Returns them (``[D]``) for the softmax."""
+        dtype) and v, stored at slot ``LOC[b]``. Returns them (``[D]``) for the softmax."""
         k = rope_rotate(K_NEW + b * skn_b + kvh * skn_h, offs_d, mask_d, head_dim // 2, c, s, DT)
         k = k.to(KB.dtype.element_ty)
         v = tl.load(V_NEW + b * svn_b + kvh * svn_h + offs_d, mask=mask_d, other=0.0).to(VB.dtype.element_ty)
         slot = tl.load(LOC + b).to(tl.int64)
-        store_mask = tl.where(store, mask_d, False)
-        tl.store(KB + slot * sk_s + kvh * sk_h + offs_d, k, mask=store_mask)
-        tl.store(VB + slot * sv_s + kvh * sv_h + offs_d, v, mask=store_mask)
+        tl.store(KB + slot * sk_s + kvh * sk_h + offs_d, k, mask=mask_d)
+        tl.store(VB + slot * sv_s + kvh * sv_h + offs_d, v, mask=mask_d)
         return k, v
 
     @triton.jit
@@ -265,42 +264,44 @@ if triton is not None:
         mask_d = offs_d < head_dim
         mask_gd = mask_g[:, None] & mask_d[None, :]
         out_ptr = OUT + b * so_b + heads[:, None] * so_h + offs_d[None, :]
-        if seq_len == 0:  # an empty padded row: zeros rather than 0/0 (no position, so no token to store)
+        if NEW_TOKEN:
+            c = tl.load(COS + b * sc_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            s = tl.load(SIN + b * ss_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if seq_len == 0:  # an empty padded row: zeros rather than 0/0; its token is stored like any row's
             tl.store(out_ptr, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(OUT.dtype.element_ty), mask=mask_gd)
-        else:
-            holds_new = end == seq_len  # this split holds the step's own token
-            q_ptr = Q + b * sq_b + heads[:, None] * sq_h
-            # The new token's K/V is read by every program before the history loop (tiny, and its loads then
-            # overlap the others'); only the program that holds it stores it and attends to it.
             if NEW_TOKEN:
-                c = tl.load(COS + b * sc_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                s = tl.load(SIN + b * ss_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                _new_token_kv(
+                    K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
+                    offs_d, mask_d, head_dim, c, s, Q.dtype.element_ty,
+                )
+        else:
+            q_ptr = Q + b * sq_b + heads[:, None] * sq_h
+            # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
+            if NEW_TOKEN:
                 q = rope_rotate(q_ptr, offs_d[None, :], mask_gd, head_dim // 2, c[None, :], s[None, :],
                                 Q.dtype.element_ty)
-                k_new, v_new = _new_token_kv(
-                    K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
-                    offs_d, mask_d, head_dim, c, s, holds_new, Q.dtype.element_ty,
-                )
+                loop_end = hist_end  # the step's own token is not in the pool yet
             else:
-                # Padded query rows (group < BLOCK_G, the matmul's minimum M) are zeros: finite scores, never stored.
                 q = tl.load(q_ptr + offs_d[None, :], mask=mask_gd, other=0.0)
-                # Already in the pool, stored by the kernel before this one.
-                slot = tl.load(REQ_TO_TOKEN + row * s_rt + seq_len - 1).to(tl.int64)
-                k_new = tl.load(KB + slot * sk_s + kvh * sk_h + offs_d, mask=mask_d, other=0.0)
-                v_new = tl.load(VB + slot * sv_s + kvh * sv_h + offs_d, mask=mask_d, other=0.0)
+                loop_end = end  # the step's own token was stored by the kernel before this one
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for n0 in range(start, hist_end, BLOCK_N):
+            for n0 in range(start, loop_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < hist_end
+                mask_n = offs_n < loop_end
                 # Every tile holds >= 1 valid position, so m is finite after the first one.
                 m, l, acc = attend_pool_tile(
                     q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
                     offs_n, mask_n, mask_n[None, :], offs_d, mask_d, qk_scale, DOT_PRECISION,
                 )
-            if holds_new:
-                m, l, acc = _attend_one(q, m, l, acc, k_new, v_new, qk_scale)
+            if NEW_TOKEN:
+                if end == seq_len:  # this split holds the step's own token: store it and attend to it
+                    k_new, v_new = _new_token_kv(
+                        K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
+                        offs_d, mask_d, head_dim, c, s, Q.dtype.element_ty,
+                    )
+                    m, l, acc = _attend_one(q, m, l, acc, k_new, v_new, qk_scale)
             if used == 1:
                 tl.store(out_ptr, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
             else:
@@ -365,7 +366,7 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    prefetch_history: bool = True,
+    prefetch_history: bool | None = None,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
 
@@ -376,15 +377,12 @@ def decode_attention_triton(
 
     Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``;
     ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``prefetch_history``: pull the first
-    history tile of each program into L2 before the PDL wait (a tuning switch; no effect without PDL).
-    Request b uses ``min(num_splits, ceil(seq_lens[b] / min_split_tokens))`` of them; the rest exit at once.
+    history tile of each program into L2 before the PDL wait (no effect without PDL); by default for batches of
+    at most ``DECODE_SMALL_BATCH`` rows, the ones where the kernel is on the critical path.
 
-    CUDA graphs: the grid is ``(B, Hkv, num_splits)`` and ``(B, Hq)``; it never depends on the sequence lengths,
-    and no host sync happens when ``num_splits`` is given. To capture, pass a fixed ``num_splits`` and
-    preallocated ``split_counters`` (``decode_split_counters``, >= B * Hkv, zeroed once) and
-    ``mid_o [>=B, Hq, >=num_splits, D]`` / ``mid_lse [>=B, Hq, >=num_splits]`` float32 (views of
-    larger buffers are fine; only their strides are used) and optionally ``out [B, Hq, D]`` in q's dtype. Their
-    contents between launches do not matter.
+    ``new_token`` is handled in the same launch for batches of at most ``DECODE_SMALL_BATCH`` rows; larger
+    batches run the rotary and store-KV kernels first and then attend over the pool (measured faster there:
+    docs/PERFORMANCE.md). The contract is the same either way.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use decode_attention_ref")
@@ -397,6 +395,11 @@ def decode_attention_triton(
     if q.stride(-1) != 1:
         q = q.contiguous()
     new_token = _checked_new_token(new_token, q, n_kv)
+    small = bs <= DECODE_SMALL_BATCH
+    if new_token is not None and not small:
+        q, k = apply_rotary_triton(q, new_token.k, new_token.cos, new_token.sin)
+        store_kv_triton(k_buffer, v_buffer, new_token.loc, k, new_token.v)
+        new_token = None
     if out is None:
         out = torch.empty((bs, n_q, d), dtype=q.dtype, device=q.device)
     elif out.shape != (bs, n_q, d) or out.stride(-1) != 1:
@@ -453,7 +456,7 @@ def decode_attention_triton(
         group, d, n_kv, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
         # Prefetch addresses: one per 128-byte line of a head's K or V.
-        LINE=max(1, min(block_d, 128 // k_buffer.element_size())), PREFETCH=prefetch_history,
+        LINE=max(1, min(block_d, 128 // k_buffer.element_size())), PREFETCH=small if prefetch_history is None else prefetch_history,
         NEW_TOKEN=new_token is not None, DOT_PRECISION=precision,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages, **pdl_kwargs(q.device),
     )

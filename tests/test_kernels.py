@@ -237,19 +237,21 @@ def test_decode_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (4, 1, 32)])
-def test_decode_attention_new_token(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
-    """Rotary + store-KV + attention in one launch (``NewToken``) against the three references in a row: the
-    output, and the pool after it, where each token's rotated K and its V must land at its slot."""
-    torch.manual_seed(9 + hq * hkv + d)
+@pytest.mark.parametrize("large", [False, True], ids=["one-launch", "rotary-store-first"])
+def test_decode_attention_new_token(dtype: torch.dtype, hq: int, hkv: int, d: int, large: bool) -> None:
+    """Rotary + store-KV + attention of the step's own token (``NewToken``; one launch for small batches, the
+    rotary and store kernels first for larger ones) against the three references in a row: the output, and the
+    pool after it, where each token's rotated K and its V must land at its slot."""
+    torch.manual_seed(9 + hq * hkv + d + large)
     # A long history (several splits), the token alone in a split of its own (17 = 16 + 1 with splits of 16),
-    # a first decode token with no history, and one of random length.
+    # a first decode token with no history, and one of random length; more rows past the small-batch bound.
     seq = [40, 17, 1, randint(2, 40)]
-    bs, num_slots = len(seq), 200
+    seq += [randint(1, 40) for _ in range(decode_attention.DECODE_SMALL_BATCH + 1 - len(seq) if large else 0)]
+    bs, num_slots = len(seq), 400
     kb, vb = _pool(num_slots, hkv, d, dtype)
     table, rows = _req_to_token(seq, num_slots, width=48)
     seq_lens = torch.tensor(seq)
-    loc = table[rows, seq_lens - 1].long()
-    table[rows, seq_lens - 1] = 0  # the kernel must store and read the token through loc, not the table
+    loc = table[rows, seq_lens - 1].long()  # the table already maps the token's position to its slot
     # q, k and v as views of one fused projection, as the model produces them.
     qkv = torch.randn(bs, (hq + 2 * hkv) * d).to(dtype)
     q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
@@ -257,9 +259,7 @@ def test_decode_attention_new_token(dtype: torch.dtype, hq: int, hkv: int, d: in
     cos, sin = rotary.rotary_cos_sin(_llama3_inv_freq(d), seq_lens - 1, dtype)
     new = decode_attention.NewToken(k, v, cos, sin, loc)
     kr, vr = kb.clone(), vb.clone()
-    table_ref = table.clone()
-    table_ref[rows, seq_lens - 1] = loc.int()
-    ref = decode_attention.decode_attention_ref(q, kr, vr, table_ref, rows, seq_lens, 0.3, new)
+    ref = decode_attention.decode_attention_ref(q, kr, vr, table, rows, seq_lens, 0.3, new)
     for num_splits, min_tokens in [(1, 8), (3, 16), (7, 1)]:
         kt, vt = kb.clone(), vb.clone()
         out = decode_attention.decode_attention_triton(
@@ -270,14 +270,15 @@ def test_decode_attention_new_token(dtype: torch.dtype, hq: int, hkv: int, d: in
         assert torch.equal(kt, kr) and torch.equal(vt, vr), (num_splits, min_tokens)
     # The unfused contract on the pool the fused launch left: the same attention.
     out = decode_attention.decode_attention_triton(q=rotary.apply_rotary_ref(q, k, cos, sin)[0], k_buffer=kr,
-        v_buffer=vr, req_to_token=table_ref, req_pool_indices=rows, seq_lens=seq_lens, sm_scale=0.3, block_n=16)
+        v_buffer=vr, req_to_token=table, req_pool_indices=rows, seq_lens=seq_lens, sm_scale=0.3, block_n=16)
     assert rel_err(out, ref) < TOL[dtype]
-    # A row without a position (seq_len 0) gets zeros and stores nothing.
+    # A row without a position (seq_len 0) gets zeros; its token is still stored, as every row's is.
     kt, vt = kb.clone(), vb.clone()
-    empty = torch.tensor([40, 0, 1, seq[3]])
+    empty = seq_lens.clone()
+    empty[1] = 0
     out = decode_attention.decode_attention_triton(q, kt, vt, table, rows, empty, 0.3, new_token=new, block_n=16)
     assert torch.equal(out[1], torch.zeros(hq, d, dtype=dtype))
-    assert torch.equal(kt[loc[1]], kb[loc[1]]) and not torch.equal(kt[loc[0]], kb[loc[0]])
+    assert torch.equal(kt, kr) and torch.equal(vt, vr)
     with pytest.raises(ValueError, match="dtype"):
         decode_attention.decode_attention_triton(
             q, kt, vt, table, rows, seq_lens, 0.3, new_token=decode_attention.NewToken(k, v, cos.double(), sin, loc)
