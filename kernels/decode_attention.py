@@ -367,6 +367,7 @@ def decode_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     prefetch_history: bool | None = None,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
 
@@ -382,7 +383,8 @@ def decode_attention_triton(
 
     ``new_token`` is handled in the same launch for batches of at most ``DECODE_SMALL_BATCH`` rows; larger
     batches run the rotary and store-KV kernels first and then attend over the pool (measured faster there:
-    docs/PERFORMANCE.md). The contract is the same either way.
+    docs/PERFORMANCE.md). ``one_launch`` overrides that choice (a tuning switch); the contract is the same
+    either way.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use decode_attention_ref")
@@ -396,7 +398,7 @@ def decode_attention_triton(
         q = q.contiguous()
     new_token = _checked_new_token(new_token, q, n_kv)
     small = bs <= DECODE_SMALL_BATCH
-    if new_token is not None and not small:
+    if new_token is not None and not (small if one_launch is None else one_launch):
         q, k = apply_rotary_triton(q, new_token.k, new_token.cos, new_token.sin)
         store_kv_triton(k_buffer, v_buffer, new_token.loc, k, new_token.v)
         new_token = None

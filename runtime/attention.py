@@ -29,7 +29,7 @@ class AttentionBackend(ABC):
     Contract: ``init_forward_metadata`` is called once per forward before any layer runs; ``forward`` rotates the
     new tokens' q and k, stores their K/V at ``batch.out_cache_loc`` and attends, so a request sees its cached
     prefix and its own new tokens (causally) and nothing else. Decode hands all three steps to ``forward_decode``
-    (one fused kernel on the GPU); extend runs rotary and store-KV here, then ``forward_extend``.
+    (on the GPU one kernel for small batches); extend runs rotary and store-KV here, then ``forward_extend``.
     """
 
     def __init__(self, kv_pool: KVPool, req_to_token: torch.Tensor, sm_scale: float) -> None:

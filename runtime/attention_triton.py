@@ -2,6 +2,8 @@
 
 Per forward, ``init_forward_metadata`` decides what all layers share: for decode the split count of the split-KV
 kernel and its intermediate buffers, for extend the grid height (the longest extend). Layers then only launch.
+Decode passes the step's token to the decode kernel before rotary (``NewToken``): for batches of up to
+``DECODE_SMALL_BATCH`` rows rotary, store-KV and attention are one launch (kernels/decode_attention.py).
 
 CUDA graphs (decode only): ``init_cuda_graph_state`` allocates intermediate buffers once, big enough for every
 batch size up to ``max_bs``; ``init_forward_metadata_capture`` / ``_replay`` give a batch of size ``bs`` a split

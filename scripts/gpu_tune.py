@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,67 +133,86 @@ def sweep_linear(results: dict) -> None:
     results["gemm_m78_ms"] = total / 1e3
 
 
-def make_pool(lens: list[int], gen: torch.Generator):
-    total = sum(lens) + 1
-    slots = torch.randperm(total - 1, generator=gen)[: sum(lens)] + 1  # scattered, slot 0 is the dummy
-    ctx = max(lens)
-    req_to_token = torch.zeros(len(lens), ctx, dtype=torch.int32)
-    pos = 0
-    for i, n in enumerate(lens):
-        req_to_token[i, :n] = slots[pos : pos + n].to(torch.int32)
-        pos += n
-    k = torch.randn(total, HKV, D, dtype=DT, device="cuda")
-    v = torch.randn(total, HKV, D, dtype=DT, device="cuda")
-    return k, v, req_to_token.cuda()
+@dataclass
+class DecodeCase:
+    """A decode-attention input at bf16: a pool holding histories of ``lens`` at scattered slots, q, the request
+    rows, the step's own token (``NewToken``, its slot at position ``len - 1``) and preallocated buffers."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    rtt: torch.Tensor
+    q: torch.Tensor
+    idx: torch.Tensor
+    seq: torch.Tensor
+    new: object  # da.NewToken
+    mid: tuple[torch.Tensor, torch.Tensor]
+    counters: torch.Tensor
+
+    @classmethod
+    def build(cls, lens: list[int], hq: int, gen: torch.Generator) -> DecodeCase:
+        total, bs = sum(lens) + 1, len(lens)
+        slots = torch.randperm(total - 1, generator=gen)[: sum(lens)] + 1  # scattered, slot 0 is the dummy
+        rtt = torch.zeros(bs, max(lens), dtype=torch.int32)
+        pos = 0
+        for i, n in enumerate(lens):
+            rtt[i, :n] = slots[pos : pos + n].to(torch.int32)
+            pos += n
+        rtt = rtt.cuda()
+        idx = torch.arange(bs, device="cuda")
+        seq = torch.tensor(lens, device="cuda")
+        k, v, kn, vn = (torch.randn(n, HKV, D, dtype=DT, device="cuda") for n in (total, total, bs, bs))
+        cos, sin = (torch.randn(bs, D, dtype=DT, device="cuda") for _ in range(2))
+        return cls(
+            k, v, rtt, torch.randn(bs, hq, D, dtype=DT, device="cuda"), idx, seq,
+            da.NewToken(kn, vn, cos, sin, rtt[idx, seq - 1].long()),
+            da.decode_intermediate_buffers(bs, hq, da.DECODE_MAX_SPLITS, D, torch.device("cuda")),
+            da.decode_split_counters(bs, HKV, torch.device("cuda")),
+        )
+
+    def default_splits(self) -> int:
+        return da.decode_num_splits(len(self.seq), HKV, da.num_sms_of(self.q.device))
+
+    def time_us(self, new_token: bool = False, **kw) -> float:
+        """Device time of one launch, us (8 launches per graph replay)."""
+        return graph_time_ms(
+            lambda: da.decode_attention_triton(
+                self.q, self.k, self.v, self.rtt, self.idx, self.seq, 0.088, mid_o=self.mid[0], mid_lse=self.mid[1],
+                split_counters=self.counters, new_token=self.new if new_token else None, **kw),
+            inner=8,
+        ) * 1e3
 
 
 def compare_decode_paths(results: dict) -> None:
-    """Decode attention at bandwidth-bound batches: the new token in the pool (unfused) or handed over before
-    rotary (``NewToken``, as the runtime runs it), with and without the L2 prefetch of the first history tile,
-    at both pipeline depths."""
+    """Decode attention at bandwidth-bound batches: the new token in the pool, or handed over before rotary
+    (``NewToken``) in the same launch (``one_launch=True``; the launcher does that only up to
+    ``DECODE_SMALL_BATCH`` rows), with and without the L2 prefetch of the first history tile, at both pipeline
+    depths."""
     gen = torch.Generator().manual_seed(1)
     cases = {  # name -> (lengths, query heads)
         "bs137 U[100,2048] Hq16": (torch.randint(100, 2049, (137,), generator=gen).tolist(), 16),
         "bs78 U[1,6000] Hq32": (torch.randint(1, 6001, (78,), generator=gen).tolist(), 32),
         "bs8 ctx384 Hq32": ([384] * 8, 32),
     }
+    one = dict(new_token=True, one_launch=True)
     variants = {
-        "unfused 4w 3s": dict(fused=False, num_warps=4, num_stages=3),
-        "unfused 4w 2s": dict(fused=False, num_warps=4, num_stages=2),
-        "fused 4w 3s": dict(fused=True, num_warps=4, num_stages=3),
-        "fused 4w 2s": dict(fused=True, num_warps=4, num_stages=2),
-        "fused 4w 2s no prefetch": dict(fused=True, num_warps=4, num_stages=2, prefetch_history=False),
-        "fused 8w 3s": dict(fused=True, num_warps=8, num_stages=3),
-        "fused default": dict(fused=True),
+        "in pool 4w 3s": dict(num_warps=4, num_stages=3),
+        "in pool 4w 2s": dict(num_warps=4, num_stages=2),
+        "one launch 4w 3s": dict(one, num_warps=4, num_stages=3),
+        "one launch 4w 2s": dict(one, num_warps=4, num_stages=2),
+        "one launch 4w 2s prefetch": dict(one, num_warps=4, num_stages=2, prefetch_history=True),
+        "one launch 8w 3s": dict(one, num_warps=8, num_stages=3),
+        "NewToken, defaults": dict(new_token=True),
     }
     print(f"\n## decode attention paths (bf16, Hkv {HKV}, D {D}; us per launch, 8 launches per graph)")
     print(f"{'case':<24}{'variant':<26}{'us':>8}")
     for name, (lens, hq) in cases.items():
-        k, v, rtt = make_pool(lens, gen)
-        bs = len(lens)
-        q = torch.randn(bs, hq, D, dtype=DT, device="cuda")
-        idx = torch.arange(bs, device="cuda")
-        seq = torch.tensor(lens, device="cuda")
-        splits = da.decode_num_splits(bs, HKV, da.num_sms_of(q.device))
-        mid = da.decode_intermediate_buffers(bs, hq, splits, D, q.device)
-        counters = da.decode_split_counters(bs, HKV, q.device)
-        kn, vn = (torch.randn(bs, HKV, D, dtype=DT, device="cuda") for _ in range(2))
-        cos, sin = (torch.randn(bs, D, dtype=DT, device="cuda") for _ in range(2))
-        new = da.NewToken(kn, vn, cos, sin, rtt[idx, seq - 1].long())
-        row = {}
-        for vname, kw in variants.items():
-            kw = dict(kw)
-            nt = new if kw.pop("fused") else None
-            row[vname] = graph_time_ms(
-                lambda kw=kw, nt=nt: da.decode_attention_triton(
-                    q, k, v, rtt, idx, seq, 0.088, num_splits=splits, mid_o=mid[0], mid_lse=mid[1],
-                    split_counters=counters, new_token=nt, **kw),
-                inner=8,
-            ) * 1e3
+        case = DecodeCase.build(lens, hq, gen)
+        splits = case.default_splits()
+        row = {vname: case.time_us(num_splits=splits, **kw) for vname, kw in variants.items()}
         results.setdefault("decode_paths", []).append({"case": name, "splits": splits, "us": row})
         for vname, t in row.items():
             print(f"{name:<24}{vname:<26}{t:>8.1f}")
-        del k, v
+        del case
         torch.cuda.empty_cache()
 
 
@@ -208,22 +228,10 @@ def sweep_attention(results: dict) -> None:
     print(f"\n## decode attention (bf16, Hq {HQ}, Hkv {HKV}, D {D}; {len(grid)} tile shapes x split counts)")
     print(f"{'case':<17}{'default us':>11}{'GB/s':>7}{'best us':>9}{'GB/s':>7}  best (block_n, warps, stages, splits)")
     for name, (lens, split_opts) in cases.items():
-        k, v, rtt = make_pool(lens, gen)
-        bs = len(lens)
-        q = torch.randn(bs, HQ, D, dtype=DT, device="cuda")
-        idx = torch.arange(bs, device="cuda")
-        seq = torch.tensor(lens, device="cuda")
+        case = DecodeCase.build(lens, HQ, gen)
         gb = sum(lens) * HKV * D * 2 * 2 / 1e9
-        default_splits = da.decode_num_splits(bs, HKV, da.num_sms_of(q.device))
-        mid = da.decode_intermediate_buffers(bs, HQ, da.DECODE_MAX_SPLITS, D, q.device)
-        counters = da.decode_split_counters(bs, HKV, q.device)
-
-        def run(**kw):
-            return graph_time_ms(
-                lambda: da.decode_attention_triton(q, k, v, rtt, idx, seq, 0.088, mid_o=mid[0], mid_lse=mid[1],
-                                                   split_counters=counters, **kw),
-                inner=8,
-            ) * 1e3
+        default_splits = case.default_splits()
+        run = case.time_us
 
         default = run(num_splits=default_splits)
         eight = run(num_splits=default_splits, num_warps=8, num_stages=3)
@@ -243,7 +251,7 @@ def sweep_attention(results: dict) -> None:
               f"  (default splits {default_splits}; 8 warps, 3 stages {eight:.1f} us)")
         top = sorted(rows, key=lambda r: r[0])[:5]
         print("                  top:", "; ".join(f"{t:.1f} {c}" for t, c in top))
-        del k, v
+        del case
         torch.cuda.empty_cache()
 
 
