@@ -150,12 +150,16 @@ def decode_num_splits(
 def decode_launch_shape(batch_size: int) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of the decode kernel for a batch of ``batch_size`` rows.
 
-    Measured on an H200 (scripts/gpu_tune.py, docs/PERFORMANCE.md): in a CUDA graph of whole Llama-3.1-8B decode
-    layers at batch 1 and 8, 8 warps took 1.5-1.7 us off each layer (more loads in flight per program on the
-    critical path); standalone at batch 32-128 with 1-6000-token histories, 4 warps with a 2-deep pipeline were
-    4-6% faster than 3 stages, and 8 warps 3-5% slower.
+    Measured on an H200 (docs/PERFORMANCE.md), end to end and in the layer chain of scripts/gpu_tune.py:
+    - At batch 1 a handful of programs is on each layer's critical path, and 8 warps (more loads in flight per
+      program) were faster: Llama-3.1-8B decode 223.4-223.8 tok/s against 222.1-222.9 with 4.
+    - At batch 8, 4 warps were faster end to end: 1666-1672 tok/s against 1618-1619 with 8.
+    - At batch 32-128, with 1-6000-token histories, the kernel is bandwidth-bound alone. There 4 warps with a 2-deep
+      pipeline were 4-6% faster than 3 stages, and 8 warps were 3-5% slower.
     """
-    return (8, 3) if batch_size <= DECODE_SMALL_BATCH else (4, 2)
+    if batch_size == 1:
+        return 8, 3
+    return (4, 3) if batch_size <= DECODE_SMALL_BATCH else (4, 2)
 
 
 def num_sms_of(device: torch.device) -> int:
