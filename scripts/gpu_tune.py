@@ -81,6 +81,20 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / ms / 1e6  # GB/s, read + write
 
 
+def time_each(configs, time_one) -> list[tuple[float, object]]:
+    """``[(us, config)]`` for every config; a shape that fails to compile (over the shared-memory limit, say)
+    gets inf and a line on stderr instead of ending the sweep."""
+    rows = []
+    for cfg in configs:
+        try:
+            t = time_one(cfg)
+        except Exception as e:  # noqa: BLE001 - any compile or launch failure only rules that shape out
+            t = math.inf
+            print(f"   {cfg}: {type(e).__name__}", file=sys.stderr)
+        rows.append((t, cfg))
+    return rows
+
+
 def sweep_linear(results: dict) -> None:
     grid = [
         lin.SkinnyConfig(bn, bk, w, s)
@@ -100,14 +114,7 @@ def sweep_linear(results: dict) -> None:
 
             base = run(F.linear)
             default = run(lin.linear_triton)
-            rows = []
-            for cfg in grid:
-                try:
-                    t = run(lambda a, w, c=cfg: lin.linear_triton(a, w, config=c))
-                except Exception as e:  # noqa: BLE001 - shapes over the shared-memory limit fail to compile
-                    t = math.inf
-                    print(f"   {cfg}: {type(e).__name__}", file=sys.stderr)
-                rows.append((t, cfg))
+            rows = time_each(grid, lambda c: run(lambda a, w: lin.linear_triton(a, w, config=c)))
             best_t, best = min(rows, key=lambda r: r[0])
             results.setdefault("linear", []).append(
                 {"weight": name, "m": m, "cublas_us": base, "default_us": default,
@@ -235,14 +242,8 @@ def sweep_attention(results: dict) -> None:
 
         default = run(num_splits=default_splits)
         eight = run(num_splits=default_splits, num_warps=8, num_stages=3)
-        rows = []
-        for (bn, w, s), sp in itertools.product(grid, split_opts):
-            try:
-                t = run(num_splits=sp, block_n=bn, num_warps=w, num_stages=s)
-            except Exception as e:  # noqa: BLE001
-                t = math.inf
-                print(f"   {(bn, w, s, sp)}: {type(e).__name__}", file=sys.stderr)
-            rows.append((t, (bn, w, s, sp)))
+        shapes = [(bn, w, s, sp) for (bn, w, s), sp in itertools.product(grid, split_opts)]
+        rows = time_each(shapes, lambda c: run(num_splits=c[3], block_n=c[0], num_warps=c[1], num_stages=c[2]))
         best_t, best = min(rows, key=lambda r: r[0])
         results.setdefault("attention", []).append(
             {"case": name, "default_splits": default_splits, "default_us": default, "8_warps_3_stages_us": eight, "grid": rows}
