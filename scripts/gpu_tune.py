@@ -82,8 +82,8 @@ def copy_bandwidth() -> float:
 
 
 def time_each(configs, time_one) -> list[tuple[float, object]]:
-    """``[(us, config)]`` for every config; a shape that fails to compile (over the shared-memory limit, say)
-    gets inf and a line on stderr instead of ending the sweep."""
+    """``[(us, config)]`` for every config, fastest first; a shape that fails to compile (over the shared-memory
+    limit, say) gets inf and a line on stderr instead of ending the sweep."""
     rows = []
     for cfg in configs:
         try:
@@ -92,7 +92,7 @@ def time_each(configs, time_one) -> list[tuple[float, object]]:
             t = math.inf
             print(f"   {cfg}: {type(e).__name__}", file=sys.stderr)
         rows.append((t, cfg))
-    return rows
+    return sorted(rows, key=lambda r: r[0])
 
 
 def sweep_linear(results: dict) -> None:
@@ -115,15 +115,15 @@ def sweep_linear(results: dict) -> None:
             base = run(F.linear)
             default = run(lin.linear_triton)
             rows = time_each(grid, lambda c: run(lambda a, w: lin.linear_triton(a, w, config=c)))
-            best_t, best = min(rows, key=lambda r: r[0])
+            best_t, best = rows[0]
             results.setdefault("linear", []).append(
                 {"weight": name, "m": m, "cublas_us": base, "default_us": default,
                  "grid": [(t, vars(c)) for t, c in rows]}
             )
             print(f"{name:<9}{m:>3}{base:>11.1f}{gb / base * 1e6:>7.0f}{default:>12.1f}{gb / default * 1e6:>7.0f}"
                   f"{best_t:>9.1f}{gb / best_t * 1e6:>7.0f}  {best}")
-            top = sorted(rows, key=lambda r: r[0])[:4]
-            print("           top:", "; ".join(f"{t:.1f} {c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}" for t, c in top))
+            print("           top:", "; ".join(f"{t:.1f} {c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}"
+                                             for t, c in rows[:4]))
         del ws
         torch.cuda.empty_cache()
     print("\n## cuBLAS at M = 78 (a (c) decode step's GEMMs)")
@@ -244,14 +244,13 @@ def sweep_attention(results: dict) -> None:
         eight = run(num_splits=default_splits, num_warps=8, num_stages=3)
         shapes = [(bn, w, s, sp) for (bn, w, s), sp in itertools.product(grid, split_opts)]
         rows = time_each(shapes, lambda c: run(num_splits=c[3], block_n=c[0], num_warps=c[1], num_stages=c[2]))
-        best_t, best = min(rows, key=lambda r: r[0])
+        best_t, best = rows[0]
         results.setdefault("attention", []).append(
             {"case": name, "default_splits": default_splits, "default_us": default, "8_warps_3_stages_us": eight, "grid": rows}
         )
         print(f"{name:<17}{default:>11.1f}{gb / default * 1e6:>7.0f}{best_t:>9.1f}{gb / best_t * 1e6:>7.0f}  {best}"
               f"  (default splits {default_splits}; 8 warps, 3 stages {eight:.1f} us)")
-        top = sorted(rows, key=lambda r: r[0])[:5]
-        print("                  top:", "; ".join(f"{t:.1f} {c}" for t, c in top))
+        print("                  top:", "; ".join(f"{t:.1f} {c}" for t, c in rows[:5]))
         del case
         torch.cuda.empty_cache()
 
