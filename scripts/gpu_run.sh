@@ -2,7 +2,7 @@
 # Everything the GPU issue measures, in one go on a CUDA machine (logs to ${OUT:-/tmp/sglite-gpu}).
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
 #   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep),
-#   chain (decode layers in a CUDA graph, linear variants)
+#   chain (decode layers in a CUDA graph, linear variants; chain=1 only batch 1, chain=1,8 both)
 #   kernels=TEXT checks only the kernel rows whose name contains TEXT; tune=linear|attention|chain one sweep
 #   STEP:nopdl runs STEP with programmatic dependent launch off (SGLITE_DISABLE_PDL=1, kernels/pdl.py), for A/B
 # The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
@@ -29,6 +29,7 @@ for step in $steps; do
     tune) run tune python3 scripts/gpu_tune.py ;;
     tune=*) run tune python3 scripts/gpu_tune.py --only "${s#tune=}" ;;
     chain) run chain python3 scripts/gpu_tune.py --only chain ;;
+    chain=*) run chain python3 scripts/gpu_tune.py --only chain --chain-bs "${s#chain=}" ;;
     splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
     bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \

@@ -255,7 +255,7 @@ def sweep_attention(results: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_chain(results: dict) -> None:
+def sweep_chain(results: dict, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
     """Whole decode layers (scripts/layer_chain.py) in a CUDA graph: the default kernels, cuBLAS or other L2
     prefetch depths for the linear layers (what programmatic dependent launch lets a launch fetch while the
     previous kernel runs; PDL itself is on or off for the whole process, see kernels/pdl.py), other attention
@@ -270,44 +270,45 @@ def sweep_chain(results: dict) -> None:
     print(f"\n## {layers} decode layers in a CUDA graph (bf16, ctx 384), PDL "
           f"{'on' if pdl.pdl_supported(torch.device('cuda')) else 'off'}")
 
-    def skinny(steps: int):
+    def skinny(**changes):
+        # Every skinny linear of the chain with its default shape, ``changes`` applied (prefetch depth, L2 policy).
         def fn(x, w):
-            return lin.linear_triton(x, w, config=replace(lin.skinny_config(*w.shape), prefetch_steps=steps))
+            return lin.linear_triton(x, w, config=replace(lin.skinny_config(*w.shape), **changes))
         return fn
 
-    def o_proj_prefetch(steps: int):
+    def o_proj_only(**changes):
         # Only the projection after attention (a latency-bound kernel that leaves the memory bus idle).
         def fn(x, w):
             if w.shape == (4096, 4096):
-                return skinny(steps)(x, w)
-            return lin.linear(x, w)
+                return skinny(**changes)(x, w)
+            return skinny(**{k: v for k, v in changes.items() if k != "prefetch_steps"})(x, w)
         return fn
 
     variants = {  # name -> LayerChain.run keyword arguments
-        "default (skinny, prefetch 2)": {},
+        "default": {},
+        "skinny, no prefetch": dict(linear=skinny(prefetch_steps=0)),
+        "weights evict-first": dict(linear=skinny(evict_first=True)),
+        "evict-first, prefetch 4": dict(linear=skinny(evict_first=True, prefetch_steps=4)),
+        "evict-first, prefetch 8": dict(linear=skinny(evict_first=True, prefetch_steps=8)),
+        "evict-first, o_proj prefetch all": dict(linear=o_proj_only(evict_first=True, prefetch_steps=16)),
+        "TMA weights": dict(linear=skinny(tma=True)),
+        "TMA weights, prefetch 4": dict(linear=skinny(tma=True, prefetch_steps=4)),
+        "TMA, 3 stages": dict(linear=skinny(tma=True, num_stages=3)),
         "cuBLAS": dict(linear=F.linear),
-        "skinny, no prefetch": dict(linear=skinny(0)),
-        "skinny, prefetch 4": dict(linear=skinny(4)),
-        "o_proj prefetch 16 (all)": dict(linear=o_proj_prefetch(16)),
-        "attention block_n 64": dict(attention_kwargs=dict(block_n=64)),
-        "attention 4 warps, 3 stages": dict(attention_kwargs=dict(num_warps=4, num_stages=3)),
-        "attention 4 warps, 2 stages": dict(attention_kwargs=dict(num_warps=4, num_stages=2)),
-        "attention 8 warps, 2 stages": dict(attention_kwargs=dict(num_warps=8, num_stages=2)),
-        "attention min split 256": dict(attention_kwargs=dict(min_split_tokens=256)),
-        "attention min split 512": dict(attention_kwargs=dict(min_split_tokens=512)),
-        "without norms": dict(skip=frozenset({"norm"})),
-        "unfused rotary, store-KV, attention": dict(fused=False),
-        "unfused, without rotary": dict(fused=False, skip=frozenset({"rotary"})),
-        "unfused, without rotary, store-KV": dict(fused=False, skip=frozenset({"rotary", "store"})),
         "without attention": dict(skip=frozenset({"attention"})),
-        "without SiLU": dict(skip=frozenset({"silu"})),
+        "evict-first, without attention": dict(linear=skinny(evict_first=True), skip=frozenset({"attention"})),
+        "default (again)": {},
     }
     print(f"{'variant':<36}{'bs':>4}{'us/layer':>10}{'GB/s':>7}")
-    for bs in (1, 8):
+    for bs in batch_sizes:
         chain = LayerChain.build(pkg, bs, 384, layers, DT, torch.device("cuda"))
         h = torch.randn(bs, 4096, device="cuda", dtype=DT)
         for name, kw in variants.items():
-            us = graph_time_ms(lambda kw=kw: chain.run(h, **kw), inner=1, replays=20) * 1e3 / layers
+            try:
+                us = graph_time_ms(lambda kw=kw: chain.run(h, **kw), inner=1, replays=20) * 1e3 / layers
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                print(f"{name:<36}{bs:>4}  failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
             gbs = chain.weight_bytes() / layers / us / 1e3
             results.setdefault("chain", []).append({"variant": name, "bs": bs, "us_per_layer": us})
             print(f"{name:<36}{bs:>4}{us:>10.1f}{gbs:>7.0f}")
@@ -318,6 +319,7 @@ def sweep_chain(results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("linear", "attention", "paths", "chain"))
+    ap.add_argument("--chain-bs", default="1,8", help="batch sizes of the chain sweep, comma-separated")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), f"copy bandwidth {copy_bandwidth():.0f} GB/s (read + write)")
     results: dict = {}
@@ -328,7 +330,7 @@ def main() -> None:
     if args.only in (None, "linear"):
         sweep_linear(results)
     if args.only in (None, "chain"):
-        sweep_chain(results)
+        sweep_chain(results, tuple(int(b) for b in args.chain_bs.split(",")))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "tune.json").write_text(json.dumps(results, default=str))
 
