@@ -234,11 +234,11 @@ if triton is not None:
             row = tl.load(REQ_IDX + b).to(tl.int64)
             hist_end = tl.minimum(end, seq_len - 1)  # position seq_len - 1 is this step's token
             if PREFETCH:
-                lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
-                for p0 in range(start, hist_end, BLOCK_N):  # the split's whole history: a few tiles at most
-                    offs_p = p0 + tl.arange(0, BLOCK_N)
+                if start < hist_end:
+                    offs_p = start + tl.arange(0, BLOCK_N)
                     slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_p, mask=offs_p < hist_end, other=0)
                     slots = slots.to(tl.int64)
+                    lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
                     prefetch_l2(KB + slots[:, None] * sk_s + kvh * sk_h + lines[None, :], USE_PDL)
                     prefetch_l2(VB + slots[:, None] * sv_s + kvh * sv_h + lines[None, :], USE_PDL)
             pdl_wait(USE_PDL)

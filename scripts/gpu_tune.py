@@ -288,10 +288,15 @@ def sweep_chain(results: dict, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         "default": {},
         "skinny, no prefetch": dict(linear=skinny(prefetch_steps=0)),
         "weights evict-first": dict(linear=skinny(evict_first=True)),
+        "evict-first, prefetch 4": dict(linear=skinny(evict_first=True, prefetch_steps=4)),
+        "evict-first, prefetch 8": dict(linear=skinny(evict_first=True, prefetch_steps=8)),
+        "evict-first, o_proj prefetch all": dict(linear=o_proj_only(evict_first=True, prefetch_steps=16)),
         "TMA weights": dict(linear=skinny(tma=True)),
-        "attention min split 256": dict(attention_kwargs=dict(min_split_tokens=256)),
-        "attention min split 512": dict(attention_kwargs=dict(min_split_tokens=512)),
+        "TMA weights, prefetch 4": dict(linear=skinny(tma=True, prefetch_steps=4)),
+        "TMA, 3 stages": dict(linear=skinny(tma=True, num_stages=3)),
+        "cuBLAS": dict(linear=F.linear),
         "without attention": dict(skip=frozenset({"attention"})),
+        "evict-first, without attention": dict(linear=skinny(evict_first=True), skip=frozenset({"attention"})),
         "default (again)": {},
     }
     print(f"{'variant':<36}{'bs':>4}{'us/layer':>10}{'GB/s':>7}")

@@ -487,7 +487,7 @@ def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
             assert isinstance(root, ast.Name) and root.id in early, (
                 f"{kernel} loads {ast.unparse(call.args[0])} before pdl_wait; allowed: {sorted(early)}"
             )
-    allowed = {"program_id", "arange", "minimum", "maximum", "cdiv", "to", "range", "static_range", "prefetch_l2", "load",
+    allowed = {"program_id", "arange", "minimum", "maximum", "cdiv", "to", "static_range", "prefetch_l2", "load",
                "pdl_wait", "_split_len"}
     assert names <= allowed, sorted(names - allowed)
 
