@@ -23,9 +23,9 @@ of those splits as its own length warrants (at least ``min_split_tokens`` positi
 once, so the grid does not depend on the sequence lengths (what CUDA graphs need).
 
 With programmatic dependent launch (kernels/pdl.py) a program reads the step's inputs that no kernel of the
-forward writes (``PDL_EARLY_READS``: lengths, request rows, the slot table) before its wait, and pulls the K/V
-lines of its first history tile into L2: the history was stored by earlier steps. Everything else, and every
-write, comes after the wait.
+forward writes (``PDL_EARLY_READS``: lengths, request rows, the slot table) before its wait, and at small batches
+loads the K/V of its first history tile into registers: the history was stored by earlier steps. After the wait
+it only has q and the new token to read before the math. Everything else, and every write, comes after the wait.
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ except ImportError:  # pragma: no cover - depends on the platform
 from .pdl import pdl_kwargs
 
 if triton is not None:
-    from .pdl import pdl_wait, prefetch_l2
-    from .pool_layout import attend_pool_tile
+    from .pdl import pdl_wait
+    from .pool_layout import attend_kv_tile, attend_pool_tile, load_pool_tile
     from .rotary import rope_rotate
 
-# Kernel pointer arguments read before the PDL wait: step inputs written before the forward, never during it
-# (tests/test_kernels.py checks that nothing else is touched before the wait).
-PDL_EARLY_READS = ("SEQ_LENS", "REQ_IDX", "REQ_TO_TOKEN")
+# Kernel pointer arguments read before the PDL wait (tests/test_kernels.py checks that nothing else is touched
+# before the wait): step inputs written before the forward and never during it, and the K/V pool, read there only
+# at the positions before seq_len - 1, which earlier steps stored (a decode step writes only its own token's slot).
+PDL_EARLY_READS = ("SEQ_LENS", "REQ_IDX", "REQ_TO_TOKEN", "KB", "VB")
 
 # Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
 # histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
@@ -182,16 +183,18 @@ if triton is not None:
     @triton.jit
     def _new_token_kv(
         K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
-        offs_d, mask_d, head_dim, c, s, DT: tl.constexpr,
+        offs_d, mask_d, head_dim, c, s, store, DT: tl.constexpr,
     ):
         """This step's token of request ``b``, KV head ``kvh``: k rotated by ``c/s`` (in ``DT``, then the pool
-        dtype) and v, stored at slot ``LOC[b]``. Returns them (``[D]``) for the softmax."""
+        dtype) and v, stored at slot ``LOC[b]`` if ``store`` (one program per token stores it). Returns them
+        (``[D]``) for the softmax."""
         k = rope_rotate(K_NEW + b * skn_b + kvh * skn_h, offs_d, mask_d, head_dim // 2, c, s, DT)
         k = k.to(KB.dtype.element_ty)
         v = tl.load(V_NEW + b * svn_b + kvh * svn_h + offs_d, mask=mask_d, other=0.0).to(VB.dtype.element_ty)
         slot = tl.load(LOC + b).to(tl.int64)
-        tl.store(KB + slot * sk_s + kvh * sk_h + offs_d, k, mask=mask_d)
-        tl.store(VB + slot * sv_s + kvh * sv_h + offs_d, v, mask=mask_d)
+        mask_st = tl.where(store, mask_d, False)
+        tl.store(KB + slot * sk_s + kvh * sk_h + offs_d, k, mask=mask_st)
+        tl.store(VB + slot * sv_s + kvh * sv_h + offs_d, v, mask=mask_st)
         return k, v
 
     @triton.jit
@@ -214,12 +217,12 @@ if triton is not None:
         smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h,
         group, head_dim, num_kv_heads, num_splits, min_split_tokens,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-        LINE: tl.constexpr, PREFETCH: tl.constexpr, NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        EARLY_TILE: tl.constexpr, NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         # Before the PDL wait, only what no kernel of the forward writes (PDL_EARLY_READS): the lengths, the request
-        # rows and the slots of the history (positions stored by earlier steps), whose K/V lines are pulled into
-        # L2. This overlaps the kernel before (the qkv projection when NEW_TOKEN) instead of following it.
+        # rows, the slots of the history and, with EARLY_TILE, the K/V of its first tile (positions stored by
+        # earlier steps). This overlaps the kernel before (the qkv projection when NEW_TOKEN) instead of following it.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -233,20 +236,25 @@ if triton is not None:
         if (start < end) | ((seq_len == 0) & (split == 0)):
             row = tl.load(REQ_IDX + b).to(tl.int64)
             hist_end = tl.minimum(end, seq_len - 1)  # position seq_len - 1 is this step's token
-            if PREFETCH:
-                if start < hist_end:
-                    offs_p = start + tl.arange(0, BLOCK_N)
-                    slots = tl.load(REQ_TO_TOKEN + row * s_rt + offs_p, mask=offs_p < hist_end, other=0)
-                    slots = slots.to(tl.int64)
-                    lines = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, head_dim - 1)  # one address per line
-                    prefetch_l2(KB + slots[:, None] * sk_s + kvh * sk_h + lines[None, :], USE_PDL)
-                    prefetch_l2(VB + slots[:, None] * sv_s + kvh * sv_h + lines[None, :], USE_PDL)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < head_dim
+            if EARLY_TILE:
+                # The split's first history tile, positions [start, first_end): stored by earlier steps, so its K/V
+                # are loaded into registers now and the loads overlap the kernel before.
+                first_end = tl.minimum(start + BLOCK_N, hist_end)
+                offs_p = start + tl.arange(0, BLOCK_N)
+                k0, v0 = load_pool_tile(REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
+                                        offs_p, offs_p < first_end, offs_d, mask_d)
+            else:
+                first_end = start
+                k0 = tl.zeros([BLOCK_N, BLOCK_D], KB.dtype.element_ty)
+                v0 = tl.zeros([BLOCK_N, BLOCK_D], VB.dtype.element_ty)
             pdl_wait(USE_PDL)
             _decode_program(
                 Q, KB, VB, REQ_TO_TOKEN, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
                 qk_scale, sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt, skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
                 smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h, group, head_dim, num_kv_heads,
-                b, kvh, split, row, seq_len, used, start, end, hist_end,
+                b, kvh, split, row, seq_len, used, start, end, hist_end, first_end, k0, v0, offs_d, mask_d,
                 BLOCK_G, BLOCK_D, BLOCK_N, BLOCK_S, NEW_TOKEN, DOT_PRECISION,
             )
 
@@ -255,17 +263,16 @@ if triton is not None:
         Q, KB, VB, REQ_TO_TOKEN, MID_O, MID_LSE, COUNTERS, OUT, K_NEW, V_NEW, COS, SIN, LOC,
         qk_scale, sq_b, sq_h, sk_s, sk_h, sv_s, sv_h, s_rt, skn_b, skn_h, svn_b, svn_h, sc_b, ss_b,
         smo_b, smo_h, smo_s, sml_b, sml_h, so_b, so_h, group, head_dim, num_kv_heads,
-        b, kvh, split, row, seq_len, used, start, end, hist_end,
+        b, kvh, split, row, seq_len, used, start, end, hist_end, first_end, k0, v0, offs_d, mask_d,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
         NEW_TOKEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """The part of a ``_decode_kernel`` program after its PDL wait: one split of request ``b``, KV head
-        ``kvh`` (positions ``[start, end)``), or the zeros of an empty row."""
+        ``kvh`` (positions ``[start, end)``), or the zeros of an empty row. ``k0/v0`` hold the K/V of positions
+        ``[start, first_end)``, loaded before the wait (none when ``first_end == start``)."""
         offs_g = tl.arange(0, BLOCK_G)
         mask_g = offs_g < group
         heads = kvh * group + offs_g
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < head_dim
         mask_gd = mask_g[:, None] & mask_d[None, :]
         out_ptr = OUT + b * so_b + heads[:, None] * so_h + offs_d[None, :]
         if NEW_TOKEN:
@@ -276,7 +283,7 @@ if triton is not None:
             if NEW_TOKEN:
                 _new_token_kv(
                     K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
-                    offs_d, mask_d, head_dim, c, s, Q.dtype.element_ty,
+                    offs_d, mask_d, head_dim, c, s, split == 0, Q.dtype.element_ty,
                 )
         else:
             q_ptr = Q + b * sq_b + heads[:, None] * sq_h
@@ -284,6 +291,13 @@ if triton is not None:
             if NEW_TOKEN:
                 q = rope_rotate(q_ptr, offs_d[None, :], mask_gd, head_dim // 2, c[None, :], s[None, :],
                                 Q.dtype.element_ty)
+                # The step's own token, read together with q; the split that holds it stores it in the pool
+                # and attends to it after the history.
+                holds_token = end == seq_len
+                k_new, v_new = _new_token_kv(
+                    K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
+                    offs_d, mask_d, head_dim, c, s, holds_token, Q.dtype.element_ty,
+                )
                 loop_end = hist_end  # the step's own token is not in the pool yet
             else:
                 q = tl.load(q_ptr + offs_d[None, :], mask=mask_gd, other=0.0)
@@ -291,20 +305,20 @@ if triton is not None:
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for n0 in range(start, loop_end, BLOCK_N):
+            if start < first_end:
+                m, l, acc = attend_kv_tile(q, m, l, acc, k0, v0, (start + tl.arange(0, BLOCK_N) < first_end)[None, :],
+                                           qk_scale, DOT_PRECISION)
+            # The rest of the split (all of it when nothing was loaded early). Every tile holds >= 1 valid
+            # position, so m is finite after the first one.
+            for n0 in range(first_end, loop_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < loop_end
-                # Every tile holds >= 1 valid position, so m is finite after the first one.
                 m, l, acc = attend_pool_tile(
                     q, m, l, acc, REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
                     offs_n, mask_n, mask_n[None, :], offs_d, mask_d, qk_scale, DOT_PRECISION,
                 )
             if NEW_TOKEN:
-                if end == seq_len:  # this split holds the step's own token: store it and attend to it
-                    k_new, v_new = _new_token_kv(
-                        K_NEW, V_NEW, LOC, KB, VB, b, kvh, skn_b, skn_h, svn_b, svn_h, sk_s, sk_h, sv_s, sv_h,
-                        offs_d, mask_d, head_dim, c, s, Q.dtype.element_ty,
-                    )
+                if holds_token:
                     m, l, acc = _attend_one(q, m, l, acc, k_new, v_new, qk_scale)
             if used == 1:
                 tl.store(out_ptr, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=mask_gd)
@@ -370,7 +384,7 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    prefetch_history: bool | None = None,
+    early_tile: bool | None = None,
     one_launch: bool | None = None,
 ) -> torch.Tensor:
     """Split-KV decode attention with the contract of ``decode_attention_ref``; returns ``o [B, Hq, D]``.
@@ -381,9 +395,10 @@ def decode_attention_triton(
     ``new_token`` (rotary + store-KV in the same launch): its k and cos/sin in q's dtype, ``loc`` int32/int64.
 
     Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``;
-    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``prefetch_history``: pull the first
-    history tile of each program into L2 before the PDL wait (no effect without PDL); by default for batches of
-    at most ``DECODE_SMALL_BATCH`` rows, the ones where the kernel is on the critical path.
+    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``early_tile``: load each program's first history tile
+    into registers before the PDL wait (positions stored by earlier steps: no kernel of the step writes them), so
+    only q and the new token are read after it; by default for batches of at most ``DECODE_SMALL_BATCH`` rows,
+    the ones where the kernel is on the critical path.
 
     ``new_token`` is handled in the same launch for batches of at most ``DECODE_SMALL_BATCH`` rows; larger
     batches run the rotary and store-KV kernels first and then attend over the pool (measured faster there:
@@ -461,8 +476,7 @@ def decode_attention_triton(
         out.stride(0), out.stride(1),
         group, d, n_kv, num_splits, min_split_tokens,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
-        # Prefetch addresses: one per 128-byte line of a head's K or V.
-        LINE=max(1, min(block_d, 128 // k_buffer.element_size())), PREFETCH=small if prefetch_history is None else prefetch_history,
+        EARLY_TILE=small if early_tile is None else early_tile,
         NEW_TOKEN=new_token is not None, DOT_PRECISION=precision,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages, **pdl_kwargs(q.device),
     )

@@ -206,7 +206,7 @@ def compare_decode_paths(results: dict) -> None:
         "in pool 4w 2s": dict(num_warps=4, num_stages=2),
         "one launch 4w 3s": dict(one, num_warps=4, num_stages=3),
         "one launch 4w 2s": dict(one, num_warps=4, num_stages=2),
-        "one launch 4w 2s prefetch": dict(one, num_warps=4, num_stages=2, prefetch_history=True),
+        "one launch 4w 2s early tile": dict(one, num_warps=4, num_stages=2, early_tile=True),
         "one launch 8w 3s": dict(one, num_warps=8, num_stages=3),
         "NewToken, defaults": dict(new_token=True),
     }
@@ -287,16 +287,9 @@ def sweep_chain(results: dict, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
     variants = {  # name -> LayerChain.run keyword arguments
         "default": {},
         "skinny, no prefetch": dict(linear=skinny(prefetch_steps=0)),
-        "weights evict-first": dict(linear=skinny(evict_first=True)),
-        "evict-first, prefetch 4": dict(linear=skinny(evict_first=True, prefetch_steps=4)),
-        "evict-first, prefetch 8": dict(linear=skinny(evict_first=True, prefetch_steps=8)),
-        "evict-first, o_proj prefetch all": dict(linear=o_proj_only(evict_first=True, prefetch_steps=16)),
-        "TMA weights": dict(linear=skinny(tma=True)),
-        "TMA weights, prefetch 4": dict(linear=skinny(tma=True, prefetch_steps=4)),
-        "TMA, 3 stages": dict(linear=skinny(tma=True, num_stages=3)),
-        "cuBLAS": dict(linear=F.linear),
+        "attention without the early tile": dict(attention_kwargs=dict(early_tile=False)),
+        "attention 4 warps": dict(attention_kwargs=dict(num_warps=4)),
         "without attention": dict(skip=frozenset({"attention"})),
-        "evict-first, without attention": dict(linear=skinny(evict_first=True), skip=frozenset({"attention"})),
         "default (again)": {},
     }
     print(f"{'variant':<36}{'bs':>4}{'us/layer':>10}{'GB/s':>7}")

@@ -453,13 +453,16 @@ def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
     (``pdl_wait(USE_PDL)``) before any store or atomic, and before any load of what a predecessor may write, so its
     launch is as ordered as a plain one. Everything outside the statements that follow the wait in its block (what
     comes before it, and what runs without it, such as a program that exits early) may only do index arithmetic,
-    ``prefetch_l2`` and loads of the module's ``PDL_EARLY_READS`` (step inputs written before the forward)."""
+    ``prefetch_l2`` and loads of the module's ``PDL_EARLY_READS`` (step inputs written before the forward), directly
+    or through a jit helper that only loads (no store, no atomic) and gets only pointers of that list."""
     import ast
     import inspect
+    import textwrap
 
     tree = ast.parse(inspect.getsource(module))
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == kernel)
     assert "USE_PDL" in [a.arg for a in fn.args.args]
+    pointers = {a.arg for a in fn.args.args if a.arg.isupper() and not a.annotation}  # X, W, KB, ... by convention
 
     def ordered(block: list[ast.stmt]) -> list[ast.stmt] | None:
         """The statements after the wait in ``block`` or in an ``if`` body inside it; None if there is no wait."""
@@ -470,26 +473,40 @@ def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
                 return found
         return None
 
+    def root(expr: ast.expr) -> ast.expr:
+        while isinstance(expr, (ast.BinOp, ast.Subscript)):
+            expr = expr.left if isinstance(expr, ast.BinOp) else expr.value
+        return expr
+
+    def call_name(call: ast.Call) -> str:
+        return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
     after = ordered(fn.body)
     assert after is not None, f"{kernel} never calls pdl_wait(USE_PDL)"
     waited = {id(node) for stmt in after for node in ast.walk(stmt)}
     calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and id(n) not in waited]
-    names = {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "") for c in calls}
+    names = {call_name(c) for c in calls}
     memory = {n for n in names if n == "store" or n.startswith("atomic")}
     assert not memory, f"{kernel} writes memory outside what follows pdl_wait: {sorted(memory)}"
     # Loads without the wait only from the kernel's declared step inputs, which no kernel of the forward writes.
     early = set(getattr(module, "PDL_EARLY_READS", ()))
+    allowed = {"program_id", "arange", "minimum", "maximum", "cdiv", "to", "static_range", "prefetch_l2", "load",
+               "zeros", "pdl_wait", "_split_len"}
     for call in calls:
-        if getattr(call.func, "attr", None) == "load":
-            root = call.args[0]
-            while isinstance(root, (ast.BinOp, ast.Subscript)):
-                root = root.left if isinstance(root, ast.BinOp) else root.value
-            assert isinstance(root, ast.Name) and root.id in early, (
+        name = call_name(call)
+        if name == "load":
+            r = root(call.args[0])
+            assert isinstance(r, ast.Name) and r.id in early, (
                 f"{kernel} loads {ast.unparse(call.args[0])} before pdl_wait; allowed: {sorted(early)}"
             )
-    allowed = {"program_id", "arange", "minimum", "maximum", "cdiv", "to", "static_range", "prefetch_l2", "load",
-               "pdl_wait", "_split_len"}
-    assert names <= allowed, sorted(names - allowed)
+        elif name not in allowed:
+            helper = getattr(module, name, None)
+            assert helper is not None and hasattr(helper, "fn"), f"{kernel} calls {name} before pdl_wait"
+            source = textwrap.dedent(inspect.getsource(helper.fn))
+            body = {call_name(c) for c in ast.walk(ast.parse(source)) if isinstance(c, ast.Call)}
+            assert not {n for n in body if n == "store" or n.startswith("atomic")}, f"{name} writes memory"
+            passed = {a.id for a in map(root, call.args) if isinstance(a, ast.Name) and a.id in pointers}
+            assert passed <= early, f"{kernel} passes {sorted(passed - early)} to {name} before pdl_wait"
 
 
 def test_pdl_is_off_without_a_hopper_gpu() -> None:
