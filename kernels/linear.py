@@ -40,19 +40,14 @@ class SkinnyConfig:
     many K steps of its weight strip a program pulls into L2 before it waits for the previous kernel (PDL only,
     kernels/pdl.py). Two steps measured best in a chain of whole decode layers on an H200 (`scripts/gpu_tune.py
     --only chain`): 2% faster than none; prefetching 8-32 MB per launch was slower than none (docs/PERFORMANCE.md).
-
-    ``evict_first`` streams the weights with an L2 evict-first policy (each weight line is read once per step, so
-    it should not push out what the next kernels read: the activations, the KV history and the lines other
-    launches prefetched). ``tma`` loads the weight tiles with the Hopper tensor-copy engine (a host-side tensor
-    descriptor) instead of per-thread asynchronous copies."""
+    Also measured and dropped there: tensor-descriptor (TMA) weight loads, and an L2 evict-first hint on the
+    weight stream (triton 3.6 does not put it on the asynchronous copies)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
     prefetch_steps: int = 2
-    evict_first: bool = False
-    tma: bool = False
 
 
 def skinny_config(n: int, k: int) -> SkinnyConfig:
@@ -77,12 +72,12 @@ if triton is not None:
 
     @triton.jit
     def _skinny_linear_kernel(
-        X, W, W_DESC, BIAS, Y,
+        X, W, BIAS, Y,
         M, N, K,
         sx_m, sw_n, sy_m,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH_STEPS: tl.constexpr, LINE: tl.constexpr, EVICT: tl.constexpr, USE_PDL: tl.constexpr,
+        PREFETCH_STEPS: tl.constexpr, LINE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,19 +97,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             # Padded x rows (M < BLOCK_M, the matmul's minimum) are zeros; their outputs are never stored.
-            if W_DESC is not None:
-                x = tl.load(x_ptr, mask=mask_m[:, None], other=0.0)
-                w = W_DESC.load([pid * BLOCK_N, k0])
-            elif EVEN_K:
+            if EVEN_K:
                 x = tl.load(x_ptr, mask=mask_m[:, None], other=0.0)
                 if EVEN_N:
-                    w = tl.load(w_ptr, eviction_policy=EVICT)
+                    w = tl.load(w_ptr)
                 else:
-                    w = tl.load(w_ptr, mask=mask_n[:, None], other=0.0, eviction_policy=EVICT)
+                    w = tl.load(w_ptr, mask=mask_n[:, None], other=0.0)
             else:
                 mask_k = (k0 + offs_k) < K
                 x = tl.load(x_ptr, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy=EVICT)
+                w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             x_ptr += BLOCK_K
             w_ptr += BLOCK_K
@@ -156,13 +148,8 @@ def linear_triton(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m > 0:
         cfg = config or skinny_config(n, k)
-        w_desc = None
-        if cfg.tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
         _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x2, weight, w_desc, bias if bias is not None else weight, y,
+            x2, weight, bias if bias is not None else weight, y,
             m, n, k,
             x2.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
@@ -170,7 +157,6 @@ def linear_triton(
             BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             PREFETCH_STEPS=min(cfg.prefetch_steps, triton.cdiv(k, cfg.block_k)),
             LINE=max(1, min(cfg.block_k, 128 // weight.element_size())),
-            EVICT="evict_first" if cfg.evict_first else "",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x.device),
         )
     return y.view(*x.shape[:-1], n)

@@ -74,13 +74,6 @@ def graph_time_ms(fn, inner: int = 2, replays: int = 10) -> float:
     return start.elapsed_time(end) / (replays * inner)
 
 
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = graph_time_ms(lambda: b.copy_(a), inner=4)
-    return 2 * a.numel() / ms / 1e6  # GB/s, read + write
-
-
 def time_each(configs, time_one) -> list[tuple[float, object]]:
     """``[(us, config)]`` for every config, fastest first; a shape that fails to compile (over the shared-memory
     limit, say) gets inf and a line on stderr instead of ending the sweep."""
@@ -270,25 +263,23 @@ def sweep_chain(results: dict, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
     print(f"\n## {layers} decode layers in a CUDA graph (bf16, ctx 384), PDL "
           f"{'on' if pdl.pdl_supported(torch.device('cuda')) else 'off'}")
 
-    def skinny(**changes):
-        # Every skinny linear of the chain with its default shape, ``changes`` applied (prefetch depth, L2 policy).
+    def shaped(overrides: dict[tuple[int, int], dict]):
+        # Other launch shapes for some weights of the chain (by N x K), the defaults for the rest.
         def fn(x, w):
+            changes = overrides.get(tuple(w.shape), {})
             return lin.linear_triton(x, w, config=replace(lin.skinny_config(*w.shape), **changes))
         return fn
 
-    def o_proj_only(**changes):
-        # Only the projection after attention (a latency-bound kernel that leaves the memory bus idle).
-        def fn(x, w):
-            if w.shape == (4096, 4096):
-                return skinny(**changes)(x, w)
-            return skinny(**{k: v for k, v in changes.items() if k != "prefetch_steps"})(x, w)
-        return fn
-
+    qkv, o_proj, down = (6144, 4096), (4096, 4096), (4096, 14336)
     variants = {  # name -> LayerChain.run keyword arguments
         "default": {},
-        "skinny, no prefetch": dict(linear=skinny(prefetch_steps=0)),
+        "qkv 16-column strips": dict(linear=shaped({qkv: dict(block_n=16)})),
+        "o_proj 16-column strips": dict(linear=shaped({o_proj: dict(block_n=16)})),
+        "down 16-column strips": dict(linear=shaped({down: dict(block_n=16)})),
+        "qkv, o_proj, down 8 warps": dict(linear=shaped({w: dict(num_warps=8) for w in (qkv, o_proj, down)})),
+        "qkv, o_proj 512-wide K steps, 3 stages": dict(
+            linear=shaped({w: dict(block_k=512, num_stages=3) for w in (qkv, o_proj)})),
         "attention without the early tile": dict(attention_kwargs=dict(early_tile=False)),
-        "attention 4 warps": dict(attention_kwargs=dict(num_warps=4)),
         "without attention": dict(skip=frozenset({"attention"})),
         "default (again)": {},
     }
@@ -314,7 +305,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("linear", "attention", "paths", "chain"))
     ap.add_argument("--chain-bs", default="1,8", help="batch sizes of the chain sweep, comma-separated")
     args = ap.parse_args()
-    print(torch.cuda.get_device_name(), f"copy bandwidth {copy_bandwidth():.0f} GB/s (read + write)")
+    bw = importlib.import_module("xinf_sglang.runtime.bench").measure_bandwidth(torch.device("cuda"))
+    print(torch.cuda.get_device_name(), f"copy bandwidth {bw.copy / 1e9:.0f} GB/s (read + write), "
+          f"read bandwidth {bw.read / 1e9:.0f} GB/s")
     results: dict = {}
     if args.only in (None, "paths"):
         compare_decode_paths(results)
