@@ -12,6 +12,7 @@ process: triton decides between compiling and interpreting when it and each kern
 """
 
 from .activation import silu_and_mul, silu_and_mul_ref
+from .argmax import argmax, argmax_ref
 from .decode_attention import NewToken, decode_attention, decode_attention_ref, decode_num_splits
 from .extend_attention import extend_attention, extend_attention_ref
 from .linear import linear, linear_ref
@@ -26,6 +27,8 @@ __all__ = [
     "apply_rotary_ref",
     "apply_token_bitmask_",
     "apply_token_bitmask_ref",
+    "argmax",
+    "argmax_ref",
     "decode_attention",
     "decode_attention_ref",
     "decode_num_splits",

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xinf_sglang.kernels.argmax import argmax
+
 from .sampling_params import SamplingParams
 
 
@@ -123,21 +125,10 @@ class SamplingBatch:
         )
 
 
-# torch reduces each row of an argmax in one thread block: a [1, 128256] row took 28 us on an H200, 0.6% of a
-# batch-1 decode step. Cutting the rows into this many chunks first spreads the work over many blocks.
-ARGMAX_CHUNKS = 64
-
-
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)`` of ``[B, V]`` logits, the same index (the first maximal one, as torch documents),
-    computed in two stages (per-chunk max, then the first chunk holding the row's max) for small batches."""
-    b, v = logits.shape
-    if b >= ARGMAX_CHUNKS or v % ARGMAX_CHUNKS:
-        return logits.argmax(dim=-1)
-    width = v // ARGMAX_CHUNKS
-    values, within = logits.reshape(b, ARGMAX_CHUNKS, width).max(dim=-1)
-    chunk = values.argmax(dim=-1, keepdim=True)  # the first chunk whose max is the row's max
-    return (chunk * width + within.gather(-1, chunk)).squeeze(-1)
+    """``logits.argmax(-1)`` of ``[B, V]`` logits: the first maximal index. On CUDA small batches take the
+    two-launch Triton argmax (``kernels/argmax.py``); torch reduces a row in one thread block."""
+    return argmax(logits)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

@@ -106,7 +106,7 @@ class Checker:
             name: importlib.import_module(f"{kernels_pkg.__name__}.{name}")
             for name in (
                 "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask",
-                "linear",
+                "linear", "argmax",
             )
         }
         self.only = only
@@ -255,6 +255,22 @@ class Checker:
                     row.throughput = gbps(nbytes(mask) + banned * logits.element_size(), row.ms)
 
                 self.run("token_bitmask", dtype, f"B={bs} V={VOCAB}", body)
+
+    def check_argmax(self) -> None:
+        am = self.k["argmax"]
+        for dtype in DTYPES:
+            for bs in (1, 8, 64):
+
+                def body(row: Row, dtype=dtype, bs=bs) -> None:
+                    logits = self.randn(bs, VOCAB, dtype=dtype).round(decimals=1)  # many exact ties
+                    logits[0, [5, 70000, VOCAB - 1]] = 50.0  # a tie for the max across chunks
+                    got = am.argmax_triton(logits)
+                    row.ok = torch.equal(got, am.argmax_ref(logits))
+                    row.err = 0.0 if row.ok else 1.0
+                    row.ms = bench(lambda: am.argmax_triton(logits))
+                    row.throughput = gbps(nbytes(logits), row.ms)
+
+                self.run("argmax", dtype, f"B={bs} V={VOCAB}", body)
 
     # ------------------------------------------------------------------ attention
 
@@ -472,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         checker.check_rotary,
         checker.check_store_kv,
         checker.check_token_bitmask,
+        checker.check_argmax,
         checker.check_linear,
         checker.check_decode,
         checker.check_decode_cuda_graph,

@@ -27,10 +27,11 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 # Modules by full name: the package re-exports functions named like some of its modules (store_kv, ...).
-norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear = (
+norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear, argmax = (
     importlib.import_module(f"xinf_sglang.kernels.{name}")
     for name in (
-        "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask", "linear"
+        "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask", "linear",
+        "argmax",
     )
 )
 
@@ -55,6 +56,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def randint(lo: int, hi: int) -> int:
     """Uniform in [lo, hi] from torch's (seeded) generator."""
     return int(torch.randint(lo, hi + 1, ()).item())
+
+
+# ---------------------------------------------------------------- argmax
+
+
+@pytest.mark.parametrize(
+    "dtype,rows", [(torch.float32, 1), (torch.float16, 5), (torch.bfloat16, 5), (torch.float32, 16)]
+)
+def test_argmax_equals_torch_with_ties(dtype: torch.dtype, rows: int) -> None:
+    """The first maximal index, as torch's argmax: ties inside a chunk, across chunks and at chunk borders, rows
+    that are all -inf, vocabularies that do not split evenly into the chunks (empty last chunks too)."""
+    torch.manual_seed(rows)
+    for vocab in (argmax.ARGMAX_CHUNKS * 37, argmax.ARGMAX_CHUNKS * 37 + 5, 100, 3):
+        logits = torch.randn(rows, vocab).round(decimals=1).to(dtype)  # many exact ties
+        width = -(-vocab // argmax.ARGMAX_CHUNKS)
+        for col in (3, width - 1, width, 5 * width + 2):
+            if col < vocab:
+                logits[0, col] = 9.0
+        if rows > 1:
+            logits[1, [vocab - 1, min(2 * width, vocab - 1)]] = 9.0
+            logits[2:3] = float("-inf")
+        out = argmax.argmax_triton(logits)
+        assert out.dtype == torch.int64 and torch.equal(out, argmax.argmax_ref(logits)), vocab
 
 
 # ---------------------------------------------------------------- skinny linear

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from xinf_sglang.runtime.sampler import ARGMAX_CHUNKS, SamplingBatch, greedy, make_generator, sample
+from xinf_sglang.runtime.sampler import SamplingBatch, make_generator, sample
 from xinf_sglang.runtime.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -52,22 +52,6 @@ def test_all_greedy_is_argmax_on_the_fast_path() -> None:
     assert batch.random is None and batch.penalties is None and batch.banned is None
     expected = logits.argmax(-1)
     assert torch.equal(sample(logits, batch), expected)
-
-
-@pytest.mark.parametrize("rows", [1, 5, 63, 64])
-def test_two_stage_greedy_equals_argmax_with_ties(rows: int) -> None:
-    """The chunked argmax of small batches gives torch's index, the first maximal one, also when the maximum
-    repeats within a chunk, across chunks and at chunk borders; vocabularies that do not split evenly and large
-    batches take torch's argmax itself."""
-    torch.manual_seed(rows)
-    for vocab in (ARGMAX_CHUNKS * 37, ARGMAX_CHUNKS * 37 + 5):
-        logits = torch.randn(rows, vocab).round(decimals=1)  # many exact ties
-        width = vocab // ARGMAX_CHUNKS
-        logits[0, [3, width - 1, width, 5 * width + 2]] = 9.0  # ties inside a chunk and across chunks
-        if rows > 1:
-            logits[1, [vocab - 1, 2 * width]] = 9.0
-        assert torch.equal(greedy(logits), logits.argmax(-1))
-        assert greedy(logits)[0] == 3
 
 
 @pytest.mark.parametrize(
