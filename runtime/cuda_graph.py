@@ -1,8 +1,10 @@
 """Decode as CUDA-graph replays: one graph per captured batch size, a real batch padded up to the next size.
 
-Captured sizes: 1, 2, 4, 8, then steps of 8 up to ``max_bs``. Static input tensors are refilled in place before
-each replay. Padded rows read request row 0 (harmless: their outputs are dropped) and write their K/V to the
-dummy slot 0, which the allocator never hands out, so padding never touches a real request's cache.
+Captured sizes: 1, 2, 4, 8, then steps of 8 up to ``max_bs``. The graphs read their inputs from one static
+``int64 [5, max_bs]`` tensor (``kernels/step_inputs.py``), refilled before each replay by a single launch that
+also writes the new slots into the request->token table. Padded rows read request row 0 (harmless: their outputs
+are dropped) and write their K/V to the dummy slot 0, which the allocator never hands out, so padding never
+touches a real request's cache.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import time
 
 import torch
+
+from xinf_sglang.kernels.step_inputs import DECODE_FIELDS, DECODE_PADDING, fill_decode_inputs
 
 from .forward_batch import ForwardBatch, ForwardMode
 
@@ -29,19 +33,23 @@ def capture_sizes(max_bs: int) -> list[int]:
 class CudaGraphRunner:
     """Captures the model's decode forward for each size in ``capture_sizes(max_bs)`` and replays it."""
 
-    def __init__(self, model, attn, max_bs: int, max_context_len: int, device: torch.device) -> None:
+    def __init__(
+        self, model, attn, max_bs: int, max_context_len: int, req_to_token: torch.Tensor, device: torch.device
+    ) -> None:
         self.model = model
         self.attn = attn
+        self.req_to_token = req_to_token
         self.sizes = capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         self.device = device
         n = self.max_bs
-        # Static inputs, refilled in place before every replay (the graphs read these addresses).
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=device)  # slot 0: the dummy slot
-        self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int64, device=device)
+        # Static inputs, one row per field of DECODE_FIELDS, refilled in place before every replay (the graphs
+        # read these addresses). They start as padding rows (slot 0: the dummy slot).
+        self.static = torch.tensor(DECODE_PADDING, dtype=torch.int64, device=device)[:, None].repeat(1, n)
+        fields = dict(zip(DECODE_FIELDS, self.static))
+        self.input_ids, self.positions = fields["input_ids"], fields["positions"]
+        self.req_pool_indices, self.seq_lens = fields["req_pool_indices"], fields["seq_lens"]
+        self.out_cache_loc = fields["out_cache_loc"]
         self.ones = torch.ones(n, dtype=torch.int64, device=device)
         self.arange = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -84,23 +92,19 @@ class CudaGraphRunner:
         logger.info("captured %d decode CUDA graphs (batch sizes %s..%s) in %.1f s",
                     len(self.sizes), self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.max_bs
+    def fits(self, batch_size: int) -> bool:
+        """Whether a decode batch of ``batch_size`` rows has a captured graph (its own size or a larger one)."""
+        return batch_size <= self.max_bs
 
-    def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of a real decode batch, computed by the graph of the next captured size."""
-        bs = batch.batch_size
+    def replay(self, host_fields: torch.Tensor, input_ids: torch.Tensor, out_cache_loc: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of a real decode batch, computed by the graph of the next captured size.
+
+        ``host_fields`` is ``int64 [3, B]`` on the device: each row's position, request row and length; ``input_ids``
+        and ``out_cache_loc`` are ``int64 [B]``. The request->token table gets the new slots in the same launch
+        that fills the static inputs."""
+        bs = input_ids.shape[0]
         padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
-        self.input_ids[:bs].copy_(batch.input_ids)
-        self.positions[:bs].copy_(batch.positions)
-        self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
-        self.req_pool_indices[:bs].copy_(batch.req_pool_indices)
-        self.seq_lens[:bs].copy_(batch.seq_lens)
-        if padded > bs:
-            # padded rows: token 0 at position 0 of request row 0, K/V into the dummy slot
-            for t in (self.input_ids, self.positions, self.out_cache_loc, self.req_pool_indices):
-                t[bs:padded].zero_()
-            self.seq_lens[bs:padded].fill_(1)
+        fill_decode_inputs(self.static[:, :padded], host_fields, input_ids, out_cache_loc, self.req_to_token)
         self.attn.init_forward_metadata_replay(self._static_batch(padded))
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

@@ -38,7 +38,7 @@ class ModelRunner:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
         from .cuda_graph import CudaGraphRunner
 
-        self.graphs = CudaGraphRunner(self.model, self.attn, max_bs, max_context_len, self.device)
+        self.graphs = CudaGraphRunner(self.model, self.attn, max_bs, max_context_len, self.req_to_token, self.device)
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
         """Write the new slots into the request->token table and build the forward's index tensors.
@@ -59,7 +59,7 @@ class ModelRunner:
             offset += n
             if batch.input_ids is None:  # otherwise a chained decode: the inputs are already on the device
                 if batch.mode is ForwardMode.DECODE:
-                    ids.append(req.output_ids[-1] if req.output_ids else req.input_ids[-1])
+                    ids.append(_last_token(req))
                 else:
                     ids.extend(_token_range(req, req.kv_len, n))
             positions.extend(range(req.kv_len, req.kv_len + n))
@@ -87,11 +87,23 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> torch.Tensor:
         """float32 logits ``[B, vocab]``, one row per request of the batch (its last new token)."""
+        if self.graphs is not None and batch.mode is ForwardMode.DECODE and self.graphs.fits(len(batch.reqs)):
+            return self._replay_decode(batch)
         fb = self.build_forward_batch(batch)
-        if self.graphs is not None and self.graphs.can_run(fb):
-            return self.graphs.replay(fb)
         self.attn.init_forward_metadata(fb)
         return self.model(fb, self.attn)
+
+    def _replay_decode(self, batch: ScheduleBatch) -> torch.Tensor:
+        """A decode step as a graph replay: the host-known fields go to the device in one asynchronous copy, and
+        one launch fills the graph's inputs and the request->token table (``CudaGraphRunner.replay``)."""
+        reqs = batch.reqs
+        fields = [r.kv_len for r in reqs] + [r.req_pool_idx for r in reqs] + [r.kv_len + 1 for r in reqs]
+        if batch.input_ids is None:  # otherwise a chained decode: the inputs are already on the device
+            fields += [_last_token(r) for r in reqs]
+        packed = torch.tensor(fields, dtype=torch.int64, pin_memory=self._pin).to(self.device, non_blocking=True)
+        n = len(reqs)
+        ids = batch.input_ids if batch.input_ids is not None else packed[3 * n :]
+        return self.graphs.replay(packed[: 3 * n].view(3, n), ids, batch.out_cache_loc)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
@@ -125,6 +137,11 @@ class ModelRunner:
         apply_bitmask_(logits, bitmask)
         self.mask_seconds += time.perf_counter() - start
         self.mask_steps += 1
+
+
+def _last_token(req: Req) -> int:
+    """The token a decode step feeds: the last output token, or the prompt's last one before any output."""
+    return req.output_ids[-1] if req.output_ids else req.input_ids[-1]
 
 
 def _token_range(req: Req, start: int, n: int) -> list[int]:

@@ -63,8 +63,8 @@ EXTEND_CASES = {
     "4 reqs, prefixes 0/1024/2048/3000": [(0, 512), (1024, 256), (2048, 1), (3000, 1000)],
     "8 reqs: 2048 cached + 128 new": [(2048, 128)] * 8,
 }
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.int64: 0.5}  # int64: exact (err 0 or 1)
+DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Checker:
             name: importlib.import_module(f"{kernels_pkg.__name__}.{name}")
             for name in (
                 "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask",
-                "linear", "argmax",
+                "linear", "argmax", "step_inputs",
             )
         }
         self.only = only
@@ -271,6 +271,31 @@ class Checker:
                     row.throughput = gbps(nbytes(logits), row.ms)
 
                 self.run("argmax", dtype, f"B={bs} V={VOCAB}", body)
+
+    def check_step_inputs(self) -> None:
+        si = self.k["step_inputs"]
+        for b, p in ((1, 1), (5, 8), (130, 136)):
+
+            def body(row: Row, b=b, p=p) -> None:
+                rows, ctx = 512, 4096
+                req_rows = torch.randperm(rows, device=self.dev)[:b]
+                positions = torch.randint(0, ctx, (b,), device=self.dev)
+                host = torch.stack([positions, req_rows, positions + 1]).contiguous()
+                ids = torch.randint(0, VOCAB, (b,), device=self.dev)
+                slots = torch.randint(1, 10**6, (b,), device=self.dev)
+                table = torch.randint(0, 10**6, (rows, ctx), device=self.dev, dtype=torch.int32)
+                outs = []
+                for fill in (si.fill_decode_inputs_triton, si.fill_decode_inputs_ref):
+                    static, t = torch.full((5, 256), -7, dtype=torch.int64, device=self.dev), table.clone()
+                    fill(static[:, :p], host, ids, slots, t)
+                    outs.append((static, t))
+                row.ok = all(torch.equal(x, y) for x, y in zip(*outs))
+                row.err = 0.0 if row.ok else 1.0
+                static = outs[0][0]
+                row.ms = bench(lambda: si.fill_decode_inputs_triton(static[:, :p], host, ids, slots, table))
+                row.throughput = "-"
+
+            self.run("fill_decode_inputs", torch.int64, f"B={b} P={p}", body)
 
     # ------------------------------------------------------------------ attention
 
@@ -489,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         checker.check_store_kv,
         checker.check_token_bitmask,
         checker.check_argmax,
+        checker.check_step_inputs,
         checker.check_linear,
         checker.check_decode,
         checker.check_decode_cuda_graph,

@@ -34,6 +34,7 @@ norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bi
         "argmax",
     )
 )
+step_inputs = importlib.import_module("xinf_sglang.kernels.step_inputs")
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(norm._rms_norm_kernel, InterpretedFunction)
 
@@ -79,6 +80,35 @@ def test_argmax_equals_torch_with_ties(dtype: torch.dtype, rows: int) -> None:
             logits[2:3] = float("-inf")
         out = argmax.argmax_triton(logits)
         assert out.dtype == torch.int64 and torch.equal(out, argmax.argmax_ref(logits)), vocab
+
+
+# ---------------------------------------------------------------- decode step inputs
+
+
+@pytest.mark.parametrize("b,p", [(1, 1), (3, 4), (5, 8), (0, 2), (17, 24)])
+def test_fill_decode_inputs(b: int, p: int) -> None:
+    """One launch writes the real rows and the padding rows of the graph inputs, and each real row's new slot
+    into the request->token table (and nothing else there), as the torch reference does."""
+    torch.manual_seed(b * 31 + p)
+    rows, ctx = 20, 40
+    req_rows = torch.randperm(rows)[:b]
+    positions = torch.randint(0, ctx, (b,))
+    host = torch.stack([positions, req_rows, positions + 1]).contiguous()
+    ids, slots = torch.randint(0, 1000, (b,)), torch.randint(1, 5000, (b,))
+    before = torch.randint(0, 5000, (rows, ctx), dtype=torch.int32)
+    outs = []
+    for fill in (step_inputs.fill_decode_inputs_triton, step_inputs.fill_decode_inputs_ref):
+        static = torch.full((5, 32), -7, dtype=torch.int64)  # stale values of an earlier, larger batch
+        table = before.clone()
+        fill(static[:, :p], host, ids, slots, table)
+        outs.append((static, table))
+        assert torch.equal(static[:, :b], torch.stack([ids, positions, req_rows, positions + 1, slots]))
+        assert torch.equal(static[:, b:p], torch.tensor(step_inputs.DECODE_PADDING)[:, None].expand(5, p - b))
+        assert (static[:, p:] == -7).all()  # beyond the captured size: untouched
+        changed = (table != before).nonzero().tolist()
+        assert all((r, c) in set(zip(req_rows.tolist(), positions.tolist())) for r, c in changed)
+        assert torch.equal(table[req_rows, positions], slots.to(torch.int32))
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
 
 
 # ---------------------------------------------------------------- skinny linear
