@@ -254,9 +254,10 @@ class Bandwidth:
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> Bandwidth:
     """Copy and read bandwidth of ``device`` over an ``nbytes`` buffer, each timed over ``repeats`` back-to-back
-    runs after warm-up runs. On CUDA the runs are timed with events, not host clocks around single runs: timing
-    single copies with a host synchronisation around each measured 3.80 TB/s on an H200 whose back-to-back copies
-    ran at 4.28 TB/s (docs/PERFORMANCE.md), which flattered every roofline ratio. ``nbytes`` defaults to 2 GiB
+    runs after a warm-up (``_seconds_per_run``). On CUDA the runs are timed with events, not host clocks around
+    single runs: timing single copies with a host synchronisation around each, with three warm-up copies, measured
+    3.80 TB/s on an H200 whose back-to-back copies ran at 4.28 TB/s (docs/PERFORMANCE.md), which flattered every
+    roofline ratio. ``nbytes`` defaults to 2 GiB
     on a GPU (~40 times its L2) and 256 MiB on the CPU."""
     nbytes = nbytes or (2 * 1024**3 if device.type == "cuda" else 256 * 1024**2)
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -268,14 +269,21 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
     return Bandwidth(copy=2 * nbytes / copy_s, read=nbytes / read_s)
 
 
-def _seconds_per_run(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+def _seconds_per_run(fn, device: torch.device, repeats: int, warmup_s: float = 0.5) -> float:
+    """Mean seconds of one ``fn()`` over ``repeats`` back-to-back runs. On CUDA, runs first for ``warmup_s`` of
+    wall time: after the engine has shut down the GPU idles at a low SM clock, and a few warm-up copies did not
+    bring it back (the same copy timed at 3.8 TB/s right after the engine, 4.27 TB/s after HF generate)."""
+    fn()
     if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
         return (time.perf_counter() - start) / repeats
+    deadline = time.perf_counter() + warmup_s
+    while time.perf_counter() < deadline:
+        for _ in range(8):
+            fn()
+        torch.cuda.synchronize(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(repeats):
