@@ -49,7 +49,7 @@ from .pdl import pdl_kwargs
 
 if triton is not None:
     from .pdl import pdl_wait
-    from .pool_layout import attend_kv_tile, attend_pool_tile, load_pool_tile
+    from .pool_layout import attend_kv_tile, attend_pool_tile, load_pool_rows, pool_tile_slots
     from .rotary import rope_rotate
 
 # Kernel pointer arguments read before the PDL wait (tests/test_kernels.py checks that nothing else is touched
@@ -243,8 +243,10 @@ if triton is not None:
                 # are loaded into registers now and the loads overlap the kernel before.
                 first_end = tl.minimum(start + BLOCK_N, hist_end)
                 offs_p = start + tl.arange(0, BLOCK_N)
-                k0, v0 = load_pool_tile(REQ_TO_TOKEN, row, s_rt, KB, VB, kvh, sk_s, sk_h, sv_s, sv_h,
-                                        offs_p, offs_p < first_end, offs_d, mask_d)
+                mask_p = offs_p < first_end
+                slots0 = pool_tile_slots(REQ_TO_TOKEN, row, s_rt, offs_p, mask_p)
+                k0 = load_pool_rows(KB, slots0, kvh, sk_s, sk_h, mask_p, offs_d, mask_d)
+                v0 = load_pool_rows(VB, slots0, kvh, sv_s, sv_h, mask_p, offs_d, mask_d)
             else:
                 first_end = start
                 k0 = tl.zeros([BLOCK_N, BLOCK_D], KB.dtype.element_ty)

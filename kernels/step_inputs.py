@@ -54,7 +54,12 @@ def fill_decode_inputs_ref(
 
 if triton is not None:
 
-    @triton.jit
+    # The batch sizes vary step to step: one compiled kernel for all of them (triton would otherwise compile a
+    # variant per size class, on the hot path, the first time each class shows up).
+    @triton.jit(
+        do_not_specialize=["b", "p", "s_host"],
+        do_not_specialize_on_alignment=["b", "p", "s_host", "HOST", "IDS", "SLOTS"],
+    )
     def _fill_decode_inputs_kernel(
         STATIC, HOST, IDS, SLOTS, TABLE, b, p, s_static, s_host, s_table, BLOCK: tl.constexpr
     ):

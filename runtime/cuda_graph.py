@@ -73,6 +73,10 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
+        # Compile the input-filling kernel now rather than at the first replay (with no real row it writes only
+        # padding rows, and nothing to the request->token table).
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        fill_decode_inputs(self.static, empty.view(3, 0), empty, empty, self.req_to_token)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # Largest first: later (smaller) graphs reuse the memory pool the largest one reserved.

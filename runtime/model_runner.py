@@ -12,7 +12,7 @@ from .forward_batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool
 from .models.decoder import DecoderLM
 from .request import Req
-from .sampler import SamplingBatch, sample
+from .sampler import SamplingBatch, greedy, sample
 from .schedule_batch import ScheduleBatch
 
 
@@ -33,6 +33,8 @@ class ModelRunner:
         self._bitmask = allocate_bitmask(0, self.vocab_size)  # grown on demand, reused across steps
         self.mask_seconds = 0.0  # host time spent filling and applying grammar masks (metrics)
         self.mask_steps = 0
+        if device.type == "cuda":  # compile the greedy argmax now, not during the first decode step
+            greedy(torch.zeros(1, self.vocab_size, device=device))
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
