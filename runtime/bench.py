@@ -254,7 +254,7 @@ class Bandwidth:
 
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> Bandwidth:
     """Copy and read bandwidth of ``device`` over an ``nbytes`` buffer, each timed over ``repeats`` back-to-back
-    runs after a warm-up (``_seconds_per_run``). On CUDA the runs are timed with events, not host clocks around
+    runs after a warm-up (``seconds_per_run``). On CUDA the runs are timed with events, not host clocks around
     single runs: timing single copies with a host synchronisation around each, with three warm-up copies, measured
     3.80 TB/s on an H200 whose back-to-back copies ran at 4.28 TB/s (docs/PERFORMANCE.md), which flattered every
     roofline ratio. ``nbytes`` defaults to 2 GiB
@@ -262,16 +262,16 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
     nbytes = nbytes or (2 * 1024**3 if device.type == "cuda" else 256 * 1024**2)
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    copy_s = _seconds_per_run(lambda: dst.copy_(src), device, repeats)
+    copy_s = seconds_per_run(lambda: dst.copy_(src), device, repeats)
     del dst
-    read_s = _seconds_per_run(lambda: src.view(torch.float32).sum(), device, repeats)
+    read_s = seconds_per_run(lambda: src.view(torch.float32).sum(), device, repeats)
     del src
     return Bandwidth(copy=2 * nbytes / copy_s, read=nbytes / read_s)
 
 
-def _seconds_per_run(fn, device: torch.device, repeats: int, warmup_s: float = 0.5) -> float:
-    """Mean seconds of one ``fn()`` over ``repeats`` back-to-back runs. On CUDA, runs first for ``warmup_s`` of
-    wall time: after the engine has shut down the GPU idles at a low SM clock, and a few warm-up copies did not
+def seconds_per_run(fn, device: torch.device, repeats: int, warmup_s: float = 0.5) -> float:
+    """Mean seconds of one ``fn()`` over ``repeats`` back-to-back runs (CUDA events on a GPU, the host clock on
+    the CPU), after one untimed run. On CUDA, runs first for ``warmup_s`` of wall time: after the engine has shut down the GPU idles at a low SM clock, and a few warm-up copies did not
     bring it back (the same copy timed at 3.8 TB/s right after the engine, 4.27 TB/s after HF generate)."""
     fn()
     if device.type != "cuda":

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
+from xinf_sglang.runtime.bench import seconds_per_run
 
 
 def main() -> None:
@@ -42,7 +43,9 @@ def main() -> None:
     wall = (time.perf_counter() - start) / args.steps
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         engine.generate(input_ids=prompt, sampling_params=params)
-    graph_ms = _graph_replay_ms(engine.runner.graphs.graphs[1]) if engine.runner.graphs is not None else float("nan")
+    graph_ms = float("nan")
+    if engine.runner.graphs is not None:  # the step's forward alone, without the host-side work around it
+        graph_ms = seconds_per_run(engine.runner.graphs.graphs[1].replay, engine.device, 32, warmup_s=0) * 1e3
     engine.shutdown()
     # Host side: where the scheduler thread's time goes (a device sync outside resolve would show up here).
     host = collections.defaultdict(lambda: [0.0, 0])
@@ -65,18 +68,6 @@ def main() -> None:
     print(f"{'kernel':<92}{'us/step':>10}{'calls/step':>12}{'share':>8}")
     for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"{name:<92}{t / args.steps:>10.1f}{n / args.steps:>12.1f}{t / total:>8.1%}")
-
-
-def _graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 32) -> float:
-    """Device time of one replay of ``graph`` (the step's forward without the host-side work around it)."""
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 if __name__ == "__main__":

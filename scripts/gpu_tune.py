@@ -38,6 +38,7 @@ _kernels_package()
 # By module name: the package re-exports functions named like some of its modules.
 da = importlib.import_module("xinf_sglang.kernels.decode_attention")
 lin = importlib.import_module("xinf_sglang.kernels.linear")
+bench = importlib.import_module("xinf_sglang.runtime.bench")
 
 HIDDEN, INTER, HQ, HKV, D, VOCAB = 4096, 14336, 32, 8, 128, 128256
 WEIGHTS = {  # name -> (N, K)
@@ -63,15 +64,7 @@ def graph_time_ms(fn, inner: int = 2, replays: int = 10) -> float:
     with torch.cuda.graph(g):
         for _ in range(inner):
             fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (replays * inner)
+    return bench.seconds_per_run(g.replay, torch.device("cuda"), replays, warmup_s=0) * 1e3 / inner
 
 
 def time_each(configs, time_one) -> list[tuple[float, object]]:
@@ -305,7 +298,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("linear", "attention", "paths", "chain"))
     ap.add_argument("--chain-bs", default="1,8", help="batch sizes of the chain sweep, comma-separated")
     args = ap.parse_args()
-    bw = importlib.import_module("xinf_sglang.runtime.bench").measure_bandwidth(torch.device("cuda"))
+    bw = bench.measure_bandwidth(torch.device("cuda"))
     print(torch.cuda.get_device_name(), f"copy bandwidth {bw.copy / 1e9:.0f} GB/s (read + write), "
           f"read bandwidth {bw.read / 1e9:.0f} GB/s")
     results: dict = {}
