@@ -199,7 +199,7 @@ if triton is not None:
 
     @triton.jit
     def _attend_one(q, m, l, acc, k, v, qk_scale):
-        """The online-softmax step of ``attend_pool_tile`` for a single position held in registers (``k/v [D]``);
+        """The online-softmax step of ``attend_kv_tile`` for a single position held in registers (``k/v [D]``);
         ``m`` may still be -inf (an empty history): ``exp2(-inf)`` then zeroes the empty running state."""
         s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
         m_new = tl.maximum(m, s)
@@ -397,10 +397,10 @@ def decode_attention_triton(
     ``new_token`` (rotary + store-KV in the same launch): its k and cos/sin in q's dtype, ``loc`` int32/int64.
 
     Split count: ``num_splits`` fixed by the caller, else ``decode_num_splits(B, Hkv, SMs, max_seq_len)``;
-    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``early_tile``: load each program's first history tile
-    into registers before the PDL wait (positions stored by earlier steps: no kernel of the step writes them), so
-    only q and the new token are read after it; by default for batches of at most ``DECODE_SMALL_BATCH`` rows,
-    the ones where the kernel is on the critical path.
+    ``num_warps`` / ``num_stages`` default to ``decode_launch_shape(B)``. ``early_tile``: load each program's
+    first history tile into registers before the PDL wait (positions stored by earlier steps: no kernel of the
+    step writes them), so only q and the new token are read after it; by default for batches of at most
+    ``DECODE_SMALL_BATCH`` rows, the ones where the kernel is on the critical path.
 
     ``new_token`` is handled in the same launch for batches of at most ``DECODE_SMALL_BATCH`` rows; larger
     batches run the rotary and store-KV kernels first and then attend over the pool (measured faster there:

@@ -257,8 +257,7 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
     runs after a warm-up (``seconds_per_run``). On CUDA the runs are timed with events, not host clocks around
     single runs: timing single copies with a host synchronisation around each, with three warm-up copies, measured
     3.80 TB/s on an H200 whose back-to-back copies ran at 4.28 TB/s (docs/PERFORMANCE.md), which flattered every
-    roofline ratio. ``nbytes`` defaults to 2 GiB
-    on a GPU (~40 times its L2) and 256 MiB on the CPU."""
+    roofline ratio. ``nbytes`` defaults to 2 GiB on a GPU (~40 times its L2) and 256 MiB on the CPU."""
     nbytes = nbytes or (2 * 1024**3 if device.type == "cuda" else 256 * 1024**2)
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
@@ -271,8 +270,9 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
 
 def seconds_per_run(fn, device: torch.device, repeats: int, warmup_s: float = 0.5) -> float:
     """Mean seconds of one ``fn()`` over ``repeats`` back-to-back runs (CUDA events on a GPU, the host clock on
-    the CPU), after one untimed run. On CUDA, runs first for ``warmup_s`` of wall time: after the engine has shut down the GPU idles at a low SM clock, and a few warm-up copies did not
-    bring it back (the same copy timed at 3.8 TB/s right after the engine, 4.27 TB/s after HF generate)."""
+    the CPU), after one untimed run. On CUDA, runs first for ``warmup_s`` of wall time: after the engine has shut
+    down the GPU idles at a low SM clock, and a few warm-up copies did not bring it back (the same copy timed at
+    3.8 TB/s right after the engine, 4.27 TB/s after HF generate)."""
     fn()
     if device.type != "cuda":
         start = time.perf_counter()

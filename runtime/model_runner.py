@@ -6,13 +6,15 @@ import time
 
 import torch
 
+from xinf_sglang.kernels.argmax import argmax
+
 from .attention import AttentionBackend
 from .constrained import allocate_bitmask, apply_bitmask_
 from .forward_batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool
 from .models.decoder import DecoderLM
 from .request import Req
-from .sampler import SamplingBatch, greedy, sample
+from .sampler import SamplingBatch, sample
 from .schedule_batch import ScheduleBatch
 
 
@@ -34,7 +36,7 @@ class ModelRunner:
         self.mask_seconds = 0.0  # host time spent filling and applying grammar masks (metrics)
         self.mask_steps = 0
         if device.type == "cuda":  # compile the greedy argmax now, not during the first decode step
-            greedy(torch.zeros(1, self.vocab_size, device=device))
+            argmax(torch.zeros(1, self.vocab_size, device=device))
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""

@@ -125,12 +125,6 @@ class SamplingBatch:
         )
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)`` of ``[B, V]`` logits: the first maximal index. On CUDA small batches take the
-    two-launch Triton argmax (``kernels/argmax.py``); torch reduces a row in one thread block."""
-    return argmax(logits)
-
-
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded with `seed` on `device` for a request's whole life, or None when there is no seed."""
     if seed is None:
@@ -161,11 +155,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.banned is not None:
         logits[batch.banned] = float("-inf")  # a Python scalar: no host-to-device copy
     if batch.random is None:
-        return greedy(logits)
+        return argmax(logits)  # on CUDA, small batches take the two-launch Triton argmax
     if batch.random.all_rows:
         return _sample_random(logits, batch.random)
     # Mixed batch: argmax for all (cheap), then overwrite the sampled rows.
-    tokens = greedy(logits)
+    tokens = argmax(logits)
     tokens[batch.random.rows] = _sample_random(logits[batch.random.rows], batch.random)
     return tokens
 
