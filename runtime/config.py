@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .constrained.spec import DEFAULT_LIMITS, GrammarLimits
 from .errors import ConfigError
 
 
@@ -47,6 +48,26 @@ class EngineConfig(BaseModel):
         description="launch decode step t+1 before processing step t's tokens (auto: on with CUDA, where the "
         "device runs asynchronously; on the CPU one thread does both, so there is nothing to overlap)",
     )
+    # structured output: compile bounds and per-request grammar limits (checked before any compile work)
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="longest a grammar may compile (counted from when its compile starts, not queued)"
+    )
+    grammar_compile_workers: int = Field(2, ge=1, description="grammars compiled at once (one process each)")
+    grammar_max_chars: int = Field(DEFAULT_LIMITS.max_grammar_chars, ge=1, description="longest constraint text")
+    grammar_max_schema_bytes: int = Field(
+        DEFAULT_LIMITS.max_schema_bytes, ge=1, description="largest JSON schema (UTF-8 bytes, compact)"
+    )
+    grammar_max_schema_properties: int = Field(
+        DEFAULT_LIMITS.max_schema_properties, ge=1, description="most properties in one JSON schema (all levels)"
+    )
+    grammar_max_schema_depth: int = Field(
+        DEFAULT_LIMITS.max_schema_depth, ge=1, le=120, description="deepest object/array nesting of a JSON schema"
+    )
+    grammar_max_choices: int = Field(DEFAULT_LIMITS.max_choices, ge=1, le=1900, description="most choices")
+    grammar_max_regex_repetition: int = Field(
+        DEFAULT_LIMITS.max_regex_repetition, ge=1,
+        description="largest repetition count in a regex or schema pattern (product of nested {m,n} bounds)",
+    )
     # checks
     debug_invariants: bool = Field(False, description="check the KV idle invariant whenever the engine idles")
 
@@ -63,6 +84,17 @@ class EngineConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, type(self), "engine configuration")) from None
+
+    def grammar_limits(self) -> GrammarLimits:
+        """The per-request grammar limits these options set."""
+        return GrammarLimits(
+            max_grammar_chars=self.grammar_max_chars,
+            max_schema_bytes=self.grammar_max_schema_bytes,
+            max_schema_properties=self.grammar_max_schema_properties,
+            max_schema_depth=self.grammar_max_schema_depth,
+            max_choices=self.grammar_max_choices,
+            max_regex_repetition=self.grammar_max_regex_repetition,
+        )
 
 
 def describe_options(model: type[BaseModel]) -> str:

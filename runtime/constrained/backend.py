@@ -8,12 +8,18 @@ Compilation contract:
 - ``compile_async(spec)`` never blocks: it returns a ``concurrent.futures.Future`` that resolves to a
   `CompiledGrammar`, or fails with `InvalidRequestError` when the grammar does not compile, uses a JSON-schema
   keyword that cannot be enforced, or takes longer than ``compile_timeout_s``. Compilation runs on the backend's
-  worker threads (llguidance releases the GIL while it builds), so the scheduler's step loop is never stalled.
+  compile threads (llguidance releases the GIL while it builds), so the scheduler's step loop is never stalled.
 - ``compile(spec)`` is the blocking form (the engine validates a request before queueing it).
+- The time limit of a grammar counts from when *its* compile starts on a compile thread, not from when it was
+  queued: a request waiting behind other grammars is never failed for their cost. Each compile thread owns a
+  worker process (`compile_worker.CompileProcess`) where every new grammar is compiled first; one that does not
+  finish in time is really stopped (the process is killed, the thread is free for the next grammar) and the
+  error names it (kind, hash and the start of its text). A grammar that crashes the worker is refused the same
+  way instead of being compiled in the server. ``isolate_compiles=False`` skips the worker (tests, or where no
+  subprocess may be started): then llguidance's limits are the only bound.
 - Results are cached per backend instance, keyed by ``(kind, text)``: a spec is compiled once however many
-  requests use it, concurrent requests for a spec being compiled share that compilation, and deterministic
-  failures are cached too. A timed-out compilation keeps running in its worker and lands in the cache when it
-  finishes, so a later identical request may succeed.
+  requests use it, concurrent requests for a spec being compiled share that compilation, and failures,
+  time-outs included, are cached too (so resending a pathological grammar costs nothing).
 
 llguidance options (why):
 
@@ -31,7 +37,6 @@ llguidance options (why):
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
@@ -43,31 +48,24 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidRequestError
+from .compile_worker import (
+    LLGUIDANCE_JSON_OPTIONS,
+    CompileProcess,
+    GrammarDefinitionError,
+    WorkerCrashed,
+    grammar_definition,
+    tokenizer_description,
+)
 from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy, check_bitmask, clean_error
 from .spec import GrammarSpec
 
 logger = logging.getLogger(__name__)
-
-LLGUIDANCE_JSON_OPTIONS = MappingProxyType(
-    {
-        "whitespace_flexible": False,
-        "item_separator": ",",
-        "key_separator": ":",
-        "lenient": False,
-        "coerce_one_of": False,
-    }
-)
-"""JSON-schema compile options passed to llguidance as overrides (see the module docstring for why)."""
-
-_GBNF_RULE = re.compile(r"(?m)^[ \t]*[A-Za-z_][A-Za-z0-9_-]*[ \t]*::=")
-_LARK_START = re.compile(r"(?m)^[ \t]*(?:%llguidance\b|\??start[ \t]*:(?!:=))")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +73,7 @@ class CompiledGrammar:
     """A compiled, immutable grammar: shared by every request with the same spec (never mutate it)."""
 
     spec: GrammarSpec
-    compile_time_s: float  # wall time of the compilation itself (queueing excluded)
+    compile_time_s: float  # wall time of the server-side compilation (queueing and the worker's run excluded)
     warnings: tuple[str, ...]  # non-fatal remarks of the grammar engine (e.g. unused rules)
 
 
@@ -135,13 +133,15 @@ class LLGuidanceBackend(GrammarBackend):
         vocab_size: the model's logits width; may exceed ``len(tokenizer)`` (padded embedding rows, which are
             never allowed).
         compile_timeout_s: longest a compilation may take before `compile`/`compile_async` fail with
-            `InvalidRequestError` (measured from the call, queueing included).
-        max_workers: compile threads.
+            `InvalidRequestError` (counted from when that grammar's compile starts; queueing excluded).
+        max_workers: compile threads (each with its own worker process when ``isolate_compiles``).
         eos_token_ids: the ids that end generation, allowed exactly where the grammar may end; default the
             tokenizer's ``eos_token_id``. Pass the model's generation-config EOS ids (e.g. Qwen's
             ``<|im_end|>`` and ``<|endoftext|>``); every other special token is never allowed.
         max_cache_entries: compiled grammars kept (least recently used evicted first).
         fill_threads: threads of llguidance's parallel batch fill (`fill_bitmasks`); None = its default.
+        isolate_compiles: compile each new grammar first in a worker process that is killed at the time limit
+            (see the module docstring); False compiles in the threads only.
 
     Raises:
         ConfigError: the tokenizer is not a fast tokenizer, ``vocab_size`` is smaller than the tokenizer, an EOS
@@ -158,6 +158,7 @@ class LLGuidanceBackend(GrammarBackend):
         eos_token_ids: Sequence[int] | None = None,
         max_cache_entries: int = 512,
         fill_threads: int | None = None,
+        isolate_compiles: bool = True,
     ) -> None:
         import llguidance
 
@@ -178,7 +179,8 @@ class LLGuidanceBackend(GrammarBackend):
         # Default resource limits; verbose_errors off: a rejected token's message then names the token and the
         # failing byte instead of dumping parser state and the whole grammar (it goes back to the client).
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
-        self._deadlines = _DeadlineWatch()
+        self._isolate = isolate_compiles
+        self._workers = _WorkerSlots(lambda: tokenizer_description(self._lltok))
         self._owner = object()
         self._lock = threading.Lock()  # guards the cache, the counters and template deep copies
         self._cache: OrderedDict[tuple[str, str], Future[LLGuidanceCompiledGrammar]] = OrderedDict()
@@ -228,19 +230,21 @@ class LLGuidanceBackend(GrammarBackend):
         if submitted:
             # Registered outside the lock: the callback takes it, and runs at once if the compile already ended.
             inner.add_done_callback(lambda f: self._forget_unexpected_failure(key, f))
-        deadline = time.monotonic() + self._timeout_s
-        timeout_error = self._timeout_error(spec)
         outer: Future[CompiledGrammar] = Future()
         outer.set_running_or_notify_cancel()  # a waiter cannot cancel it; it resolves or fails
-        inner.add_done_callback(lambda f: _forward(f, outer, deadline, timeout_error))  # at once if `inner` is done
-        if not outer.done():
-            self._deadlines.add(deadline, outer, timeout_error)
+        inner.add_done_callback(lambda f: _forward(f, outer))  # at once if `inner` is done
         return outer
 
     def _compile_blocking(self, spec: GrammarSpec) -> LLGuidanceCompiledGrammar:
-        """Compile on a worker thread. Raises `InvalidRequestError` for any grammar problem."""
+        """Compile on a compile thread: first in its worker process under the time limit, then here.
+
+        Raises:
+            InvalidRequestError: any grammar problem, the time limit, or a crash of the worker on this grammar.
+        """
         import llguidance
 
+        if self._isolate:
+            self._compile_in_worker(spec)
         start = time.perf_counter()
         grammar = self._grammar_definition(spec)
         template = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._limits)
@@ -263,23 +267,39 @@ class LLGuidanceBackend(GrammarBackend):
             owner=self._owner,
         )
 
+    def _compile_in_worker(self, spec: GrammarSpec) -> None:
+        """Run the compile in this thread's worker process under the time limit (see the module docstring).
+
+        Raises:
+            InvalidRequestError: the compile did not finish in time (the worker was killed) or crashed the worker.
+        """
+        worker = self._workers.mine()
+        if worker is None:
+            return  # no worker could be started (logged once): llguidance's limits are the bound
+        try:
+            finished = worker.run(spec.kind, spec.text, self._timeout_s)
+        except WorkerCrashed as exc:
+            logger.warning("grammar %s crashed the compile worker: %s", spec.describe(), exc)
+            raise InvalidRequestError(
+                f"the grammar compiler failed on this {spec.kind} ({exc}); simplify it: {spec.describe()}"
+            ) from None
+        if not finished:
+            logger.warning("grammar %s exceeded the %g s compile limit; its compile was stopped",
+                           spec.describe(), self._timeout_s)
+            raise self._timeout_error(spec)
+
     @staticmethod
     def _grammar_definition(spec: GrammarSpec) -> str:
-        """llguidance's grammar definition for ``spec`` (GBNF is translated to Lark here)."""
-        from llguidance import LLMatcher
-
-        if spec.kind == "json_schema":
-            return LLMatcher.grammar_from_json_schema(spec.text, overrides=dict(LLGUIDANCE_JSON_OPTIONS))
-        if spec.kind == "regex":
-            return LLMatcher.grammar_from_lark(f"start: /{_regex_to_lark(spec.text)}/")
-        if spec.kind == "ebnf":
-            return LLMatcher.grammar_from_lark(_ebnf_to_lark(spec.text))
-        return LLMatcher.grammar_from_lark(spec.text)  # choices: already a Lark grammar
+        """llguidance's grammar definition for ``spec``. Raises `InvalidRequestError` for untranslatable input."""
+        try:
+            return grammar_definition(spec.kind, spec.text)
+        except GrammarDefinitionError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
     def _timeout_error(self, spec: GrammarSpec) -> InvalidRequestError:
         return InvalidRequestError(
-            f"{spec.kind} took longer than the limit of {self._timeout_s:g} s to compile; simplify it "
-            "(fewer or smaller bounded repeats, fewer alternatives, a smaller schema)"
+            f"{spec.kind} took longer than the limit of {self._timeout_s:g} s to compile and was stopped; simplify "
+            f"it (fewer or smaller bounded repeats, fewer alternatives, a smaller schema): {spec.describe()}"
         )
 
     def _forget_unexpected_failure(self, key: tuple[str, str], fut: Future[Any]) -> None:
@@ -332,22 +352,15 @@ class LLGuidanceBackend(GrammarBackend):
             return
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._deadlines.close()
+        self._workers.close()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _forward(src: Future[Any], dst: Future[Any], deadline: float, timeout_error: BaseException) -> None:
-    """Copy ``src``'s outcome into ``dst`` unless ``dst`` was already resolved (timed out).
-
-    An outcome that arrives after ``deadline`` is a timeout even if the watchdog has not fired yet, so the bound
-    does not depend on how quickly the watchdog thread gets scheduled.
-    """
+def _forward(src: Future[Any], dst: Future[Any]) -> None:
+    """Copy ``src``'s outcome into ``dst`` (a fresh `InvalidRequestError` per waiter)."""
     try:
-        if time.monotonic() > deadline:
-            dst.set_exception(timeout_error)
-            return
         if src.cancelled():
             dst.set_exception(InvalidRequestError("grammar compilation was cancelled (the server is shutting down)"))
             return
@@ -363,56 +376,52 @@ def _forward(src: Future[Any], dst: Future[Any], deadline: float, timeout_error:
         pass
 
 
-class _DeadlineWatch:
-    """One daemon thread that fails futures still pending at their deadline (instead of a timer per future)."""
+class _WorkerSlots:
+    """One `CompileProcess` per compile thread, created on the thread's first compile; all killed on `close`.
 
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._heap: list[tuple[float, int, Future[Any], BaseException]] = []
-        self._seq = 0
-        self._thread: threading.Thread | None = None
+    ``describe`` builds the tokenizer description the workers need (once, on first use: it walks the vocabulary).
+    """
+
+    def __init__(self, describe: Any) -> None:
+        self._describe = describe
+        self._description: Any = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[CompileProcess] = []
+        self._broken: str | None = None  # why workers cannot be used here (then compiles run unisolated)
         self._closed = False
 
-    def add(self, deadline: float, fut: Future[Any], error: BaseException) -> None:
-        """Fail ``fut`` with ``error`` at ``deadline`` (``time.monotonic()`` clock) if it is still pending."""
-        with self._cv:
-            if self._closed:
-                return
-            self._seq += 1
-            heapq.heappush(self._heap, (deadline, self._seq, fut, error))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="grammar-deadlines", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+    def mine(self) -> CompileProcess | None:
+        """This thread's worker, started if needed; None when workers cannot be started on this host."""
+        worker = getattr(self._local, "worker", None)
+        if worker is not None:
+            return worker
+        with self._lock:
+            if self._closed or self._broken is not None:
+                return None
+            if self._description is None:
+                self._description = self._describe()
+            worker = CompileProcess(self._description)
+            self._all.append(worker)
+        try:
+            # Start it now, with a trivial grammar, so that no request's time limit pays for the start.
+            if not worker.run("regex", "a", timeout_s=60.0):
+                raise RuntimeError("the compile worker did not compile a trivial grammar within 60 s")
+        except (OSError, RuntimeError) as exc:
+            with self._lock:
+                self._broken = str(exc)
+            logger.warning("grammar compile workers unavailable (%s): compiles are bounded by llguidance's limits "
+                           "only and a timed-out compile cannot be stopped", exc)
+            return None
+        self._local.worker = worker
+        return worker
 
     def close(self) -> None:
-        with self._cv:
+        with self._lock:
             self._closed = True
-            self._heap.clear()
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    if self._closed:
-                        return
-                    if not self._heap:
-                        self._cv.wait()
-                        continue
-                    deadline, _, fut, error = self._heap[0]
-                    if fut.done():  # resolved in time
-                        heapq.heappop(self._heap)
-                        continue
-                    now = time.monotonic()
-                    if deadline <= now:
-                        heapq.heappop(self._heap)
-                        break
-                    self._cv.wait(deadline - now)
-            try:
-                fut.set_exception(error)
-            except InvalidStateError:
-                pass  # resolved just in time
+            workers, self._all = self._all, []
+        for worker in workers:
+            worker.close()
 
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None) -> Any:
@@ -470,38 +479,6 @@ def _eos_ids(tokenizer: Any, eos_token_ids: Sequence[int] | None, num_tokens: in
     if bad:
         raise ConfigError(f"eos_token_ids must be token ids in [0, {num_tokens}); got {bad}")
     return sorted(set(ids))
-
-
-def _ebnf_to_lark(text: str) -> str:
-    """The grammar in llguidance's Lark dialect: Lark as is, GBNF (``root ::= ...``) translated.
-
-    Raises:
-        InvalidRequestError: GBNF that cannot be translated.
-    """
-    if _LARK_START.search(text) or not _GBNF_RULE.search(text):
-        return text  # Lark (llguidance reports a missing start rule itself)
-    from llguidance.gbnf_to_lark import gbnf_to_lark
-
-    try:
-        return gbnf_to_lark(text)
-    except Exception as exc:  # the translator raises plain Exception for missing rules
-        raise InvalidRequestError(f"ebnf grammar (GBNF dialect, `name ::= ...`) is malformed: {exc}") from None
-
-
-def _regex_to_lark(pattern: str) -> str:
-    """The regex as a Lark ``/.../`` body, with ``\\d`` / ``\\D`` meaning ASCII ``[0-9]`` / ``[^0-9]``.
-
-    Rust's ``\\d`` is every Unicode decimal digit (Arabic-Indic, fullwidth, ...): a model could fill a phone
-    number pattern with digits no program parses. ``\\w`` and ``\\s`` keep their Unicode meaning.
-
-    Raises:
-        InvalidRequestError: the pattern ends with a lone backslash (llguidance's converter would drop it).
-    """
-    from llguidance import regex_to_lark
-
-    if re.search(r"(?<!\\)(?:\\\\)*\\$", pattern):
-        raise InvalidRequestError("regex does not compile: it ends with a lone backslash (escape it as \\\\)")
-    return regex_to_lark(pattern, "d")
 
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
