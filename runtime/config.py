@@ -15,7 +15,9 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_path: str = Field(description="Hugging Face checkpoint folder (config.json + safetensors)")
+    model_path: str = Field(
+        description="Hugging Face checkpoint folder (config.json + safetensors), a .gguf file, or a folder holding one"
+    )
     tokenizer_path: str | None = Field(None, description="tokenizer folder (default: model_path)")
     skip_tokenizer_init: bool = Field(False, description="token ids in and out only (no text, no stop strings)")
     # memory

@@ -9,15 +9,15 @@ an HTTP server ever waits on a model step, and a model step never waits on them.
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
+import numbers
 import queue
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import psutil
@@ -29,12 +29,14 @@ from xinf_sglang.kernels.pdl import pdl_supported
 from .allocator import ReqToTokenPool, TokenAllocator
 from .attention import AttentionBackend, TorchAttentionBackend
 from .config import EngineConfig
-from .constrained import GrammarBackend, GrammarSpec, LLGuidanceBackend
+from .constrained import GrammarBackend, GrammarLimits, GrammarSpec, LLGuidanceBackend
+from .constrained.spec import check_text
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .errors import ConfigError, InvalidRequestError
 from .kv_pool import KVPool
 from .memory_plan import MemoryInputs, MemoryPlan, plan_memory
 from .model_runner import ModelRunner
+from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.config import ModelConfig
 from .models.loader import load_model
 from .output_processor import OutputProcessor
@@ -63,19 +65,18 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
-        self.model_config = ModelConfig.from_dir(config.model_path)
+        self.checkpoint = open_checkpoint(config.model_path)
+        self.model_config = self.checkpoint.model_config
         self.dtype = _resolve_dtype(config.dtype, self.device, self.model_config)
-        self.tokenizer = (
-            None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
-        )
-        self.eos_token_ids = _eos_ids(Path(config.model_path), self.model_config, self.tokenizer)
+        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config, self.checkpoint)
+        self.eos_token_ids = _eos_ids(self.checkpoint, self.tokenizer)
         torch.manual_seed(config.seed)
 
         free_before = _free_memory(self.device)
-        model = load_model(
-            config.model_path, self.model_config, self.dtype, self.device, config.load_format, seed=config.seed
-        )
+        model = load_model(self.checkpoint, self.dtype, self.device, config.load_format, seed=config.seed)
         weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if config.load_format != "dummy":
+            logger.info("sglite weights: %s", self.checkpoint.describe(self.dtype, weights_bytes))
         mc = self.model_config
         kv_bytes = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         inputs = MemoryInputs(
@@ -152,12 +153,13 @@ class Engine:
         """Run a batch of prompts to completion; one ``GenerateOutput`` per prompt, in order.
 
         ``prompt`` is a string or a list of strings; ``input_ids`` a list of token ids or a list of such lists.
-        ``sampling_params`` is one ``SamplingParams`` for all, or one per prompt. Every request is validated
-        before any is queued; an invalid one raises ``InvalidRequestError``.
+        ``sampling_params`` is one ``SamplingParams`` for all, or one per prompt; ``request_id`` one string per
+        prompt (a single string for a single prompt). Every request is validated before any is queued; an
+        invalid one (wrong types included) raises ``InvalidRequestError``.
         """
         prompts = _as_prompt_list(prompt, input_ids)
         params = _as_list(sampling_params or SamplingParams(), len(prompts), "sampling_params")
-        rids = _as_list(request_id, len(prompts), "request_id") if request_id is not None else [None] * len(prompts)
+        rids = _request_ids(request_id, len(prompts))
         results: queue.SimpleQueue = queue.SimpleQueue()
         reqs = [self._make_request(p, sp, rid, results.put) for p, sp, rid in zip(prompts, params, rids)]
         compiling = [(req, self._compile_grammar(req)) for req in reqs]  # all compile in parallel
@@ -181,11 +183,16 @@ class Engine:
         request_id: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream one request's output. Closing the iterator early (``aclose``, a client disconnect) aborts the
-        request and frees its KV."""
-        [p] = _as_prompt_list(prompt, input_ids)
+        request and frees its KV.
+
+        ``prompt`` is one string, ``input_ids`` one list of token ids, ``request_id`` a string. Bad input raises
+        ``InvalidRequestError`` at the first iteration, before anything is queued.
+        """
+        [p] = _as_prompt_list(prompt, input_ids, single=True)
+        [rid] = _request_ids(request_id, 1)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
-        req = self._make_request(p, sampling_params or SamplingParams(), request_id,
+        req = self._make_request(p, sampling_params or SamplingParams(), rid,
                                  lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
@@ -291,7 +298,11 @@ class Engine:
             raise InvalidRequestError("this engine runs with skip_tokenizer_init: send input_ids, not text")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine runs with skip_tokenizer_init")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            self.check_prompt_text(prompt)  # cheap bounds first: tokenizing 10 MB takes a minute
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = prompt
         self._validate_prompt(ids)
         params.verify(self.model_config.vocab_size)
         if params.structured_output is not None and self.tokenizer is None:
@@ -320,7 +331,11 @@ class Engine:
         with self._lock:
             if self._grammar is None:
                 self._grammar = LLGuidanceBackend(
-                    self.tokenizer, self.model_config.vocab_size, eos_token_ids=sorted(self.eos_token_ids)
+                    self.tokenizer,
+                    self.model_config.vocab_size,
+                    compile_timeout_s=self.config.grammar_compile_timeout_s,
+                    max_workers=self.config.grammar_compile_workers,
+                    eos_token_ids=sorted(self.eos_token_ids),
                 )
             return self._grammar
 
@@ -328,8 +343,39 @@ class Engine:
         """Start compiling ``req``'s grammar (cached); None for an unconstrained request. The future fails with
         ``InvalidRequestError`` when the grammar cannot be enforced."""
         p = req.params
-        spec = GrammarSpec.from_fields(json_schema=p.json_schema, regex=p.regex, ebnf=p.ebnf, choices=p.choices)
+        spec = GrammarSpec.from_fields(
+            json_schema=p.json_schema, regex=p.regex, ebnf=p.ebnf, choices=p.choices, limits=self._grammar_limits
+        )
         return None if spec is None else self.grammar_backend.compile_async(spec)
+
+    @functools.cached_property
+    def _grammar_limits(self) -> GrammarLimits:
+        return self.config.grammar_limits()
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Most characters a text prompt can have and still fit: ``(context_length - 1)`` times the longest
+        token of the vocabulary (in characters; byte-level tokens count bytes, so the bound holds for any text).
+
+        A longer text is refused before it is tokenized (`check_prompt_text`).
+        """
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer is not None else 1
+        return (self.context_length - 1) * max(longest, 1)
+
+    def check_prompt_text(self, text: str, field: str = "prompt") -> None:
+        """Refuse text that cannot be a prompt of this engine, without tokenizing it.
+
+        Raises:
+            InvalidRequestError: ``text`` (named ``field`` in the message) holds a lone surrogate (not Unicode
+                text: tokenizers cannot encode it), or is longer than `max_prompt_chars`.
+        """
+        check_text(text, field)
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{field} has {len(text)} characters; with context_length {self.context_length} at most "
+                f"{self.max_prompt_chars} can fit (context_length - 1 tokens of at most "
+                f"{self.max_prompt_chars // max(self.context_length - 1, 1)} characters each)"
+            )
 
     def _validate_prompt(self, ids: list[int]) -> None:
         ctx = self.context_length
@@ -451,23 +497,71 @@ class _Collector:
         )
 
 
-def _as_prompt_list(prompt, input_ids) -> list[str | list[int]]:
+def _as_prompt_list(prompt: Any, input_ids: Any, single: bool = False) -> list[str | list[int]]:
+    """The prompts of a call, each a string or a list of token ids; ``single``: exactly one (streams).
+
+    Raises:
+        InvalidRequestError: neither or both given, or a value of the wrong type (a bool is not a token id).
+    """
     if (prompt is None) == (input_ids is None):
         raise InvalidRequestError("give exactly one of prompt (text) or input_ids (token ids)")
     if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not all(isinstance(p, str) for p in prompts):
-            raise InvalidRequestError("prompt must be a string or a list of strings")
-        return prompts
-    ids = list(input_ids)
-    if all(isinstance(t, int) for t in ids):  # one prompt (possibly empty, which validation rejects)
-        return [ids]
-    if not all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in ids):
-        raise InvalidRequestError("input_ids must be a list of token ids or a list of such lists")
-    return [list(p) for p in ids]
+        if isinstance(prompt, str):
+            return [prompt]
+        if single or not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+            wanted = "a string" if single else "a string or a non-empty list of strings"
+            raise InvalidRequestError(f"prompt must be {wanted}; got {_type_name(prompt)}")
+        return list(prompt)
+    if not isinstance(input_ids, (list, tuple)):
+        raise InvalidRequestError(f"input_ids must be a list of token ids; got {_type_name(input_ids)}")
+    if all(_is_token_id(t) for t in input_ids):  # one prompt (possibly empty, which validation rejects)
+        return [[int(t) for t in input_ids]]
+    if single:
+        raise InvalidRequestError(
+            "input_ids of a stream must be one list of token ids (integers, not bools); "
+            f"got {_describe_ids(input_ids)}"
+        )
+    if not input_ids or not all(isinstance(p, (list, tuple)) and all(_is_token_id(t) for t in p) for p in input_ids):
+        raise InvalidRequestError(
+            "input_ids must be a list of token ids or a list of such lists (integers, not bools); "
+            f"got {_describe_ids(input_ids)}"
+        )
+    return [[int(t) for t in p] for p in input_ids]
 
 
-def _as_list(value, n: int, name: str) -> list:
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _describe_ids(ids: Sequence[Any]) -> str:
+    bad = next((t for t in ids if not _is_token_id(t)), None)
+    return f"an entry {bad!r:.40} of type {_type_name(bad)}" if bad is not None else "an empty list"
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _request_ids(request_id: Any, n: int) -> list[str | None]:
+    """One request id per prompt: None (ids are generated), one string for one prompt, or n strings."""
+    if request_id is None:
+        return [None] * n
+    if isinstance(request_id, str) and n == 1:
+        ids = [request_id]
+    elif isinstance(request_id, (list, tuple)) and len(request_id) == n:
+        ids = list(request_id)
+    else:
+        raise InvalidRequestError(
+            f"request_id must be a string (one prompt) or a list of {n} strings ({n} prompts); "
+            f"got {request_id!r:.40} ({_type_name(request_id)})"
+        )
+    for rid in ids:
+        if not isinstance(rid, str) or not rid:
+            raise InvalidRequestError(f"request_id must be a non-empty string; got {rid!r:.40} ({_type_name(rid)})")
+    return ids
+
+
+def _as_list(value: Any, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise InvalidRequestError(f"{name} has {len(value)} entries for {n} prompts")
@@ -505,12 +599,14 @@ def _model_context_length(cfg: ModelConfig) -> int:
     return cfg.max_position_embeddings
 
 
-def _eos_ids(model_path: Path, cfg: ModelConfig, tokenizer) -> frozenset[int]:
-    ids = set(cfg.eos_token_ids)
-    gen_cfg = model_path / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+def _load_tokenizer(config: EngineConfig, checkpoint: Checkpoint) -> Any:
+    if config.tokenizer_path:
+        return AutoTokenizer.from_pretrained(config.tokenizer_path)
+    return checkpoint.load_tokenizer()
+
+
+def _eos_ids(checkpoint: Checkpoint, tokenizer) -> frozenset[int]:
+    ids = checkpoint.eos_token_ids()
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

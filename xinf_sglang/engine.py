@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, List, Optional, Tuple, Union
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_FORMAT = "pytorch"  # Xinference's name for unquantized HF checkpoints (safetensors or .bin)
+GGUF_FORMAT = "ggufv2"  # llama.cpp files; dequantized at load
+# GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
+GGUF_QUANTIZATIONS = re.compile(r"(?i)^(F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q2_K(_S)?|Q3_K_[SML]|Q4_K_[SM]|Q5_K_[SM]|Q6_K)$")
 _TEXT_ONLY_BLOCKERS = ("vision", "audio", "omni", "embed")
 
 
@@ -125,7 +129,7 @@ class SgliteModel(LLM):
             options = options.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
         started = time.monotonic()
         try:
-            self._engine = Engine(to_engine_config(options, self.model_path))
+            self._engine = Engine(to_engine_config(options, self._checkpoint_path()))
         except ConfigError as e:
             raise ValueError(f"sglite cannot load {self.model_path}: {e}") from None
         self._tokenizer = self._engine.tokenizer
@@ -135,6 +139,12 @@ class SgliteModel(LLM):
             "%s: %s loaded on %s in %.1fs, context_length=%d",
             ENGINE_NAME, self.model_uid, options.device, time.monotonic() - started, self._context_length,
         )
+
+    def _checkpoint_path(self) -> str:
+        """What the runtime opens: the model folder, or for ``ggufv2`` the spec's GGUF file in it."""
+        if self.model_spec.model_format == GGUF_FORMAT:
+            return gguf_file(self.model_path, self.model_spec)
+        return self.model_path
 
     def _prepare_parsers(self) -> None:
         """Reasoning / tool-call parsers of the family (Xinference's own, as the other engines use them)."""
@@ -426,13 +436,19 @@ def _match_model(
 ) -> Union[bool, Tuple[bool, str]]:
     archs = _architectures(family, spec)
     serves = (
-        f"sglite serves {SUPPORTED_FORMAT}/safetensors checkpoints of {', '.join(SUPPORTED_ARCHITECTURES)}"
+        f"sglite serves {SUPPORTED_FORMAT} (safetensors) and {GGUF_FORMAT} checkpoints of "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}"
     )
     fmt = spec.model_format
-    if fmt != SUPPORTED_FORMAT:
+    if fmt not in (SUPPORTED_FORMAT, GGUF_FORMAT):
         return False, f"{serves}; this spec is {fmt}"
-    if quantization not in (None, "", "none"):
-        return False, f"{serves} without quantization; this spec is quantized ({quantization})"
+    if fmt == SUPPORTED_FORMAT and quantization not in (None, "", "none"):
+        return False, f"{serves}; {fmt} specs without quantization only, this one is quantized ({quantization})"
+    if fmt == GGUF_FORMAT and not GGUF_QUANTIZATIONS.match(quantization or ""):
+        return False, (
+            f"sglite dequantizes GGUF files of types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K quants "
+            f"Q2_K..Q6_K; this spec is {quantization}"
+        )
     if not archs:
         return False, (
             f"{serves}; the architecture of {family.model_name} is unknown: add "
@@ -459,6 +475,8 @@ def _architectures(family: "LLMFamilyV2", spec: "LLMSpecV1") -> List[str]:
         return list(archs)
     uri = getattr(spec, "model_uri", None) or ""
     path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if path and spec.model_format == GGUF_FORMAT:
+        return _gguf_architectures(path, spec)
     config = os.path.join(path, "config.json") if path else ""
     if config and os.path.isfile(config):
         try:
@@ -467,6 +485,30 @@ def _architectures(family: "LLMFamilyV2", spec: "LLMSpecV1") -> List[str]:
         except (OSError, ValueError):
             return []
     return []
+
+
+def _gguf_architectures(path: str, spec: "LLMSpecV1") -> List[str]:
+    """The architecture of a local GGUF file, read from its header (no torch, a few hundred bytes)."""
+    from .runtime.models.gguf_header import hf_architecture
+
+    try:
+        arch = hf_architecture(gguf_file(path, spec))
+    except (OSError, ValueError):
+        return []
+    return [arch] if arch else []
+
+
+def gguf_file(model_path: str, spec: "LLMSpecV1") -> str:
+    """The GGUF file Xinference means: ``model_path`` itself, or the spec's file (first part of a split file)
+    in the ``model_path`` folder, as Xinference's llama.cpp engine resolves it."""
+    if os.path.isfile(model_path):
+        return model_path
+    quantization = spec.quantization
+    parts = (getattr(spec, "quantization_parts", None) or {}).get(quantization)
+    split_template = getattr(spec, "model_file_name_split_template", None)
+    if split_template and parts:
+        return os.path.join(model_path, split_template.format(quantization=quantization, part=parts[0]))
+    return os.path.join(model_path, spec.model_file_name_template.format(quantization=quantization))
 
 
 def _map(config: Optional[Dict[str, Any]], kind: str) -> Tuple[Dict[str, Any], RequestOptions]:

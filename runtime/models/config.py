@@ -20,7 +20,8 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors")
+# "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192  # llama3
+    freq_factors: tuple[float, ...] | None = None  # factors: inv_freq[i] / freq_factors[i]
 
 
 @dataclass(frozen=True)
@@ -115,4 +117,5 @@ def _read_rope(cfg: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        freq_factors=tuple(float(f) for f in merged["freq_factors"]) if rope_type == "factors" else None,
     )

@@ -17,6 +17,12 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "factors":
+        factors = torch.tensor(rope.freq_factors, dtype=torch.float32)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope freq_factors has {factors.numel()} entries; head_dim {head_dim} needs "
+                             f"{inv_freq.numel()}")
+        return inv_freq / factors
     return inv_freq
 
 
