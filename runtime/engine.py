@@ -517,10 +517,9 @@ def _as_prompt_list(prompt: Any, input_ids: Any, single: bool = False) -> list[s
     if all(_is_token_id(t) for t in input_ids):  # one prompt (possibly empty, which validation rejects)
         return [[int(t) for t in input_ids]]
     if single:
-        raise InvalidRequestError(
-            "input_ids of a stream must be one list of token ids (integers, not bools); "
-            f"got {_describe_ids(input_ids)}"
-        )
+        batch = all(isinstance(p, (list, tuple)) for p in input_ids)
+        got = f"a batch of {len(input_ids)} lists (use generate for batches)" if batch else _describe_ids(input_ids)
+        raise InvalidRequestError(f"input_ids of a stream must be one list of token ids (integers, not bools); got {got}")
     if not input_ids or not all(isinstance(p, (list, tuple)) and all(_is_token_id(t) for t in p) for p in input_ids):
         raise InvalidRequestError(
             "input_ids must be a list of token ids or a list of such lists (integers, not bools); "
@@ -534,8 +533,13 @@ def _is_token_id(value: Any) -> bool:
 
 
 def _describe_ids(ids: Sequence[Any]) -> str:
-    bad = next((t for t in ids if not _is_token_id(t)), None)
-    return f"an entry {bad!r:.40} of type {_type_name(bad)}" if bad is not None else "an empty list"
+    """The first entry that is not a token id, looking inside nested lists (for error messages)."""
+    for entry in ids:
+        inner = entry if isinstance(entry, (list, tuple)) and entry else [entry]
+        bad = next((t for t in inner if not _is_token_id(t)), None)
+        if bad is not None or not _is_token_id(inner[0]):
+            return f"an entry {bad!r:.40} of type {_type_name(bad)}"
+    return "an empty list"
 
 
 def _type_name(value: Any) -> str:
@@ -551,10 +555,8 @@ def _request_ids(request_id: Any, n: int) -> list[str | None]:
     elif isinstance(request_id, (list, tuple)) and len(request_id) == n:
         ids = list(request_id)
     else:
-        raise InvalidRequestError(
-            f"request_id must be a string (one prompt) or a list of {n} strings ({n} prompts); "
-            f"got {request_id!r:.40} ({_type_name(request_id)})"
-        )
+        wanted = "a non-empty string" if n == 1 else f"a list of {n} non-empty strings (one per prompt)"
+        raise InvalidRequestError(f"request_id must be {wanted}; got {request_id!r:.40} ({_type_name(request_id)})")
     for rid in ids:
         if not isinstance(rid, str) or not rid:
             raise InvalidRequestError(f"request_id must be a non-empty string; got {rid!r:.40} ({_type_name(rid)})")

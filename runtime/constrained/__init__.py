@@ -11,7 +11,7 @@ scheduler fills the constrained rows of one `allocate_bitmask` tensor, resets th
 from .backend import LLGUIDANCE_JSON_OPTIONS, CompiledGrammar, GrammarBackend, LLGuidanceBackend
 from .bitmask import allocate_bitmask, apply_bitmask_, bitmask_width, reset_rows_allow_all
 from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy
-from .spec import GRAMMAR_KINDS, GrammarKind, GrammarSpec
+from .spec import GRAMMAR_KINDS, GrammarKind, GrammarLimits, GrammarSpec
 
 __all__ = [
     "GRAMMAR_KINDS",
@@ -19,6 +19,7 @@ __all__ = [
     "CompiledGrammar",
     "GrammarBackend",
     "GrammarKind",
+    "GrammarLimits",
     "GrammarMatcher",
     "GrammarSpec",
     "LLGuidanceBackend",

@@ -157,7 +157,26 @@ class GrammarSpec:
         return f"{self.kind} #{digest} ({len(self.text)} chars: {excerpt!r})"
 
 
+def check_text(text: str, field: str) -> None:
+    """Refuse a string that is not Unicode text: a lone surrogate (``"a\\ud800b"``, which JSON can spell) cannot
+    be encoded as UTF-8, so tokenizers and the grammar engine would fail on it with unrelated errors.
+
+    Raises:
+        InvalidRequestError: naming ``field`` and the position of the first lone surrogate.
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode text: it holds a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start} (UTF-16 surrogates must come in pairs)"
+        ) from None
+
+
 def _check_text_size(kind: str, text: str, limits: GrammarLimits) -> None:
+    check_text(text, kind)
     if len(text) > limits.max_grammar_chars:
         raise InvalidRequestError(
             f"{kind} is too large: {len(text)} characters; the limit grammar_max_chars is {limits.max_grammar_chars}"
@@ -279,6 +298,7 @@ def choices_to_lark(choices: Sequence[str], limits: GrammarLimits = DEFAULT_LIMI
             raise InvalidRequestError(f"choices must be a list of strings; choices[{i}] is {type(choice).__name__}")
         if not choice:
             raise InvalidRequestError(f"choices must be non-empty strings; choices[{i}] is empty")
+        check_text(choice, f"choices[{i}]")
     unique = list(dict.fromkeys(choices))
     if len(unique) > limits.max_choices:
         raise InvalidRequestError(
@@ -412,6 +432,7 @@ __all__ = [
     "canonical_json_schema",
     "check_regex_repetition",
     "check_schema_limits",
+    "check_text",
     "choices_to_lark",
     "regex_repetition",
 ]
