@@ -29,16 +29,18 @@ def varied_prompts(model_dir: Path, count: int, min_len: int = 4, max_len: int =
 
 
 @functools.lru_cache(maxsize=16)
-def _hf_model(model_dir: str):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def _hf_model(model_dir: str, gguf_file: str | None = None):
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra).eval()
     # EOS ignored, as the runtime's ignore_eos: no stopping and no EOS ban (min_new_tokens would ban it).
     model.generation_config.eos_token_id = None
     return model
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """HF ``generate``, greedy, one prompt at a time (no padding), EOS ignored."""
-    model = _hf_model(str(model_dir))
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, gguf_file: str | None = None) -> list[int]:
+    """HF ``generate``, greedy, one prompt at a time (no padding), EOS ignored; ``gguf_file``: load that GGUF
+    file of ``model_dir`` with transformers' GGUF reader."""
+    model = _hf_model(str(model_dir), gguf_file)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
