@@ -181,19 +181,27 @@ class Engine:
         input_ids: Sequence[int] | None = None,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        on_finish: Callable[[str], None] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream one request's output. Closing the iterator early (``aclose``, a client disconnect) aborts the
         request and frees its KV.
 
         ``prompt`` is one string, ``input_ids`` one list of token ids, ``request_id`` a string. Bad input raises
-        ``InvalidRequestError`` at the first iteration, before anything is queued.
+        ``InvalidRequestError`` at the first iteration, before anything is queued. ``on_finish(request_id)`` is
+        called on this event loop once the engine has finished the request (done or aborted), whether or not
+        anyone still reads the stream.
         """
         [p] = _as_prompt_list(prompt, input_ids, single=True)
         [rid] = _request_ids(request_id, 1)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
-        req = self._make_request(p, sampling_params or SamplingParams(), rid,
-                                 lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
+
+        def sink(chunk: StreamChunk) -> None:  # on the scheduler thread
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            if on_finish is not None and chunk.finish_reason is not None:
+                loop.call_soon_threadsafe(on_finish, chunk.request_id)
+
+        req = self._make_request(p, sampling_params or SamplingParams(), rid, sink)
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
             req.grammar = self.grammar_backend.new_matcher(await asyncio.wrap_future(compiling))
