@@ -16,6 +16,7 @@ and worker internals: they are shown to clients).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -201,14 +202,26 @@ class SgliteModel(LLM):
         sampling, opts = _map(generate_config, "completion")
         if not isinstance(prompt, str):
             raise SgliteRequestError("sglite completions take one prompt string per request")
+        self._check_text(prompt, "prompt")
         # Completions follow the HF convention of the model's own BOS handling (add_special_tokens=True).
-        input_ids = self._encode(prompt, add_special_tokens=True)
+        # Tokenized on a thread: a long prompt must not stall the model actor's loop, which serves everyone.
+        input_ids = await asyncio.to_thread(self._encode, prompt, True)
         echo = prompt if opts.echo else ""
         return await self._run(input_ids, sampling, opts, request_id, echo=echo)
 
     def _encode(self, text: str, add_special_tokens: bool) -> List[int]:
         self._require_loaded()
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _check_text(self, text: str, field: str) -> None:
+        """Refuse text no prompt can hold (lone surrogate, longer than any prompt that fits) before any work."""
+        from .runtime.errors import InvalidRequestError
+
+        self._require_loaded()
+        try:
+            self._engine.check_prompt_text(text, field)
+        except InvalidRequestError as e:
+            raise SgliteRequestError(str(e)) from None
 
     def _require_loaded(self) -> None:
         if self._engine is None:
@@ -257,15 +270,19 @@ class SgliteModel(LLM):
         from .runtime.errors import InvalidRequestError
 
         assert self._engine is not None
+        # on_finish: the request leaves the bookkeeping when the runtime finishes it, even if this generator is
+        # never resumed or closed (Xinference leaves a stream abandoned by a client disconnect to the garbage
+        # collector, which may not run for a long time in an idle model process).
         engine_stream = self._engine.generate_stream(
-            input_ids=input_ids, sampling_params=params, request_id=request_id
+            input_ids=input_ids, sampling_params=params, request_id=request_id,
+            on_finish=self._active_requests.discard,
         )
         received = finished = False
         self._active_requests.add(request_id)
         try:
             async for chunk in engine_stream:
                 if chunk.error:
-                    raise RuntimeError(f"sglite aborted request {request_id}: {chunk.error}")
+                    raise _stream_error(request_id, chunk.error)
                 received = True
                 finished = chunk.finish_reason is not None
                 yield chunk
@@ -371,14 +388,10 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         render_kwargs = dict(template_kwargs)
         if tools:
             render_kwargs["tools"] = tools
-        try:
-            prompt = self.get_full_context(
-                self.prefill_messages(messages), self._chat_template, tokenizer=self._tokenizer, **render_kwargs
-            )
-        except Exception as e:  # a template that rejects the messages (roles, order) is the client's error
-            raise SgliteRequestError(f"the chat template could not render these messages: {e}") from None
-        # The rendered template already holds BOS / chat markers: encode without adding special tokens.
-        input_ids = self._encode(prompt, add_special_tokens=False)
+        self._check_messages(messages, tools)
+        # Rendered and tokenized on a thread (the context variable travels with it): a slow request must not
+        # stall the model actor's event loop, which every other request of this model goes through.
+        input_ids = await asyncio.to_thread(self._render_and_encode, messages, render_kwargs)
 
         sampling = self._with_chat_stops(sampling, tools)
         parallel = opts.parallel_tool_calls
@@ -406,6 +419,42 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
 
             result = single_tool_completion(result)
         return result
+
+    def _check_messages(self, messages: Any, tools: Optional[List[Dict[str, Any]]]) -> None:
+        """Cheap bounds before templating: no more messages than context tokens, every string valid Unicode,
+        and all their text together no longer than any prompt that fits (templates add text, never remove it)."""
+        if not isinstance(messages, list):
+            raise SgliteRequestError(f"messages must be a list; got {type(messages).__name__}")
+        if len(messages) > self._context_length:
+            raise SgliteRequestError(
+                f"messages has {len(messages)} entries; context_length is {self._context_length} tokens, "
+                "and every message takes at least one"
+            )
+        total = 0
+        for field, text in _strings(messages, "messages") + _strings(tools or [], "tools"):
+            self._check_text(text, field)
+            total += len(text)
+        self._check_text_length(total, "messages")
+
+    def _check_text_length(self, chars: int, field: str) -> None:
+        limit = self._engine.max_prompt_chars
+        if chars > limit:
+            raise SgliteRequestError(
+                f"{field} hold {chars} characters of text; with context_length {self._context_length} a prompt "
+                f"can have at most {limit}"
+            )
+
+    def _render_and_encode(self, messages: List[Dict[str, Any]], render_kwargs: Dict[str, Any]) -> List[int]:
+        """The chat prompt's token ids (runs on a worker thread)."""
+        try:
+            prompt = self.get_full_context(
+                self.prefill_messages(messages), self._chat_template, tokenizer=self._tokenizer, **render_kwargs
+            )
+        except Exception as e:  # a template that rejects the messages (roles, order) is the client's error
+            raise SgliteRequestError(f"the chat template could not render these messages: {e}") from None
+        self._check_text(prompt, "the rendered chat prompt")
+        # The rendered template already holds BOS / chat markers: encode without adding special tokens.
+        return self._encode(prompt, add_special_tokens=False)
 
     def _family_supports_tools(self) -> bool:
         return "tools" in self.model_family.model_ability and self.tool_parser is not None
@@ -509,6 +558,33 @@ def gguf_file(model_path: str, spec: "LLMSpecV1") -> str:
     if split_template and parts:
         return os.path.join(model_path, split_template.format(quantization=quantization, part=parts[0]))
     return os.path.join(model_path, spec.model_file_name_template.format(quantization=quantization))
+
+
+def _strings(value: Any, where: str) -> List[Tuple[str, str]]:
+    """``(path, text)`` of every string inside ``value`` (messages, tools), walked without recursion."""
+    found: List[Tuple[str, str]] = []
+    stack: List[Tuple[str, Any]] = [(where, value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            found.append((path, node))
+        elif isinstance(node, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+    return found
+
+
+# Runtime abort messages caused by the request's own constraint (a 400), as opposed to engine failures (a 500,
+# whose text may name internals and stays in the server log).
+_REQUEST_ABORTS = ("grammar rejected token",)
+
+
+def _stream_error(request_id: str, error: str) -> Exception:
+    """The exception for a request the runtime aborted mid-stream."""
+    if error.startswith(_REQUEST_ABORTS):
+        return SgliteRequestError(f"sglite stopped request {request_id}: {error}")
+    return RuntimeError(f"sglite aborted request {request_id}: {error}")
 
 
 def _map(config: Optional[Dict[str, Any]], kind: str) -> Tuple[Dict[str, Any], RequestOptions]:

@@ -266,7 +266,9 @@ def _parse_json_schema(key: str, text: str, problems: list[str]) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         problems.append(f"{key} is not valid JSON: {e}")
-        return None
+    except RecursionError:  # Python's parser gives up far beyond the runtime's schema depth limit
+        problems.append(f"{key} is nested too deeply (more than a thousand levels) to be read as JSON")
+    return None
 
 
 def _chat_template_kwargs(value: Any, problems: list[str]) -> dict[str, Any]:
@@ -302,4 +304,7 @@ def _map_tools(cfg: dict[str, Any], opts: RequestOptions, kind: RequestKind, pro
             f"tool_choice={tool_choice!r} is not supported by sglite (forcing a tool call needs constrained "
             "decoding of the call); use tool_choice 'auto' or 'none'"
         )
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        problems.append(f"tools must be a list of tool objects; got {tools!r:.80}")
+        return
     opts.tools = list(tools) if tools else None

@@ -12,7 +12,10 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    engine error by a generic 500 text. The wrapper raises ``HTTPException(400, detail=<sglite's message>)`` for
    sglite's own request errors (the exception crosses the model actor boundary pickled, as its own class or an
    Xoscar-made subclass of it; ``isinstance`` holds for both), on every endpoint and with or without
-   ``sanitize``. In a chat *stream* the same text becomes the SSE ``error`` event. Any other exception goes to
+   ``sanitize``. In a chat *stream* the same text becomes the SSE ``error`` event, as an OpenAI error object
+   (``{"message": ..., "type": "invalid_request_error", ...}``) so that the OpenAI client raises ``APIError`` with
+   sglite's message instead of "An error occurred during streaming" (the call is recognised by its caller, the
+   ``stream_results`` generator of Xinference's REST module). Any other exception goes to
    Xinference's handler unchanged, so its sanitizing still covers everything sglite did not write.
 
 2. **Field aliases** (``RESTfulAPI.extract_guided_params``). Xinference 4.1's request models drop top-level
@@ -53,6 +56,7 @@ FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice over HTTP"
 
 _MARK = "__sglite_compat__"
 _ENGINE_MODULE = "xinf_sglang.engine"
+_REST_MODULE = "xinference.api.restful_api"
 
 
 def enabled() -> bool:
@@ -168,10 +172,27 @@ def _errors_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             # (request mapping, the engine's checks, the runtime's request validation and grammar compiler) and
             # names only the offending request field, its value, or limits of the model; none holds credentials,
             # file paths, actor addresses or other worker internals. Keep it that way when adding messages.
-            raise HTTPException(status_code=400, detail=request_error_message(e))
+            message = request_error_message(e)
+            if _called_from_a_stream():
+                # Xinference sends the detail as the stream's {"error": detail} event; the OpenAI client shows
+                # error.message from an object there, and only a generic text for a plain string.
+                raise HTTPException(status_code=400, detail=_openai_error(message))
+            raise HTTPException(status_code=400, detail=message)
         return original(e, sanitize=sanitize)
 
     return handle_request_limit_error
+
+
+def _called_from_a_stream() -> bool:
+    """Whether the handler was called by one of Xinference 4.1's SSE generators (``stream_results`` in
+    ``RESTfulAPI.create_chat_completion``), which turn the 400's detail into the stream's error event."""
+    frame = sys._getframe(2)  # 0: this function, 1: the wrapper, 2: Xinference's caller
+    return frame.f_code.co_name == "stream_results" and frame.f_globals.get("__name__") == _REST_MODULE
+
+
+def _openai_error(message: str) -> dict[str, Any]:
+    """An OpenAI-style error object (what ``openai.APIError`` reads its message from)."""
+    return {"message": message, "type": "invalid_request_error", "param": None, "code": 400}
 
 
 def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
