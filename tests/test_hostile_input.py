@@ -150,3 +150,32 @@ def test_slow_grammar_is_stopped_and_others_compile(model_dir) -> None:
         assert eng.check_invariants() == []
     finally:
         eng.shutdown()
+
+
+# ---- the limits themselves (no engine) ----
+
+
+@pytest.mark.parametrize(
+    "pattern, count",
+    [
+        ("a{1000}{1000}", 1_000_000), ("(a{1000}){1000}", 1_000_000), ("(a{5000})", 5000), ("x|(a{50}){3}", 150),
+        ("((a){10}b){10}", 100), ("(ab|c{9}){2}", 18), (r"(\d{1,3}\.){3}\d{1,3}", 9), ("[{]{7}", 7),
+        (r"\{5}", 1), (r"\p{L}{5}", 5), ("[]]{4}", 4), ("a*b+c?", 1), ("x{2,}", 2), ("[a-z]{1,5000}", 5000),
+    ],
+)
+def test_regex_repetition_counts_nested_and_stacked_bounds(pattern: str, count: int) -> None:
+    from xinf_sglang.runtime.constrained.spec import regex_repetition
+
+    assert regex_repetition(pattern) == count
+
+
+def test_limits_are_engine_options_and_name_themselves(model_dir) -> None:
+    from xinf_sglang.runtime import EngineConfig
+    from xinf_sglang.runtime.constrained import GrammarSpec
+
+    limits = EngineConfig(model_path=str(model_dir), grammar_max_choices=2, grammar_max_schema_depth=3).grammar_limits()
+    GrammarSpec.from_fields(choices=["a", "b", "a"], limits=limits)  # duplicates count once
+    with pytest.raises(InvalidRequestError, match="choices has 3 distinct entries; the limit grammar_max_choices is 2"):
+        GrammarSpec.from_fields(choices=["a", "b", "c"], limits=limits)
+    with pytest.raises(InvalidRequestError, match="at least 4 levels deep; the limit grammar_max_schema_depth is 3"):
+        GrammarSpec.from_fields(json_schema={"a": {"b": {"c": {"d": 1}}}}, limits=limits)

@@ -35,6 +35,7 @@ walk over a schema is iterative: a schema nested thousands deep is an error, nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -150,8 +151,6 @@ class GrammarSpec:
 
     def describe(self, max_chars: int = 60) -> str:
         """A short, log- and client-safe name of this grammar: kind, size, a hash and the start of its text."""
-        import hashlib
-
         digest = hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         excerpt = self.text if len(self.text) <= max_chars else self.text[: max_chars - 3] + "..."
         return f"{self.kind} #{digest} ({len(self.text)} chars: {excerpt!r})"
@@ -354,9 +353,9 @@ def regex_repetition(pattern: str, cap: int | None = None) -> int:
             continue
         elif c == ")" and len(groups) > 1:
             inner = groups.pop()[0]
-            groups[-1][1] = inner
+            top = groups[-1]
+            top[1] = inner  # the group is the parent's last item: a repeat after it multiplies `inner`
             i += 1
-            continue
         elif c == "{" and (m := _REPEAT.match(pattern, i)) and top[1]:
             bound = int(m.group(3) or m.group(1))  # {m,n}: n; {m} and {m,}: m copies
             top[1] = _saturate(top[1] * max(bound, 1), limit)
