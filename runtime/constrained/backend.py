@@ -31,13 +31,16 @@ llguidance options (why):
   overrides, which take precedence over a schema's own ``x-guidance`` (that key is also rejected by the spec).
 - Limits: llguidance's defaults (grammar size, lexer fuel, Earley items per step) bound compile and mask work;
   ``verbose_errors=False`` keeps error messages short (no parser-state or grammar dump).
-- Tokenizer: built from the HF fast tokenizer's JSON with ``n_vocab`` = the model's logits width, so padded rows
-  exist in llguidance's mask (always 0) and a row of the scheduler's bitmask is filled in one call.
+- Tokenizer: llguidance gets a token table (`token_table.token_bytes`: each token's bytes from the tokenizer's
+  own decoder pipeline), checked at startup against the tokenizer's decode for every token id (a mismatch is a
+  `ConfigError` naming the tokens), not the tokenizer's JSON: llguidance misreads some decoders (the GGUF
+  converter's ``ByteFallback, Fuse, Replace, ByteLevel`` made it see "Ġ" as two bytes instead of a space). The
+  table is padded to the model's logits width, so padded rows exist in llguidance's mask (always 0) and a row of
+  the scheduler's bitmask is filled in one call.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -64,6 +67,7 @@ from .compile_worker import (
 )
 from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy, check_bitmask, clean_error
 from .spec import GrammarSpec
+from .token_table import lltokenizer, token_bytes, verify_token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -425,38 +429,21 @@ class _WorkerSlots:
 
 
 def _llguidance_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None) -> Any:
-    """llguidance's tokenizer from the HF fast tokenizer's serialized form, padded to ``vocab_size``."""
-    import llguidance
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ConfigError(
-            f"the llguidance grammar backend needs a Hugging Face fast tokenizer (with a Rust backend); "
-            f"got {type(tokenizer).__name__}"
-        )
-    num_tokens = _num_tokens(tokenizer)
-    if vocab_size < num_tokens:
-        raise ConfigError(f"vocab_size {vocab_size} (logits width) is smaller than the tokenizer ({num_tokens} tokens)")
-    eos = _eos_ids(tokenizer, eos_token_ids, num_tokens)
-    serialized = backend.to_str()
-    if backend.padding is not None or backend.truncation is not None:
-        # Padding/truncation settings must not reach llguidance's tokenizer; drop them from the serialized
-        # form (copying the Rust tokenizer instead costs a pickle round trip, ~0.7 s for a 129k vocabulary).
-        config = json.loads(serialized)
-        config["padding"] = None
-        config["truncation"] = None
-        serialized = json.dumps(config)
-    try:
-        return llguidance.LLTokenizer(serialized, n_vocab=vocab_size, eos_token=eos)
-    except Exception as exc:  # llguidance rejects some tokenizer configurations
-        raise ConfigError(f"llguidance cannot use this tokenizer: {exc}") from exc
+    """llguidance's tokenizer over the token table derived from ``tokenizer``'s decoder and checked against its
+    decode for every token (`token_table`), padded to ``vocab_size`` rows."""
+    table = token_bytes(tokenizer)
+    start = time.perf_counter()
+    verify_token_bytes(tokenizer, table)
+    logger.debug("grammar token table (%s, %d tokens) verified in %.0f ms", table.decoder, len(table.tokens),
+                 1000 * (time.perf_counter() - start))
+    return lltokenizer(tokenizer, table, vocab_size, _eos_ids(tokenizer, eos_token_ids, len(table.tokens)))
 
 
 def _token_policy(lltok: Any, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None) -> TokenPolicy:
     num_tokens = _num_tokens(tokenizer)
-    # llguidance's view (every added token) plus HF's (special tokens it declares): either may list more.
+    # llguidance's special tokens are the token table's (added tokens marked special and HF's special ids), plus
+    # any token whose bytes start with llguidance's special marker 0xFF (never valid UTF-8, so never in output).
     special = {i for i in range(num_tokens) if lltok.is_special_token(i)}
-    special.update(int(i) for i in getattr(tokenizer, "all_special_ids", ()) if 0 <= int(i) < num_tokens)
     return TokenPolicy.build(vocab_size, num_tokens, special, _eos_ids(tokenizer, eos_token_ids, num_tokens))
 
 
