@@ -193,3 +193,11 @@ def test_request_mapping_fuzz_only_raises_request_errors(config: dict[str, Any],
         _grammar_spec(params)
     except InvalidRequestError:
         pass
+
+
+def test_tools_as_an_iterator_are_accepted() -> None:
+    # Xinference's REST layer passes tools as a list iterator; a non-list of objects is a mapping error.
+    _, opts = map_request({"tools": iter([{"type": "function", "function": {"name": "f"}}])}, "chat")
+    assert opts.tools == [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(RequestMappingError, match="tools must be a list of tool objects"):
+        map_request({"tools": [1]}, "chat")

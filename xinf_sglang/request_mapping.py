@@ -27,6 +27,7 @@ names and their aliases); an entry that contradicts the same top-level field is 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -304,7 +305,11 @@ def _map_tools(cfg: dict[str, Any], opts: RequestOptions, kind: RequestKind, pro
             f"tool_choice={tool_choice!r} is not supported by sglite (forcing a tool call needs constrained "
             "decoding of the call); use tool_choice 'auto' or 'none'"
         )
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        problems.append(f"tools must be a list of tool objects; got {tools!r:.80}")
-        return
-    opts.tools = list(tools) if tools else None
+    if tools is not None:
+        # Xinference's REST layer hands tools over as an iterator, not a list: accept any iterable of objects.
+        items = list(tools) if isinstance(tools, Iterable) and not isinstance(tools, (str, bytes, dict)) else None
+        if items is None or not all(isinstance(t, dict) for t in items):
+            problems.append(f"tools must be a list of tool objects; got {tools!r:.80}")
+            return
+        tools = items
+    opts.tools = tools or None
