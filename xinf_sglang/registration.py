@@ -35,6 +35,7 @@ VIRTUALENV_MARKER = f'#{ENGINE_NAME}_dependencies# ; #engine# == "{ENGINE_NAME}"
 
 
 _ENGINE_MODULE = "xinf_sglang.engine"
+_GGUF_MARK = "__sglite_ggufv2__"
 _late_registration_pending = False
 
 
@@ -46,6 +47,7 @@ def register_llm_engine(table: MutableMapping[str, list[type]]) -> None:
     """
     global _late_registration_pending
     set_context_length_key()
+    allow_gguf_format()
     partial = sys.modules.get(_ENGINE_MODULE)
     if partial is not None and not hasattr(partial, "SgliteChatModel"):
         # This bootstrap was triggered *by* the import of xinf_sglang.engine (its first xinference import):
@@ -115,6 +117,30 @@ def _engine_params(family: Any, classes: list[type]) -> list[dict[str, Any]]:
         elif quantization not in same["quantizations"]:
             same["quantizations"].append(quantization)
     return params
+
+
+def allow_gguf_format() -> None:
+    """Let sglite match ``ggufv2`` specs: Xinference 4.1's ``check_format_with_engine`` (in
+    ``xinference.model.llm``, consulted before any engine's ``match`` while the per-model engine table is built)
+    hard-codes ``ggufv2`` to the llama.cpp and vLLM engines. The wrapper answers True for (``ggufv2``, sglite) and
+    defers to the original for everything else; idempotent. Without it sglite's GGUF support is invisible to
+    Xinference (launch fails with "cannot be run on engine sglite"), so a missing function is logged."""
+    module = sys.modules.get("xinference.model.llm")
+    original = getattr(module, "check_format_with_engine", None)
+    if original is None:
+        logger.warning("sglite: xinference.model.llm.check_format_with_engine not found; ggufv2 models will not "
+                       "list sglite")
+        return
+    if getattr(original, _GGUF_MARK, False):
+        return
+
+    def check_format_with_engine(model_format: Any, engine: Any) -> bool:
+        if model_format == "ggufv2" and engine == ENGINE_NAME:
+            return True
+        return original(model_format, engine)
+
+    setattr(check_format_with_engine, _GGUF_MARK, True)
+    module.check_format_with_engine = check_format_with_engine
 
 
 def set_context_length_key() -> None:
