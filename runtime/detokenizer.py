@@ -8,6 +8,7 @@ On a finish without a stop string (EOS, length, abort), drain both in that order
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -43,14 +44,26 @@ class IncrementalDetokenizer:
     MAX_PENDING_TOKENS = 64
     """Most tokens decoded past `read_offset` before held text is emitted anyway (cost bound, see above)."""
 
-    def __init__(self, tokenizer: TokenDecoder, skip_special_tokens: bool = True) -> None:
-        """`tokenizer` is the model's HF tokenizer; `skip_special_tokens` is passed to its `decode`."""
+    CONTEXT_TOKENS = 5
+    """Prompt tokens decoded as left context of the first output tokens (as SGLang's and vLLM's detokenizers do)."""
+
+    def __init__(
+        self, tokenizer: TokenDecoder, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()
+    ) -> None:
+        """`tokenizer` is the model's HF tokenizer; `skip_special_tokens` is passed to its `decode`.
+
+        The last `CONTEXT_TOKENS` of `prompt_ids` are decoded as left context and never emitted: the first output
+        token then reads as it does inside the sequence, not as the start of a text. SentencePiece decoders strip
+        the space of a text's first "▁piece": without context an output the grammar made " 1" would read "1".
+        """
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = []
+        context = self._stable_context(list(prompt_ids[-self.CONTEXT_TOKENS :]))
+        self._context_len = len(context)
+        self._ids: list[int] = context
         self._prefix_offset = 0
-        self._read_offset = 0
-        self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]); all of it was emitted
+        self._read_offset = len(context)
+        self._prefix_text = self._decode(context)  # decode(ids[prefix_offset:read_offset]); all of it was emitted
         self._pending_emitted = 0  # characters past prefix_text already emitted from tokens after read_offset
         self._chunks: list[str] = []
 
@@ -61,8 +74,16 @@ class IncrementalDetokenizer:
 
     @property
     def token_ids(self) -> list[int]:
-        """All token ids added so far (a copy)."""
-        return list(self._ids)
+        """All token ids added so far (a copy; the prompt context excluded)."""
+        return self._ids[self._context_len :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens) if ids else ""
+
+    def _stable_context(self, context: list[int]) -> list[int]:
+        """``context``, or none when its text ends inside a character: the first output token would complete
+        that character and rewrite the text the offsets are measured on."""
+        return [] if self._decode(context).endswith(REPLACEMENT_CHAR) else context
 
     def add(self, token_ids: list[int]) -> str:
         """Append `token_ids` and return the new text they complete (possibly empty)."""
@@ -81,10 +102,7 @@ class IncrementalDetokenizer:
 
     def _decode_tail(self) -> str:
         """Text the tokens after `read_offset` add to the window's already-emitted text."""
-        window = self._tokenizer.decode(
-            self._ids[self._prefix_offset :], skip_special_tokens=self._skip_special_tokens
-        )
-        return window[len(self._prefix_text) :]
+        return self._decode(self._ids[self._prefix_offset :])[len(self._prefix_text) :]
 
     def _emit(self, tail: str, upto: int) -> str:
         """Emit `tail[pending_emitted:upto]` without moving the offsets."""
@@ -100,9 +118,7 @@ class IncrementalDetokenizer:
         if tail:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
-            self._prefix_text = self._tokenizer.decode(
-                self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special_tokens
-            )
+            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         else:
             # Tokens with no text (skipped special tokens): keep the left context, which they do not provide.
             self._read_offset = len(self._ids)

@@ -327,7 +327,7 @@ class Engine:
             max_new_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
         )
         if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_ids=ids)
         req.stop_matcher = StopStringMatcher(params.stop or [])
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)

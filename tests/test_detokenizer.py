@@ -279,3 +279,36 @@ def test_detokenizer_then_stop_matcher(tokenizer) -> None:
             break
     assert stopped
     assert "".join(shown) == "héllo wörld 世"
+
+
+@pytest.mark.parametrize("decoder", ["llama2", "metaspace"])
+def test_prompt_context_keeps_the_space_of_the_first_sentencepiece_token(decoder: str) -> None:
+    """A SentencePiece decoder strips the space of a text's first ``▁piece``; decoded after the prompt's last
+    tokens, the output reads as it does inside the sequence (what a grammar that forced " 1" accepted)."""
+    from .test_token_table import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer(decoder)
+    prompt = tok.encode("The answer is", add_special_tokens=False)
+    output = tok.encode("1 and 2", add_special_tokens=False)  # the normalizer prepends the ▁
+    assert tok.convert_ids_to_tokens(output[0]).startswith("▁")
+    whole = tok.decode(prompt + output)
+    expected = whole[len(tok.decode(prompt)):]
+    assert expected.startswith(" 1")
+
+    with_context = IncrementalDetokenizer(tok, prompt_ids=prompt)
+    text = "".join(with_context.add([t]) for t in output) + with_context.flush()
+    assert text == expected and with_context.token_ids == output
+    without = IncrementalDetokenizer(tok)
+    assert "".join(without.add([t]) for t in output) + without.flush() == expected.lstrip(" ")
+
+
+def test_prompt_ending_inside_a_character_gives_no_context(tokenizer) -> None:
+    """A prompt whose last token ends mid-character is no context: the output reads as without one."""
+    ids = tokenizer.encode("wörld 🦀 and 🧪", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith(REPLACEMENT_CHAR))
+    with_prompt, alone = IncrementalDetokenizer(tokenizer, prompt_ids=ids[:cut]), IncrementalDetokenizer(tokenizer)
+    for detok in (with_prompt, alone):
+        for t in ids[cut:]:
+            detok.add([t])
+        detok.flush()
+    assert with_prompt.text == alone.text == tokenizer.decode(ids[cut:])

@@ -122,14 +122,16 @@ def test_sglite_listed_for_custom_and_builtin_families(server: Server, custom_mo
     # offered anyway, and refused with a reason that says why where it cannot serve the model.
     status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-instruct")
     assert status == 200
-    assert {p["model_format"] for p in engines["sglite"]} == {"pytorch"}
+    assert {p["model_format"] for p in engines["sglite"]} == {"pytorch", "ggufv2"}
+    gguf = next(p for p in engines["sglite"] if p["model_format"] == "ggufv2")
+    assert "q4_k_m" in gguf["quantizations"] and not any(q.startswith("IQ") for q in gguf["quantizations"])
     # The web UI's launch dialog asks with the user's virtualenv choice; sglite is offered either way.
     for flag in ("true", "false"):
         status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-instruct?enable_virtual_env={flag}")
         assert status == 200 and isinstance(engines["sglite"], list), (flag, engines.get("sglite"))
     status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-vl-instruct")
     assert status == 200
-    assert isinstance(engines["sglite"], str) and "sglite serves pytorch/safetensors" in engines["sglite"]
+    assert isinstance(engines["sglite"], str) and "sglite serves" in engines["sglite"]
 
 
 # ---- OpenAI API through the CLI-launched custom model ----

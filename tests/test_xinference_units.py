@@ -210,12 +210,18 @@ def test_match_reasons() -> None:
     from xinf_sglang.engine import SgliteChatModel, SgliteModel
 
     assert SgliteChatModel.match_json(_family(), _spec(), "none") is True
-    for fmt in ("ggufv2", "awq", "gptq", "mlx", "fp8"):
+    for fmt in ("awq", "gptq", "mlx", "fp8"):
         ok, reason = SgliteChatModel.match_json(_family(), _spec(fmt), "none")
-        assert not ok and reason.startswith("sglite serves pytorch/safetensors checkpoints of LlamaForCausalLM")
+        assert not ok and reason.startswith("sglite serves pytorch (safetensors) and ggufv2 checkpoints of Llama")
         assert reason.endswith(f"this spec is {fmt}")
     ok, reason = SgliteChatModel.match_json(_family(), _spec(), "4-bit")
     assert not ok and "quantized (4-bit)" in reason
+    # GGUF: the file types the runtime dequantizes, by llama.cpp's quantization names
+    for quantization in ("Q4_K_M", "Q8_0", "q5_k_s", "F16", "Q6_K", "Q2_K"):
+        assert SgliteChatModel.match_json(_family(), _spec("ggufv2"), quantization) is True, quantization
+    for quantization in ("IQ2_XXS", "IQ4_NL", "TQ1_0", "MXFP4", "none"):
+        ok, reason = SgliteChatModel.match_json(_family(), _spec("ggufv2"), quantization)
+        assert not ok and reason.endswith(f"this spec is {quantization}") and "Q4_K" not in reason.split(";")[1]
     ok, reason = SgliteChatModel.match_json(_family(architectures=["GemmaForCausalLM"]), _spec(), "none")
     assert not ok and "fam is GemmaForCausalLM" in reason
     ok, reason = SgliteChatModel.match_json(_family(model_ability=["chat", "vision"]), _spec(), "none")
