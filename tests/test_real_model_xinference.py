@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
 from .xinference_server import (  # noqa: E402
-    BIN, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, registered_model, server_env,
+    BIN, LAUNCH_TIMEOUT, Server, http, openai_client, registered_model, server_env,
 )
 from .xinference_server import server  # noqa: E402, F401  (pytest fixture)
 
@@ -58,7 +58,7 @@ def models(server: Server, smollm2) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.endpoint + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT)
+    return openai_client(server)
 
 
 def hf_chat_greedy(model_dir: Path, messages: list[dict], max_new_tokens: int = 64) -> str:
@@ -126,7 +126,7 @@ def test_five_turn_conversation_reuses_earlier_turns(client, models: dict[str, s
     """Each turn's prompt holds the earlier turns; all of the earlier prompt is served from the radix cache, and
     what the template's re-rendering of the previous answer costs is measured (reported as a property)."""
     messages: list[dict] = []
-    previous_total = 0  # prompt + completion tokens of the previous turn
+    previous_prompt = previous_total = 0  # prompt, and prompt + completion, tokens of the previous turn
     lost = []
     for question in QUESTIONS:
         messages.append({"role": "user", "content": question})

@@ -23,11 +23,13 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
-from xinf_sglang.metrics import get_runtime_metrics  # noqa: E402
 
 from .xinference_server import (  # noqa: E402
     BIN,
     LAUNCH_TIMEOUT,
+    metrics,
+    openai_client as client,
+    wait_idle,
     REQUEST_TIMEOUT,
     Server,
     http,
@@ -91,23 +93,10 @@ def builtin_model(server: Server, qwen2_dir: Path) -> str:
     terminate(server, uid)
 
 
-def client(server: Server) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.endpoint + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT)
 
 
-def metrics(server: Server, uid: str) -> dict[str, Any]:
-    return get_runtime_metrics(server.endpoint, uid, timeout=60)
 
 
-def wait_idle(server: Server, uid: str, timeout: float = 60) -> dict[str, Any]:
-    """Metrics once nothing runs or waits, and every KV slot is free or held by the prefix cache only."""
-
-    def idle() -> dict[str, Any] | None:
-        m = metrics(server, uid)
-        quiet = m["running_requests"] == 0 and m["waiting_requests"] == 0 and m["plugin_active_requests"] == 0
-        return m if quiet and m["kv_free_tokens"] + m["kv_evictable_tokens"] == m["kv_total_tokens"] else None
-
-    return wait_for(idle, timeout, f"{uid} to go idle with its KV freed")
 
 
 # ---- registration ----

@@ -13,7 +13,6 @@ import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -21,7 +20,6 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
-from xinf_sglang.metrics import get_runtime_metrics  # noqa: E402
 
 from .hostile_helpers import (  # noqa: E402
     LONE_SURROGATE_PROMPT,
@@ -29,7 +27,8 @@ from .hostile_helpers import (  # noqa: E402
     nested_array_schema,
     nested_array_schema_text,
 )
-from .xinference_server import LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, wait_for  # noqa: E402
+from .xinference_server import openai_client as client, wait_idle  # noqa: E402
+from .xinference_server import LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http  # noqa: E402
 from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 MESSAGES = [{"role": "user", "content": "Hi."}]
@@ -51,23 +50,10 @@ def model(server: Server, custom_model: str) -> str:
     http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
 
 
-def client(server: Server) -> "openai.OpenAI":
-    return openai.OpenAI(base_url=server.endpoint + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT)
 
 
-def metrics(server: Server, uid: str) -> dict[str, Any]:
-    return get_runtime_metrics(server.endpoint, uid, timeout=60)
 
 
-def wait_idle(server: Server, uid: str, timeout: float = 120) -> dict[str, Any]:
-    """Metrics once nothing runs, waits or is tracked by the plugin, and every KV slot is free or cached."""
-
-    def idle() -> dict[str, Any] | None:
-        m = metrics(server, uid)
-        quiet = m["running_requests"] == 0 and m["waiting_requests"] == 0 and m["plugin_active_requests"] == 0
-        return m if quiet and m["kv_free_tokens"] + m["kv_evictable_tokens"] == m["kv_total_tokens"] else None
-
-    return wait_for(idle, timeout, f"{uid} to go idle with its KV freed and no request tracked")
 
 
 def post_text(server: Server, path: str, body: str) -> tuple[int, str]:

@@ -156,6 +156,32 @@ def registered_model(server: Server, model_dir: Path, name: str = CUSTOM_NAME) -
         http("DELETE", f"{server.endpoint}/v1/model_registrations/LLM/{name}")
 
 
+def openai_client(server: Server) -> Any:
+    """The real OpenAI client on the server's ``/v1`` (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.endpoint + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT)
+
+
+def metrics(server: Server, uid: str) -> dict[str, Any]:
+    """sglite's runtime metrics of model ``uid`` (engine counters and the plugin's bookkeeping)."""
+    from xinf_sglang.metrics import get_runtime_metrics
+
+    return get_runtime_metrics(server.endpoint, uid, timeout=60)
+
+
+def wait_idle(server: Server, uid: str, timeout: float = 120) -> dict[str, Any]:
+    """Metrics once nothing runs, waits or is tracked by the plugin, and every KV slot is free or held by the
+    prefix cache only."""
+
+    def idle() -> dict[str, Any] | None:
+        m = metrics(server, uid)
+        quiet = m["running_requests"] == 0 and m["waiting_requests"] == 0 and m["plugin_active_requests"] == 0
+        return m if quiet and m["kv_free_tokens"] + m["kv_evictable_tokens"] == m["kv_total_tokens"] else None
+
+    return wait_for(idle, timeout, f"{uid} to go idle with its KV freed and no request tracked")
+
+
 # ---- fixtures ----
 
 
