@@ -15,6 +15,8 @@ Typical use by the scheduler (the glue lives there)::
     slots, node = cache.match_prefix(prompt)      # reuse len(slots) tokens
     cache.lock(node)                              # now the prefix cannot be evicted
     ... run the request; it allocates slots for tokens len(slots).. itself ...
+    slots, node = cache.cache_unfinished(computed, row_slots, len(slots), node)   # after each prefill chunk:
+                                                  # others match it now; the request locks it instead
     n = cache.insert(tokens, all_slots)           # all_slots[:len(slots)] is the matched prefix
     allocator.free(all_slots[len(slots):n])       # duplicates of tokens another request cached meanwhile
     cache.unlock(node)
@@ -171,6 +173,31 @@ class RadixCache:
             child.last_access = now
             node, pos = child, pos + n
         return len(key)
+
+    def cache_unfinished(
+        self, key: Sequence[int] | torch.Tensor, slots: torch.Tensor, own_from: int, old_node: TreeNode
+    ) -> tuple[torch.Tensor, TreeNode]:
+        """Cache the computed tokens ``key`` of a request that keeps running, and move its lock onto them
+        (SGLang's ``cache_unfinished_req``). Returns ``(tree_slots, node)``: the tree's slot of every token of
+        ``key`` and the node that now ends exactly at ``key``, locked once for the caller.
+
+        Contract: ``slots[i]`` holds the K/V of ``key[i]``; ``slots[:own_from]`` are not the caller's (the tree's,
+        kept alive by the caller's lock on ``old_node``, or slots the tree received from an earlier insert), the
+        rest are the caller's own. The caller's own slots of tokens the tree already had are duplicates and go
+        back to the allocator here; the others now belong to the tree. Afterwards the caller owns none of
+        ``slots``: it must read its K/V through ``tree_slots`` (the duplicates are free) and, when it finishes,
+        treat all of ``key`` as its cached prefix. ``old_node`` is unlocked once (after ``node`` is locked, so a
+        shared path never becomes evictable in between).
+        """
+        key = _as_key(key)
+        already = self.insert(key, slots)
+        if already < own_from:  # the tree lost tokens the caller relied on: its lock or its peers were wrong
+            raise AssertionError(f"cache_unfinished: the tree had {already} tokens, the caller borrowed {own_from}")
+        self.allocator.free(slots.reshape(-1)[own_from:already])
+        tree_slots, node = self.match_prefix(key)
+        self.lock(node)
+        self.unlock(old_node)
+        return tree_slots, node
 
     # ------------------------------------------------------------------ locking
 

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 class Req:
     """One request. Invariant while it holds KV (``req_pool_idx`` set): ``req_to_token[req_pool_idx, :kv_len]`` are
     the slots of ``fill_ids[:kv_len]``; the first ``prefix_len`` of them belong to the radix cache (locked through
-    ``last_node``), the rest are the request's own."""
+    ``last_node``), the rest are the request's own. Exception, only while the prefill step that admitted it is in
+    flight: part of the prefix may be borrowed from an earlier request of that batch (runtime/prefix_sharing.py)."""
 
     # set by the engine at submission
     rid: str
@@ -34,7 +35,7 @@ class Req:
     # filled by the scheduler and the output processor
     output_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None
-    prefix_len: int = 0  # tokens of fill_ids served by the radix cache at the last admission
+    prefix_len: int = 0  # tokens of fill_ids whose slots are the radix cache's (matched, or inserted after prefill)
     last_node: "TreeNode | None" = None  # locked radix node covering the prefix
     kv_len: int = 0  # tokens of fill_ids whose K/V is in the pool
     cached_tokens: int = 0  # prompt tokens served by the cache at the first admission (usage + hit rate)

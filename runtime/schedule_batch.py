@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,9 @@ class ScheduleBatch:
     # Set by the scheduler once the forward ran and each request's kv_len counts its slots of out_cache_loc;
     # until then those slots belong to the batch alone (a failed step must free them itself).
     kv_committed: bool = False
+    # Prefill only: how many prefix tokens each request reads from slots an earlier request of this batch writes
+    # in this forward (runtime/prefix_sharing.py); empty when none does.
+    borrowed: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -19,6 +19,7 @@ from .allocator import ReqToTokenPool, TokenAllocator
 from .forward_batch import ForwardMode
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
+from .prefix_sharing import BatchPrefixIndex, cache_prefilled, forget_borrowed
 from .radix_cache import RadixCache, TreeNode
 from .request import Req
 from .schedule_batch import ScheduleBatch
@@ -124,6 +125,7 @@ class Scheduler:
         stepped = [*(self.inflight.batch.reqs if self.inflight else []), *(self.stepping.reqs if self.stepping else [])]
         if self.stepping is not None and not self.stepping.kv_committed:
             self.allocator.free(self.stepping.out_cache_loc)
+            forget_borrowed(self.stepping)
         for req in [*self.waiting, *self.running, *stepped] + ([self.chunked] if self.chunked else []):
             if not req.finished:
                 self._abort_req(req, error)
@@ -192,6 +194,8 @@ class Scheduler:
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
         batch.kv_committed = True
+        if batch.mode is ForwardMode.EXTEND and not self.limits.disable_radix_cache:
+            cache_prefilled(self.tree, self.req_pool, batch.reqs)  # later requests match them from now on
         rows = [i for i, s in enumerate(batch.samples) if s]
         sampled = [batch.reqs[i] for i in rows]
         if len(rows) != len(batch.reqs):
@@ -303,10 +307,15 @@ class Scheduler:
             return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples)
 
         free_rows = lim.max_running_requests - len(self.running)
+        peers = None if lim.disable_radix_cache else BatchPrefixIndex(self.allocator)
+        borrowed: list[int] = []
         for req in self._ordered_waiting():
             if len(reqs) >= free_rows or token_budget <= 0:
                 break
             prefix_slots, node = self._match(req)
+            shared = 0
+            if peers is not None:  # what an earlier request of this batch computes is as good as cached
+                prefix_slots, shared = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
             extend = len(req.input_ids) + len(req.output_ids) - len(prefix_slots)
             need = extend + min(req.remaining_new_tokens, RESERVE_CLIP)
             alone = not self.running and not reqs
@@ -319,6 +328,9 @@ class Scheduler:
             if got is None:
                 break
             reqs.append(req), lens.append(n), samples.append(n == extend), slots.append(got)
+            borrowed.append(shared)
+            if peers is not None:
+                peers.add(req.fill_ids[: req.kv_len + n], torch.cat([prefix_slots, got]))
             if n < extend:
                 self.chunked = req
             token_budget -= n
@@ -327,7 +339,7 @@ class Scheduler:
             return None
         for req in reqs:
             self.waiting.remove(req)
-        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples)
+        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples, borrowed=borrowed)
 
     def _ordered_waiting(self) -> list[Req]:
         if self.limits.schedule_policy == "lpm" and not self.limits.disable_radix_cache and len(self.waiting) <= 128:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from xinf_sglang.runtime.allocator import TokenAllocator
+from xinf_sglang.runtime.prefix_sharing import BatchPrefixIndex
 from xinf_sglang.runtime.radix_cache import RadixCache, TreeNode
 
 
@@ -558,6 +559,53 @@ class RadixMachine(RuleBasedStateMachine):
         r = self.reqs.pop(i % len(self.reqs))
         self.alloc.free(r.slots[r.cached :])
         self.tree.unlock(r.node)
+
+    def cache_unfinished(self, r: Req) -> None:
+        """The scheduler's insert after a prefill (chunk): ``r``'s tokens enter the tree, locked by ``r``."""
+        expected = len(self.model_match(r.key))
+        tree_slots, node = self.tree.cache_unfinished(r.key, r.slots, r.cached, r.node)
+        for j in range(expected, len(r.key)):
+            self.model[r.key[: j + 1]] = int(r.slots[j])
+        self.touch_prefixes(r.key, len(r.key))
+        assert tree_slots.tolist() == self.model_match(r.key)  # the request now reads the tree's slots
+        assert path_len(node) == len(r.key)
+        r.cached, r.node, r.slots = len(r.key), node, tree_slots
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 50))
+    def insert_unfinished(self, i):
+        """A running request caches what it computed so far (prompt, or prompt + output when re-prefilled)."""
+        self.cache_unfinished(self.reqs[i % len(self.reqs)])
+
+    @rule(batch=st.lists(keys, min_size=1, max_size=4), forward_fails=st.booleans())
+    def prefill_batch(self, batch, forward_fails):
+        """One prefill step as the scheduler runs it: each request matches the tree, then borrows what earlier
+        requests of the batch compute (in-batch sharing), allocates the rest; after the forward every request is
+        cached unfinished in batch order. A failed forward frees the batch's own slots and aborts its requests."""
+        peers = BatchPrefixIndex(self.alloc)
+        admitted: list[Req] = []
+        for key in batch:
+            prefix, node = self.check_match(key[:-1])  # one token always left to compute
+            self.tree.lock(node)
+            full, borrowed = peers.extend_prefix(key[:-1], prefix)
+            assert full.numel() == prefix.numel() + borrowed
+            own = self.alloc_with_evict(len(key) - full.numel())
+            if own is None:
+                self.tree.unlock(node)
+                break
+            slots = torch.cat([full, own])
+            peers.add(key, slots)
+            admitted.append(Req(key, full.numel(), node, slots))
+        if forward_fails:
+            own_parts = [r.slots[r.cached :] for r in admitted]
+            if own_parts:
+                self.alloc.free(torch.cat(own_parts))  # abort_all frees out_cache_loc; borrowed ones are in it
+            for r in admitted:
+                self.tree.unlock(r.node)
+            return
+        for r in admitted:
+            self.cache_unfinished(r)
+            self.reqs.append(r)
 
     @rule(key=keys)
     def insert_fresh(self, key):
