@@ -1,9 +1,12 @@
-"""``sglite bench offline``: throughput of the runtime on a random workload, next to HF ``generate`` on the same
-prompts in the same run.
+"""``sglite bench offline``: throughput of the runtime on a random workload, next to baselines on the same
+prompts in the same run: HF ``generate`` (``--baseline hf``, one prompt at a time) and llama.cpp (``--baseline
+llamacpp``: xllamacpp on an F32 GGUF of the same weights, all prompts batched; see `llamacpp_baseline`).
 
 Prompts are random token ids with uniformly drawn input and output lengths; EOS is ignored so every request
-produces exactly its output length. ``--load-format dummy --model-config config.json`` benchmarks real model
-shapes with random weights (no checkpoint or tokenizer needed).
+produces exactly its output length. ``--shared-prefix N`` starts every prompt with the same N random tokens (one
+of ``--prefix-groups G`` prefixes), then its own ``--input-len`` random tokens, and reports the prompt tokens
+sglite served from its prefix cache against the most a cache could serve. ``--load-format dummy --model-config
+config.json`` benchmarks real model shapes with random weights (no checkpoint or tokenizer needed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,10 +31,18 @@ from .engine import Engine
 from .sampling_params import SamplingParams
 
 
+BASELINES = ("hf", "llamacpp")
+
+
 @dataclass(frozen=True)
 class Workload:
+    """Prompts (token ids) and output lengths; prompt ``i`` starts with prefix ``i % prefix_groups`` of
+    ``prefix_len`` tokens (``prefix_len`` 0: no shared prefix)."""
+
     prompts: list[list[int]]
     output_lens: list[int]
+    prefix_len: int = 0
+    prefix_groups: int = 1
 
     @property
     def input_tokens(self) -> int:
@@ -40,8 +52,29 @@ class Workload:
     def output_tokens(self) -> int:
         return sum(self.output_lens)
 
+    @cached_property
+    def max_cached_tokens(self) -> int:
+        """Prompt tokens a prefix cache could serve at most, prompts taken in order: each prompt's longest common
+        prefix with an earlier one, short of its last token (computed to sample from). A token trie, one pass."""
+        trie: dict = {}
+        total = 0
+        for prompt in self.prompts:
+            node, matched = trie, 0
+            for token in prompt:  # once off the stored paths, every later node is new (empty)
+                matched += token in node
+                node = node.setdefault(token, {})
+            total += min(matched, len(prompt) - 1)
+        return total
+
+    def warmup_prompts(self, n: int = 2, length: int = 8) -> list[list[int]]:
+        """``n`` prompts of one repeated token that starts no workload prompt (a warm-up leaves nothing in a prefix
+        cache that the workload could hit)."""
+        firsts = {p[0] for p in self.prompts if p}
+        token = min(set(range(len(firsts) + 1)) - firsts)
+        return [[token] * length for _ in range(n)]
+
     def head(self, n: int) -> "Workload":
-        return Workload(self.prompts[:n], self.output_lens[:n])
+        return Workload(self.prompts[:n], self.output_lens[:n], self.prefix_len, self.prefix_groups)
 
 
 @dataclass(frozen=True)
@@ -60,6 +93,10 @@ class Result:
     @property
     def output_tok_s(self) -> float:
         return self.generated / self.seconds
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.workload.input_tokens + self.generated) / self.seconds
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -82,8 +119,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--baseline", choices=["hf", "none"], default="hf", help="also time HF generate (default hf)")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="every prompt starts with the same N random tokens, then its own --input-len tokens")
+    p.add_argument("--prefix-groups", type=int, default=1, metavar="G",
+                   help="with --shared-prefix: G different prefixes, prompt i takes prefix i %% G (default 1)")
+    p.add_argument("--baseline", action="append", default=None, metavar="NAME[,NAME]",
+                   help="also time these on the same prompts: hf (HF generate, batch 1), llamacpp (xllamacpp on "
+                        "an F32 GGUF of the same weights, batched), none; comma-separated or repeated (default hf)")
     p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
+    p.add_argument("--llamacpp-parallel", type=int, default=0, metavar="N",
+                   help="llama.cpp server slots (default: one per prompt, all prompts batched)")
+    p.add_argument("--llamacpp-threads", type=int, default=0, metavar="N",
+                   help="llama.cpp CPU threads (default: torch's intra-op threads, what sglite uses)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
     p.add_argument("--json-schema", metavar="FILE",
@@ -95,56 +142,107 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
 
 
+def parse_baselines(values: list[str] | None) -> list[str]:
+    """``--baseline`` values (comma-separated and/or repeated) as a list of names; ``none`` alone means none."""
+    names = [n.strip() for v in (values or ["hf"]) for n in v.split(",") if n.strip()]
+    unknown = sorted(set(names) - {*BASELINES, "none"})
+    if unknown:
+        raise SystemExit(f"--baseline: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)}, none)")
+    if "none" in names and len(set(names)) > 1:
+        raise SystemExit("--baseline none cannot be combined with other baselines")
+    return [n for i, n in enumerate(names) if n != "none" and n not in names[:i]]
+
+
 def make_workload(vocab_size: int, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int],
-                  seed: int, reserved_ids: int = 16) -> Workload:
-    """Random prompts avoiding the lowest ``reserved_ids`` ids (where tokenizers keep their special tokens)."""
+                  seed: int, reserved_ids: int = 16, shared_prefix: int = 0, prefix_groups: int = 1) -> Workload:
+    """Random prompts avoiding the lowest ``reserved_ids`` ids (where tokenizers keep their special tokens).
+
+    With ``shared_prefix`` N, prompt ``i`` is prefix ``i % prefix_groups`` (N random tokens) followed by its own
+    random ``input_len`` tokens (SGLang's generated-shared-prefix workload)."""
+    if shared_prefix < 0 or prefix_groups < 1:
+        raise SystemExit("--shared-prefix must be >= 0 and --prefix-groups >= 1")
     rng = random.Random(seed)
-    prompts = [[rng.randrange(reserved_ids, vocab_size) for _ in range(rng.randint(*input_len))]
-               for _ in range(num_prompts)]
-    return Workload(prompts, [rng.randint(*output_len) for _ in range(num_prompts)])
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(reserved_ids, vocab_size) for _ in range(n)]
+
+    prefixes = [tokens(shared_prefix) for _ in range(prefix_groups)] if shared_prefix else [[]]
+    prompts = [prefixes[i % len(prefixes)] + tokens(rng.randint(*input_len)) for i in range(num_prompts)]
+    return Workload(prompts, [rng.randint(*output_len) for _ in range(num_prompts)], shared_prefix,
+                    prefix_groups if shared_prefix else 1)
+
+
+@dataclass(frozen=True)
+class SgliteRun:
+    """What the sglite part of a run hands the baselines and the report."""
+
+    workload: Workload
+    results: list[Result]
+    device: torch.device
+    dtype: torch.dtype
+    weights_bytes: int
 
 
 def run(args: argparse.Namespace) -> int:
+    baselines = parse_baselines(args.baseline)
     model_dir, cleanup = _model_dir(args)
     try:
-        engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
-        has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        config = EngineConfig(
-            model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
-            seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
-        )
-        engine = Engine(config)
-        try:
-            workload = make_workload(engine.model_config.vocab_size, args.num_prompts, args.input_len,
-                                     args.output_len, args.seed)
-            print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens, "
-                  f"{workload.output_tokens} output tokens", flush=True)
-            results = [bench_engine(engine, workload)]
-            if args.json_schema:
-                schema = json.loads(Path(args.json_schema).read_text())
-                engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
-                results.append(bench_engine(engine, workload, json_schema=schema))
-            device, dtype = engine.device, engine.dtype
-            weights_bytes = engine.memory_plan.weights_bytes
-        finally:
-            engine.shutdown()
-            del engine
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        if args.baseline == "hf":
-            subset = workload.head(args.baseline_num_prompts or len(workload.prompts))
-            results.append(bench_hf(model_dir, subset, device, dtype, args.load_format == "dummy", args.seed))
-        print_table(results, device, dtype)
+        if "llamacpp" in baselines and args.load_format == "dummy":
+            raise SystemExit("--baseline llamacpp needs real weights (it runs a GGUF written from --model)")
+        sg = bench_sglite(args, model_dir)
+        results = sg.results + [_run_baseline(name, args, model_dir, sg) for name in baselines]
+        print_table(results, sg.device, sg.dtype)
+        print_cache_report(results)
         print_mask_times(results)
         if args.roofline:
-            print_roofline(results[0], weights_bytes, device)
+            print_roofline(results[0], sg.weights_bytes, sg.device)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([_as_dict(r) for r in results], indent=2))
     finally:
         if cleanup:
             shutil.rmtree(model_dir, ignore_errors=True)
     return 0
+
+
+def bench_sglite(args: argparse.Namespace, model_dir: Path) -> SgliteRun:
+    """Build the engine, make the workload from its vocabulary, time it (and the JSON-schema run), shut down."""
+    engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
+    has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    config = EngineConfig(
+        model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
+        seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
+    )
+    engine = Engine(config)
+    try:
+        workload = make_workload(engine.model_config.vocab_size, args.num_prompts, args.input_len,
+                                 args.output_len, args.seed, shared_prefix=args.shared_prefix,
+                                 prefix_groups=args.prefix_groups)
+        print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens "
+              f"({workload.prefix_len}-token shared prefix, {workload.prefix_groups} group(s)), "
+              f"{workload.output_tokens} output tokens", flush=True)
+        results = [bench_engine(engine, workload)]
+        if args.json_schema:
+            schema = json.loads(Path(args.json_schema).read_text())
+            engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
+            results.append(bench_engine(engine, workload, json_schema=schema))
+        return SgliteRun(workload, results, engine.device, engine.dtype, engine.memory_plan.weights_bytes)
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run_baseline(name: str, args: argparse.Namespace, model_dir: Path, sg: SgliteRun) -> Result:
+    if name == "hf":
+        subset = sg.workload.head(args.baseline_num_prompts or len(sg.workload.prompts))
+        return bench_hf(model_dir, subset, sg.device, sg.dtype, args.load_format == "dummy", args.seed)
+    from .llamacpp_baseline import LlamaCppOptions
+
+    options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=args.llamacpp_threads or torch.get_num_threads(),
+                              gpu=sg.device.type == "cuda")
+    return bench_llamacpp(model_dir, sg.workload, options)
 
 
 def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = None) -> Result:
@@ -154,7 +252,7 @@ def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = 
     at their output length), so the throughput counts the tokens actually generated."""
     warm = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
     # Warm up on prompts outside the workload, so the radix cache holds nothing the workload could hit.
-    engine.generate(input_ids=[[p[0]] * 8 for p in workload.prompts[:2]], sampling_params=warm)
+    engine.generate(input_ids=workload.warmup_prompts(), sampling_params=warm)
     before = engine.metrics()
     params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True, json_schema=json_schema)
               for n in workload.output_lens]
@@ -229,18 +327,59 @@ def bench_hf(model_dir: Path, workload: Workload, device: torch.device, dtype: t
     return Result("HF generate (batch 1)", workload, time.perf_counter() - start)
 
 
+def bench_llamacpp(model_dir: Path, workload: Workload, options) -> Result:
+    """llama.cpp (xllamacpp) on an F32 GGUF of ``model_dir``, every prompt submitted at once, greedy, exactly
+    ``output_len`` tokens each; a short warm-up request first (see `llamacpp_baseline`)."""
+    from . import llamacpp_baseline as llamacpp
+    from .models.gguf_writer import cached_gguf
+
+    gguf = cached_gguf(model_dir, "F32")
+    parallel = options.parallel or len(workload.prompts)
+    slot_ctx = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)) + 8
+    print(f"[bench] llama.cpp: {gguf.name}, {parallel} slots x {slot_ctx} tokens, {options.threads} threads",
+          flush=True)
+    server = llamacpp.start_server(gguf, parallel, slot_ctx, options)
+    try:
+        llamacpp.complete(server, workload.warmup_prompts(1)[0], 4)
+        start = time.perf_counter()
+        outs = llamacpp.run_all(server, workload.prompts, workload.output_lens, workers=parallel)
+        seconds = time.perf_counter() - start
+    finally:
+        del server
+        gc.collect()
+    llamacpp.check_completions(outs, workload.prompts, workload.output_lens)
+    hit = sum(c.cached_tokens for c in outs) / max(1, workload.input_tokens)
+    return Result(f"llama.cpp ({parallel} slots)", workload, seconds, hit)
+
+
 def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:
+    """One row per engine: tokens, seconds, output and total (input + output) tokens/s, prefix-cache hits."""
     base = results[0]
     print()
     print(f"device: {_device_name(device)}, dtype: {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
-    header = f"{'engine':<24}{'prompts':>8}{'in tok':>9}{'out tok':>9}{'seconds':>10}{'out tok/s':>11}{'sglite x':>10}{'cache hit':>11}"
+    header = (f"{'engine':<24}{'prompts':>8}{'in tok':>9}{'out tok':>9}{'seconds':>10}{'out tok/s':>11}"
+              f"{'total tok/s':>13}{'sglite x':>10}{'cache hit':>11}")
     print(header)
     print("-" * len(header))
     for r in results:
         ratio = base.output_tok_s / r.output_tok_s
         hit = f"{r.cache_hit_rate:.1%}" if r.cache_hit_rate is not None else "-"
         print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.generated:>9}"
-              f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{ratio:>10.2f}{hit:>11}")
+              f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{r.total_tok_s:>13.1f}{ratio:>10.2f}{hit:>11}")
+
+
+def print_cache_report(results: list[Result]) -> None:
+    """With a shared prefix: each engine's cached prompt tokens against the most a prefix cache could serve."""
+    w = results[0].workload
+    if not w.prefix_len:
+        return
+    best = w.max_cached_tokens / w.input_tokens
+    print(f"\nshared prefix: {w.prefix_len} tokens x {w.prefix_groups} group(s); theoretical maximum cached "
+          f"{w.max_cached_tokens} of {w.input_tokens} prompt tokens ({best:.1%})")
+    for r in results:
+        if r.cache_hit_rate is not None:
+            share = r.cache_hit_rate / best if best else 0.0
+            print(f"{r.name}: cached {r.cache_hit_rate:.1%} of prompt tokens = {share:.1%} of the maximum")
 
 
 @dataclass(frozen=True)
@@ -328,7 +467,9 @@ def _sync(device: torch.device) -> None:
 def _as_dict(r: Result) -> dict:
     return {"engine": r.name, "prompts": len(r.workload.prompts), "input_tokens": r.workload.input_tokens,
             "output_tokens": r.generated, "seconds": r.seconds, "output_tok_s": r.output_tok_s,
-            "cache_hit_rate": r.cache_hit_rate, "mask_ms_per_step": r.mask_ms_per_step}
+            "total_tok_s": r.total_tok_s, "cache_hit_rate": r.cache_hit_rate,
+            "max_cache_hit_rate": r.workload.max_cached_tokens / r.workload.input_tokens,
+            "mask_ms_per_step": r.mask_ms_per_step}
 
 
 def _parse_engine_arg(text: str) -> tuple[str, object]:
