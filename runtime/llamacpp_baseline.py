@@ -8,12 +8,15 @@ slot per concurrent request (``n_parallel``), continuous batching, ``n_ctx = n_p
 longest prompt plus its output), the prompt cache on, and as many threads as sglite's torch uses. Requests carry
 token ids (llama.cpp evaluates them as given, no BOS added: checked on each reply's ``prompt_tokens``), greedy
 (``temperature 0``), ``n_predict`` = the output length with ``ignore_eos``, so both engines see the same prompts
-and produce the same number of tokens.
+and produce the same number of tokens. `generated_ids` reads the token ids of a completion (untimed checks: the
+F32 GGUF's greedy output equals HF's).
 """
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +36,11 @@ class LlamaCppOptions:
 
 @dataclass(frozen=True)
 class Completion:
-    """What one request produced: llama.cpp's token accounting and, when asked for, the generated ids (from the
-    reply's logprobs, which omit a last token whose bytes end inside a UTF-8 character)."""
+    """What one request produced, in llama.cpp's token accounting."""
 
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: int
-    token_ids: list[int] | None = None
 
 
 def start_server(gguf: Path, n_parallel: int, slot_ctx: int, options: LlamaCppOptions) -> Any:
@@ -60,28 +61,38 @@ def start_server(gguf: Path, n_parallel: int, slot_ctx: int, options: LlamaCppOp
     return xllamacpp.Server(params)
 
 
-def complete(server: Any, prompt: list[int], max_tokens: int, token_ids: bool = False) -> Completion:
-    """One greedy completion of the token ids ``prompt``, exactly ``max_tokens`` long (EOS ignored); with
-    ``token_ids`` the generated ids too (llama.cpp then computes logprobs: not for timed runs).
+def _request(prompt: list[int], max_tokens: int) -> dict:
+    return {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "ignore_eos": True, "cache_prompt": True}
+
+
+def complete(server: Any, prompt: list[int], max_tokens: int) -> Completion:
+    """One greedy completion of the token ids ``prompt``, exactly ``max_tokens`` long (EOS ignored), through
+    ``Server.handle_completions`` (the OpenAI-style reply: text and usage, no token ids).
 
     Raises:
         RuntimeError: llama.cpp answered with an error.
     """
-    request = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "ignore_eos": True,
-               "cache_prompt": True, "stream": False}
-    if token_ids:
-        request["logprobs"] = 1
     replies: list[Any] = []
-    server.handle_completions(request, replies.append)
+    server.handle_completions({**_request(prompt, max_tokens), "stream": False}, replies.append)
     reply = replies[0] if replies else {"error": "no reply"}
     if isinstance(reply, list):
         reply = reply[0]
     if "error" in reply:
         raise RuntimeError(f"llama.cpp: {reply['error']}")
     usage = reply["usage"]
-    ids = [t["id"] for t in reply["choices"][0]["logprobs"]["content"]] if token_ids else None
     return Completion(usage["completion_tokens"], usage["prompt_tokens"],
-                      (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), ids)
+                      (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+
+
+def generated_ids(server: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    """The token ids of one greedy completion, for checks (not timed): llama.cpp's native ``/completion`` over the
+    server's local HTTP port with ``return_tokens`` (the OpenAI-style reply has only text, and its logprobs are
+    null when the text is not valid UTF-8)."""
+    body = json.dumps({**_request(prompt, max_tokens), "return_tokens": True}).encode()
+    request = urllib.request.Request(f"{server.listening_address}/completion", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        return json.loads(reply.read())["tokens"]
 
 
 def run_all(server: Any, prompts: list[list[int]], output_lens: list[int], workers: int) -> list[Completion]:
