@@ -2,7 +2,9 @@
 
 Each step it either admits waiting requests into a prefill (extend) batch under the token budgets, or runs one
 decode step for every running request. When the pool cannot hold the next decode step it retracts the requests
-with the fewest decoded tokens back to the waiting queue (their output is kept and re-prefilled later). Everything
+with the fewest decoded tokens back to the waiting queue (their output is kept and re-prefilled later). Prefixes
+are shared while requests run (runtime/prefix_sharing.py): each prefill (chunk) enters the radix tree right after its
+forward is issued, and a request reuses what an earlier request of its own prefill batch computes. Everything
 here runs on the scheduler thread; other threads talk to it only through the engine's inbox.
 """
 
@@ -312,10 +314,7 @@ class Scheduler:
         for req in self._ordered_waiting():
             if len(reqs) >= free_rows or token_budget <= 0:
                 break
-            prefix_slots, node = self._match(req)
-            shared = 0
-            if peers is not None:  # what an earlier request of this batch computes is as good as cached
-                prefix_slots, shared = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
+            prefix_slots, node, shared = self._match_in_batch(req, peers)
             extend = len(req.input_ids) + len(req.output_ids) - len(prefix_slots)
             need = extend + min(req.remaining_new_tokens, RESERVE_CLIP)
             alone = not self.running and not reqs
@@ -359,6 +358,19 @@ class Scheduler:
         if self.limits.disable_radix_cache:
             return torch.empty(0, dtype=torch.int64), None
         return self.tree.match_prefix(req.fill_ids[:-1])
+
+    def _match_in_batch(
+        self, req: Req, peers: BatchPrefixIndex | None
+    ) -> tuple[torch.Tensor, "TreeNode | None", int]:
+        """``_match`` lengthened by what the requests admitted before ``req`` into this prefill batch compute of
+        its tokens (``peers``; None without a radix cache), and how many of the slots are theirs (borrowed). The
+        node covers only the tree's part: the borrowed slots stay valid because their owners run in the same
+        forward, and enter the tree before ``req``'s own insert (``cache_prefilled``)."""
+        prefix_slots, node = self._match(req)
+        if peers is None:
+            return prefix_slots, node, 0
+        prefix_slots, borrowed = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
+        return prefix_slots, node, borrowed
 
     def _admit(self, req: Req, n: int, prefix_slots: torch.Tensor, node: "TreeNode | None") -> torch.Tensor | None:
         """Give ``req`` a table row, lock its cached prefix and return ``n`` new slots for it; None (and nothing
