@@ -40,8 +40,8 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
     seed: int = Field(0, description="seed of the engine's default random generator")
     # GPU fast path
-    attention_backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="auto = triton on CUDA, the torch reference elsewhere"
+    attention_backend: Literal["auto", "torch", "triton", "cpu"] = Field(
+        "auto", description="auto = triton on CUDA, cpu (a C++ kernel) on the CPU; torch = the reference anywhere"
     )
     disable_cuda_graph: bool = Field(False, description="run decode eagerly instead of as CUDA-graph replays")
     cuda_graph_max_bs: int | None = Field(None, ge=1, description="largest decode batch captured (default 256)")

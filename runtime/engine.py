@@ -625,11 +625,20 @@ def _eos_ids(checkpoint: Checkpoint, tokenizer) -> frozenset[int]:
 def _make_attention_backend(
     choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device
 ) -> AttentionBackend:
+    """``auto``: triton on CUDA, the C++ CPU kernel on the CPU; ``torch``: the reference anywhere."""
     sm_scale = cfg.head_dim**-0.5
-    if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" else "cpu"
+    if choice == "triton":
         if device.type != "cuda":
             raise ConfigError("attention_backend='triton' needs a CUDA device")
         from .attention_triton import TritonAttentionBackend
 
         return TritonAttentionBackend(kv_pool, req_to_token, sm_scale, num_q_heads=cfg.num_heads)
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ConfigError("attention_backend='cpu' needs device='cpu'")
+        from .attention_cpu import CpuAttentionBackend  # imported here: the CUDA path never loads the CPU kernel
+
+        return CpuAttentionBackend(kv_pool, req_to_token, sm_scale)
     return TorchAttentionBackend(kv_pool, req_to_token, sm_scale)
