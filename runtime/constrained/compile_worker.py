@@ -229,6 +229,9 @@ def _serve(fd: int) -> None:
     _, tokens, special, eos, n_vocab = conn.recv()
     lltok = rebuild_tokenizer(tokens, special, eos, n_vocab)
     limits = llguidance.LLParserLimits(verbose_errors=False)
+    # Pay first-use costs (numpy's import, llguidance's lazy set-up) before saying ready: they would otherwise be
+    # counted against the first grammar a fresh worker gets, the one right after a timed-out compile was killed.
+    compile_once(lltok, limits, "regex", "a")
     conn.send(("ready",))
     while True:
         try:
