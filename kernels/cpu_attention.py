@@ -342,6 +342,8 @@ def load():
     Raises RuntimeError naming the cause and the way out (``attention_backend="torch"``) when it cannot be built.
     """
     global _module, compile_seconds
+    if _module is not None:  # the hot path: no lock once built
+        return _module
     with _lock:
         if _module is None:
             name, flags = _build_flags()
@@ -364,7 +366,9 @@ def load():
         return _module
 
 
-def _check(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor) -> None:
+def check_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor) -> None:
+    """Raise ValueError unless q, the pool and the table are what the kernel reads: CPU tensors, one dtype,
+    ``Hq`` a multiple of ``Hkv``, one head dim, an int32 table with contiguous rows, pool rows contiguous."""
     if q.device.type != "cpu":
         raise ValueError(f"the CPU attention kernel needs CPU tensors, got {q.device}")
     if not q.dtype == k_buffer.dtype == v_buffer.dtype:
@@ -400,11 +404,28 @@ def decode_attention_cpu(
     """The contract of ``decode_attention_ref`` on CPU tensors: ``q [B, Hq, D]`` -> ``o [B, Hq, D]``, request b
     attends to positions ``[0, seq_lens[b])``; with ``new_token``, q and its k are rotated first and its K/V stored
     at ``new_token.loc`` (in place on the pool). ``req_to_token`` is int32; rows of q/k/v may be strided views."""
-    _check(q, k_buffer, v_buffer, req_to_token)
+    check_inputs(q, k_buffer, v_buffer, req_to_token)
+    return decode_attention_cpu_unchecked(
+        q, k_buffer, v_buffer, req_to_token, _i64(req_pool_indices), _i64(seq_lens), sm_scale, new_token
+    )
+
+
+def decode_attention_cpu_unchecked(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    new_token: NewToken | None = None,
+) -> torch.Tensor:
+    """``decode_attention_cpu`` without its checks, for a caller that validated the pool once and passes
+    contiguous int64 ``req_pool_indices``/``seq_lens`` (the backend, once per forward instead of once per layer)."""
     mod = load()
     q = _rows(q)
     out = torch.empty(q.shape, dtype=q.dtype)
-    args = (k_buffer, v_buffer, req_to_token, _i64(req_pool_indices), _i64(seq_lens), out, float(sm_scale))
+    args = (k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, out, float(sm_scale))
     if new_token is None:
         mod.decode_attention(q, *args)
     else:
@@ -428,7 +449,7 @@ def extend_attention_cpu(
     """The contract of ``extend_attention_ref`` on CPU tensors: ``q [T, Hq, D]`` (rotated, the new tokens' K/V
     already in the pool) -> ``o [T, Hq, D]``; new token j of request b sees positions ``<= prefix_b + j``. Rows of
     q not owned by any request are left uninitialised, as the reference leaves them."""
-    _check(q, k_buffer, v_buffer, req_to_token)
+    check_inputs(q, k_buffer, v_buffer, req_to_token)
     mod = load()
     q = _rows(q)
     out = torch.empty(q.shape, dtype=q.dtype)

@@ -24,9 +24,16 @@ class CpuAttentionBackend(AttentionBackend):
         if req_to_token.device.type != "cpu":
             raise ValueError("CpuAttentionBackend needs the KV pool and request table on the CPU")
         cpu_attention.load()
+        # the pool's layout is fixed for the engine's life: checked here once (dtype, strides, table type)
+        q_probe = torch.empty(0, kv_pool.k_buffers[0].shape[1], kv_pool.k_buffers[0].shape[2],
+                              dtype=kv_pool.k_buffers[0].dtype)
+        cpu_attention.check_inputs(q_probe, kv_pool.k_buffers[0], kv_pool.v_buffers[0], req_to_token)
+        self._rows = self._lens = torch.empty(0, dtype=torch.int64)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        pass  # the kernel reads lengths and rows from the batch directly
+        """Validate the pool and make the index arrays int64-contiguous once per forward, not once per layer."""
+        self._rows = batch.req_pool_indices.to(torch.int64).contiguous()
+        self._lens = batch.seq_lens.to(torch.int64).contiguous()
 
     def store_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         store_kv_ref(self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id], loc, k, v)
@@ -45,13 +52,13 @@ class CpuAttentionBackend(AttentionBackend):
         )
 
     def forward_decode(self, q: torch.Tensor, new_token: NewToken, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        return cpu_attention.decode_attention_cpu(
+        return cpu_attention.decode_attention_cpu_unchecked(
             q,
             self.kv_pool.k_buffers[layer_id],
             self.kv_pool.v_buffers[layer_id],
             self.req_to_token,
-            batch.req_pool_indices,
-            batch.seq_lens,
+            self._rows,
+            self._lens,
             self.sm_scale,
             new_token,
         )
