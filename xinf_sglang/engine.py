@@ -6,6 +6,10 @@ requests through ``async_generate`` / ``async_chat`` on the model actor's event 
 tells the model actor not to serialise requests behind a lock, so concurrent requests reach the runtime
 together and share its continuous batch.
 
+This module is the adapter: discovery (``match_json``, via :mod:`xinf_sglang.matching`), load and lifecycle, and
+request dispatch with its bookkeeping. Chat templates, stops, tools and reasoning are in :mod:`xinf_sglang.chat`;
+the OpenAI payloads built from the runtime's stream in :mod:`xinf_sglang.openai_format`.
+
 Request errors: Xinference 4.1's REST layer turns exactly one exception type from an engine into an HTTP 400,
 ``xinference.model.llm.context_length.ContextLengthExceeded`` (everything else is a 500). So invalid requests
 raise :class:`SgliteRequestError`, a subclass of it. Xinference's chat endpoint replaces the detail of that 400
@@ -18,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import os
-import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, List, Optional, Tuple, Union
@@ -30,7 +32,10 @@ from xinference.model.llm.context_length import ContextLengthExceeded
 from xinference.model.llm.core import LLM, chat_context_var
 from xinference.model.llm.utils import ChatModelMixin
 
+from . import chat
 from .launch_options import LaunchOptions, split_model_config, to_engine_config
+from .matching import GGUF_FORMAT, SUPPORTED_ARCHITECTURES, gguf_file, match_model
+from .openai_format import collect_completion, completion_chunks
 from .registration import ENGINE_NAME, complete_late_registration, declare_in_virtualenv
 from .request_mapping import RequestMappingError, RequestOptions, map_request
 
@@ -40,13 +45,6 @@ if TYPE_CHECKING:
     from .runtime import Engine, StreamChunk
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_FORMAT = "pytorch"  # Xinference's name for unquantized HF checkpoints (safetensors or .bin)
-GGUF_FORMAT = "ggufv2"  # llama.cpp files; dequantized at load
-# GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
-GGUF_QUANTIZATIONS = re.compile(r"(?i)^(F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q2_K(_S)?|Q3_K_[SML]|Q4_K_[SM]|Q5_K_[SM]|Q6_K)$")
-_TEXT_ONLY_BLOCKERS = ("vision", "audio", "omni", "embed")
 
 
 class SgliteRequestError(ContextLengthExceeded):
@@ -114,7 +112,7 @@ class SgliteModel(LLM):
     ) -> Union[bool, Tuple[bool, str]]:
         """Whether sglite can serve this family + spec; ``(False, reason)`` otherwise (shown in the web UI)."""
         declare_in_virtualenv(llm_family)  # also reached from the engine listing, which calls match_json directly
-        return _match_model(llm_family, llm_spec, quantization, need_chat=False)
+        return match_model(llm_family, llm_spec, quantization, need_chat=False)
 
     # ---- lifecycle ----
 
@@ -135,7 +133,7 @@ class SgliteModel(LLM):
             raise ValueError(f"sglite cannot load {self.model_path}: {e}") from None
         self._tokenizer = self._engine.tokenizer
         self._context_length = int(self._engine.context_length)
-        self._prepare_parsers()
+        chat.prepare_parsers(self, self._reasoning_content, self._enable_thinking)
         logger.info(
             "%s: %s loaded on %s in %.1fs, context_length=%d",
             ENGINE_NAME, self.model_uid, options.device, time.monotonic() - started, self._context_length,
@@ -146,13 +144,6 @@ class SgliteModel(LLM):
         if self.model_spec.model_format == GGUF_FORMAT:
             return gguf_file(self.model_path, self.model_spec)
         return self.model_path
-
-    def _prepare_parsers(self) -> None:
-        """Reasoning / tool-call parsers of the family (Xinference's own, as the other engines use them)."""
-        family = self.model_family
-        if family.reasoning_start_tag or family.reasoning_end_tag or "reasoning" in family.model_ability:
-            self.prepare_parse_reasoning_content(self._reasoning_content, enable_thinking=self._enable_thinking)
-        self.prepare_parse_tool_calls()
 
     def stop(self) -> None:
         """Shut the runtime down (aborts what is left and frees the KV pool and the weights)."""
@@ -246,10 +237,10 @@ class SgliteModel(LLM):
             first = await stream.__anext__()
         except StopAsyncIteration:  # pragma: no cover - the runtime always ends with a finish chunk
             raise RuntimeError("sglite returned no output")
-        chunks = _completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo)
+        chunks = completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo)
         if opts.stream:
             return chunks
-        return await _collect_completion(chunks, request_id, self.model_uid)
+        return await collect_completion(chunks, request_id, self.model_uid)
 
     def _sampling_params(self, sampling: Dict[str, Any], opts: RequestOptions, prompt_tokens: int) -> Any:
         from .runtime import SamplingParams
@@ -305,65 +296,22 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         SgliteModel.__init__(self, *args, **kwargs)
         ChatModelMixin.__init__(self)
         self._chat_template: Optional[str] = None
-        self._chat_stop_token_ids: List[int] = []
-        self._chat_stop_strings: List[str] = []
+        self._chat_stops = chat.ChatStops()
 
     @classmethod
     def match_json(
         cls, llm_family: "LLMFamilyV2", llm_spec: "LLMSpecV1", quantization: str
     ) -> Union[bool, Tuple[bool, str]]:
         declare_in_virtualenv(llm_family)
-        return _match_model(llm_family, llm_spec, quantization, need_chat=True)
+        return match_model(llm_family, llm_spec, quantization, need_chat=True)
 
     def load(self) -> None:
+        """Load the runtime (see :meth:`SgliteModel.load`), then the chat template and the chat stops."""
         super().load()
-        self._chat_template = self._select_chat_template()
-        self._chat_stop_token_ids, self._chat_stop_strings = self._family_stops()
-
-    def _select_chat_template(self) -> str:
-        """The family's template, or the checkpoint's own when the family has none.
-
-        A custom registration without ``chat_template`` gets its ``model_family`` *name* as template from
-        Xinference; that is not Jinja, so the checkpoint's template (tokenizer_config / chat_template.jinja)
-        is used instead.
-        """
-        template = self.model_family.chat_template
-        if template and ("{{" in template or "{%" in template):
-            return template
-        own = getattr(self._tokenizer, "chat_template", None)
-        if isinstance(own, dict):  # several named templates: take the default one
-            own = own.get("default") or next(iter(own.values()), None)
-        if not own:
-            raise ValueError(
-                f"{self.model_uid}: the model family has no chat template and the checkpoint at {self.model_path} "
-                "ships none; register the model with a chat_template"
-            )
-        return own
-
-    def _family_stops(self) -> Tuple[List[int], List[str]]:
-        """Token ids / strings that end a chat turn, resolved against this checkpoint's tokenizer.
-
-        A family's ``stop_token_ids`` are only valid for the checkpoints it was written for (a built-in family
-        launched with ``--model-path`` on another tokenizer may not have them); its ``stop`` strings are mapped
-        to this tokenizer's ids when they are single tokens (chat markers such as ``<|im_end|>``), which also
-        works when special tokens are skipped from the text.
-        """
-        tok = self._tokenizer
-        vocab = len(tok)
-        ids: set[int] = set()
-        strings: List[str] = []
-        for s in self.model_family.stop or []:
-            token_id = tok.convert_tokens_to_ids(s)
-            if isinstance(token_id, int) and 0 <= token_id < vocab and token_id != tok.unk_token_id:
-                ids.add(token_id)
-            else:
-                strings.append(s)
-        stop_strings = set(self.model_family.stop or [])
-        for i in self.model_family.stop_token_ids or []:
-            # Trust a family id only if it names one of the family's stop strings in *this* vocabulary.
-            if 0 <= i < vocab and (not stop_strings or tok.convert_ids_to_tokens(i) in stop_strings):
-                ids.add(i)
-        return sorted(ids), strings
+        self._chat_template = chat.select_chat_template(
+            self.model_family, self._tokenizer, self.model_uid, self.model_path
+        )
+        self._chat_stops = chat.ChatStops.of_family(self.model_family, self._tokenizer)
 
     async def async_chat(
         self,
@@ -376,49 +324,28 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         config = dict(generate_config or {})
         anthropic = bool(config.get("_anthropic_request", False))
         sampling, opts = _map(config, "chat")
-        tools = opts.tools if self._family_supports_tools() else None
-        if opts.tools and tools is None:
-            raise SgliteRequestError(f"model family {self.model_family.model_name} does not support tools")
-
-        template_kwargs = self._get_chat_template_kwargs_from_generate_config(
-            {"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else None,
-            self.reasoning_parser,
-        ) or {}
+        tools = self._chat_tools(opts)
+        template_kwargs = chat.template_kwargs(self, opts.chat_template_kwargs)
         chat_context_var.set(template_kwargs)
-        render_kwargs = dict(template_kwargs)
-        if tools:
-            render_kwargs["tools"] = tools
+        render_kwargs = {**template_kwargs, "tools": tools} if tools else dict(template_kwargs)
         self._check_messages(messages, tools)
         # Rendered and tokenized on a thread (the context variable travels with it): a slow request must not
         # stall the model actor's event loop, which every other request of this model goes through.
         input_ids = await asyncio.to_thread(self._render_and_encode, messages, render_kwargs)
-
-        sampling = self._with_chat_stops(sampling, tools)
-        parallel = opts.parallel_tool_calls
-        want_stream = opts.stream
+        sampling = self._chat_stops.apply(sampling, keep_special_tokens=bool(tools) or chat.thinking_enabled(self))
         completion = await self._run(input_ids, sampling, opts, request_id)
-        ctx = {**template_kwargs, "_anthropic_request": anthropic}
-        if want_stream:
+        if opts.stream:
             assert not isinstance(completion, dict)
-            if tools:
-                chunks = self._async_to_tool_completion_chunks(completion, ctx, tools)
-            else:
-                chunks = self._async_to_chat_completion_chunks(completion, self.reasoning_parser, ctx)
-            if not parallel:
-                from xinference.model.llm.tool_controls import single_tool_stream
-
-                return single_tool_stream(chunks)
-            return chunks
+            ctx = {**template_kwargs, "_anthropic_request": anthropic}
+            return chat.chat_stream(self, completion, tools, ctx, opts.parallel_tool_calls)
         assert isinstance(completion, dict)
-        if tools:
-            result = self._post_process_completion(self.model_family, self.model_uid, completion, tools)
-        else:
-            result = self._to_chat_completion(completion, self.reasoning_parser)
-        if not parallel:
-            from xinference.model.llm.tool_controls import single_tool_completion
+        return chat.chat_reply(self, completion, tools, opts.parallel_tool_calls)
 
-            result = single_tool_completion(result)
-        return result
+    def _chat_tools(self, opts: RequestOptions) -> Optional[List[Dict[str, Any]]]:
+        """The request's tools; refused when the family cannot call tools."""
+        if opts.tools and not chat.supports_tools(self):
+            raise SgliteRequestError(f"model family {self.model_family.model_name} does not support tools")
+        return opts.tools or None
 
     def _check_messages(self, messages: Any, tools: Optional[List[Dict[str, Any]]]) -> None:
         """Cheap bounds before templating: no more messages than context tokens, every string valid Unicode,
@@ -447,117 +374,16 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
     def _render_and_encode(self, messages: List[Dict[str, Any]], render_kwargs: Dict[str, Any]) -> List[int]:
         """The chat prompt's token ids (runs on a worker thread)."""
         try:
-            prompt = self.get_full_context(
-                self.prefill_messages(messages), self._chat_template, tokenizer=self._tokenizer, **render_kwargs
-            )
+            prompt = chat.render_prompt(self, messages, self._chat_template, self._tokenizer, render_kwargs)
         except Exception as e:  # a template that rejects the messages (roles, order) is the client's error
             raise SgliteRequestError(f"the chat template could not render these messages: {e}") from None
         self._check_text(prompt, "the rendered chat prompt")
         # The rendered template already holds BOS / chat markers: encode without adding special tokens.
         return self._encode(prompt, add_special_tokens=False)
 
-    def _family_supports_tools(self) -> bool:
-        return "tools" in self.model_family.model_ability and self.tool_parser is not None
-
-    def _with_chat_stops(self, sampling: Dict[str, Any], tools: Optional[List[Dict[str, Any]]]) -> Dict[str, Any]:
-        """Add the family's end-of-turn tokens (always) and its other stop strings (when the client gave none)."""
-        sampling = dict(sampling)
-        ids = list(sampling.get("stop_token_ids") or [])
-        sampling["stop_token_ids"] = ids + [i for i in self._chat_stop_token_ids if i not in ids]
-        if self._chat_stop_strings and not sampling.get("stop"):
-            sampling["stop"] = list(self._chat_stop_strings)
-        if (tools or self._thinking_enabled()) and "skip_special_tokens" not in sampling:
-            # Tool-call and reasoning markers can be special tokens; the parsers need to see them.
-            sampling["skip_special_tokens"] = False
-        return sampling
-
-    def _thinking_enabled(self) -> bool:
-        parser = self.reasoning_parser
-        return bool(parser and parser.reasoning_end_tag and parser.is_enable_thinking())
-
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _match_model(
-    family: "LLMFamilyV2", spec: "LLMSpecV1", quantization: str, need_chat: bool
-) -> Union[bool, Tuple[bool, str]]:
-    archs = _architectures(family, spec)
-    serves = (
-        f"sglite serves {SUPPORTED_FORMAT} (safetensors) and {GGUF_FORMAT} checkpoints of "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
-    fmt = spec.model_format
-    if fmt not in (SUPPORTED_FORMAT, GGUF_FORMAT):
-        return False, f"{serves}; this spec is {fmt}"
-    if fmt == SUPPORTED_FORMAT and quantization not in (None, "", "none"):
-        return False, f"{serves}; {fmt} specs without quantization only, this one is quantized ({quantization})"
-    if fmt == GGUF_FORMAT and not GGUF_QUANTIZATIONS.match(quantization or ""):
-        return False, (
-            f"sglite dequantizes GGUF files of types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K quants "
-            f"Q2_K..Q6_K; this spec is {quantization}"
-        )
-    if not archs:
-        return False, (
-            f"{serves}; the architecture of {family.model_name} is unknown: add "
-            f'"architectures": ["Qwen2ForCausalLM"] (or another one) to the model registration'
-        )
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        return False, f"{serves}; {family.model_name} is {', '.join(archs)}"
-    abilities = set(family.model_ability or [])
-    blocked = [a for a in _TEXT_ONLY_BLOCKERS if a in abilities]
-    if blocked:
-        return False, f"sglite serves text-only models; {family.model_name} has {', '.join(blocked)} ability"
-    if need_chat and "chat" not in abilities:
-        return False, "the sglite chat engine needs a family with chat ability"
-    if not need_chat and "generate" not in abilities and "chat" not in abilities:
-        return False, "sglite needs a family with generate or chat ability"
-    return True
-
-
-def _architectures(family: "LLMFamilyV2", spec: "LLMSpecV1") -> List[str]:
-    """The family's architectures, else those of a local checkpoint's config.json (custom registrations)."""
-    resolve = getattr(family, "_resolve_architectures", None)
-    archs = resolve() if callable(resolve) else getattr(family, "architectures", None)
-    if archs:
-        return list(archs)
-    uri = getattr(spec, "model_uri", None) or ""
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if path and spec.model_format == GGUF_FORMAT:
-        return _gguf_architectures(path, spec)
-    config = os.path.join(path, "config.json") if path else ""
-    if config and os.path.isfile(config):
-        try:
-            with open(config, encoding="utf-8") as f:
-                return list(json.load(f).get("architectures") or [])
-        except (OSError, ValueError):
-            return []
-    return []
-
-
-def _gguf_architectures(path: str, spec: "LLMSpecV1") -> List[str]:
-    """The architecture of a local GGUF file, read from its header (no torch, a few hundred bytes)."""
-    from .runtime.models.gguf_header import hf_architecture
-
-    try:
-        arch = hf_architecture(gguf_file(path, spec))
-    except (OSError, ValueError):
-        return []
-    return [arch] if arch else []
-
-
-def gguf_file(model_path: str, spec: "LLMSpecV1") -> str:
-    """The GGUF file Xinference means: ``model_path`` itself, or the spec's file (first part of a split file)
-    in the ``model_path`` folder, as Xinference's llama.cpp engine resolves it."""
-    if os.path.isfile(model_path):
-        return model_path
-    quantization = spec.quantization
-    parts = (getattr(spec, "quantization_parts", None) or {}).get(quantization)
-    split_template = getattr(spec, "model_file_name_split_template", None)
-    if split_template and parts:
-        return os.path.join(model_path, split_template.format(quantization=quantization, part=parts[0]))
-    return os.path.join(model_path, spec.model_file_name_template.format(quantization=quantization))
 
 
 def _strings(value: Any, where: str) -> List[Tuple[str, str]]:
@@ -607,87 +433,6 @@ def _default_max_tokens(context_length: int, prompt_tokens: int) -> int:
 
     room = max(context_length - prompt_tokens, 0)
     return min(room, XINFERENCE_MAX_TOKENS) if XINFERENCE_MAX_TOKENS else room
-
-
-def _usage(chunk: "StreamChunk") -> Dict[str, Any]:
-    return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens},
-    }
-
-
-def _completion_chunk(
-    request_id: str, model_uid: str, text: Optional[str], finish_reason: Optional[str], usage: Optional[Dict]
-) -> Dict[str, Any]:
-    choices = [] if text is None else [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]
-    chunk: Dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model_uid,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-async def _completion_chunks(
-    first: "StreamChunk",
-    rest: AsyncGenerator["StreamChunk", None],
-    request_id: str,
-    model_uid: str,
-    include_usage: bool,
-    echo: str,
-) -> AsyncGenerator[Dict[str, Any], None]:
-    """Runtime stream chunks -> OpenAI ``CompletionChunk`` dicts (usage on the final one, cached tokens too).
-
-    Closing this generator closes ``rest`` (the runtime stream), which aborts the request.
-    """
-    try:
-        chunk: Optional["StreamChunk"] = first
-        pending_echo = echo
-        while chunk is not None:
-            text = pending_echo + chunk.text
-            pending_echo = ""
-            if chunk.finish_reason is not None:
-                usage = _usage(chunk)
-                yield _completion_chunk(request_id, model_uid, text, chunk.finish_reason, usage)
-                if include_usage:
-                    yield _completion_chunk(request_id, model_uid, None, None, usage)
-                return
-            if text:
-                yield _completion_chunk(request_id, model_uid, text, None, None)
-            chunk = await rest.__anext__()
-    finally:
-        await rest.aclose()
-
-
-async def _collect_completion(
-    chunks: AsyncGenerator[Dict[str, Any], None], request_id: str, model_uid: str
-) -> Dict[str, Any]:
-    """Drain a completion stream into one ``Completion`` dict."""
-    text: List[str] = []
-    finish_reason: Optional[str] = None
-    usage: Optional[Dict[str, Any]] = None
-    try:
-        async for chunk in chunks:
-            for choice in chunk["choices"]:
-                text.append(choice.get("text") or "")
-                finish_reason = choice.get("finish_reason") or finish_reason
-            usage = chunk.get("usage") or usage
-    finally:
-        await chunks.aclose()
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model_uid,
-        "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
 
 
 # If xinference.model was bootstrapped by this module's own import (a model subprocess unpickling its engine),
