@@ -1,28 +1,26 @@
-"""``sglite bench offline``: throughput of the runtime on a random workload, next to baselines on the same
-prompts in the same run: HF ``generate`` (``--baseline hf``, one prompt at a time) and llama.cpp (``--baseline
-llamacpp``: xllamacpp on an F32 GGUF of the same weights, all prompts batched; see `llamacpp_baseline`).
+"""Offline throughput of the runtime on a random workload, next to baselines on the same prompts in the same
+run: HF ``generate`` (`bench_hf`, one prompt at a time) and llama.cpp (`bench_llamacpp`: xllamacpp on an F32 GGUF
+of the same weights, all prompts batched; see `llamacpp_baseline`); the report (table, prefix-cache share,
+grammar-mask time, roofline) and the device bandwidth probe. The command line is ``sglite bench offline``
+(:mod:`xinf_sglang.tools.bench`).
 
 Prompts are random token ids with uniformly drawn input and output lengths; EOS is ignored so every request
-produces exactly its output length. ``--shared-prefix N`` starts every prompt with the same N random tokens (one
-of ``--prefix-groups G`` prefixes), then its own ``--input-len`` random tokens, and reports the prompt tokens
-sglite served from its prefix cache against the most a cache could serve. ``--load-format dummy --model-config
-config.json`` benchmarks real model shapes with random weights (no checkpoint or tokenizer needed).
+produces exactly its output length. A shared prefix (`make_workload`'s ``shared_prefix``) starts every prompt with
+the same N random tokens (one of ``prefix_groups`` prefixes), then its own random tokens; the report compares the
+prompt tokens served from a prefix cache with the most a cache could serve (`Workload.max_cached_tokens`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import platform
 import random
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -98,48 +96,13 @@ class Result:
     def total_tok_s(self) -> float:
         return (self.workload.input_tokens + self.generated) / self.seconds
 
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    lo_i, hi_i = int(lo), int(hi or lo)
-    if not 1 <= lo_i <= hi_i:
-        raise argparse.ArgumentTypeError(f"expected A:B with 1 <= A <= B, got {text!r}")
-    return lo_i, hi_i
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True)
-    p = sub.add_parser("offline", help="offline throughput: all prompts submitted at once")
-    p.add_argument("--model", help="checkpoint folder (or use --model-config with --load-format dummy)")
-    p.add_argument("--model-config", help="a config.json to benchmark with random weights (--load-format dummy)")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=_range, default=(32, 256), help="A:B, uniform (default 32:256)")
-    p.add_argument("--output-len", type=_range, default=(32, 128), help="A:B, uniform (default 32:128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
-                   help="every prompt starts with the same N random tokens, then its own --input-len tokens")
-    p.add_argument("--prefix-groups", type=int, default=1, metavar="G",
-                   help="with --shared-prefix: G different prefixes, prompt i takes prefix i %% G (default 1)")
-    p.add_argument("--baseline", action="append", default=None, metavar="NAME[,NAME]",
-                   help="also time these on the same prompts: hf (HF generate, batch 1), llamacpp (xllamacpp on "
-                        "an F32 GGUF of the same weights, batched), none; comma-separated or repeated (default hf)")
-    p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
-    p.add_argument("--llamacpp-parallel", type=int, default=0, metavar="N",
-                   help="llama.cpp server slots (default: one per prompt, all prompts batched)")
-    p.add_argument("--llamacpp-threads", type=int, default=0, metavar="N",
-                   help="llama.cpp CPU threads (default: torch's intra-op threads, what sglite uses)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
-    p.add_argument("--json-schema", metavar="FILE",
-                   help="also run the same workload constrained to this JSON schema (needs a tokenizer) and report "
-                        "its throughput and the grammar-mask time per step next to the unconstrained run")
-    p.add_argument("--roofline", action="store_true",
-                   help="measure the device's copy and read bandwidth and print how close decode gets to the "
-                        "weight-read floor")
-    p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+    def as_dict(self) -> dict:
+        """One row of the JSON report."""
+        w = self.workload
+        return {"engine": self.name, "prompts": len(w.prompts), "input_tokens": w.input_tokens,
+                "output_tokens": self.generated, "seconds": self.seconds, "output_tok_s": self.output_tok_s,
+                "total_tok_s": self.total_tok_s, "cache_hit_rate": self.cache_hit_rate,
+                "max_cache_hit_rate": w.max_cached_tokens / w.input_tokens, "mask_ms_per_step": self.mask_ms_per_step}
 
 
 def parse_baselines(values: list[str] | None) -> list[str]:
@@ -183,48 +146,20 @@ class SgliteRun:
     weights_bytes: int
 
 
-def run(args: argparse.Namespace) -> int:
-    baselines = parse_baselines(args.baseline)
-    model_dir, cleanup = _model_dir(args)
-    try:
-        if "llamacpp" in baselines and args.load_format == "dummy":
-            raise SystemExit("--baseline llamacpp needs real weights (it runs a GGUF written from --model)")
-        sg = bench_sglite(args, model_dir)
-        results = sg.results + [_run_baseline(name, args, model_dir, sg) for name in baselines]
-        print_table(results, sg.device, sg.dtype)
-        print_cache_report(results)
-        print_mask_times(results)
-        if args.roofline:
-            print_roofline(results[0], sg.weights_bytes, sg.device)
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps([_as_dict(r) for r in results], indent=2))
-    finally:
-        if cleanup:
-            shutil.rmtree(model_dir, ignore_errors=True)
-    return 0
-
-
-def bench_sglite(args: argparse.Namespace, model_dir: Path) -> SgliteRun:
-    """Build the engine, make the workload from its vocabulary, time it (and the JSON-schema run), shut down."""
-    engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
-    has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    config = EngineConfig(
-        model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
-        seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
-    )
+def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
+                 json_schema: dict | None = None) -> SgliteRun:
+    """Build the engine, make the workload from its vocabulary size (``workload_for``), time it (and, with
+    ``json_schema``, the same prompts constrained to it, from a cold cache), shut the engine down."""
     engine = Engine(config)
     try:
-        workload = make_workload(engine.model_config.vocab_size, args.num_prompts, args.input_len,
-                                 args.output_len, args.seed, shared_prefix=args.shared_prefix,
-                                 prefix_groups=args.prefix_groups)
+        workload = workload_for(engine.model_config.vocab_size)
         print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens "
               f"({workload.prefix_len}-token shared prefix, {workload.prefix_groups} group(s)), "
               f"{workload.output_tokens} output tokens", flush=True)
         results = [bench_engine(engine, workload)]
-        if args.json_schema:
-            schema = json.loads(Path(args.json_schema).read_text())
+        if json_schema is not None:
             engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
-            results.append(bench_engine(engine, workload, json_schema=schema))
+            results.append(bench_engine(engine, workload, json_schema=json_schema))
         return SgliteRun(workload, results, engine.device, engine.dtype, engine.memory_plan.weights_bytes)
     finally:
         engine.shutdown()
@@ -234,15 +169,13 @@ def bench_sglite(args: argparse.Namespace, model_dir: Path) -> SgliteRun:
             torch.cuda.empty_cache()
 
 
-def _run_baseline(name: str, args: argparse.Namespace, model_dir: Path, sg: SgliteRun) -> Result:
-    if name == "hf":
-        subset = sg.workload.head(args.baseline_num_prompts or len(sg.workload.prompts))
-        return bench_hf(model_dir, subset, sg.device, sg.dtype, args.load_format == "dummy", args.seed)
-    from .llamacpp_baseline import LlamaCppOptions
-
-    options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=args.llamacpp_threads or torch.get_num_threads(),
-                              gpu=sg.device.type == "cuda")
-    return bench_llamacpp(model_dir, sg.workload, options)
+def print_report(results: list[Result], sg: SgliteRun, roofline: bool) -> None:
+    """The table, the prefix-cache report, grammar-mask times and (``roofline``) the roofline of sglite's run."""
+    print_table(results, sg.device, sg.dtype)
+    print_cache_report(results)
+    print_mask_times(results)
+    if roofline:
+        print_roofline(results[0], sg.weights_bytes, sg.device)
 
 
 def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = None) -> Result:
@@ -462,34 +395,3 @@ def _device_name(device: torch.device) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _as_dict(r: Result) -> dict:
-    return {"engine": r.name, "prompts": len(r.workload.prompts), "input_tokens": r.workload.input_tokens,
-            "output_tokens": r.generated, "seconds": r.seconds, "output_tok_s": r.output_tok_s,
-            "total_tok_s": r.total_tok_s, "cache_hit_rate": r.cache_hit_rate,
-            "max_cache_hit_rate": r.workload.max_cached_tokens / r.workload.input_tokens,
-            "mask_ms_per_step": r.mask_ms_per_step}
-
-
-def _parse_engine_arg(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise SystemExit(f"--engine-arg expects KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _model_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The folder to load: --model, or a temporary folder holding only --model-config (dummy weights)."""
-    if args.model_config:
-        if args.load_format != "dummy":
-            raise SystemExit("--model-config needs --load-format dummy (there are no weights to load)")
-        tmp = Path(tempfile.mkdtemp(prefix="sglite-bench-"))
-        shutil.copy(args.model_config, tmp / "config.json")
-        return tmp, True
-    if not args.model:
-        raise SystemExit("give --model DIR, or --model-config config.json with --load-format dummy")
-    return Path(args.model), False

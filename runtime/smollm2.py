@@ -21,7 +21,6 @@ wait on a file lock and the download happens once.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -181,20 +180,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``sglite fetch-smollm2`` arguments."""
-    parser.add_argument("--cache-dir", help=f"where to keep it (default {default_cache_dir()})")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Fetch the model and print its two paths."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        model = fetch_smollm2(args.cache_dir)
-    except FetchError as exc:
-        print(f"sglite fetch-smollm2: {exc}", file=sys.stderr)
-        return 1
-    print(f"gguf:    {model.gguf}\nhf_dir:  {model.hf_dir}")
-    return 0

@@ -11,16 +11,15 @@
 - ``generation_config.json``: stops on ``<|im_end|>`` and ``<|endoftext|>``.
 
 Same arch + seed + overrides give byte-identical weights and the same tokenizer (on one Python version:
-the training text is that version's standard library). The CLI is ``sglite make-tiny-model OUT``.
+the training text is that version's standard library). The CLI is ``sglite make-tiny-model OUT``
+(:mod:`xinf_sglang.tools.make_tiny_model`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import pathlib
-import sys
 import sysconfig
 import zlib
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -297,7 +296,7 @@ def _draw(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------------- size
 
 
 def parameter_count(checkpoint: str | os.PathLike[str]) -> int:
@@ -306,17 +305,3 @@ def parameter_count(checkpoint: str | os.PathLike[str]) -> int:
 
     with safe_open(str(pathlib.Path(checkpoint) / "model.safetensors"), framework="np") as f:
         return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``sglite make-tiny-model``."""
-    parser.add_argument("out", type=pathlib.Path, help="folder to write (must be missing or empty)")
-    parser.add_argument("--arch", choices=ARCHS, default="llama", help="model architecture (default: llama)")
-    parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the checkpoint and say where it went and how big it is."""
-    path = make_tiny_model(args.out, args.arch, args.seed)
-    print(f"wrote {args.arch} checkpoint (seed {args.seed}) to {path}: {parameter_count(path):,} parameters")
-    return 0
