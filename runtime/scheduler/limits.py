@@ -1,0 +1,43 @@
+"""The scheduler's fixed limits and its counters: plain values shared by its parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RESERVE_CLIP", "SchedulerLimits", "SchedulerStats"]
+
+# Admission reserves at most this many future tokens per request (SGLang's clip), so one huge max_new_tokens does
+# not block admission forever.
+RESERVE_CLIP = 4096
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running_requests: int
+    max_prefill_tokens: int
+    chunked_prefill_size: int
+    schedule_policy: str  # a key of policy.POLICIES: "fcfs" | "lpm"
+    disable_radix_cache: bool
+    overlap: bool = False  # launch decode step t+1 before processing step t's outputs (see Scheduler.step)
+
+
+@dataclass
+class SchedulerStats:
+    prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    retractions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    peak_running_requests: int = 0  # largest decode batch so far
+    peak_prefill_tokens: int = 0  # largest prefill batch so far, in new tokens
+    overlapped_steps: int = 0  # decode steps launched before the previous step was resolved
+    prefill_tokens: int = 0  # new tokens computed by prefill steps (cached prefixes excluded)
+    prefill_seconds: float = 0.0  # wall time of steps that launched or resolved a prefill
+    decode_seconds: float = 0.0  # wall time of the other steps
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0

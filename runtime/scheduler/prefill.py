@@ -1,0 +1,167 @@
+"""Prefill admission: which waiting requests enter the next prefill (extend) batch, under the token budgets.
+
+Budgets (SGLang's): a new request needs ``extend + min(max_new_tokens left, RESERVE_CLIP)`` tokens of room, where
+room is the free (or evictable) pool minus the reservation for the running requests' future tokens; a batch holds
+at most ``max_prefill_tokens`` new tokens and the free rows of the running batch; a prompt longer than
+``chunked_prefill_size`` is prefilled in chunks, one chunked request at a time. Requests are considered in policy
+order and admission stops at the first one that does not fit (no skipping ahead, so a large request at the head
+is not starved). ``admission_need`` is the one place this arithmetic lives: both the admission and the
+"could anything be admitted now" check use it, on the same request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..forward_batch import ForwardMode
+from ..prefix_sharing import BatchPrefixIndex
+from ..request import Req
+from ..schedule_batch import ScheduleBatch
+from .decode import DecodeManager
+from .kv import KVManager
+from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats
+from .policy import order_waiting
+
+__all__ = ["AdmissionNeed", "PrefillManager", "admission_need"]
+
+
+@dataclass(frozen=True)
+class AdmissionNeed:
+    extend: int  # tokens to prefill: prompt + kept output minus the cached (or borrowed) prefix
+    reserve: int  # tokens admission sets aside: ``extend`` + the clipped future output
+
+    def fits(self, room: int, free: int, alone: bool) -> bool:
+        """Whether the request may be admitted with ``room`` tokens left after the reservations. A request that
+        would run ``alone`` (nothing running, nothing admitted before it) only needs its prefill to fit the
+        ``free`` pool: waiting for room nobody else will free would stall it forever."""
+        return self.reserve <= room or (alone and self.extend <= free)
+
+
+def admission_need(req: Req, prefix_len: int) -> AdmissionNeed:
+    """What admitting ``req`` costs when ``prefix_len`` of its tokens are already computed."""
+    extend = len(req.input_ids) + len(req.output_ids) - prefix_len
+    return AdmissionNeed(extend, extend + min(req.remaining_new_tokens, RESERVE_CLIP))
+
+
+class PrefillManager:
+    """Owns the waiting queue and the one request being prefilled in chunks (``chunked``).
+
+    A request is in at most one of ``waiting``, ``chunked`` and the running batch; a chunked request holds a row
+    and the K/V of its chunks so far (``kv_len``), and its next chunk runs before any other admission.
+    """
+
+    def __init__(self, limits: SchedulerLimits, kv: KVManager, decode: DecodeManager, stats: SchedulerStats):
+        self.limits = limits
+        self.kv = kv
+        self.decode = decode
+        self.stats = stats
+        self.waiting: deque[Req] = deque()
+        self.chunked: Req | None = None
+
+    def requeue(self, req: Req) -> None:
+        """Put a retracted request back at the head of the queue (it keeps its place in arrival order)."""
+        self.waiting.appendleft(req)
+
+    def remove(self, req: Req) -> None:
+        """Forget ``req`` (aborted): out of the queue, or no longer the chunked request."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+
+    def ordered(self) -> list[Req]:
+        """The waiting requests in the order the policy admits them."""
+        return order_waiting(self.limits.schedule_policy, self.waiting, lambda r: len(self.kv.match(r)[0]))
+
+    def _room(self) -> int:
+        return self.kv.free_tokens() - self.decode.reserved()
+
+    def admission_possible(self) -> bool:
+        """Whether ``schedule`` would return a batch now: the chunked request's next chunk fits the pool, or the
+        first waiting request *in policy order* fits (admission stops at the first that does not)."""
+        if self.chunked is not None:
+            return self._next_chunk_len() <= self.kv.free_tokens()
+        if not self.waiting or len(self.decode.running) >= self.limits.max_running_requests:
+            return False
+        first = self.ordered()[0]
+        need = admission_need(first, len(self.kv.match(first)[0]))
+        return need.fits(self._room(), self.kv.free_tokens(), alone=not self.decode.running)
+
+    def schedule(self) -> ScheduleBatch | None:
+        """The next prefill batch (its requests hold rows and slots, and left ``waiting``), or None."""
+        if self.chunked is not None:
+            return self._schedule_chunk()
+        return self._schedule_new() if self.waiting else None
+
+    def _next_chunk_len(self) -> int:
+        assert self.chunked is not None
+        return min(self.chunked.extend_len, self.limits.chunked_prefill_size, self.limits.max_prefill_tokens)
+
+    def _schedule_chunk(self) -> ScheduleBatch | None:
+        """The chunked request's next chunk, alone: it must run before anyone is admitted behind it."""
+        req, n = self.chunked, self._next_chunk_len()
+        got = self.kv.alloc_slots(n)
+        if got is None:
+            return None  # the decode of running requests frees room (or retracts) first
+        done = n == req.extend_len
+        if done:
+            self.chunked = None
+        return ScheduleBatch(ForwardMode.EXTEND, [req], [n], got, [done])
+
+    def _schedule_new(self) -> ScheduleBatch | None:
+        """Admit waiting requests in policy order until one does not fit or a budget is spent."""
+        lim = self.limits
+        token_budget, room = lim.max_prefill_tokens, self._room()
+        free_rows = lim.max_running_requests - len(self.decode.running)
+        peers = self.kv.batch_index()
+        reqs, lens, samples, slots, borrowed = [], [], [], [], []
+        for req in self.ordered():
+            if len(reqs) >= free_rows or token_budget <= 0:
+                break
+            prefix_slots, node, shared = self._match_in_batch(req, peers)
+            need = admission_need(req, len(prefix_slots))
+            if not need.fits(room, self.kv.free_tokens(), alone=not self.decode.running and not reqs):
+                break  # no skipping ahead: a large request at the head must not starve
+            n = min(need.extend, lim.chunked_prefill_size, token_budget)
+            if n < need.extend and self.chunked is not None:
+                break  # one chunked request at a time
+            got = self._admit(req, n, prefix_slots, node)
+            if got is None:
+                break
+            reqs.append(req), lens.append(n), samples.append(n == need.extend), slots.append(got)
+            borrowed.append(shared)
+            if peers is not None:
+                peers.add(req.fill_ids[: req.kv_len + n], torch.cat([prefix_slots, got]))
+            if n < need.extend:
+                self.chunked = req
+            token_budget -= n
+            room -= need.reserve
+        if not reqs:
+            return None
+        for req in reqs:
+            self.waiting.remove(req)
+        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples, borrowed=borrowed)
+
+    def _match_in_batch(self, req: Req, peers: BatchPrefixIndex | None) -> tuple[torch.Tensor, object, int]:
+        """``KVManager.match`` lengthened by what the requests admitted before ``req`` into this prefill batch
+        compute of its tokens (``peers``), and how many of the slots are theirs (borrowed). The node covers only
+        the cache's part: the borrowed slots stay valid because their owners run in the same forward, and enter
+        the cache before ``req``'s own insert (``cache_prefilled``)."""
+        prefix_slots, node = self.kv.match(req)
+        if peers is None:
+            return prefix_slots, node, 0
+        prefix_slots, borrowed = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
+        return prefix_slots, node, borrowed
+
+    def _admit(self, req: Req, n: int, prefix_slots: torch.Tensor, node: object) -> torch.Tensor | None:
+        """``KVManager.admit``, counting the prompt and its cached part at the request's first admission."""
+        got = self.kv.admit(req, n, prefix_slots, node)
+        if got is not None and not req.admitted_once:
+            req.admitted_once = True
+            req.cached_tokens = min(req.prefix_len, len(req.input_ids))
+            self.stats.prompt_tokens += len(req.input_ids)
+            self.stats.cached_prompt_tokens += req.cached_tokens
+        return got
