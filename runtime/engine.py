@@ -41,6 +41,7 @@ from .models.config import ModelConfig
 from .models.loader import load_model
 from .output_processor import OutputProcessor
 from .outputs import GenerateOutput, StreamChunk
+from .prefix_cache import NoPrefixCache
 from .radix_cache import RadixCache
 from .request import Req
 from .sampling_params import SamplingParams
@@ -120,10 +121,10 @@ class Engine:
             max_prefill_tokens=plan.max_prefill_tokens,
             chunked_prefill_size=plan.chunked_prefill_size,
             schedule_policy=config.schedule_policy,
-            disable_radix_cache=config.disable_radix_cache,
             overlap=config.overlap_schedule == "on" or (config.overlap_schedule == "auto" and self.device.type == "cuda"),
         )
-        self.scheduler = Scheduler(limits, self.runner, allocator, req_pool, RadixCache(allocator), OutputProcessor())
+        prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
+        self.scheduler = Scheduler(limits, self.runner, allocator, req_pool, prefix_cache, OutputProcessor())
         logger.info(
             "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s, "
             "programmatic dependent launch=%s",
@@ -230,7 +231,7 @@ class Engine:
         return {
             "kv_total_tokens": s.allocator.size,
             "kv_free_tokens": s.allocator.available,
-            "kv_evictable_tokens": 0 if self.config.disable_radix_cache else s.tree.evictable_size(),
+            "kv_evictable_tokens": s.prefix_cache.evictable_size(),
             "kv_used_tokens": s.allocator.size - s.allocator.available,
             "running_requests": len(s.running) + (1 if s.chunked else 0),
             "waiting_requests": len(s.waiting),
@@ -257,7 +258,7 @@ class Engine:
     def flush_cache(self) -> int:
         """Evict every cached prefix that no request uses; returns the number of KV tokens freed."""
         sched = self.scheduler
-        return self.run_on_scheduler(lambda: sched.tree.evict(sched.tree.evictable_size()))
+        return self.run_on_scheduler(lambda: sched.prefix_cache.evict(sched.prefix_cache.evictable_size()))
 
     def check_invariants(self, timeout: float = 30.0) -> list[str]:
         """Wait until the engine is idle, then return the idle-invariant violations (empty when exact)."""

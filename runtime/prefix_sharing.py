@@ -6,9 +6,9 @@ Two mechanisms make concurrent requests with a common prefix (a system prompt, a
   is issued, every request of the batch puts its computed tokens into the radix tree and moves its lock onto them
   (``cache_prefilled``). A request admitted in a later step matches them while the first one still runs.
 * **In-batch sharing**: a request admitted into a prefill batch reuses the prefix that an earlier request of the
-  *same* batch computes in that forward (``BatchPrefixIndex``): its request->token row points at the earlier
-  request's fresh slots, and its own extend starts after them. This beats SGLang's way (deferring such requests
-  one step under ``lpm``) by a step of latency and works under ``fcfs`` as well.
+  *same* batch computes in that forward (``BatchPrefixIndex``, in runtime/radix_cache.py): its request->token row
+  points at the earlier request's fresh slots, and its own extend starts after them. This beats SGLang's way
+  (deferring such requests one step under ``lpm``) by a step of latency and works under ``fcfs`` as well.
 
 Why reading a peer's slots inside one forward is correct (both attention backends): in every layer the backend
 stores the K/V of *all* new tokens of the batch into the pool (``AttentionBackend.forward``: rotary, ``store_kv``
@@ -33,46 +33,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .allocator import ReqToTokenPool, TokenAllocator
-from .radix_cache import RadixCache
+from .allocator import ReqToTokenPool
+from .prefix_cache import PrefixCache
+from .radix_cache import BatchPrefixIndex
 from .request import Req
 from .schedule_batch import ScheduleBatch
 
 __all__ = ["BatchPrefixIndex", "cache_prefilled", "forget_borrowed"]
 
 
-class BatchPrefixIndex:
-    """The tokens that the requests admitted so far into one prefill batch have K/V for once its forward ran, with
-    the slot of each (the first request to reach a token position wins, as in the tree).
-
-    A scratch radix tree: it only maps tokens to slots and owns nothing (it never evicts or resets, so it never
-    frees a slot); drop it with the batch.
-    """
-
-    def __init__(self, allocator: TokenAllocator) -> None:
-        self._tree = RadixCache(allocator)
-        self._empty = True
-
-    def add(self, tokens: Sequence[int], slots: torch.Tensor) -> None:
-        """``tokens`` will have their K/V in ``slots`` once the batch's forward stored them."""
-        if tokens:
-            self._tree.insert(tokens, slots)
-            self._empty = False
-
-    def extend_prefix(self, tokens: Sequence[int], prefix_slots: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``prefix_slots`` (the tree's slots of a cached prefix of ``tokens``) lengthened by what the batch
-        computes of ``tokens`` beyond it, and how many slots were added (0: nothing to borrow)."""
-        if self._empty:
-            return prefix_slots, 0
-        peer = self._tree.match_prefix(tokens)[0]
-        borrowed = peer.numel() - prefix_slots.numel()
-        if borrowed <= 0:
-            return prefix_slots, 0
-        # Below len(prefix_slots) both are valid K/V of the same tokens; keep the tree's, which our lock protects.
-        return torch.cat([prefix_slots, peer[prefix_slots.numel() :]]), borrowed
-
-
-def cache_prefilled(tree: RadixCache, req_pool: ReqToTokenPool, reqs: Sequence[Req]) -> None:
+def cache_prefilled(tree: PrefixCache, req_pool: ReqToTokenPool, reqs: Sequence[Req]) -> None:
     """After a prefill forward was issued and each request's ``kv_len`` counts its new tokens: insert every
     request's computed tokens (prompt so far; prompt + output for a re-prefilled retracted request) into the tree,
     locked by it, and point its request->token row at the tree's slots.

@@ -34,7 +34,7 @@ import torch
 
 from .allocator import TokenAllocator
 
-__all__ = ["RadixCache", "TreeNode"]
+__all__ = ["BatchPrefixIndex", "RadixCache", "TreeNode"]
 
 Key = tuple[int, ...]
 
@@ -198,6 +198,26 @@ class RadixCache:
         self.lock(node)
         self.unlock(old_node)
         return tree_slots, node
+
+    def cache_finished(
+        self, key: Sequence[int] | torch.Tensor, slots: torch.Tensor, own_from: int, node: TreeNode
+    ) -> None:
+        """A request is done with the K/V of ``key`` in ``slots`` (it finished, or is retracted): cache them and
+        drop its lock on ``node`` (SGLang's ``cache_finished_req``).
+
+        Contract: ``slots[:own_from]`` are the tree's (matched, or cached by ``cache_unfinished``, under
+        ``node``'s lock); the rest are the caller's own and pass to the tree, except those of tokens another
+        request cached meanwhile, which are duplicates and go back to the allocator. Afterwards the caller owns
+        none of ``slots``.
+        """
+        already = self.insert(key, slots)
+        if already > own_from:
+            self.allocator.free(slots.reshape(-1)[own_from:already])
+        self.unlock(node)
+
+    def batch_index(self) -> "BatchPrefixIndex":
+        """A fresh index for sharing prefixes inside one prefill batch (runtime/prefix_sharing.py)."""
+        return BatchPrefixIndex(self.allocator)
 
     # ------------------------------------------------------------------ locking
 
@@ -398,3 +418,35 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
+
+
+class BatchPrefixIndex:
+    """The tokens that the requests admitted so far into one prefill batch have K/V for once its forward ran, with
+    the slot of each (the first request to reach a token position wins, as in the tree). Why borrowing them is
+    correct, and who owns them meanwhile: runtime/prefix_sharing.py.
+
+    A scratch radix tree: it only maps tokens to slots and owns nothing (it never evicts or resets, so it never
+    frees a slot); drop it with the batch.
+    """
+
+    def __init__(self, allocator: TokenAllocator) -> None:
+        self._tree = RadixCache(allocator)
+        self._empty = True
+
+    def add(self, tokens: Sequence[int], slots: torch.Tensor) -> None:
+        """``tokens`` will have their K/V in ``slots`` once the batch's forward stored them."""
+        if tokens:
+            self._tree.insert(tokens, slots)
+            self._empty = False
+
+    def extend_prefix(self, tokens: Sequence[int], prefix_slots: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``prefix_slots`` (the tree's slots of a cached prefix of ``tokens``) lengthened by what the batch
+        computes of ``tokens`` beyond it, and how many slots were added (0: nothing to borrow)."""
+        if self._empty:
+            return prefix_slots, 0
+        peer = self._tree.match_prefix(tokens)[0]
+        borrowed = peer.numel() - prefix_slots.numel()
+        if borrowed <= 0:
+            return prefix_slots, 0
+        # Below len(prefix_slots) both are valid K/V of the same tokens; keep the tree's, which our lock protects.
+        return torch.cat([prefix_slots, peer[prefix_slots.numel() :]]), borrowed

@@ -9,10 +9,12 @@ import torch
 
 from xinf_sglang.runtime.allocator import ReqToTokenPool, TokenAllocator
 from xinf_sglang.runtime.output_processor import OutputProcessor
+from xinf_sglang.runtime.prefix_cache import NoPrefixCache
 from xinf_sglang.runtime.radix_cache import RadixCache
 from xinf_sglang.runtime.request import Req
 from xinf_sglang.runtime.sampling_params import SamplingParams
 from xinf_sglang.runtime.scheduler import Scheduler, SchedulerLimits
+from xinf_sglang.runtime.scheduler.policy import order_waiting
 
 CACHED = list(range(1000, 1030))  # a 30-token prefix in the radix cache
 
@@ -30,8 +32,7 @@ def _lpm_scheduler() -> Scheduler:
     cache = RadixCache(allocator)
     cache.insert(CACHED, allocator.alloc(len(CACHED)))
     limits = SchedulerLimits(
-        max_running_requests=4, max_prefill_tokens=512, chunked_prefill_size=512, schedule_policy="lpm",
-        disable_radix_cache=False,
+        max_running_requests=4, max_prefill_tokens=512, chunked_prefill_size=512, schedule_policy="lpm"
     )
     runner = SimpleNamespace(device=torch.device("cpu"))  # admission never runs the model
     sched = Scheduler(limits, runner, allocator, req_pool, cache, OutputProcessor())
@@ -59,3 +60,28 @@ def test_lpm_admission_check_matches_admission(head_new_tokens, lpm_first_max_ne
     possible = sched._admission_possible()
     batch = sched._schedule_prefill()
     assert possible == (batch is not None)
+
+
+def test_no_prefix_cache_matches_nothing_and_keeps_nothing():
+    """Prefix reuse off: a NoPrefixCache never matches, holds no slot, shares nothing inside a batch, and a finished
+    request's slots (also those it handed to ``cache_unfinished``) all go back to the allocator."""
+    allocator = TokenAllocator(16)
+    cache = NoPrefixCache(allocator)
+    slots = allocator.alloc(6)
+    held, node = cache.cache_unfinished([1, 2, 3, 4], slots[:4], 0, None)
+    assert torch.equal(held, slots[:4]) and node is None
+    assert cache.match_prefix([1, 2, 3, 4, 5])[0].numel() == 0
+    index = cache.batch_index()
+    index.add([1, 2, 3, 4], slots[:4])
+    assert index.extend_prefix([1, 2, 3, 4, 5], torch.empty(0, dtype=torch.int64))[1] == 0
+    cache.cache_finished([1, 2, 3, 4, 5, 6], slots, 4, node)
+    assert allocator.available == allocator.size
+    assert (cache.evict(8), cache.evictable_size(), cache.protected_size()) == (0, 0, 0)
+
+
+def test_lpm_without_prefix_cache_is_arrival_order():
+    """With nothing cached every prefix is empty, and ``lpm``'s stable sort keeps the queue order (fcfs)."""
+    cache = NoPrefixCache(TokenAllocator(8))
+    waiting = [_req(str(i), [i, i + 1, i + 2], 1, arrival=float(i)) for i in range(5)]
+    prefix_len = lambda r: len(cache.match_prefix(r.fill_ids[:-1])[0])  # noqa: E731
+    assert order_waiting("lpm", waiting, prefix_len) == order_waiting("fcfs", waiting, prefix_len) == waiting

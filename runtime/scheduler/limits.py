@@ -17,7 +17,6 @@ class SchedulerLimits:
     max_prefill_tokens: int
     chunked_prefill_size: int
     schedule_policy: str  # a key of policy.POLICIES: "fcfs" | "lpm"
-    disable_radix_cache: bool
     overlap: bool = False  # launch decode step t+1 before processing step t's outputs (see Scheduler.step)
 
 

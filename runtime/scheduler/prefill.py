@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..forward_batch import ForwardMode
-from ..prefix_sharing import BatchPrefixIndex
+from ..prefix_cache import PrefixBatchIndex
 from ..request import Req
 from ..schedule_batch import ScheduleBatch
 from .decode import DecodeManager
@@ -133,8 +133,7 @@ class PrefillManager:
                 break
             reqs.append(req), lens.append(n), samples.append(n == need.extend), slots.append(got)
             borrowed.append(shared)
-            if peers is not None:
-                peers.add(req.fill_ids[: req.kv_len + n], torch.cat([prefix_slots, got]))
+            peers.add(req.fill_ids[: req.kv_len + n], torch.cat([prefix_slots, got]))
             if n < need.extend:
                 self.chunked = req
             token_budget -= n
@@ -145,14 +144,12 @@ class PrefillManager:
             self.waiting.remove(req)
         return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples, borrowed=borrowed)
 
-    def _match_in_batch(self, req: Req, peers: BatchPrefixIndex | None) -> tuple[torch.Tensor, object, int]:
+    def _match_in_batch(self, req: Req, peers: PrefixBatchIndex) -> tuple[torch.Tensor, object, int]:
         """``KVManager.match`` lengthened by what the requests admitted before ``req`` into this prefill batch
         compute of its tokens (``peers``), and how many of the slots are theirs (borrowed). The node covers only
         the cache's part: the borrowed slots stay valid because their owners run in the same forward, and enter
         the cache before ``req``'s own insert (``cache_prefilled``)."""
         prefix_slots, node = self.kv.match(req)
-        if peers is None:
-            return prefix_slots, node, 0
         prefix_slots, borrowed = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
         return prefix_slots, node, borrowed
 

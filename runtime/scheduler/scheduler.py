@@ -18,7 +18,7 @@ from ..allocator import ReqToTokenPool, TokenAllocator
 from ..forward_batch import ForwardMode
 from ..model_runner import ModelRunner
 from ..output_processor import OutputProcessor
-from ..radix_cache import RadixCache
+from ..prefix_cache import PrefixCache
 from ..request import Req
 from ..schedule_batch import ScheduleBatch
 from .decode import DecodeManager
@@ -50,14 +50,14 @@ class Scheduler:
         runner: ModelRunner,
         allocator: TokenAllocator,
         req_pool: ReqToTokenPool,
-        tree: RadixCache,
+        prefix_cache: PrefixCache,
         outputs: OutputProcessor,
     ) -> None:
         self.limits = limits
         self.runner = runner
         self.outputs = outputs
         self.stats = SchedulerStats()
-        self.kv = KVManager(allocator, req_pool, tree, limits.disable_radix_cache)
+        self.kv = KVManager(allocator, req_pool, prefix_cache)
         self.decode = DecodeManager(self.kv, outputs, self.stats, requeue=lambda req: self.prefill.requeue(req))
         self.prefill = PrefillManager(limits, self.kv, self.decode, self.stats)
         self.inflight: Launched | None = None  # overlap mode: the launched step not yet resolved
@@ -93,8 +93,8 @@ class Scheduler:
         return self.kv.req_pool
 
     @property
-    def tree(self) -> RadixCache:
-        return self.kv.tree
+    def prefix_cache(self) -> PrefixCache:
+        return self.kv.cache
 
     @property
     def has_work(self) -> bool:
