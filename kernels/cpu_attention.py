@@ -19,8 +19,8 @@ Compiled once per machine kind on first use and cached by torch in ``TORCH_EXTEN
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 
 import torch
@@ -320,12 +320,6 @@ void extend_attention(at::Tensor q, at::Tensor kb, at::Tensor vb, at::Tensor r2t
 """
 
 _FUNCTIONS = ["decode_attention", "decode_attention_new_token", "extend_attention"]
-_lock = threading.Lock()
-_module = None
-compile_seconds: float | None = None
-"""Seconds the first ``load()`` of this process took (a cached build loads in well under a second)."""
-
-
 def _build_flags() -> tuple[str, list[str]]:
     """Extension name and compiler flags for this CPU: the ISA is part of the name, so a cache directory shared
     between machines never hands an AVX2 build to a CPU without AVX2."""
@@ -336,34 +330,31 @@ def _build_flags() -> tuple[str, list[str]]:
     return f"sglite_cpu_attention_{cap.lower()}", flags
 
 
+@functools.cache
 def load():
-    """The compiled extension (built on the first call of the process, or loaded from torch's cache).
+    """The compiled extension, built on the first call of the process or loaded from torch's cache; later calls
+    return it at once (the hot path takes no lock: two first calls racing are serialised by torch's build lock).
 
-    Raises RuntimeError naming the cause and the way out (``attention_backend="torch"``) when it cannot be built.
+    Raises RuntimeError naming the cause and the way out (``attention_backend="torch"``) when it cannot be built
+    (a failure is not cached: the next call tries again).
     """
-    global _module, compile_seconds
-    if _module is not None:  # the hot path: no lock once built
-        return _module
-    with _lock:
-        if _module is None:
-            name, flags = _build_flags()
-            start = time.perf_counter()
-            try:
-                from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import load_inline
 
-                _module = load_inline(
-                    name=name, cpp_sources=_CPP, functions=_FUNCTIONS,
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False,
-                )
-            except Exception as e:  # compiler or ninja missing, headers mismatch, ...
-                raise RuntimeError(
-                    f"sglite's CPU attention kernel ({name}) could not be built: {type(e).__name__}: {e}. It needs "
-                    "g++ and ninja (pip install ninja) and writes to TORCH_EXTENSIONS_DIR; or run the torch "
-                    "reference instead with attention_backend='torch'"
-                ) from e
-            compile_seconds = time.perf_counter() - start
-            logger.info("CPU attention kernel %s ready in %.1f s", name, compile_seconds)
-        return _module
+    name, flags = _build_flags()
+    start = time.perf_counter()
+    try:
+        module = load_inline(
+            name=name, cpp_sources=_CPP, functions=_FUNCTIONS, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # compiler or ninja missing, headers mismatch, ...
+        raise RuntimeError(
+            f"sglite's CPU attention kernel ({name}) could not be built: {type(e).__name__}: {e}. It needs "
+            "g++ and ninja (pip install ninja) and writes to TORCH_EXTENSIONS_DIR; or run the torch "
+            "reference instead with attention_backend='torch'"
+        ) from e
+    logger.info("CPU attention kernel %s ready in %.1f s", name, time.perf_counter() - start)
+    return module
 
 
 def check_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor) -> None:

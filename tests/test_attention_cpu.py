@@ -170,10 +170,13 @@ def test_build_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> Non
     def broken(**kwargs):
         raise OSError("g++: not found")
 
-    monkeypatch.setattr(cpu_attention, "_module", None)
+    cpu_attention.load.cache_clear()
     monkeypatch.setattr(ext, "load_inline", broken)
-    with pytest.raises(RuntimeError, match="could not be built.*g\\+\\+: not found.*attention_backend='torch'"):
-        cpu_attention.load()
+    try:
+        with pytest.raises(RuntimeError, match="could not be built.*g\\+\\+: not found.*attention_backend='torch'"):
+            cpu_attention.load()
+    finally:
+        cpu_attention.load.cache_clear()  # the next caller loads the real build (from torch's cache)
 
 
 def test_engine_picks_the_cpu_backend(tiny_model) -> None:
