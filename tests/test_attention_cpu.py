@@ -16,6 +16,7 @@ import torch
 from xinf_sglang.kernels import NewToken, decode_attention_ref, extend_attention_ref, rotary_cos_sin
 from xinf_sglang.kernels import cpu_attention
 from xinf_sglang.kernels.rotary import apply_rotary_ref
+from .pool_helpers import random_pool, random_table
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 HEADS = [(4, 4, 16), (6, 2, 24), (9, 3, 64), (8, 1, 80), (16, 2, 128)]  # (Hq, Hkv, D): GQA 1, 3, 3, 8, 8
@@ -26,21 +27,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _pool(num_slots: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(num_slots + 1, hkv, d).to(dtype), torch.randn(num_slots + 1, hkv, d).to(dtype)
-
-
-def _table(seq_lens: list[int], num_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request table with spare rows (pool indices are not 0..B-1) and scattered, distinct slots >= 1."""
-    rows = 2 * len(seq_lens) + 1
-    table = torch.zeros(rows, width, dtype=torch.int32)
-    req_pool_indices = torch.randperm(rows)[: len(seq_lens)]
-    slots = (torch.randperm(num_slots) + 1).int()
-    used = 0
-    for row, n in zip(req_pool_indices.tolist(), seq_lens):
-        table[row, :n] = slots[used : used + n]
-        used += n
-    return table, req_pool_indices
 
 
 def _fused_qkv(t: int, hq: int, hkv: int, d: int, dtype: torch.dtype):
@@ -61,8 +47,8 @@ def test_decode_matches_reference(dtype: torch.dtype, hq: int, hkv: int, d: int)
     # one key, a block exactly, a block plus one, and random lengths up to several blocks
     seq = [1, 64, 65] + torch.randint(2, 300, (int(torch.randint(1, 6, ())),)).tolist()
     num_slots = sum(seq) + int(torch.randint(0, 100, ()))
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _table(seq, num_slots, width=320)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=320)
     seq_lens = torch.tensor(seq)
     q = _fused_qkv(len(seq), hq, hkv, d, dtype)[0]
     sm_scale = 1.0 / math.sqrt(d)
@@ -80,8 +66,8 @@ def test_decode_new_token_matches_reference(dtype: torch.dtype, hq: int, hkv: in
     torch.manual_seed(7 + hq + hkv + d)
     seq = [1, 2, 130] + torch.randint(1, 200, (int(torch.randint(1, 40, ())),)).tolist()  # bs up to 42: threads
     num_slots = sum(seq) + 7
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _table(seq, num_slots, width=256)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=256)
     seq_lens = torch.tensor(seq)
     loc = table[rows, seq_lens - 1].long()  # the table already maps the token's position to its slot
     q, k, v = _fused_qkv(len(seq), hq, hkv, d, dtype)
@@ -104,8 +90,8 @@ def test_decode_new_token_matches_reference(dtype: torch.dtype, hq: int, hkv: in
 def test_decode_empty_history_gives_zeros_and_still_stores() -> None:
     torch.manual_seed(3)
     hq, hkv, d = 4, 2, 16
-    kb, vb = _pool(20, hkv, d, torch.float32)
-    table, rows = _table([3, 5], 20, width=8)
+    kb, vb = random_pool(20, hkv, d, torch.float32)
+    table, rows = random_table([3, 5], 20, width=8)
     seq_lens = torch.tensor([0, 5])
     loc = table[rows, torch.tensor([0, 4])].long()
     q, k, v = _fused_qkv(2, hq, hkv, d, torch.float32)
@@ -126,8 +112,8 @@ def test_extend_matches_reference(dtype: torch.dtype, hq: int, hkv: int, d: int)
     seq = [p + n for p, n in reqs]
     ext = [n for _, n in reqs]
     num_slots = sum(seq) + 11
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _table(seq, num_slots, width=256)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=256)
     q = _fused_qkv(sum(ext), hq, hkv, d, dtype)[0]
     seq_lens, ext_lens = torch.tensor(seq), torch.tensor(ext)
     ext_start = torch.cumsum(ext_lens, 0) - ext_lens
@@ -144,8 +130,8 @@ def test_extend_large_batch_on_threads() -> None:
     hq, hkv, d = 9, 3, 64
     reqs = [(int(torch.randint(0, 64, ())), int(torch.randint(16, 80, ()))) for _ in range(12)]
     seq, ext = [p + n for p, n in reqs], [n for _, n in reqs]
-    kb, vb = _pool(sum(seq), hkv, d, torch.float32)
-    table, rows = _table(seq, sum(seq), width=160)
+    kb, vb = random_pool(sum(seq), hkv, d, torch.float32)
+    table, rows = random_table(seq, sum(seq), width=160)
     q = torch.randn(sum(ext), hq, d)
     ext_lens = torch.tensor(ext)
     args = (q, kb, vb, table, rows, torch.tensor(seq), ext_lens, torch.cumsum(ext_lens, 0) - ext_lens, 0.125)
@@ -153,8 +139,8 @@ def test_extend_large_batch_on_threads() -> None:
 
 
 def test_bad_inputs_are_refused() -> None:
-    kb, vb = _pool(8, 2, 16, torch.float32)
-    table, rows = _table([3], 8, width=4)
+    kb, vb = random_pool(8, 2, 16, torch.float32)
+    table, rows = random_table([3], 8, width=4)
     q = torch.randn(1, 4, 16)
     with pytest.raises(ValueError, match="dtype"):
         cpu_attention.decode_attention_cpu(q.double(), kb, vb, table, rows, torch.tensor([3]), 1.0)

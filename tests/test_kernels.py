@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from .pool_helpers import random_pool, random_table  # noqa: E402
 
 # Modules by full name: the package re-exports functions named like some of its modules (store_kv, ...).
 norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear, argmax = (
@@ -248,21 +249,6 @@ def test_store_kv(buf_dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------- attention over the pool
 
 
-def _pool(num_slots: int, hkv: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(num_slots + 1, hkv, d).to(dtype), torch.randn(num_slots + 1, hkv, d).to(dtype)
-
-
-def _req_to_token(seq_lens: list[int], num_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A table with one spare row per request (so pool indices are not 0..B-1) and scattered, distinct slots."""
-    rows = 2 * len(seq_lens) + 1
-    table = torch.zeros(rows, width, dtype=torch.int32)
-    req_pool_indices = torch.randperm(rows)[: len(seq_lens)]
-    slots = (torch.randperm(num_slots) + 1).int()
-    used = 0
-    for row, n in zip(req_pool_indices.tolist(), seq_lens):
-        table[row, :n] = slots[used : used + n]
-        used += n
-    return table, req_pool_indices
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -273,8 +259,8 @@ def test_decode_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None
     seq = [randint(1, 40) for _ in range(bs)]
     seq[0], seq[1] = 40, 1  # a long one (many splits) and a single-token history
     num_slots = 160
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _req_to_token(seq, num_slots, width=48)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=48)
     seq_lens = torch.tensor(seq)
     q = torch.randn(bs, hq, d).to(dtype)
     sm_scale = 1.0 / math.sqrt(d)
@@ -302,8 +288,8 @@ def test_decode_attention_new_token(dtype: torch.dtype, hq: int, hkv: int, d: in
     seq = [40, 17, 1, randint(2, 40)]
     seq += [randint(1, 40) for _ in range(decode_attention.DECODE_SMALL_BATCH + 1 - len(seq) if large else 0)]
     bs, num_slots = len(seq), 400
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _req_to_token(seq, num_slots, width=48)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=48)
     seq_lens = torch.tensor(seq)
     loc = table[rows, seq_lens - 1].long()  # the table already maps the token's position to its slot
     # q, k and v as views of one fused projection, as the model produces them.
@@ -348,8 +334,8 @@ def test_decode_attention_preallocated_buffers() -> None:
     torch.manual_seed(8)
     hq, hkv, d = 4, 2, 16
     seq = [33, 5, 17]
-    kb, vb = _pool(80, hkv, d, torch.float32)
-    table, rows = _req_to_token(seq, 80, width=40)
+    kb, vb = random_pool(80, hkv, d, torch.float32)
+    table, rows = random_table(seq, 80, width=40)
     seq_lens = torch.tensor(seq)
     q = torch.randn(3, hq, d)
     mid_o = torch.full((5, hq, 6, d), float("nan"))
@@ -404,8 +390,8 @@ def test_extend_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None
     seq = [p + n for p, n in reqs]
     ext = [n for _, n in reqs]
     num_slots = 160
-    kb, vb = _pool(num_slots, hkv, d, dtype)
-    table, rows = _req_to_token(seq, num_slots, width=64)
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=64)
     q = torch.randn(sum(ext), hq, d).to(dtype)
     seq_lens, ext_lens = torch.tensor(seq), torch.tensor(ext)
     ext_start = torch.cumsum(ext_lens, 0) - ext_lens
@@ -590,7 +576,7 @@ def _backend_batches(num_slots: int):
 
     reqs = [(0, 9), (12, 1), (5, 20)]  # (cached prefix, new tokens)
     seq = [p + n for p, n in reqs]
-    table, rows = _req_to_token([s + 1 for s in seq], num_slots, width=48)  # room for one decode token each
+    table, rows = random_table([s + 1 for s in seq], num_slots, width=48)  # room for one decode token each
     ext = torch.tensor([n for _, n in reqs])
     seq_lens = torch.tensor(seq)
     start = torch.cumsum(ext, 0) - ext
