@@ -1,7 +1,8 @@
 """Which Xinference model specs sglite can serve: checkpoint formats, GGUF file types, architectures, abilities.
 
 Read when Xinference builds its engine tables (supervisor and worker, for every family), so nothing here imports
-torch or xinference; a local checkpoint's architecture is read from its ``config.json`` or GGUF header.
+torch or xinference (the architectures come from the torch-free ``runtime.models.registry``); a local checkpoint's
+architecture is read from its ``config.json`` or GGUF header.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import os
 import re
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
+from .runtime.models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
+
 if TYPE_CHECKING:
     from xinference.model.llm.llm_family import LLMFamilyV2, LLMSpecV1
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_FORMAT = "pytorch"  # Xinference's name for unquantized HF checkpoints (safetensors or .bin)
 GGUF_FORMAT = "ggufv2"  # llama.cpp files; dequantized at load
 # GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
@@ -65,7 +67,7 @@ def _architecture_problem(family: "LLMFamilyV2", archs: List[str]) -> Optional[s
             f"{_serves()}; the architecture of {family.model_name} is unknown: add "
             f'"architectures": ["Qwen2ForCausalLM"] (or another one) to the model registration'
         )
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if supported_architecture(archs) is None:
         return f"{_serves()}; {family.model_name} is {', '.join(archs)}"
     return None
 

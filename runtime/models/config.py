@@ -12,14 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .registry import SUPPORTED_ARCHITECTURES, supported_architecture
 
-# architecture -> the features of the shared decoder it needs (see models/decoder.py)
-SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
-    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
-    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
-    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
-    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
-}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors")
 # "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
 
@@ -48,10 +42,8 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
+    attention_bias: bool  # q/k/v/o biases (a family may add q/k/v biases of its own: Qwen2)
     mlp_bias: bool
-    qk_norm: bool
     rope: RopeConfig
     torch_dtype: str | None  # the checkpoint's dtype ("bfloat16", ...), None if unstated
     sliding_window: int | None
@@ -67,18 +59,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = supported_architecture(archs)
         if arch is None:
             raise ConfigError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"sglite supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        features = SUPPORTED_ARCHITECTURES[arch]
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -91,10 +81,8 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=features["qkv_bias"] or attention_bias,
-            o_bias=attention_bias,
+            attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=features["qk_norm"],
             rope=_read_rope(cfg),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             sliding_window=int(sliding) if sliding else None,

@@ -1,0 +1,61 @@
+"""The vocabulary table, split over tensor-parallel ranks by token id: the embedding and the LM head.
+
+Rank ``r`` holds the rows of ids ``[r * V / size, (r + 1) * V / size)``. The embedding looks up the ids in its
+range, zeroes the others and sums over ranks (`runtime.distributed.all_reduce`); the LM head computes the logits
+of its vocabulary slice and joins the slices (`runtime.distributed.gather_vocab`). Both are the identity at size 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from xinf_sglang.kernels import linear
+
+from ..distributed import TPInfo, all_reduce, gather_vocab
+from .weights import ShardId, empty_parameter, load_slice
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embeddings ``[V / size, hidden]``; as a tied model's LM head too (`logits`)."""
+
+    shard_ids: tuple[ShardId, ...] = (None,)
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.vocab = tp.shard(vocab_size, "vocab_size")
+        self.weight = empty_parameter(self.vocab.size, hidden_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        """This rank's rows of the full ``[vocab_size, hidden]`` table."""
+        load_slice(param.data, loaded, 0, self.vocab.start, self.vocab_size)
+
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows for ``ids`` in its range, zeros elsewhere: the sum over ranks is the full lookup."""
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab.start
+        outside = (local < 0) | (local >= self.vocab.size)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return rows.masked_fill(outside.unsqueeze(-1), 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.partial(ids), self.tp)
+
+    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``h @ weight.T``: the logits of this rank's vocabulary slice."""
+        return linear(h, self.weight)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary ``[..., vocab_size]`` (this table read as the output projection)."""
+        return gather_vocab(self.local_logits(h), self.tp)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The LM head of an untied model: a vocabulary table of its own, called on hidden states."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.logits(h)

@@ -1,0 +1,29 @@
+"""Qwen3: Llama's blocks with a per-head RMSNorm on q and k before rotary, no biases unless configured."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import TPInfo
+from ..layers import RMSNorm
+from .blocks import Attention
+from .config import ModelConfig
+from .decoder import DecoderLM
+
+
+class Qwen3Attention(Attention):
+    """Attention whose q and k heads are RMS-normalised (one ``head_dim`` weight each, shared by all heads)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, qkv_bias: bool) -> None:
+        super().__init__(cfg, layer_id, tp, qkv_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q)[0], self.k_norm(k)[0]
+
+
+class Qwen3ForCausalLM(DecoderLM):
+    """Qwen3 (dense)."""
+
+    attention_cls = Qwen3Attention

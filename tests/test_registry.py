@@ -1,0 +1,53 @@
+"""runtime/models/registry.py: torch-free, every entry builds the architecture it names, and the plugin's `match`
+and the runtime's config reading both follow it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from xinf_sglang.matching import match_model
+from xinf_sglang.runtime.errors import ConfigError
+from xinf_sglang.runtime.models.config import ModelConfig
+from xinf_sglang.runtime.models.decoder import DecoderLM
+from xinf_sglang.runtime.models.registry import MODEL_CLASSES, SUPPORTED_ARCHITECTURES, model_class
+
+
+def test_the_registry_and_the_plugin_matching_import_without_torch():
+    code = (
+        "import sys\n"
+        "import xinf_sglang.runtime.models.registry, xinf_sglang.matching\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_every_entry_is_a_decoder_class_named_for_its_architecture(arch):
+    cls = model_class(arch)
+    assert issubclass(cls, DecoderLM) and cls.__name__ == arch
+    assert MODEL_CLASSES[arch].startswith(f"{cls.__module__.rsplit('.', 1)[1]}:")
+
+
+def test_an_unknown_architecture_is_a_config_error_listing_the_supported_ones():
+    with pytest.raises(ConfigError, match="unsupported architecture 'GPT2LMHeadModel'; sglite supports Llama"):
+        model_class("GPT2LMHeadModel")
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_the_plugin_matches_exactly_the_registered_architectures(arch):
+    family = SimpleNamespace(model_name="fam", architectures=[arch], model_ability=["chat"])
+    spec = SimpleNamespace(model_format="pytorch", model_uri=None, quantization="none")
+    assert match_model(family, spec, "none", need_chat=True) is True
+    ok, reason = match_model(SimpleNamespace(**{**vars(family), "architectures": [arch + "V2"]}), spec, "none", True)
+    assert not ok and reason.endswith(f"fam is {arch}V2") and ", ".join(SUPPORTED_ARCHITECTURES) in reason
+
+
+def test_the_config_picks_the_first_registered_architecture_of_a_checkpoint():
+    cfg = {"architectures": ["SomethingElse", "Qwen3ForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    assert ModelConfig.from_dict(cfg).architecture == "Qwen3ForCausalLM"
