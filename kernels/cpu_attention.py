@@ -20,14 +20,11 @@ Compiled once per machine kind on first use and cached by torch in ``TORCH_EXTEN
 from __future__ import annotations
 
 import functools
-import logging
-import time
 
 import torch
 
+from .cpu_build import load_cpp
 from .decode_attention import NewToken
-
-logger = logging.getLogger(__name__)
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -320,14 +317,6 @@ void extend_attention(at::Tensor q, at::Tensor kb, at::Tensor vb, at::Tensor r2t
 """
 
 _FUNCTIONS = ["decode_attention", "decode_attention_new_token", "extend_attention"]
-def _build_flags() -> tuple[str, list[str]]:
-    """Extension name and compiler flags for this CPU: the ISA is part of the name, so a cache directory shared
-    between machines never hands an AVX2 build to a CPU without AVX2."""
-    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (x86) or e.g. "SVE256"
-    flags = ["-O3", "-fopenmp"]
-    if cap in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return f"sglite_cpu_attention_{cap.lower()}", flags
 
 
 @functools.cache
@@ -338,23 +327,10 @@ def load():
     Raises RuntimeError naming the cause and the way out (``attention_backend="torch"``) when it cannot be built
     (a failure is not cached: the next call tries again).
     """
-    from torch.utils.cpp_extension import load_inline
-
-    name, flags = _build_flags()
-    start = time.perf_counter()
-    try:
-        module = load_inline(
-            name=name, cpp_sources=_CPP, functions=_FUNCTIONS, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # compiler or ninja missing, headers mismatch, ...
-        raise RuntimeError(
-            f"sglite's CPU attention kernel ({name}) could not be built: {type(e).__name__}: {e}. It needs "
-            "g++ and ninja (pip install ninja) and writes to TORCH_EXTENSIONS_DIR; or run the torch "
-            "reference instead with attention_backend='torch'"
-        ) from e
-    logger.info("CPU attention kernel %s ready in %.1f s", name, time.perf_counter() - start)
-    return module
+    return load_cpp(
+        "sglite_cpu_attention", _CPP, _FUNCTIONS, "CPU attention kernel",
+        "run the torch reference instead with attention_backend='torch'",
+    )
 
 
 def check_inputs(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from . import cpu_linear
 from .pdl import pdl_kwargs
 
 if triton is not None:
@@ -164,13 +165,13 @@ def linear_triton(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatching linear layer: the skinny Triton kernel for CUDA half-precision inputs of at most
-    ``SKINNY_MAX_M`` rows (decode at small batch), ``F.linear`` for everything else. Contract as ``linear_ref``."""
-    if (
-        x.is_cuda
-        and triton is not None
-        and x.dtype in SKINNY_DTYPES
-        and x.dtype == weight.dtype
-        and x.numel() <= SKINNY_MAX_M * x.shape[-1]
-    ):
-        return linear_triton(x, weight, bias)
+    ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernel (``cpu_linear``) for float32 CPU inputs of
+    at most ``CPU_SKINNY_MAX_M`` rows, ``F.linear`` for everything else. Contract as ``linear_ref``."""
+    if x.is_cuda:
+        if triton is not None and x.dtype in SKINNY_DTYPES and x.dtype == weight.dtype and (
+            x.numel() <= SKINNY_MAX_M * x.shape[-1]
+        ):
+            return linear_triton(x, weight, bias)
+    elif cpu_linear.supports(x, weight, bias):
+        return cpu_linear.linear_cpu(x, weight, bias)
     return linear_ref(x, weight, bias)

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from xinf_sglang.kernels import cpu_linear
 from xinf_sglang.kernels.argmax import argmax
 
 from .attention import AttentionBackend
@@ -37,8 +38,8 @@ class ModelRunner:
         self.mask_steps = 0
         if device.type == "cuda":  # compile the greedy argmax now, not during the first decode step
             argmax(torch.zeros(1, self.vocab_size, device=device))
-        if device.type == "cpu":
-            transpose_linear_storage(model)
+        if device.type == "cpu":  # build the threaded decode linear kernel now, not during the first step
+            cpu_linear.load()
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
@@ -143,22 +144,6 @@ class ModelRunner:
         apply_bitmask_(logits, bitmask)
         self.mask_seconds += time.perf_counter() - start
         self.mask_steps += 1
-
-
-def transpose_linear_storage(model: DecoderLM) -> None:
-    """Store every 2-D weight column-major (``w.t().contiguous().t()``): same values and shape, transposed strides.
-
-    Why: ``F.linear`` then hands MKL an untransposed ``[K, N]`` matrix, and for one row of input (batch-1 decode)
-    MKL's path for that layout streams the weights about 1.4x faster than its dot-product path for ``[N, K]``
-    (measured on the 2-core AVX2 runner; larger batches are within noise). The embedding table is included
-    when it doubles as the LM head; its row lookups then read strided memory, which costs microseconds per token.
-    """
-    tied = getattr(model, "lm_head", None) is None
-    for name, param in model.named_parameters():
-        if name.endswith("embed_tokens.weight") and not tied:
-            continue  # only looked up by row
-        if param.dim() == 2 and param.is_contiguous():
-            param.data = param.data.t().contiguous().t()
 
 
 def _last_token(req: Req) -> int:

@@ -1,0 +1,50 @@
+"""Building sglite's C++ CPU kernels: one place for the compiler flags and the build-or-load step.
+
+Each kernel file (``cpu_attention.py``, ``cpu_linear.py``) holds its C++ source and calls ``load_cpp`` from a
+``functools.cache``'d ``load()``. torch compiles an extension once per source and flags and caches it in
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and ninja.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def build_flags(prefix: str) -> tuple[str, list[str]]:
+    """Extension name and compiler flags for this CPU: the ISA is part of the name, so a cache directory shared
+    between machines never hands an AVX2 build to a CPU without AVX2."""
+    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (x86) or e.g. "SVE256"
+    flags = ["-O3", "-fopenmp"]
+    if cap in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return f"{prefix}_{cap.lower()}", flags
+
+
+def load_cpp(prefix: str, source: str, functions: list[str] | None, what: str, way_out: str) -> ModuleType:
+    """Build (or load from torch's cache) the extension ``prefix`` from ``source`` exporting ``functions`` (None:
+    the source defines its own ``PYBIND11_MODULE``).
+
+    Raises RuntimeError naming ``what`` failed, the cause, and ``way_out`` (how to run without it).
+    """
+    from torch.utils.cpp_extension import load_inline
+
+    name, flags = build_flags(prefix)
+    start = time.perf_counter()
+    try:
+        module = load_inline(
+            name=name, cpp_sources=source, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # compiler or ninja missing, headers mismatch, ...
+        raise RuntimeError(
+            f"sglite's {what} ({name}) could not be built: {type(e).__name__}: {e}. It needs g++ and ninja "
+            f"(pip install ninja) and writes to TORCH_EXTENSIONS_DIR; or {way_out}"
+        ) from e
+    logger.info("%s %s ready in %.1f s", what, name, time.perf_counter() - start)
+    return module

@@ -1,0 +1,80 @@
+"""The threaded CPU decode linear (kernels/cpu_linear.py) against ``F.linear`` in float64, on fresh random inputs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from xinf_sglang.kernels import cpu_linear, linear
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (577, 576), (3, 13), (1, 8), (4099, 72)]
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, cpu_linear.CPU_SKINNY_MAX_M])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_float64_reference(m: int, n: int, k: int, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(m * 100003 + n * 31 + k + with_bias)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    y = cpu_linear.linear_cpu(x, w, b)
+    ref = _reference(x, w, b)
+    # float32 dot products of length k: error grows like sqrt(k) * eps * |x||w|
+    scale = (x.abs().double() @ w.abs().double().t()).max()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert (y.double() - ref).abs().max() <= 4e-7 * k**0.5 * scale + 1e-6
+
+
+def test_rows_do_not_depend_on_the_batch_or_thread_count() -> None:
+    """Each output is one dot product in a fixed order: a row alone, in a batch, or on one thread is bit-equal."""
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(1030, 576, generator=g), torch.randn(9, 576, generator=g)
+    batched = cpu_linear.linear_cpu(x, w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single_thread = cpu_linear.linear_cpu(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(x.shape[0]):
+        assert torch.equal(cpu_linear.linear_cpu(x[i : i + 1], w)[0], batched[i])
+    assert torch.equal(single_thread, batched)
+
+
+def test_dispatch_takes_the_kernel_only_where_it_applies() -> None:
+    w = torch.randn(64, 32)
+    assert cpu_linear.supports(torch.randn(16, 32), w, None)
+    assert not cpu_linear.supports(torch.randn(17, 32), w, None)  # prefill-sized: MKL's sgemm
+    assert not cpu_linear.supports(torch.randn(1, 32, dtype=torch.bfloat16), w.bfloat16(), None)
+    assert not cpu_linear.supports(torch.randn(1, 32), w.t().contiguous().t(), None)  # column-major weight
+    x3 = torch.randn(2, 3, 32)  # leading dims are flattened, as F.linear does
+    assert torch.allclose(linear(x3, w), F.linear(x3, w), atol=1e-5)
+    assert linear(torch.randn(40, 32), w).shape == (40, 64)
+    with pytest.raises(ValueError, match="linear_cpu takes float32 CPU x"):
+        cpu_linear.linear_cpu(torch.randn(17, 32), w)
+
+
+def _child(conn) -> None:
+    w, x = torch.ones(300, 64), torch.ones(1, 64)
+    conn.send(cpu_linear.linear_cpu(x, w).sum().item())
+
+
+def test_a_forked_child_gets_working_threads() -> None:
+    """The parent's pool threads do not exist after fork(): the child must not wait for them forever."""
+    cpu_linear.linear_cpu(torch.randn(1, 64), torch.randn(300, 64))  # the parent's pool is running
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child,))
+    proc.start()
+    assert parent.poll(60), "the forked child did not finish a linear within 60 s"
+    assert parent.recv() == 300 * 64
+    proc.join(10)
+    assert proc.exitcode == 0
