@@ -111,11 +111,16 @@ void run_rows(const Task& t, int64_t n0, int64_t n1) {
   }
 }
 
-// A pool of T-1 threads plus the caller. run() publishes a task by bumping `gen_`; each thread takes its share
-// of 4-row blocks; the caller does share 0 and waits for the others. Idle threads poll for spin_us, yielding
-// the core after the first tenth of it (another runnable thread may need it), then sleep on the condition.
+// A pool of T-1 threads plus the caller. run() publishes a task; every thread, the caller included, claims
+// chunks of output rows from one atomic counter until none is left, so a pool thread that the OS has not
+// scheduled (a loaded machine) takes no work and the caller does it: never slower than one thread, and no
+// call waits for a thread to wake up. The counter carries the task's generation in its high half, so a late
+// thread cannot claim rows of the next task with the previous one's arguments. Idle threads poll for spin_us,
+// yielding the core after the first tenth of it, then sleep on the condition.
 class Pool {
  public:
+  static constexpr int64_t kChunkRows = 32;  // rows per claim: ~1.5 us of work at K = 576
+
   Pool(int threads, int64_t spin_us) : threads_(std::max(1, threads)), spin_us_(spin_us) { start(); }
   ~Pool() {
     { std::lock_guard<std::mutex> g(*mu_); stop_ = true; gen_.fetch_add(1); }
@@ -125,23 +130,27 @@ class Pool {
   int threads() const { return threads_; }
 
   void run(const Task& t) {
+    const int64_t chunks = (t.N + kChunkRows - 1) / kChunkRows;
+    if (threads_ == 1 || chunks == 1) { run_rows(t, 0, t.N); return; }
     task_ = t;
-    const int64_t blocks = (t.N + 3) / 4;
-    const int helpers = static_cast<int>(std::min<int64_t>(threads_, blocks)) - 1;
-    if (helpers <= 0) { run_rows(t, 0, t.N); return; }
-    active_ = helpers + 1;
-    done_.store(0, std::memory_order_relaxed);
-    { std::lock_guard<std::mutex> g(*mu_); gen_.fetch_add(1, std::memory_order_release); }
+    chunks_ = chunks;
+    finished_.store(0, std::memory_order_relaxed);
+    uint32_t g;
+    { std::lock_guard<std::mutex> lk(*mu_); g = gen_.fetch_add(1, std::memory_order_relaxed) + 1; }
+    claim_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_->notify_all();
-    share(0);
-    while (done_.load(std::memory_order_acquire) != helpers) cpu_relax();
+    work(g);
+    for (int64_t it = 1; finished_.load(std::memory_order_acquire) != chunks; ++it) {
+      if ((it & 1023) == 0) sched_yield();  // a thread holding a chunk may have been preempted
+      else cpu_relax();
+    }
   }
 
   // After fork() the child has only the forking thread: give it new threads and new locks.
   void restart_in_child() {
     new (&workers_) std::vector<std::thread>();  // the old handles name threads that do not exist here
     mu_.release(); cv_.release();                // their state may be mid-operation: never touch them again
-    gen_.store(0); done_.store(0); sleepers_.store(0);
+    gen_.store(0); claim_.store(0); finished_.store(0); sleepers_.store(0);
     start();
   }
 
@@ -149,18 +158,25 @@ class Pool {
   void start() {
     mu_ = std::make_unique<std::mutex>();
     cv_ = std::make_unique<std::condition_variable>();
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { loop(); });
   }
-  void share(int i) {
-    const int64_t blocks = (task_.N + 3) / 4;
-    const int64_t b0 = blocks * i / active_, b1 = blocks * (i + 1) / active_;
-    run_rows(task_, std::min(b0 * 4, task_.N), std::min(b1 * 4, task_.N));
+  // Claim and run chunks of generation g until none is left (or the task is no longer g).
+  void work(uint32_t g) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    while (static_cast<uint32_t>(v >> 32) == g && static_cast<int64_t>(v & 0xffffffffu) < chunks_) {
+      if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      // claimed: the caller waits for this chunk, so task_ stays this task's until it is done
+      const int64_t n0 = static_cast<int64_t>(v & 0xffffffffu) * kChunkRows;
+      run_rows(task_, n0, std::min(n0 + kChunkRows, task_.N));
+      finished_.fetch_add(1, std::memory_order_acq_rel);
+      v = claim_.load(std::memory_order_acquire);
+    }
   }
-  uint64_t wait_next(uint64_t seen) {
+  uint32_t wait_next(uint32_t seen) {
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
     for (int64_t it = 0;; ++it) {
-      uint64_t g = gen_.load(std::memory_order_acquire);
+      uint32_t g = gen_.load(std::memory_order_acquire);
       if (g != seen) return g;
       if ((it & 63) == 0) {
         const auto us = std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - t0).count();
@@ -175,15 +191,16 @@ class Pool {
     sleepers_.fetch_sub(1);
     return gen_.load();
   }
-  void loop(int i) {
-    uint64_t seen = 0;  // gen_ as start() left it: a task published before this thread runs is still seen
+  void loop() {
+    uint32_t seen = 0;  // gen_ as start() left it: a task published before this thread runs is still seen
     while (true) {
       seen = wait_next(seen);
       if (stop_) return;
-      if (i < active_) {
-        share(i);
-        done_.fetch_add(1, std::memory_order_acq_rel);
-      }
+      // gen_ moves before claim_ is published: wait for this generation's counter, unless a newer task came
+      while (static_cast<uint32_t>(claim_.load(std::memory_order_acquire) >> 32) != seen &&
+             gen_.load(std::memory_order_acquire) == seen)
+        cpu_relax();
+      work(seen);
     }
   }
 
@@ -193,9 +210,10 @@ class Pool {
   std::unique_ptr<std::mutex> mu_;
   std::unique_ptr<std::condition_variable> cv_;
   Task task_{};
-  int active_ = 1;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> done_{0};
+  int64_t chunks_ = 0;
+  std::atomic<uint32_t> gen_{0};    // wraps around: only compared for equality
+  std::atomic<uint64_t> claim_{0};  // (generation << 32) | next chunk
+  std::atomic<int64_t> finished_{0};
   std::atomic<int> sleepers_{0};
   bool stop_ = false;
 };
