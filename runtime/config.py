@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .constrained.spec import DEFAULT_LIMITS, GrammarLimits
 from .errors import ConfigError
+
+# Options that only mean something under schedule_policy="priority": changing one under another policy is an error
+# (it would have no effect, and nothing a user sets is silently ignored).
+PRIORITY_OPTIONS = frozenset(
+    {"schedule_low_priority_values_first", "priority_scheduling_preemption_threshold", "disable_priority_preemption"}
+)
 
 
 class EngineConfig(BaseModel):
@@ -30,7 +36,18 @@ class EngineConfig(BaseModel):
     max_running_requests: int | None = Field(None, ge=1, description="max requests in the decode batch")
     max_prefill_tokens: int | None = Field(None, ge=16, description="token budget of one prefill batch")
     chunked_prefill_size: int | None = Field(None, ge=16, description="prefill chunk size for long prompts")
-    schedule_policy: Literal["fcfs", "lpm"] = Field("fcfs", description="fcfs or lpm (longest prefix match)")
+    schedule_policy: Literal["fcfs", "lpm", "priority"] = Field(
+        "fcfs", description="fcfs, lpm (longest prefix match) or priority (by the requests' priority, then arrival)"
+    )
+    schedule_low_priority_values_first: bool = Field(
+        False, description="priority policy: smaller priority values run first (default: larger first)"
+    )
+    priority_scheduling_preemption_threshold: int = Field(
+        10, ge=0, description="priority policy: preempt running requests less urgent by more than this"
+    )
+    disable_priority_preemption: bool = Field(
+        False, description="priority policy: never preempt running requests (only order the queue)"
+    )
     disable_radix_cache: bool = Field(False, description="turn off prefix reuse")
     # model and device
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda if available, else cpu")
@@ -80,6 +97,11 @@ class EngineConfig(BaseModel):
             raise ValueError("model_path must name a checkpoint folder")
         return v
 
+    @model_validator(mode="after")
+    def _priority_options_need_priority_policy(self) -> "EngineConfig":
+        check_priority_options(self)
+        return self
+
     def __init__(self, **data: Any) -> None:
         """Validate every option; raise ``ConfigError`` naming each bad one and listing the valid options."""
         try:
@@ -96,6 +118,18 @@ class EngineConfig(BaseModel):
             max_schema_depth=self.grammar_max_schema_depth,
             max_choices=self.grammar_max_choices,
             max_regex_repetition=self.grammar_max_regex_repetition,
+        )
+
+
+def check_priority_options(options: BaseModel) -> None:
+    """Raise ``ValueError`` when ``options`` (an ``EngineConfig`` or the launch options made from it) changes a
+    priority-only option while ``schedule_policy`` is not ``priority``."""
+    fields = type(options).model_fields
+    given = sorted(name for name in PRIORITY_OPTIONS if getattr(options, name) != fields[name].default)
+    if given and options.schedule_policy != "priority":
+        verb = "is" if len(given) == 1 else "are"
+        raise ValueError(
+            f"{', '.join(given)} {verb} only used with schedule_policy='priority' (got {options.schedule_policy!r})"
         )
 
 
@@ -126,6 +160,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], subjec
     list of valid options with what each accepts."""
     clauses = []
     for item in err.errors():
+        if not item["loc"] and item["type"] == "value_error":  # a check across options: its message names them
+            clauses.append(str(item["msg"]).removeprefix("Value error, "))
+            continue
         name = ".".join(str(p) for p in item["loc"]) or "(options)"
         if item["type"] == "extra_forbidden":
             clauses.append(f"unknown option {name!r}")

@@ -1,17 +1,25 @@
-"""Turns sampled tokens into request progress: finish checks, incremental text, stop strings, stream chunks."""
+"""Turns sampled tokens into request progress: finish checks, incremental text, stop strings, stream chunks.
+
+Chunks are collected, not delivered: the scheduler loop sends what a step produced as one ``messages.Outputs``
+(``take``), so nothing on the scheduler side calls into the front end.
+"""
 
 from __future__ import annotations
-
-import logging
 
 from .outputs import FinishReason, StreamChunk
 from .request import Req
 
-logger = logging.getLogger(__name__)
-
 
 class OutputProcessor:
-    """Runs on the scheduler thread right after sampling. Owns no state beyond each request's own."""
+    """Runs on the scheduler side right after sampling. Holds only the chunks not yet taken."""
+
+    def __init__(self) -> None:
+        self._pending: list[StreamChunk] = []
+
+    def take(self) -> list[StreamChunk]:
+        """The chunks produced since the last call, in order."""
+        chunks, self._pending = self._pending, []
+        return chunks
 
     def append_token(self, req: Req, token: int) -> None:
         """Record ``token`` for ``req``, decide whether it finished, and send the resulting chunk."""
@@ -50,9 +58,8 @@ class OutputProcessor:
             req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
         return text
 
-    @staticmethod
-    def _send(req: Req, text: str, tokens: list[int]) -> None:
-        chunk = StreamChunk(
+    def _send(self, req: Req, text: str, tokens: list[int]) -> None:
+        self._pending.append(StreamChunk(
             request_id=req.rid,
             text=text,
             token_ids=tokens,
@@ -62,8 +69,4 @@ class OutputProcessor:
             cached_tokens=req.cached_tokens,
             matched_stop=req.matched_stop,
             error=req.error,
-        )
-        try:
-            req.sink(chunk)
-        except Exception:  # a broken consumer must not take the scheduler down
-            logger.exception("delivering output of request %s failed", req.rid)
+        ))

@@ -1,15 +1,20 @@
-"""``Req``: the state of one request from admission to finish. Fields say who fills them."""
+"""``Req``: the scheduler's state of one request from admission to finish. Fields say who fills them.
+
+A ``Req`` never leaves the scheduler side: the engine sends a ``messages.NewRequest`` and the scheduler side
+builds the ``Req`` from it (``scheduler/intake.py``), with the objects that cannot cross a process boundary
+(detokenizer, stop-string matcher, seeded generator, grammar matcher).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
-from .outputs import FinishReason, StreamChunk
+from .outputs import FinishReason
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -23,14 +28,14 @@ class Req:
     ``last_node``), the rest are the request's own. Exception, only while the prefill step that admitted it is in
     flight: part of the prefix may be borrowed from an earlier request of that batch (runtime/prefix_sharing.py)."""
 
-    # set by the engine at submission
+    # copied from the NewRequest message
     rid: str
     input_ids: list[int]
     params: SamplingParams
-    sink: Callable[[StreamChunk], None]  # called on the scheduler thread with every chunk
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
     max_new_tokens: int  # params.max_new_tokens clamped to the context length
     arrival: float = field(default_factory=time.monotonic)
+    priority: int = 0  # schedule_policy="priority" orders and preempts by it
 
     # filled by the scheduler and the output processor
     output_ids: list[int] = field(default_factory=list)
@@ -47,7 +52,7 @@ class Req:
     detok: IncrementalDetokenizer | None = None  # None when the engine runs without a tokenizer
     stop_matcher: StopStringMatcher = field(default_factory=lambda: StopStringMatcher([]))
     grammar: Any = None  # GrammarMatcher, for constrained requests
-    retractions: int = 0
+    retractions: int = 0  # priority preemptions included
 
     @property
     def fill_ids(self) -> list[int]:

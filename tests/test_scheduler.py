@@ -21,7 +21,7 @@ CACHED = list(range(1000, 1030))  # a 30-token prefix in the radix cache
 
 def _req(rid: str, input_ids: list[int], max_new_tokens: int, arrival: float) -> Req:
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    return Req(rid, input_ids, params, lambda chunk: None, frozenset(), max_new_tokens, arrival=arrival)
+    return Req(rid, input_ids, params, frozenset(), max_new_tokens, arrival=arrival)
 
 
 def _lpm_scheduler() -> Scheduler:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ..forward_batch import ForwardMode
 from ..output_processor import OutputProcessor
@@ -30,17 +30,26 @@ class DecodeManager:
     one sampled. ``requeue`` puts a retracted request back at the head of the waiting queue.
     """
 
-    def __init__(self, kv: KVManager, outputs: OutputProcessor, stats: SchedulerStats, requeue: Callable[[Req], None]):
+    def __init__(
+        self,
+        kv: KVManager,
+        outputs: OutputProcessor,
+        stats: SchedulerStats,
+        requeue: Callable[[Req], None],
+        retract_first: Callable[[Req], tuple],
+    ):
         self.kv = kv
         self.outputs = outputs
         self.stats = stats
         self.requeue = requeue
+        self.retract_first = retract_first  # policy.retraction_key: the smallest key is retracted first
         self.running: list[Req] = []
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
 
-    def reserved(self) -> int:
-        """Tokens admission keeps free for the running requests' future output."""
-        return int(sum(min(r.remaining_new_tokens, RESERVE_CLIP) for r in self.running) * self.new_token_ratio)
+    def reserved(self, without: Collection[Req] = ()) -> int:
+        """Tokens admission keeps free for the running requests' future output (``without`` those)."""
+        running = (r for r in self.running if r not in without)
+        return int(sum(min(r.remaining_new_tokens, RESERVE_CLIP) for r in running) * self.new_token_ratio)
 
     def schedule(self) -> ScheduleBatch | None:
         """The next decode step of every running request, retracting requests until the pool has a slot for each
@@ -48,7 +57,7 @@ class DecodeManager:
         if not self.running:
             return None
         while self.kv.free_tokens() < len(self.running) and len(self.running) > 1:
-            self.retract(min(self.running, key=lambda r: (len(r.output_ids), -r.arrival)))  # fewest decoded, latest
+            self.retract(min(self.running, key=self.retract_first))
         if self.kv.free_tokens() < len(self.running):
             # A lone request has filled the whole pool: it cannot grow, and there is nobody to retract.
             req = self.running[0]
@@ -67,16 +76,22 @@ class DecodeManager:
         self.stats.peak_running_requests = max(self.stats.peak_running_requests, len(batch.reqs))
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
 
-    def retract(self, victim: Req) -> None:
+    def retract(self, victim: Req, preempted: bool = False) -> None:
         """Move a running request back to the head of the queue: its KV goes to the prefix cache (evictable), its
-        output and its grammar state stay, and it is re-prefilled when admitted again."""
+        output and its grammar state stay, and it is re-prefilled when admitted again. ``preempted``: to make
+        room for a more urgent request, not because the running batch outgrew the pool."""
         self.running.remove(victim)
         self.kv.release(victim)
         victim.retractions += 1
         self.requeue(victim)
         self.stats.retractions += 1
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO  # pressure: reserve more for the running requests again
-        logger.info("retracted request %s (%d output tokens kept) to free KV", victim.rid, len(victim.output_ids))
+        if preempted:
+            # A priority decision, not a sign that the reservation for running requests was too small.
+            self.stats.preemptions += 1
+        else:
+            self.new_token_ratio = INIT_NEW_TOKEN_RATIO  # pressure: reserve more for the running requests again
+        why = "for a more urgent request" if preempted else "to free KV"
+        logger.info("retracted request %s (%d output tokens kept) %s", victim.rid, len(victim.output_ids), why)
 
     def retire_finished(self) -> None:
         """Release the KV of the running requests that finished (or were aborted) and drop them."""

@@ -16,8 +16,11 @@ class SchedulerLimits:
     max_running_requests: int
     max_prefill_tokens: int
     chunked_prefill_size: int
-    schedule_policy: str  # a key of policy.POLICIES: "fcfs" | "lpm"
+    schedule_policy: str  # a key of policy.POLICIES: "fcfs" | "lpm" | "priority"
     overlap: bool = False  # launch decode step t+1 before processing step t's outputs (see Scheduler.step)
+    low_priority_values_first: bool = False  # priority policy: smaller Req.priority values are more urgent
+    # priority policy: a waiting request preempts running ones less urgent by more than this; None: never preempt
+    preemption_threshold: int | None = None
 
 
 @dataclass
@@ -27,7 +30,8 @@ class SchedulerStats:
     generated_tokens: int = 0
     finished_requests: int = 0
     aborted_requests: int = 0
-    retractions: int = 0
+    retractions: int = 0  # priority preemptions included
+    preemptions: int = 0  # retractions that made room for a more urgent request
     prefill_steps: int = 0
     decode_steps: int = 0
     peak_running_requests: int = 0  # largest decode batch so far

@@ -12,6 +12,7 @@ is not starved). ``admission_need`` is the one place this arithmetic lives: both
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ from ..schedule_batch import ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats
-from .policy import order_waiting
+from .policy import PriorityOrder, order_waiting
+from .preemption import Preemption
 
 __all__ = ["AdmissionNeed", "PrefillManager", "admission_need"]
 
@@ -60,6 +62,10 @@ class PrefillManager:
         self.stats = stats
         self.waiting: deque[Req] = deque()
         self.chunked: Req | None = None
+        self.order = PriorityOrder(limits.low_priority_values_first)
+        self.preemption: Preemption | None = None
+        if limits.schedule_policy == "priority" and limits.preemption_threshold is not None:
+            self.preemption = Preemption(self.order, limits.preemption_threshold, decode, self.head_fits)
 
     def requeue(self, req: Req) -> None:
         """Put a retracted request back at the head of the queue (it keeps its place in arrival order)."""
@@ -74,27 +80,43 @@ class PrefillManager:
 
     def ordered(self) -> list[Req]:
         """The waiting requests in the order the policy admits them."""
-        return order_waiting(self.limits.schedule_policy, self.waiting, lambda r: len(self.kv.match(r)[0]))
+        prefix_len = lambda r: len(self.kv.match(r)[0])  # noqa: E731
+        return order_waiting(self.limits.schedule_policy, self.waiting, prefix_len, self.order)
 
     def _room(self) -> int:
         return self.kv.free_tokens() - self.decode.reserved()
 
+    def head_fits(self, req: Req, without: Sequence[Req] = ()) -> bool:
+        """Whether ``req``, first in policy order, would be admitted now; with ``without``: if those running
+        requests were retracted first (their whole KV counted as freed, an upper bound)."""
+        running = len(self.decode.running) - len(without)
+        if running >= self.limits.max_running_requests:
+            return False
+        free = self.kv.free_tokens() + sum(r.kv_len for r in without)
+        need = admission_need(req, len(self.kv.match(req)[0]))
+        return need.fits(free - self.decode.reserved(without), free, alone=running == 0)
+
     def admission_possible(self) -> bool:
         """Whether ``schedule`` would return a batch now: the chunked request's next chunk fits the pool, or the
-        first waiting request *in policy order* fits (admission stops at the first that does not)."""
+        first waiting request *in policy order* fits (admission stops at the first that does not), or would fit
+        once the priority preemption made room for it."""
         if self.chunked is not None:
             return self._next_chunk_len() <= self.kv.free_tokens()
-        if not self.waiting or len(self.decode.running) >= self.limits.max_running_requests:
+        rows_full = len(self.decode.running) >= self.limits.max_running_requests
+        if not self.waiting or (rows_full and self.preemption is None):
             return False
         first = self.ordered()[0]
-        need = admission_need(first, len(self.kv.match(first)[0]))
-        return need.fits(self._room(), self.kv.free_tokens(), alone=not self.decode.running)
+        return self.head_fits(first) or (self.preemption is not None and self.preemption.could_make_room(first))
 
     def schedule(self) -> ScheduleBatch | None:
         """The next prefill batch (its requests hold rows and slots, and left ``waiting``), or None."""
         if self.chunked is not None:
             return self._schedule_chunk()
-        return self._schedule_new() if self.waiting else None
+        if not self.waiting:
+            return None
+        if self.preemption is not None:
+            self.preemption.make_room(self.ordered()[0])
+        return self._schedule_new()
 
     def _next_chunk_len(self) -> int:
         assert self.chunked is not None

@@ -3,8 +3,8 @@
 The parts, one resource each: ``PrefillManager`` (the waiting queue, the chunked request, admission),
 ``DecodeManager`` (the running batch, retraction, the new-token ratio), ``KVManager`` (KV slots: allocator,
 request->token rows, prefix cache). This class composes them and owns what spans steps: launching a step,
-resolving it, and the overlap of the two. Everything here runs on the scheduler thread; other threads talk to it
-only through the engine's inbox.
+resolving it, and the overlap of the two. Everything here runs on the scheduler's thread (or process); the rest
+of the engine talks to it only through messages (``loop.py`` dispatches them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..schedule_batch import ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import SchedulerLimits, SchedulerStats
+from .policy import PriorityOrder, retraction_key
 from .prefill import PrefillManager
 
 __all__ = ["Launched", "Scheduler"]
@@ -58,7 +59,8 @@ class Scheduler:
         self.outputs = outputs
         self.stats = SchedulerStats()
         self.kv = KVManager(allocator, req_pool, prefix_cache)
-        self.decode = DecodeManager(self.kv, outputs, self.stats, requeue=lambda req: self.prefill.requeue(req))
+        retract_first = retraction_key(limits.schedule_policy, PriorityOrder(limits.low_priority_values_first))
+        self.decode = DecodeManager(self.kv, outputs, self.stats, lambda req: self.prefill.requeue(req), retract_first)
         self.prefill = PrefillManager(limits, self.kv, self.decode, self.stats)
         self.inflight: Launched | None = None  # overlap mode: the launched step not yet resolved
         # The batch of the step in progress: its prefilled requests are neither waiting nor running until the step
@@ -100,7 +102,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.inflight)
 
-    # ---- queue operations (called from the engine's inbox handler, on the scheduler thread) ----
+    # ---- queue operations (called by the loop's message handlers, between steps) ----
 
     def add(self, req: Req) -> None:
         self.prefill.waiting.append(req)

@@ -1,0 +1,61 @@
+"""``RequestBuilder``: the scheduler side's ``Req`` for an add-request message.
+
+The message (``messages.NewRequest``) holds plain values only; what cannot cross a process boundary is made
+here, on the side that uses it: the incremental detokenizer and the stop-string matcher (the output processor
+runs them after sampling), the seeded generator (on the model's device) and the grammar matcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..constrained import GrammarBackend
+from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
+from ..messages import NewRequest
+from ..request import Req
+
+__all__ = ["RequestBuilder"]
+
+
+class RequestBuilder:
+    """Builds ``Req``s on the scheduler side.
+
+    ``tokenizer`` is None when the engine runs with ``skip_tokenizer_init`` (then the engine has refused stop
+    strings and grammars). ``grammar_backend`` is called the first time a constrained request arrives.
+    """
+
+    def __init__(self, tokenizer: Any, device: torch.device, grammar_backend: Callable[[], GrammarBackend]) -> None:
+        self.tokenizer = tokenizer
+        self.device = device
+        self.grammar_backend = grammar_backend
+
+    def build(self, msg: NewRequest) -> Req:
+        """The request of ``msg``, ready to queue.
+
+        Raises:
+            InvalidRequestError: its grammar does not compile here. The engine compiled it before queueing, so
+                on the engine's thread this is a cache hit that cannot fail; in another process the scheduler's
+                own backend compiles it once (the same grammar, the same result).
+        """
+        ids = list(msg.input_ids)
+        req = Req(
+            rid=msg.rid,
+            input_ids=ids,
+            params=msg.params,
+            stop_token_ids=msg.stop_token_ids,
+            max_new_tokens=msg.max_new_tokens,
+            arrival=msg.arrival,
+            priority=msg.priority,
+        )
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, msg.params.skip_special_tokens, prompt_ids=ids)
+        req.stop_matcher = StopStringMatcher(msg.params.stop or [])
+        if msg.params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(msg.params.seed)
+        if msg.grammar is not None:
+            backend = self.grammar_backend()
+            req.grammar = backend.new_matcher(backend.compile(msg.grammar))
+        return req

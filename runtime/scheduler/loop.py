@@ -1,0 +1,164 @@
+"""``SchedulerLoop``: drives a ``Scheduler`` from an inbox of messages and sends its outputs to an outbox.
+
+The loop is the scheduler side's one dispatcher: a table from message type (``runtime/messages.py``) to handler.
+Between two steps it handles every queued message (waiting for one when there is nothing to run), then runs one
+step, then sends the chunks produced as one ``Outputs``. ``inbox`` is anything with ``get(timeout=)`` and
+``get_nowait()`` that raise ``queue.Empty`` (a ``queue.SimpleQueue``, a ``multiprocessing`` queue); ``outbox``
+anything with ``put`` (the engine's output router on its thread, a ``multiprocessing`` queue in a process).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidRequestError
+from ..messages import (
+    Abort,
+    AddRequests,
+    CheckIdle,
+    FlushCache,
+    GetMetrics,
+    MetricsSnapshot,
+    NewRequest,
+    Outputs,
+    Query,
+    Reply,
+    Stop,
+)
+from ..outputs import StreamChunk
+from .intake import RequestBuilder
+from .scheduler import Scheduler
+
+logger = logging.getLogger("xinf_sglang.runtime.scheduler")
+
+__all__ = ["SchedulerLoop", "metrics_snapshot"]
+
+IDLE_POLL_S = 0.5  # how long an idle loop waits for a message before checking again
+
+
+class SchedulerLoop:
+    """Runs ``scheduler`` until a ``Stop`` arrives; every request left then is aborted (and its chunk sent)."""
+
+    def __init__(
+        self, scheduler: Scheduler, builder: RequestBuilder, inbox: Any, outbox: Any, debug_invariants: bool = False
+    ) -> None:
+        self.scheduler = scheduler
+        self.builder = builder
+        self.inbox = inbox
+        self.outbox = outbox
+        self.debug_invariants = debug_invariants
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            AddRequests: self._add,
+            Abort: lambda msg: self.scheduler.abort(msg.rid),
+            GetMetrics: lambda msg: metrics_snapshot(self.scheduler),
+            FlushCache: lambda msg: self.scheduler.prefix_cache.evict(self.scheduler.prefix_cache.evictable_size()),
+            CheckIdle: lambda msg: tuple(self.scheduler.idle_invariant_violations()),
+        }
+
+    def register(self, message_type: type, handler: Callable[[Any], None]) -> None:
+        """Handle ``message_type`` too. For in-process extensions only (the engine's ``run_on_scheduler`` test
+        hook, whose message holds a callable): what another process sends is always a ``messages`` type."""
+        self._handlers[message_type] = handler
+
+    def run(self) -> None:
+        sched = self.scheduler
+        while True:
+            try:
+                if not self._drain_inbox(block=not sched.has_work):
+                    break
+                worked = sched.step()
+            except Exception as e:  # keep serving: fail the requests in flight, never the loop
+                logger.exception("scheduler step failed; aborting the requests in flight")
+                sched.abort_all(f"engine error: {type(e).__name__}: {e}")
+                worked = False
+            self._send_outputs()
+            if not worked and self.debug_invariants and not sched.has_work:
+                problems = sched.idle_invariant_violations()
+                if problems:
+                    logger.error("idle invariant violated: %s", "; ".join(problems))
+        sched.abort_all("the engine is shutting down")
+        self._send_outputs()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every queued message (waiting for one if ``block``); False once asked to stop."""
+        try:
+            msg = self.inbox.get(timeout=IDLE_POLL_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(msg, Stop):
+                return False
+            self._handle(msg)
+            self._send_outputs()  # an abort's last chunk goes out before the next message is handled
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _handle(self, msg: Any) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            logger.error("scheduler loop: no handler for %s; dropped", type(msg).__name__)
+            return
+        if not isinstance(msg, Query):
+            handler(msg)
+            return
+        try:
+            reply = Reply(msg.query_id, handler(msg))
+        except Exception as e:  # the asker gets the error; the loop keeps serving
+            reply = Reply(msg.query_id, error=f"{type(e).__name__}: {e}")
+        self.outbox.put(reply)
+
+    def _add(self, msg: AddRequests) -> None:
+        for new in msg.requests:
+            try:
+                req = self.builder.build(new)
+            except InvalidRequestError as e:
+                self.outbox.put(Outputs((_refused(new, str(e)),)))
+                continue
+            self.scheduler.add(req)
+
+    def _send_outputs(self) -> None:
+        chunks = self.scheduler.outputs.take()
+        if chunks:
+            self.outbox.put(Outputs(tuple(chunks)))
+
+
+def _refused(new: NewRequest, error: str) -> StreamChunk:
+    """The only chunk of a request the scheduler side could not build (its grammar failed to compile here)."""
+    return StreamChunk(new.rid, "", finish_reason="abort", prompt_tokens=len(new.input_ids), error=error)
+
+
+def metrics_snapshot(sched: Scheduler) -> MetricsSnapshot:
+    """The scheduler's counters now (call between steps)."""
+    stats, kv, runner = sched.stats, sched.kv, sched.runner
+    return MetricsSnapshot(
+        kv_total_tokens=kv.allocator.size,
+        kv_free_tokens=kv.allocator.available,
+        kv_evictable_tokens=kv.cache.evictable_size(),
+        kv_used_tokens=kv.allocator.size - kv.allocator.available,
+        running_requests=len(sched.running) + (1 if sched.chunked else 0),
+        waiting_requests=len(sched.waiting),
+        cache_hit_rate=stats.cache_hit_rate,
+        prompt_tokens_total=stats.prompt_tokens,
+        cached_prompt_tokens_total=stats.cached_prompt_tokens,
+        generated_tokens_total=stats.generated_tokens,
+        finished_requests=stats.finished_requests,
+        aborted_requests=stats.aborted_requests,
+        retractions=stats.retractions,
+        preemptions=stats.preemptions,
+        prefill_steps=stats.prefill_steps,
+        decode_steps=stats.decode_steps,
+        peak_running_requests=stats.peak_running_requests,
+        peak_prefill_tokens=stats.peak_prefill_tokens,
+        overlapped_steps=stats.overlapped_steps,
+        prefill_tokens_total=stats.prefill_tokens,
+        prefill_seconds_total=stats.prefill_seconds,
+        decode_seconds_total=stats.decode_seconds,
+        grammar_mask_steps=runner.mask_steps,
+        grammar_mask_ms_per_step=1e3 * runner.mask_seconds / max(1, runner.mask_steps),
+        new_token_ratio=sched.new_token_ratio,
+    )

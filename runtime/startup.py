@@ -1,0 +1,226 @@
+"""Engine startup: from an ``EngineConfig`` to a loaded model, a sized KV pool and a scheduler over them.
+
+``build_runtime`` runs the steps in order: resolve device and dtype, open the checkpoint and the tokenizer, load
+the weights, plan memory (``memory_plan.py``: the pool size follows from what the weights left free), build the
+KV pool, allocator, request->token table, attention backend and model runner (with CUDA graphs on CUDA), and
+the scheduler with its prefix cache. The same function serves the engine's scheduler thread and a scheduler
+process (``scheduler_process.py``), so both run exactly the same scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from transformers import AutoTokenizer
+
+from xinf_sglang.kernels.pdl import pdl_supported
+
+from .allocator import ReqToTokenPool, TokenAllocator
+from .attention import AttentionBackend, TorchAttentionBackend
+from .config import EngineConfig
+from .constrained import GrammarBackend, LLGuidanceBackend
+from .errors import ConfigError
+from .kv_pool import KVPool
+from .memory_plan import MemoryInputs, MemoryPlan, plan_memory
+from .model_runner import ModelRunner
+from .models.checkpoint import Checkpoint, open_checkpoint
+from .models.config import ModelConfig
+from .models.loader import load_model
+from .output_processor import OutputProcessor
+from .prefix_cache import NoPrefixCache
+from .radix_cache import RadixCache
+from .scheduler import Scheduler, SchedulerLimits
+
+logger = logging.getLogger("xinf_sglang.runtime")
+
+__all__ = ["Runtime", "build_runtime", "make_grammar_backend"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    """What startup built for one model."""
+
+    checkpoint: Checkpoint
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any  # None with skip_tokenizer_init
+    eos_token_ids: frozenset[int]
+    memory_plan: MemoryPlan
+    runner: ModelRunner
+    scheduler: Scheduler
+
+
+def build_runtime(config: EngineConfig) -> Runtime:
+    """Load the model of ``config`` and build its pool, runner and scheduler; log the startup summary.
+
+    Raises:
+        ConfigError: an option cannot work on this machine or with this model (the message names the knob).
+    """
+    device = _resolve_device(config.device)
+    checkpoint = open_checkpoint(config.model_path)
+    mc = checkpoint.model_config
+    dtype = _resolve_dtype(config.dtype, device, mc)
+    tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config, checkpoint)
+    torch.manual_seed(config.seed)
+    free_before = _free_memory(device)
+    model = load_model(checkpoint, dtype, device, config.load_format, seed=config.seed)
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if config.load_format != "dummy":
+        logger.info("sglite weights: %s", checkpoint.describe(dtype, weights_bytes))
+    plan = _plan_memory(config, mc, device, dtype, free_before, weights_bytes)
+    kv_pool = KVPool(plan.pool_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device)
+    allocator = TokenAllocator(plan.pool_tokens, device)
+    req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, device)
+    attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, device)
+    runner = ModelRunner(model, kv_pool, attn, req_pool.table, device)
+    _enable_cuda_graphs(config, runner, attn, plan)
+    limits = scheduler_limits(config, plan, device)
+    prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
+    scheduler = Scheduler(limits, runner, allocator, req_pool, prefix_cache, OutputProcessor())
+    logger.info(
+        "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s, "
+        "programmatic dependent launch=%s",
+        mc.architecture, config.model_path, device, str(dtype).removeprefix("torch."),
+        type(attn).__name__, runner.graphs is not None, limits.overlap, pdl_supported(device),
+    )
+    for line in plan.report():
+        logger.info("memory plan: %s", line)
+    eos = _eos_ids(checkpoint, tokenizer)
+    return Runtime(checkpoint, mc, device, dtype, tokenizer, eos, plan, runner, scheduler)
+
+
+def scheduler_limits(config: EngineConfig, plan: MemoryPlan, device: torch.device) -> SchedulerLimits:
+    """The scheduler's limits: the budgets of the memory plan and the policy options of ``config``."""
+    preempt = config.schedule_policy == "priority" and not config.disable_priority_preemption
+    return SchedulerLimits(
+        max_running_requests=plan.max_running_requests,
+        max_prefill_tokens=plan.max_prefill_tokens,
+        chunked_prefill_size=plan.chunked_prefill_size,
+        schedule_policy=config.schedule_policy,
+        overlap=config.overlap_schedule == "on" or (config.overlap_schedule == "auto" and device.type == "cuda"),
+        low_priority_values_first=config.schedule_low_priority_values_first,
+        preemption_threshold=config.priority_scheduling_preemption_threshold if preempt else None,
+    )
+
+
+def make_grammar_backend(
+    config: EngineConfig, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int]
+) -> GrammarBackend:
+    """The grammar backend of an engine (building llguidance's token table takes ~0.5 s on big vocabularies)."""
+    return LLGuidanceBackend(
+        tokenizer,
+        vocab_size,
+        compile_timeout_s=config.grammar_compile_timeout_s,
+        max_workers=config.grammar_compile_workers,
+        eos_token_ids=sorted(eos_token_ids),
+    )
+
+
+def _plan_memory(
+    config: EngineConfig, mc: ModelConfig, device: torch.device, dtype: torch.dtype, free_before: int, weights: int
+) -> MemoryPlan:
+    inputs = MemoryInputs(
+        device=device.type,
+        free_before_weights=free_before,
+        free_after_weights=_free_memory(device),
+        weights_bytes=weights,
+        kv_bytes_per_token=KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype),
+        model_context_length=_model_context_length(mc),
+        hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size,
+        vocab_size=mc.vocab_size,
+        dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+    )
+    return plan_memory(
+        inputs,
+        mem_fraction_static=config.mem_fraction_static,
+        max_total_tokens=config.max_total_tokens,
+        context_length=config.context_length,
+        max_running_requests=config.max_running_requests,
+        chunked_prefill_size=config.chunked_prefill_size,
+        max_prefill_tokens=config.max_prefill_tokens,
+    )
+
+
+def _enable_cuda_graphs(config: EngineConfig, runner: ModelRunner, attn: AttentionBackend, plan: MemoryPlan) -> None:
+    if runner.device.type != "cuda" or config.disable_cuda_graph:
+        return
+    if not hasattr(attn, "init_cuda_graph_state"):
+        raise ConfigError(
+            f"CUDA graphs need the triton attention backend (got {config.attention_backend!r}); "
+            f"set disable_cuda_graph=True to run {type(attn).__name__} eagerly"
+        )
+    max_bs = min(config.cuda_graph_max_bs or 256, plan.max_running_requests)
+    runner.enable_cuda_graphs(max_bs, plan.context_length)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32  # half precision on CPU is slow and lossy
+    return DTYPES.get(str(cfg.torch_dtype), torch.bfloat16) if cfg.torch_dtype != "float32" else torch.float32
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def _model_context_length(cfg: ModelConfig) -> int:
+    if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings:
+        # Attention here is full, not windowed: beyond the window it would differ from the model's training.
+        return cfg.sliding_window
+    return cfg.max_position_embeddings
+
+
+def _load_tokenizer(config: EngineConfig, checkpoint: Checkpoint) -> Any:
+    if config.tokenizer_path:
+        return AutoTokenizer.from_pretrained(config.tokenizer_path)
+    return checkpoint.load_tokenizer()
+
+
+def _eos_ids(checkpoint: Checkpoint, tokenizer) -> frozenset[int]:
+    ids = checkpoint.eos_token_ids()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _make_attention_backend(
+    choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device
+) -> AttentionBackend:
+    """``auto``: triton on CUDA, the C++ CPU kernel on the CPU; ``torch``: the reference anywhere."""
+    sm_scale = cfg.head_dim**-0.5
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" else "cpu"
+    if choice == "triton":
+        if device.type != "cuda":
+            raise ConfigError("attention_backend='triton' needs a CUDA device")
+        from .attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale, num_q_heads=cfg.num_heads)
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ConfigError("attention_backend='cpu' needs device='cpu'")
+        from .attention_cpu import CpuAttentionBackend  # imported here: the CUDA path never loads the CPU kernel
+
+        return CpuAttentionBackend(kv_pool, req_to_token, sm_scale)
+    return TorchAttentionBackend(kv_pool, req_to_token, sm_scale)
