@@ -230,7 +230,7 @@ class SgliteModel(LLM):
         self._require_loaded()
         params = self._sampling_params(sampling, opts, len(input_ids))
         request_id = request_id or uuid.uuid4().hex
-        stream = self._stream(input_ids, params, request_id)
+        stream = self._stream(input_ids, params, request_id, opts.priority)
         # Prime the stream: the runtime validates (length vs context, stop ids, grammar) on the first step of
         # the iterator, so this turns a bad request into an exception of this call, not of the stream.
         try:
@@ -256,7 +256,9 @@ class SgliteModel(LLM):
         except InvalidRequestError as e:
             raise SgliteRequestError(str(e)) from None
 
-    async def _stream(self, input_ids: List[int], params: Any, request_id: str) -> AsyncGenerator["StreamChunk", None]:
+    async def _stream(
+        self, input_ids: List[int], params: Any, request_id: str, priority: Optional[int]
+    ) -> AsyncGenerator["StreamChunk", None]:
         """The runtime's stream for one request, with bookkeeping; closing it early aborts the request."""
         from .runtime.errors import InvalidRequestError
 
@@ -265,7 +267,7 @@ class SgliteModel(LLM):
         # never resumed or closed (Xinference leaves a stream abandoned by a client disconnect to the garbage
         # collector, which may not run for a long time in an idle model process).
         engine_stream = self._engine.generate_stream(
-            input_ids=input_ids, sampling_params=params, request_id=request_id,
+            input_ids=input_ids, sampling_params=params, request_id=request_id, priority=priority,
             on_finish=self._active_requests.discard,
         )
         received = finished = False

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
-from xinf_sglang.runtime.config import EngineConfig, describe_options, format_validation_error
+from xinf_sglang.runtime.config import EngineConfig, check_priority_options, describe_options, format_validation_error
 
 # Values that mean "not set, use the default": the web UI sends empty fields as "" and the CLI/REST as "None".
 _UNSET_STRINGS = frozenset({"", "none", "null"})
@@ -54,6 +54,11 @@ class _LaunchOptionsBase(BaseModel):
         if not isinstance(data, dict):
             return data
         return {k: v for k, v in data.items() if not _is_unset(v)}
+
+    @model_validator(mode="after")
+    def _priority_options(self) -> Any:
+        check_priority_options(self)  # the runtime's own check, here so that a launch fails before loading
+        return self
 
     @field_validator("schedule_policy", "device", "load_format", "attention_backend", "overlap_schedule",
                      mode="before", check_fields=False)

@@ -4,7 +4,8 @@ Xinference calls an engine with one ``generate_config`` dict per request: the Op
 (after Xinference's REST layer parsed them), plus a few Xinference keys. :func:`map_request` splits it into
 
 - ``sampling``: keyword arguments for ``SamplingParams`` (sampling, stops, structured output),
-- ``RequestOptions``: what the plugin itself acts on (streaming, usage chunk, tools, echo, chat template kwargs),
+- ``RequestOptions``: what the plugin itself acts on (streaming, usage chunk, tools, echo, chat template kwargs)
+  and what it passes to the runtime beside the sampling (``priority``, an extra body field, as in vLLM and SGLang),
 
 and raises :class:`RequestMappingError` for fields sglite cannot honour (``logprobs``, ``n`` > 1, LoRA,
 forced tool choice, ...) or does not know. Pure functions, no Xinference or torch import: unit-testable.
@@ -49,6 +50,7 @@ class RequestOptions:
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False  # whether the client set max_tokens (else: fill the context)
+    priority: int | None = None  # extra body field; non-zero needs the engine's schedule_policy=priority
 
 
 # OpenAI / Xinference name -> SamplingParams name, for fields that map one to one.
@@ -149,11 +151,7 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     problems: list[str] = []
     _merge_extra_body(cfg, problems)
 
-    for key in _MAX_TOKENS_KEYS:
-        value = cfg.pop(key, None)
-        if value is not None and "max_new_tokens" not in sampling:
-            sampling["max_new_tokens"] = value
-            opts.max_tokens_given = True
+    _map_max_tokens(cfg, sampling, opts)
     for key, target in _DIRECT.items():
         value = cfg.pop(key, None)
         if value is not None:
@@ -164,13 +162,10 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
         del sampling["stop"]
 
     _map_structured(cfg, sampling, problems)
+    opts.priority = _priority(cfg.pop("priority", None), problems)
 
     opts.stream = bool(cfg.pop("stream", False))
-    stream_options = cfg.pop("stream_options", None) or {}
-    if not isinstance(stream_options, dict):
-        problems.append(f"stream_options must be an object, got {stream_options!r}")
-    else:
-        opts.include_usage = bool(stream_options.get("include_usage", False))
+    opts.include_usage = _include_usage(cfg.pop("stream_options", None), problems)
     opts.echo = bool(cfg.pop("echo", False))
     if opts.echo and kind == "chat":
         problems.append("echo applies to completions only")
@@ -191,6 +186,23 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     if problems:
         raise RequestMappingError("; ".join(problems))
     return sampling, opts
+
+
+def _map_max_tokens(cfg: dict[str, Any], sampling: dict[str, Any], opts: RequestOptions) -> None:
+    """The first of the max-tokens spellings that is set becomes ``max_new_tokens``; all are consumed."""
+    for key in _MAX_TOKENS_KEYS:
+        value = cfg.pop(key, None)
+        if value is not None and "max_new_tokens" not in sampling:
+            sampling["max_new_tokens"] = value
+            opts.max_tokens_given = True
+
+
+def _include_usage(stream_options: Any, problems: list[str]) -> bool:
+    stream_options = stream_options or {}
+    if not isinstance(stream_options, dict):
+        problems.append(f"stream_options must be an object, got {stream_options!r}")
+        return False
+    return bool(stream_options.get("include_usage", False))
 
 
 def _merge_extra_body(cfg: dict[str, Any], problems: list[str]) -> None:
@@ -269,6 +281,17 @@ def _parse_json_schema(key: str, text: str, problems: list[str]) -> Any:
         problems.append(f"{key} is not valid JSON: {e}")
     except RecursionError:  # Python's parser gives up far beyond the runtime's schema depth limit
         problems.append(f"{key} is nested too deeply (more than a thousand levels) to be read as JSON")
+    return None
+
+
+def _priority(value: Any, problems: list[str]) -> int | None:
+    """The request's scheduling priority (an integer; the runtime checks its range and the engine's policy)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    problems.append(
+        f"priority must be an integer (larger runs first when the model is launched with schedule_policy "
+        f"priority); got {value!r:.40}"
+    )
     return None
 
 

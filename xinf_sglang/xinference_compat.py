@@ -22,8 +22,10 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    fields they do not declare; only the vLLM-style ``guided_*`` fields are forwarded (top level or inside a raw
    ``extra_body`` object). The wrapper also forwards SGLang's names, ``regex`` -> ``guided_regex``, ``ebnf`` ->
    ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places. The guided names are what vLLM
-   understands too, so other engines see nothing new. Nothing else is forwarded. An alias that contradicts the
-   guided field it maps to (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick.
+   understands too, so other engines see nothing new. An alias that contradicts the guided field it maps to
+   (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The one other field forwarded
+   is a top-level ``priority`` (what the OpenAI client sends for ``extra_body={"priority": n}``), as is: the
+   request models drop it too, and the engine validates it (an integer, allowed by the model's schedule policy).
 
 Guards: the patches are applied once per process (idempotent; a marker on the wrapper), only when Xinference is
 4.1.x and the patched attribute is a static method with the signature read from 4.1.0's source. Otherwise one
@@ -50,9 +52,12 @@ DISABLE_ENV = "SGLITE_XINFERENCE_COMPAT"
 SUPPORTED_SERIES = ("4", "1")  # major, minor of the Xinference the patched internals were read from
 # SGLang request field -> the vLLM-style field Xinference 4.1 forwards to engines.
 FIELD_ALIASES = {"regex": "guided_regex", "ebnf": "guided_grammar", "choice": "guided_choice"}
+# Top-level request fields Xinference 4.1's request models drop, forwarded as they are (vLLM and SGLang read the
+# same name). A literal extra_body object reaches engines whole, so its entries need no forwarding.
+FORWARDED_FIELDS = ("priority",)
 
 ERRORS = "sglite's request-error messages on /v1/chat/completions"
-FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice over HTTP"
+FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice and priority over HTTP"
 
 _MARK = "__sglite_compat__"
 _ENGINE_MODULE = "xinf_sglang.engine"
@@ -217,6 +222,9 @@ def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
                         detail=f"{alias!r} and {guided!r} are the same constraint with different values; send one",
                     )
                 kwargs[guided] = value
+        for name in FORWARDED_FIELDS:
+            if raw_body.get(name) is not None:
+                kwargs[name] = raw_body[name]
         return kwargs
 
     return extract_guided_params
