@@ -232,6 +232,14 @@ def test_invalid_requests_are_400(server: Server, cli_model: str) -> None:
         client(server).chat.completions.create(
             model=cli_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True
         )
+    # min_p / min_tokens reach the engine over HTTP (Xinference's request models drop them; the compat patch
+    # forwards them): out-of-range values are refused by sglite's validation, naming the field.
+    for field, value in [("min_p", 2.0), ("min_tokens", -1)]:
+        with pytest.raises(openai.BadRequestError, match="min_p|min_new_tokens|min_tokens") as err:
+            client(server).chat.completions.create(
+                model=cli_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={field: value}
+            )
+        assert str(value) in str(err.value), err.value
 
 
 # ---- launch options ----
@@ -252,13 +260,34 @@ def test_bad_launch_options_fail_before_loading(server: Server, custom_model: st
     assert done.returncode != 0
     assert "unknown option 'no_such_option'" in done.stderr and "mem_fraction_static" in done.stderr, done.stderr
 
+    done = cli(
+        server, "launch", "--model-engine", "sglite", "--model-name", custom_model, "--model-uid", "bad-alias",
+        "--max_modle_len", "512",
+    )
+    assert done.returncode != 0 and "did you mean 'max_model_len'" in done.stderr, done.stderr
     status, body = http(
         "POST", server.endpoint + "/v1/models",
         {"model_name": custom_model, "model_engine": "sglite", "model_uid": "bad-rest", "max_running_requests": "0"},
     )
     assert status == 400 and "max_running_requests" in str(body), body
     status, models = http("GET", server.endpoint + "/v1/models")
-    assert not {"bad-fraction", "bad-key", "bad-rest"} & {m["id"] for m in models["data"]}
+    assert not {"bad-fraction", "bad-key", "bad-alias", "bad-rest"} & {m["id"] for m in models["data"]}
+
+
+def test_vllm_option_names_launch_with_their_meaning(server: Server, custom_model: str) -> None:
+    """vLLM's names, hyphenated as a CLI user types them, become sglite's options with the same meaning."""
+    uid = "tiny-vllm-names"
+    done = cli(
+        server, "launch", "--model-engine", "sglite", "--model-name", custom_model, "--model-uid", uid,
+        "--max_model_len", "512", "--gpu-memory-utilization", "0.5", "--enable_prefix_caching", "false",
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
+    try:
+        m = metrics(server, uid)
+        assert m["context_length"] == 512
+        assert m["launch_options"]["mem_fraction_static"] == 0.5 and m["launch_options"]["disable_radix_cache"]
+    finally:
+        terminate(server, uid)
 
 
 # ---- built-in family, REST launch, termination ----

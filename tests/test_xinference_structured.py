@@ -233,11 +233,14 @@ def test_compat_patches_apply_once_and_only_to_sglite_errors(monkeypatch) -> Non
     with pytest.raises(RuntimeError, match="original sanitize=True"):  # everything else: Xinference's handler
         api.handle_request_limit_error(ValueError("boom"), sanitize=True)
 
-    # Aliases from the top level and from a raw extra_body object; nothing else is forwarded.
+    # Aliases from the top level and from a raw extra_body object, and the forwarded top-level fields (min_p,
+    # min_tokens, priority: a raw extra_body reaches engines whole); nothing else.
     got = api.extract_guided_params(
-        raw_body={"regex": "a+", "min_p": 0.1, "extra_body": {"choice": ["x"], "ebnf": 'root ::= "a"', "json": 1}}
+        raw_body={"regex": "a+", "min_p": 0.1, "min_tokens": 2, "top_a": 1,
+                  "extra_body": {"choice": ["x"], "ebnf": 'root ::= "a"', "json": 1}}
     )
-    assert got == {"guided_regex": "a+", "guided_choice": ["x"], "guided_grammar": 'root ::= "a"'}
+    assert got == {"guided_regex": "a+", "guided_choice": ["x"], "guided_grammar": 'root ::= "a"', "min_p": 0.1,
+                   "min_tokens": 2}
     assert api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "a"}) == {"guided_regex": "a"}
     with pytest.raises(HTTPException) as err:
         api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "b"})

@@ -12,11 +12,16 @@ silently: see :func:`split_model_config`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
 from xinf_sglang.runtime.config import EngineConfig, check_priority_options, describe_options, format_validation_error
+
+from .option_aliases import resolve_aliases
+
+logger = logging.getLogger(__name__)
 
 # Values that mean "not set, use the default": the web UI sends empty fields as "" and the CLI/REST as "None".
 _UNSET_STRINGS = frozenset({"", "none", "null"})
@@ -131,12 +136,17 @@ UNSUPPORTED_XINFERENCE_KEYS: dict[str, str] = {
 def split_model_config(model_config: dict[str, Any] | None) -> tuple[LaunchOptions, dict[str, Any]]:
     """Split Xinference's model_config into sglite's :class:`LaunchOptions` and Xinference's own keys.
 
-    Returns ``(options, xinference_keys)``. Raises :class:`LaunchOptionsError` for unknown keys, bad values
-    and Xinference options sglite cannot honour.
+    Hyphenated keys and the vLLM / SGLang names of sglite's options are renamed first (`option_aliases`; what
+    was renamed is logged). Returns ``(options, xinference_keys)``. Raises :class:`LaunchOptionsError` for
+    unknown keys (with a "did you mean"), bad values and options sglite cannot honour.
     """
-    config = dict(model_config or {})
+    known = set(LaunchOptions.model_fields) | set(XINFERENCE_KEYS) | set(UNSUPPORTED_XINFERENCE_KEYS)
+    resolved = resolve_aliases(dict(model_config or {}), known)
+    for note in resolved.notes:
+        logger.info("sglite launch option %s", note)
+    config = resolved.config
     xinference_keys = {k: config.pop(k) for k in list(config) if k in XINFERENCE_KEYS}
-    problems = []
+    problems = list(resolved.problems)
     for key, reason in UNSUPPORTED_XINFERENCE_KEYS.items():
         if key in config and not _is_unset(config[key]):
             problems.append(f"{key}: {reason}")
@@ -145,7 +155,9 @@ def split_model_config(model_config: dict[str, Any] | None) -> tuple[LaunchOptio
     if not _is_unset(n_worker) and str(n_worker) != "1":
         problems.append(f"n_worker={n_worker!r}: {XINFERENCE_KEYS['n_worker']}")
     if problems:
-        raise LaunchOptionsError("invalid sglite launch options: " + "; ".join(problems))
+        raise LaunchOptionsError(
+            "invalid sglite launch options: " + "; ".join(problems) + f". Valid options: {LaunchOptions.describe()}."
+        )
     return LaunchOptions.parse(config), xinference_keys
 
 

@@ -15,9 +15,9 @@ Structured output: ``response_format`` ``json_object`` / ``json_schema``, ``guid
 ``choice`` / ``choices`` become one of ``json_schema``, ``regex``, ``ebnf``, ``choices``; the runtime enforces
 them (or rejects them clearly). Note: Xinference 4.1's REST layer keeps only the fields its pydantic request
 models declare (plus the vLLM-style ``guided_*`` fields), so over HTTP ``regex``, ``ebnf``, ``choice``,
-``min_p``, ``min_tokens`` and ``n`` never reach an engine; use ``guided_regex``, ``guided_grammar`` and
-``guided_choice`` for structured output over HTTP, or let :mod:`xinf_sglang.xinference_compat` forward
-``regex`` / ``ebnf`` / ``choice`` as those (it does by default).
+``min_p``, ``min_tokens``, ``priority`` and ``n`` never reach an engine unpatched; :mod:`xinf_sglang.
+xinference_compat` forwards ``regex`` / ``ebnf`` / ``choice`` as ``guided_*`` and ``priority`` / ``min_p`` /
+``min_tokens`` as they are (by default).
 
 A literal ``extra_body`` object in a request's JSON (what curl users write; the OpenAI client merges its
 ``extra_body`` argument into the top level instead) reaches engines as one field. Its entries are read like

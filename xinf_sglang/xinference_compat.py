@@ -24,8 +24,9 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places. The guided names are what vLLM
    understands too, so other engines see nothing new. An alias that contradicts the guided field it maps to
    (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The one other field forwarded
-   is a top-level ``priority`` (what the OpenAI client sends for ``extra_body={"priority": n}``), as is: the
-   request models drop it too, and the engine validates it (an integer, allowed by the model's schedule policy).
+   are the top-level ``priority``, ``min_p`` and ``min_tokens`` (what the OpenAI client sends for
+   ``extra_body={"min_p": 0.1}``), as they are: the request models drop them too, and the engine validates them
+   (vLLM reads the same names). ``logit_bias`` still gets Xinference's 501 before any engine sees it.
 
 Guards: the patches are applied once per process (idempotent; a marker on the wrapper), only when Xinference is
 4.1.x and the patched attribute is a static method with the signature read from 4.1.0's source. Otherwise one
@@ -54,10 +55,10 @@ SUPPORTED_SERIES = ("4", "1")  # major, minor of the Xinference the patched inte
 FIELD_ALIASES = {"regex": "guided_regex", "ebnf": "guided_grammar", "choice": "guided_choice"}
 # Top-level request fields Xinference 4.1's request models drop, forwarded as they are (vLLM and SGLang read the
 # same name). A literal extra_body object reaches engines whole, so its entries need no forwarding.
-FORWARDED_FIELDS = ("priority",)
+FORWARDED_FIELDS = ("priority", "min_p", "min_tokens")
 
 ERRORS = "sglite's request-error messages on /v1/chat/completions"
-FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice and priority over HTTP"
+FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice, priority, min_p and min_tokens over HTTP"
 
 _MARK = "__sglite_compat__"
 _ENGINE_MODULE = "xinf_sglang.engine"
