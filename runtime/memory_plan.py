@@ -117,38 +117,16 @@ def plan_memory(
     chunk = chunked_prefill_size or DEFAULT_CHUNKED_PREFILL[dev]
     max_prefill = max(max_prefill_tokens or DEFAULT_MAX_PREFILL[dev], min(chunk, ctx))
     chunk = min(chunk, max_prefill)
-
-    rest = inputs.free_after_weights - inputs.free_before_weights * (1 - frac)
-    if rest <= 0:
-        raise ConfigError(
-            f"the weights ({inputs.weights_bytes / GiB:.2f} GiB) do not fit in mem_fraction_static={frac} of "
-            f"{inputs.free_before_weights / GiB:.2f} GiB free {dev} memory; raise mem_fraction_static "
-            f"(now {frac}), use a smaller dtype, or free memory"
-        )
     req_table = rows * (ctx + 1) * 4
-    # Largest prefill chunk: hidden states, fused qkv/gate-up outputs and a few temporaries, plus the logits rows.
-    act = chunk * (6 * inputs.hidden_size + 3 * inputs.intermediate_size) * inputs.dtype_bytes
-    act += rows * inputs.vocab_size * 4 * 2
-    fixed = GPU_FIXED_RESERVE if dev == "cuda" else 0
-    budget = rest - req_table - act - fixed
-    profiled = int(budget // inputs.kv_bytes_per_token) if budget > 0 else 0
-    if profiled < 16:
-        raise ConfigError(
-            f"no room for a KV cache: {rest / GiB:.2f} GiB left under mem_fraction_static={frac} after the weights, "
-            f"but the request table ({rows} rows x context {ctx}) and activations need "
-            f"{(req_table + act + fixed) / GiB:.2f} GiB; raise mem_fraction_static, or lower context_length / "
-            f"max_running_requests / chunked_prefill_size"
-        )
+    reserve = _activation_bytes(inputs, chunk, rows) + (GPU_FIXED_RESERVE if dev == "cuda" else 0)
+    profiled = _profiled_tokens(inputs, frac, req_table + reserve, f"{rows} rows x context {ctx}")
     if dev == "cpu":
         # System memory is shared with everything else on the machine: a pool larger than every row at full
         # context can never be used by running requests, so on CPU the table bounds it too.
         profiled = min(profiled, rows * ctx)
-    pool = profiled
-    capped = False
-    if max_total_tokens is not None and max_total_tokens < profiled:
-        pool, capped = max_total_tokens, True
+    capped = max_total_tokens is not None and max_total_tokens < profiled
     return MemoryPlan(
-        pool_tokens=pool,
+        pool_tokens=max_total_tokens if capped else profiled,
         profiled_tokens=profiled,
         capped_by_max_total_tokens=capped,
         context_length=ctx,
@@ -160,5 +138,34 @@ def plan_memory(
         weights_bytes=inputs.weights_bytes,
         kv_bytes_per_token=inputs.kv_bytes_per_token,
         req_table_bytes=req_table,
-        activation_reserve_bytes=act + fixed,
+        activation_reserve_bytes=reserve,
     )
+
+
+def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int) -> int:
+    """The largest prefill chunk's hidden states, fused qkv/gate-up outputs and a few temporaries, plus the logits
+    rows of a full batch."""
+    act = chunk * (6 * inputs.hidden_size + 3 * inputs.intermediate_size) * inputs.dtype_bytes
+    return act + rows * inputs.vocab_size * 4 * 2
+
+
+def _profiled_tokens(inputs: MemoryInputs, frac: float, reserved: int, table: str) -> int:
+    """KV tokens that fit in what ``frac`` leaves after the weights and ``reserved`` bytes (request table ``table``
+    and activations); ``ConfigError`` naming the knob when the weights or the reserve do not fit."""
+    dev = inputs.device
+    rest = inputs.free_after_weights - inputs.free_before_weights * (1 - frac)
+    if rest <= 0:
+        raise ConfigError(
+            f"the weights ({inputs.weights_bytes / GiB:.2f} GiB) do not fit in mem_fraction_static={frac} of "
+            f"{inputs.free_before_weights / GiB:.2f} GiB free {dev} memory; raise mem_fraction_static "
+            f"(now {frac}), use a smaller dtype, or free memory"
+        )
+    budget = rest - reserved
+    profiled = int(budget // inputs.kv_bytes_per_token) if budget > 0 else 0
+    if profiled < 16:
+        raise ConfigError(
+            f"no room for a KV cache: {rest / GiB:.2f} GiB left under mem_fraction_static={frac} after the weights, "
+            f"but the request table ({table}) and activations need {reserved / GiB:.2f} GiB; raise "
+            f"mem_fraction_static, or lower context_length / max_running_requests / chunked_prefill_size"
+        )
+    return profiled

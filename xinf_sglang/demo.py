@@ -297,6 +297,7 @@ DEMO_SCHEMA = {
     "required": ["name", "stars", "language"],
     "additionalProperties": False,
 }
+DEMO_MESSAGES = [{"role": "user", "content": "Describe a project as JSON."}]
 
 
 def structured_output_demo(endpoint: str, model_uid: str) -> None:
@@ -309,7 +310,7 @@ def structured_output_demo(endpoint: str, model_uid: str) -> None:
     try:
         r = client.chat.completions.create(
             model=model_uid,
-            messages=[{"role": "user", "content": "Describe a project as JSON."}],
+            messages=DEMO_MESSAGES,  # type: ignore[arg-type]
             response_format=response_format,  # type: ignore[arg-type]
             max_tokens=64,
             temperature=0,
@@ -324,11 +325,15 @@ def structured_output_demo(endpoint: str, model_uid: str) -> None:
     _say(f"  raw answer ({r.choices[0].finish_reason}, {r.usage.completion_tokens} tokens): {text}")
     _say(f"  parsed: name={parsed['name']!r} stars={parsed['stars']} language={parsed['language']!r} "
          "(the schema holds by construction; the values are the random model's)")
+    _print_structured_howto(endpoint, model_uid, response_format)
 
+
+def _print_structured_howto(endpoint: str, model_uid: str, response_format: dict) -> None:
+    """How to send the demo's constrained request yourself: curl, the OpenAI client, the other constraints."""
     body = json.dumps(
         {
             "model": model_uid,
-            "messages": [{"role": "user", "content": "Describe a project as JSON."}],
+            "messages": DEMO_MESSAGES,
             "max_tokens": 64,
             "response_format": response_format,
         }
