@@ -56,6 +56,13 @@ class EngineConfig(BaseModel):
     )
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
     seed: int = Field(0, description="seed of the engine's default random generator")
+    tp_size: int | None = Field(
+        None, ge=1, description="tensor-parallel ranks, one process and one GPU each (also tensor_parallel_size; "
+        "default: every GPU this process sees, 1 on CPU; on CPU more than 1 runs gloo processes)",
+    )
+    tp_timeout_s: float = Field(
+        60.0, gt=0, description="longest a tensor-parallel collective waits for another rank before the engine fails"
+    )
     # GPU fast path
     attention_backend: Literal["auto", "torch", "triton", "cpu"] = Field(
         "auto", description="auto = triton on CUDA, cpu (a C++ kernel) on the CPU; torch = the reference anywhere"
@@ -103,7 +110,13 @@ class EngineConfig(BaseModel):
         return self
 
     def __init__(self, **data: Any) -> None:
-        """Validate every option; raise ``ConfigError`` naming each bad one and listing the valid options."""
+        """Validate every option; raise ``ConfigError`` naming each bad one and listing the valid options.
+        ``tensor_parallel_size`` (vLLM's name) is accepted for ``tp_size``."""
+        if "tensor_parallel_size" in data:
+            if data.get("tp_size") is not None:
+                raise ConfigError("give tp_size or tensor_parallel_size, not both (they are the same option)")
+            data = dict(data)
+            data["tp_size"] = data.pop("tensor_parallel_size")
         try:
             super().__init__(**data)
         except ValidationError as e:

@@ -1,11 +1,12 @@
 """Tensor parallelism: which shard of the model this process holds (`TPInfo`) and the collectives the sharded
 layers call.
 
-There are no process groups yet (tensor parallelism is a later issue), so every collective is the identity at
-size 1 and refuses larger sizes; the layers in `runtime.layers` already hold and load the shard of a
-``TPInfo(rank, size)``, so tensor parallelism only has to fill in `all_reduce` and `gather_vocab`.
+A `TPInfo` is plain data (it crosses a process boundary as it is, and it is what the layer tests shard with): its
+collectives are the identity at size 1 and refuse larger sizes. A running tensor-parallel engine passes a
+`runtime.tp_group.TPGroup` instead, a `TPInfo` that also holds the process group and runs the real collectives;
+the layers call `all_reduce` / `gather_vocab` on whichever they were given, never a global group.
 
-Importing this module does not import torch: `TPInfo` is plain data (it can cross a process boundary as it is).
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -71,16 +72,36 @@ class TPInfo:
                               f"({num_kv_heads}), so KV heads cannot be replicated evenly")
         return ShardRange(self.rank * num_kv_heads // self.size, 1)
 
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks (row-parallel outputs, vocab-parallel embeddings)."""
+        if self.size == 1:
+            return tensor
+        raise ConfigError(f"rank {self.rank} of {self.size} has no process group: build a tp.TPGroup")
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every rank's vocabulary slice of ``logits [..., vocab / size]`` joined along the last dimension, on
+        rank 0 (where sampling happens); other ranks get their own slice back."""
+        if self.size == 1:
+            return logits
+        raise ConfigError(f"rank {self.rank} of {self.size} has no process group: build a tp.TPGroup")
+
+    def exchange(self, key: str, value: str) -> list[str]:
+        """Every rank's ``value`` for ``key`` in rank order (startup agreement: memory, reports)."""
+        if self.size == 1:
+            return [value]
+        raise ConfigError(f"rank {self.rank} of {self.size} has no process group: build a tp.TPGroup")
+
+    def min_over_ranks(self, key: str, values: list[int]) -> list[int]:
+        """The element-wise minimum of every rank's ``values`` (exchanged under ``key``)."""
+        rows = [[int(v) for v in s.split(",")] for s in self.exchange(key, ",".join(str(v) for v in values))]
+        return [min(col) for col in zip(*rows)]
+
 
 def all_reduce(tensor: torch.Tensor, tp: TPInfo) -> torch.Tensor:
-    """The sum of ``tensor`` over the ranks of ``tp`` (row-parallel outputs, vocab-parallel embeddings)."""
-    if tp.size == 1:
-        return tensor
-    raise NotImplementedError("tensor parallelism (all-reduce over ranks) is not implemented yet")
+    """``tp.all_reduce(tensor)``: the sum over the ranks of ``tp`` (the identity at size 1)."""
+    return tp.all_reduce(tensor)
 
 
 def gather_vocab(logits: torch.Tensor, tp: TPInfo) -> torch.Tensor:
-    """Every rank's vocabulary slice of ``logits [..., vocab / size]`` joined along the last dimension."""
-    if tp.size == 1:
-        return logits
-    raise NotImplementedError("tensor parallelism (gathering logits over ranks) is not implemented yet")
+    """``tp.gather_vocab(logits)``: the whole vocabulary's logits on rank 0 (the identity at size 1)."""
+    return tp.gather_vocab(logits)

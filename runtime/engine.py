@@ -60,6 +60,8 @@ class Engine:
         self.tokenizer, self.eos_token_ids, self.memory_plan = rt.tokenizer, rt.eos_token_ids, rt.memory_plan
         self.context_length = rt.memory_plan.context_length
         self.runner, self.scheduler = rt.runner, rt.scheduler
+        self._runtime = rt
+        self.tp, self.rank_memory = rt.tp, rt.ranks  # the other tensor-parallel ranks (None at tp_size 1)
         self.requests = RequestValidator(
             self.tokenizer, self.model_config.vocab_size, self.context_length, self.memory_plan.pool_tokens,
             self.eos_token_ids, config.grammar_limits(), config.schedule_policy,
@@ -202,15 +204,17 @@ class Engine:
         self.requests.check_prompt_text(text, field)
 
     def shutdown(self) -> None:
-        """Abort what is left, stop the scheduler thread and release the model's memory."""
+        """Abort what is left, stop the scheduler thread and the other tensor-parallel ranks, and release the
+        model's memory."""
         if self._closed:
             return
         self._closed = True
         self._inbox.put(Stop())
         self._thread.join(timeout=60)
+        self._runtime.close()
         if self._grammar is not None:
             self._grammar.close()
-        self.runner = self.scheduler = None
+        self.runner = self.scheduler = self._runtime = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -34,5 +34,6 @@ def serve_scheduler(config: EngineConfig, inbox: Any, outbox: Any) -> None:
     try:
         SchedulerLoop(rt.scheduler, builder, inbox, outbox, config.debug_invariants).run()
     finally:
+        rt.close()
         if grammar_backend.cache_info().currsize:
             grammar_backend().close()

@@ -10,6 +10,7 @@ process (``scheduler_process.py``), so both run exactly the same scheduler.
 from __future__ import annotations
 
 import logging
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,22 +25,59 @@ from .attention import AttentionBackend, TorchAttentionBackend
 from .config import EngineConfig
 from .constrained import GrammarBackend, LLGuidanceBackend
 from .errors import ConfigError
+from .distributed import TPInfo
 from .kv_pool import KVPool
 from .memory_plan import MemoryInputs, MemoryPlan, plan_memory
 from .model_runner import ModelRunner
 from .models.checkpoint import Checkpoint, open_checkpoint
 from .models.config import ModelConfig
+from .models.decoder import DecoderLM
 from .models.loader import load_model
 from .output_processor import OutputProcessor
 from .prefix_cache import NoPrefixCache
 from .radix_cache import RadixCache
 from .scheduler import Scheduler, SchedulerLimits
+from .tp import LeaderModel, TPLauncher, check_tp_size, resolve_tp_size
 
 logger = logging.getLogger("xinf_sglang.runtime")
 
-__all__ = ["Runtime", "build_runtime", "make_grammar_backend"]
+__all__ = ["RankMemory", "Runtime", "Shard", "build_runtime", "build_shard", "make_grammar_backend", "resolve_device"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """What one tensor-parallel rank holds (the startup report and ``sglite bench`` print one per rank)."""
+
+    rank: int
+    weights_bytes: int
+    kv_pool_bytes: int
+    peak_rss_bytes: int  # peak host memory of the rank's process once its weights were loaded
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}: weights {self.weights_bytes / 2**30:.3f} GiB, KV pool "
+                f"{self.kv_pool_bytes / 2**30:.3f} GiB, peak host RSS at load {self.peak_rss_bytes / 2**30:.3f} GiB")
+
+
+@dataclass
+class Shard:
+    """What every tensor-parallel rank builds alike: its part of the model and of the KV heads, the request->token
+    table and the attention backend over them (rank 0 adds the runner and the scheduler)."""
+
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+    model: DecoderLM
+    kv_pool: KVPool
+    req_pool: ReqToTokenPool
+    attn: AttentionBackend
+    plan: MemoryPlan
+    ranks: tuple[RankMemory, ...]  # every rank's, in rank order (all ranks agree on them at startup)
+
+    @property
+    def req_to_token(self) -> torch.Tensor:
+        return self.req_pool.table
 
 
 @dataclass
@@ -55,45 +93,86 @@ class Runtime:
     memory_plan: MemoryPlan
     runner: ModelRunner
     scheduler: Scheduler
+    tp: TPLauncher | None = None  # the other ranks' processes, when tp_size > 1 (stop them with close())
+    ranks: tuple[RankMemory, ...] = ()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing at tp_size 1)."""
+        if self.tp is not None:
+            self.tp.stop()
 
 
 def build_runtime(config: EngineConfig) -> Runtime:
-    """Load the model of ``config`` and build its pool, runner and scheduler; log the startup summary.
+    """Load the model of ``config`` and build its pool, runner and scheduler; log the startup summary. With
+    ``tp_size > 1`` this process is rank 0 and the other ranks are started first (`runtime.tp`).
 
     Raises:
         ConfigError: an option cannot work on this machine or with this model (the message names the knob).
     """
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     checkpoint = open_checkpoint(config.model_path)
     mc = checkpoint.model_config
-    dtype = _resolve_dtype(config.dtype, device, mc)
+    size = resolve_tp_size(config, device)
+    check_tp_size(mc, size)
     tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config, checkpoint)
+    launcher = TPLauncher(config, size, device) if size > 1 else None
+    try:
+        shard = build_shard(config, launcher.group if launcher else TPInfo(), checkpoint)
+        model = shard.model if launcher is None else LeaderModel(shard.model, launcher, shard.req_to_token)
+        runner = ModelRunner(model, shard.kv_pool, shard.attn, shard.req_to_token, device)
+        _enable_cuda_graphs(config, runner, shard.attn, shard.plan, size)
+        limits = scheduler_limits(config, shard.plan, device)
+        allocator = TokenAllocator(shard.plan.pool_tokens, device)
+        prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
+        scheduler = Scheduler(limits, runner, allocator, shard.req_pool, prefix_cache, OutputProcessor())
+    except BaseException:
+        if launcher is not None:
+            launcher.stop(graceful=False)
+        raise
+    _log_startup(config, mc, shard, runner, limits, size)
+    eos = _eos_ids(checkpoint, tokenizer)
+    return Runtime(checkpoint, mc, device, shard.dtype, tokenizer, eos, shard.plan, runner, scheduler, launcher,
+                   shard.ranks)
+
+
+def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None = None) -> Shard:
+    """Rank ``tp``'s shard of the model of ``config`` (reading only its slices of the weights), its KV pool and
+    attention backend. The ranks of a group agree on the memory plan: it is sized from the least free memory."""
+    device = resolve_device(config.device, tp.rank)
+    checkpoint = checkpoint or open_checkpoint(config.model_path)
+    mc = checkpoint.model_config
+    dtype = _resolve_dtype(config.dtype, device, mc)
     torch.manual_seed(config.seed)
     free_before = _free_memory(device)
-    model = load_model(checkpoint, dtype, device, config.load_format, seed=config.seed)
+    model = load_model(checkpoint, dtype, device, config.load_format, seed=config.seed, tp=tp)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if config.load_format != "dummy":
+    peak_rss = _peak_rss()
+    if config.load_format != "dummy" and tp.rank == 0:
         logger.info("sglite weights: %s", checkpoint.describe(dtype, weights_bytes))
-    plan = _plan_memory(config, mc, device, dtype, free_before, weights_bytes)
-    kv_pool = KVPool(plan.pool_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype, device)
-    allocator = TokenAllocator(plan.pool_tokens, device)
+    plan = _plan_memory(config, mc, device, dtype, free_before, weights_bytes, tp)
+    kv_heads = tp.kv_head_shard(mc.num_kv_heads).size
+    kv_pool = KVPool(plan.pool_tokens, mc.num_layers, kv_heads, mc.head_dim, dtype, device)
     req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, device)
-    attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, device)
-    runner = ModelRunner(model, kv_pool, attn, req_pool.table, device)
-    _enable_cuda_graphs(config, runner, attn, plan)
-    limits = scheduler_limits(config, plan, device)
-    prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
-    scheduler = Scheduler(limits, runner, allocator, req_pool, prefix_cache, OutputProcessor())
+    attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, device, tp)
+    mine = f"{weights_bytes},{plan.kv_pool_bytes},{peak_rss}"
+    ranks = tuple(RankMemory(r, *map(int, v.split(","))) for r, v in enumerate(tp.exchange("report", mine)))
+    return Shard(checkpoint, device, dtype, model, kv_pool, req_pool, attn, plan, ranks)
+
+
+def _log_startup(
+    config: EngineConfig, mc: ModelConfig, shard: Shard, runner: ModelRunner, limits: SchedulerLimits, size: int
+) -> None:
     logger.info(
-        "sglite engine: %s (%s) on %s, %s, attention=%s, cuda graphs=%s, overlap schedule=%s, "
+        "sglite engine: %s (%s) on %s, %s, tp_size=%d, attention=%s, cuda graphs=%s, overlap schedule=%s, "
         "programmatic dependent launch=%s",
-        mc.architecture, config.model_path, device, str(dtype).removeprefix("torch."),
-        type(attn).__name__, runner.graphs is not None, limits.overlap, pdl_supported(device),
+        mc.architecture, config.model_path, shard.device, str(shard.dtype).removeprefix("torch."), size,
+        type(shard.attn).__name__, runner.graphs is not None, limits.overlap, pdl_supported(shard.device),
     )
-    for line in plan.report():
+    for line in shard.plan.report():
         logger.info("memory plan: %s", line)
-    eos = _eos_ids(checkpoint, tokenizer)
-    return Runtime(checkpoint, mc, device, dtype, tokenizer, eos, plan, runner, scheduler)
+    if size > 1:
+        for rank in shard.ranks:
+            logger.info("memory plan: %s", rank.describe())
 
 
 def scheduler_limits(config: EngineConfig, plan: MemoryPlan, device: torch.device) -> SchedulerLimits:
@@ -124,14 +203,21 @@ def make_grammar_backend(
 
 
 def _plan_memory(
-    config: EngineConfig, mc: ModelConfig, device: torch.device, dtype: torch.dtype, free_before: int, weights: int
+    config: EngineConfig, mc: ModelConfig, device: torch.device, dtype: torch.dtype, free_before: int, weights: int,
+    tp: TPInfo,
 ) -> MemoryPlan:
+    free_after = _free_memory(device)
+    if device.type == "cpu" and tp.size > 1:  # the ranks share the host's memory: each plans with its part
+        free_before, free_after = free_before // tp.size, free_after // tp.size
+    # Every rank must build the same pool (the scheduler on rank 0 hands out its slots): plan for the tightest.
+    free_before, free_after = tp.min_over_ranks("memory", [free_before, free_after])
+    kv_heads = tp.kv_head_shard(mc.num_kv_heads).size
     inputs = MemoryInputs(
         device=device.type,
         free_before_weights=free_before,
-        free_after_weights=_free_memory(device),
+        free_after_weights=free_after,
         weights_bytes=weights,
-        kv_bytes_per_token=KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype),
+        kv_bytes_per_token=KVPool.bytes_per_token(mc.num_layers, kv_heads, mc.head_dim, dtype),
         model_context_length=_model_context_length(mc),
         hidden_size=mc.hidden_size,
         intermediate_size=mc.intermediate_size,
@@ -149,8 +235,15 @@ def _plan_memory(
     )
 
 
-def _enable_cuda_graphs(config: EngineConfig, runner: ModelRunner, attn: AttentionBackend, plan: MemoryPlan) -> None:
+def _enable_cuda_graphs(
+    config: EngineConfig, runner: ModelRunner, attn: AttentionBackend, plan: MemoryPlan, tp_size: int
+) -> None:
     if runner.device.type != "cuda" or config.disable_cuda_graph:
+        return
+    if tp_size > 1:
+        # A graph replay on rank 0 would skip the broadcast that makes the other ranks run the step; graphs under
+        # tensor parallelism need every rank to replay in lockstep, which is not built yet.
+        logger.info("sglite: CUDA graphs are off with tp_size=%d (decode runs eagerly on every rank)", tp_size)
         return
     if not hasattr(attn, "init_cuda_graph_state"):
         raise ConfigError(
@@ -161,11 +254,15 @@ def _enable_cuda_graphs(config: EngineConfig, runner: ModelRunner, attn: Attenti
     runner.enable_cuda_graphs(max_bs, plan.context_length)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank ``rank`` (``cuda:rank`` on CUDA) for the config's ``device`` choice."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
+    if device == "cuda" and rank > 0:
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
     return torch.device(device)
 
 
@@ -182,6 +279,11 @@ def _free_memory(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available
+
+
+def _peak_rss() -> int:
+    """Peak resident host memory of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _model_context_length(cfg: ModelConfig) -> int:
@@ -205,7 +307,7 @@ def _eos_ids(checkpoint: Checkpoint, tokenizer) -> frozenset[int]:
 
 
 def _make_attention_backend(
-    choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device
+    choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device, tp: TPInfo
 ) -> AttentionBackend:
     """``auto``: triton on CUDA, the C++ CPU kernel on the CPU; ``torch``: the reference anywhere."""
     sm_scale = cfg.head_dim**-0.5
@@ -216,7 +318,7 @@ def _make_attention_backend(
             raise ConfigError("attention_backend='triton' needs a CUDA device")
         from .attention_triton import TritonAttentionBackend
 
-        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale, num_q_heads=cfg.num_heads)
+        return TritonAttentionBackend(kv_pool, req_to_token, sm_scale, num_q_heads=cfg.num_heads // tp.size)
     if choice == "cpu":
         if device.type != "cpu":
             raise ConfigError("attention_backend='cpu' needs device='cpu'")

@@ -115,12 +115,13 @@ def test_at_size_one_the_layers_are_the_unsharded_ops():
 
 
 def test_the_collectives_are_the_one_place_that_needs_process_groups():
+    """A plain TPInfo shards but cannot communicate: only a tp_group.TPGroup (tests/test_tp.py) can."""
     layer = RowParallelLinear(HIDDEN, 4, bias=False, tp=RANK1)
     _load(layer, "weight", _full(4, HIDDEN))
-    with pytest.raises(NotImplementedError, match="all-reduce"):
+    with pytest.raises(ConfigError, match="no process group"):
         layer(_full(1, HIDDEN // 2))
     head = ParallelLMHead(10, HIDDEN, RANK1)
-    with pytest.raises(NotImplementedError, match="gathering logits"):
+    with pytest.raises(ConfigError, match="no process group"):
         head(_full(1, HIDDEN))
 
 

@@ -58,9 +58,27 @@ class Checkpoint(ABC):
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, tensor)`` pairs, one at a time (host memory holds one tensor beyond the model)."""
 
+    def tensor_slices(self) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+        """Like `tensors`, but a format that can read part of a tensor yields `LazyTensor`s: a layer's
+        ``weight_loader`` then reads only its tensor-parallel slice."""
+        return self.tensors()
+
     @abstractmethod
     def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
         """One startup-log line: the format, its storage types and what loading it as ``dtype`` costs."""
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: ``shape``, and ``narrow(dim, start, length)`` reads just that part
+    (safetensors' ``get_slice``). What ``layers.load_slice`` needs of a tensor, so a rank that holds a shard
+    never has the whole tensor in host memory."""
+
+    def __init__(self, part) -> None:
+        self._part = part
+        self.shape = torch.Size(part.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._part[(slice(None),) * dim + (slice(start, start + length),)]
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -114,6 +132,14 @@ class SafetensorsCheckpoint(Checkpoint):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
+
+    def tensor_slices(self) -> Iterator[tuple[str, LazyTensor]]:
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, LazyTensor(f.get_slice(name))
 
     def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
         stored = self.model_config.torch_dtype or "unstated dtype"

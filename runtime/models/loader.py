@@ -41,13 +41,14 @@ def load_model(
         _init_dummy(model, seed)
     else:
         with tqdm(total=checkpoint.num_tensors(), desc="Loading weights", unit="tensor", disable=None) as bar:
-            filled = load_weights(model, _counted(checkpoint.tensors(), bar))
+            filled = load_weights(model, _counted(checkpoint.tensor_slices(), bar))
         _check_complete(model, filled, str(checkpoint.path))
     return model.eval()
 
 
 def load_weights(model: DecoderLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Hand every ``(checkpoint name, full tensor)`` to the layer that owns its parameter; return what was filled
+    """Hand every ``(checkpoint name, full tensor)`` to the layer that owns its parameter (a `LazyTensor` is read
+    only where the layer's shard lies); return what was filled
     (`load_key` of each parameter and shard). Tensors the model has no parameter for are logged and skipped.
 
     Raises:

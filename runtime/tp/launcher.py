@@ -1,0 +1,117 @@
+"""`TPLauncher`: rank 0's side of a tensor-parallel engine: the other ranks' processes and their lifecycle.
+
+The ranks are plain subprocesses (``python -m ...tp.worker``), not ``multiprocessing`` children: Xinference runs
+a model in a daemonic process, which ``multiprocessing`` refuses to give children. Each rank exits by itself when
+this process is gone (worker.py), `stop` ends them on shutdown, and `fail` ends them when a step failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import ConfigError
+from .batch import send_stop
+from .group import RankFailure, TPGroup, connect_store
+
+logger = logging.getLogger("xinf_sglang.runtime")
+
+__all__ = ["TPLauncher"]
+
+STOP_WAIT_S = 10.0  # how long a rank may take to leave its loop after stop before it is killed
+
+
+class TPLauncher:
+    """Spawns ranks 1..size-1 of ``config`` and joins rank 0 (this process) to their group (``group``)."""
+
+    def __init__(self, config: EngineConfig, size: int, device: torch.device) -> None:
+        self.size = size
+        self.store = connect_store(0, size, is_master=True)
+        payload = config.model_dump_json().encode()
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(1, size):
+            cmd = [sys.executable, "-m", "xinf_sglang.runtime.tp.worker",
+                   str(rank), str(size), str(self.store.port), str(os.getpid())]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            proc.stdin.write(payload)
+            proc.stdin.close()
+            self.procs.append(proc)
+        self._stopped = False
+        try:
+            self.group = TPGroup.connect(0, size, self.store, device, config.tp_timeout_s, self.check_peers)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of ranks 1..size-1."""
+        return [p.pid for p in self.procs]
+
+    def check_peers(self) -> None:
+        """Raise when a rank reported a startup error (``ConfigError`` with its message) or has exited."""
+        for rank, proc in enumerate(self.procs, start=1):
+            key = f"error/{rank}"
+            if self.store.check([key]):
+                raise ConfigError(f"tensor-parallel rank {rank}: {self.store.get(key).decode()}")
+            if proc.poll() is not None:
+                raise RankFailure(f"tensor-parallel rank {rank} (pid {proc.pid}) {_exit_text(proc.returncode)} "
+                                  "during startup")
+
+    def fail(self, cause: BaseException) -> RankFailure:
+        """After a failed step: stop every rank and return the error that names what happened."""
+        dead = [(r, p) for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
+        self.stop(graceful=False)
+        if dead:
+            what = "; ".join(f"rank {r} (pid {p.pid}) {_exit_text(p.returncode)}" for r, p in dead)
+        else:
+            what = f"a collective failed or timed out ({type(cause).__name__}: {cause})"
+        message = (f"tensor-parallel engine failed: {what}; its other ranks were stopped and the model must be "
+                   "relaunched")
+        logger.error("sglite %s", message)
+        return RankFailure(message)
+
+    def stop(self, graceful: bool = True) -> None:
+        """End every rank: ask them to stop (``graceful``), then terminate and kill what is left. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if graceful and hasattr(self, "group") and all(p.poll() is None for p in self.procs):
+            try:
+                send_stop(self.group)
+            except Exception:  # a broken group: the ranks are ended below anyway
+                logger.warning("sglite: could not tell the tensor-parallel ranks to stop", exc_info=True)
+        for proc in self.procs:
+            _end(proc, STOP_WAIT_S if graceful else 0.0)
+        group = getattr(self, "group", None)
+        if group is not None and not graceful and group.device.type == "cuda":
+            try:
+                group.pg.abort()  # a NCCL communicator would otherwise keep waiting for the dead peers
+            except Exception:
+                logger.warning("sglite: aborting the NCCL communicator failed", exc_info=True)
+
+
+def _end(proc: subprocess.Popen, wait_s: float) -> None:
+    """Wait ``wait_s`` for ``proc`` to exit, then SIGTERM, then SIGKILL, reaping it (no zombie left)."""
+    for step in (None, signal.SIGTERM, signal.SIGKILL):
+        if step is not None and proc.poll() is None:
+            proc.send_signal(step)
+        try:
+            proc.wait(timeout=wait_s if step is None else 5.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "is running"
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
