@@ -156,7 +156,10 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
         print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens "
               f"({workload.prefix_len}-token shared prefix, {workload.prefix_groups} group(s)), "
               f"{workload.output_tokens} output tokens", flush=True)
+        tp_before = _tp_counters(engine)
         results = [bench_engine(engine, workload)]
+        if engine.tp is not None:
+            _print_tp_report(engine, tp_before)
         if json_schema is not None:
             engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
             results.append(bench_engine(engine, workload, json_schema=json_schema))
@@ -219,6 +222,24 @@ def _print_time_split(before: dict, after: dict) -> None:
           f"({d['prefill_tokens_total'] / max(d['prefill_seconds_total'], 1e-9):.0f} prefill tok/s), decode "
           f"{d['decode_seconds_total']:.2f} s ({d['decode_steps']} steps, "
           f"{d['generated_tokens_total'] / max(d['decode_steps'], 1):.1f} tokens per step)", flush=True)
+
+
+def _tp_counters(engine: Engine) -> tuple[float, int, int]:
+    """(all-reduce seconds, all-reduces, forward steps) so far; zeros without tensor parallelism."""
+    if engine.tp is None:
+        return 0.0, 0, 0
+    m, stats = engine.metrics(), engine.tp.group.stats
+    return stats.all_reduce_seconds, stats.all_reduces, m["prefill_steps"] + m["decode_steps"]
+
+
+def _print_tp_report(engine: Engine, before: tuple[float, int, int]) -> None:
+    """Per-rank memory and rank 0's all-reduce time per forward step (warm-up included; on CUDA the host time
+    of enqueueing NCCL calls, not their device time)."""
+    for rank in engine.rank_memory:
+        print(f"[bench] tp {rank.describe()}", flush=True)
+    seconds, calls, steps = (now - then for now, then in zip(_tp_counters(engine), before))
+    print(f"[bench] tp all-reduce: {1e3 * seconds / max(steps, 1):.2f} ms per step ({calls / max(steps, 1):.0f} "
+          f"all-reduces per step, {1e6 * seconds / max(calls, 1):.0f} us each, {steps} steps)", flush=True)
 
 
 def _report_progress(engine: Engine, before: dict, workload: Workload, done: threading.Event) -> None:

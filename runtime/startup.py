@@ -56,8 +56,8 @@ class RankMemory:
     peak_rss_bytes: int  # peak host memory of the rank's process once its weights were loaded
 
     def describe(self) -> str:
-        return (f"rank {self.rank}: weights {self.weights_bytes / 2**30:.3f} GiB, KV pool "
-                f"{self.kv_pool_bytes / 2**30:.3f} GiB, peak host RSS at load {self.peak_rss_bytes / 2**30:.3f} GiB")
+        return (f"rank {self.rank}: weights {self.weights_bytes / 2**20:.1f} MiB, KV pool "
+                f"{self.kv_pool_bytes / 2**20:.1f} MiB, peak host RSS at load {self.peak_rss_bytes / 2**20:.0f} MiB")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import threading
 import psutil
 import pytest
 
+from xinf_sglang import cli
 from xinf_sglang.runtime import EngineConfig, SamplingParams
 from xinf_sglang.runtime.errors import ConfigError
 
@@ -177,3 +178,13 @@ def test_a_size_the_model_cannot_split_into_is_refused_before_any_process_starts
     assert {p.pid for p in psutil.Process().children(recursive=True)} == before
     with pytest.raises(ConfigError, match="tp_size or tensor_parallel_size, not both"):
         EngineConfig(model_path="x", tp_size=2, tensor_parallel_size=2)
+
+
+def test_bench_offline_prints_per_rank_memory_and_all_reduce_time(tiny_model, capsys):
+    argv = ["bench", "offline", "--model", str(tiny_model("llama")), "--device", "cpu", "--num-prompts", "2",
+            "--input-len", "4:9", "--output-len", "4:4", "--baseline", "none", "--engine-arg", "tp_size=2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"tp rank 0: weights [0-9.]+ MiB, KV pool [0-9.]+ MiB, peak host RSS", printed)
+    assert "tp rank 1: weights" in printed
+    assert re.search(r"tp all-reduce: [0-9.]+ ms per step \(5 all-reduces per step", printed)  # 2 layers x 2 + embedding
