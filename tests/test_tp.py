@@ -160,6 +160,26 @@ def test_killing_rank_one_mid_decode_fails_requests_clearly_and_leaves_no_proces
     _assert_gone(pids)
 
 
+def test_a_hung_rank_fails_the_step_after_tp_timeout_s_and_is_ended(tiny_model):
+    engine = make_engine(tiny_model("llama"), tp_size=2, tp_timeout_s=2)
+    pids = engine.tp.pids
+    try:
+        outs: list = []
+        long = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
+        worker = threading.Thread(target=lambda: outs.extend(engine.generate(input_ids=[5, 6, 7],
+                                                                              sampling_params=long)))
+        worker.start()
+        _wait_for_decode(engine)
+        os.kill(pids[0], signal.SIGSTOP)  # alive but never answers: only the collective's timeout can tell
+        worker.join(WAIT_S)
+        assert not worker.is_alive(), "the engine hung on a stopped rank"
+        [out] = outs
+        assert out.finish_reason == "abort" and "timed out" in out.error and "relaunched" in out.error, out.error
+    finally:
+        engine.shutdown()
+    _assert_gone(pids)
+
+
 def _wait_for_decode(engine) -> None:
     """Until the engine has run some decode steps."""
     import time
