@@ -241,6 +241,13 @@ def test_invalid_requests_are_400(server: Server, cli_model: str) -> None:
             )
         detail = err.value.response.json()["detail"]
         assert named in detail and f"got {value}" in detail, detail
+    # A completions stream reports the same error in its error event, without the model actor's address.
+    with pytest.raises(openai.APIError) as err:
+        for _ in client(server).completions.create(
+            model=cli_model, prompt="hi", max_tokens=4, stream=True, extra_body={"min_p": 2.0}
+        ):
+            pass
+    assert "min_p must be" in str(err.value.body) and "address=" not in str(err.value.body), err.value.body
 
 
 # ---- launch options ----

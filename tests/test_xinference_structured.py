@@ -247,6 +247,35 @@ def test_compat_patches_apply_once_and_only_to_sglite_errors(monkeypatch) -> Non
     assert err.value.status_code == 400 and "'regex' and 'guided_regex'" in err.value.detail
 
 
+def test_stream_error_events_lose_the_actor_address() -> None:
+    """The step before every stream's error event hands back sglite's error with its message only."""
+    import asyncio
+
+    from xoscar.utils import wrap_exception
+
+    from xinf_sglang.engine import SgliteRequestError
+
+    class API:
+        @staticmethod
+        def handle_request_limit_error(e: Exception, *, sanitize: bool = False):
+            raise RuntimeError("original")
+
+        @staticmethod
+        def extract_guided_params(raw_body: dict) -> dict:
+            return {}
+
+        async def _get_model_last_error(self, replica_model_uid, e):
+            return e
+
+    assert xinference_compat.install(API, version="4.1.0") == {"errors": True, "field_aliases": True}
+    assert xinference_compat.is_patched_method(API, "_get_model_last_error")
+    wrapped = wrap_exception(SgliteRequestError("bad"), message="[address=127.0.0.1:1, pid=2] bad")
+    got = asyncio.run(API()._get_model_last_error(b"uid", wrapped))
+    assert isinstance(got, SgliteRequestError) and str(got) == "bad"
+    other = ValueError("not ours")
+    assert asyncio.run(API()._get_model_last_error(b"uid", other)) is other
+
+
 def test_xoscar_wrapped_errors_lose_the_actor_address() -> None:
     from xoscar.utils import wrap_exception
 

@@ -1,4 +1,4 @@
-"""Two small compatibility patches of Xinference 4.1's REST layer, for sglite's structured output and errors.
+"""Small compatibility patches of Xinference 4.1's REST layer, for sglite's structured output and errors.
 
 This module is the ONLY place sglite touches Xinference internals beyond engine registration
 (:mod:`xinf_sglang.registration`, :mod:`xinf_sglang._autoload`). Both patches wrap a static method of
@@ -18,12 +18,16 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    ``stream_results`` generator of Xinference's REST module). Any other exception goes to
    Xinference's handler unchanged, so its sanitizing still covers everything sglite did not write.
 
+   The same errors in the error event of every other stream (``/v1/completions`` with ``stream``) go through
+   ``RESTfulAPI._get_model_last_error`` first, which the patch wraps too: the event then carries sglite's message
+   without the model actor's ``[address=..., pid=...]`` prefix.
+
 2. **Field aliases** (``RESTfulAPI.extract_guided_params``). Xinference 4.1's request models drop top-level
    fields they do not declare; only the vLLM-style ``guided_*`` fields are forwarded (top level or inside a raw
    ``extra_body`` object). The wrapper also forwards SGLang's names, ``regex`` -> ``guided_regex``, ``ebnf`` ->
    ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places. The guided names are what vLLM
    understands too, so other engines see nothing new. An alias that contradicts the guided field it maps to
-   (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The one other field forwarded
+   (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The other fields forwarded
    are the top-level ``priority``, ``min_p`` and ``min_tokens`` (what the OpenAI client sends for
    ``extra_body={"min_p": 0.1}``), as they are: the request models drop them too, and the engine validates them
    (vLLM reads the same names). ``logit_bias`` still gets Xinference's 501 before any engine sees it.
@@ -58,6 +62,8 @@ FIELD_ALIASES = {"regex": "guided_regex", "ebnf": "guided_grammar", "choice": "g
 FORWARDED_FIELDS = ("priority", "min_p", "min_tokens")
 
 ERRORS = "sglite's request-error messages on /v1/chat/completions"
+STREAM_ERRORS = "sglite's request-error messages in stream error events, without the actor address"
+STREAM_ERRORS_METHOD = "_get_model_last_error"
 FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice, priority, min_p and min_tokens over HTTP"
 
 _MARK = "__sglite_compat__"
@@ -94,6 +100,8 @@ def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
         result["errors"] = _patch(
             api_cls, "handle_request_limit_error", ("e", "sanitize"), _errors_wrapper, ERRORS
         )
+        if result["errors"]:
+            _patch_stream_errors(api_cls)
         result["field_aliases"] = _patch(
             api_cls, "extract_guided_params", ("raw_body",), _aliases_wrapper, FIELD_ALIAS_FEATURE
         )
@@ -140,6 +148,37 @@ def _patch(
     setattr(api_cls, name, staticmethod(wrapper))
     logger.info("sglite: Xinference compatibility patch applied: %s", feature)
     return True
+
+
+def _patch_stream_errors(api_cls: Any) -> bool:
+    """Wrap ``RESTfulAPI._get_model_last_error``, the step every SSE generator of Xinference 4.1 takes before it
+    sends ``{"error": str(ex)}`` (completions streams among them): sglite's request errors come back as a plain
+    exception with sglite's message, without the model actor's ``[address=..., pid=...]`` prefix."""
+    raw = getattr(api_cls, "__dict__", {}).get(STREAM_ERRORS_METHOD)
+    if is_patched_method(api_cls, STREAM_ERRORS_METHOD):
+        return True
+    if not inspect.iscoroutinefunction(raw) or tuple(inspect.signature(raw).parameters) != (
+        "self", "replica_model_uid", "e"
+    ):
+        _unavailable(STREAM_ERRORS, f"{STREAM_ERRORS_METHOD} is missing or does not have the expected signature")
+        return False
+
+    @functools.wraps(raw)
+    async def _get_model_last_error(self: Any, replica_model_uid: Any, e: Exception) -> Exception:
+        if is_sglite_request_error(e):
+            # sglite's class again (still a 400 where a handler follows), rebuilt from the message alone
+            return sys.modules[_ENGINE_MODULE].SgliteRequestError(request_error_message(e))
+        return await raw(self, replica_model_uid, e)
+
+    setattr(_get_model_last_error, _MARK, True)
+    setattr(api_cls, STREAM_ERRORS_METHOD, _get_model_last_error)
+    logger.info("sglite: Xinference compatibility patch applied: %s", STREAM_ERRORS)
+    return True
+
+
+def is_patched_method(api_cls: Any, name: str) -> bool:
+    """Whether the (non-static) method ``api_cls.name`` is sglite's wrapper."""
+    return getattr(getattr(api_cls, "__dict__", {}).get(name), _MARK, False)
 
 
 def is_sglite_request_error(e: BaseException) -> bool:
