@@ -16,12 +16,12 @@ def test_vllm_names_become_sglite_options(caplog: pytest.LogCaptureFixture) -> N
         opts, xkeys = split_model_config({
             "max_model_len": 2048, "gpu_memory_utilization": "0.5", "max_num_seqs": 8,
             "enable_prefix_caching": "false", "max_num_batched_tokens": 512, "enforce_eager": True,
-            "enable_chunked_prefill": True, "kv_cache_dtype": "auto",
+            "enable_chunked_prefill": True, "kv_cache_dtype": "auto", "tensor-parallel-size": 1,
         })
     assert (opts.context_length, opts.mem_fraction_static, opts.max_running_requests) == (2048, 0.5, 8)
     assert opts.disable_radix_cache is True and opts.max_prefill_tokens == 512 and opts.disable_cuda_graph is True
     assert opts.chunked_prefill_size is None and opts.dtype == "auto"  # already sglite's behaviour: unchanged
-    assert xkeys == {}
+    assert opts.tp_size == 1 and xkeys == {}
     # the startup log says what each name became
     assert "max_model_len=2048 (vLLM) -> context_length=2048" in caplog.text
     assert "enable_prefix_caching='false' (vLLM) -> disable_radix_cache=True" in caplog.text

@@ -72,6 +72,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("enforce_eager", "vLLM", "disable_cuda_graph", "decode eagerly instead of CUDA-graph replays", _truthy),
     Alias("enable_chunked_prefill", "vLLM", "chunked_prefill_size", "chunked prefill (always on)", _chunked_prefill),
     Alias("kv_cache_dtype", "vLLM", "dtype", "KV cache dtype (only 'auto': the model's)", _kv_cache_dtype),
+    Alias("tensor_parallel_size", "vLLM", "tp_size", "ranks (GPUs) one model is split over"),
 )
 _BY_NAME = {a.name: a for a in ALIASES}
 
