@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -24,6 +25,7 @@ logger = logging.getLogger("xinf_sglang.runtime")
 
 __all__ = ["TPLauncher"]
 
+DEATH_NOTICE_S = 1.0  # after a failed step, how long to wait for a dying rank's exit to show (to name it)
 STOP_WAIT_S = 10.0  # how long a rank may take to leave its loop after stop before it is killed
 
 
@@ -66,7 +68,7 @@ class TPLauncher:
 
     def fail(self, cause: BaseException) -> RankFailure:
         """After a failed step: stop every rank and return the error that names what happened."""
-        dead = [(r, p) for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
+        dead = self._dead_ranks(DEATH_NOTICE_S)
         self.stop(graceful=False)
         if dead:
             what = "; ".join(f"rank {r} (pid {p.pid}) {_exit_text(p.returncode)}" for r, p in dead)
@@ -76,6 +78,16 @@ class TPLauncher:
                    "relaunched")
         logger.error("sglite %s", message)
         return RankFailure(message)
+
+    def _dead_ranks(self, wait_s: float) -> list[tuple[int, subprocess.Popen]]:
+        """The ranks that have exited, waiting up to ``wait_s`` for one to: a peer's socket closes (and this
+        rank's collective fails) a moment before the peer's exit can be reaped."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [(r, p) for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                return dead
+            time.sleep(0.02)
 
     def stop(self, graceful: bool = True) -> None:
         """End every rank: ask them to stop (``graceful``), then terminate and kill what is left. Idempotent."""
