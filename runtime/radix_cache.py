@@ -1,9 +1,7 @@
 """RadixAttention prefix cache: a radix tree over token ids whose nodes own KV pool slots.
 
-Each non-root node holds a non-empty key segment (token ids) and the slots (int64 tensor, one per token) that
-hold the KV of those tokens. The path from the root to a node spells a token prefix; the concatenated slots of
-that path are the KV of that prefix. Children are indexed by the first token of their segment, so siblings
-never share a first token and a lookup is one dict probe per node.
+The tree's shape (nodes, segments, splits, walks) is runtime/radix_tree.py; which nodes eviction takes first is
+runtime/radix_eviction.py. This module is the cache: slot ownership, locks, sizes and the LRU clock.
 
 Ownership: the tree owns the slots of every node in it and gives them back to the allocator only on
 ``evict`` or ``reset``. Slots returned by ``match_prefix`` still belong to the tree: they are only safe to use
@@ -26,63 +24,16 @@ The cache is not thread-safe; the scheduler thread owns it.
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .allocator import TokenAllocator
+from .radix_eviction import evict_lru
+from .radix_tree import TreeNode, as_key, check_structure, format_tree, iter_nodes, shared_len, split_node
 
 __all__ = ["BatchPrefixIndex", "RadixCache", "TreeNode"]
-
-Key = tuple[int, ...]
-
-
-class TreeNode:
-    """One node of the radix tree.
-
-    ``key`` is the node's token segment (empty only for the root), ``value`` its slots (int64, same length).
-    ``lock_ref`` counts the locks whose path passes through this node; a node with ``lock_ref > 0`` is never
-    evicted. ``last_access`` is a per-tree logical clock value (larger = more recently used) for LRU.
-    Callers treat nodes as opaque handles for ``lock`` / ``unlock``.
-    """
-
-    __slots__ = ("id", "key", "value", "parent", "children", "lock_ref", "last_access")
-
-    def __init__(self, node_id: int, key: Key, value: torch.Tensor, parent: TreeNode | None, last_access: int):
-        self.id = node_id
-        self.key = key
-        self.value = value
-        self.parent = parent
-        self.children: dict[int, TreeNode] = {}
-        self.lock_ref = 0
-        self.last_access = last_access
-
-    @property
-    def is_leaf(self) -> bool:
-        return not self.children
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref}, children={len(self.children)})"
-
-
-def _as_key(key: Sequence[int] | torch.Tensor) -> Key:
-    if hasattr(key, "tolist"):  # torch / numpy: one C-level conversion instead of per-element int()
-        return tuple(key.tolist())
-    return tuple(key)
-
-
-def _shared_len(segment: Key, key: Key, start: int) -> int:
-    """Length of the common prefix of ``segment`` and ``key[start:]``."""
-    n = min(len(segment), len(key) - start)
-    # Fast path: on a cache hit the whole segment usually matches; one C-level tuple compare.
-    if segment[:n] == key[start : start + n]:
-        return n
-    i = 0
-    while segment[i] == key[start + i]:  # terminates: some i < n differs
-        i += 1
-    return i
 
 
 class RadixCache:
@@ -114,16 +65,16 @@ class RadixCache:
         Contract: the slots belong to the tree; they are only safe to use while ``node`` is locked. Every node
         on the path counts as used now (LRU).
         """
-        key = _as_key(key)
+        key = as_key(key)
         now = next(self._clock)
         node, pos, parts = self.root, 0, []
         while pos < len(key):
             child = node.children.get(key[pos])
             if child is None:
                 break
-            n = _shared_len(child.key, key, pos)
+            n = shared_len(child.key, key, pos)
             if n < len(child.key):
-                child = self._split(child, n)
+                child = split_node(child, n, next(self._ids))
             child.last_access = now
             parts.append(child.value)
             # After a split the next key token differs from the remaining child's first token (or the key
@@ -150,7 +101,7 @@ class RadixCache:
         New nodes start unlocked (evictable). Every node on the path counts as used now (LRU); as in
         ``match_prefix``, a node the key ends inside is split first, so exactly the tokens of ``key`` are touched.
         """
-        key = _as_key(key)
+        key = as_key(key)
         slots = slots.reshape(-1)
         if slots.numel() != len(key):
             raise ValueError(f"insert: {len(key)} tokens but {slots.numel()} slots")
@@ -165,11 +116,11 @@ class RadixCache:
                 node.children[key[pos]] = leaf
                 self._evictable += len(leaf.key)
                 return pos
-            n = _shared_len(child.key, key, pos)
+            n = shared_len(child.key, key, pos)
             if n < len(child.key):
                 # The key diverges or ends inside the segment. Split so that a new branch can hang off the
                 # common part and so that only the tokens of ``key`` count as used (exact LRU).
-                child = self._split(child, n)
+                child = split_node(child, n, next(self._ids))
             child.last_access = now
             node, pos = child, pos + n
         return len(key)
@@ -189,7 +140,7 @@ class RadixCache:
         treat all of ``key`` as its cached prefix. ``old_node`` is unlocked once (after ``node`` is locked, so a
         shared path never becomes evictable in between).
         """
-        key = _as_key(key)
+        key = as_key(key)
         already = self.insert(key, slots)
         if already < own_from:  # the tree lost tokens the caller relied on: its lock or its peers were wrong
             raise AssertionError(f"cache_unfinished: the tree had {already} tokens, the caller borrowed {own_from}")
@@ -259,35 +210,15 @@ class RadixCache:
     # ------------------------------------------------------------------ eviction
 
     def evict(self, num_tokens: int) -> int:
-        """Free slots of unlocked leaves, least recently used first, until at least ``num_tokens`` are freed.
-
-        Whole nodes are evicted, so more than ``num_tokens`` may be freed. A parent left without children
-        becomes a candidate in turn (if unlocked). Stops early when nothing evictable remains. Returns the
-        number of slots given back to the allocator. O(tree size) to collect leaves, then O(k log k).
-        """
+        """Free slots of unlocked leaves, least recently used first, until at least ``num_tokens`` are freed
+        (``radix_eviction.evict_lru``: whole nodes, so more may be freed; early stop when nothing evictable is left).
+        Returns the number of slots given back to the allocator."""
         if num_tokens <= 0:
             return 0
-        # Invariant: every heap entry is an unlocked leaf still in the tree (a node enters at most once:
-        # either as an initial leaf or when its last child is evicted, and nothing else mutates the tree here).
-        heap = [
-            (n.last_access, n.id, n)
-            for n in self._iter_nodes()
-            if n.is_leaf and n.lock_ref == 0 and n is not self.root
-        ]
-        heapq.heapify(heap)
-        freed, values = 0, []
-        while freed < num_tokens and heap:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            assert parent is not None
-            del parent.children[node.key[0]]
-            node.parent = None
-            values.append(node.value)
-            freed += len(node.key)
-            if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        if values:
-            self.allocator.free(torch.cat(values))  # one free call instead of one per node
+        evicted = evict_lru(self.root, num_tokens)
+        freed = sum(len(node.key) for node in evicted)
+        if evicted:
+            self.allocator.free(torch.cat([node.value for node in evicted]))  # one free call, not one per node
         self._evictable -= freed
         return freed
 
@@ -312,7 +243,7 @@ class RadixCache:
         """
         if self._protected:
             raise AssertionError(f"reset with {self._protected} tokens still locked")
-        values = [n.value for n in self._iter_nodes() if n is not self.root]
+        values = [n.value for n in iter_nodes(self.root) if n is not self.root]
         if values:
             self.allocator.free(torch.cat(values))
         self._init_tree()
@@ -330,57 +261,19 @@ class RadixCache:
         slot 0. With ``check_allocator`` it also checks that no tree slot is on the allocator's free list.
         Syncs with the device.
         """
-        root = self.root
-        if root.key or root.value.numel() or root.lock_ref or root.parent is not None:
-            raise AssertionError("root must hold no tokens, no lock and no parent")
-        evictable = protected = 0
-        values = []
-        for node in self._iter_nodes():
-            for first, child in node.children.items():
-                if child.parent is not node or not child.key or child.key[0] != first:
-                    raise AssertionError(f"bad child link {node!r} -> {child!r}")
-            if node is root:
-                continue
-            if node.value.dtype != torch.int64 or node.value.numel() != len(node.key):
-                shape = tuple(node.value.shape)
-                raise AssertionError(f"{node!r}: {len(node.key)} tokens but value {node.value.dtype} {shape}")
-            locks_below = sum(c.lock_ref for c in node.children.values())
-            if node.lock_ref < locks_below or node.lock_ref < 0:
-                raise AssertionError(f"{node!r}: lock_ref below its children's total {locks_below}")
-            if node.lock_ref:
-                protected += len(node.key)
-            else:
-                evictable += len(node.key)
-            values.append(node.value)
+        evictable, protected, values = check_structure(self.root)
         if (evictable, protected) != (self._evictable, self._protected):
             raise AssertionError(
                 f"size counters (evictable={self._evictable}, protected={self._protected}) disagree with the tree "
                 f"(evictable={evictable}, protected={protected})"
             )
-        if not values:
-            return
-        slots = torch.cat(values)
-        if torch.unique(slots).numel() != slots.numel():
-            raise AssertionError("a slot is held by two tree positions")
-        if int(slots.min()) < 1 or int(slots.max()) > self.allocator.size:
-            raise AssertionError("tree holds slot 0 or a slot outside the pool")
-        if check_allocator and torch.isin(slots, self.allocator.free_slots()).any():
-            raise AssertionError("a slot is both in the tree and on the allocator's free list")
+        if values:
+            _check_slots(torch.cat(values), self.allocator, check_allocator)
 
     def format_tree(self, max_tokens: int = 8) -> str:
         """The tree as indented text: one line per node with id, lock_ref, last access and its tokens."""
-        lines = [f"root (total={self.total_size()}, evictable={self._evictable}, protected={self._protected})"]
-
-        stack = [(c, 1) for c in sorted(self.root.children.values(), key=lambda c: c.key[0], reverse=True)]
-        while stack:  # iterative: deep trees must not hit the recursion limit
-            node, depth = stack.pop()
-            toks = ", ".join(map(str, node.key[:max_tokens])) + (", ..." if len(node.key) > max_tokens else "")
-            lines.append(
-                f"{'  ' * depth}#{node.id} lock={node.lock_ref} t={node.last_access} len={len(node.key)} [{toks}]"
-            )
-            children = sorted(node.children.values(), key=lambda c: c.key[0], reverse=True)
-            stack.extend((c, depth + 1) for c in children)
-        return "\n".join(lines)
+        header = f"root (total={self.total_size()}, evictable={self._evictable}, protected={self._protected})"
+        return format_tree(self.root, header, max_tokens)
 
     def pretty_print(self, max_tokens: int = 8) -> None:
         """Print ``format_tree()``."""
@@ -392,32 +285,16 @@ class RadixCache:
             f"device={self.device})"
         )
 
-    # ------------------------------------------------------------------ internals
 
-    def _split(self, node: TreeNode, n: int) -> TreeNode:
-        """Split ``node`` after its first ``n`` tokens (0 < n < len) and return the new upper node.
-
-        The upper part inherits ``lock_ref`` (every lock through ``node`` passes through it) and
-        ``last_access``, so the size counters do not change.
-        """
-        parent = node.parent
-        assert parent is not None and 0 < n < len(node.key)
-        # clone(): separate storage, so evicting one half later really releases the other's memory.
-        upper = TreeNode(next(self._ids), node.key[:n], node.value[:n].clone(), parent, node.last_access)
-        upper.lock_ref = node.lock_ref
-        node.key, node.value = node.key[n:], node.value[n:].clone()
-        node.parent = upper
-        upper.children[node.key[0]] = node
-        parent.children[upper.key[0]] = upper
-        return upper
-
-    def _iter_nodes(self) -> Iterator[TreeNode]:
-        """All nodes, root first (iterative DFS: deep trees must not hit the recursion limit)."""
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            yield node
-            stack.extend(node.children.values())
+def _check_slots(slots: torch.Tensor, allocator: TokenAllocator, check_allocator: bool) -> None:
+    """The tree's slots are distinct pool slots other than the dummy slot 0 (and, with ``check_allocator``, none
+    of them is on the allocator's free list)."""
+    if torch.unique(slots).numel() != slots.numel():
+        raise AssertionError("a slot is held by two tree positions")
+    if int(slots.min()) < 1 or int(slots.max()) > allocator.size:
+        raise AssertionError("tree holds slot 0 or a slot outside the pool")
+    if check_allocator and torch.isin(slots, allocator.free_slots()).any():
+        raise AssertionError("a slot is both in the tree and on the allocator's free list")
 
 
 class BatchPrefixIndex:
