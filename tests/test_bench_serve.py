@@ -249,13 +249,13 @@ def test_bad_lengths_and_rates_are_refused(capsys) -> None:
 # ---- the command against a real Xinference ----
 
 
-def _launch(server: Server, model_name: str, uid: str, engine: str, *options: str) -> None:
-    done = subprocess.run(
+def _launch(server: Server, model_name: str, uid: str, engine: str, *options: str) -> subprocess.Popen:
+    """``xinference launch`` started in the background (the two launches of the module overlap)."""
+    return subprocess.Popen(
         [str(BIN / "xinference"), "launch", "--model-engine", engine, "--model-name", model_name,
          "--model-uid", uid, *options, "-e", server.endpoint],
-        env=server_env(server.home), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+        env=server_env(server.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +263,11 @@ def uids(server: Server, custom_model: str) -> tuple[str, str]:
     """The tiny model launched with the CLI twice: on sglite, and on Xinference's Transformers engine (the
     baseline; its 4.1 batching path fails every /v1/completions request, so it is benchmarked through chat)."""
     pair = ("bench-sglite", "bench-hf")
-    _launch(server, custom_model, pair[0], "sglite", "--mem_fraction_static", "0.3", "--context-length", "2048")
-    _launch(server, custom_model, pair[1], "Transformers")
+    launches = [_launch(server, custom_model, pair[0], "sglite", "--mem_fraction_static", "0.3",
+                        "--context-length", "2048"), _launch(server, custom_model, pair[1], "Transformers")]
+    for launch in launches:
+        output, _ = launch.communicate(timeout=LAUNCH_TIMEOUT)
+        assert launch.returncode == 0, f"{output}\n{server.log_tail()}"
     yield pair
     for uid in pair:
         http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
