@@ -343,12 +343,45 @@ def test_builtin_family_via_rest_then_terminate(server: Server, builtin_model: s
     [call] = called.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert called.choices[0].finish_reason == "tool_calls"
+    _forced_tool_calls(c, builtin_model)
 
     pid = m["pid"]
     terminate(server, builtin_model)
     wait_for(lambda: not _alive(pid), 60, f"model process {pid} to exit")
     status, models = http("GET", server.endpoint + "/v1/models")
     assert builtin_model not in {x["id"] for x in models["data"]}
+
+
+def _forced_tool_calls(c: Any, model: str) -> None:
+    """tool_choice "required" / a named function: the call's JSON is enforced and comes back as tool_calls,
+    streamed in one complete chunk (no partial arguments, no tool-call text in content)."""
+    unit = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+            "additionalProperties": False}
+    tools = [
+        {"type": "function", "function": {"name": "get_unit", "description": "Temperature unit", "parameters": unit}},
+        {"type": "function", "function": {"name": "get_time", "description": "Time", "parameters": unit}},
+    ]
+    ask = [{"role": "user", "content": "Which unit?"}]
+    for choice, names in [("required", {"get_unit", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})]:
+        r = c.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=choice,
+                                      parallel_tool_calls=False, max_tokens=64, temperature=0)
+        [call] = r.choices[0].message.tool_calls
+        assert call.function.name in names and json.loads(call.function.arguments)["unit"] in ("c", "f")
+        assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+        chunks = list(c.chat.completions.create(
+            model=model, messages=ask, tools=tools, tool_choice=choice, parallel_tool_calls=False, max_tokens=64,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+        ))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert not any(d.content for d in deltas), deltas
+        [streamed] = [tc for d in deltas for tc in (d.tool_calls or [])]
+        assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=model, messages=ask, tools=tools, max_tokens=8,
+                                  tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert "'nope', which is not among the tools" in err.value.response.json()["detail"]
 
 
 def _alive(pid: int) -> bool:

@@ -33,6 +33,8 @@ from xinference.model.llm.core import LLM, chat_context_var
 from xinference.model.llm.utils import ChatModelMixin
 
 from . import chat
+from .engine_failure import FailureWatch
+from . import forced_tools
 from .launch_options import LaunchOptions, split_model_config, to_engine_config
 from .matching import GGUF_FORMAT, SUPPORTED_ARCHITECTURES, gguf_file, match_model
 from .openai_format import collect_completion, completion_chunks
@@ -83,6 +85,7 @@ class SgliteModel(LLM):
         self._reasoning_content = _as_bool(xinference_keys.get("reasoning_content"), False)
         self._enable_thinking = _as_bool(xinference_keys.get("enable_thinking"), False)
         self._engine: Optional["Engine"] = None
+        self._failure_watch: Optional[FailureWatch] = None  # tensor parallelism: ends the process on a rank failure
         self._tokenizer: Any = None
         self._context_length = 0
         self._active_requests: set[str] = set()
@@ -133,6 +136,9 @@ class SgliteModel(LLM):
             raise ValueError(f"sglite cannot load {self.model_path}: {e}") from None
         self._tokenizer = self._engine.tokenizer
         self._context_length = int(self._engine.context_length)
+        if self._engine.tp is not None:
+            self._failure_watch = FailureWatch(self.model_uid, self._engine.tp, lambda: len(self._active_requests),
+                                               self._engine.shutdown)
         chat.prepare_parsers(self, self._reasoning_content, self._enable_thinking)
         logger.info(
             "%s: %s loaded on %s in %.1fs, context_length=%d",
@@ -148,6 +154,8 @@ class SgliteModel(LLM):
     def stop(self) -> None:
         """Shut the runtime down (aborts what is left and frees the KV pool and the weights)."""
         engine, self._engine = self._engine, None
+        if self._failure_watch is not None:
+            self._failure_watch.stop()
         if engine is not None:
             engine.shutdown()
             logger.info("%s: %s stopped", ENGINE_NAME, self.model_uid)
@@ -218,6 +226,12 @@ class SgliteModel(LLM):
         if self._engine is None:
             raise RuntimeError(f"model {self.model_uid} is not loaded")
 
+    def _raise_if_failed(self) -> None:
+        """Refuse requests once the engine failed for good (the process is about to end: `engine_failure`)."""
+        error = self._failure_watch.error() if self._failure_watch is not None else None
+        if error is not None:
+            raise error
+
     async def _run(
         self,
         input_ids: List[int],
@@ -228,6 +242,7 @@ class SgliteModel(LLM):
     ) -> Union[Dict[str, Any], AsyncGenerator[Dict[str, Any], None]]:
         """Start one request; validation errors raise here, before anything streams."""
         self._require_loaded()
+        self._raise_if_failed()
         params = self._sampling_params(sampling, opts, len(input_ids))
         request_id = request_id or uuid.uuid4().hex
         stream = self._stream(input_ids, params, request_id, opts.priority)
@@ -275,6 +290,7 @@ class SgliteModel(LLM):
         try:
             async for chunk in engine_stream:
                 if chunk.error:
+                    self._raise_if_failed()
                     raise _stream_error(request_id, chunk.error)
                 received = True
                 finished = chunk.finish_reason is not None
@@ -324,6 +340,11 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         """``/v1/chat/completions``: a ``ChatCompletion`` dict, or an async generator of chunk dicts."""
         self._require_loaded()
         config = dict(generate_config or {})
+        if forced_tools.is_forced(config):  # the call's JSON enforced by the grammar, parsed into tool_calls
+            try:
+                return await forced_tools.forced_tool_chat(self.async_chat, messages, config, request_id)
+            except forced_tools.ToolChoiceError as e:
+                raise SgliteRequestError(str(e)) from None
         anthropic = bool(config.get("_anthropic_request", False))
         sampling, opts = _map(config, "chat")
         tools = self._chat_tools(opts)

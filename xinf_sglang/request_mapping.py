@@ -325,8 +325,8 @@ def _map_tools(cfg: dict[str, Any], opts: RequestOptions, kind: RequestKind, pro
         tools = None  # OpenAI: the model must not call a tool; render without them
     elif tool_choice not in (None, "auto"):
         problems.append(
-            f"tool_choice={tool_choice!r} is not supported by sglite (forcing a tool call needs constrained "
-            "decoding of the call); use tool_choice 'auto' or 'none'"
+            f"tool_choice={tool_choice!r} is handled by the chat endpoint before mapping (xinf_sglang."
+            "forced_tools); here only 'auto' and 'none' are accepted"
         )
     if tools is not None:
         # Xinference's REST layer hands tools over as an iterator, not a list: accept any iterable of objects.
