@@ -49,6 +49,13 @@ def cli(server: Server, *args: str, timeout: float = LAUNCH_TIMEOUT) -> subproce
     )
 
 
+def launch_cli(server: Server, model: str, uid: str, *options: str) -> None:
+    """``xinference launch --model-engine sglite`` of ``model`` as ``uid`` with ``options``; fails the test if it
+    does not launch."""
+    done = cli(server, "launch", "--model-engine", "sglite", "--model-name", model, "--model-uid", uid, *options)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
+
+
 def terminate(server: Server, uid: str) -> None:
     http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
 
@@ -57,11 +64,8 @@ def terminate(server: Server, uid: str) -> None:
 def cli_model(server: Server, custom_model: str) -> str:
     """The custom model launched with ``xinference launch --model-engine sglite`` (typed CLI options)."""
     uid = "tiny-cli"
-    done = cli(
-        server, "launch", "--model-engine", "sglite", "--model-name", custom_model, "--model-uid", uid,
-        "--mem_fraction_static", "0.5", "--context-length", "2048", "--max_running_requests", "64",
-    )
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
+    launch_cli(server, custom_model, uid,
+               "--mem_fraction_static", "0.5", "--context-length", "2048", "--max_running_requests", "64")
     yield uid
     terminate(server, uid)
 
@@ -285,11 +289,8 @@ def test_bad_launch_options_fail_before_loading(server: Server, custom_model: st
 def test_vllm_option_names_launch_with_their_meaning(server: Server, custom_model: str) -> None:
     """vLLM's names, hyphenated as a CLI user types them, become sglite's options with the same meaning."""
     uid = "tiny-vllm-names"
-    done = cli(
-        server, "launch", "--model-engine", "sglite", "--model-name", custom_model, "--model-uid", uid,
-        "--max_model_len", "512", "--gpu-memory-utilization", "0.5", "--enable_prefix_caching", "false",
-    )
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
+    launch_cli(server, custom_model, uid,
+               "--max_model_len", "512", "--gpu-memory-utilization", "0.5", "--enable_prefix_caching", "false")
     try:
         m = metrics(server, uid)
         assert m["context_length"] == 512
