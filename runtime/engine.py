@@ -55,7 +55,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        rt = build_runtime(config)
+        rt = build_runtime(config, lambda: self.grammar_backend)
         self.checkpoint, self.model_config, self.device, self.dtype = rt.checkpoint, rt.model_config, rt.device, rt.dtype
         self.tokenizer, self.eos_token_ids, self.memory_plan = rt.tokenizer, rt.eos_token_ids, rt.memory_plan
         self.context_length = rt.memory_plan.context_length
@@ -234,7 +234,8 @@ class Engine:
     def _compile_grammar(self, req: NewRequest) -> Future | None:
         """Start compiling ``req``'s grammar (cached: the scheduler side finds it there); None when unconstrained.
         The future fails with ``InvalidRequestError`` when the grammar cannot be enforced."""
-        return None if req.grammar is None else self.grammar_backend.compile_async(req.grammar)
+        spec = req.params.structured
+        return None if spec is None else self.grammar_backend.compile_async(spec)
 
     def _submit(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
         """Route ``reqs``' chunks to ``sink`` and queue them as one message: a batch reaches the scheduler

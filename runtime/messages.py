@@ -9,8 +9,8 @@ holds a callable, a tensor, a tokenizer or a grammar matcher, so the same schedu
 Where the work is done:
 
 * The engine validates and tokenizes a request, and compiles its grammar (a grammar that does not compile is
-  refused before anything is queued), then sends a `NewRequest` carrying the `GrammarSpec`, not the compiled
-  grammar. The scheduler side builds its ``Req`` from it (`runtime/scheduler/intake.py`) and takes the compiled
+  refused before anything is queued), then sends a `NewRequest` whose parameters carry the `GrammarSpec`
+  (``params.structured``), not the compiled grammar. The scheduler side builds its ``Req`` from it (`runtime/scheduler/intake.py`) and takes the compiled
   grammar from its grammar backend's cache (in another process, its own backend compiles it once more).
 * Detokenization and stop strings run on the scheduler side, right after sampling (``OutputProcessor``): a stop
   string must finish the request there, before its next step is scheduled, and it is found in the text, so the
@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Union
 
-from .constrained.spec import GrammarSpec
 from .outputs import StreamChunk
 from .sampling_params import SamplingParams
 
@@ -53,7 +52,6 @@ class NewRequest:
     params: SamplingParams  # a copy the scheduler side owns
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
     max_new_tokens: int  # params.max_new_tokens clamped to the context length (0: never queued)
-    grammar: GrammarSpec | None = None  # already compiled once by the engine: known to compile
     priority: int = 0  # only ordered by under schedule_policy="priority"
     arrival: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: one clock for every process
 

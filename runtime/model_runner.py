@@ -1,43 +1,71 @@
-"""``ModelRunner``: turns a ``ScheduleBatch`` into tensors, runs the model, and samples the next tokens."""
+"""``ModelRunner``: turns a ``ScheduleBatch`` into tensors, runs the model, and launches a step.
+
+``launch(batch)`` issues one step to the device: the forward, the ``Sampler`` on the rows that get a token, and the
+copy of those tokens to the host; it returns a ``Launched`` without waiting for any of it. The scheduler resolves
+the step later (``Launched.host_tokens``), and with overlap it launches the next decode step from ``tokens`` (still
+on the device) before that.
+"""
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import torch
 
 from xinf_sglang.kernels import cpu_linear
-from xinf_sglang.kernels.argmax import argmax
 
 from .attention import AttentionBackend
-from .constrained import allocate_bitmask, apply_bitmask_
 from .forward_batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool
 from .models.decoder import DecoderLM
 from .request import Req
-from .sampler import SamplingBatch, sample
+from .sampler import Sampler
 from .schedule_batch import ScheduleBatch
+
+__all__ = ["Launched", "ModelRunner"]
+
+
+@dataclass
+class Launched:
+    """A step whose forward and sampling were issued to the device but whose tokens were not read yet."""
+
+    batch: ScheduleBatch
+    sampled: list[Req]  # requests that get a token from this step, in the order of ``tokens``
+    tokens: torch.Tensor  # int64 on the device
+    host: torch.Tensor  # the same tokens, copied (asynchronously on CUDA) to the host
+    copied: torch.cuda.Event | None  # set once ``host`` holds them (None: already there)
+
+    def host_tokens(self) -> list[int]:
+        """The sampled tokens, in the order of ``sampled``; waits for their copy to the host."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 class ModelRunner:
-    """Owns the model, the KV pool and the attention backend; stateless between steps otherwise."""
+    """Owns the model, the KV pool, the attention backend and the sampler; stateless between steps otherwise."""
 
     def __init__(
-        self, model: DecoderLM, kv_pool: KVPool, attn: AttentionBackend, req_to_token: torch.Tensor, device: torch.device
+        self,
+        model: DecoderLM,
+        kv_pool: KVPool,
+        attn: AttentionBackend,
+        req_to_token: torch.Tensor,
+        device: torch.device,
+        sampler: Sampler,
     ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.attn = attn
         self.req_to_token = req_to_token
         self.device = device
+        self.sampler = sampler
         self.vocab_size = model.cfg.vocab_size
         self._pin = device.type == "cuda"  # stage host->device index copies in page-locked memory
         self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
-        self._bitmask = allocate_bitmask(0, self.vocab_size)  # grown on demand, reused across steps
-        self.mask_seconds = 0.0  # host time spent filling and applying grammar masks (metrics)
-        self.mask_steps = 0
-        if device.type == "cuda":  # compile the greedy argmax now, not during the first decode step
-            argmax(torch.zeros(1, self.vocab_size, device=device))
+        # Host memory for sampled tokens (page-locked on CUDA, so the copy is asynchronous), one row per request
+        # row of the table; two buffers used in turn: with overlap, the step being resolved still reads the other.
+        self._host_tokens = [_host_buffer(req_to_token.shape[0], device) for _ in range(2)]
         if device.type == "cpu":  # build the threaded decode linear kernel now, not during the first step
             cpu_linear.load()
 
@@ -112,38 +140,23 @@ class ModelRunner:
         ids = batch.input_ids if batch.input_ids is not None else packed[3 * n :]
         return self.graphs.replay(packed[: 3 * n].view(3, n), ids, batch.out_cache_loc)
 
-    @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-        """Next token of each request, int64 on the device, not synchronised (grammar masks, penalties, bans and
-        seeds applied per request)."""
-        if any(r.grammar is not None for r in reqs):
-            self._apply_grammar_masks(logits, reqs)
-        sb = SamplingBatch.build(
-            params=[r.params for r in reqs],
-            output_ids=[r.output_ids for r in reqs],
-            prompt_ids=[r.input_ids for r in reqs],
-            generators=[r.generator for r in reqs],
-            banned_token_ids=[_banned(r) for r in reqs],
-            vocab_size=self.vocab_size,
-            device=self.device,
-        )
-        return sample(logits, sb)
-
-
-    def _apply_grammar_masks(self, logits: torch.Tensor, reqs: list[Req]) -> None:
-        """Mask each constrained row to what its grammar allows next; every other row allows everything (rows are
-        reset each step, so a mask never leaks into the next request that lands on that row)."""
-        start = time.perf_counter()
-        if self._bitmask.shape[0] < len(reqs):
-            self._bitmask = allocate_bitmask(max(len(reqs), 2 * self._bitmask.shape[0]), self.vocab_size)
-        bitmask = self._bitmask[: len(reqs)]
-        bitmask.fill_(-1)
-        for row, req in enumerate(reqs):
-            if req.grammar is not None:
-                req.grammar.fill_bitmask(bitmask, row)
-        apply_bitmask_(logits, bitmask)
-        self.mask_seconds += time.perf_counter() - start
-        self.mask_steps += 1
+    def launch(self, batch: ScheduleBatch) -> Launched:
+        """Issue ``batch``'s forward, the sampling of its rows that get a token, and the copy of those tokens to
+        the host; nothing here waits for the device."""
+        logits = self.forward(batch)
+        rows = [i for i, s in enumerate(batch.samples) if s]
+        sampled = [batch.reqs[i] for i in rows]
+        if len(rows) != len(batch.reqs):
+            logits = logits[rows]
+        tokens = self.sampler.sample(logits, sampled) if sampled else torch.empty(0, dtype=torch.int64)
+        if not tokens.is_cuda:
+            return Launched(batch, sampled, tokens, tokens, None)
+        self._host_tokens.reverse()
+        host = self._host_tokens[0][: len(sampled)]
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return Launched(batch, sampled, tokens, host, copied)
 
 
 def _last_token(req: Req) -> int:
@@ -158,8 +171,5 @@ def _token_range(req: Req, start: int, n: int) -> list[int]:
     return req.fill_ids[start : start + n]
 
 
-def _banned(req: Req) -> list[int]:
-    """Stop tokens may not be sampled before ``min_new_tokens`` outputs exist."""
-    if len(req.output_ids) < req.params.min_new_tokens:
-        return sorted(req.stop_token_ids)
-    return []
+def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")

@@ -2,8 +2,9 @@
 
 Runs on the caller's thread, before anything is queued: text bounds (cheap, before tokenizing), tokenization,
 prompt length against the context and the KV pool, token id ranges, sampling parameters against the vocabulary,
-what needs a tokenizer, the priority against the schedule policy, and the structured-output fields (limits,
-parsed once into a ``GrammarSpec``; whether it *compiles* is the engine's next step, also before queueing).
+what needs a tokenizer, the priority against the schedule policy, and the structured-output constraint against the
+engine's grammar limits (``SamplingParams.structured``, built and measured once with the parameters; whether it
+*compiles* is the engine's next step, also before queueing).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 from typing import Any
 
 from .call_arguments import is_integer
-from .constrained import GrammarLimits, GrammarSpec
+from .constrained import GrammarLimits
 from .constrained.spec import check_text
 from .errors import InvalidRequestError
 from .messages import NewRequest
@@ -72,6 +73,7 @@ class RequestValidator:
             ids = prompt
         self._check_prompt(ids)
         params.verify(self.vocab_size)
+        self._check_structured(params)
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
@@ -81,7 +83,6 @@ class RequestValidator:
             params=params.model_copy(deep=True),  # the scheduler's own: the caller may reuse or change its copy
             stop_token_ids=frozenset(stop_ids),
             max_new_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
-            grammar=self._grammar(params),
             priority=self.check_priority(priority),
         )
 
@@ -154,13 +155,12 @@ class RequestValidator:
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of range: the vocabulary has ids 0..{self.vocab_size - 1}")
 
-    def _grammar(self, params: SamplingParams) -> GrammarSpec | None:
-        if params.structured_output is not None and self.tokenizer is None:
+    def _check_structured(self, params: SamplingParams) -> None:
+        if params.structured is None:
+            return
+        if self.tokenizer is None:
             raise InvalidRequestError("structured output needs a tokenizer; this engine runs with skip_tokenizer_init")
-        return GrammarSpec.from_fields(
-            json_schema=params.json_schema, regex=params.regex, ebnf=params.ebnf, choices=params.choices,
-            limits=self.grammar_limits,
-        )
+        self.grammar_limits.check(params.structured)
 
 
 def finished_without_output(new: NewRequest) -> StreamChunk:

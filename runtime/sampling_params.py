@@ -2,7 +2,11 @@
 
 `SamplingParams` is what a request asks for: how many tokens, how to pick them (temperature, top-k/top-p/min-p,
 penalties, seed), when to stop (stop strings, stop token ids, EOS) and, optionally, one structured-output
-constraint (JSON schema, regex, EBNF or a list of choices; enforcing it is the grammar backend's job).
+constraint, ``structured`` (a `GrammarSpec`: JSON schema, regex, EBNF or a list of choices; enforcing it is the
+grammar backend's job). For convenience the constraint may be given as one of the keyword arguments
+``json_schema=``, ``regex=``, ``ebnf=``, ``choices=``: it is turned into ``structured`` right there, once
+(`GrammarSpec.from_fields`), and nothing reads those arguments afterwards. Size limits are the engine's: it checks
+``structured`` against its own `GrammarLimits` when the request arrives.
 
 Every field is validated at construction (and on assignment). A bad value raises `InvalidRequestError` whose
 message names the field, the value that was sent and what is allowed, so the plugin can return it verbatim as a
@@ -16,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from .constrained.spec import GrammarSpec, choices_from_lark
 from .errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -29,7 +34,7 @@ SEED_MAX = 2**64 - 1
 """Seed range accepted by `torch.Generator.manual_seed` (negative seeds are folded into the unsigned range)."""
 
 STRUCTURED_FIELDS = ("json_schema", "regex", "ebnf", "choices")
-"""Structured-output constraints; at most one may be set per request."""
+"""Keyword arguments that build ``structured``; at most one may be given per request."""
 
 # Read-only: what each field accepts, in words. One source for the messages of range checks and of type errors.
 _ALLOWED = MappingProxyType(
@@ -49,10 +54,7 @@ _ALLOWED = MappingProxyType(
         "seed": f"an integer in [{SEED_MIN}, {SEED_MAX}]",
         "skip_special_tokens": "true or false",
         "logit_bias": "a map of token id (>= 0, below the vocabulary size) to a bias in [-100, 100]",
-        "json_schema": "a JSON schema, as a JSON string or an object",
-        "regex": "a regular expression string",
-        "ebnf": "an EBNF grammar string",
-        "choices": "a non-empty list of strings",
+        "structured": "a GrammarSpec (or give one of json_schema, regex, ebnf, choices)",
     }
 )
 
@@ -80,11 +82,12 @@ class SamplingParams(BaseModel):
     """How one request is sampled and when it stops.
 
     Normalisation done at construction: `stop` is always a list of strings, `stop_token_ids` always a list of
-    ints (both possibly empty), and `top_k` 0 becomes -1 (both mean disabled).
+    ints (both possibly empty), `top_k` 0 becomes -1 (both mean disabled), and a `json_schema` / `regex` /
+    `ebnf` / `choices` keyword argument becomes `structured`.
 
     Raises:
-        InvalidRequestError: a field is out of range, has the wrong type, is unknown, or more than one of
-            `json_schema`, `regex`, `ebnf`, `choices` is set.
+        InvalidRequestError: a field is out of range, has the wrong type, is unknown, more than one of
+            `structured`, `json_schema`, `regex`, `ebnf`, `choices` is given, or the one given is malformed.
     """
 
     # validate_default: the normalising validators (stop, stop_token_ids) must also run on the defaults.
@@ -120,14 +123,9 @@ class SamplingParams(BaseModel):
     """Leave special tokens out of the returned text."""
     logit_bias: dict[int, float] | None = None
     """OpenAI's logit_bias: added to the token's logit before sampling (-100 bans it, +100 all but forces it)."""
-    json_schema: str | dict[str, Any] | None = None
-    """Constrain the output to JSON valid under this schema."""
-    regex: str | None = None
-    """Constrain the output to match this regular expression."""
-    ebnf: str | None = None
-    """Constrain the output to this EBNF grammar."""
-    choices: list[str] | None = None
-    """Constrain the output to exactly one of these strings."""
+    structured: GrammarSpec | None = None
+    """The structured-output constraint the output must match (built from ``json_schema=`` / ``regex=`` /
+    ``ebnf=`` / ``choices=`` when one of those is given instead)."""
 
     def __init__(self, **data: Any) -> None:
         """Validate keyword arguments; see the class docstring for what raises."""
@@ -150,6 +148,24 @@ class SamplingParams(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as exc:
             raise InvalidRequestError(_format_errors(exc)) from exc
+
+    @model_validator(mode="before")
+    @classmethod
+    def _build_structured(cls, data: Any) -> Any:
+        # The one place the loose structured-output arguments are read: they become `structured` here.
+        if not isinstance(data, dict) or not any(name in data for name in STRUCTURED_FIELDS):
+            return data
+        data = dict(data)
+        loose = {name: data.pop(name) for name in STRUCTURED_FIELDS if name in data}
+        spec = GrammarSpec.from_fields(**loose, limits=None)  # the engine checks its own limits
+        if spec is not None:
+            if data.get("structured") is not None:
+                raise ValueError(
+                    f"at most one of structured, {', '.join(STRUCTURED_FIELDS)} may be set (one structured-output "
+                    f"constraint per request); got structured, {', '.join(n for n, v in loose.items() if v is not None)}"
+                )
+            data["structured"] = spec
+        return data
 
     @field_validator(
         "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
@@ -199,25 +215,12 @@ class SamplingParams(BaseModel):
             raise _invalid("seed", v)
         return v
 
-    @field_validator("choices")
-    @classmethod
-    def _check_choices(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and not v:
-            raise _invalid("choices", v)
-        return v
-
     @model_validator(mode="after")
     def _check_cross_field(self) -> SamplingParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens must be {_ALLOWED['min_new_tokens']}; "
                 f"got min_new_tokens={self.min_new_tokens}, max_new_tokens={self.max_new_tokens}"
-            )
-        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(
-                f"at most one of {', '.join(STRUCTURED_FIELDS)} may be set (one structured-output constraint "
-                f"per request); got {', '.join(given)}"
             )
         return self
 
@@ -228,8 +231,35 @@ class SamplingParams(BaseModel):
 
     @property
     def structured_output(self) -> str | None:
-        """Name of the structured-output field that is set (`json_schema`, `regex`, `ebnf`, `choices`), or None."""
-        return next((name for name in STRUCTURED_FIELDS if getattr(self, name) is not None), None)
+        """The kind of the structured-output constraint (`json_schema`, `regex`, `ebnf`, `choices`), or None."""
+        return self.structured.kind if self.structured is not None else None
+
+    # Read-only views of `structured` in the terms of the keyword arguments (what a caller gave, read back); the
+    # runtime reads `structured` itself.
+
+    @property
+    def json_schema(self) -> str | None:
+        """The JSON schema of `structured`, as canonical JSON text, or None."""
+        return self._structured_text("json_schema")
+
+    @property
+    def regex(self) -> str | None:
+        """The regular expression of `structured`, or None."""
+        return self._structured_text("regex")
+
+    @property
+    def ebnf(self) -> str | None:
+        """The grammar of `structured`, or None."""
+        return self._structured_text("ebnf")
+
+    @property
+    def choices(self) -> list[str] | None:
+        """The distinct strings of `structured`, in order, or None."""
+        text = self._structured_text("choices")
+        return None if text is None else choices_from_lark(text)
+
+    def _structured_text(self, kind: str) -> str | None:
+        return self.structured.text if self.structured is not None and self.structured.kind == kind else None
 
     def verify(self, vocab_size: int) -> None:
         """Check the fields that depend on the model: every stop token id must be in [0, vocab_size).
@@ -258,7 +288,8 @@ def _format_errors(exc: ValidationError) -> str:
 def _format_error(err: Any) -> str:
     field = str(err["loc"][0]) if err["loc"] else ""
     if err["type"] == "extra_forbidden":
-        return f"unknown sampling parameter {field!r}; allowed: {', '.join(SamplingParams.model_fields)}"
+        allowed = [*SamplingParams.model_fields, *STRUCTURED_FIELDS]
+        return f"unknown sampling parameter {field!r}; allowed: {', '.join(allowed)}"
     if err["type"] == "value_error":
         # Our own validators already wrote the full message; pydantic only prefixed "Value error, ".
         return str(err["ctx"]["error"])

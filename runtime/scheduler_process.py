@@ -24,12 +24,12 @@ __all__ = ["serve_scheduler"]
 
 def serve_scheduler(config: EngineConfig, inbox: Any, outbox: Any) -> None:
     """Build the runtime of ``config`` and serve its scheduler until a ``messages.Stop`` arrives."""
-    rt = build_runtime(config)
 
-    @functools.cache
+    @functools.cache  # one backend for the request builder and the sampler, built at the first constrained request
     def grammar_backend() -> GrammarBackend:
         return make_grammar_backend(config, rt.tokenizer, rt.model_config.vocab_size, rt.eos_token_ids)
 
+    rt = build_runtime(config, grammar_backend)
     builder = RequestBuilder(rt.tokenizer, rt.device, grammar_backend)
     try:
         SchedulerLoop(rt.scheduler, builder, inbox, outbox, config.debug_invariants).run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from .models.loader import load_model
 from .output_processor import OutputProcessor
 from .prefix_cache import NoPrefixCache
 from .radix_cache import RadixCache
+from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerLimits
 from .tp import LeaderModel, TPLauncher, check_tp_size, resolve_tp_size
 
@@ -102,9 +104,12 @@ class Runtime:
             self.tp.stop()
 
 
-def build_runtime(config: EngineConfig) -> Runtime:
+def build_runtime(config: EngineConfig, grammar_backend: Callable[[], GrammarBackend]) -> Runtime:
     """Load the model of ``config`` and build its pool, runner and scheduler; log the startup summary. With
     ``tp_size > 1`` this process is rank 0 and the other ranks are started first (`runtime.tp`).
+
+    ``grammar_backend``: the one the scheduler side makes its requests' grammar matchers with (called at the
+    first constrained request); the sampler fills their masks with it.
 
     Raises:
         ConfigError: an option cannot work on this machine or with this model (the message names the knob).
@@ -119,7 +124,8 @@ def build_runtime(config: EngineConfig) -> Runtime:
     try:
         shard = build_shard(config, launcher.group if launcher else TPInfo(), checkpoint)
         model = shard.model if launcher is None else LeaderModel(shard.model, launcher, shard.req_to_token)
-        runner = ModelRunner(model, shard.kv_pool, shard.attn, shard.req_to_token, device)
+        sampler = Sampler(mc.vocab_size, device, grammar_backend)
+        runner = ModelRunner(model, shard.kv_pool, shard.attn, shard.req_to_token, device, sampler)
         _enable_cuda_graphs(config, runner, shard.attn, shard.plan, size)
         limits = scheduler_limits(config, shard.plan, device)
         allocator = TokenAllocator(shard.plan.pool_tokens, device)

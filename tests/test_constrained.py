@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from .grammar_cases import POINT, REGEXES, SCHEMAS  # noqa: F401
 from xinf_sglang.runtime.constrained import (
+    BatchMask,
     CompiledGrammar,
     GrammarSpec,
     LLGuidanceBackend,
@@ -39,7 +40,11 @@ from xinf_sglang.runtime.constrained import (
     reset_rows_allow_all,
 )
 from xinf_sglang.runtime.constrained.backend import LLGuidanceCompiledGrammar
+from xinf_sglang.runtime.constrained.spec import choices_from_lark, choices_to_lark
 from xinf_sglang.runtime.errors import ConfigError, InvalidRequestError
+from xinf_sglang.runtime.request import Req
+from xinf_sglang.runtime.sampler import Sampler
+from xinf_sglang.runtime.sampling_params import SamplingParams
 
 PAD_ROWS = 45  # logits wider than the tokenizer, and not a multiple of 32
 SEEDS = [0, 1, 2, 3]
@@ -485,6 +490,52 @@ def test_batched_fill_matches_per_row_fill(backend: LLGuidanceBackend, tokenizer
     assert batch_matchers[2].error() is not None and row_matchers[2].error() is not None
     with pytest.raises(ValueError, match="distinct"):
         backend.fill_bitmasks([(batch_matchers[0], 1), (batch_matchers[1], 1)], batched)
+
+
+def test_batch_mask_equals_row_by_row_masking(backend: LLGuidanceBackend, tokenizer: Any, vocab_size: int) -> None:
+    """The sampler's grammar masks (`BatchMask`: one batched fill per step into a reused bitmask) give exactly the
+    logits that filling row by row gave, over steps whose batch shrinks and grows (stale rows are reset), with
+    unconstrained rows in between; greedy sampling then picks the same tokens, and each step is counted."""
+    specs = [
+        GrammarSpec.from_fields(json_schema=SCHEMAS["nested_objects"]),
+        None,
+        GrammarSpec.from_fields(regex=r"(cat|dog)s?[0-9]{2}"),
+        GrammarSpec.from_fields(choices=["yes", "no", "maybe"]),
+        None,
+        GrammarSpec.from_fields(ebnf=ARITH_LARK),
+    ]
+    # Twin matchers per row: one driven by the batched path, one by the row-by-row reference.
+    twins = [(None, None) if s is None else tuple(backend.new_matcher(backend.compile(s)) for _ in range(2))
+             for s in specs]
+    masks = BatchMask(vocab_size, lambda: backend)
+    sampler = Sampler(vocab_size, torch.device("cpu"), lambda: backend)
+    greedy = SamplingParams(temperature=0, max_new_tokens=64)
+    for step, n in enumerate([6, 2, 5, 6]):
+        batch = twins[:n]
+        logits = torch.randn(n, vocab_size, generator=torch.Generator().manual_seed(step)) * 4
+        expected = logits.clone()
+        reference = allocate_bitmask(n, vocab_size)
+        for row, (_, single) in enumerate(batch):
+            if single is not None:
+                single.fill_bitmask(reference, row)
+        apply_bitmask_(expected, reference)
+        masked = logits.clone()
+        masks.apply(masked, [batched for batched, _ in batch])
+        assert torch.equal(masked, expected), f"step {step}"
+        reqs = [Req(f"r{row}", [1], greedy, frozenset(), 64) for row in range(n)]
+        for req, (batched, _) in zip(reqs, batch):
+            req.grammar = batched
+        tokens = sampler.sample(logits.clone(), reqs).tolist()
+        assert tokens == expected.argmax(dim=-1).tolist()
+        for token, (batched, single) in zip(tokens, batch):
+            if batched is not None:
+                assert batched.accept_token(token) == single.accept_token(token)
+    assert masks.steps == 4 and sampler.masks.steps == 4 and masks.seconds > 0
+
+
+@given(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=5, unique=True))
+def test_choices_read_back_from_their_grammar(choices: list[str]) -> None:
+    assert choices_from_lark(choices_to_lark(choices)) == choices
 
 
 def test_fill_checks_the_bitmask_layout(backend: LLGuidanceBackend, vocab_size: int) -> None:

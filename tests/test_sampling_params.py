@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from xinf_sglang.runtime.constrained import GrammarLimits, GrammarSize, GrammarSpec
+from xinf_sglang.runtime.constrained.spec import DEFAULT_LIMITS
 from xinf_sglang.runtime.errors import InvalidRequestError
 from xinf_sglang.runtime.sampling_params import MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams
 
@@ -202,3 +204,70 @@ def test_logit_bias_range_and_vocab_checks() -> None:
     with pytest.raises(InvalidRequestError, match=r"logit_bias keys must be token ids in \[0, 10\)"):
         SamplingParams(logit_bias={10: 1.0}).verify(10)
     assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+# ---- the structured-output constraint: one GrammarSpec, built once ----
+
+
+def test_a_loose_field_becomes_structured_once() -> None:
+    p = SamplingParams(json_schema='{"type": "object",  "properties": {"a": {"type": "string"}}}', seed=1)
+    # Canonical text, measured when built: the engine checks its limits on these numbers, not on a new parse.
+    assert p.structured == GrammarSpec("json_schema", '{"type":"object","properties":{"a":{"type":"string"}}}')
+    assert p.structured.size == GrammarSize(schema_depth=3, schema_properties=1)
+    dumped = p.model_dump()
+    assert dumped["structured"]["kind"] == "json_schema" and not set(STRUCTURED_FIELDS) & set(dumped)
+    # Read back in the terms they were given in.
+    assert (p.json_schema, p.regex, p.ebnf, p.choices) == (p.structured.text, None, None, None)
+    assert SamplingParams(choices=["b", "a", "b"]).choices == ["b", "a"]
+    assert SamplingParams(ebnf='start: "x"').ebnf == 'start: "x"'
+    # Nothing rebuilds it: not an assignment, not a given spec.
+    spec = p.structured
+    p.max_new_tokens = 3
+    assert p.structured is spec
+    assert SamplingParams(structured=spec).structured is spec
+
+
+def test_structured_and_a_loose_field_together_are_refused() -> None:
+    with pytest.raises(InvalidRequestError, match=r"at most one of structured, json_schema, regex, ebnf, choices may "
+                       r"be set \(one structured-output constraint per request\); got structured, choices"):
+        SamplingParams(structured=GrammarSpec("regex", "a+"), choices=["a"])
+
+
+def test_a_malformed_constraint_is_refused_at_construction() -> None:
+    with pytest.raises(InvalidRequestError, match="json_schema is not valid JSON"):
+        SamplingParams(json_schema='{"type":')
+    with pytest.raises(InvalidRequestError, match=r"choices must be non-empty strings; choices\[1\] is empty"):
+        SamplingParams(choices=["a", ""])
+
+
+def test_size_limits_are_the_engines() -> None:
+    """Over the default limits is still a valid SamplingParams (an engine may be launched with higher ones)."""
+    p = SamplingParams(regex="a{1000}{1000}")
+    with pytest.raises(InvalidRequestError, match="grammar_max_regex_repetition is 10000"):
+        DEFAULT_LIMITS.check(p.structured)
+    GrammarLimits(max_regex_repetition=10**6).check(p.structured)
+    deep = SamplingParams(json_schema='{"items":' * 3000 + "{}" + "}" * 3000)  # beyond Python's JSON reader
+    with pytest.raises(InvalidRequestError, match="nested more than 120 levels deep"):
+        GrammarLimits(max_schema_depth=120).check(deep.structured)
+
+
+LOOSE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+) | st.sampled_from(["a{1000}{1000}", "((", "\ud800", '{"type": "object"}', "start: /x/", 'root ::= "a"'])
+
+
+@given(st.sampled_from(STRUCTURED_FIELDS), LOOSE_VALUES)
+def test_loose_fields_only_raise_invalid_request(field: str, value) -> None:
+    try:
+        p = SamplingParams(**{field: value})
+    except InvalidRequestError:
+        return
+    assert p.structured_output == (None if value is None else field)
+    if p.structured is not None:
+        try:
+            DEFAULT_LIMITS.check(p.structured)
+        except InvalidRequestError:
+            pass
+

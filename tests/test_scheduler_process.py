@@ -44,8 +44,8 @@ def model_dir(tiny_model):
 
 def test_messages_pickle() -> None:
     """Every message type survives a pickle round trip unchanged (what crossing a process boundary needs)."""
-    new = NewRequest("a", (1, 2, 3), SamplingParams(max_new_tokens=4, stop=["x"], seed=5), frozenset({0}), 4,
-                     grammar=GrammarSpec("regex", "[0-9]+"), priority=-3)
+    params = SamplingParams(max_new_tokens=4, stop=["x"], seed=5, structured=GrammarSpec("regex", "[0-9]+"))
+    new = NewRequest("a", (1, 2, 3), params, frozenset({0}), 4, priority=-3)
     snapshot = MetricsSnapshot(**{name: 1 for name in MetricsSnapshot.__dataclass_fields__})
     messages = [AddRequests((new,)), Abort("a"), Stop(), GetMetrics(1), CheckIdle(2),
                 Outputs((StreamChunk("a", "hi", [5], "stop", 3, 1, 0, "x"),)), Reply(1, snapshot), Reply(2, ("x",))]

@@ -6,10 +6,11 @@ When the pool cannot hold the next decode step it retracts the requests with the
 waiting queue (their output is kept and re-prefilled later). ``kv.py`` owns the KV slots: prefixes are shared
 while requests run (runtime/prefix_sharing.py): each prefill (chunk) enters the radix tree right after its forward
 is issued, and a request reuses what an earlier request of its own prefill batch computes. ``scheduler.py``
-composes the parts and runs the steps (with the overlap of launch and resolve).
+composes the parts and runs the steps: schedule -> ``ModelRunner.launch`` -> resolve (with overlap, a
+decode step is resolved after the next one is launched).
 """
 
 from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats
-from .scheduler import Launched, Scheduler
+from .scheduler import Scheduler
 
-__all__ = ["RESERVE_CLIP", "Launched", "Scheduler", "SchedulerLimits", "SchedulerStats"]
+__all__ = ["RESERVE_CLIP", "Scheduler", "SchedulerLimits", "SchedulerStats"]

@@ -16,6 +16,7 @@ from ..constrained import GrammarBackend
 from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..messages import NewRequest
 from ..request import Req
+from ..sampler import make_generator
 
 __all__ = ["RequestBuilder"]
 
@@ -53,9 +54,8 @@ class RequestBuilder:
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, msg.params.skip_special_tokens, prompt_ids=ids)
         req.stop_matcher = StopStringMatcher(msg.params.stop or [])
-        if msg.params.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(msg.params.seed)
-        if msg.grammar is not None:
+        req.generator = make_generator(msg.params.seed, self.device)
+        if msg.params.structured is not None:
             backend = self.grammar_backend()
-            req.grammar = backend.new_matcher(backend.compile(msg.grammar))
+            req.grammar = backend.new_matcher(backend.compile(msg.params.structured))
         return req

@@ -134,7 +134,7 @@ def _refused(new: NewRequest, error: str) -> StreamChunk:
 
 def metrics_snapshot(sched: Scheduler) -> MetricsSnapshot:
     """The scheduler's counters now (call between steps)."""
-    stats, kv, runner = sched.stats, sched.kv, sched.runner
+    stats, kv, masks = sched.stats, sched.kv, sched.runner.sampler.masks
     return MetricsSnapshot(
         kv_total_tokens=kv.allocator.size,
         kv_free_tokens=kv.allocator.available,
@@ -158,7 +158,7 @@ def metrics_snapshot(sched: Scheduler) -> MetricsSnapshot:
         prefill_tokens_total=stats.prefill_tokens,
         prefill_seconds_total=stats.prefill_seconds,
         decode_seconds_total=stats.decode_seconds,
-        grammar_mask_steps=runner.mask_steps,
-        grammar_mask_ms_per_step=1e3 * runner.mask_seconds / max(1, runner.mask_steps),
+        grammar_mask_steps=masks.steps,
+        grammar_mask_ms_per_step=1e3 * masks.seconds / max(1, masks.steps),
         new_token_ratio=sched.new_token_ratio,
     )

@@ -2,24 +2,28 @@
 
 The parts, one resource each: ``PrefillManager`` (the waiting queue, the chunked request, admission),
 ``DecodeManager`` (the running batch, retraction, the new-token ratio), ``KVManager`` (KV slots: allocator,
-request->token rows, prefix cache). This class composes them and owns what spans steps: launching a step,
-resolving it, and the overlap of the two. Everything here runs on the scheduler's thread (or process); the rest
-of the engine talks to it only through messages (``loop.py`` dispatches them).
+request->token rows, prefix cache). This class composes them and owns what spans steps. A step reads
+schedule -> launch -> resolve: ``_schedule`` picks the batch, ``ModelRunner.launch`` issues its forward and
+sampling and returns a ``Launched`` (tokens still on the device), ``_resolve`` turns those tokens into request
+progress. With overlap a decode step stays launched (``inflight``) until the next step, which first launches the
+following decode step from its device tokens (``_chained_decode``), then resolves it: the host's work on step t
+overlaps the device's work on step t+1. Everything here runs on the scheduler's thread (or process); the rest of
+the engine talks to it only through messages (``loop.py`` dispatches them).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ..allocator import ReqToTokenPool, TokenAllocator
 from ..forward_batch import ForwardMode
-from ..model_runner import ModelRunner
+from ..model_runner import Launched, ModelRunner
 from ..output_processor import OutputProcessor
 from ..prefix_cache import PrefixCache
 from ..request import Req
+from ..sampler import can_sample_ahead
 from ..schedule_batch import ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
@@ -27,18 +31,7 @@ from .limits import SchedulerLimits, SchedulerStats
 from .policy import PriorityOrder, retraction_key
 from .prefill import PrefillManager
 
-__all__ = ["Launched", "Scheduler"]
-
-
-@dataclass
-class Launched:
-    """A step whose forward and sampling were issued to the device but whose tokens were not processed yet."""
-
-    batch: ScheduleBatch
-    sampled: list[Req]  # requests that get a token from this step, in the order of ``tokens``
-    tokens: torch.Tensor  # int64 on the device
-    host: torch.Tensor  # the same tokens, copied (asynchronously on CUDA) to the host
-    copied: torch.cuda.Event | None  # set once ``host`` holds them (None: already there)
+__all__ = ["Scheduler"]
 
 
 class Scheduler:
@@ -62,11 +55,10 @@ class Scheduler:
         retract_first = retraction_key(limits.schedule_policy, PriorityOrder(limits.low_priority_values_first))
         self.decode = DecodeManager(self.kv, outputs, self.stats, lambda req: self.prefill.requeue(req), retract_first)
         self.prefill = PrefillManager(limits, self.kv, self.decode, self.stats)
-        self.inflight: Launched | None = None  # overlap mode: the launched step not yet resolved
-        # The batch of the step in progress: its prefilled requests are neither waiting nor running until the step
-        # resolves, so an exception in between must still find them (abort_all).
+        self.inflight: Launched | None = None  # overlap: the decode step launched, resolved by the next step
+        # The batch of the step in progress, from its scheduling to its resolve: its prefilled requests are neither
+        # waiting nor running until then, so an exception in between must still find them (abort_all).
         self.stepping: ScheduleBatch | None = None
-        self._pinned = [_pinned_buffer(limits.max_running_requests, runner.device) for _ in range(2)]
 
     # ---- the parts' state, as the engine and tests read it ----
 
@@ -143,37 +135,41 @@ class Scheduler:
     # ---- one step ----
 
     def step(self) -> bool:
-        """Run one step; False when there was nothing to do.
+        """Run one step: schedule -> launch -> resolve; False when there was nothing to do.
 
-        A step is launched (forward and sampling issued, tokens left on the device) and later resolved (tokens
-        appended, finishes decided, chunks sent). Without overlap a step is resolved right after its launch. With
-        overlap, while the batch stays the same, decode step t+1 is launched from step t's device tokens *before*
-        step t is resolved, so the CPU work of resolving overlaps the device's work. A request that step t
-        finishes still gets a token from step t+1; resolving t+1 drops it.
+        Without overlap a step is resolved right after its launch. With overlap a decode step stays in flight:
+        the next step launches the following decode step from its device tokens *before* resolving it (when the
+        batch stays the same, ``_can_chain``), so the CPU work of resolving overlaps the device's work; if it
+        cannot chain, that step only resolves. A request that step t finishes still gets a token from step t+1;
+        resolving t+1 drops it.
         """
         start = time.perf_counter()
-        if self.inflight is not None:
-            launched, self.inflight = self.inflight, None
-            if self._can_chain(launched):
-                self.stepping = self._chained_decode(launched)
-                self.inflight = self._launch(self.stepping)
-                self.stats.overlapped_steps += 1
-            self._resolve(launched)
-            self.stepping = None
-            self._account(launched.batch.mode, start)
-            return True
-        batch = self._schedule_prefill() or self._schedule_decode()
-        if batch is None:
+        previous = self.inflight
+        batch = self._schedule(previous)
+        if batch is None and previous is None:
             return False
         self.stepping = batch
-        launched = self._launch(batch)
-        if self.limits.overlap and batch.mode is ForwardMode.DECODE:
-            self.inflight = launched
-        else:
+        launched = self._launch(batch) if batch is not None else None
+        # Overlap keeps a decode step in flight; a prefill resolves at once (its requests join the running batch).
+        keep = launched is not None and self.limits.overlap and launched.batch.mode is ForwardMode.DECODE
+        self.inflight = launched if keep else None
+        if previous is not None:
+            self._resolve(previous)
+        if launched is not None and not keep:
             self._resolve(launched)
         self.stepping = None
-        self._account(batch.mode, start)
+        self._account((previous or launched).batch.mode, start)
         return True
+
+    def _schedule(self, previous: Launched | None) -> ScheduleBatch | None:
+        """The next batch: a prefill if anything can be admitted, else a decode step. With a step still in
+        flight only its chained decode can be launched (or nothing, until it is resolved)."""
+        if previous is None:
+            return self._schedule_prefill() or self._schedule_decode()
+        if not self._can_chain(previous):
+            return None
+        self.stats.overlapped_steps += 1
+        return self._chained_decode(previous)
 
     def _schedule_prefill(self) -> ScheduleBatch | None:
         return self.prefill.schedule()
@@ -192,23 +188,11 @@ class Scheduler:
             self.stats.decode_seconds += elapsed
 
     def _launch(self, batch: ScheduleBatch) -> Launched:
-        """Issue ``batch``'s forward and sampling; its KV is then the requests' (``kv_committed``)."""
-        logits = self.runner.forward(batch)
+        """``ModelRunner.launch``; once the forward ran, its KV is the requests' (``kv_committed``)."""
+        launched = self.runner.launch(batch)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
         batch.kv_committed = True
-        rows = [i for i, s in enumerate(batch.samples) if s]
-        sampled = [batch.reqs[i] for i in rows]
-        if len(rows) != len(batch.reqs):
-            logits = logits[rows]
-        tokens = self.runner.sample(logits, sampled) if sampled else torch.empty(0, dtype=torch.int64)
-        host, copied = tokens, None
-        if tokens.is_cuda:
-            self._pinned.reverse()  # alternate: the other buffer may still be read by the step being resolved
-            host = self._pinned[0][: len(sampled)]
-            host.copy_(tokens, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
         if batch.mode is ForwardMode.EXTEND:
             self.kv.prefilled(batch)  # later requests match its tokens from now on
             self.stats.prefill_steps += 1
@@ -216,12 +200,10 @@ class Scheduler:
             self.stats.peak_prefill_tokens = max(self.stats.peak_prefill_tokens, batch.num_tokens)
         else:
             self.decode.launched(batch)
-        return Launched(batch, sampled, tokens, host, copied)
+        return launched
 
     def _resolve(self, launched: Launched) -> None:
-        if launched.copied is not None:
-            launched.copied.synchronize()
-        for req, tok in zip(launched.sampled, launched.host.tolist()):
+        for req, tok in zip(launched.sampled, launched.host_tokens()):
             if req.finished:
                 continue  # finished or aborted after this step was launched: its token is dropped
             self.outputs.append_token(req, tok)
@@ -240,7 +222,7 @@ class Scheduler:
         instead, and the pool has a slot for every running request without retracting."""
         if launched.batch.mode is not ForwardMode.DECODE or not self.running or self.chunked is not None:
             return False
-        if not all(_overlap_safe(r) for r in self.running):
+        if not all(can_sample_ahead(r) for r in self.running):
             return False
         if self.kv.free_tokens() < len(self.running):
             return False
@@ -266,16 +248,3 @@ class Scheduler:
         if self.has_work:
             return ["scheduler is not idle"]
         return self.kv.idle_violations()
-
-
-def _overlap_safe(req: Req) -> bool:
-    """Whether the next step of ``req`` can be sampled before its last token is known on the host: no grammar
-    (its mask depends on that token), no penalties (they count it), no stop-token ban still pending."""
-    p = req.params
-    uses_penalty = p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_penalty != 1.0
-    return req.grammar is None and not uses_penalty and len(req.output_ids) >= p.min_new_tokens
-
-
-def _pinned_buffer(n: int, device: torch.device) -> torch.Tensor:
-    """Host memory for sampled tokens; page-locked on CUDA so the device-to-host copy is asynchronous."""
-    return torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")
