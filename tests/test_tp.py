@@ -3,12 +3,14 @@
 Greedy tokens equal HF transformers' for the tiny llama / qwen2 / qwen3 models over 2 ranks (together, from the
 radix cache, in small prefill chunks and under retraction), with fewer KV heads than ranks (replicated), and for
 SmolLM2-135M (9 query / 3 KV heads) over 3 ranks; constrained output holds; killing rank 1 mid-decode fails the
-requests with an error naming it, stops the other ranks and leaves no process behind; so does shutdown. A size
+requests with an error naming it, stops the other ranks and leaves no process behind; so does shutdown; a rank
+that dies while the engine idles is found by the launcher's check (what the Xinference plugin polls). A size
 the model cannot split into is refused before any process starts, with the sizes that would work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -173,6 +175,38 @@ def test_killing_rank_one_mid_decode_fails_requests_clearly_and_leaves_no_proces
     _assert_gone(pids)
 
 
+def test_a_rank_dying_while_the_engine_idles_is_found_by_check(tiny_model):
+    with _engine_over_two_ranks(tiny_model("llama")) as engine:
+        assert engine.tp.check() is None  # every rank runs: no failure
+        [rank] = engine.tp.pids
+        os.kill(rank, signal.SIGKILL)
+        failure = _wait_for_check(engine)  # no step runs: only check can notice
+        assert "rank 1" in str(failure) and "SIGKILL" in str(failure), failure
+        assert engine.tp.check() is failure  # the group stays failed with the first error
+        [later] = engine.generate(input_ids=[5, 6, 7], sampling_params=GREEDY)
+        assert later.finish_reason == "abort" and "rank 1" in later.error and "SIGKILL" in later.error, later.error
+
+
+@contextlib.contextmanager
+def _engine_over_two_ranks(model_dir):
+    """An engine with tp_size=2, shut down on exit; then none of its ranks may be left."""
+    engine = make_engine(model_dir, tp_size=2)
+    pids = engine.tp.pids
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+    _assert_gone(pids)
+
+
+def test_shutdown_is_not_a_failure(tiny_model):
+    engine = make_engine(tiny_model("llama"), tp_size=2)
+    pids = engine.tp.pids
+    engine.shutdown()
+    _assert_gone(pids)
+    assert engine.tp.check() is None  # ranks ended by stop: the plugin's watch must not end the process
+
+
 def test_a_hung_rank_fails_the_step_after_tp_timeout_s_and_is_ended(tiny_model):
     engine = make_engine(tiny_model("llama"), tp_size=2, tp_timeout_s=2)
     pids = engine.tp.pids
@@ -191,6 +225,18 @@ def test_a_hung_rank_fails_the_step_after_tp_timeout_s_and_is_ended(tiny_model):
     finally:
         engine.shutdown()
     _assert_gone(pids)
+
+
+def _wait_for_check(engine):
+    """The launcher's failure once its check finds the killed rank gone (a process with many threads takes a
+    moment to exit after SIGKILL on a loaded machine: it is a zombie before its parent can reap it)."""
+    import time
+
+    deadline = time.monotonic() + WAIT_S
+    while (failure := engine.tp.check()) is None:
+        assert time.monotonic() < deadline, "check did not find the killed rank"
+        time.sleep(0.05)
+    return failure
 
 
 def _wait_for_decode(engine) -> None:

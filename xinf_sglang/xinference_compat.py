@@ -18,6 +18,10 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    ``stream_results`` generator of Xinference's REST module). Any other exception goes to
    Xinference's handler unchanged, so its sanitizing still covers everything sglite did not write.
 
+   A model whose engine failed for good (:class:`xinf_sglang.engine_failure.SgliteEngineFailure`: a
+   tensor-parallel rank died; the model process is ending so that Xinference relaunches it) gets the same
+   treatment as an HTTP 503 with sglite's message, so a client sees why instead of a generic 500 text.
+
    The same errors in the error event of every other stream (``/v1/completions`` with ``stream``) go through
    ``RESTfulAPI._get_model_last_error`` first, which the patch wraps too: the event then carries sglite's message
    without the model actor's ``[address=..., pid=...]`` prefix.
@@ -68,6 +72,7 @@ FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice, priority, mi
 
 _MARK = "__sglite_compat__"
 _ENGINE_MODULE = "xinf_sglang.engine"
+_FAILURE_MODULE = "xinf_sglang.engine_failure"
 _REST_MODULE = "xinference.api.restful_api"
 
 
@@ -168,6 +173,8 @@ def _patch_stream_errors(api_cls: Any) -> bool:
         if is_sglite_request_error(e):
             # sglite's class again (still a 400 where a handler follows), rebuilt from the message alone
             return sys.modules[_ENGINE_MODULE].SgliteRequestError(request_error_message(e))
+        if is_sglite_engine_failure(e):
+            return sys.modules[_FAILURE_MODULE].SgliteEngineFailure(request_error_message(e))
         return await raw(self, replica_model_uid, e)
 
     setattr(_get_model_last_error, _MARK, True)
@@ -187,8 +194,16 @@ def is_sglite_request_error(e: BaseException) -> bool:
     An unpickled ``SgliteRequestError`` can only exist once its module is imported, so the module is looked up,
     never imported, here.
     """
-    engine = sys.modules.get(_ENGINE_MODULE)
-    cls = getattr(engine, "SgliteRequestError", None)
+    return _is_instance(e, _ENGINE_MODULE, "SgliteRequestError")
+
+
+def is_sglite_engine_failure(e: BaseException) -> bool:
+    """Whether ``e`` is sglite's error for a model whose engine failed for good (looked up like a request error)."""
+    return _is_instance(e, _FAILURE_MODULE, "SgliteEngineFailure")
+
+
+def _is_instance(e: BaseException, module: str, name: str) -> bool:
+    cls = getattr(sys.modules.get(module), name, None)
     return isinstance(cls, type) and isinstance(e, cls)
 
 
@@ -210,19 +225,21 @@ def request_error_message(e: BaseException) -> str:
 def _errors_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def handle_request_limit_error(e: Exception, *, sanitize: bool = False) -> Any:
-        if is_sglite_request_error(e):
+        status = 400 if is_sglite_request_error(e) else 503 if is_sglite_engine_failure(e) else None
+        if status is not None:
             from fastapi import HTTPException
 
             # Safe to show even where Xinference sanitizes: every SgliteRequestError message is written by sglite
             # (request mapping, the engine's checks, the runtime's request validation and grammar compiler) and
             # names only the offending request field, its value, or limits of the model; none holds credentials,
             # file paths, actor addresses or other worker internals. Keep it that way when adding messages.
+            # SgliteEngineFailure's message says which tensor-parallel rank ended how (and its pid) only.
             message = request_error_message(e)
             if _called_from_a_stream():
                 # Xinference sends the detail as the stream's {"error": detail} event; the OpenAI client shows
                 # error.message from an object there, and only a generic text for a plain string.
-                raise HTTPException(status_code=400, detail=_openai_error(message))
-            raise HTTPException(status_code=400, detail=message)
+                raise HTTPException(status_code=status, detail=_openai_error(message, status))
+            raise HTTPException(status_code=status, detail=message)
         return original(e, sanitize=sanitize)
 
     return handle_request_limit_error
@@ -235,9 +252,10 @@ def _called_from_a_stream() -> bool:
     return frame.f_code.co_name == "stream_results" and frame.f_globals.get("__name__") == _REST_MODULE
 
 
-def _openai_error(message: str) -> dict[str, Any]:
+def _openai_error(message: str, status: int = 400) -> dict[str, Any]:
     """An OpenAI-style error object (what ``openai.APIError`` reads its message from)."""
-    return {"message": message, "type": "invalid_request_error", "param": None, "code": 400}
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return {"message": message, "type": kind, "param": None, "code": status}
 
 
 def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:

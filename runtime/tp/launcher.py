@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -30,7 +31,11 @@ STOP_WAIT_S = 10.0  # how long a rank may take to leave its loop after stop befo
 
 
 class TPLauncher:
-    """Spawns ranks 1..size-1 of ``config`` and joins rank 0 (this process) to their group (``group``)."""
+    """Spawns ranks 1..size-1 of ``config`` and joins rank 0 (this process) to their group (``group``).
+
+    ``failure`` is set once the group has failed (`fail`): from then on no step can run, and every caller sees
+    the same error. `check` finds a rank that died while the engine idled (no step noticed it).
+    """
 
     def __init__(self, config: EngineConfig, size: int, device: torch.device) -> None:
         self.size = size
@@ -45,6 +50,8 @@ class TPLauncher:
             proc.stdin.close()
             self.procs.append(proc)
         self._stopped = False
+        self.failure: RankFailure | None = None
+        self._failing = threading.RLock()  # the scheduler thread (a failed step) and a watcher (check) may race
         try:
             self.group = TPGroup.connect(0, size, self.store, device, config.tp_timeout_s, self.check_peers)
         except BaseException:
@@ -67,7 +74,23 @@ class TPLauncher:
                                   "during startup")
 
     def fail(self, cause: BaseException) -> RankFailure:
-        """After a failed step: stop every rank and return the error that names what happened."""
+        """After a failed step: stop every rank and return the error that names what happened (the first
+        failure's error, if the group had already failed)."""
+        with self._failing:
+            if self.failure is None:
+                self.failure = self._failure(cause)
+            return self.failure
+
+    def check(self) -> RankFailure | None:
+        """The group's failure, or None while every rank runs. A rank found dead fails the group here (its other
+        ranks are stopped), so an idle engine learns of it before its next step. Ranks ended by `stop` are not
+        a failure."""
+        with self._failing:
+            if self.failure is None and not self._stopped and any(p.poll() is not None for p in self.procs):
+                self.fail(RuntimeError("a rank exited between steps"))
+            return self.failure
+
+    def _failure(self, cause: BaseException) -> RankFailure:
         dead = self._dead_ranks(DEATH_NOTICE_S)
         self.stop(graceful=False)
         if dead:

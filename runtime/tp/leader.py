@@ -11,7 +11,6 @@ from ..attention import AttentionBackend
 from ..forward_batch import ForwardBatch
 from ..models.decoder import DecoderLM
 from .batch import TableMirror, send_batch
-from .group import RankFailure
 
 if TYPE_CHECKING:
     from .launcher import TPLauncher
@@ -23,7 +22,8 @@ class LeaderModel(nn.Module):
     they drive several processes.
 
     After any failure of a step the ranks are out of step with each other (a collective half done), so the
-    group is finished: the launcher stops the other ranks and every later forward raises the same `RankFailure`.
+    group is finished: the launcher stops the other ranks and every later forward raises the same `RankFailure`
+    (the launcher's ``failure``, also set when its `check` found a rank dead between steps).
     """
 
     def __init__(self, model: DecoderLM, launcher: TPLauncher, req_to_token: torch.Tensor) -> None:
@@ -33,15 +33,13 @@ class LeaderModel(nn.Module):
         self.cfg = model.cfg
         self.tp = model.tp
         self.launcher = launcher
-        self.failure: RankFailure | None = None
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """The logits of ``batch`` over the whole vocabulary (gathered here from every rank's slice)."""
-        if self.failure is not None:
-            raise self.failure
+        if self.launcher.failure is not None:
+            raise self.launcher.failure
         try:
             send_batch(self.launcher.group, batch, self.mirror)
             return self.model(batch, attn)
         except Exception as e:
-            self.failure = self.launcher.fail(e)
-            raise self.failure from e
+            raise self.launcher.fail(e) from e
