@@ -3,6 +3,7 @@
 #   bash scripts/gpu_run.sh [kernels] [parity] [bench-a] [bench-b] [bench-c]   (no argument: all)
 #   extra steps: profile (batch-1 decode step per kernel), splits (split-size sweep), tune (launch-shape sweep),
 #   chain (decode layers in a CUDA graph, linear variants; chain=1 only batch 1, chain=1,8 both)
+#   tp-parity (2 GPUs: tensor-parallel greedy tokens vs HF, graphs asked for and off; scripts/gpu_tp_parity.py)
 #   kernels=TEXT checks only the kernel rows whose name contains TEXT; tune=linear|attention|chain one sweep
 #   STEP:nopdl runs STEP with programmatic dependent launch off (SGLITE_DISABLE_PDL=1, kernels/pdl.py), for A/B
 # The machine needs torch, triton and transformers. sglite and what else is missing come as wheels in .whl/
@@ -32,6 +33,7 @@ for step in $steps; do
     chain=*) run chain python3 scripts/gpu_tune.py --only chain --chain-bs "${s#chain=}" ;;
     splits) run splits python3 scripts/gpu_split_sweep.py ;;
     parity) run parity python3 scripts/gpu_parity.py ;;
+    tp-parity) run tp-parity python3 scripts/gpu_tp_parity.py ;;
     bench-a) run bench-a python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/llama-3.1-8b.json \
         --num-prompts 1 --input-len 128:128 --output-len 256:256 --roofline --engine-arg context_length=4096 ;;
     bench-b) run bench-b python3 -P -m xinf_sglang.cli bench offline --load-format dummy --model-config configs/qwen3-0.6b.json \
