@@ -148,8 +148,14 @@ def test_linear_leading_dims_and_errors() -> None:
         linear.linear_triton(torch.randn(1, 40, dtype=torch.float16), w)
     with pytest.raises(ValueError, match="does not fit"):
         linear.linear_triton(torch.randn(1, 41), w)
-    # CPU tensors always take the reference path of the dispatcher, whatever their size.
-    assert torch.equal(linear.linear(x, w), linear.linear_ref(x, w))
+    # On the CPU the dispatcher takes the threaded decode kernel for float32 inputs of up to 16 rows
+    # (kernels/cpu_linear.py, tested in tests/test_cpu_linear.py) and the reference for everything else.
+    from xinf_sglang.kernels import cpu_linear
+
+    assert torch.equal(linear.linear(x, w), cpu_linear.linear_cpu(x, w))
+    big = torch.randn(17, 40)
+    assert torch.equal(linear.linear(big, w), linear.linear_ref(big, w))
+    assert torch.equal(linear.linear(x.double(), w.double()), linear.linear_ref(x.double(), w.double()))
 
 
 # ---------------------------------------------------------------- elementwise / row kernels
