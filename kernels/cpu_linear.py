@@ -6,6 +6,7 @@ OpenMP threads woken for each of the ~200 linears of a token costs what the seco
 splits each weight's output rows over a small pool of its own threads that stay awake (spinning, then yielding)
 for a short while after each call, so the second core starts within a microsecond, and it reads each row-major
 weight row once per 4-row block with AVX2 FMAs while the block is reused from L1 for every input row.
+For now the pool runs with the caller alone (``POOL_THREADS``: a hang was seen with two).
 
 Measured on the 2-core AVX2 runner (docs/PERFORMANCE.md) for SmolLM2-135M's 211 float32 weights of one token:
 10.4 ms against MKL's 20.4 (column-major weights) and 26.6 (row-major).
@@ -25,6 +26,11 @@ import torch
 
 from .cpu_build import load_cpp
 
+# Threads of the pool. 1 (the caller only) until the hang below is understood: on 2026-12-02 a benchmark process
+# was found after 50 minutes with its caller waiting for the last chunks of a call and the pool thread asleep,
+# i.e. a chunk counted as claimed but never finished (or a missed wake-up); the 2-thread figures in
+# docs/PERFORMANCE.md were measured with 2. One thread still streams the weights faster than MKL.
+POOL_THREADS = 1
 # Up to this many rows the kernel is used; beyond it MKL's register-blocked sgemm on all cores wins.
 CPU_SKINNY_MAX_M = 16
 # How long (microseconds) a pool thread keeps polling for the next call before it sleeps: the gap between two
@@ -291,8 +297,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear_ref``'s contract for inputs that ``supports`` accepts, on the pool of ``torch.get_num_threads()``
-    threads. Raises ValueError for anything else."""
+    """``linear_ref``'s contract for inputs that ``supports`` accepts, on the pool of ``POOL_THREADS`` threads.
+    Raises ValueError for anything else."""
     if not supports(x, weight, bias):
         raise ValueError(
             f"linear_cpu takes float32 CPU x [<= {CPU_SKINNY_MAX_M} rows, K] and a contiguous weight [N, K]; got x "
@@ -301,5 +307,5 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = _pool(torch.get_num_threads()).linear(x2, weight, bias)
+    y = _pool(POOL_THREADS).linear(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
