@@ -6,7 +6,7 @@ OpenMP threads woken for each of the ~200 linears of a token costs what the seco
 splits each weight's output rows over a small pool of its own threads that stay awake (spinning, then yielding)
 for a short while after each call, so the second core starts within a microsecond, and it reads each row-major
 weight row once per 4-row block with AVX2 FMAs while the block is reused from L1 for every input row.
-For now the pool runs with the caller alone (``POOL_THREADS``: a hang was seen with two).
+For now the pool runs with the caller alone (``POOL_THREADS``; see there).
 
 Measured on the 2-core AVX2 runner (docs/PERFORMANCE.md) for SmolLM2-135M's 211 float32 weights of one token:
 10.4 ms against MKL's 20.4 (column-major weights) and 26.6 (row-major).
@@ -26,9 +26,9 @@ import torch
 
 from .cpu_build import load_cpp
 
-# Threads of the pool. 1 (the caller only) until the hang below is understood: on 2026-12-02 a benchmark process
-# was found after 50 minutes with its caller waiting for the last chunks of a call and the pool thread asleep,
-# i.e. a chunk counted as claimed but never finished (or a missed wake-up); the 2-thread figures in
+# Threads of the pool. 1 (the caller only) for now: on 2026-12-02 a benchmark process hung with 2 (a pool thread
+# still leaving one call claimed a chunk of the next call's larger count; fixed in run(), and the stress test in
+# tests/test_cpu_linear.py passes with 2), but the fix came after the last full test run. The 2-thread figures in
 # docs/PERFORMANCE.md were measured with 2. One thread still streams the weights faster than MKL.
 POOL_THREADS = 1
 # Up to this many rows the kernel is used; beyond it MKL's register-blocked sgemm on all cores wins.
@@ -138,8 +138,13 @@ class Pool {
   void run(const Task& t) {
     const int64_t chunks = (t.N + kChunkRows - 1) / kChunkRows;
     if (threads_ == 1 || chunks == 1) { run_rows(t, 0, t.N); return; }
+    // Close the previous task's counter before chunks_ changes: a pool thread still in work() for it holds that
+    // counter's last value, and with a larger chunks_ its claim would succeed on the old word (the hang of
+    // 2026-12-02: a phantom chunk counted twice). The closed word fails that claim and stops the loop.
+    claim_.store((claim_.load(std::memory_order_relaxed) & ~uint64_t{0xffffffffu}) | 0xffffffffu,
+                 std::memory_order_seq_cst);
     task_ = t;
-    chunks_ = chunks;
+    chunks_.store(chunks, std::memory_order_seq_cst);
     finished_.store(0, std::memory_order_relaxed);
     uint32_t g;
     { std::lock_guard<std::mutex> lk(*mu_); g = gen_.fetch_add(1, std::memory_order_relaxed) + 1; }
@@ -169,7 +174,8 @@ class Pool {
   // Claim and run chunks of generation g until none is left (or the task is no longer g).
   void work(uint32_t g) {
     uint64_t v = claim_.load(std::memory_order_acquire);
-    while (static_cast<uint32_t>(v >> 32) == g && static_cast<int64_t>(v & 0xffffffffu) < chunks_) {
+    while (static_cast<uint32_t>(v >> 32) == g &&
+           static_cast<int64_t>(v & 0xffffffffu) < chunks_.load(std::memory_order_seq_cst)) {
       if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
       // claimed: the caller waits for this chunk, so task_ stays this task's until it is done
       const int64_t n0 = static_cast<int64_t>(v & 0xffffffffu) * kChunkRows;
@@ -216,7 +222,7 @@ class Pool {
   std::unique_ptr<std::mutex> mu_;
   std::unique_ptr<std::condition_variable> cv_;
   Task task_{};
-  int64_t chunks_ = 0;
+  std::atomic<int64_t> chunks_{0};
   std::atomic<uint32_t> gen_{0};    // wraps around: only compared for equality
   std::atomic<uint64_t> claim_{0};  // (generation << 32) | next chunk
   std::atomic<int64_t> finished_{0};

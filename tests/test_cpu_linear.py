@@ -78,3 +78,35 @@ def test_a_forked_child_gets_working_threads() -> None:
     assert parent.recv() == 300 * 64
     proc.join(10)
     assert proc.exitcode == 0
+
+
+_STRESS = """
+import random, sys, time, torch
+from xinf_sglang.kernels import cpu_linear
+pool = cpu_linear.load().LinearPool(2, int(sys.argv[1]))
+ws = [torch.randn(n, 64) for n in (33, 64, 100, 576, 960, 3000)]
+x = torch.randn(1, 64)
+refs = [torch.nn.functional.linear(x, w) for w in ws]
+end, calls = time.monotonic() + 4, 0
+while time.monotonic() < end:
+    i = random.randrange(len(ws))
+    y = pool.linear(x, ws[i], None)
+    calls += 1
+    if calls % 997 == 0:
+        assert (y - refs[i]).abs().max() < 1e-4
+        time.sleep(random.random() * 0.001)  # let the pool thread fall asleep now and then
+print(calls)
+"""
+
+
+@pytest.mark.parametrize("spin_us", [0, 200, 10**9])  # always sleeps, the default, never sleeps
+def test_two_threads_never_hang_on_back_to_back_calls(spin_us: int) -> None:
+    """Millions of calls of changing sizes on a 2-thread pool finish (before the fix of 2026-12-02 a pool thread
+    still leaving one call could claim a chunk of the next one's larger count: the caller then waited forever).
+    Run in a subprocess so that a hang fails the test instead of stopping the suite."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _STRESS, str(spin_us)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) > 1000
