@@ -8,6 +8,21 @@ from typing import Literal
 FinishReason = Literal["stop", "length", "abort"]
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log probability of one token at one position, and the most likely alternatives there.
+
+    ``top`` holds ``SamplingParams.top_logprobs`` (token id, logprob) pairs, most likely first (empty when 0 were
+    asked); it may or may not contain ``token_id``. Which distribution the values come from is stated in
+    ``SamplingParams``'s docstring (output tokens: the one sampled from; prompt tokens: the raw model's). A token
+    the grammar mask or a ban excluded has logprob ``-inf``.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 @dataclass
 class GenerateOutput:
     """The result of one finished request (``Engine.generate``)."""
@@ -21,6 +36,9 @@ class GenerateOutput:
     cached_tokens: int  # prompt tokens served from the radix cache
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it, if any
     error: str | None = None  # set when the request was aborted because of an error
+    output_logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams asked
+    # one per scored prompt position, in order from position max(prompt_logprobs_start, 1), when asked
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -36,3 +54,5 @@ class StreamChunk:
     cached_tokens: int = 0
     matched_stop: str | int | None = None
     error: str | None = None
+    output_logprobs: list[TokenLogprob] | None = None  # delta, aligned with token_ids, when SamplingParams asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # the whole list, on the first chunk only, when asked

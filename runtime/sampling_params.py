@@ -33,6 +33,9 @@ SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 """Seed range accepted by `torch.Generator.manual_seed` (negative seeds are folded into the unsigned range)."""
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives `top_logprobs` may ask for per position (OpenAI's limit)."""
+
 STRUCTURED_FIELDS = ("json_schema", "regex", "ebnf", "choices")
 """Keyword arguments that build ``structured``; at most one may be given per request."""
 
@@ -55,6 +58,9 @@ _ALLOWED = MappingProxyType(
         "skip_special_tokens": "true or false",
         "logit_bias": "a map of token id (>= 0, below the vocabulary size) to a bias in [-100, 100]",
         "structured": "a GrammarSpec (or give one of json_schema, regex, ebnf, choices)",
+        "logprobs": "true or false",
+        "top_logprobs": f"an integer in [0, {MAX_TOP_LOGPROBS}]",
+        "prompt_logprobs_start": "None or an integer >= 0 (a prompt position below the prompt's length)",
     }
 )
 
@@ -70,6 +76,8 @@ _IN_RANGE: dict[str, Any] = {
     "frequency_penalty": lambda v: -2 <= v <= 2,
     "presence_penalty": lambda v: -2 <= v <= 2,
     "repetition_penalty": lambda v: v > 0,
+    "top_logprobs": lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+    "prompt_logprobs_start": lambda v: v is None or v >= 0,
 }
 
 
@@ -80,6 +88,13 @@ def _invalid(field: str, value: Any) -> ValueError:
 
 class SamplingParams(BaseModel):
     """How one request is sampled and when it stops.
+
+    Log probabilities (``logprobs``, ``top_logprobs``, ``prompt_logprobs_start``; returned as
+    ``outputs.TokenLogprob``): an output token's logprob is taken from the distribution it was sampled from, the
+    log-softmax of the logits after the grammar mask, the logit bias, the penalties and the ``min_new_tokens`` ban,
+    divided by the temperature (greedy: by 1), before top-k / top-p / min-p filtering (SGLang's choice; vLLM's
+    default is the raw model output). A prompt token's logprob is the log-softmax of the raw model logits at the
+    position before it: nothing is sampled there, so no sampling parameter applies.
 
     Normalisation done at construction: `stop` is always a list of strings, `stop_token_ids` always a list of
     ints (both possibly empty), `top_k` 0 becomes -1 (both mean disabled), and a `json_schema` / `regex` /
@@ -126,6 +141,17 @@ class SamplingParams(BaseModel):
     structured: GrammarSpec | None = None
     """The structured-output constraint the output must match (built from ``json_schema=`` / ``regex=`` /
     ``ebnf=`` / ``choices=`` when one of those is given instead)."""
+    logprobs: bool = False
+    """Return each output token's logprob (``GenerateOutput.output_logprobs``, aligned with ``token_ids``)."""
+    top_logprobs: int = 0
+    """Also return the ``top_logprobs`` most likely tokens at each returned position (0..20); > 0 implies
+    ``logprobs``. With ``prompt_logprobs_start`` the prompt positions get them too."""
+    prompt_logprobs_start: int | None = None
+    """Return the logprob of every prompt token at positions >= this one, each conditioned on the tokens before
+    it (``GenerateOutput.prompt_logprobs``, starting at position ``max(start, 1)``: position 0 has no context).
+    Tokens before the start may come from the prefix cache; from the start on they are recomputed. Must be below
+    the prompt's length. With ``max_new_tokens=0`` the prompt is only scored (no tokens, finish_reason
+    ``"length"``)."""
 
     def __init__(self, **data: Any) -> None:
         """Validate keyword arguments; see the class docstring for what raises."""
@@ -169,7 +195,7 @@ class SamplingParams(BaseModel):
 
     @field_validator(
         "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
-        "presence_penalty", "repetition_penalty", "seed", mode="before",
+        "presence_penalty", "repetition_penalty", "seed", "top_logprobs", "prompt_logprobs_start", mode="before",
     )
     @classmethod
     def _reject_bool(cls, v: Any, info: Any) -> Any:
@@ -230,6 +256,16 @@ class SamplingParams(BaseModel):
         return self.temperature < GREEDY_TEMPERATURE
 
     @property
+    def wants_output_logprobs(self) -> bool:
+        """Whether each output token's logprob is returned (``logprobs``, or ``top_logprobs`` > 0)."""
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens are scored (``prompt_logprobs_start`` is set)."""
+        return self.prompt_logprobs_start is not None
+
+    @property
     def structured_output(self) -> str | None:
         """The kind of the structured-output constraint (`json_schema`, `regex`, `ebnf`, `choices`), or None."""
         return self.structured.kind if self.structured is not None else None
@@ -261,12 +297,19 @@ class SamplingParams(BaseModel):
     def _structured_text(self, kind: str) -> str | None:
         return self.structured.text if self.structured is not None and self.structured.kind == kind else None
 
-    def verify(self, vocab_size: int) -> None:
-        """Check the fields that depend on the model: every stop token id must be in [0, vocab_size).
+    def verify(self, vocab_size: int, prompt_len: int | None = None) -> None:
+        """Check the fields that depend on the model and the prompt: every stop token id and logit_bias key must
+        be in [0, vocab_size), ``prompt_logprobs_start`` below ``prompt_len`` (when given).
 
         Raises:
-            InvalidRequestError: a stop token id is outside the model's vocabulary.
+            InvalidRequestError: a token id is outside the model's vocabulary, or the start is past the prompt.
         """
+        start = self.prompt_logprobs_start
+        if start is not None and prompt_len is not None and start >= prompt_len:
+            raise InvalidRequestError(
+                f"prompt_logprobs_start must be a prompt position in [0, {prompt_len - 1}] for this "
+                f"{prompt_len}-token prompt; got {start}"
+            )
         bad_bias = [t for t in self.logit_bias or {} if not 0 <= t < vocab_size]
         if bad_bias:
             raise InvalidRequestError(
