@@ -36,6 +36,7 @@ class GenerateOutput:
     cached_tokens: int  # prompt tokens served from the radix cache
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it, if any
     error: str | None = None  # set when the request was aborted because of an error
+    index: int = 0  # which of the request's SamplingParams.n sequences this is (0..n-1)
     output_logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams asked
     # one per scored prompt position, in order from position max(prompt_logprobs_start, 1), when asked
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -54,5 +55,6 @@ class StreamChunk:
     cached_tokens: int = 0
     matched_stop: str | int | None = None
     error: str | None = None
+    index: int = 0  # which of the request's SamplingParams.n sequences this chunk belongs to (0..n-1)
     output_logprobs: list[TokenLogprob] | None = None  # delta, aligned with token_ids, when SamplingParams asked
     prompt_logprobs: list[TokenLogprob] | None = None  # the whole list, on the first chunk only, when asked

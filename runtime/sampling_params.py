@@ -33,6 +33,10 @@ SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 """Seed range accepted by `torch.Generator.manual_seed` (negative seeds are folded into the unsigned range)."""
 
+MAX_N = 128
+"""Most sequences one request may ask for (`n`; OpenAI's limit). The engine also bounds it by its running-request
+limit, so that the n sequences decode together."""
+
 MAX_TOP_LOGPROBS = 20
 """Most alternatives `top_logprobs` may ask for per position (OpenAI's limit)."""
 
@@ -58,6 +62,7 @@ _ALLOWED = MappingProxyType(
         "skip_special_tokens": "true or false",
         "logit_bias": "a map of token id (>= 0, below the vocabulary size) to a bias in [-100, 100]",
         "structured": "a GrammarSpec (or give one of json_schema, regex, ebnf, choices)",
+        "n": f"an integer in [1, {MAX_N}] (and at most the engine's max_running_requests)",
         "logprobs": "true or false",
         "top_logprobs": f"an integer in [0, {MAX_TOP_LOGPROBS}]",
         "prompt_logprobs_start": "None or an integer >= 0 (a prompt position below the prompt's length)",
@@ -76,6 +81,7 @@ _IN_RANGE: dict[str, Any] = {
     "frequency_penalty": lambda v: -2 <= v <= 2,
     "presence_penalty": lambda v: -2 <= v <= 2,
     "repetition_penalty": lambda v: v > 0,
+    "n": lambda v: 1 <= v <= MAX_N,
     "top_logprobs": lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
     "prompt_logprobs_start": lambda v: v is None or v >= 0,
 }
@@ -141,6 +147,10 @@ class SamplingParams(BaseModel):
     structured: GrammarSpec | None = None
     """The structured-output constraint the output must match (built from ``json_schema=`` / ``regex=`` /
     ``ebnf=`` / ``choices=`` when one of those is given instead)."""
+    n: int = 1
+    """Sequences to sample from the prompt (parallel sampling, runtime/parallel_sampling.py): the prompt is computed
+    once and shared through the prefix cache; with a seed each sequence has its own seed stream derived from it.
+    The engine returns or streams all n, each with its ``index``."""
     logprobs: bool = False
     """Return each output token's logprob (``GenerateOutput.output_logprobs``, aligned with ``token_ids``)."""
     top_logprobs: int = 0
@@ -195,7 +205,7 @@ class SamplingParams(BaseModel):
 
     @field_validator(
         "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
-        "presence_penalty", "repetition_penalty", "seed", "top_logprobs", "prompt_logprobs_start", mode="before",
+        "presence_penalty", "repetition_penalty", "seed", "n", "top_logprobs", "prompt_logprobs_start", mode="before",
     )
     @classmethod
     def _reject_bool(cls, v: Any, info: Any) -> Any:
@@ -247,6 +257,11 @@ class SamplingParams(BaseModel):
             raise ValueError(
                 f"min_new_tokens must be {_ALLOWED['min_new_tokens']}; "
                 f"got min_new_tokens={self.min_new_tokens}, max_new_tokens={self.max_new_tokens}"
+            )
+        if self.n > 1 and self.max_new_tokens == 0:
+            raise ValueError(
+                f"n={self.n} needs max_new_tokens >= 1 (n sequences of no tokens would all be the same); "
+                "send n=1 to only score the prompt"
             )
         return self
 
