@@ -11,6 +11,7 @@ Results come back as ``StreamChunk``s keyed by request id, routed to per-request
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from .constrained import GrammarBackend
 from .errors import InvalidRequestError
 from .messages import Abort, AddRequests, CheckIdle, FlushCache, GetMetrics, NewRequest, Outputs, Query, Stop
 from .output_router import Collector, OutputRouter
+from .parallel_sampling import SiblingGroups, check_n
 from .outputs import GenerateOutput, StreamChunk
 from .request_validation import RequestValidator, finished_without_output
 from .sampling_params import SamplingParams
@@ -70,6 +72,7 @@ class Engine:
         self._grammar: GrammarBackend | None = None
         self._closed = False
         self._router = OutputRouter()
+        self._siblings = SiblingGroups()  # requests with SamplingParams.n > 1
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         builder = RequestBuilder(self.tokenizer, self.device, lambda: self.grammar_backend)
         loop = SchedulerLoop(self.scheduler, builder, self._inbox, self._router, config.debug_invariants)
@@ -87,7 +90,8 @@ class Engine:
         request_id: str | Sequence[str] | None = None,
         priority: int | Sequence[int] | None = None,
     ) -> list[GenerateOutput]:
-        """Run a batch of prompts to completion; one ``GenerateOutput`` per prompt, in order.
+        """Run a batch of prompts to completion; one ``GenerateOutput`` per prompt, in order (a prompt whose
+        ``SamplingParams.n`` is above 1 gets n consecutive ones, ``index`` 0..n-1, all with its request id).
 
         ``prompt`` is a string or a list of strings; ``input_ids`` a list of token ids or a list of such lists.
         ``sampling_params`` is one ``SamplingParams`` for all, or one per prompt; ``request_id`` one string per
@@ -104,14 +108,14 @@ class Engine:
             if fut is not None:
                 fut.result()
         results: queue.SimpleQueue = queue.SimpleQueue()
-        self._submit(reqs, results.put)
-        collected = {req.rid: Collector(req.rid) for req in reqs}
-        pending = len(reqs)
+        self._queue(reqs, results.put)
+        collected = {(req.rid, i): Collector(req.rid) for req in reqs for i in range(req.params.n)}
+        pending = len(collected)
         while pending:
             chunk = results.get()
-            if collected[chunk.request_id].add(chunk):
+            if collected[chunk.request_id, chunk.index].add(chunk):
                 pending -= 1
-        return [collected[req.rid].result() for req in reqs]
+        return [dataclasses.replace(c.result(), index=i) for (_, i), c in collected.items()]
 
     async def generate_stream(
         self,
@@ -129,35 +133,44 @@ class Engine:
         int. Bad input raises ``InvalidRequestError`` at the first iteration, before anything is queued.
         ``on_finish(request_id)`` is called on this event loop once the engine has finished the request (done or
         aborted), whether or not anyone still reads the stream.
+
+        With ``SamplingParams.n`` above 1 the n sequences' chunks are interleaved, each with its ``index``; every
+        sequence ends with its own chunk with ``finish_reason``, and the stream ends after the last of them.
         """
         [p] = as_prompt_list(prompt, input_ids, single=True)
         [rid] = request_ids(request_id, 1)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        req = self._make_request(p, sampling_params or SamplingParams(), rid, priority)
+        unfinished = req.params.n  # sequences whose final chunk has not come; only the routing thread counts
 
         def sink(chunk: StreamChunk) -> None:  # on the routing (scheduler) thread
+            nonlocal unfinished
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-            if on_finish is not None and chunk.finish_reason is not None:
+            unfinished -= chunk.finish_reason is not None
+            if on_finish is not None and unfinished == 0:
                 loop.call_soon_threadsafe(on_finish, chunk.request_id)
 
-        req = self._make_request(p, sampling_params or SamplingParams(), rid, priority)
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
             await asyncio.wrap_future(compiling)
-        self._submit([req], sink)
-        finished = False
+        self._queue([req], sink)
+        finished, left = False, req.params.n
         try:
             while not finished:
                 chunk = await chunks.get()
-                finished = chunk.finish_reason is not None
+                left -= chunk.finish_reason is not None
+                finished = left == 0
                 yield chunk
         finally:
             if not finished:
                 self.abort(req.rid)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request wherever it is (queued, prefilling, decoding); a no-op for unknown ids."""
-        self._inbox.put(Abort(request_id))
+        """Abort a request wherever it is (queued, prefilling, decoding), all n of its sequences; a no-op for
+        unknown ids."""
+        for rid in self._siblings.members(request_id):
+            self._inbox.put(Abort(rid))
 
     def metrics(self) -> dict[str, float | int]:
         """A consistent snapshot of the engine's counters, taken by the scheduler between two steps."""
@@ -229,6 +242,7 @@ class Engine:
     def _make_request(self, prompt: str | list[int], params: Any, rid: str | None, priority: Any) -> NewRequest:
         if self._closed:
             raise InvalidRequestError("the engine is shut down")
+        check_n(params, self.memory_plan.max_running_requests)
         return self.requests.make(prompt, params, rid, priority)
 
     def _compile_grammar(self, req: NewRequest) -> Future | None:
@@ -236,6 +250,16 @@ class Engine:
         The future fails with ``InvalidRequestError`` when the grammar cannot be enforced."""
         spec = req.params.structured
         return None if spec is None else self.grammar_backend.compile_async(spec)
+
+    def _queue(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
+        """`_submit` ``reqs``, each with n > 1 as its n siblings, whose chunks ``sink`` gets relabeled with the
+        request's id and their index (runtime/parallel_sampling.py)."""
+        queued, sink = self._siblings.expand(reqs, sink)
+        try:
+            self._submit(queued, sink)
+        except BaseException:
+            self._siblings.discard(reqs)
+            raise
 
     def _submit(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
         """Route ``reqs``' chunks to ``sink`` and queue them as one message: a batch reaches the scheduler
