@@ -263,12 +263,14 @@ class Engine:
 
     def _submit(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
         """Route ``reqs``' chunks to ``sink`` and queue them as one message: a batch reaches the scheduler
-        together, whatever the thread timing. A request with nothing to generate finishes here."""
+        together, whatever the thread timing. A request with nothing to generate and no prompt to score finishes
+        here."""
         self._router.register([r.rid for r in reqs], sink)
-        done = [finished_without_output(r) for r in reqs if r.max_new_tokens == 0]
+        idle = [r.max_new_tokens == 0 and not r.params.wants_prompt_logprobs for r in reqs]
+        done = [finished_without_output(r) for r, nothing in zip(reqs, idle) if nothing]
         if done:
             self._router.put(Outputs(tuple(done)))
-        self._inbox.put(AddRequests(tuple(r for r in reqs if r.max_new_tokens > 0)))
+        self._inbox.put(AddRequests(tuple(r for r, nothing in zip(reqs, idle) if not nothing)))
 
     def _query(self, make: Callable[[int], Query], timeout: float = 60.0) -> Any:
         """Send the query ``make(query_id)`` and wait for its reply's value."""

@@ -36,7 +36,9 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int64: tokens in the KV cache once this step is done (prefix + new)
     extend_seq_lens: torch.Tensor  # [B] int64: new tokens of each request
     extend_start_loc: torch.Tensor  # [B] int64: offset of each request's first new token in the [T] arrays
-    logits_indices: torch.Tensor  # [B] int64: the row of each request's last new token (the one sampled from)
+    # [R] int64, R >= B: first the row of each request's last new token (the one sampled from), then the rows whose
+    # logits score prompt tokens (runtime/logprobs.py; R == B unless a request of a prefill asks for them)
+    logits_indices: torch.Tensor
 
     @property
     def batch_size(self) -> int:

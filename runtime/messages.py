@@ -20,9 +20,10 @@ Where the work is done:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Union
 
+from .metrics import LatencySnapshot
 from .outputs import StreamChunk
 from .sampling_params import SamplingParams
 
@@ -51,7 +52,7 @@ class NewRequest:
     input_ids: tuple[int, ...]
     params: SamplingParams  # a copy the scheduler side owns
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
-    max_new_tokens: int  # params.max_new_tokens clamped to the context length (0: never queued)
+    max_new_tokens: int  # params.max_new_tokens clamped to the context length (0: queued only to score the prompt)
     priority: int = 0  # only ordered by under schedule_policy="priority"
     arrival: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: one clock for every process
 
@@ -129,9 +130,11 @@ class MetricsSnapshot:
     grammar_mask_steps: int
     grammar_mask_ms_per_step: float
     new_token_ratio: float
+    latency: LatencySnapshot  # histograms (queue time, TTFT, inter-token, e2e, batch sizes) and finish reasons
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        """The scalar counters (``latency`` stays on the snapshot)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"}
 
 
 @dataclass(frozen=True)

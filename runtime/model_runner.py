@@ -17,9 +17,11 @@ from xinf_sglang.kernels import cpu_linear
 from .attention import AttentionBackend
 from .forward_batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool
+from .logprobs import DeviceLogprobs, prompt_logprobs, prompt_targets
 from .models.decoder import DecoderLM
 from .request import Req
-from .sampler import Sampler
+from .outputs import TokenLogprob
+from .sampler import OutputLogprobs, Sampler
 from .schedule_batch import ScheduleBatch
 
 __all__ = ["Launched", "ModelRunner"]
@@ -34,12 +36,36 @@ class Launched:
     tokens: torch.Tensor  # int64 on the device
     host: torch.Tensor  # the same tokens, copied (asynchronously on CUDA) to the host
     copied: torch.cuda.Event | None  # set once ``host`` holds them (None: already there)
+    # Only when a request of the step asked (runtime/logprobs.py); copied to the host before ``copied`` is recorded.
+    output_logprobs: OutputLogprobs | None = None
+    prompt_logprobs: DeviceLogprobs | None = None
 
     def host_tokens(self) -> list[int]:
         """The sampled tokens, in the order of ``sampled``; waits for their copy to the host."""
         if self.copied is not None:
             self.copied.synchronize()
         return self.host.tolist()
+
+    def token_logprobs(self) -> list[TokenLogprob | None]:
+        """Per entry of ``sampled``, its token's logprob (None for a request that did not ask). Call after
+        `host_tokens`."""
+        found: list[TokenLogprob | None] = [None] * len(self.sampled)
+        if self.output_logprobs is not None:
+            rows, values = self.output_logprobs
+            for i, entry in zip(rows, values.entries()):
+                found[i] = entry
+        return found
+
+    def prompt_entries(self) -> list[tuple[Req, list[TokenLogprob]]]:
+        """Per request of the batch that scored prompt tokens in this step, those entries in position order.
+        Call after `host_tokens`."""
+        if self.prompt_logprobs is None:
+            return []
+        entries, spans, out = self.prompt_logprobs.entries(), self.batch.prompt_spans or [], []
+        for req, span in zip(self.batch.reqs, spans):
+            out.append((req, entries[: len(span)]))
+            entries = entries[len(span):]
+        return out
 
 
 class ModelRunner:
@@ -88,8 +114,11 @@ class ModelRunner:
         seq_lens: list[int] = []
         rows: list[int] = []
         row_of_token: list[int] = []
+        prompt_rows: list[int] = []  # flat rows whose logits score prompt tokens (after each request's last one)
         offset = 0
-        for req, n in zip(batch.reqs, batch.extend_lens):
+        for i, (req, n) in enumerate(zip(batch.reqs, batch.extend_lens)):
+            if batch.prompt_spans is not None:
+                prompt_rows.extend(offset + q - req.kv_len for q in batch.prompt_spans[i])
             starts.append(offset)
             offset += n
             if batch.input_ids is None:  # otherwise a chained decode: the inputs are already on the device
@@ -101,11 +130,14 @@ class ModelRunner:
             seq_lens.append(req.kv_len + n)
             rows.append(req.req_pool_idx)
             row_of_token.extend([req.req_pool_idx] * n)
-        parts = [rows, positions, row_of_token, batch.extend_lens, starts, seq_lens, ids]
+        parts = [rows, positions, row_of_token, batch.extend_lens, starts, seq_lens, ids, prompt_rows]
         packed = torch.tensor([v for part in parts for v in part], dtype=torch.int64, pin_memory=self._pin)
-        rows_t, pos, row_of_token_t, extend_lens, start_loc, seq_lens_t, ids_t = packed.to(
+        rows_t, pos, row_of_token_t, extend_lens, start_loc, seq_lens_t, ids_t, prompt_rows_t = packed.to(
             self.device, non_blocking=True
         ).split([len(part) for part in parts])
+        logits_indices = start_loc + extend_lens - 1
+        if prompt_rows:
+            logits_indices = torch.cat([logits_indices, prompt_rows_t])
         self.req_to_token[row_of_token_t, pos] = batch.out_cache_loc.to(torch.int32)
         return ForwardBatch(
             mode=batch.mode,
@@ -116,12 +148,13 @@ class ModelRunner:
             seq_lens=seq_lens_t,
             extend_seq_lens=extend_lens,
             extend_start_loc=start_loc,
-            logits_indices=start_loc + extend_lens - 1,
+            logits_indices=logits_indices,
         )
 
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> torch.Tensor:
-        """float32 logits ``[B, vocab]``, one row per request of the batch (its last new token)."""
+        """float32 logits ``[B + P, vocab]``: one row per request of the batch (its last new token), then the
+        ``P`` rows of ``batch.prompt_spans`` (none unless a request scores its prompt)."""
         if self.graphs is not None and batch.mode is ForwardMode.DECODE and self.graphs.fits(len(batch.reqs)):
             return self._replay_decode(batch)
         fb = self.build_forward_batch(batch)
@@ -144,19 +177,32 @@ class ModelRunner:
         """Issue ``batch``'s forward, the sampling of its rows that get a token, and the copy of those tokens to
         the host; nothing here waits for the device."""
         logits = self.forward(batch)
+        prompt = None
+        if batch.prompt_spans is not None:
+            prompt = self._prompt_logprobs(batch, logits[len(batch.reqs):])
+            logits = logits[: len(batch.reqs)]
         rows = [i for i, s in enumerate(batch.samples) if s]
         sampled = [batch.reqs[i] for i in rows]
         if len(rows) != len(batch.reqs):
             logits = logits[rows]
-        tokens = self.sampler.sample(logits, sampled) if sampled else torch.empty(0, dtype=torch.int64)
+        tokens, logprobs = self.sampler.sample(logits, sampled) if sampled else (torch.empty(0, dtype=torch.int64), None)
+        if logprobs is not None:
+            logprobs = (logprobs[0], logprobs[1].to_host())
         if not tokens.is_cuda:
-            return Launched(batch, sampled, tokens, tokens, None)
+            return Launched(batch, sampled, tokens, tokens, None, logprobs, prompt)
         self._host_tokens.reverse()
         host = self._host_tokens[0][: len(sampled)]
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return Launched(batch, sampled, tokens, host, copied)
+        return Launched(batch, sampled, tokens, host, copied, logprobs, prompt)
+
+    def _prompt_logprobs(self, batch: ScheduleBatch, logits: torch.Tensor) -> DeviceLogprobs:
+        """The prompt logprobs of ``batch``'s prompt rows (``logits`` [P, V], raw), on their way to the host."""
+        spans = batch.prompt_spans or []
+        targets = torch.tensor(prompt_targets(batch.reqs, spans), dtype=torch.int64, pin_memory=self._pin)
+        targets = targets.to(self.device, non_blocking=True)
+        return prompt_logprobs(logits, targets, batch.reqs, spans).to_host()
 
 
 def _last_token(req: Req) -> int:

@@ -6,7 +6,7 @@ Chunks are collected, not delivered: the scheduler loop sends what a step produc
 
 from __future__ import annotations
 
-from .outputs import FinishReason, StreamChunk
+from .outputs import FinishReason, StreamChunk, TokenLogprob
 from .request import Req
 
 
@@ -21,12 +21,14 @@ class OutputProcessor:
         chunks, self._pending = self._pending, []
         return chunks
 
-    def append_token(self, req: Req, token: int) -> None:
-        """Record ``token`` for ``req``, decide whether it finished, and send the resulting chunk."""
+    def append_token(self, req: Req, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record ``token`` for ``req``, decide whether it finished, and send the resulting chunk (with the token's
+        ``logprob`` when the request asked for logprobs)."""
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
             self.finish(req, "abort", error=f"grammar rejected token {token}: {req.grammar.error() or 'no detail'}")
             return
+        logprobs = [logprob] if logprob is not None else []
         if token in req.stop_token_ids:
             # A stop token ends the output; its own text is never part of it.
             req.finish_reason, req.matched_stop = "stop", token
@@ -41,13 +43,13 @@ class OutputProcessor:
             elif len(req.output_ids) >= req.max_new_tokens:
                 req.finish_reason = "length"
                 text += self._drain(req)
-        self._send(req, text, [token])
+        self._send(req, text, [token], logprobs)
 
     def finish(self, req: Req, reason: FinishReason, error: str | None = None) -> None:
         """Finish ``req`` outside the normal token path (abort, pool exhausted) and send its last chunk."""
         req.finish_reason, req.error = reason, error
         text = "" if reason == "abort" else self._drain(req)
-        self._send(req, text, [])
+        self._send(req, text, [], [])
 
     @staticmethod
     def _drain(req: Req) -> str:
@@ -58,7 +60,10 @@ class OutputProcessor:
             req.finish_reason, req.matched_stop = "stop", req.stop_matcher.matched
         return text
 
-    def _send(self, req: Req, text: str, tokens: list[int]) -> None:
+    def _send(self, req: Req, text: str, tokens: list[int], logprobs: list[TokenLogprob]) -> None:
+        prompt = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
         self._pending.append(StreamChunk(
             request_id=req.rid,
             text=text,
@@ -69,4 +74,6 @@ class OutputProcessor:
             cached_tokens=req.cached_tokens,
             matched_stop=req.matched_stop,
             error=req.error,
+            output_logprobs=logprobs if req.params.wants_output_logprobs else None,
+            prompt_logprobs=prompt,
         ))

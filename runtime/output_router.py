@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 from .errors import InvalidRequestError
 from .messages import Outputs, Reply, SchedulerOutput
-from .outputs import GenerateOutput, StreamChunk
+from .outputs import GenerateOutput, StreamChunk, TokenLogprob
 
 logger = logging.getLogger("xinf_sglang.runtime")
 
@@ -110,12 +110,18 @@ class Collector:
         self.rid = rid
         self.text: list[str] = []
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None  # set by the first chunk that carries output logprobs
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.last: StreamChunk | None = None
 
     def add(self, chunk: StreamChunk) -> bool:
         """Take ``chunk``; True when it was the last one."""
         self.text.append(chunk.text)
         self.tokens.extend(chunk.token_ids)
+        if chunk.output_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.output_logprobs
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         self.last = chunk
         return chunk.finish_reason is not None
 
@@ -131,4 +137,6 @@ class Collector:
             cached_tokens=c.cached_tokens,
             matched_stop=c.matched_stop,
             error=c.error,
+            output_logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )

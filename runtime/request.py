@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
-from .outputs import FinishReason
+from .outputs import FinishReason, TokenLogprob
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -53,11 +53,47 @@ class Req:
     stop_matcher: StopStringMatcher = field(default_factory=lambda: StopStringMatcher([]))
     grammar: Any = None  # GrammarMatcher, for constrained requests
     retractions: int = 0  # priority preemptions included
+    timed_tokens: int = 0  # output tokens LatencyStats has timed (TTFT, inter-token gaps)
+    last_token_at: float = 0.0  # time.monotonic() when the last of them was resolved
+    # SamplingParams.prompt_logprobs_start set: the prompt logprobs computed so far, in position order (the scheduler
+    # appends each prefill chunk's); the output processor sends them with the first chunk. None: not asked.
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def fill_ids(self) -> list[int]:
         """Every token whose K/V the request needs: prompt + output so far."""
         return self.input_ids + self.output_ids
+
+    @property
+    def first_scored_position(self) -> int:
+        """The first prompt position whose logprob is returned (position 0 has no context to be scored in)."""
+        return max(self.params.prompt_logprobs_start or 0, 1)
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Whether some asked prompt logprobs are not computed yet (so the prompt from the start position on must
+        still run through the model)."""
+        if self.prompt_logprobs is None:
+            return False
+        return len(self.prompt_logprobs) < len(self.input_ids) - self.first_scored_position
+
+    @property
+    def cache_match_len(self) -> int:
+        """How many leading tokens of ``fill_ids`` may come from the prefix cache: all but the last (its logits
+        are needed), and none from the prompt logprob start on while those are pending (their logits are
+        needed too: the token at position p is scored by the logits at p - 1)."""
+        limit = len(self.input_ids) + len(self.output_ids) - 1
+        if self.prompt_logprobs_pending:
+            limit = min(limit, self.first_scored_position - 1)
+        return limit
+
+    def prompt_logit_positions(self, start: int, n: int) -> range:
+        """Of an extend of positions ``[start, start + n)``, those ``q`` whose logits score prompt token ``q + 1``
+        and are still pending (empty when nothing is)."""
+        if not self.prompt_logprobs_pending:
+            return range(0)
+        return range(max(start, self.first_scored_position - 1), min(start + n, len(self.input_ids) - 1))
 
     @property
     def finished(self) -> bool:

@@ -72,7 +72,7 @@ class RequestValidator:
         else:
             ids = prompt
         self._check_prompt(ids)
-        params.verify(self.vocab_size)
+        params.verify(self.vocab_size, len(ids))
         self._check_structured(params)
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
@@ -164,5 +164,7 @@ class RequestValidator:
 
 
 def finished_without_output(new: NewRequest) -> StreamChunk:
-    """The one chunk of a request with nothing to generate (its prompt fills the context): it is never queued."""
-    return StreamChunk(new.rid, "", finish_reason="length", prompt_tokens=len(new.input_ids))
+    """The one chunk of a request with nothing to generate (``max_new_tokens=0``) and no prompt to score: it is
+    never queued."""
+    return StreamChunk(new.rid, "", finish_reason="length", prompt_tokens=len(new.input_ids),
+                       output_logprobs=[] if new.params.wants_output_logprobs else None)

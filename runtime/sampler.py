@@ -2,7 +2,9 @@
 
 Order of operations, per row: the grammar mask (constrained rows, one batched fill: `constrained.BatchMask`),
 the logit bias, repetition / frequency / presence penalties, stop tokens banned before ``min_new_tokens``, then
-either argmax (greedy rows) or temperature, top-k, top-p, min-p and a draw from what is left. Rows with a seed
+either argmax (greedy rows) or temperature, top-k, top-p, min-p and a draw from what is left. Rows whose request
+asks for logprobs get them from the logits as they are before the argmax / draw, scaled by the temperature
+(runtime/logprobs.py). Rows with a seed
 draw with their request's own generator, so a seeded request gets the same tokens whatever shares its batch.
 
 `SamplingBatch` (runtime/sampling_batch.py) holds a step's inputs as tensors; `sample` is the vectorised
@@ -18,10 +20,14 @@ import torch
 from xinf_sglang.kernels.argmax import argmax
 
 from .constrained import BatchMask, GrammarBackend
+from .logprobs import DeviceLogprobs, OutputLogprobRows
 from .request import Req
 from .sampling_batch import PenaltyInputs, RandomRows, SamplingBatch, uses_penalty
 
-__all__ = ["Sampler", "SamplingBatch", "can_sample_ahead", "make_generator", "sample"]
+__all__ = ["OutputLogprobs", "Sampler", "SamplingBatch", "can_sample_ahead", "make_generator", "process_logits", "sample"]
+
+OutputLogprobs = tuple[list[int], DeviceLogprobs]
+"""(the rows of the sampled batch whose requests asked, their logprobs in that order)."""
 
 
 class Sampler:
@@ -43,9 +49,10 @@ class Sampler:
             argmax(torch.zeros(1, vocab_size, device=device))
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> tuple[torch.Tensor, OutputLogprobs | None]:
         """Next token of each request (row ``i`` of ``logits`` [B, V] is ``reqs[i]``'s), int64 on the device, not
-        synchronised. The logits are consumed (masked and scaled in place)."""
+        synchronised, and the logprobs of the rows that ask for them (None when no row does). The logits are
+        consumed (masked and scaled in place)."""
         if any(r.grammar is not None for r in reqs):
             self.masks.apply(logits, [r.grammar for r in reqs])
         batch = SamplingBatch.build(
@@ -57,7 +64,13 @@ class Sampler:
             vocab_size=self.vocab_size,
             device=self.device,
         )
-        return sample(logits, batch)
+        want = OutputLogprobRows.of(reqs, self.device)
+        if want is None:
+            return sample(logits, batch), None
+        logits = process_logits(logits, batch)
+        logprobs = want.logprobs(logits)  # before the draw scales the logits in place
+        tokens = pick(logits, batch)
+        return tokens, (want.positions, want.gather(logprobs, tokens))
 
 
 def can_sample_ahead(req: Req) -> bool:
@@ -88,6 +101,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     The logits are consumed: penalties, bans and temperature are applied in place (no [B, V] copy per step), so
     pass a clone if the raw values are needed afterwards. Logits in another dtype are first copied to float32.
     """
+    return pick(process_logits(logits, batch), batch)
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """`logits` with the bias, the penalties and the bans of `batch` applied (in place when already float32)."""
     if logits.dim() != 2 or tuple(logits.shape) != (batch.batch_size, batch.vocab_size):
         raise ValueError(
             f"sample expects logits of shape [{batch.batch_size}, {batch.vocab_size}] as built; "
@@ -102,6 +120,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         _apply_penalties(logits, batch.penalties)
     if batch.banned is not None:
         logits[batch.banned] = float("-inf")  # a Python scalar: no host-to-device copy
+    return logits
+
+
+def pick(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Argmax or draw per row of the processed `logits` (temperature and filters applied in place)."""
     if batch.random is None:
         return argmax(logits)  # on CUDA, small batches take the two-launch Triton argmax
     if batch.random.all_rows:

@@ -32,6 +32,9 @@ class ScheduleBatch:
     # Prefill only: how many prefix tokens each request reads from slots an earlier request of this batch writes
     # in this forward (runtime/prefix_sharing.py); empty when none does.
     borrowed: list[int] = field(default_factory=list)
+    # Prefill only: per request, the positions of its extend whose logits score a prompt token (runtime/logprobs.py);
+    # None when no request of the batch scores its prompt (then only each request's last token gets logits).
+    prompt_spans: list[range] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -55,6 +55,8 @@ class RequestBuilder:
             req.detok = IncrementalDetokenizer(self.tokenizer, msg.params.skip_special_tokens, prompt_ids=ids)
         req.stop_matcher = StopStringMatcher(msg.params.stop or [])
         req.generator = make_generator(msg.params.seed, self.device)
+        if msg.params.wants_prompt_logprobs:
+            req.prompt_logprobs = []
         if msg.params.structured is not None:
             backend = self.grammar_backend()
             req.grammar = backend.new_matcher(backend.compile(msg.params.structured))

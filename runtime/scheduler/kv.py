@@ -52,11 +52,12 @@ class KVManager:
         return self.allocator.alloc(n)
 
     def match(self, req: Req) -> tuple[torch.Tensor, Any]:
-        """The cached prefix of ``req`` and its node, always leaving one token uncached to compute logits from.
+        """The cached prefix of ``req`` and its node, always leaving one token uncached to compute logits from
+        (and, while its prompt logprobs are pending, every token from their start on: ``Req.cache_match_len``).
 
         The slots are only safe to use until the next eviction unless the node is locked (``admit`` locks it).
         """
-        return self.cache.match_prefix(req.fill_ids[:-1])
+        return self.cache.match_prefix(req.fill_ids[: req.cache_match_len])
 
     def batch_index(self) -> PrefixBatchIndex:
         """A fresh index for sharing prefixes inside one prefill batch."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..forward_batch import ForwardMode
+from ..logprobs import prompt_spans
 from ..prefix_cache import PrefixBatchIndex
 from ..request import Req
 from ..schedule_batch import ScheduleBatch
@@ -131,7 +132,8 @@ class PrefillManager:
         done = n == req.extend_len
         if done:
             self.chunked = None
-        return ScheduleBatch(ForwardMode.EXTEND, [req], [n], got, [done])
+        return ScheduleBatch(ForwardMode.EXTEND, [req], [n], got, [done and _samples(req)],
+                             prompt_spans=prompt_spans([req], [n]))
 
     def _schedule_new(self) -> ScheduleBatch | None:
         """Admit waiting requests in policy order until one does not fit or a budget is spent."""
@@ -153,7 +155,7 @@ class PrefillManager:
             got = self._admit(req, n, prefix_slots, node)
             if got is None:
                 break
-            reqs.append(req), lens.append(n), samples.append(n == need.extend), slots.append(got)
+            reqs.append(req), lens.append(n), samples.append(n == need.extend and _samples(req)), slots.append(got)
             borrowed.append(shared)
             peers.add(req.fill_ids[: req.kv_len + n], torch.cat([prefix_slots, got]))
             if n < need.extend:
@@ -164,7 +166,8 @@ class PrefillManager:
             return None
         for req in reqs:
             self.waiting.remove(req)
-        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples, borrowed=borrowed)
+        return ScheduleBatch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots), samples, borrowed=borrowed,
+                             prompt_spans=prompt_spans(reqs, lens))
 
     def _match_in_batch(self, req: Req, peers: PrefixBatchIndex) -> tuple[torch.Tensor, object, int]:
         """``KVManager.match`` lengthened by what the requests admitted before ``req`` into this prefill batch
@@ -172,7 +175,7 @@ class PrefillManager:
         the cache's part: the borrowed slots stay valid because their owners run in the same forward, and enter
         the cache before ``req``'s own insert (``cache_prefilled``)."""
         prefix_slots, node = self.kv.match(req)
-        prefix_slots, borrowed = peers.extend_prefix(req.fill_ids[:-1], prefix_slots)
+        prefix_slots, borrowed = peers.extend_prefix(req.fill_ids[: req.cache_match_len], prefix_slots)
         return prefix_slots, node, borrowed
 
     def _admit(self, req: Req, n: int, prefix_slots: torch.Tensor, node: object) -> torch.Tensor | None:
@@ -183,4 +186,11 @@ class PrefillManager:
             req.cached_tokens = min(req.prefix_len, len(req.input_ids))
             self.stats.prompt_tokens += len(req.input_ids)
             self.stats.cached_prompt_tokens += req.cached_tokens
+            self.stats.latency.admitted(req)
         return got
+
+
+def _samples(req: Req) -> bool:
+    """Whether the end of ``req``'s prefill samples a token: not for a prompt that is only scored
+    (``max_new_tokens=0`` with prompt logprobs), which finishes once prefilled."""
+    return req.max_new_tokens > 0

@@ -130,6 +130,7 @@ class Scheduler:
             self.running.remove(req)
         self.kv.release(req)
         self.stats.aborted_requests += 1
+        self.stats.latency.finished(req, "abort")
         self.outputs.finish(req, "abort", error=error)
 
     # ---- one step ----
@@ -196,6 +197,7 @@ class Scheduler:
         if batch.mode is ForwardMode.EXTEND:
             self.kv.prefilled(batch)  # later requests match its tokens from now on
             self.stats.prefill_steps += 1
+            self.stats.latency.prefill_batch_size.observe(len(batch.reqs))
             self.stats.prefill_tokens += batch.num_tokens
             self.stats.peak_prefill_tokens = max(self.stats.peak_prefill_tokens, batch.num_tokens)
         else:
@@ -203,17 +205,25 @@ class Scheduler:
         return launched
 
     def _resolve(self, launched: Launched) -> None:
-        for req, tok in zip(launched.sampled, launched.host_tokens()):
+        tokens = launched.host_tokens()
+        for req, entries in launched.prompt_entries():  # before the tokens: the first chunk carries them
+            if req.prompt_logprobs is not None:
+                req.prompt_logprobs.extend(entries)
+        for req, tok, logprob in zip(launched.sampled, tokens, launched.token_logprobs()):
             if req.finished:
                 continue  # finished or aborted after this step was launched: its token is dropped
-            self.outputs.append_token(req, tok)
+            self.outputs.append_token(req, tok, logprob)
             self.stats.generated_tokens += 1
         if launched.batch.mode is ForwardMode.EXTEND:
             # Prefilled requests join the running batch, also those that finished on their first token (retiring
-            # them releases their KV); only requests aborted meanwhile, which hold nothing any more, stay out.
-            self.running.extend(
-                r for r in launched.sampled if r is not self.chunked and r.req_pool_idx is not None
-            )
+            # them releases their KV); only requests aborted meanwhile, which hold nothing any more, stay out. A
+            # prompt that was only scored (max_new_tokens=0) finishes here, unsampled.
+            prefilled = [r for r in launched.batch.reqs if r is not self.chunked and r.req_pool_idx is not None]
+            for req in prefilled:
+                if not req.finished and req.max_new_tokens == 0:
+                    self.outputs.finish(req, "length")
+            self.running.extend(prefilled)
+        self.stats.latency.tokens_resolved(self.running)  # TTFT / inter-token gaps of the tokens just appended
         self.decode.retire_finished()
 
     def _can_chain(self, launched: Launched) -> bool:

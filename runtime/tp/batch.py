@@ -25,7 +25,8 @@ from .group import TPGroup
 __all__ = ["Step", "StepHeader", "StepOp", "TableMirror", "receive_batch", "send_batch", "send_stop"]
 
 TOKEN_FIELDS = ("input_ids", "positions", "out_cache_loc")  # [T] each
-ROW_FIELDS = ("req_pool_indices", "seq_lens", "extend_seq_lens", "extend_start_loc", "logits_indices")  # [B]
+ROW_FIELDS = ("req_pool_indices", "seq_lens", "extend_seq_lens", "extend_start_loc")  # [B]
+# logits_indices: [R], R >= B (a prefill that scores prompt tokens asks for more rows than one per request)
 MODES = tuple(ForwardMode)
 
 
@@ -43,17 +44,19 @@ class StepHeader:
     num_tokens: int = 0
     batch_size: int = 0
     table_updates: int = 0  # how many request->token entries (row, position, slot) follow the batch
+    logit_rows: int = 0  # length of logits_indices
 
-    LENGTH = 5
+    LENGTH = 6
 
     def to_tensor(self, device: torch.device) -> torch.Tensor:
-        values = [int(self.op), MODES.index(self.mode), self.num_tokens, self.batch_size, self.table_updates]
+        values = [int(self.op), MODES.index(self.mode), self.num_tokens, self.batch_size, self.table_updates,
+                  self.logit_rows]
         return torch.tensor(values, dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "StepHeader":
-        op, mode, tokens, rows, prefix = t.tolist()
-        return cls(StepOp(op), MODES[mode], tokens, rows, prefix)
+        op, mode, tokens, rows, prefix, logit_rows = t.tolist()
+        return cls(StepOp(op), MODES[mode], tokens, rows, prefix, logit_rows)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ class TableMirror:
 def send_batch(group: TPGroup, fb: ForwardBatch, mirror: TableMirror) -> None:
     """Rank 0: broadcast ``fb`` and the request->token entries its rows need to the other ranks."""
     updates = mirror.updates(fb)
-    parts = [getattr(fb, name).to(torch.int64) for name in TOKEN_FIELDS + ROW_FIELDS]
-    header = StepHeader(StepOp.FORWARD, fb.mode, fb.num_tokens, fb.batch_size, int(updates.shape[1]))
+    parts = [getattr(fb, name).to(torch.int64) for name in TOKEN_FIELDS + ROW_FIELDS + ("logits_indices",)]
+    header = StepHeader(StepOp.FORWARD, fb.mode, fb.num_tokens, fb.batch_size, int(updates.shape[1]),
+                        int(fb.logits_indices.shape[0]))
     group.broadcast(header.to_tensor(group.device))
     group.broadcast(torch.cat([*parts, updates.reshape(-1)]))
 
@@ -104,8 +108,9 @@ def receive_batch(group: TPGroup) -> Step | None:
                                                                 device=group.device), idle=True))
     if header.op is StepOp.STOP:
         return None
-    t, b, d = header.num_tokens, header.batch_size, header.table_updates
-    payload = group.broadcast(torch.empty(3 * t + 5 * b + 3 * d, dtype=torch.int64, device=group.device))
-    *parts, updates = payload.split([t] * len(TOKEN_FIELDS) + [b] * len(ROW_FIELDS) + [3 * d])
-    fb = ForwardBatch(mode=header.mode, **dict(zip(TOKEN_FIELDS + ROW_FIELDS, parts)))
+    t, b, d, r = header.num_tokens, header.batch_size, header.table_updates, header.logit_rows
+    sizes = [t] * len(TOKEN_FIELDS) + [b] * len(ROW_FIELDS) + [r, 3 * d]
+    payload = group.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=group.device))
+    *parts, logits_indices, updates = payload.split(sizes)
+    fb = ForwardBatch(mode=header.mode, logits_indices=logits_indices, **dict(zip(TOKEN_FIELDS + ROW_FIELDS, parts)))
     return Step(fb, updates.view(3, d))
