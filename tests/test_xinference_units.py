@@ -167,7 +167,6 @@ def test_plain_text_response_format_is_no_constraint() -> None:
     [
         ({"logprobs": True}, "chat", "log probabilities are not supported"),
         ({"logprobs": 2}, "completion", "log probabilities are not supported"),
-        ({"n": 2}, "chat", "n separate requests"),
         ({"best_of": 3}, "completion", "best_of"),
         ({"lora_name": "adapter"}, "chat", "LoRA"),
         ({"tool_choice": "required", "tools": [{"type": "function"}]}, "chat", "tool_choice='required'"),
@@ -185,9 +184,17 @@ def test_fields_that_would_change_results_are_refused(config, kind, expected) ->
 
 
 def test_neutral_values_of_unsupported_fields_are_fine() -> None:
-    sampling, opts = map_request({"n": 1, "logprobs": False, "top_logprobs": 0, "tool_choice": "none",
+    sampling, opts = map_request({"logprobs": False, "top_logprobs": 0, "tool_choice": "none",
                                   "tools": [{"type": "function"}], "_anthropic_request": False}, "chat")
     assert sampling == {} and opts.tools is None  # tool_choice none: render without tools
+
+
+def test_n_and_logit_bias_are_sampling_parameters() -> None:
+    sampling, _ = map_request({"n": 3, "logit_bias": {"42": 100, "7": -100}}, "completion")
+    assert sampling == {"n": 3, "logit_bias": {"42": 100, "7": -100}}
+    from xinf_sglang.runtime import SamplingParams
+
+    assert SamplingParams(**sampling).logit_bias == {42: 100.0, 7: -100.0}  # JSON's string keys read as token ids
 
 
 # ---- registration ----

@@ -15,9 +15,9 @@ Structured output: ``response_format`` ``json_object`` / ``json_schema``, ``guid
 ``choice`` / ``choices`` become one of ``json_schema``, ``regex``, ``ebnf``, ``choices``; the runtime enforces
 them (or rejects them clearly). Note: Xinference 4.1's REST layer keeps only the fields its pydantic request
 models declare (plus the vLLM-style ``guided_*`` fields), so over HTTP ``regex``, ``ebnf``, ``choice``,
-``min_p``, ``min_tokens``, ``priority`` and ``n`` never reach an engine unpatched; :mod:`xinf_sglang.
-xinference_compat` forwards ``regex`` / ``ebnf`` / ``choice`` as ``guided_*`` and ``priority`` / ``min_p`` /
-``min_tokens`` as they are (by default).
+``min_p``, ``min_tokens``, ``priority``, ``n`` and ``logit_bias`` never reach an engine unpatched;
+:mod:`xinf_sglang.xinference_compat` forwards ``regex`` / ``ebnf`` / ``choice`` as ``guided_*`` and ``priority`` /
+``min_p`` / ``min_tokens`` as they are, and ``n`` / ``logit_bias`` for sglite models (by default).
 
 A literal ``extra_body`` object in a request's JSON (what curl users write; the OpenAI client merges its
 ``extra_body`` argument into the top level instead) reaches engines as one field. Its entries are read like
@@ -69,6 +69,8 @@ _DIRECT = {
     "skip_special_tokens": "skip_special_tokens",
     "min_tokens": "min_new_tokens",
     "min_new_tokens": "min_new_tokens",
+    "n": "n",  # over HTTP only with xinference_compat's patch (Xinference 4.1's REST layer drops it otherwise)
+    "logit_bias": "logit_bias",  # JSON object keys are strings; SamplingParams reads them as token ids
 }
 _MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 
@@ -101,11 +103,9 @@ _NO_EFFECT = {
 _UNSUPPORTED = {
     "logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
     "top_logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
-    "n": "sglite returns one choice per request; send n separate requests instead of n > 1",
     "best_of": "best_of is not supported by sglite; send separate requests",
     "suffix": "suffix (fill-in-the-middle) is not supported by sglite",
     "lora_name": "LoRA adapters are not supported by sglite",
-    "logit_bias": "logit_bias is not supported by sglite",
     "functions": "the deprecated functions/function_call fields are not supported; use tools",
     "function_call": "the deprecated functions/function_call fields are not supported; use tools",
     "guided_whitespace_pattern": "guided_whitespace_pattern is not supported; sglite uses compact JSON",
@@ -119,7 +119,7 @@ _UNSUPPORTED = {
     "_pd_kv_transfer_params": "prefill/decode disaggregation is not supported by sglite",
 }
 # Values of unsupported fields that mean "not asked for" (OpenAI clients often send the defaults).
-_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "n": (None, 1), "best_of": (None, 1)}
+_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1)}
 
 # extra_body entries Xinference's REST layer (with sglite's compat patch) copies to the top level: entry -> copy.
 _LIFTED_FROM_EXTRA_BODY = {
