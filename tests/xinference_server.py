@@ -142,12 +142,15 @@ def running_server(home: Path) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def registered_model(server: Server, model_dir: Path, name: str = CUSTOM_NAME) -> Iterator[str]:
-    """``model_dir`` registered (persisted) as the custom LLM family ``name``; unregistered on exit."""
+def registered_model(
+    server: Server, model_dir: Path, name: str = CUSTOM_NAME, chat_template: bool = False
+) -> Iterator[str]:
+    """``model_dir`` registered (persisted) as the custom LLM family ``name`` (``chat_template``: with the
+    checkpoint's template copied into the registration); unregistered on exit."""
     status, body = http(
         "POST",
         server.endpoint + "/v1/model_registrations/LLM",
-        {"model": json.dumps(custom_llm_family(model_dir, name)), "persist": True},
+        {"model": json.dumps(custom_llm_family(model_dir, name, chat_template=chat_template)), "persist": True},
     )
     assert status == 200, body
     try:

@@ -10,10 +10,16 @@ from typing import Any
 from .runtime.models.gguf_header import hf_architecture, read_metadata_value
 
 
-def custom_llm_family(model_path: str | Path, name: str, description: str | None = None) -> dict[str, Any]:
+def custom_llm_family(
+    model_path: str | Path, name: str, description: str | None = None, chat_template: bool = False
+) -> dict[str, Any]:
     """The JSON body of ``POST /v1/model_registrations/LLM`` (as ``{"model": json.dumps(family)}``) for
-    ``model_path``: a HF checkpoint folder (``pytorch`` format) or a ``.gguf`` file (``ggufv2`` format). No chat
-    template is set, so sglite uses the checkpoint's own."""
+    ``model_path``: a HF checkpoint folder (``pytorch`` format) or a ``.gguf`` file (``ggufv2`` format).
+
+    Without ``chat_template`` no template is registered, so sglite uses the checkpoint's own. With it, the
+    checkpoint's own template is copied into the registration (the same text, so the same rendering), where
+    clients can read it (``GET /v1/model_registrations/LLM/{name}``): ``xinf_sglang.lang.OpenAI`` renders a
+    program's roles with it."""
     path = Path(model_path)
     archs, context_length, spec = _gguf_spec(path) if path.suffix == ".gguf" else _folder_spec(path)
     family: dict[str, Any] = {
@@ -28,7 +34,24 @@ def custom_llm_family(model_path: str | Path, name: str, description: str | None
     }
     if description:
         family["model_description"] = description
+    if chat_template:
+        template = _checkpoint_template(path)
+        if template is None:
+            raise ValueError(f"{path} ships no chat template to register")
+        family["chat_template"] = template
     return family
+
+
+def _checkpoint_template(path: Path) -> str | None:
+    """The chat template a checkpoint ships: GGUF metadata, or a HF folder's chat_template.jinja /
+    tokenizer_config.json."""
+    if path.suffix == ".gguf":
+        return read_metadata_value(path, "tokenizer.chat_template")
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    config = path / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def _folder_spec(model_dir: Path) -> tuple[list[str], int, dict[str, Any]]:
