@@ -94,6 +94,18 @@ class EngineConfig(BaseModel):
         DEFAULT_LIMITS.max_regex_repetition, ge=1,
         description="largest repetition count in a regex or schema pattern (product of nested {m,n} bounds)",
     )
+    # observability
+    stats_interval_s: float = Field(
+        10.0, ge=0, description="log a stats line (running, queue, token usage, cache hit rate, gen throughput, "
+        "queue time p50) every this many seconds while busy, none while idle; 0 = never",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus metrics at http://metrics_host:metrics_port/metrics "
+        "(0 = any free port, the URL is logged; unset = no endpoint)",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="address the metrics endpoint binds to (0.0.0.0 for every interface)"
+    )
     # checks
     debug_invariants: bool = Field(False, description="check the KV idle invariant whenever the engine idles")
 

@@ -15,7 +15,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,11 @@ from .call_arguments import as_list, as_prompt_list, request_ids
 from .config import EngineConfig
 from .constrained import GrammarBackend
 from .errors import InvalidRequestError
-from .messages import Abort, AddRequests, CheckIdle, FlushCache, GetMetrics, NewRequest, Outputs, Query, Stop
+from .messages import (
+    Abort, AddRequests, CheckIdle, FlushCache, GetMetrics, MetricsSnapshot, NewRequest, Outputs, Query, Stop,
+)
+from .metrics_export import collect, render
+from .metrics_server import open_metrics_endpoint
 from .output_router import Collector, OutputRouter
 from .parallel_sampling import SiblingGroups, check_n
 from .outputs import GenerateOutput, StreamChunk
@@ -55,9 +59,17 @@ class _Call:
 class Engine:
     """An inference engine over one model. Thread-safe; ``generate_stream`` may be used from many asyncio tasks."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, metric_labels: Mapping[str, str] | None = None) -> None:
+        """``metric_labels``: put on every series of the Prometheus endpoint (``config.metrics_port``)."""
         self.config = config
-        rt = build_runtime(config, lambda: self.grammar_backend)
+        # Bound before the model loads: a metrics_port in use fails the start before any weight is read.
+        self.metrics_endpoint = open_metrics_endpoint(config)
+        try:
+            rt = build_runtime(config, lambda: self.grammar_backend)
+        except BaseException:
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
+            raise
         self.checkpoint, self.model_config, self.device, self.dtype = rt.checkpoint, rt.model_config, rt.device, rt.dtype
         self.tokenizer, self.eos_token_ids, self.memory_plan = rt.tokenizer, rt.eos_token_ids, rt.memory_plan
         self.context_length = rt.memory_plan.context_length
@@ -75,10 +87,14 @@ class Engine:
         self._siblings = SiblingGroups()  # requests with SamplingParams.n > 1
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         builder = RequestBuilder(self.tokenizer, self.device, lambda: self.grammar_backend)
-        loop = SchedulerLoop(self.scheduler, builder, self._inbox, self._router, config.debug_invariants)
+        loop = SchedulerLoop(self.scheduler, builder, self._inbox, self._router, config.debug_invariants,
+                             config.stats_interval_s)
         loop.register(_Call, _Call.run)
         self._thread = threading.Thread(target=loop.run, name="sglite-scheduler", daemon=True)
         self._thread.start()
+        if self.metrics_endpoint is not None:
+            labels = dict(metric_labels or {})
+            self.metrics_endpoint.serve(lambda: render(collect(self), labels))
 
     # ---- public API ----
 
@@ -176,6 +192,15 @@ class Engine:
         """A consistent snapshot of the engine's counters, taken by the scheduler between two steps."""
         return self._query(GetMetrics).as_dict()
 
+    def metrics_snapshot(self, timeout: float = 60.0) -> MetricsSnapshot:
+        """The scheduler's counters and latency histograms (``MetricsSnapshot``), taken between two steps."""
+        return self._query(GetMetrics, timeout)
+
+    def grammar_stats(self) -> dict[str, int]:
+        """The grammar backend's compile-cache counters; empty until a constrained request built the backend."""
+        backend = self._grammar
+        return backend.cache_stats() if backend is not None else {}
+
     def flush_cache(self) -> int:
         """Evict every cached prefix that no request uses; returns the number of KV tokens freed."""
         return self._query(FlushCache)
@@ -222,6 +247,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self._inbox.put(Stop())
         self._thread.join(timeout=60)
         self._runtime.close()

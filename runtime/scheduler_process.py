@@ -32,7 +32,7 @@ def serve_scheduler(config: EngineConfig, inbox: Any, outbox: Any) -> None:
     rt = build_runtime(config, grammar_backend)
     builder = RequestBuilder(rt.tokenizer, rt.device, grammar_backend)
     try:
-        SchedulerLoop(rt.scheduler, builder, inbox, outbox, config.debug_invariants).run()
+        SchedulerLoop(rt.scheduler, builder, inbox, outbox, config.debug_invariants, config.stats_interval_s).run()
     finally:
         rt.close()
         if grammar_backend.cache_info().currsize:

@@ -105,6 +105,10 @@ class GrammarBackend(ABC):
     def new_matcher(self, compiled: CompiledGrammar) -> GrammarMatcher:
         """A fresh matcher at the start of ``compiled`` (which must come from this backend)."""
 
+    @abstractmethod
+    def cache_stats(self) -> dict[str, int]:
+        """``{"hits", "misses", "entries"}`` of the compile cache: a miss is a compilation started."""
+
     def fill_bitmasks(self, rows: Sequence[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         """Fill ``bitmask[row]`` for each ``(matcher, row)`` pair (rows distinct). Backends may parallelise."""
         for matcher, row in rows:

@@ -73,6 +73,7 @@ class DecodeManager:
     def launched(self, batch: ScheduleBatch) -> None:
         """Count a launched decode step; without pressure the reservation for running requests shrinks."""
         self.stats.decode_steps += 1
+        self.stats.latency.decode_batch_size.observe(len(batch.reqs))
         self.stats.peak_running_requests = max(self.stats.peak_running_requests, len(batch.reqs))
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
 
@@ -100,6 +101,7 @@ class DecodeManager:
             if req.finished:
                 self.kv.release(req)
                 self.stats.finished_requests += 1
+                self.stats.latency.finished(req, req.finish_reason)
             else:
                 still.append(req)
         self.running[:] = still

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ..metrics import LatencyStats
 
 __all__ = ["RESERVE_CLIP", "SchedulerLimits", "SchedulerStats"]
 
@@ -40,6 +42,7 @@ class SchedulerStats:
     prefill_tokens: int = 0  # new tokens computed by prefill steps (cached prefixes excluded)
     prefill_seconds: float = 0.0  # wall time of steps that launched or resolved a prefill
     decode_seconds: float = 0.0  # wall time of the other steps
+    latency: LatencyStats = field(default_factory=LatencyStats)  # histograms and finish reasons (runtime/metrics.py)
 
     @property
     def cache_hit_rate(self) -> float:

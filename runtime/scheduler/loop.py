@@ -31,6 +31,7 @@ from ..messages import (
 from ..outputs import StreamChunk
 from .intake import RequestBuilder
 from .scheduler import Scheduler
+from .stats_log import StatsLog
 
 logger = logging.getLogger("xinf_sglang.runtime.scheduler")
 
@@ -43,13 +44,21 @@ class SchedulerLoop:
     """Runs ``scheduler`` until a ``Stop`` arrives; every request left then is aborted (and its chunk sent)."""
 
     def __init__(
-        self, scheduler: Scheduler, builder: RequestBuilder, inbox: Any, outbox: Any, debug_invariants: bool = False
+        self,
+        scheduler: Scheduler,
+        builder: RequestBuilder,
+        inbox: Any,
+        outbox: Any,
+        debug_invariants: bool = False,
+        stats_interval_s: float = 0.0,
     ) -> None:
+        """``stats_interval_s``: write the stats line (``stats_log.py``) every that many seconds of work; 0: never."""
         self.scheduler = scheduler
         self.builder = builder
         self.inbox = inbox
         self.outbox = outbox
         self.debug_invariants = debug_invariants
+        self.stats_log = StatsLog(stats_interval_s) if stats_interval_s > 0 else None
         self._handlers: dict[type, Callable[[Any], Any]] = {
             AddRequests: self._add,
             Abort: lambda msg: self.scheduler.abort(msg.rid),
@@ -69,6 +78,8 @@ class SchedulerLoop:
             try:
                 if not self._drain_inbox(block=not sched.has_work):
                     break
+                if self.stats_log is not None and sched.has_work:
+                    self.stats_log.tick(sched)  # before the step: a window's counters start before its first step
                 worked = sched.step()
             except Exception as e:  # keep serving: fail the requests in flight, never the loop
                 logger.exception("scheduler step failed; aborting the requests in flight")
@@ -161,4 +172,5 @@ def metrics_snapshot(sched: Scheduler) -> MetricsSnapshot:
         grammar_mask_steps=masks.steps,
         grammar_mask_ms_per_step=1e3 * masks.seconds / max(1, masks.steps),
         new_token_ratio=sched.new_token_ratio,
+        latency=stats.latency.snapshot(),
     )
