@@ -165,8 +165,11 @@ def test_plain_text_response_format_is_no_constraint() -> None:
 @pytest.mark.parametrize(
     "config, kind, expected",
     [
-        ({"logprobs": True}, "chat", "log probabilities are not supported"),
-        ({"logprobs": 2}, "completion", "log probabilities are not supported"),
+        ({"logprobs": 21}, "completion", r"logprobs must be an integer in \[0, 20\] for completions"),
+        ({"logprobs": True}, "completion", "logprobs must be an integer"),
+        ({"top_logprobs": 2}, "completion", "top_logprobs applies to chat completions"),
+        ({"logprobs": 3}, "chat", "logprobs must be true or false for chat completions"),
+        ({"top_logprobs": 3}, "chat", "top_logprobs=3 needs logprobs=true"),
         ({"best_of": 3}, "completion", "best_of"),
         ({"lora_name": "adapter"}, "chat", "LoRA"),
         ({"tool_choice": "required", "tools": [{"type": "function"}]}, "chat", "tool_choice='required'"),
@@ -181,6 +184,20 @@ def test_plain_text_response_format_is_no_constraint() -> None:
 def test_fields_that_would_change_results_are_refused(config, kind, expected) -> None:
     with pytest.raises(RequestMappingError, match=expected):
         map_request(config, kind)
+
+
+@pytest.mark.parametrize(
+    "config, kind, expected",
+    [
+        ({"logprobs": True, "top_logprobs": 5}, "chat", {"logprobs": True, "top_logprobs": 5}),
+        ({"logprobs": True}, "chat", {"logprobs": True}),
+        ({"logprobs": 0}, "completion", {"logprobs": True, "top_logprobs": 0}),
+        ({"logprobs": 5, "echo": True}, "completion", {"logprobs": True, "top_logprobs": 5, "prompt_logprobs_start": 0}),
+        ({"echo": True}, "completion", {}),
+    ],
+)
+def test_logprob_fields_map_to_sampling(config, kind, expected) -> None:
+    assert map_request(config, kind)[0] == expected
 
 
 def test_neutral_values_of_unsupported_fields_are_fine() -> None:

@@ -7,7 +7,7 @@ Xinference calls an engine with one ``generate_config`` dict per request: the Op
 - ``RequestOptions``: what the plugin itself acts on (streaming, usage chunk, tools, echo, chat template kwargs)
   and what it passes to the runtime beside the sampling (``priority``, an extra body field, as in vLLM and SGLang),
 
-and raises :class:`RequestMappingError` for fields sglite cannot honour (``logprobs``, ``n`` > 1, LoRA,
+and raises :class:`RequestMappingError` for fields sglite cannot honour (``best_of``, ``suffix``, LoRA,
 forced tool choice, ...) or does not know. Pure functions, no Xinference or torch import: unit-testable.
 
 Structured output: ``response_format`` ``json_object`` / ``json_schema``, ``guided_json``,
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RequestKind = Literal["chat", "completion"]
+
+MAX_TOP_LOGPROBS = 20  # the runtime's SamplingParams limit (OpenAI's too); no runtime import here
 
 
 class RequestMappingError(ValueError):
@@ -101,8 +103,6 @@ _NO_EFFECT = {
 
 # Fields sglite refuses when set to anything that would change the result, with what to do instead.
 _UNSUPPORTED = {
-    "logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
-    "top_logprobs": "log probabilities are not supported by sglite yet; remove logprobs/top_logprobs",
     "best_of": "best_of is not supported by sglite; send separate requests",
     "suffix": "suffix (fill-in-the-middle) is not supported by sglite",
     "lora_name": "LoRA adapters are not supported by sglite",
@@ -119,7 +119,7 @@ _UNSUPPORTED = {
     "_pd_kv_transfer_params": "prefill/decode disaggregation is not supported by sglite",
 }
 # Values of unsupported fields that mean "not asked for" (OpenAI clients often send the defaults).
-_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1)}
+_NEUTRAL = {"best_of": (None, 1)}
 
 # extra_body entries Xinference's REST layer (with sglite's compat patch) copies to the top level: entry -> copy.
 _LIFTED_FROM_EXTRA_BODY = {
@@ -169,6 +169,7 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     opts.echo = bool(cfg.pop("echo", False))
     if opts.echo and kind == "chat":
         problems.append("echo applies to completions only")
+    _map_logprobs(cfg, sampling, kind, opts.echo, problems)
 
     opts.chat_template_kwargs = _chat_template_kwargs(cfg.pop("chat_template_kwargs", None), problems)
     _map_tools(cfg, opts, kind, problems)
@@ -186,6 +187,42 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
     if problems:
         raise RequestMappingError("; ".join(problems))
     return sampling, opts
+
+
+def _map_logprobs(
+    cfg: dict[str, Any], sampling: dict[str, Any], kind: RequestKind, echo: bool, problems: list[str]
+) -> None:
+    """OpenAI's log probability fields -> ``logprobs`` / ``top_logprobs`` / ``prompt_logprobs_start``.
+
+    Chat: ``logprobs`` (true/false) and ``top_logprobs`` (0..20, only with ``logprobs``). Completions:
+    ``logprobs`` is the number of alternatives (0..20; 0 = the sampled token's logprob only), and with ``echo``
+    the prompt tokens are scored too (from position 0, as OpenAI and vLLM do).
+    """
+    logprobs, top = cfg.pop("logprobs", None), cfg.pop("top_logprobs", None)
+    if kind == "completion":
+        if top is not None:
+            problems.append("top_logprobs applies to chat completions; completions take logprobs=<number of "
+                            "alternatives, 0..20>")
+        if logprobs is None:
+            return
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] for completions (the number of "
+                            f"alternatives per token); got {logprobs!r:.40}")
+            return
+        sampling.update(logprobs=True, top_logprobs=logprobs)
+        if echo:
+            sampling["prompt_logprobs_start"] = 0
+        return
+    if logprobs not in (None, True, False):
+        problems.append(f"logprobs must be true or false for chat completions; got {logprobs!r:.40}")
+        return
+    if top not in (None, 0) and not logprobs:
+        problems.append(f"top_logprobs={top!r:.40} needs logprobs=true")
+        return
+    if logprobs:
+        sampling["logprobs"] = True
+        if top is not None:
+            sampling["top_logprobs"] = top  # SamplingParams checks the type and range, naming top_logprobs
 
 
 def _map_max_tokens(cfg: dict[str, Any], sampling: dict[str, Any], opts: RequestOptions) -> None:
