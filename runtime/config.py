@@ -121,6 +121,11 @@ class EngineConfig(BaseModel):
         check_priority_options(self)
         return self
 
+    @model_validator(mode="after")
+    def _metrics_host_needs_port(self) -> "EngineConfig":
+        check_metrics_options(self)
+        return self
+
     def __init__(self, **data: Any) -> None:
         """Validate every option; raise ``ConfigError`` naming each bad one and listing the valid options.
         ``tensor_parallel_size`` (vLLM's name) is accepted for ``tp_size``."""
@@ -155,6 +160,14 @@ def check_priority_options(options: BaseModel) -> None:
         verb = "is" if len(given) == 1 else "are"
         raise ValueError(
             f"{', '.join(given)} {verb} only used with schedule_policy='priority' (got {options.schedule_policy!r})"
+        )
+
+
+def check_metrics_options(options: BaseModel) -> None:
+    """Raise ``ValueError`` when ``options`` sets ``metrics_host`` without ``metrics_port`` (it would do nothing)."""
+    if options.metrics_port is None and options.metrics_host != type(options).model_fields["metrics_host"].default:
+        raise ValueError(
+            f"metrics_host={options.metrics_host!r} is only used with metrics_port (set metrics_port; 0 = any free port)"
         )
 
 

@@ -17,7 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
-from xinf_sglang.runtime.config import EngineConfig, check_priority_options, describe_options, format_validation_error
+from xinf_sglang.runtime.config import (
+    EngineConfig, check_metrics_options, check_priority_options, describe_options, format_validation_error,
+)
 
 from .option_aliases import resolve_aliases
 
@@ -61,8 +63,9 @@ class _LaunchOptionsBase(BaseModel):
         return {k: v for k, v in data.items() if not _is_unset(v)}
 
     @model_validator(mode="after")
-    def _priority_options(self) -> Any:
-        check_priority_options(self)  # the runtime's own check, here so that a launch fails before loading
+    def _cross_option_checks(self) -> Any:
+        check_priority_options(self)  # the runtime's own checks, here so that a launch fails before loading
+        check_metrics_options(self)
         return self
 
     @field_validator("schedule_policy", "device", "load_format", "attention_backend", "overlap_schedule",
