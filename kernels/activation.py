@@ -14,6 +14,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from . import cpu_elementwise
 from .pdl import pdl_kwargs
 
 if triton is not None:
@@ -63,10 +64,13 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Dispatching SiLU-and-mul: Triton for CUDA tensors (when triton is installed), the reference elsewhere.
+    """Dispatching SiLU-and-mul: Triton for CUDA tensors (when triton is installed), the C++ kernel for float32 CPU
+    tensors (``cpu_elementwise``), the reference elsewhere.
 
     ``gate_up [..., 2H]`` (gate first, then up) -> ``silu(gate) * up`` ``[..., H]`` in the input dtype.
     """
     if gate_up.is_cuda and triton is not None:
         return silu_and_mul_triton(gate_up)
+    if cpu_elementwise.supports_silu_and_mul(gate_up):
+        return cpu_elementwise.silu_and_mul_cpu(gate_up)
     return silu_and_mul_ref(gate_up)

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .cpu_build import load_cpp
+from .cpu_build import SIMD_EXP, load_cpp
 from .decode_attention import NewToken
 
 _CPP = r"""
@@ -52,29 +52,7 @@ inline void prefetch_row(const T* p, int d) {
   for (int off = 0; off < d * static_cast<int>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
 }
 
-// exp(x) in place for x <= 0 (Cephes' expf polynomial, ~1 ulp), written so that gcc vectorises it: std::exp
-// does not vectorise without -ffast-math, which would also break the -inf handling the caller relies on.
-inline void exp_inplace(float* x, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) {
-    float v = std::max(x[i], -87.0f);
-    float fx = std::floor(v * 1.44269504088896341f + 0.5f);
-    float r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
-    float z = r * r;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * z + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(float));
-    x[i] = y * scale;
-  }
-}
-
+""" + SIMD_EXP + r"""
 template <typename T>
 inline const float* as_f32(const T* src, int d, float* tmp) {
   if constexpr (std::is_same_v<T, float>) {

@@ -1,6 +1,6 @@
 """Building sglite's C++ CPU kernels: one place for the compiler flags and the build-or-load step.
 
-Each kernel file (``cpu_attention.py``, ``cpu_linear.py``) holds its C++ source and calls ``load_cpp`` from a
+Each kernel file (``cpu_attention.py``, ``cpu_linear.py``, ``cpu_elementwise.py``) holds its C++ source and calls ``load_cpp`` from a
 ``functools.cache``'d ``load()``. torch compiles an extension once per source and flags and caches it in
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and ninja.
 """
@@ -14,6 +14,34 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+# C++ shared by the kernels' sources (pasted inside their anonymous namespace; needs <algorithm>, <cmath>,
+# <cstdint>, <cstring>): exp(x) in place (Cephes' expf polynomial, ~1 ulp), written so that gcc vectorises it;
+# std::exp does not vectorise without -ffast-math, which would also break the attention kernel's -inf handling.
+# Inputs are clamped to [-87, 88] (the float range of exp's result), so large |x| give ~0 and ~1.7e38, never NaN.
+SIMD_EXP = r"""
+inline void exp_inplace(float* x, int n) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    float v = std::min(std::max(x[i], -87.0f), 88.0f);
+    float fx = std::floor(v * 1.44269504088896341f + 0.5f);
+    float r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
+    float z = r * r;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(float));
+    x[i] = y * scale;
+  }
+}
+"""
 
 
 def build_flags(prefix: str) -> tuple[str, list[str]]:

@@ -14,6 +14,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from . import cpu_elementwise
 from .pdl import pdl_kwargs
 
 if triton is not None:
@@ -114,10 +115,13 @@ def rms_norm_triton(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatching RMSNorm: Triton for CUDA tensors (when triton is installed), the reference elsewhere.
+    """Dispatching RMSNorm: Triton for CUDA tensors (when triton is installed), the fused C++ kernel for float32 CPU
+    tensors (``cpu_elementwise``), the reference elsewhere.
 
     Same contract as ``rms_norm_ref``: returns ``(norm(x + residual) * weight, x + residual or None)``.
     """
     if x.is_cuda and triton is not None:
         return rms_norm_triton(x, weight, eps, residual)
+    if cpu_elementwise.supports_rms_norm(x, weight, residual):
+        return cpu_elementwise.rms_norm_cpu(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

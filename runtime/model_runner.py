@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xinf_sglang.kernels import cpu_linear
+from xinf_sglang.kernels import cpu_elementwise, cpu_linear
 
 from .attention import AttentionBackend
 from .forward_batch import ForwardBatch, ForwardMode
@@ -92,8 +92,9 @@ class ModelRunner:
         # Host memory for sampled tokens (page-locked on CUDA, so the copy is asynchronous), one row per request
         # row of the table; two buffers used in turn: with overlap, the step being resolved still reads the other.
         self._host_tokens = [_host_buffer(req_to_token.shape[0], device) for _ in range(2)]
-        if device.type == "cpu":  # build the threaded decode linear kernel now, not during the first step
+        if device.type == "cpu":  # build the CPU kernels now, not during the first step
             cpu_linear.load()
+            cpu_elementwise.load()
 
     def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
         """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""

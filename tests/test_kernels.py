@@ -458,11 +458,17 @@ def test_token_bitmask_rejects_short_mask() -> None:
 def test_cpu_dispatch_uses_reference() -> None:
     from xinf_sglang import kernels
 
+    from xinf_sglang.kernels import cpu_elementwise
+
     torch.manual_seed(11)
     x, w = torch.randn(3, 8), torch.randn(8)
-    assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], kernels.rms_norm_ref(x, w, 1e-6)[0])
+    # float32 CPU rows take the fused C++ kernels (kernels/cpu_elementwise.py, tested in tests/test_cpu_elementwise.py)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], cpu_elementwise.rms_norm_cpu(x, w, 1e-6)[0])
     gu = torch.randn(2, 10)
-    assert torch.equal(kernels.silu_and_mul(gu), kernels.silu_and_mul_ref(gu))
+    assert torch.equal(kernels.silu_and_mul(gu), cpu_elementwise.silu_and_mul_cpu(gu))
+    # other dtypes the reference
+    assert torch.equal(kernels.rms_norm(x.double(), w.double(), 1e-6)[0], kernels.rms_norm_ref(x.double(), w.double(), 1e-6)[0])
+    assert torch.equal(kernels.silu_and_mul(gu.bfloat16()), kernels.silu_and_mul_ref(gu.bfloat16()))
     logits, mask = torch.randn(2, 40), torch.randint(-5, 5, (2, 2), dtype=torch.int32)
     assert torch.equal(kernels.apply_token_bitmask_(logits.clone(), mask), kernels.apply_token_bitmask_ref(logits, mask))
 
@@ -473,8 +479,9 @@ def test_package_imports_without_triton() -> None:
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch\n"
         "import xinf_sglang.kernels as k\n"
-        "x = torch.randn(2, 8)\n"
-        "assert torch.equal(k.rms_norm(x, torch.ones(8), 1e-6)[0], k.rms_norm_ref(x, torch.ones(8), 1e-6)[0])\n"
+        "x = torch.randn(2, 8, dtype=torch.float64)\n"
+        "w = torch.ones(8, dtype=torch.float64)\n"
+        "assert torch.equal(k.rms_norm(x, w, 1e-6)[0], k.rms_norm_ref(x, w, 1e-6)[0])\n"
         "from xinf_sglang.kernels import norm\n"
         "assert norm.triton is None\n"
     )
