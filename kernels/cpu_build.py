@@ -1,8 +1,9 @@
 """Building sglite's C++ CPU kernels: one place for the compiler flags and the build-or-load step.
 
-Each kernel file (``cpu_attention.py``, ``cpu_linear.py``, ``cpu_elementwise.py``) holds its C++ source and calls ``load_cpp`` from a
-``functools.cache``'d ``load()``. torch compiles an extension once per source and flags and caches it in
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and ninja.
+Each kernel file (``cpu_attention.py``, ``cpu_linear.py``, ``cpu_elementwise.py``) holds its C++ source and
+calls ``load_cpp`` from a ``functools.cache``'d ``load()``. torch compiles an extension once per source and flags
+and caches it in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it.
+Needs g++ and ninja.
 """
 
 from __future__ import annotations

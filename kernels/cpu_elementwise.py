@@ -59,7 +59,8 @@ void rms_rows(const float* x, int64_t sx, const float* r, int64_t sr, const floa
 }
 
 // (out, new_residual or undefined); x [M, N] with unit last stride, residual like x or undefined.
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
+                                    c10::optional<torch::Tensor> residual) {
   const int64_t m = x.size(0), n = x.size(1);
   auto out = torch::empty({m, n}, x.options());
   torch::Tensor new_r;
@@ -122,7 +123,9 @@ def load():
 
     Raises RuntimeError naming the cause and the way out when it cannot be built.
     """
-    return load_cpp("sglite_cpu_elementwise", _CPP, None, "CPU norm/activation kernel", "run on a machine with g++ and ninja")
+    return load_cpp(
+        "sglite_cpu_elementwise", _CPP, None, "CPU norm/activation kernel", "run on a machine with g++ and ninja"
+    )
 
 
 def _f32_rows(t: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ OpenMP threads woken for each of the ~200 linears of a token costs what the seco
 splits each weight's output rows over a small pool of its own threads that stay awake (spinning, then yielding)
 for a short while after each call, so the second core starts within a microsecond, and it reads each row-major
 weight row once per 4-row block with AVX2 FMAs while the block is reused from L1 for every input row.
-For now the pool runs with the caller alone (``POOL_THREADS``; see there).
+The pool has as many threads as torch's intra-op pool (``torch.get_num_threads()``), the caller included.
 
 Measured on the 2-core AVX2 runner (docs/PERFORMANCE.md) for SmolLM2-135M's 211 float32 weights of one token:
 10.4 ms against MKL's 20.4 (column-major weights) and 26.6 (row-major).
@@ -26,11 +26,10 @@ import torch
 
 from .cpu_build import load_cpp
 
-# Threads of the pool. 1 (the caller only) for now: on 2026-12-02 a benchmark process hung with 2 (a pool thread
-# still leaving one call claimed a chunk of the next call's larger count; fixed in run(), and the stress test in
-# tests/test_cpu_linear.py passes with 2), but the fix came after the last full test run. The 2-thread figures in
-# docs/PERFORMANCE.md were measured with 2. One thread still streams the weights faster than MKL.
-POOL_THREADS = 1
+# The pool has ``torch.get_num_threads()`` threads (the caller included), the intra-op thread count the engine set;
+# one pool per count, created on first use. (On 2026-12-02 a pool of 2 hung once: a pool thread still leaving one
+# call claimed a chunk of the next call's larger count; fixed in run(), with the stress test in
+# tests/test_cpu_linear.py, before the pool went back to two threads.)
 # Up to this many rows the kernel is used; beyond it MKL's register-blocked sgemm on all cores wins.
 CPU_SKINNY_MAX_M = 16
 # How long (microseconds) a pool thread keeps polling for the next call before it sleeps: the gap between two
@@ -303,7 +302,8 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear_ref``'s contract for inputs that ``supports`` accepts, on the pool of ``POOL_THREADS`` threads.
+    """``linear_ref``'s contract for inputs that ``supports`` accepts, on a pool of ``torch.get_num_threads()``
+    threads.
     Raises ValueError for anything else."""
     if not supports(x, weight, bias):
         raise ValueError(
@@ -313,5 +313,5 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = _pool(POOL_THREADS).linear(x2, weight, bias)
+    y = _pool(torch.get_num_threads()).linear(x2, weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -462,12 +462,13 @@ def test_cpu_dispatch_uses_reference() -> None:
 
     torch.manual_seed(11)
     x, w = torch.randn(3, 8), torch.randn(8)
-    # float32 CPU rows take the fused C++ kernels (kernels/cpu_elementwise.py, tested in tests/test_cpu_elementwise.py)
+    # float32 CPU rows take the fused C++ kernels (kernels/cpu_elementwise.py; tests/test_cpu_elementwise.py)
     assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], cpu_elementwise.rms_norm_cpu(x, w, 1e-6)[0])
     gu = torch.randn(2, 10)
     assert torch.equal(kernels.silu_and_mul(gu), cpu_elementwise.silu_and_mul_cpu(gu))
     # other dtypes the reference
-    assert torch.equal(kernels.rms_norm(x.double(), w.double(), 1e-6)[0], kernels.rms_norm_ref(x.double(), w.double(), 1e-6)[0])
+    xd, wd = x.double(), w.double()
+    assert torch.equal(kernels.rms_norm(xd, wd, 1e-6)[0], kernels.rms_norm_ref(xd, wd, 1e-6)[0])
     assert torch.equal(kernels.silu_and_mul(gu.bfloat16()), kernels.silu_and_mul_ref(gu.bfloat16()))
     logits, mask = torch.randn(2, 40), torch.randint(-5, 5, (2, 2), dtype=torch.int32)
     assert torch.equal(kernels.apply_token_bitmask_(logits.clone(), mask), kernels.apply_token_bitmask_ref(logits, mask))
