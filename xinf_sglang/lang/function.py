@@ -91,6 +91,7 @@ class SglFunction:
         sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING_NAMES}
         defaults = sampling_defaults(**sampling)
         chosen = DEFAULT_BACKEND.resolve(backend)
+        chosen.check(defaults)
         bound = self._bind(args, kwargs)
         state = ProgramState(StreamExecutor(chosen, defaults, stream))
         if stream:

@@ -39,6 +39,10 @@ class Backend(ABC):
         """For each continuation, the logprob of each of its tokens after ``text`` (the tokens of
         ``text + continuation`` that the tokenization of ``text`` alone does not hold); never empty."""
 
+    def check(self, params: GenParams) -> None:
+        """Raise ``LangError`` if this backend would refuse ``params`` (the program's defaults, checked by ``run``
+        before anything is sent); backends that cannot tell leave it to the server."""
+
     def shutdown(self) -> None:
         """Release what the backend holds (the embedded engine's model); a no-op for HTTP backends."""
 

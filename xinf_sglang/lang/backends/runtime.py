@@ -24,13 +24,12 @@ class Runtime(Backend):
     ``schedule_policy``, ...); a bad one is a ``LangError`` naming it."""
 
     def __init__(self, model_path: str, **engine_options: Any) -> None:
-        from pydantic import ValidationError
-
         from ...runtime import Engine, EngineConfig
+        from ...runtime.errors import ConfigError
 
         try:
             config = EngineConfig(model_path=str(model_path), **engine_options)
-        except ValidationError as e:
+        except ConfigError as e:
             raise LangError(f"sgl.Runtime: {e}") from None
         self.engine = Engine(config)
         tokenizer = self.engine.tokenizer
@@ -94,6 +93,9 @@ class Runtime(Backend):
             results.append(self._scores(out.prompt_logprobs))
         return results
 
+    def check(self, params: GenParams) -> None:
+        self._sampling(params)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
@@ -116,7 +118,7 @@ class Runtime(Backend):
         try:
             return SamplingParams(**fields)
         except InvalidRequestError as e:
-            raise LangError(f"gen: {e}") from None
+            raise LangError(f"sampling parameters: {e}") from None
 
 
 def _template_of(tokenizer: Any) -> str | None:
