@@ -225,17 +225,17 @@ def test_client_disconnect_aborts_and_frees_kv(server: Server, cli_model: str) -
 def test_invalid_requests_are_400(server: Server, cli_model: str) -> None:
     status, body = http(
         "POST", server.endpoint + "/v1/completions",
-        {"model": cli_model, "prompt": "hi", "max_tokens": 4, "logprobs": 2},
+        {"model": cli_model, "prompt": "hi", "max_tokens": 4, "suffix": "!"},
     )
-    assert status == 400 and "log probabilities are not supported" in str(body)
+    assert status == 400 and "suffix (fill-in-the-middle) is not supported" in str(body)
     status, body = http(
         "POST", server.endpoint + "/v1/completions", {"model": cli_model, "prompt": "hi", "max_tokens": 4, "top_p": 0}
     )
     assert status == 400 and "top_p" in str(body)
     with pytest.raises(openai.BadRequestError):
         client(server).chat.completions.create(
-            model=cli_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True
-        )
+            model=cli_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, top_logprobs=3
+        )  # top_logprobs needs logprobs=true
     # min_p / min_tokens reach the engine over HTTP (Xinference's request models drop them; the compat patch
     # forwards them): out-of-range values are refused by sglite's validation, naming the field.
     for field, value, named in [("min_p", 2.0, "min_p must be"), ("min_tokens", -1, "min_new_tokens must be")]:
