@@ -222,9 +222,9 @@ def test_compat_patches_apply_once_and_only_to_sglite_errors(monkeypatch) -> Non
 
     monkeypatch.delenv(xinference_compat.DISABLE_ENV, raising=False)
     api = _fake_api()
-    assert xinference_compat.install(api, version="4.1.0") == {"errors": True, "field_aliases": True}
+    assert xinference_compat.install(api, version="4.1.0") == {"errors": True, "field_aliases": True, "n_logit_bias": False}
     wrapped = api.__dict__["extract_guided_params"]
-    assert xinference_compat.install(api, version="4.1.0") == {"errors": True, "field_aliases": True}
+    assert xinference_compat.install(api, version="4.1.0") == {"errors": True, "field_aliases": True, "n_logit_bias": False}
     assert api.__dict__["extract_guided_params"] is wrapped  # idempotent: not wrapped twice
 
     with pytest.raises(HTTPException) as err:
@@ -267,7 +267,7 @@ def test_stream_error_events_lose_the_actor_address() -> None:
         async def _get_model_last_error(self, replica_model_uid, e):
             return e
 
-    assert xinference_compat.install(API, version="4.1.0") == {"errors": True, "field_aliases": True}
+    assert xinference_compat.install(API, version="4.1.0") == {"errors": True, "field_aliases": True, "n_logit_bias": False}
     assert xinference_compat.is_patched_method(API, "_get_model_last_error")
     wrapped = wrap_exception(SgliteRequestError("bad"), message="[address=127.0.0.1:1, pid=2] bad")
     got = asyncio.run(API()._get_model_last_error(b"uid", wrapped))
@@ -292,9 +292,9 @@ def test_compat_patches_refused_on_other_versions_or_signatures(monkeypatch, cap
     monkeypatch.delenv(xinference_compat.DISABLE_ENV, raising=False)
     caplog.set_level(logging.WARNING, logger="xinf_sglang.xinference_compat")
     api = _fake_api()
-    assert xinference_compat.install(api, version="4.2.0") == {"errors": False, "field_aliases": False}
+    assert xinference_compat.install(api, version="4.2.0") == {"errors": False, "field_aliases": False, "n_logit_bias": False}
     assert not xinference_compat.is_patched(api, "handle_request_limit_error")
-    assert sum("Xinference 4.2.0 is not 4.1.x" in r.getMessage() for r in caplog.records) == 2
+    assert sum("Xinference 4.2.0 is not 4.1.x" in r.getMessage() for r in caplog.records) == 3
 
     class Changed:
         @staticmethod
@@ -305,14 +305,14 @@ def test_compat_patches_refused_on_other_versions_or_signatures(monkeypatch, cap
             pass
 
     caplog.clear()
-    assert xinference_compat.install(Changed, version="4.1.3") == {"errors": False, "field_aliases": False}
+    assert xinference_compat.install(Changed, version="4.1.3") == {"errors": False, "field_aliases": False, "n_logit_bias": False}
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "request-error messages" in messages and "expected signature" in messages
     assert "regex/ebnf/choice" in messages and "not a static method" in messages
 
     monkeypatch.setenv(xinference_compat.DISABLE_ENV, "0")
     api = _fake_api()
-    assert xinference_compat.install(api, version="4.1.0") == {"errors": False, "field_aliases": False}
+    assert xinference_compat.install(api, version="4.1.0") == {"errors": False, "field_aliases": False, "n_logit_bias": False}
     assert not xinference_compat.is_patched(api, "extract_guided_params")
 
 

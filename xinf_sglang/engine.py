@@ -32,7 +32,7 @@ from xinference.model.llm.context_length import ContextLengthExceeded
 from xinference.model.llm.core import LLM, chat_context_var
 from xinference.model.llm.utils import ChatModelMixin
 
-from . import chat
+from . import chat, choices
 from .engine_failure import FailureWatch
 from . import forced_tools
 from .launch_options import LaunchOptions, split_model_config, to_engine_config
@@ -252,7 +252,7 @@ class SgliteModel(LLM):
             first = await stream.__anext__()
         except StopAsyncIteration:  # pragma: no cover - the runtime always ends with a finish chunk
             raise RuntimeError("sglite returned no output")
-        chunks = completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo)
+        chunks = completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo, params.n)
         if opts.stream:
             return chunks
         return await collect_completion(chunks, request_id, self.model_uid)
@@ -357,12 +357,22 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         input_ids = await asyncio.to_thread(self._render_and_encode, messages, render_kwargs)
         sampling = self._chat_stops.apply(sampling, keep_special_tokens=bool(tools) or chat.thinking_enabled(self))
         completion = await self._run(input_ids, sampling, opts, request_id)
+        n = sampling.get("n") or 1  # valid: _run built the SamplingParams
         if opts.stream:
             assert not isinstance(completion, dict)
             ctx = {**template_kwargs, "_anthropic_request": anthropic}
-            return chat.chat_stream(self, completion, tools, ctx, opts.parallel_tool_calls)
+
+            def convert(stream: AsyncGenerator[Dict[str, Any], None]) -> AsyncGenerator[Dict[str, Any], None]:
+                return chat.chat_stream(self, stream, tools, ctx, opts.parallel_tool_calls)
+
+            # n > 1: Xinference's conversions serve one choice per stream, so each choice gets its own
+            return convert(completion) if n == 1 else choices.per_choice_stream(completion, n, convert)
         assert isinstance(completion, dict)
-        return chat.chat_reply(self, completion, tools, opts.parallel_tool_calls)
+        if n == 1:
+            return chat.chat_reply(self, completion, tools, opts.parallel_tool_calls)
+        replies = [chat.chat_reply(self, one, tools, opts.parallel_tool_calls)
+                   for one in choices.split_completion(completion)]
+        return choices.merge_replies(replies, completion["usage"])
 
     def _chat_tools(self, opts: RequestOptions) -> Optional[List[Dict[str, Any]]]:
         """The request's tools; refused when the family cannot call tools."""

@@ -34,12 +34,18 @@ This module is the ONLY place sglite touches Xinference internals beyond engine 
    (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The other fields forwarded
    are the top-level ``priority``, ``min_p`` and ``min_tokens`` (what the OpenAI client sends for
    ``extra_body={"min_p": 0.1}``), as they are: the request models drop them too, and the engine validates them
-   (vLLM reads the same names). ``logit_bias`` still gets Xinference's 501 before any engine sees it.
+   (vLLM reads the same names).
+
+3. **n and logit_bias** for sglite models (``RESTfulAPI.create_completion`` / ``create_chat_completion``, in
+   :mod:`xinf_sglang.compat_sampling_fields`): Xinference 4.1 drops ``n`` for every engine and answers
+   ``logit_bias`` with 501; for a model served by sglite both reach the engine (through patch 2's wrapper, so this
+   one needs patch 2), other engines keep Xinference's behaviour. ``SGLITE_XINFERENCE_N_LOGIT_BIAS=0`` switches
+   the forwarding off alone: sglite models then answer ``n > 1`` with a 400 saying why.
 
 Guards: the patches are applied once per process (idempotent; a marker on the wrapper), only when Xinference is
 4.1.x and the patched attribute is a static method with the signature read from 4.1.0's source. Otherwise one
 warning per unavailable feature says which and why, and Xinference runs unpatched: it never crashes because of
-this module. ``SGLITE_XINFERENCE_COMPAT=0`` (process environment, read at install time) switches both off.
+this module. ``SGLITE_XINFERENCE_COMPAT=0`` (process environment, read at install time) switches all off.
 
 Installed by :mod:`xinf_sglang._autoload` right after ``xinference.api.restful_api`` is imported, which happens
 in the process that serves the REST API (``xinference-local`` on POSIX runs it in its own ``api_worker``
@@ -54,6 +60,9 @@ import logging
 import os
 import sys
 from typing import Any, Callable
+
+from . import compat_sampling_fields as sampling_fields
+from .registration import ENGINE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +94,9 @@ def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
     """Apply both patches to ``api_cls`` (default: Xinference's ``RESTfulAPI``). Never raises.
 
     ``version`` defaults to the installed ``xinference.__version__``. Returns ``{"errors": bool,
-    "field_aliases": bool}``: whether each patch is in place now (also when it already was).
+    "field_aliases": bool, "n_logit_bias": bool}``: whether each patch is in place now (also when it already was).
     """
-    result = {"errors": False, "field_aliases": False}
+    result = {"errors": False, "field_aliases": False, "n_logit_bias": False}
     if not enabled():
         logger.info("sglite: Xinference compatibility patches switched off (%s=0)", DISABLE_ENV)
         return result
@@ -99,7 +108,7 @@ def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
 
             version = str(getattr(xinference, "__version__", "unknown"))
         if tuple(version.split(".")[:2]) != SUPPORTED_SERIES:
-            for feature in (ERRORS, FIELD_ALIAS_FEATURE):
+            for feature in (ERRORS, FIELD_ALIAS_FEATURE, sampling_fields.FEATURE):
                 _unavailable(feature, f"Xinference {version} is not 4.1.x, the version these patches were written for")
             return result
         result["errors"] = _patch(
@@ -110,6 +119,10 @@ def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
         result["field_aliases"] = _patch(
             api_cls, "extract_guided_params", ("raw_body",), _aliases_wrapper, FIELD_ALIAS_FEATURE
         )
+        if result["field_aliases"]:  # the fields it takes out of a request reach the engine through patch 2
+            result["n_logit_bias"] = sampling_fields.install(api_cls, ENGINE_NAME)
+        else:
+            _unavailable(sampling_fields.FEATURE, "it needs the field-alias patch, which is not applied")
     except Exception as e:  # never break Xinference because of this plugin
         logger.warning("sglite: Xinference compatibility patches not applied: %s", e, exc_info=True)
     return result
@@ -283,6 +296,7 @@ def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         for name in FORWARDED_FIELDS:
             if raw_body.get(name) is not None:
                 kwargs[name] = raw_body[name]
+        kwargs.update(sampling_fields.forwarded_fields())  # n / logit_bias of a request to an sglite model
         return kwargs
 
     return extract_guided_params
