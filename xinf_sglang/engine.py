@@ -21,6 +21,7 @@ and worker internals: they are shown to clients).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import os
@@ -36,6 +37,7 @@ from . import chat, choices
 from .engine_failure import FailureWatch
 from . import forced_tools
 from .launch_options import LaunchOptions, split_model_config, to_engine_config
+from .logprobs_format import LogprobFormatter
 from .matching import GGUF_FORMAT, SUPPORTED_ARCHITECTURES, gguf_file, match_model
 from .openai_format import collect_completion, completion_chunks
 from .registration import ENGINE_NAME, complete_late_registration, declare_in_virtualenv
@@ -87,6 +89,7 @@ class SgliteModel(LLM):
         self._engine: Optional["Engine"] = None
         self._failure_watch: Optional[FailureWatch] = None  # tensor parallelism: ends the process on a rank failure
         self._tokenizer: Any = None
+        self._token_texts: Dict[int, str] = {}  # token id -> its own decode (logprobs), filled as met
         self._context_length = 0
         self._active_requests: set[str] = set()
         self._aborted_by_client = 0  # streams closed before they finished (client disconnects, aborts)
@@ -252,10 +255,26 @@ class SgliteModel(LLM):
             first = await stream.__anext__()
         except StopAsyncIteration:  # pragma: no cover - the runtime always ends with a finish chunk
             raise RuntimeError("sglite returned no output")
-        chunks = completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo, params.n)
+        chunks = completion_chunks(first, stream, request_id, self.model_uid, opts.include_usage, echo, params.n,
+                                   self._logprob_formatter(params, input_ids))
         if opts.stream:
             return chunks
         return await collect_completion(chunks, request_id, self.model_uid)
+
+    def _logprob_formatter(self, params: Any, input_ids: List[int]) -> Optional[Any]:
+        """Makes each choice's OpenAI ``logprobs`` builder, when the request asked for logprobs (with the prompt's
+        ids when it is echoed with them); None otherwise."""
+        if not (params.wants_output_logprobs or params.wants_prompt_logprobs):
+            return None
+        prompt = input_ids if params.wants_prompt_logprobs else None
+        return functools.partial(LogprobFormatter, self._token_text, prompt)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text (special tokens included), as logprobs show it."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _sampling_params(self, sampling: Dict[str, Any], opts: RequestOptions, prompt_tokens: int) -> Any:
         from .runtime import SamplingParams

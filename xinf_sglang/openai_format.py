@@ -9,7 +9,10 @@ tokens served from the prefix cache (``prompt_tokens_details.cached_tokens``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, List, Optional
+
+from .logprobs_format import LogprobFormatter
+from .logprobs_format import merge as merge_logprobs
 
 if TYPE_CHECKING:
     from .runtime import StreamChunk
@@ -49,11 +52,11 @@ class UsageTally:
 
 def completion_chunk(
     request_id: str, model_uid: str, text: Optional[str], finish_reason: Optional[str], usage: Optional[Dict],
-    index: int = 0,
+    index: int = 0, logprobs: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """One ``CompletionChunk`` of choice ``index``; ``text=None`` gives the choice-less chunk that carries only
     usage."""
-    choices = [] if text is None else [_choice(text, finish_reason, index)]
+    choices = [] if text is None else [_choice(text, finish_reason, index, logprobs)]
     chunk = _completion(request_id, model_uid, choices)
     if usage is not None:
         chunk["usage"] = usage
@@ -68,30 +71,37 @@ async def completion_chunks(
     include_usage: bool,
     echo: str,
     n: int = 1,
+    logprobs: Optional[Callable[[], LogprobFormatter]] = None,
 ) -> AsyncGenerator[Dict[str, Any], None]:
     """Runtime stream chunks -> ``CompletionChunk`` dicts (usage on the final one, cached tokens too).
 
     ``first`` is the chunk already taken from ``rest``; ``echo`` is prepended to each choice's first text. With
     ``n`` sequences (``SamplingParams.n``) each chunk is one of choice ``chunk.index``; every choice ends with its
     own ``finish_reason`` and the one that ends last carries the request's usage (`UsageTally`). With
-    ``include_usage`` (``stream_options``) a choice-less usage chunk follows it. Empty non-final texts are skipped.
-    Closing this generator closes ``rest`` (the runtime stream), which aborts the request.
+    ``include_usage`` (``stream_options``) a choice-less usage chunk follows it. ``logprobs`` (when the request
+    asked for them) makes each choice's formatter (:mod:`xinf_sglang.logprobs_format`). Empty non-final texts
+    without logprobs are skipped. Closing this generator closes ``rest`` (the runtime stream), which aborts the
+    request.
     """
     try:
         chunk: Optional["StreamChunk"] = first
         pending_echo = dict.fromkeys(range(n), echo)
         tally = UsageTally(n)
+        formatters: Dict[int, LogprobFormatter] = {}
         while chunk is not None:
             text = pending_echo.pop(chunk.index, "") + chunk.text
+            lp = None
+            if logprobs is not None:
+                lp = formatters.setdefault(chunk.index, logprobs()).chunk(chunk)
             if chunk.finish_reason is not None:
                 final_usage = tally.add(chunk)
-                yield completion_chunk(request_id, model_uid, text, chunk.finish_reason, final_usage, chunk.index)
+                yield completion_chunk(request_id, model_uid, text, chunk.finish_reason, final_usage, chunk.index, lp)
                 if final_usage is not None:
                     if include_usage:
                         yield completion_chunk(request_id, model_uid, None, None, final_usage)
                     return
-            elif text:
-                yield completion_chunk(request_id, model_uid, text, None, None, chunk.index)
+            elif text or (lp is not None and lp["tokens"]):
+                yield completion_chunk(request_id, model_uid, text, None, None, chunk.index, lp)
             chunk = await rest.__anext__()
     finally:
         await rest.aclose()
@@ -104,6 +114,7 @@ async def collect_completion(
     reason; choices in index order; the usage); the stream is closed however this ends."""
     texts: Dict[int, List[str]] = {}
     finish_reasons: Dict[int, Optional[str]] = {}
+    logprobs: Dict[int, List[Any]] = {}
     final_usage: Optional[Dict[str, Any]] = None
     try:
         async for chunk in chunks:
@@ -111,10 +122,11 @@ async def collect_completion(
                 i = choice.get("index", 0)
                 texts.setdefault(i, []).append(choice.get("text") or "")
                 finish_reasons[i] = choice.get("finish_reason") or finish_reasons.get(i)
+                logprobs.setdefault(i, []).append(choice.get("logprobs"))
             final_usage = chunk.get("usage") or final_usage
     finally:
         await chunks.aclose()
-    choices = [_choice("".join(texts[i]), finish_reasons.get(i), i) for i in sorted(texts)]
+    choices = [_choice("".join(texts[i]), finish_reasons.get(i), i, merge_logprobs(logprobs[i])) for i in sorted(texts)]
     completion = _completion(request_id, model_uid, choices)
     completion["usage"] = final_usage
     return completion
@@ -131,5 +143,7 @@ def _completion(request_id: str, model_uid: str, choices: List[Dict[str, Any]]) 
     }
 
 
-def _choice(text: str, finish_reason: Optional[str], index: int = 0) -> Dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def _choice(
+    text: str, finish_reason: Optional[str], index: int = 0, logprobs: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
