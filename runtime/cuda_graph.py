@@ -106,9 +106,19 @@ class CudaGraphRunner:
         ``host_fields`` is ``int64 [3, B]`` on the device: each row's position, request row and length; ``input_ids``
         and ``out_cache_loc`` are ``int64 [B]``. The request->token table gets the new slots in the same launch
         that fills the static inputs."""
-        bs = input_ids.shape[0]
-        padded = self.sizes[bisect.bisect_left(self.sizes, bs)]
+        padded = self.prepare(host_fields, input_ids, out_cache_loc)
+        return self.launch(padded, input_ids.shape[0])
+
+    def prepare(self, host_fields: torch.Tensor, input_ids: torch.Tensor, out_cache_loc: torch.Tensor) -> int:
+        """The first half of `replay`: fill ``static[:, :padded]`` and the table's new slots; returns ``padded``,
+        the captured size that will run (a tensor-parallel rank 0 sends the filled inputs between the halves)."""
+        padded = self.sizes[bisect.bisect_left(self.sizes, input_ids.shape[0])]
         fill_decode_inputs(self.static[:, :padded], host_fields, input_ids, out_cache_loc, self.req_to_token)
+        return padded
+
+    def launch(self, padded: int, batch_size: int) -> torch.Tensor:
+        """The second half of `replay`: run the graph of size ``padded`` on ``static[:, :padded]`` as it is now;
+        the logits of the first ``batch_size`` rows."""
         self.attn.init_forward_metadata_replay(self._static_batch(padded))
         self.graphs[padded].replay()
-        return self.outputs[padded][:bs]
+        return self.outputs[padded][:batch_size]

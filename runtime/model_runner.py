@@ -88,19 +88,14 @@ class ModelRunner:
         self.sampler = sampler
         self.vocab_size = model.cfg.vocab_size
         self._pin = device.type == "cuda"  # stage host->device index copies in page-locked memory
-        self.graphs = None  # a CudaGraphRunner once enable_cuda_graphs() ran
+        # Decode graphs (`CudaGraphRunner`, or `tp.LeaderGraphs` under tensor parallelism), set by startup when used.
+        self.graphs = None
         # Host memory for sampled tokens (page-locked on CUDA, so the copy is asynchronous), one row per request
         # row of the table; two buffers used in turn: with overlap, the step being resolved still reads the other.
         self._host_tokens = [_host_buffer(req_to_token.shape[0], device) for _ in range(2)]
         if device.type == "cpu":  # build the CPU kernels now, not during the first step
             cpu_linear.load()
             cpu_elementwise.load()
-
-    def enable_cuda_graphs(self, max_bs: int, max_context_len: int) -> None:
-        """Capture decode graphs for batch sizes up to ``max_bs`` (CUDA + Triton backend only)."""
-        from .cuda_graph import CudaGraphRunner
-
-        self.graphs = CudaGraphRunner(self.model, self.attn, max_bs, max_context_len, self.req_to_token, self.device)
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
         """Write the new slots into the request->token table and build the forward's index tensors.

@@ -25,6 +25,7 @@ from .allocator import ReqToTokenPool, TokenAllocator
 from .attention import AttentionBackend, TorchAttentionBackend
 from .config import EngineConfig
 from .constrained import GrammarBackend, LLGuidanceBackend
+from .cuda_graph import CudaGraphRunner
 from .errors import ConfigError
 from .distributed import TPInfo
 from .kv_pool import KVPool
@@ -39,7 +40,7 @@ from .prefix_cache import NoPrefixCache
 from .radix_cache import RadixCache
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerLimits
-from .tp import LeaderModel, TPLauncher, check_tp_size, resolve_tp_size
+from .tp import LeaderGraphs, LeaderModel, TPLauncher, check_tp_size, resolve_tp_size
 
 logger = logging.getLogger("xinf_sglang.runtime")
 
@@ -126,7 +127,9 @@ def build_runtime(config: EngineConfig, grammar_backend: Callable[[], GrammarBac
         model = shard.model if launcher is None else LeaderModel(shard.model, launcher, shard.req_to_token)
         sampler = Sampler(mc.vocab_size, device, grammar_backend)
         runner = ModelRunner(model, shard.kv_pool, shard.attn, shard.req_to_token, device, sampler)
-        _enable_cuda_graphs(config, runner, shard.attn, shard.plan, size)
+        graphs = decode_graphs(config, shard)
+        if graphs is not None:
+            runner.graphs = graphs if launcher is None else LeaderGraphs(graphs, model)
         limits = scheduler_limits(config, shard.plan, device)
         allocator = TokenAllocator(shard.plan.pool_tokens, device)
         prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
@@ -241,23 +244,19 @@ def _plan_memory(
     )
 
 
-def _enable_cuda_graphs(
-    config: EngineConfig, runner: ModelRunner, attn: AttentionBackend, plan: MemoryPlan, tp_size: int
-) -> None:
-    if runner.device.type != "cuda" or config.disable_cuda_graph:
-        return
-    if tp_size > 1:
-        # A graph replay on rank 0 would skip the broadcast that makes the other ranks run the step; graphs under
-        # tensor parallelism need every rank to replay in lockstep, which is not built yet.
-        logger.info("sglite: CUDA graphs are off with tp_size=%d (decode runs eagerly on every rank)", tp_size)
-        return
-    if not hasattr(attn, "init_cuda_graph_state"):
+def decode_graphs(config: EngineConfig, shard: Shard) -> CudaGraphRunner | None:
+    """This rank's decode CUDA graphs of its shard (None on CPU or with ``disable_cuda_graph``). Every rank calls
+    this at the same point of startup with the same config and the agreed memory plan, so all capture the same
+    sizes in the same order and the collectives inside the captures pair up across ranks."""
+    if shard.device.type != "cuda" or config.disable_cuda_graph:
+        return None
+    if not hasattr(shard.attn, "init_cuda_graph_state"):
         raise ConfigError(
             f"CUDA graphs need the triton attention backend (got {config.attention_backend!r}); "
-            f"set disable_cuda_graph=True to run {type(attn).__name__} eagerly"
+            f"set disable_cuda_graph=True to run {type(shard.attn).__name__} eagerly"
         )
-    max_bs = min(config.cuda_graph_max_bs or 256, plan.max_running_requests)
-    runner.enable_cuda_graphs(max_bs, plan.context_length)
+    max_bs = min(config.cuda_graph_max_bs or 256, shard.plan.max_running_requests)
+    return CudaGraphRunner(shard.model, shard.attn, max_bs, shard.plan.context_length, shard.req_to_token, shard.device)
 
 
 def resolve_device(device: str, rank: int = 0) -> torch.device:

@@ -4,20 +4,20 @@ one table, with whether decode really ran as graph replays; exits 1 on any misma
 
     python scripts/gpu_tp_parity.py            (scripts/gpu_run.sh tp-parity)
 
-Today decode under tp_size > 1 runs eagerly on every rank (startup logs "CUDA graphs are off with tp_size=2"), so
-the "graphs" rows report ``graphs=off``; they are here so the same run checks graphs per rank once they exist:
+Decode under tp_size > 1 runs as CUDA-graph replays on every rank (the "graphs" rows must say ``graphs=on``):
 
 - every rank captures the same sizes (`cuda_graph.capture_sizes` of the same ``max_bs``: the memory plan, hence
   ``max_running_requests``, is agreed over the ranks) in the same order, largest first, at the same point of
-  startup (rank 0 in `startup._enable_cuda_graphs`, ranks 1.. right after `build_shard` in `tp/worker.py`), so
-  the NCCL all-reduces and the logits gather inside the warm-ups and captures pair up across ranks. Rank 0
-  captures its shard (``LeaderModel.model``), not the `LeaderModel`: its broadcast cannot be in a graph.
-- each replay on rank 0: fill the static inputs (`fill_decode_inputs`), then, outside the graph, broadcast a
-  graph-step header (padded size, real size, table entries) and the filled ``static[:, :padded]`` plus the
-  `TableMirror` differences (computed after the fill, so the new slots are included); then replay. A follower
-  copies the payload into its own static tensor, writes the entries into its request->token table, runs
-  ``init_forward_metadata_replay`` for the padded batch and replays its graph of the same padded size.
-- on a failed replay the group fails as today (`TPLauncher.fail`; on NCCL the communicator is aborted).
+  startup (`startup.decode_graphs`: rank 0 in `build_runtime`, ranks 1.. right after `build_shard` in
+  `tp/worker.py`), so the NCCL all-reduces and the logits gather inside the warm-ups and captures pair up across
+  ranks. Rank 0 captures its shard (``LeaderModel.model``), not the `LeaderModel`: its broadcast cannot be in a
+  graph.
+- each replay on rank 0 (`tp.LeaderGraphs`): fill the static inputs (`CudaGraphRunner.prepare`), then, outside
+  the graph, broadcast a graph-step header (padded size, real size, table entries) and the filled
+  ``static[:, :padded]`` plus the `TableMirror` differences (computed after the fill, so the new slots are
+  included); then replay (`CudaGraphRunner.launch`). A follower copies the payload into its own static tensor,
+  writes the entries into its request->token table and launches its graph of the same padded size.
+- on a failed replay the group fails as for an eager step (`TPLauncher.fail`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def run_regime(model_dir: str, prompts: list[list[int]], refs: list[list[int]], 
         errors = [o.error for o in outs if o.error]
         retractions = engine.metrics()["retractions"]
         problems = engine.check_invariants()
-    ok = same == len(prompts) and not problems and not errors and (retractions > 0 or "retraction" not in name)
+    graphs_expected = "no graphs" not in name  # every other regime must decode as graph replays on every rank
+    ok = (same == len(prompts) and not problems and not errors and graphs == graphs_expected
+          and (retractions > 0 or "retraction" not in name))
     print(f"{name:<28}{same:>6}/{len(prompts):<3}{retractions:>13}  graphs={'on' if graphs else 'off':<4}"
           f"{'PASS' if ok else 'FAIL'} {problems or ''} {errors[:1] or ''}", flush=True)
     return ok

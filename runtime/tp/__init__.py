@@ -1,7 +1,8 @@
 """Tensor parallelism: one model over ``tp_size`` processes, one rank each (NCCL on CUDA, gloo on CPU).
 
 Rank 0 is the engine's own process: it runs the scheduler, the sampler and the grammar masks exactly as a
-single-rank engine does, with its model wrapped in a `LeaderModel` that broadcasts each forward batch first.
+single-rank engine does, with its model wrapped in a `LeaderModel` that broadcasts each forward batch first (and its decode graphs in
+`LeaderGraphs`, which broadcast each graph step's inputs).
 Ranks 1.. are processes it spawns (`TPLauncher`, `worker.py`): each holds its shard of the weights and of the KV
 heads, and follows the broadcast batches (`batch.py`), joining the all-reduces of the row-parallel layers and the
 vocab-parallel embedding and sending its slice of the logits to rank 0 (`TPGroup`). Nothing here is a global: the
@@ -11,12 +12,12 @@ group is an object built at startup and passed down to the layers as their ``tp`
 - group.py: `TPGroup`, the process group and the collectives the layers call; `RankFailure`.
 - batch.py: the per-step message (a typed header + the ForwardBatch tensors) and its broadcast.
 - launcher.py: rank 0's side: spawning, startup rendezvous, failure detection, shutdown.
-- leader.py: `LeaderModel`.  worker.py: the main of ranks 1..size-1.
+- leader.py: `LeaderModel`, `LeaderGraphs`.  worker.py: the main of ranks 1..size-1.
 """
 
 from .group import CommStats, RankFailure, TPGroup
 from .launcher import TPLauncher
-from .leader import LeaderModel
+from .leader import LeaderGraphs, LeaderModel
 from .options import check_tp_size, resolve_tp_size
 
-__all__ = ["CommStats", "LeaderModel", "RankFailure", "TPGroup", "TPLauncher", "check_tp_size", "resolve_tp_size"]
+__all__ = ["CommStats", "LeaderGraphs", "LeaderModel", "RankFailure", "TPGroup", "TPLauncher", "check_tp_size", "resolve_tp_size"]

@@ -1,8 +1,10 @@
 """The per-step message from rank 0 to the other ranks: a typed header, then the `ForwardBatch` tensors.
 
-Two broadcasts per step: a fixed-size header (`StepHeader`: run a forward of this shape, or stop) and one int64
-tensor holding every index tensor of the batch. A follower rebuilds the same `ForwardBatch` from them, so the
-scheduler's state (which slots, which rows) never has to exist outside rank 0.
+Two broadcasts per step: a fixed-size header (`StepHeader`: run a forward of this shape, replay a decode graph, or
+stop) and one int64 tensor holding every index tensor of the batch. A follower rebuilds the same `ForwardBatch`
+from them, so the scheduler's state (which slots, which rows) never has to exist outside rank 0. A graph step
+(`GraphStep`) carries rank 0's filled static graph inputs instead (``int64 [5, padded]``, `cuda_graph`): every rank
+captured the same sizes in the same order at startup, so the follower replays its own graph of the same size.
 
 A follower keeps its own request->token table. Rank 0's runner writes the new tokens' slots into its table in
 every forward, but the scheduler writes rows outside any forward too: a cached prefix at admission, a peer's
@@ -19,10 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from xinf_sglang.kernels.step_inputs import DECODE_FIELDS
+
 from ..forward_batch import ForwardBatch, ForwardMode
 from .group import TPGroup
 
-__all__ = ["Step", "StepHeader", "StepOp", "TableMirror", "receive_batch", "send_batch", "send_stop"]
+__all__ = [
+    "GraphStep", "Step", "StepHeader", "StepOp", "TableMirror", "receive_batch", "send_batch", "send_graph_step",
+    "send_stop",
+]
 
 TOKEN_FIELDS = ("input_ids", "positions", "out_cache_loc")  # [T] each
 ROW_FIELDS = ("req_pool_indices", "seq_lens", "extend_seq_lens", "extend_start_loc")  # [B]
@@ -33,6 +40,7 @@ MODES = tuple(ForwardMode)
 class StepOp(enum.IntEnum):
     FORWARD = 1
     STOP = 2
+    GRAPH = 3  # replay the decode graph of size num_tokens (padded) for batch_size real rows
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,16 @@ class Step:
     table_updates: torch.Tensor
 
 
+@dataclass(frozen=True)
+class GraphStep:
+    """A decode step as a graph replay: the static inputs ``[5, padded]`` (`kernels.step_inputs.DECODE_FIELDS`) of
+    which the first ``batch_size`` columns are real rows, and the request->token entries to write first."""
+
+    inputs: torch.Tensor
+    batch_size: int
+    table_updates: torch.Tensor
+
+
 class TableMirror:
     """Rank 0's copy of the request->token table as the followers have it (see the module docstring)."""
 
@@ -75,11 +93,10 @@ class TableMirror:
         self.table = table
         self.sent = table.clone()
 
-    def updates(self, fb: ForwardBatch) -> torch.Tensor:
-        """``[3, D]`` int64 (row, position, slot) of every entry of ``fb``'s rows, up to its longest sequence, that
-        changed since it was last sent; recorded as sent."""
-        rows = fb.req_pool_indices
-        width = int(fb.seq_lens.max()) if rows.numel() else 0
+    def updates(self, rows: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """``[3, D]`` int64 (row, position, slot) of every entry of the request rows ``rows``, up to their longest
+        sequence (``seq_lens``), that changed since it was last sent; recorded as sent."""
+        width = int(seq_lens.max()) if rows.numel() else 0
         now = self.table[rows, :width]
         changed = (now != self.sent[rows, :width]).nonzero()
         self.sent[rows, :width] = now
@@ -89,7 +106,7 @@ class TableMirror:
 
 def send_batch(group: TPGroup, fb: ForwardBatch, mirror: TableMirror) -> None:
     """Rank 0: broadcast ``fb`` and the request->token entries its rows need to the other ranks."""
-    updates = mirror.updates(fb)
+    updates = mirror.updates(fb.req_pool_indices, fb.seq_lens)
     parts = [getattr(fb, name).to(torch.int64) for name in TOKEN_FIELDS + ROW_FIELDS + ("logits_indices",)]
     header = StepHeader(StepOp.FORWARD, fb.mode, fb.num_tokens, fb.batch_size, int(updates.shape[1]),
                         int(fb.logits_indices.shape[0]))
@@ -97,17 +114,33 @@ def send_batch(group: TPGroup, fb: ForwardBatch, mirror: TableMirror) -> None:
     group.broadcast(torch.cat([*parts, updates.reshape(-1)]))
 
 
+def send_graph_step(group: TPGroup, inputs: torch.Tensor, batch_size: int, mirror: TableMirror) -> None:
+    """Rank 0: broadcast the filled graph inputs ``[5, padded]`` (the table already holds the new slots, so the
+    entries sent include them) before replaying its own graph of that size."""
+    fields = dict(zip(DECODE_FIELDS, inputs))
+    rows, lens = fields["req_pool_indices"][:batch_size], fields["seq_lens"][:batch_size]
+    updates = mirror.updates(rows, lens)
+    header = StepHeader(StepOp.GRAPH, ForwardMode.DECODE, inputs.shape[1], batch_size, int(updates.shape[1]))
+    group.broadcast(header.to_tensor(group.device))
+    group.broadcast(torch.cat([inputs.reshape(-1), updates.reshape(-1)]))
+
+
 def send_stop(group: TPGroup) -> None:
     """Rank 0: tell the other ranks to leave their step loop."""
     group.broadcast(StepHeader(StepOp.STOP).to_tensor(group.device))
 
 
-def receive_batch(group: TPGroup) -> Step | None:
+def receive_batch(group: TPGroup) -> Step | GraphStep | None:
     """A follower: the next step, or None when rank 0 said stop. Waits as long as the engine idles."""
     header = StepHeader.from_tensor(group.broadcast(torch.empty(StepHeader.LENGTH, dtype=torch.int64,
                                                                 device=group.device), idle=True))
     if header.op is StepOp.STOP:
         return None
+    if header.op is StepOp.GRAPH:
+        width, d = len(DECODE_FIELDS) * header.num_tokens, header.table_updates
+        payload = group.broadcast(torch.empty(width + 3 * d, dtype=torch.int64, device=group.device))
+        inputs, updates = payload.split([width, 3 * d])
+        return GraphStep(inputs.view(len(DECODE_FIELDS), header.num_tokens), header.batch_size, updates.view(3, d))
     t, b, d, r = header.num_tokens, header.batch_size, header.table_updates, header.logit_rows
     sizes = [t] * len(TOKEN_FIELDS) + [b] * len(ROW_FIELDS) + [r, 3 * d]
     payload = group.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=group.device))

@@ -1,19 +1,23 @@
-"""`LeaderModel`: rank 0's model in a tensor-parallel engine."""
+"""`LeaderModel` and `LeaderGraphs`: rank 0's model and decode graphs in a tensor-parallel engine."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
 from ..attention import AttentionBackend
+from ..cuda_graph import CudaGraphRunner
 from ..forward_batch import ForwardBatch
 from ..models.decoder import DecoderLM
-from .batch import TableMirror, send_batch
+from .batch import TableMirror, send_batch, send_graph_step
 
 if TYPE_CHECKING:
     from .launcher import TPLauncher
+
+T = TypeVar("T")
 
 
 class LeaderModel(nn.Module):
@@ -36,10 +40,46 @@ class LeaderModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """The logits of ``batch`` over the whole vocabulary (gathered here from every rank's slice)."""
+
+        def step() -> torch.Tensor:
+            send_batch(self.launcher.group, batch, self.mirror)
+            return self.model(batch, attn)
+
+        return self.run_step(step)
+
+    def run_step(self, step: Callable[[], T]) -> T:
+        """Run one step of the group (``step`` broadcasts, then computes); any failure finishes the group."""
         if self.launcher.failure is not None:
             raise self.launcher.failure
         try:
-            send_batch(self.launcher.group, batch, self.mirror)
-            return self.model(batch, attn)
+            return step()
         except Exception as e:
             raise self.launcher.fail(e) from e
+
+
+class LeaderGraphs:
+    """Rank 0's decode graphs under tensor parallelism, with `CudaGraphRunner`'s interface (``fits``, ``replay``).
+
+    ``graphs`` captured rank 0's shard (``LeaderModel.model``: a broadcast cannot be inside a graph), while every
+    other rank captured the same sizes in the same order (`runtime.startup.decode_graphs`), so the collectives
+    inside the graphs pair up. Each replay fills the static inputs, broadcasts them (with the table entries the
+    followers lack) and replays; a follower replays its graph of the same size on the same inputs.
+    """
+
+    def __init__(self, graphs: CudaGraphRunner, leader: LeaderModel) -> None:
+        self.graphs = graphs
+        self.leader = leader
+
+    def fits(self, batch_size: int) -> bool:
+        return self.graphs.fits(batch_size)
+
+    def replay(self, host_fields: torch.Tensor, input_ids: torch.Tensor, out_cache_loc: torch.Tensor) -> torch.Tensor:
+        """`CudaGraphRunner.replay` on every rank."""
+        bs = input_ids.shape[0]
+
+        def step() -> torch.Tensor:
+            padded = self.graphs.prepare(host_fields, input_ids, out_cache_loc)
+            send_graph_step(self.leader.launcher.group, self.graphs.static[:, :padded], bs, self.leader.mirror)
+            return self.graphs.launch(padded, bs)
+
+        return self.leader.run_step(step)

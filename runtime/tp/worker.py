@@ -19,7 +19,8 @@ import traceback
 import torch
 
 from ..config import EngineConfig
-from .batch import Step, receive_batch
+from ..cuda_graph import CudaGraphRunner
+from .batch import GraphStep, receive_batch
 from .group import TPGroup, connect_store
 
 PARENT_POLL_S = 0.5
@@ -42,28 +43,37 @@ def main(argv: list[str]) -> int:
 
 def serve(config: EngineConfig, rank: int, size: int, store) -> None:
     """Build this rank's shard and follow rank 0's steps until it says stop."""
-    from ..startup import build_shard, resolve_device  # startup imports this package
+    from ..startup import build_shard, decode_graphs, resolve_device  # startup imports this package
 
     device = resolve_device(config.device, rank)
     if device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     group = TPGroup.connect(rank, size, store, device, config.tp_timeout_s)
     shard = build_shard(config, group)
-    follow(shard, group)
+    graphs = decode_graphs(config, shard)  # where rank 0 captures its own: the captures' collectives pair up
+    follow(shard, group, graphs)
 
 
 @torch.inference_mode()
-def follow(shard, group: TPGroup) -> None:
-    """Run each broadcast batch through this rank's shard (its logits slice goes to rank 0 in the LM head)."""
+def follow(shard, group: TPGroup, graphs: CudaGraphRunner | None) -> None:
+    """Run each broadcast batch through this rank's shard (its logits slice goes to rank 0 in the LM head), or
+    replay this rank's graph of the size rank 0 replays."""
     while (step := receive_batch(group)) is not None:
-        _write_slots(shard.req_to_token, step)
-        shard.attn.init_forward_metadata(step.batch)
-        shard.model(step.batch, shard.attn)
+        _write_slots(shard.req_to_token, step.table_updates)
+        if isinstance(step, GraphStep):
+            if graphs is None:
+                raise RuntimeError("rank 0 replays a decode graph but this rank captured none (configs differ?)")
+            padded = step.inputs.shape[1]
+            graphs.static[:, :padded].copy_(step.inputs)
+            graphs.launch(padded, step.batch_size)
+        else:
+            shard.attn.init_forward_metadata(step.batch)
+            shard.model(step.batch, shard.attn)
 
 
-def _write_slots(req_to_token: torch.Tensor, step: Step) -> None:
+def _write_slots(req_to_token: torch.Tensor, table_updates: torch.Tensor) -> None:
     """Make this rank's request->token rows equal rank 0's where the step reads them (`batch.TableMirror`)."""
-    rows, positions, slots = step.table_updates
+    rows, positions, slots = table_updates
     req_to_token[rows, positions] = slots.to(torch.int32)
 
 
