@@ -39,6 +39,7 @@ from . import forced_tools
 from .launch_options import LaunchOptions, split_model_config, to_engine_config
 from .logprobs_format import LogprobFormatter
 from .matching import GGUF_FORMAT, SUPPORTED_ARCHITECTURES, gguf_file, match_model
+from .metrics import metric_labels, replica_model_uid
 from .openai_format import collect_completion, completion_chunks
 from .registration import ENGINE_NAME, complete_late_registration, declare_in_virtualenv
 from .request_mapping import RequestMappingError, RequestOptions, map_request
@@ -93,6 +94,7 @@ class SgliteModel(LLM):
         self._context_length = 0
         self._active_requests: set[str] = set()
         self._aborted_by_client = 0  # streams closed before they finished (client disconnects, aborts)
+        self._replica_model_uid = model_uid  # this process's replica (<uid>-rep<n>), found at load
         logger.info("%s: launch options for %s: %s", ENGINE_NAME, model_uid, self._options.model_dump())
 
     # ---- Xinference engine contract: discovery ----
@@ -134,7 +136,9 @@ class SgliteModel(LLM):
             options = options.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
         started = time.monotonic()
         try:
-            self._engine = Engine(to_engine_config(options, self._checkpoint_path()))
+            self._replica_model_uid = replica_model_uid(self.model_uid)
+            labels = metric_labels(self._replica_model_uid, self.model_family.model_name)
+            self._engine = Engine(to_engine_config(options, self._checkpoint_path()), metric_labels=labels)
         except ConfigError as e:
             raise ValueError(f"sglite cannot load {self.model_path}: {e}") from None
         self._tokenizer = self._engine.tokenizer
@@ -143,6 +147,9 @@ class SgliteModel(LLM):
             self._failure_watch = FailureWatch(self.model_uid, self._engine.tp, lambda: len(self._active_requests),
                                                self._engine.shutdown)
         chat.prepare_parsers(self, self._reasoning_content, self._enable_thinking)
+        if self._engine.metrics_endpoint is not None:
+            logger.info("%s: %s serves Prometheus metrics at %s", ENGINE_NAME, self._replica_model_uid,
+                        self._engine.metrics_endpoint.url)
         logger.info(
             "%s: %s loaded on %s in %.1fs, context_length=%d",
             ENGINE_NAME, self.model_uid, options.device, time.monotonic() - started, self._context_length,
@@ -171,7 +178,7 @@ class SgliteModel(LLM):
     def sglite_metrics(self) -> Dict[str, Any]:
         """Runtime counters (KV pool, running/waiting requests, cache hit rate) plus this plugin's own.
 
-        Reach it through Xinference's model actor, e.g. ``xinf_sglang.metrics.get_runtime_metrics``.
+        Reach it through Xinference's model actor, e.g. ``xinf_sglang.metrics.get_runtime_metrics`` (per replica).
         """
         if self._engine is None:
             raise RuntimeError(f"model {self.model_uid} is not loaded")
@@ -182,6 +189,8 @@ class SgliteModel(LLM):
             context_length=self._context_length,
             launch_options=self._options.model_dump(),
             pid=os.getpid(),
+            replica_model_uid=self._replica_model_uid,
+            prometheus_url=self._engine.metrics_endpoint.url if self._engine.metrics_endpoint is not None else None,
         )
         return metrics
 
