@@ -178,3 +178,16 @@ def test_histogram_buckets_and_quantile():
     later = Histogram((0.1, 1.0, 10.0))
     assert later.snapshot().quantile(0.5) is None
     assert snap.minus(later.snapshot()) == snap
+
+
+def test_tensor_parallel_engine_exports_rank0_counters(model_dir):
+    """Under tensor parallelism rank 0 owns the scheduler and the endpoint; the counters are the requests'."""
+    with make_engine(model_dir, tp_size=2, metrics_port=0, stats_interval_s=0) as engine:
+        engine.generate(input_ids=[[5] * 20, [6] * 12], sampling_params=SamplingParams(max_new_tokens=7,
+                                                                                       ignore_eos=True))
+        s = scrape(engine.metrics_endpoint.url)
+        assert s.value("sglite_prompt_tokens_total") == 32
+        assert s.value("sglite_generated_tokens_total") == 14
+        assert s.value("sglite_time_to_first_token_seconds_count") == 2
+        assert s.value("sglite_inter_token_latency_seconds_count") == 2 * 6
+        assert s.value("sglite_memory_plan_bytes", component="kv_pool") == engine.memory_plan.kv_pool_bytes
