@@ -1,5 +1,8 @@
 """Patch 3 of :mod:`xinf_sglang.xinference_compat`: ``n`` and ``logit_bias`` reach sglite models over HTTP.
 
+(It also lets ``max_tokens=0``, prompt scoring with ``echo`` and ``logprobs``, reach sglite models: Xinference's
+request model refuses it (``ge=1``); it is taken out of the body the same way and forwarded as ``max_new_tokens``.)
+
 Xinference 4.1's ``RESTfulAPI.create_completion`` and ``create_chat_completion`` leave ``n`` and ``logit_bias``
 out of the generate config of every engine (their ``exclude`` sets), so ``n=3`` silently gives one choice, and
 they answer any ``logit_bias`` with a 501 "Not implemented" before the model is even looked up. The patch wraps
@@ -95,6 +98,10 @@ async def _take_fields(api: Any, request: Any, engine_name: str) -> Optional[Dic
     asked = {k: body[k] for k in FIELDS if body.get(k) is not None}
     if asked.get("n") == 1:
         del asked["n"]  # one choice is what Xinference gives anyway
+    if body.get("max_tokens") == 0 and not isinstance(body["max_tokens"], bool):
+        # Prompt scoring (echo + logprobs, nothing generated): Xinference's request model wants max_tokens >= 1,
+        # and its handler overwrites an unset max_tokens afterwards, so it travels as sglite's max_new_tokens.
+        asked["max_tokens"] = 0
     if not asked or not await _served_by(api, body.get("model"), engine_name):
         return None
     if not forwarding_enabled():
@@ -109,7 +116,7 @@ async def _take_fields(api: Any, request: Any, engine_name: str) -> Optional[Dic
         return None  # logit_bias: Xinference's own 501
     for key in asked:
         del body[key]
-    return asked
+    return {("max_new_tokens" if key == "max_tokens" else key): value for key, value in asked.items()}
 
 
 async def _served_by(api: Any, model_uid: Any, engine_name: str) -> bool:
