@@ -14,7 +14,9 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -40,6 +42,11 @@ class RunOutcomes:
     duration_s: float
 
 
+Sender = Callable[[Any, Api, dict[str, Any], int], Awaitable[RequestOutcome]]
+"""``sender(target, api, body, turn)`` sends one request and times it: :func:`client.send` over HTTP (the
+default), or ``direct.send_direct`` to an in-process engine."""
+
+
 def arrival_offsets(count: int, rate: float, rng: random.Random) -> list[float]:
     """Seconds after the start at which each of ``count`` conversations starts: 0, then exponential gaps."""
     if math.isinf(rate):
@@ -51,21 +58,23 @@ def arrival_offsets(count: int, rate: float, rng: random.Random) -> list[float]:
     return offsets
 
 
-async def run_workload(client: httpx.AsyncClient, workload: Workload, spec: RunSpec) -> RunOutcomes:
-    """Send ``workload`` to ``spec.model`` as ``spec`` says; returns when every request has ended."""
+async def run_workload(client: httpx.AsyncClient | Any, workload: Workload, spec: RunSpec,
+                       sender: Sender = send) -> RunOutcomes:
+    """Send ``workload`` to ``spec.model`` as ``spec`` says, each request through ``sender(client, ...)``;
+    returns when every request has ended."""
     cap = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
     offsets = arrival_offsets(len(workload.conversations), spec.request_rate, random.Random(spec.seed))
     start = time.perf_counter()
     per_conversation = await asyncio.gather(*(
-        _conversation(client, workload.api, spec.model, conversation, start + offset, cap)
+        _conversation(client, workload.api, spec.model, conversation, start + offset, cap, sender)
         for conversation, offset in zip(workload.conversations, offsets)
     ))
     duration = time.perf_counter() - start
     return RunOutcomes([o for outcomes in per_conversation for o in outcomes], duration)
 
 
-async def _conversation(client: httpx.AsyncClient, api: Api, model: str, conversation: Conversation, at: float,
-                        cap: asyncio.Semaphore | None) -> list[RequestOutcome]:
+async def _conversation(client: httpx.AsyncClient | Any, api: Api, model: str, conversation: Conversation, at: float,
+                        cap: asyncio.Semaphore | None, sender: Sender) -> list[RequestOutcome]:
     """The conversation's turns in order; after a failed turn the rest are failed unsent (they need its answer)."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     history: list[dict[str, str]] = []
@@ -77,7 +86,7 @@ async def _conversation(client: httpx.AsyncClient, api: Api, model: str, convers
         history.append({"role": "user", "content": turn.text})
         prompt = _prompt(api, conversation.system, history)
         async with cap or contextlib.nullcontext():
-            outcome = await send(client, api, request_body(api, model, prompt, turn.output_len), index)
+            outcome = await sender(client, api, request_body(api, model, prompt, turn.output_len), index)
         outcomes.append(outcome)
         history.append({"role": "assistant", "content": outcome.text})
     return outcomes
