@@ -525,7 +525,8 @@ def test_batch_mask_equals_row_by_row_masking(backend: LLGuidanceBackend, tokeni
         reqs = [Req(f"r{row}", [1], greedy, frozenset(), 64) for row in range(n)]
         for req, (batched, _) in zip(reqs, batch):
             req.grammar = batched
-        tokens = sampler.sample(logits.clone(), reqs).tolist()
+        tokens, _ = sampler.sample(logits.clone(), reqs)
+        tokens = tokens.tolist()
         assert tokens == expected.argmax(dim=-1).tolist()
         for token, (batched, single) in zip(tokens, batch):
             if batched is not None:
