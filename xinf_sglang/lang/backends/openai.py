@@ -54,14 +54,24 @@ class OpenAI(Backend):
         headers = {"Authorization": f"Bearer {api_key}"}
         with httpx.Client(timeout=timeout, headers=headers) as http:
             described = http.get(f"{root}/v1/models/{self.model_uid}")
-            if described.status_code == 404:
-                raise LangError(f"the server at {root} serves no model {self.model_uid!r}")
             if described.status_code != 200:
+                # Xinference answers 400 for an unknown uid, others 404: the model list is the common ground.
+                self._check_served(http, root)
                 return None
             name = described.json().get("model_name")
             registered = http.get(f"{root}/v1/model_registrations/LLM/{name}")
         template = registered.json().get("chat_template") if registered.status_code == 200 else None
         return template if isinstance(template, str) and ("{{" in template or "{%" in template) else None
+
+    def _check_served(self, http: Any, root: str) -> None:
+        """Raise unless ``GET /v1/models`` lists ``model_uid`` (a server without the list is taken at its word)."""
+        listed = http.get(f"{root}/v1/models")
+        if listed.status_code != 200:
+            return
+        data = listed.json().get("data", [])
+        served = sorted(str(m.get("id")) for m in data if isinstance(m, dict))
+        if self.model_uid not in served:
+            raise LangError(f"the server at {root} serves no model {self.model_uid!r}; it serves {served}")
 
     def generate(self, text: str, params: GenParams) -> GenResult:
         reply = self._complete(self._request(text, params))
@@ -87,7 +97,7 @@ class OpenAI(Backend):
         def one(continuation: str) -> list[TokenScore]:
             reply = self._complete(dict(model=self.model_uid, prompt=text + continuation, max_tokens=0, echo=True,
                                         logprobs=1, temperature=0))
-            scored = _scored_suffix(reply.choices[0].logprobs, len(text))
+            scored = _scored_suffix(reply.choices[0].logprobs, len(text), len(text + continuation))
             if not scored:
                 raise LangError(f"select cannot score {continuation!r} after {text[-40:]!r}: the server scored no token")
             return scored
@@ -142,14 +152,18 @@ def _token_scores(logprobs: Any) -> list[TokenScore]:
     return [TokenScore(lp, None, tok) for tok, lp in zip(logprobs.tokens, logprobs.token_logprobs) if lp is not None]
 
 
-def _scored_suffix(logprobs: Any, prefix_chars: int) -> list[TokenScore]:
-    """The echoed prompt tokens that reach past the first ``prefix_chars`` characters (the continuation's)."""
+def _scored_suffix(logprobs: Any, prefix_chars: int, prompt_chars: int) -> list[TokenScore]:
+    """The echoed prompt tokens that reach past the first ``prefix_chars`` characters (the continuation's), and
+    start before ``prompt_chars`` (not generated ones)."""
     if logprobs is None or not logprobs.tokens:
         raise LangError("the server returned no prompt logprobs (completions with echo=True, logprobs=1)")
     tokens, values = logprobs.tokens, logprobs.token_logprobs
     offsets = logprobs.text_offset or _cumulative([len(t) for t in tokens])
     ends = [*offsets[1:], offsets[-1] + len(tokens[-1])]
-    return [TokenScore(v, None, t) for t, v, end in zip(tokens, values, ends) if end > prefix_chars and v is not None]
+    return [
+        TokenScore(v, None, t) for t, v, start, end in zip(tokens, values, offsets, ends)
+        if end > prefix_chars and start < prompt_chars and v is not None
+    ]
 
 
 def _cumulative(lengths: list[int]) -> list[int]:
