@@ -59,7 +59,9 @@ def make_prompts(tok, count: int) -> list[list[int]]:
     chats = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                           tokenize=True, return_dict=True)["input_ids"]) for q in QUESTIONS]
     ids = tok.encode(CORPUS, add_special_tokens=False)
-    plain = [ids[i * 997: i * 997 + 8 + 292 * i // max(1, count - 1)] for i in range(count)]
+    span = max(1, len(ids) - 300)  # every cut starts early enough to hold its ~300 tokens (never empty)
+    plain = [ids[(i * 997) % span:][:8 + 292 * i // max(1, count - 1)] for i in range(count)]
+    assert all(plain), "the corpus is too short for the prompt cuts"
     return [p for pair in zip(chats * (count // len(chats) + 1), plain) for p in pair][:count]
 
 

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=9997, help="port of the Xinference REST API (default 9997)")
     parser.add_argument(
         "--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
-        help=f"where the tiny demo checkpoint lives; made if missing (default {DEFAULT_MODEL_DIR})",
+        help=f"the checkpoint folder to serve (e.g. sglite fetch-smollm2's hf_dir); the tiny demo checkpoint is "
+        f"made there if it is missing (default {DEFAULT_MODEL_DIR})",
     )
 
 
@@ -137,7 +138,9 @@ class _Demo:
         _say(f"Xinference is up after {time.monotonic() - started:.0f}s")
 
     def register_model(self) -> None:
-        family = custom_llm_family(self.model_dir, MODEL_NAME, "sglite's tiny random-weight demo checkpoint")
+        # The chat template goes into the registration so that clients can read it (xinf_sglang.lang.OpenAI
+        # renders a program's roles with it; examples/lang_*.py run against this server).
+        family = custom_llm_family(self.model_dir, MODEL_NAME, f"sglite demo: {self.model_dir}", chat_template=True)
         _say(f"registering {self.model_dir} as the custom LLM {MODEL_NAME!r} (POST /v1/model_registrations/LLM)")
         status, body = self._http(
             "POST", "/v1/model_registrations/LLM", {"model": json.dumps(family), "persist": True}
