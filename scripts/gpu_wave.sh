@@ -22,11 +22,40 @@ if [[ $call == prepare ]]; then
   split -n 2 -d "$gguf" .whl/gguf/part; mkdir -p .whl2; mv .whl/gguf/part01 .whl2/; sha256sum "$gguf" | cut -d' ' -f1 > .whl/gguf/sha256
   exit 0
 fi
+if [[ $call == prepare3 ]]; then  # call 3: .whl3 = sglite + deps + Xinference (without its thirdparty models)
+  set -e; rm -rf .whl3 /tmp/xw3; mkdir -p .whl3 /tmp/xw3
+  cp .whl/*.whl .whl3/; mkdir .whl3/old; cp .whl/old/*.whl .whl3/old/
+  P="--only-binary=:all: --python-version 3.12 --implementation cp"
+  for t in 2_17 2_27 2_28 2_31 2_34 2_35; do P+=" --platform manylinux_${t}_x86_64"; done
+  python3 -m pip download -q --no-deps $P --platform manylinux2014_x86_64 -d /tmp/xw3 xinference==4.1.0 \
+    xoscar==0.12.2 click==8.1.8 fastapi==0.136.1 starlette==1.10.0 python-multipart orjson uvicorn==0.55.0 \
+    sse-starlette==3.7.1 openai==3.57.0 anthropic==2.16.0 jiter distro sniffio docstring-parser python-jose ecdsa \
+    rsa pyasn1 cryptography cffi pycparser bcrypt aioprometheus==23.12.0 async-timeout setproctitle tblib \
+    modelscope==1.40.2 modelscope-hub==0.5.1
+  python3 -m pip download -q --no-deps --no-binary=:none: -d /tmp/xw3 quantile-python==1.1 || true
+  (cd /tmp/xw3 && for w in xinference-*.whl; do
+     mkdir x && cd x && python3 -m zipfile -e ../$w . && (cd xinference/thirdparty && rm -rf indextts deepseek_vl2 melo controlnet magika cosyvoice f5_tts mineru ace_step_1_5) \
+       && grep -v -E "^xinference/thirdparty/(indextts|deepseek_vl2|melo|controlnet|magika|cosyvoice|f5_tts|mineru|ace_step_1_5)/" xinference-*.dist-info/RECORD > R && mv R xinference-*.dist-info/RECORD \
+       && python3 -m zipfile -c ../$w xinference xinference-*.dist-info && cd .. && rm -rf x; done)
+  mv /tmp/xw3/* .whl3/; du -sh .whl3; exit 0
+fi
 out=${OUT:-/tmp/sglite-wave}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WAVE_ROWS=$out/rows.jsonl WAVE_CALL=$call
 start=$(date +%s)
 smol=/root/smol/smollm2-135m-instruct
-if [[ $call == 1 ]]; then
+if [[ $call == 3 ]]; then  # bench (c) A/B, then the plugin through Xinference on the GPU
+  pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+  pipi /tmp/site $(ls .whl3/*.whl .whl3/*.tar.gz 2>/dev/null) >"$out/install.log" 2>&1 || { tail -20 "$out/install.log"; exit 1; }
+  pipi /root/ab/new .whl3/xinf_sglang-*.whl && pipi /root/ab/old .whl3/old/xinf_sglang-*.whl || exit 1
+  echo "import site; site.addsitedir('/tmp/site')" > /tmp/site/sitecustomize.py  # .pth hooks (sglite's engine)
+  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH XINFERENCE_ENABLE_VIRTUAL_ENV=0
+  ln -sf /tmp/site/bin/xinference-local "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/"
+  deadline=$((start + ${WAVE_BUDGET_S:-230}))
+  python3 scripts/gpu_ab.py --workload c --old /root/ab/old --new /root/ab/new --rounds 1 --num-prompts 200 \
+    --deadline $deadline --estimate-s 90 --log "$out/ab.log" 2>&1 | grep -E "\[row\]|\[ab\]"
+  timeout ${XINF_BUDGET_S:-300} python3 scripts/gpu_xinference.py --out "$out" --sweep ${SWEEP:-1,16,64,256} \
+    2>&1 | tee "$out/xinference_run.log" | grep -E "\[row\]|Error|error|\\$" | head -40
+elif [[ $call == 1 ]]; then
   pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
   deps=$(ls .whl/*.whl | grep -v xinf_sglang)
   pipi /tmp/site $deps .whl/xinf_sglang-*.whl >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
