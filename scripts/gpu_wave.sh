@@ -25,14 +25,15 @@ fi
 if [[ $call == prepare3 ]]; then  # call 3: .whl3 = sglite + deps + Xinference (without its thirdparty models)
   set -e; rm -rf .whl3 /tmp/xw3; mkdir -p .whl3 /tmp/xw3
   cp .whl/*.whl .whl3/; mkdir .whl3/old; cp .whl/old/*.whl .whl3/old/
+  rm .whl3/xinf_sglang-*.whl; .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl3 .  # HEAD
   P="--only-binary=:all: --python-version 3.12 --implementation cp"
   for t in 2_17 2_27 2_28 2_31 2_34 2_35; do P+=" --platform manylinux_${t}_x86_64"; done
   python3 -m pip download -q --no-deps $P --platform manylinux2014_x86_64 -d /tmp/xw3 xinference==4.1.0 \
     xoscar==0.12.2 click==8.1.8 fastapi==0.136.1 starlette==1.10.0 python-multipart orjson uvicorn==0.55.0 \
     sse-starlette==3.7.1 openai==3.57.0 anthropic==2.16.0 jiter distro sniffio docstring-parser python-jose ecdsa \
     rsa pyasn1 cryptography cffi pycparser bcrypt aioprometheus==23.12.0 async-timeout setproctitle tblib \
-    modelscope==1.40.2 modelscope-hub==0.5.1
-  python3 -m pip download -q --no-deps --no-binary=:none: -d /tmp/xw3 quantile-python==1.1 || true
+    modelscope==1.40.2 modelscope-hub==0.5.1 httpx2==2.16.2 httpcore2==2.16.2 truststore idna==3.20 anyio==4.16.0 h11
+  .venv/bin/pip wheel -q --no-deps -w /tmp/xw3 quantile-python==1.1  # sdist only on PyPI: built here
   (cd /tmp/xw3 && for w in xinference-*.whl; do
      mkdir x && cd x && python3 -m zipfile -e ../$w . && (cd xinference/thirdparty && rm -rf indextts deepseek_vl2 melo controlnet magika cosyvoice f5_tts mineru ace_step_1_5) \
        && grep -v -E "^xinference/thirdparty/(indextts|deepseek_vl2|melo|controlnet|magika|cosyvoice|f5_tts|mineru|ace_step_1_5)/" xinference-*.dist-info/RECORD > R && mv R xinference-*.dist-info/RECORD \
