@@ -49,7 +49,7 @@ def agent(s, question, max_steps=4):
         else:
             s += sgl.assistant(sgl.select(f"arg{step}", list(FACTS)))
             observation = FACTS[s[f"arg{step}"]]
-        s += sgl.user(f"Observation: {observation}. Continue.")
+        s += sgl.user(f"Observation: {observation.rstrip('.')}. Continue.")
     s += sgl.assistant("Final answer: " + sgl.gen("answer", max_tokens=48, stop="\n"))
 
 

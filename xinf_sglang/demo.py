@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     demo = _Demo(port=args.port, model_dir=Path(args.model_dir).expanduser(), keep_serving=args.keep_serving)
+    # SIGTERM (kill, a service manager) must shut the server down like Ctrl-C does; by default it would end this
+    # process alone and leave xinference-local and the model process running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return demo.run()
     except KeyboardInterrupt:
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         demo.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _DemoError(RuntimeError):
