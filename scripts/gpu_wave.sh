@@ -54,7 +54,7 @@ if [[ $call == 3 ]]; then  # bench (c) A/B, then the plugin through Xinference o
   deadline=$((start + ${WAVE_BUDGET_S:-230}))
   python3 scripts/gpu_ab.py --workload c --old /root/ab/old --new /root/ab/new --rounds 1 --num-prompts 200 \
     --deadline $deadline --estimate-s 90 --log "$out/ab.log" 2>&1 | grep -E "\[row\]|\[ab\]"
-  timeout ${XINF_BUDGET_S:-300} python3 scripts/gpu_xinference.py --out "$out" --sweep ${SWEEP:-1,16,64,256} \
+  timeout ${XINF_BUDGET_S:-300} python3 scripts/gpu_xinference.py --out "$out" --sweep ${SWEEP:-1,16,64,256} --num-prompts ${NUM_PROMPTS:-256} \
     2>&1 | tee "$out/xinference_run.log" | grep -E "\[row\]|Error|error|\\$" | head -40
 elif [[ $call == 1 ]]; then
   pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
