@@ -18,6 +18,7 @@ seconds)`` (whether or not the grammar is valid: the server-side compile reports
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -199,9 +200,10 @@ class CompileProcess:
 
         parent, child = Pipe()
         try:
-            # -I: the worker imports only llguidance and numpy (no user site, no PYTHONPATH, no script dir).
+            # -I: the worker imports only llguidance and numpy (no user site, no PYTHONPATH, no script dir), from
+            # the folders this process found them in (a PYTHONPATH-only install would otherwise hide them).
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", __file__, str(child.fileno())],
+                [sys.executable, "-I", __file__, str(child.fileno()), _import_roots("llguidance", "numpy")],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -219,6 +221,20 @@ class CompileProcess:
             why = f"exited while starting (status {self._proc.poll()})"
         self.close()
         raise RuntimeError(f"the grammar compile worker {why}")
+
+
+def _import_roots(*modules: str) -> str:
+    """The ``sys.path`` folders that hold ``modules`` in this process, joined with ``os.pathsep``."""
+    import importlib.util
+
+    roots = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            root = os.path.dirname(os.path.dirname(spec.origin))  # .../site/llguidance/__init__.py -> .../site
+            if root not in roots:
+                roots.append(root)
+    return os.pathsep.join(roots)
 
 
 def _serve(fd: int) -> None:
@@ -244,4 +260,5 @@ def _serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
+    sys.path[:0] = [p for p in (sys.argv[2] if len(sys.argv) > 2 else "").split(os.pathsep) if p]
     _serve(int(sys.argv[1]))
