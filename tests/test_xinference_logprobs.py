@@ -1,6 +1,6 @@
 """Log probabilities through a real ``xinference-local`` with the OpenAI client, on the real SmolLM2-135M-Instruct
 (float32 HF folder): chat ``logprobs=True, top_logprobs=5`` and completions ``logprobs=5``, streaming and not,
-against HF transformers' log-softmax on the same checkpoint (1e-4 absolute, float32 on CPU); completions
+against HF transformers' log-softmax on the same checkpoint (1e-3 absolute, float32 on CPU: see ``TOL``); completions
 ``echo=True`` with ``logprobs`` (prompt tokens first, the first one ``None``) and ``max_tokens=0`` scoring.
 
 Greedy decoding throughout, so the reply's tokens are HF's greedy tokens and one HF forward over prompt + reply
@@ -21,7 +21,11 @@ from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, regi
 from .xinference_server import server  # noqa: E402, F401  (pytest fixture)
 
 UID = "smol-logprobs"
-TOL = 1e-4
+# float32 through the server: the model process prefills in its own chunks and thread count, and a request whose
+# prompt is in the radix cache recomputes only its last token, so sglite's value for one position moves by ~1e-4
+# between a cold and a cached request (CI machine, stop 25: -1.346184 vs -1.346286 for "The") and HF's one forward
+# differs by up to 2.2e-4. A wrong position, token or normalisation is off by > 1e-2, far outside 1e-3.
+TOL = 1e-3
 TOP = 5
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 PROMPT = "The capital of France is"
@@ -72,12 +76,17 @@ def assert_entry(model_dir, token: str, logprob: float, top: dict[str, float], r
     """One position: the token's text and logprob, and the top-k texts and values, as HF's ``row`` has them."""
     assert token == text_of(model_dir, want_id)
     assert abs(logprob - row[want_id].item()) < TOL
-    best = row.topk(TOP)
-    want_top = {}
+    assert list(top.values()) == sorted(top.values(), reverse=True)
+    # HF's top-k up to near-ties: every returned token has HF's value within TOL, and none HF ranks clearly above
+    # the k-th (by more than TOL) is missing. Texts key the dict, so ids decoding to one text count once.
+    best = row.topk(TOP + 8)
+    hf_value: dict[str, float] = {}
     for i, v in zip(best.indices.tolist(), best.values.tolist()):
-        want_top.setdefault(text_of(model_dir, i), v)
-    assert list(top) == list(want_top)
-    assert max(abs(top[t] - want_top[t]) for t in top) < TOL
+        hf_value.setdefault(text_of(model_dir, i), v)
+    assert 1 <= len(top) <= TOP
+    assert all(t in hf_value and abs(v - hf_value[t]) < TOL for t, v in top.items()), (top, hf_value)
+    kth = sorted(hf_value.values(), reverse=True)[len(top) - 1]
+    assert all(t in top for t, v in hf_value.items() if v > kth + TOL), (top, hf_value)
 
 
 def chat_prompt_ids(model_dir: Path) -> list[int]:
