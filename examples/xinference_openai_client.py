@@ -15,7 +15,7 @@ import argparse
 
 from openai import OpenAI
 
-from xinf_sglang.metrics import get_runtime_metrics
+from xinf_sglang.serving.metrics import get_runtime_metrics
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """sglite's embedded runtime: continuous batching on a token-level KV pool with a radix prefix cache.
 
-Public API: ``Engine``, ``EngineConfig``, ``SamplingParams`` (and the output types in ``outputs``). Names are
+Public API: ``Engine``, ``EngineConfig``, ``SamplingParams`` (and the output types in ``engine.outputs``). Names are
 loaded on first use, so importing a light submodule (``xinf_sglang.runtime.config``) does not import torch.
 """
 
@@ -12,12 +12,12 @@ from typing import Any
 # public name -> submodule that defines it
 _EXPORTS = {
     "ConfigError": "errors",
-    "Engine": "engine",
+    "Engine": "engine.engine",
     "EngineConfig": "config",
-    "GenerateOutput": "outputs",
+    "GenerateOutput": "engine.outputs",
     "InvalidRequestError": "errors",
-    "SamplingParams": "sampling_params",
-    "StreamChunk": "outputs",
+    "SamplingParams": "sampling.sampling_params",
+    "StreamChunk": "engine.outputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -89,7 +89,7 @@ def load_tokenizer(path: str | None) -> tuple[Any, str]:
             return tok, "DeepSeek tokenizer shipped with xinference"
     except ImportError:
         pass
-    from xinf_sglang.runtime.tiny_model import make_tiny_model
+    from xinf_sglang.runtime.testing.tiny_model import make_tiny_model
 
     folder = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "qwen2")
     return AutoTokenizer.from_pretrained(folder), "tiny test tokenizer"

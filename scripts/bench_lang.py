@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     path = args.model
     if path == "tiny":
-        from xinf_sglang.runtime.tiny_model import make_tiny_model
+        from xinf_sglang.runtime.testing.tiny_model import make_tiny_model
 
         path = str(make_tiny_model(Path(tempfile.mkdtemp()), "qwen2", 0))
     rt = sgl.Runtime(model_path=path, device="cpu", max_total_tokens=65536)

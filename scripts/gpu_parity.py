@@ -39,8 +39,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from wave_rows import add_row  # noqa: E402  (scripts/ is this script's sys.path[0])
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
-from xinf_sglang.runtime.bench import make_workload  # noqa: E402
-from xinf_sglang.runtime.tiny_model import make_tiny_model  # noqa: E402
+from xinf_sglang.runtime.bench.offline import make_workload  # noqa: E402
+from xinf_sglang.runtime.testing.tiny_model import make_tiny_model  # noqa: E402
 
 NEW_TOKENS = 48
 LOGPROB_TOL = 1e-4

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
-from xinf_sglang.runtime.bench import seconds_per_run
+from xinf_sglang.runtime.bench.offline import seconds_per_run
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct (the real fixture of runtime/smollm2.py) on the GPU against HF transformers on the GPU.
+"""SmolLM2-135M-Instruct (the real fixture of runtime/testing/smollm2.py) on the GPU against HF transformers on the GPU.
 
 Rows (scripts/wave_rows.py):
 
@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from wave_rows import add_row  # noqa: E402
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
-from xinf_sglang.runtime.smollm2 import fetch_smollm2  # noqa: E402
+from xinf_sglang.runtime.testing.smollm2 import fetch_smollm2  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: the installed xinf_sglang stays first
 from tests.engine_helpers import CORPUS  # noqa: E402

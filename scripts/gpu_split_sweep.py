@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
-from xinf_sglang.runtime import attention_triton
+from xinf_sglang.runtime.layers.attention import triton_backend as attention_triton
 
 CONFIG = Path(__file__).parent.parent / "configs" / "llama-3.1-8b.json"
 

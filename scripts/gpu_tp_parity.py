@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from gpu_parity import NEW_TOKENS, hf_reference  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
-from xinf_sglang.runtime.bench import make_workload  # noqa: E402
-from xinf_sglang.runtime.tiny_model import make_tiny_model  # noqa: E402
+from xinf_sglang.runtime.bench.offline import make_workload  # noqa: E402
+from xinf_sglang.runtime.testing.tiny_model import make_tiny_model  # noqa: E402
 
 TP_SIZE = 2
 REGIMES = {

@@ -38,7 +38,7 @@ _kernels_package()
 # By module name: the package re-exports functions named like some of its modules.
 da = importlib.import_module("xinf_sglang.kernels.decode_attention")
 lin = importlib.import_module("xinf_sglang.kernels.linear")
-bench = importlib.import_module("xinf_sglang.runtime.bench")
+bench = importlib.import_module("xinf_sglang.runtime.bench.offline")
 
 HIDDEN, INTER, HQ, HKV, D, VOCAB = 4096, 14336, 32, 8, 128, 128256
 WEIGHTS = {  # name -> (N, K)

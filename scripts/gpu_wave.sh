@@ -18,7 +18,7 @@ if [[ $call == prepare ]]; then
   .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .
   rm -rf /tmp/oldwt; git worktree add -q -f /tmp/oldwt "$OLD_COMMIT"
   .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl/old /tmp/oldwt; git worktree remove -f /tmp/oldwt
-  gguf=$(.venv/bin/python -c "from xinf_sglang.runtime.smollm2 import fetch_smollm2; print(fetch_smollm2().gguf)")
+  gguf=$(.venv/bin/python -c "from xinf_sglang.runtime.testing.smollm2 import fetch_smollm2; print(fetch_smollm2().gguf)")
   split -n 2 -d "$gguf" .whl/gguf/part; mkdir -p .whl2; mv .whl/gguf/part01 .whl2/; sha256sum "$gguf" | cut -d' ' -f1 > .whl/gguf/sha256
   exit 0
 fi

@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wave_rows import add_row  # noqa: E402
 
-from xinf_sglang.custom_model import custom_llm_family  # noqa: E402
-from xinf_sglang.metrics import get_runtime_metrics  # noqa: E402
-from xinf_sglang.runtime.tiny_model import make_tiny_model  # noqa: E402
+from xinf_sglang.registration.custom_model import custom_llm_family  # noqa: E402
+from xinf_sglang.serving.metrics import get_runtime_metrics  # noqa: E402
+from xinf_sglang.runtime.testing.tiny_model import make_tiny_model  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: the installed xinf_sglang stays first
 from tests.xinference_server import http, running_server  # noqa: E402

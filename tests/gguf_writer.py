@@ -1,4 +1,4 @@
-"""GGUF fixtures of tiny HF checkpoints: `xinf_sglang.runtime.models.gguf_writer` plus the K quants.
+"""GGUF fixtures of tiny HF checkpoints: `xinf_sglang.runtime.testing.gguf_writer` plus the K quants.
 
 ``gguf.quants`` cannot quantize the K quants (Q2_K ... Q6_K); for those the writer gets random blocks with small
 scales (what is tested there is that the reader dequantizes, maps and un-permutes them exactly as transformers
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xinf_sglang.runtime.models import gguf_writer
-from xinf_sglang.runtime.models.gguf_writer import gguf_name, llama_cpp_permute, quantize_tensor
+from xinf_sglang.runtime.testing import gguf_writer
+from xinf_sglang.runtime.testing.gguf_writer import gguf_name, llama_cpp_permute, quantize_tensor
 
 __all__ = ["gguf_name", "llama_cpp_permute", "write_gguf"]
 

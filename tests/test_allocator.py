@@ -1,4 +1,4 @@
-"""Tests for the KV slot allocator and the request->token table (runtime/allocator.py)."""
+"""Tests for the KV slot allocator and the request->token table (runtime/mem_cache/allocator.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from xinf_sglang.runtime.allocator import ReqToTokenPool, TokenAllocator
+from xinf_sglang.runtime.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 
 
 def _as_set(t: torch.Tensor) -> set[int]:

@@ -166,10 +166,10 @@ def test_build_failure_names_the_way_out(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_engine_picks_the_cpu_backend(tiny_model) -> None:
-    from xinf_sglang.runtime.attention import TorchAttentionBackend
-    from xinf_sglang.runtime.attention_cpu import CpuAttentionBackend
+    from xinf_sglang.runtime.layers.attention.backend import TorchAttentionBackend
+    from xinf_sglang.runtime.layers.attention.cpu_backend import CpuAttentionBackend
     from xinf_sglang.runtime.config import EngineConfig
-    from xinf_sglang.runtime.engine import Engine
+    from xinf_sglang.runtime.engine.engine import Engine
 
     path = tiny_model()
     for choice, cls in [("auto", CpuAttentionBackend), ("cpu", CpuAttentionBackend), ("torch", TorchAttentionBackend)]:

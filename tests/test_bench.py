@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from xinf_sglang import cli
-from xinf_sglang.runtime.bench import Workload, make_workload, measure_bandwidth, parse_baselines
-from xinf_sglang.runtime.llamacpp_baseline import LlamaCppOptions, complete, generated_ids, start_server
-from xinf_sglang.runtime.models.checkpoint import open_checkpoint
-from xinf_sglang.runtime.models.gguf_writer import cached_gguf
+from xinf_sglang.runtime.bench.offline import Workload, make_workload, measure_bandwidth, parse_baselines
+from xinf_sglang.runtime.bench.llamacpp_baseline import LlamaCppOptions, complete, generated_ids, start_server
+from xinf_sglang.runtime.model_loader.checkpoint import open_checkpoint
+from xinf_sglang.runtime.testing.gguf_writer import cached_gguf
 
 from .engine_helpers import hf_greedy, varied_prompts
 

@@ -42,9 +42,9 @@ from xinf_sglang.runtime.constrained import (
 from xinf_sglang.runtime.constrained.backend import LLGuidanceCompiledGrammar
 from xinf_sglang.runtime.constrained.spec import choices_from_lark, choices_to_lark
 from xinf_sglang.runtime.errors import ConfigError, InvalidRequestError
-from xinf_sglang.runtime.request import Req
-from xinf_sglang.runtime.sampler import Sampler
-from xinf_sglang.runtime.sampling_params import SamplingParams
+from xinf_sglang.runtime.scheduler.request import Req
+from xinf_sglang.runtime.sampling.sampler import Sampler
+from xinf_sglang.runtime.sampling.sampling_params import SamplingParams
 
 PAD_ROWS = 45  # logits wider than the tokenizer, and not a multiple of 32
 SEEDS = [0, 1, 2, 3]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from xinf_sglang.runtime.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher
+from xinf_sglang.runtime.scheduler.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, StopStringMatcher
 
 WORDS = (
     "héllo", "wörld", "世界", "🙂", "the", "quick", "brown", "fox", "naïve", "café", "Привет", "こんにちは",

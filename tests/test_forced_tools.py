@@ -1,10 +1,10 @@
-"""Forced tool choice (xinf_sglang/forced_tools.py): the constraint built from the tools, and clear refusals."""
+"""Forced tool choice (xinf_sglang/openai_api/forced_tools.py): the constraint built from the tools, and clear refusals."""
 
 from __future__ import annotations
 
 import pytest
 
-from xinf_sglang.forced_tools import ToolChoiceError, is_forced, prepare
+from xinf_sglang.openai_api.forced_tools import ToolChoiceError, is_forced, prepare
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "go"}]

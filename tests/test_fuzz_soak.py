@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xinf_sglang.request_mapping import RequestMappingError, map_request
+from xinf_sglang.openai_api.request_mapping import RequestMappingError, map_request
 from xinf_sglang.runtime import InvalidRequestError, SamplingParams
 from xinf_sglang.runtime.constrained import GrammarSpec
 
@@ -37,8 +37,8 @@ def plugin(tiny_model):
     pytest.importorskip("xinference")
     from xinference.model.llm.llm_family import CustomLLMFamilyV2
 
-    from xinf_sglang.custom_model import custom_llm_family
-    from xinf_sglang.engine import SgliteChatModel
+    from xinf_sglang.registration.custom_model import custom_llm_family
+    from xinf_sglang.serving.engine import SgliteChatModel
 
     model_dir = tiny_model("qwen2")
     family = CustomLLMFamilyV2.parse_raw(json.dumps(custom_llm_family(model_dir, "sglite-soak")))

@@ -14,9 +14,9 @@ import torch
 
 from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.errors import ConfigError
-from xinf_sglang.runtime.models.checkpoint import GGUFCheckpoint, open_checkpoint
-from xinf_sglang.runtime.models.gguf import DEQUANTIZED_TYPES, hf_tensor_name, unpermute_qk
-from xinf_sglang.runtime.models.gguf_header import hf_architecture, read_metadata_value
+from xinf_sglang.runtime.model_loader.checkpoint import GGUFCheckpoint, open_checkpoint
+from xinf_sglang.runtime.model_loader.gguf import DEQUANTIZED_TYPES, hf_tensor_name, unpermute_qk
+from xinf_sglang.runtime.model_loader.gguf_header import hf_architecture, read_metadata_value
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 from .gguf_writer import llama_cpp_permute, write_gguf

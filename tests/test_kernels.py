@@ -205,8 +205,8 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
 
 
 def _llama3_inv_freq(head_dim: int) -> torch.Tensor:
-    from xinf_sglang.runtime.models.config import RopeConfig
-    from xinf_sglang.runtime.models.rope import rope_inv_freq
+    from xinf_sglang.runtime.model_loader.model_config import RopeConfig
+    from xinf_sglang.runtime.layers.rope import rope_inv_freq
 
     rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=64)
     return rope_inv_freq(rope, head_dim)
@@ -586,7 +586,7 @@ def test_pdl_is_off_without_a_hopper_gpu() -> None:
 
 def _backend_batches(num_slots: int):
     """An extend batch (prefix 0 / > 0 / extend 1) and the decode batch that follows it, with their pool table."""
-    from xinf_sglang.runtime.forward_batch import ForwardBatch, ForwardMode
+    from xinf_sglang.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
 
     reqs = [(0, 9), (12, 1), (5, 20)]  # (cached prefix, new tokens)
     seq = [p + n for p, n in reqs]
@@ -614,9 +614,9 @@ def _backend_batches(num_slots: int):
 @pytest.mark.parametrize("with_heads", [True, False])
 def test_triton_backend_matches_torch_backend(with_heads: bool) -> None:
     """The whole seam (store K/V, extend, decode, CUDA-graph metadata) against the reference backend."""
-    from xinf_sglang.runtime.attention import TorchAttentionBackend
-    from xinf_sglang.runtime.attention_triton import TritonAttentionBackend
-    from xinf_sglang.runtime.kv_pool import KVPool
+    from xinf_sglang.runtime.layers.attention.backend import TorchAttentionBackend
+    from xinf_sglang.runtime.layers.attention.triton_backend import TritonAttentionBackend
+    from xinf_sglang.runtime.mem_cache.kv_pool import KVPool
 
     torch.manual_seed(12)
     hq, hkv, d, num_slots, layers = 4, 2, 16, 120, 2

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from xinf_sglang.runtime.distributed import TPInfo
+from xinf_sglang.runtime.tp.distributed import TPInfo
 from xinf_sglang.runtime.errors import ConfigError
 from xinf_sglang.runtime.layers import (
     MergedColumnParallelLinear,
@@ -18,8 +18,8 @@ from xinf_sglang.runtime.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from xinf_sglang.runtime.models.config import ModelConfig
-from xinf_sglang.runtime.models.loader import expected_loads, load_weights
+from xinf_sglang.runtime.model_loader.model_config import ModelConfig
+from xinf_sglang.runtime.model_loader.loader import expected_loads, load_weights
 from xinf_sglang.runtime.models.registry import model_class
 
 RANK1 = TPInfo(rank=1, size=2)

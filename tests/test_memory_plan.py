@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from xinf_sglang.runtime.errors import ConfigError
-from xinf_sglang.runtime.kv_pool import KVPool
-from xinf_sglang.runtime.memory_plan import GPU_FIXED_RESERVE, GiB, MemoryInputs, plan_memory
+from xinf_sglang.runtime.mem_cache.kv_pool import KVPool
+from xinf_sglang.runtime.mem_cache.memory_plan import GPU_FIXED_RESERVE, GiB, MemoryInputs, plan_memory
 
 # Llama-3.1-8B in bf16 on an 80 GiB card: 16 GB of weights.
 LLAMA8B_KV = KVPool.bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)

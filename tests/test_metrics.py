@@ -17,7 +17,7 @@ import pytest
 
 from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
 from xinf_sglang.runtime.errors import ConfigError
-from xinf_sglang.runtime.metrics import Histogram
+from xinf_sglang.runtime.metrics.collector import Histogram
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 from .prometheus_text import scrape

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from xinf_sglang.runtime import SamplingParams
-from xinf_sglang.runtime.models.config import ModelConfig
+from xinf_sglang.runtime.model_loader.model_config import ModelConfig
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 

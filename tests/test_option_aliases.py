@@ -1,4 +1,4 @@
-"""vLLM / SGLang launch-option names and hyphenated keys map to sglite's options (xinf_sglang/option_aliases.py)."""
+"""vLLM / SGLang launch-option names and hyphenated keys map to sglite's options (xinf_sglang/serving/option_aliases.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from xinf_sglang.launch_options import LaunchOptionsError, split_model_config
-from xinf_sglang.option_aliases import ALIASES, alias_table
+from xinf_sglang.serving.launch_options import LaunchOptionsError, split_model_config
+from xinf_sglang.serving.option_aliases import ALIASES, alias_table
 
 
 def test_vllm_names_become_sglite_options(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="xinf_sglang.launch_options"):
+    with caplog.at_level(logging.INFO, logger="xinf_sglang.serving.launch_options"):
         opts, xkeys = split_model_config({
             "max_model_len": 2048, "gpu_memory_utilization": "0.5", "max_num_seqs": 8,
             "enable_prefix_caching": "false", "max_num_batched_tokens": 512, "enforce_eager": True,
@@ -63,7 +63,7 @@ def test_unset_alias_values_keep_the_default() -> None:
 
 
 def test_every_alias_targets_an_option_and_the_readme_lists_them() -> None:
-    from xinf_sglang.launch_options import LaunchOptions
+    from xinf_sglang.serving.launch_options import LaunchOptions
 
     missing = [a.name for a in ALIASES if a.target not in LaunchOptions.model_fields]
     assert not missing, f"aliases whose target is not a launch option: {missing}"

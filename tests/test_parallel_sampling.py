@@ -1,4 +1,4 @@
-"""``SamplingParams(n=...)``: n sequences from one prompt (runtime/parallel_sampling.py), on a tiny model.
+"""``SamplingParams(n=...)``: n sequences from one prompt (runtime/sampling/parallel_sampling.py), on a tiny model.
 
 Seeds reproduce and differ per sequence, greedy sequences are identical, the prompt is computed once (the other
 sequences share its K/V), aborting the request aborts every sequence, streaming gives what ``generate`` gives.
@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from xinf_sglang.runtime import InvalidRequestError, SamplingParams
-from xinf_sglang.runtime.parallel_sampling import sibling_id, sibling_seed
+from xinf_sglang.runtime.sampling.parallel_sampling import sibling_id, sibling_seed
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from xinf_sglang.runtime import ConfigError, InvalidRequestError, SamplingParams
-from xinf_sglang.runtime.allocator import ReqToTokenPool, TokenAllocator
-from xinf_sglang.runtime.output_processor import OutputProcessor
-from xinf_sglang.runtime.radix_cache import RadixCache
-from xinf_sglang.runtime.request import Req
+from xinf_sglang.runtime.mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from xinf_sglang.runtime.scheduler.output_processor import OutputProcessor
+from xinf_sglang.runtime.mem_cache.radix_cache import RadixCache
+from xinf_sglang.runtime.scheduler.request import Req
 from xinf_sglang.runtime.scheduler import Scheduler, SchedulerLimits
 
 from .engine_helpers import make_engine, varied_prompts

@@ -1,4 +1,4 @@
-"""Tests for the RadixAttention prefix cache (runtime/radix_cache.py)."""
+"""Tests for the RadixAttention prefix cache (runtime/mem_cache/radix_cache.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from xinf_sglang.runtime.allocator import TokenAllocator
-from xinf_sglang.runtime.prefix_sharing import BatchPrefixIndex
-from xinf_sglang.runtime.radix_cache import RadixCache, TreeNode
+from xinf_sglang.runtime.mem_cache.allocator import TokenAllocator
+from xinf_sglang.runtime.mem_cache.prefix_sharing import BatchPrefixIndex
+from xinf_sglang.runtime.mem_cache.radix_cache import RadixCache, TreeNode
 
 
 def make(size: int = 64) -> tuple[TokenAllocator, RadixCache]:

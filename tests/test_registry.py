@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from xinf_sglang.matching import match_model
+from xinf_sglang.registration.matching import match_model
 from xinf_sglang.runtime.errors import ConfigError
-from xinf_sglang.runtime.models.config import ModelConfig
+from xinf_sglang.runtime.model_loader.model_config import ModelConfig
 from xinf_sglang.runtime.models.decoder import DecoderLM
 from xinf_sglang.runtime.models.registry import MODEL_CLASSES, SUPPORTED_ARCHITECTURES, model_class
 
@@ -19,7 +19,7 @@ from xinf_sglang.runtime.models.registry import MODEL_CLASSES, SUPPORTED_ARCHITE
 def test_the_registry_and_the_plugin_matching_import_without_torch():
     code = (
         "import sys\n"
-        "import xinf_sglang.runtime.models.registry, xinf_sglang.matching\n"
+        "import xinf_sglang.runtime.models.registry, xinf_sglang.registration.matching\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

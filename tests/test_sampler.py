@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from xinf_sglang.runtime.sampler import SamplingBatch, make_generator, sample
-from xinf_sglang.runtime.sampling_params import SamplingParams
+from xinf_sglang.runtime.sampling.sampler import SamplingBatch, make_generator, sample
+from xinf_sglang.runtime.sampling.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from xinf_sglang.runtime.constrained import GrammarLimits, GrammarSize, GrammarSpec
 from xinf_sglang.runtime.constrained.spec import DEFAULT_LIMITS
 from xinf_sglang.runtime.errors import InvalidRequestError
-from xinf_sglang.runtime.sampling_params import MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams
+from xinf_sglang.runtime.sampling.sampling_params import MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams
 
 
 def test_defaults() -> None:

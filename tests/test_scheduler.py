@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from xinf_sglang.runtime.allocator import ReqToTokenPool, TokenAllocator
-from xinf_sglang.runtime.output_processor import OutputProcessor
-from xinf_sglang.runtime.prefix_cache import NoPrefixCache
-from xinf_sglang.runtime.radix_cache import RadixCache
-from xinf_sglang.runtime.request import Req
-from xinf_sglang.runtime.sampling_params import SamplingParams
+from xinf_sglang.runtime.mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from xinf_sglang.runtime.scheduler.output_processor import OutputProcessor
+from xinf_sglang.runtime.mem_cache.prefix_cache import NoPrefixCache
+from xinf_sglang.runtime.mem_cache.radix_cache import RadixCache
+from xinf_sglang.runtime.scheduler.request import Req
+from xinf_sglang.runtime.sampling.sampling_params import SamplingParams
 from xinf_sglang.runtime.scheduler import Scheduler, SchedulerLimits
 from xinf_sglang.runtime.scheduler.policy import order_waiting
 

@@ -16,8 +16,8 @@ import pytest
 
 from xinf_sglang.runtime import EngineConfig, SamplingParams
 from xinf_sglang.runtime.constrained import GrammarSpec
-from xinf_sglang.runtime.engine import Engine
-from xinf_sglang.runtime.messages import (
+from xinf_sglang.runtime.engine.engine import Engine
+from xinf_sglang.runtime.engine.messages import (
     Abort,
     AddRequests,
     CheckIdle,
@@ -28,8 +28,8 @@ from xinf_sglang.runtime.messages import (
     Reply,
     Stop,
 )
-from xinf_sglang.runtime.outputs import StreamChunk
-from xinf_sglang.runtime.scheduler_process import serve_scheduler
+from xinf_sglang.runtime.engine.outputs import StreamChunk
+from xinf_sglang.runtime.scheduler.process import serve_scheduler
 
 from .engine_helpers import varied_prompts
 

@@ -1,4 +1,4 @@
-"""Concurrent requests with a shared prefix compute it once (runtime/prefix_sharing.py): prefill chunks enter the
+"""Concurrent requests with a shared prefix compute it once (runtime/mem_cache/prefix_sharing.py): prefill chunks enter the
 radix tree while their request runs, and requests of one prefill batch reuse what an earlier one computes in the
 same forward. Cached tokens come close to the maximum, and greedy tokens equal the unshared run's and HF's, under
 ``fcfs`` and ``lpm``, with chunked prefill smaller than the prefix and with a pool small enough to retract."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from xinf_sglang.runtime import SamplingParams
-from xinf_sglang.runtime.attention import TorchAttentionBackend
-from xinf_sglang.runtime.forward_batch import ForwardBatch, ForwardMode
-from xinf_sglang.runtime.kv_pool import KVPool
+from xinf_sglang.runtime.layers.attention.backend import TorchAttentionBackend
+from xinf_sglang.runtime.model_executor.forward_batch import ForwardBatch, ForwardMode
+from xinf_sglang.runtime.mem_cache.kv_pool import KVPool
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 
@@ -168,7 +168,7 @@ def _backend(name: str, pool: KVPool, table: torch.Tensor):
     if name == "torch":
         return TorchAttentionBackend(pool, table, sm_scale=0.25)
     pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1: the Triton kernels run on CPU tensors
-    from xinf_sglang.runtime.attention_triton import TritonAttentionBackend
+    from xinf_sglang.runtime.layers.attention.triton_backend import TritonAttentionBackend
 
     return TritonAttentionBackend(pool, table, sm_scale=0.25)
 

@@ -1,4 +1,4 @@
-"""Tests of runtime/tiny_model.py: the random-weight checkpoints every other test builds on."""
+"""Tests of runtime/testing/tiny_model.py: the random-weight checkpoints every other test builds on."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from xinf_sglang import cli
-from xinf_sglang.runtime import tiny_model as tm
+from xinf_sglang.runtime.testing import tiny_model as tm
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 TinyModelFactory = Callable[..., Path]
@@ -67,7 +67,7 @@ def test_same_seed_gives_identical_files_and_another_seed_other_weights(tmp_path
 def test_tokenizer_training_does_not_depend_on_the_process() -> None:
     # Python's hash seed changes dict/set order between processes; the trained vocab must not follow it.
     code = (
-        "import hashlib; from xinf_sglang.runtime.tiny_model import _trained_tokenizer_json as t; "
+        "import hashlib; from xinf_sglang.runtime.testing.tiny_model import _trained_tokenizer_json as t; "
         "print(hashlib.sha256(t().encode()).hexdigest())"
     )
     digests = {
@@ -241,7 +241,7 @@ def test_cli_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     if _missing_subcommand_modules():
         # cli.py cannot build its parser yet; drive the same add_arguments/run pair the way cli.main does.
-        code = ("import argparse, sys; from xinf_sglang.runtime import tiny_model as t; "
+        code = ("import argparse, sys; from xinf_sglang.runtime.testing import tiny_model as t; "
                 "p = argparse.ArgumentParser(); t.add_arguments(p); sys.exit(t.run(p.parse_args(sys.argv[1:])))")
         command = [sys.executable, "-c", code, str(out), "--arch", "qwen3"]
     else:

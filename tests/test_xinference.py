@@ -4,7 +4,7 @@ One ``xinference-local`` subprocess serves the whole module, with Xinference's d
 virtual environments on) except auth off; nothing here is mocked. The engine reaches Xinference only through the
 installed ``xinf_sglang_autoload.pth`` start-up hook, exactly as after ``pip install``.
 
-Runtime state is read with ``xinf_sglang.metrics.get_runtime_metrics`` (an Xoscar call to the model actor).
+Runtime state is read with ``xinf_sglang.serving.metrics.get_runtime_metrics`` (an Xoscar call to the model actor).
 Every wait is bounded; the server's process group is killed at the end.
 """
 

@@ -150,7 +150,7 @@ def test_completions_logprobs_match_hf(client, model, smollm2, stream) -> None:
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
 
 
-@pytest.mark.parametrize("max_tokens", [0, 3])  # 0: through xinf_sglang.compat_sampling_fields (Xinference wants >= 1)
+@pytest.mark.parametrize("max_tokens", [0, 3])  # 0: through xinf_sglang.compat.sampling_fields (Xinference wants >= 1)
 def test_completions_echo_scores_the_prompt(client, model, smollm2, max_tokens) -> None:
     got = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
                                     logprobs=TOP, echo=True).choices[0]

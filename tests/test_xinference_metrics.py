@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
-from xinf_sglang.metrics import get_runtime_metrics, model_replicas  # noqa: E402
+from xinf_sglang.serving.metrics import get_runtime_metrics, model_replicas  # noqa: E402
 
 from .prometheus_text import Scrape, scrape  # noqa: E402
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, wait_for  # noqa: E402

@@ -1,7 +1,7 @@
 """``n``, ``logit_bias``, ``min_p`` and ``min_tokens`` through a real Xinference with the OpenAI client.
 
 Xinference 4.1's REST layer drops ``n`` and answers ``logit_bias`` with 501 for every engine; sglite's compat
-patch (xinf_sglang/compat_sampling_fields.py) forwards both to sglite models only. One server for the module, with
+patch (xinf_sglang/compat/sampling_fields.py) forwards both to sglite models only. One server for the module, with
 the tiny model on sglite and on Xinference's Transformers engine (which must keep Xinference's behaviour).
 """
 
@@ -18,7 +18,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
-from xinf_sglang import compat_sampling_fields  # noqa: E402
+from xinf_sglang.compat import sampling_fields as compat_sampling_fields  # noqa: E402
 
 from .engine_helpers import _hf_model  # noqa: E402
 from .xinference_server import (  # noqa: E402

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from xinf_sglang.launch_options import LaunchOptions, LaunchOptionsError, to_engine_config
-from xinf_sglang.request_mapping import RequestMappingError, map_request
+from xinf_sglang.serving.launch_options import LaunchOptions, LaunchOptionsError, to_engine_config
+from xinf_sglang.openai_api.request_mapping import RequestMappingError, map_request
 
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, metrics, openai_client, wait_idle
 from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)

@@ -1,7 +1,7 @@
 """Structured output through a real Xinference: ``response_format``, ``guided_*`` and SGLang's ``regex`` / ``ebnf`` /
 ``choice`` with the real ``openai`` client against ``xinference-local`` serving the tiny Qwen2 model with sglite,
 plus the errors of invalid constraints (HTTP 400 naming the problem, on chat and completions) and the guards of
-:mod:`xinf_sglang.xinference_compat`.
+:mod:`xinf_sglang.compat.patches`.
 
 How outputs are made to finish. The tiny model has random weights: left alone it never closes a JSON string or
 stops a number, and Xinference's REST layer refuses ``logit_bias`` (501), so the runtime tests' closing bias is not
@@ -29,8 +29,8 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
-from xinf_sglang import xinference_compat  # noqa: E402
-from xinf_sglang.metrics import get_runtime_metrics  # noqa: E402
+from xinf_sglang.compat import patches as xinference_compat  # noqa: E402
+from xinf_sglang.serving.metrics import get_runtime_metrics  # noqa: E402
 
 from .xinference_server import BIN, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, server_env, wait_for  # noqa: E402
 from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
@@ -218,7 +218,7 @@ def _fake_api() -> type:
 def test_compat_patches_apply_once_and_only_to_sglite_errors(monkeypatch) -> None:
     from fastapi import HTTPException
 
-    from xinf_sglang.engine import SgliteRequestError
+    from xinf_sglang.serving.engine import SgliteRequestError
 
     monkeypatch.delenv(xinference_compat.DISABLE_ENV, raising=False)
     api = _fake_api()
@@ -253,7 +253,7 @@ def test_stream_error_events_lose_the_actor_address() -> None:
 
     from xoscar.utils import wrap_exception
 
-    from xinf_sglang.engine import SgliteRequestError
+    from xinf_sglang.serving.engine import SgliteRequestError
 
     class API:
         @staticmethod
@@ -279,7 +279,7 @@ def test_stream_error_events_lose_the_actor_address() -> None:
 def test_xoscar_wrapped_errors_lose_the_actor_address() -> None:
     from xoscar.utils import wrap_exception
 
-    from xinf_sglang.engine import SgliteRequestError
+    from xinf_sglang.serving.engine import SgliteRequestError
 
     wrapped = wrap_exception(
         SgliteRequestError("bad schema"), message="[address=127.0.0.1:1234, pid=42] bad schema"
@@ -290,7 +290,7 @@ def test_xoscar_wrapped_errors_lose_the_actor_address() -> None:
 
 def test_compat_patches_refused_on_other_versions_or_signatures(monkeypatch, caplog) -> None:
     monkeypatch.delenv(xinference_compat.DISABLE_ENV, raising=False)
-    caplog.set_level(logging.WARNING, logger="xinf_sglang.xinference_compat")
+    caplog.set_level(logging.WARNING, logger="xinf_sglang.compat.patches")
     api = _fake_api()
     assert xinference_compat.install(api, version="4.2.0") == {"errors": False, "field_aliases": False, "n_logit_bias": False}
     assert not xinference_compat.is_patched(api, "handle_request_limit_error")
@@ -318,7 +318,7 @@ def test_compat_patches_refused_on_other_versions_or_signatures(monkeypatch, cap
 
 def test_compat_patches_installed_on_import_of_the_rest_module_unless_switched_off() -> None:
     code = (
-        "import xinference.api.restful_api as r, xinf_sglang.xinference_compat as c; "
+        "import xinference.api.restful_api as r, xinf_sglang.compat.patches as c; "
         "print(c.is_patched(r.RESTfulAPI, 'handle_request_limit_error'), "
         "c.is_patched(r.RESTfulAPI, 'extract_guided_params'))"
     )
@@ -332,7 +332,7 @@ def test_compat_patches_installed_on_import_of_the_rest_module_unless_switched_o
 
 
 def test_literal_extra_body_object_is_read_like_top_level_fields() -> None:
-    from xinf_sglang.request_mapping import RequestMappingError, map_request
+    from xinf_sglang.openai_api.request_mapping import RequestMappingError, map_request
 
     # As the REST layer delivers {"extra_body": {"regex": ..., "top_k": 5}}: regex already copied as guided_regex.
     sampling, _ = map_request(

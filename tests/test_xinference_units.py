@@ -16,13 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from xinf_sglang.launch_options import (
+from xinf_sglang.serving.launch_options import (
     LaunchOptions,
     LaunchOptionsError,
     split_model_config,
     to_engine_config,
 )
-from xinf_sglang.request_mapping import RequestMappingError, map_request
+from xinf_sglang.openai_api.request_mapping import RequestMappingError, map_request
 
 # ---- launch options ----
 
@@ -231,7 +231,7 @@ def _spec(fmt="pytorch", uri=None):
 
 
 def test_match_reasons() -> None:
-    from xinf_sglang.engine import SgliteChatModel, SgliteModel
+    from xinf_sglang.serving.engine import SgliteChatModel, SgliteModel
 
     assert SgliteChatModel.match_json(_family(), _spec(), "none") is True
     for fmt in ("awq", "gptq", "mlx", "fp8"):
@@ -256,7 +256,7 @@ def test_match_reasons() -> None:
 
 
 def test_architecture_read_from_a_local_checkpoint(tmp_path: Path) -> None:
-    from xinf_sglang.engine import SgliteChatModel
+    from xinf_sglang.serving.engine import SgliteChatModel
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     family = _family(architectures=None)
@@ -266,7 +266,7 @@ def test_architecture_read_from_a_local_checkpoint(tmp_path: Path) -> None:
 
 
 def test_virtualenv_marker_is_added_once_and_only_where_engines_are_restricted() -> None:
-    from xinf_sglang.registration import VIRTUALENV_MARKER, declare_in_virtualenv
+    from xinf_sglang.registration.engine_tables import VIRTUALENV_MARKER, declare_in_virtualenv
 
     restricted = _family(virtualenv=SimpleNamespace(packages=['#vllm_dependencies# ; #engine# == "vllm"']))
     declare_in_virtualenv(restricted)
@@ -313,9 +313,9 @@ def test_engine_registered_at_xinference_bootstrap() -> None:
 
 
 def test_engine_registered_when_the_engine_module_bootstraps_xinference() -> None:
-    # A model subprocess starts by unpickling its engine object: xinf_sglang.engine is imported first.
+    # A model subprocess starts by unpickling its engine object: xinf_sglang.serving.engine is imported first.
     out = _python(
-        "import xinf_sglang.engine as e\n"
+        "import xinf_sglang.serving.engine as e\n"
         "from xinference.model.llm.llm_family import SUPPORTED_ENGINES, LLM_ENGINES\n"
         "print(SUPPORTED_ENGINES['sglite'] == [e.SgliteChatModel, e.SgliteModel],"
         " 'sglite' in LLM_ENGINES['qwen2.5-instruct'])"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import pytest
 
-from xinf_sglang.custom_model import custom_llm_family
+from xinf_sglang.registration.custom_model import custom_llm_family
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT = 300  # 2 slow cores: Xinference imports its whole model catalog at start-up
@@ -168,7 +168,7 @@ def openai_client(server: Server) -> Any:
 
 def metrics(server: Server, uid: str) -> dict[str, Any]:
     """sglite's runtime metrics of model ``uid`` (engine counters and the plugin's bookkeeping)."""
-    from xinf_sglang.metrics import get_runtime_metrics
+    from xinf_sglang.serving.metrics import get_runtime_metrics
 
     return get_runtime_metrics(server.endpoint, uid, timeout=60)
 

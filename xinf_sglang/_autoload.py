@@ -8,7 +8,7 @@ bootstraps, in every process that builds the engine tables. So this module only 
 ``sys.meta_path`` that notices the first import of ``xinference.model`` and registers the hook at that moment
 (``xinference`` itself is already imported then). It also notices the first import of
 ``xinference.api.restful_api`` (only the process serving the REST API imports it) and applies
-:mod:`xinf_sglang.xinference_compat`'s patches right after that module has run. It removes itself once both
+:mod:`xinf_sglang.compat.patches`'s patches right after that module has run. It removes itself once both
 have happened.
 
 Cheap by design: importing it (with the empty ``xinf_sglang`` package) takes about a millisecond and
@@ -64,7 +64,7 @@ class _XinferenceBootstrapWatcher:
     def __repr__(self) -> str:  # shows up in sys.meta_path listings
         return (
             "<sglite: registers the Xinference engine on the first import of xinference.model; "
-            "applies xinf_sglang.xinference_compat after xinference.api.restful_api>"
+            "applies xinf_sglang.compat.patches after xinference.api.restful_api>"
         )
 
 
@@ -91,7 +91,7 @@ def _spec_with_compat_patches(watcher: object, fullname: str, path: object, targ
         def exec_then_patch(module: object) -> None:
             exec_module(module)
             try:
-                from xinf_sglang.xinference_compat import install as install_compat
+                from xinf_sglang.compat.patches import install as install_compat
 
                 install_compat()
             except Exception as e:  # never break Xinference because of this plugin
@@ -118,7 +118,7 @@ def register_with_xinference() -> bool:
     try:
         from xinference.engine_hooks import register_engine_registration_hook
 
-        from xinf_sglang.registration import register_llm_engine
+        from xinf_sglang.registration.engine_tables import register_llm_engine
 
         register_engine_registration_hook("LLM", register_llm_engine)
         return True

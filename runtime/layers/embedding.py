@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from xinf_sglang.kernels import linear
 
-from ..distributed import TPInfo, all_reduce, gather_vocab
+from ..tp.distributed import TPInfo, all_reduce, gather_vocab
 from .weights import ShardId, empty_parameter, load_slice
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from xinf_sglang.kernels import linear
 
-from ..distributed import ShardRange, TPInfo, all_reduce
+from ..tp.distributed import ShardRange, TPInfo, all_reduce
 from .weights import ShardId, default_weight_loader, empty_parameter, load_slice
 
 

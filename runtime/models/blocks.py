@@ -12,11 +12,11 @@ from torch import nn
 
 from xinf_sglang.kernels import silu_and_mul
 
-from ..attention import AttentionBackend
-from ..distributed import TPInfo
-from ..forward_batch import ForwardBatch
+from ..layers.attention.backend import AttentionBackend
+from ..tp.distributed import TPInfo
+from ..model_executor.forward_batch import ForwardBatch
 from ..layers import MergedColumnParallelLinear, QKVParallelLinear, RMSNorm, RowParallelLinear
-from .config import ModelConfig
+from ..model_loader.model_config import ModelConfig
 
 
 class Attention(nn.Module):

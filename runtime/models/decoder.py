@@ -16,13 +16,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..attention import AttentionBackend
-from ..distributed import TPInfo
-from ..forward_batch import ForwardBatch
+from ..layers.attention.backend import AttentionBackend
+from ..tp.distributed import TPInfo
+from ..model_executor.forward_batch import ForwardBatch
 from ..layers import ParallelLMHead, RMSNorm, RotaryEmbedding, ShardId, VocabParallelEmbedding
 from .blocks import MLP, Attention, DecoderLayer
-from .config import ModelConfig
-from .rope import rope_inv_freq
+from ..model_loader.model_config import ModelConfig
+from ..layers.rope import rope_inv_freq
 
 PACKED_MODULES: Mapping[str, tuple[str, ShardId]] = MappingProxyType({
     "q_proj": ("qkv_proj", "q"),

@@ -7,8 +7,8 @@ from .decoder import DecoderLM
 
 
 class LlamaForCausalLM(DecoderLM):
-    """Llama 2 / 3 / 3.1 (rope scaling variants come from the config, runtime/models/rope.py)."""
+    """Llama 2 / 3 / 3.1 (rope scaling variants come from the config, runtime/layers/rope.py)."""
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: Llama's layout; its sliding window bounds the context length (runtime/engine.py)."""
+    """Mistral: Llama's layout; its sliding window bounds the context length (runtime/engine/engine.py)."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import TPInfo
+from ..tp.distributed import TPInfo
 from ..layers import RMSNorm
 from .blocks import Attention
-from .config import ModelConfig
+from ..model_loader.model_config import ModelConfig
 from .decoder import DecoderLM
 
 

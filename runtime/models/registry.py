@@ -1,7 +1,7 @@
 """Which Hugging Face architectures sglite builds, and the class that builds each (``module:Class`` under
 ``runtime.models``, imported only when `model_class` asks for it).
 
-Torch-free on purpose: `ModelConfig` reads it to validate a checkpoint, and the plugin (``xinf_sglang.matching``)
+Torch-free on purpose: `ModelConfig` reads it to validate a checkpoint, and the plugin (``xinf_sglang.registration.matching``)
 reads it whenever Xinference builds its engine tables, in processes that never load a model. Adding an
 architecture: a family file next to ``llama.py`` (a `DecoderLM` subclass choosing its blocks) and one line here.
 """

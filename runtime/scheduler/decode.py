@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 
-from ..forward_batch import ForwardMode
-from ..output_processor import OutputProcessor
-from ..request import Req
-from ..schedule_batch import ScheduleBatch
+from ..model_executor.forward_batch import ForwardMode
+from .output_processor import OutputProcessor
+from .request import Req
+from .schedule_batch import ScheduleBatch
 from .kv import KVManager
 from .limits import RESERVE_CLIP, SchedulerStats
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from ..constrained import GrammarBackend
-from ..detokenizer import IncrementalDetokenizer, StopStringMatcher
-from ..messages import NewRequest
-from ..request import Req
-from ..sampler import make_generator
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from ..engine.messages import NewRequest
+from .request import Req
+from ..sampling.sampler import make_generator
 
 __all__ = ["RequestBuilder"]
 

@@ -9,7 +9,7 @@ Table of regions (see also ``Req``): at any time a KV slot is exactly one of
 * a prefill batch's ``out_cache_loc`` while its forward is in flight (``ScheduleBatch.kv_committed`` False).
 
 ``KVManager`` is the only part of the scheduler that moves slots between these regions. Prefix sharing while
-requests run (inserting each prefill chunk, borrowing inside one batch) is runtime/prefix_sharing.py; this module
+requests run (inserting each prefill chunk, borrowing inside one batch) is runtime/mem_cache/prefix_sharing.py; this module
 is its caller. Which prefix cache (radix, or none) is the engine's choice; nothing here asks.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from ..allocator import ReqToTokenPool, TokenAllocator
-from ..prefix_cache import PrefixBatchIndex, PrefixCache
-from ..prefix_sharing import cache_prefilled, forget_borrowed
-from ..request import Req
-from ..schedule_batch import ScheduleBatch
+from ..mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from ..mem_cache.prefix_cache import PrefixBatchIndex, PrefixCache
+from ..mem_cache.prefix_sharing import cache_prefilled, forget_borrowed
+from .request import Req
+from .schedule_batch import ScheduleBatch
 
 __all__ = ["KVManager"]
 

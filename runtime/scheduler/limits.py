@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..metrics import LatencyStats
+from ..metrics.collector import LatencyStats
 
 __all__ = ["RESERVE_CLIP", "SchedulerLimits", "SchedulerStats"]
 
@@ -42,7 +42,7 @@ class SchedulerStats:
     prefill_tokens: int = 0  # new tokens computed by prefill steps (cached prefixes excluded)
     prefill_seconds: float = 0.0  # wall time of steps that launched or resolved a prefill
     decode_seconds: float = 0.0  # wall time of the other steps
-    latency: LatencyStats = field(default_factory=LatencyStats)  # histograms and finish reasons (runtime/metrics.py)
+    latency: LatencyStats = field(default_factory=LatencyStats)  # histograms and finish reasons (runtime/metrics/collector.py)
 
     @property
     def cache_hit_rate(self) -> float:

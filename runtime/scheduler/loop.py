@@ -1,6 +1,6 @@
 """``SchedulerLoop``: drives a ``Scheduler`` from an inbox of messages and sends its outputs to an outbox.
 
-The loop is the scheduler side's one dispatcher: a table from message type (``runtime/messages.py``) to handler.
+The loop is the scheduler side's one dispatcher: a table from message type (``runtime/engine/messages.py``) to handler.
 Between two steps it handles every queued message (waiting for one when there is nothing to run), then runs one
 step, then sends the chunks produced as one ``Outputs``. ``inbox`` is anything with ``get(timeout=)`` and
 ``get_nowait()`` that raise ``queue.Empty`` (a ``queue.SimpleQueue``, a ``multiprocessing`` queue); ``outbox``
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import InvalidRequestError
-from ..messages import (
+from ..engine.messages import (
     Abort,
     AddRequests,
     CheckIdle,
@@ -28,10 +28,10 @@ from ..messages import (
     Reply,
     Stop,
 )
-from ..outputs import StreamChunk
+from ..engine.outputs import StreamChunk
 from .intake import RequestBuilder
 from .scheduler import Scheduler
-from .stats_log import StatsLog
+from ..metrics.stats_log import StatsLog
 
 logger = logging.getLogger("xinf_sglang.runtime.scheduler")
 

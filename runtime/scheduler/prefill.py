@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..forward_batch import ForwardMode
-from ..logprobs import prompt_spans
-from ..prefix_cache import PrefixBatchIndex
-from ..request import Req
-from ..schedule_batch import ScheduleBatch
+from ..model_executor.forward_batch import ForwardMode
+from ..sampling.logprobs import prompt_spans
+from ..mem_cache.prefix_cache import PrefixBatchIndex
+from .request import Req
+from .schedule_batch import ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats

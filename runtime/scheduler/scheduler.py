@@ -17,14 +17,14 @@ import time
 
 import torch
 
-from ..allocator import ReqToTokenPool, TokenAllocator
-from ..forward_batch import ForwardMode
-from ..model_runner import Launched, ModelRunner
-from ..output_processor import OutputProcessor
-from ..prefix_cache import PrefixCache
-from ..request import Req
-from ..sampler import can_sample_ahead
-from ..schedule_batch import ScheduleBatch
+from ..mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from ..model_executor.forward_batch import ForwardMode
+from ..model_executor.model_runner import Launched, ModelRunner
+from .output_processor import OutputProcessor
+from ..mem_cache.prefix_cache import PrefixCache
+from .request import Req
+from ..sampling.sampler import can_sample_ahead
+from .schedule_batch import ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import SchedulerLimits, SchedulerStats

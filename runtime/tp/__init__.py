@@ -13,11 +13,7 @@ group is an object built at startup and passed down to the layers as their ``tp`
 - batch.py: the per-step message (a typed header + the ForwardBatch tensors) and its broadcast.
 - launcher.py: rank 0's side: spawning, startup rendezvous, failure detection, shutdown.
 - leader.py: `LeaderModel`, `LeaderGraphs`.  worker.py: the main of ranks 1..size-1.
+- distributed.py: `TPInfo` (which shard a process holds) and the collectives the sharded layers call.
+
+The package re-exports nothing: the layers import ``tp.distributed`` and must not pull in the launcher.
 """
-
-from .group import CommStats, RankFailure, TPGroup
-from .launcher import TPLauncher
-from .leader import LeaderGraphs, LeaderModel
-from .options import check_tp_size, resolve_tp_size
-
-__all__ = ["CommStats", "LeaderGraphs", "LeaderModel", "RankFailure", "TPGroup", "TPLauncher", "check_tp_size", "resolve_tp_size"]

@@ -23,7 +23,7 @@ import torch
 
 from xinf_sglang.kernels.step_inputs import DECODE_FIELDS
 
-from ..forward_batch import ForwardBatch, ForwardMode
+from ..model_executor.forward_batch import ForwardBatch, ForwardMode
 from .group import TPGroup
 
 __all__ = [

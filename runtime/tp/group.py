@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed import TPInfo
+from .distributed import TPInfo
 
 __all__ = ["CommStats", "RankFailure", "TPGroup", "connect_store"]
 

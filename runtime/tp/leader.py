@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import nn
 
-from ..attention import AttentionBackend
-from ..cuda_graph import CudaGraphRunner
-from ..forward_batch import ForwardBatch
+from ..layers.attention.backend import AttentionBackend
+from ..model_executor.cuda_graph import CudaGraphRunner
+from ..model_executor.forward_batch import ForwardBatch
 from ..models.decoder import DecoderLM
 from .batch import TableMirror, send_batch, send_graph_step
 

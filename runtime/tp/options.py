@@ -6,7 +6,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import ConfigError
-from ..models.config import ModelConfig
+from ..model_loader.model_config import ModelConfig
 
 __all__ = ["check_tp_size", "resolve_tp_size"]
 

@@ -19,7 +19,7 @@ import traceback
 import torch
 
 from ..config import EngineConfig
-from ..cuda_graph import CudaGraphRunner
+from ..model_executor.cuda_graph import CudaGraphRunner
 from .batch import GraphStep, receive_batch
 from .group import TPGroup, connect_store
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
 
 def serve(config: EngineConfig, rank: int, size: int, store) -> None:
     """Build this rank's shard and follow rank 0's steps until it says stop."""
-    from ..startup import build_shard, decode_graphs, resolve_device  # startup imports this package
+    from ..engine.startup import build_shard, decode_graphs, resolve_device  # startup imports this package
 
     device = resolve_device(config.device, rank)
     if device.type == "cpu":  # the ranks share the host's cores

@@ -1,7 +1,7 @@
 """``sglite bench offline``: throughput of the runtime on a random workload, next to baselines on the same
 prompts in the same run: HF ``generate`` (``--baseline hf``, one prompt at a time) and llama.cpp (``--baseline
 llamacpp``: xllamacpp on an F32 GGUF of the same weights, all prompts batched). What it runs and reports is
-``xinf_sglang.runtime.bench``; this module is the command line.
+``xinf_sglang.runtime.bench.offline``; this module is the command line.
 
 Prompts are random token ids with uniformly drawn input and output lengths; EOS is ignored so every request
 produces exactly its output length. ``--shared-prefix N`` starts every prompt with the same N random tokens (one

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.bench import (
+from ..runtime.bench.offline import (
     Result,
     SgliteRun,
     Workload,
@@ -24,7 +24,7 @@ from ..runtime.bench import (
     print_report,
 )
 from ..runtime.config import EngineConfig
-from ..runtime.llamacpp_baseline import LlamaCppOptions
+from ..runtime.bench.llamacpp_baseline import LlamaCppOptions
 
 
 def run_offline(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from ..runtime.smollm2 import FetchError, default_cache_dir, fetch_smollm2
+from ..runtime.testing.smollm2 import FetchError, default_cache_dir, fetch_smollm2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

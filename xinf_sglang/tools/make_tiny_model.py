@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from ..runtime.tiny_model import ARCHS, make_tiny_model, parameter_count
+from ..runtime.testing.tiny_model import ARCHS, make_tiny_model, parameter_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,171 @@
+"""How many KV tokens, request rows and prefill tokens the engine can afford, and the startup report.
+
+The pool formula follows SGLang's model runner:
+``rest = free_after_weights - free_before_weights * (1 - mem_fraction_static)`` and
+``pool_tokens = (rest - other reserved memory) // kv_bytes_per_token``. On a GPU "free" is the device's measured
+free memory; on CPU it is the system's available memory. ``max_total_tokens`` only caps the pool, never grows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+GiB = 1024**3
+
+# Defaults that depend on the device (GPU, CPU).
+DEFAULT_MEM_FRACTION = {"cuda": 0.85, "cpu": 0.25}
+# A GPU whose 10% is at least this much gets mem_fraction_static 0.9 by default (an 80 GB card, not a 40 or 48 GB
+# one). The plan already subtracts the prefill activations, the logits and GPU_FIXED_RESERVE from the pool, so
+# what the fraction leaves outside only covers allocator slack and other users of the card: 6 GiB is what the
+# 0.85 default leaves on a 40 GB card. On an 80 GB card the extra ~4 GB of KV pool holds ~10% more concurrent
+# requests, and each decode step reads the weights once for more tokens (docs/PERFORMANCE.md, workload (c)).
+LARGE_GPU_MEM_FRACTION = 0.9
+LARGE_GPU_HEADROOM = 6 * GiB
+DEFAULT_CHUNKED_PREFILL = {"cuda": 8192, "cpu": 1024}
+DEFAULT_MAX_PREFILL = {"cuda": 16384, "cpu": 4096}
+DEFAULT_MAX_RUNNING = {"cuda": 512, "cpu": 256}
+# Headroom on a GPU beyond what we account for explicitly: CUDA graph pools, cuBLAS workspaces, allocator slack.
+GPU_FIXED_RESERVE = 1 * GiB
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    device: str  # "cuda" | "cpu"
+    free_before_weights: int  # bytes free before the weights were loaded
+    free_after_weights: int  # bytes free after
+    weights_bytes: int
+    kv_bytes_per_token: int
+    model_context_length: int  # from the model config
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The sizes the engine allocates, and why (``report`` says it in words)."""
+
+    pool_tokens: int
+    profiled_tokens: int  # what memory alone would allow
+    capped_by_max_total_tokens: bool
+    context_length: int
+    max_running_requests: int  # rows of the request->token table
+    chunked_prefill_size: int
+    max_prefill_tokens: int
+    mem_fraction_static: float
+    mem_fraction_is_default: bool  # chosen by default_mem_fraction, not given
+    weights_bytes: int
+    kv_bytes_per_token: int
+    req_table_bytes: int
+    activation_reserve_bytes: int
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.pool_tokens * self.kv_bytes_per_token
+
+    def report(self) -> list[str]:
+        """Lines for the startup log."""
+        lines = [
+            f"weights: {self.weights_bytes / GiB:.2f} GiB",
+            f"KV pool: {self.pool_tokens} tokens, {self.kv_pool_bytes / GiB:.2f} GiB "
+            f"({self.kv_bytes_per_token} bytes/token, mem_fraction_static={self.mem_fraction_static}"
+            f"{' (default for this device)' if self.mem_fraction_is_default else ''})",
+            f"request table: {self.max_running_requests} rows x {self.context_length} tokens "
+            f"({self.req_table_bytes / GiB:.3f} GiB); activations reserve {self.activation_reserve_bytes / GiB:.2f} GiB",
+            f"max running requests: {self.max_running_requests}; prefill chunk: {self.chunked_prefill_size} tokens; "
+            f"max prefill tokens per batch: {self.max_prefill_tokens}; context length: {self.context_length}",
+        ]
+        full_ctx = max(1, self.pool_tokens // self.context_length)
+        lines.append(
+            f"concurrency the pool holds: {full_ctx} request(s) at full context, "
+            f"~{self.pool_tokens // 1024} at 1024 tokens each"
+        )
+        if self.capped_by_max_total_tokens:
+            lines.append(
+                f"WARNING: max_total_tokens={self.pool_tokens} caps the KV pool (memory allows "
+                f"{self.profiled_tokens} tokens): that limits concurrency to about {self.pool_tokens // 1024} "
+                f"requests of 1024 tokens; raise or unset max_total_tokens for more"
+            )
+        return lines
+
+
+def default_mem_fraction(device: str, free_before_weights: int) -> float:
+    """``mem_fraction_static`` when none is given: 0.25 on CPU, 0.85 on a GPU, 0.9 on a GPU where 10% of the free
+    memory is at least ``LARGE_GPU_HEADROOM``."""
+    if device == "cuda" and free_before_weights * (1 - LARGE_GPU_MEM_FRACTION) >= LARGE_GPU_HEADROOM:
+        return LARGE_GPU_MEM_FRACTION
+    return DEFAULT_MEM_FRACTION[device]
+
+
+def plan_memory(
+    inputs: MemoryInputs,
+    mem_fraction_static: float | None = None,
+    max_total_tokens: int | None = None,
+    context_length: int | None = None,
+    max_running_requests: int | None = None,
+    chunked_prefill_size: int | None = None,
+    max_prefill_tokens: int | None = None,
+) -> MemoryPlan:
+    """Size the pool from the measured memory; raise ``ConfigError`` naming the knob when nothing fits."""
+    dev = inputs.device
+    frac = mem_fraction_static if mem_fraction_static is not None else default_mem_fraction(dev, inputs.free_before_weights)
+    ctx = context_length or inputs.model_context_length
+    rows = max_running_requests or DEFAULT_MAX_RUNNING[dev]
+    chunk = chunked_prefill_size or DEFAULT_CHUNKED_PREFILL[dev]
+    max_prefill = max(max_prefill_tokens or DEFAULT_MAX_PREFILL[dev], min(chunk, ctx))
+    chunk = min(chunk, max_prefill)
+    req_table = rows * (ctx + 1) * 4
+    reserve = _activation_bytes(inputs, chunk, rows) + (GPU_FIXED_RESERVE if dev == "cuda" else 0)
+    profiled = _profiled_tokens(inputs, frac, req_table + reserve, f"{rows} rows x context {ctx}")
+    if dev == "cpu":
+        # System memory is shared with everything else on the machine: a pool larger than every row at full
+        # context can never be used by running requests, so on CPU the table bounds it too.
+        profiled = min(profiled, rows * ctx)
+    capped = max_total_tokens is not None and max_total_tokens < profiled
+    return MemoryPlan(
+        pool_tokens=max_total_tokens if capped else profiled,
+        profiled_tokens=profiled,
+        capped_by_max_total_tokens=capped,
+        context_length=ctx,
+        max_running_requests=rows,
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=max_prefill,
+        mem_fraction_static=frac,
+        mem_fraction_is_default=mem_fraction_static is None,
+        weights_bytes=inputs.weights_bytes,
+        kv_bytes_per_token=inputs.kv_bytes_per_token,
+        req_table_bytes=req_table,
+        activation_reserve_bytes=reserve,
+    )
+
+
+def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int) -> int:
+    """The largest prefill chunk's hidden states, fused qkv/gate-up outputs and a few temporaries, plus the logits
+    rows of a full batch."""
+    act = chunk * (6 * inputs.hidden_size + 3 * inputs.intermediate_size) * inputs.dtype_bytes
+    return act + rows * inputs.vocab_size * 4 * 2
+
+
+def _profiled_tokens(inputs: MemoryInputs, frac: float, reserved: int, table: str) -> int:
+    """KV tokens that fit in what ``frac`` leaves after the weights and ``reserved`` bytes (request table ``table``
+    and activations); ``ConfigError`` naming the knob when the weights or the reserve do not fit."""
+    dev = inputs.device
+    rest = inputs.free_after_weights - inputs.free_before_weights * (1 - frac)
+    if rest <= 0:
+        raise ConfigError(
+            f"the weights ({inputs.weights_bytes / GiB:.2f} GiB) do not fit in mem_fraction_static={frac} of "
+            f"{inputs.free_before_weights / GiB:.2f} GiB free {dev} memory; raise mem_fraction_static "
+            f"(now {frac}), use a smaller dtype, or free memory"
+        )
+    budget = rest - reserved
+    profiled = int(budget // inputs.kv_bytes_per_token) if budget > 0 else 0
+    if profiled < 16:
+        raise ConfigError(
+            f"no room for a KV cache: {rest / GiB:.2f} GiB left under mem_fraction_static={frac} after the weights, "
+            f"but the request table ({table}) and activations need {reserved / GiB:.2f} GiB; raise "
+            f"mem_fraction_static, or lower context_length / max_running_requests / chunked_prefill_size"
+        )
+    return profiled

@@ -1,0 +1,233 @@
+"""`Checkpoint`: what a model's files hold (config, tokenizer, EOS ids, weights), whatever their format.
+
+Two formats, one interface, picked by `open_checkpoint` from what the path holds:
+
+- `SafetensorsCheckpoint`: a Hugging Face folder (``config.json``, ``*.safetensors`` single or sharded with an
+  index, tokenizer files, ``generation_config.json``).
+- `GGUFCheckpoint`: a llama.cpp ``.gguf`` file (or a folder holding exactly one, or the first part of a split
+  file); config, tokenizer, chat template and EOS from its metadata, weights dequantized at load.
+
+The loader (`models.loader`) and the engine only talk to this interface.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpoint(ABC):
+    """A model's files. ``path`` is what the user named (folder or file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The model's hyper-parameters as a HF ``config.json`` dict."""
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config_dict())
+
+    @abstractmethod
+    def load_tokenizer(self) -> Any:
+        """The HF fast tokenizer of this checkpoint, its EOS token the model's end-of-turn token."""
+
+    @abstractmethod
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation (config, generation config or GGUF metadata)."""
+
+    @abstractmethod
+    def num_tensors(self) -> int:
+        """How many tensors `tensors` reads (for progress)."""
+
+    @abstractmethod
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hf_name, tensor)`` pairs, one at a time (host memory holds one tensor beyond the model)."""
+
+    def tensor_slices(self) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+        """Like `tensors`, but a format that can read part of a tensor yields `LazyTensor`s: a layer's
+        ``weight_loader`` then reads only its tensor-parallel slice."""
+        return self.tensors()
+
+    @abstractmethod
+    def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
+        """One startup-log line: the format, its storage types and what loading it as ``dtype`` costs."""
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: ``shape``, and ``narrow(dim, start, length)`` reads just that part
+    (safetensors' ``get_slice``). What ``layers.load_slice`` needs of a tensor, so a rank that holds a shard
+    never has the whole tensor in host memory."""
+
+    def __init__(self, part) -> None:
+        self._part = part
+        self.shape = torch.Size(part.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._part[(slice(None),) * dim + (slice(start, start + length),)]
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A Hugging Face checkpoint folder."""
+
+    def config_dict(self) -> dict[str, Any]:
+        path = self.path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {self.path!s}: expected a Hugging Face checkpoint folder")
+        return json.loads(path.read_text())
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen_cfg = self.path / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    @cached_property
+    def files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [self.path / name for name in sorted(set(weight_map.values()))]
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            others = [p.name for p in self.path.glob("*.bin")]
+            hint = f" (found {', '.join(others[:3])}: only safetensors and GGUF are supported)" if others else ""
+            raise ConfigError(f"no *.safetensors weights in {self.path}{hint}")
+        return files
+
+    def num_tensors(self) -> int:
+        from safetensors import safe_open
+
+        total = 0
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                total += len(list(f.keys()))
+        return total
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    def tensor_slices(self) -> Iterator[tuple[str, LazyTensor]]:
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, LazyTensor(f.get_slice(name))
+
+    def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
+        stored = self.model_config.torch_dtype or "unstated dtype"
+        return (f"safetensors ({stored}, {len(self.files)} file(s)) loaded as {_dtype_name(dtype)}: "
+                f"{weights_bytes / 2**30:.2f} GiB")
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file (all parts of a split file), dequantized at load."""
+
+    def __init__(self, path: Path, file: Path) -> None:
+        from .gguf import GGUFFile, GGUFMetadata, GGUFWeights
+
+        super().__init__(path)
+        self.file = GGUFFile.open(file)
+        readers = self.file.readers()
+        self.metadata = GGUFMetadata(readers[0])
+        self.weights = GGUFWeights(readers, self.metadata)
+
+    def config_dict(self) -> dict[str, Any]:
+        from .gguf import config_dict
+
+        return config_dict(self.metadata, self.weights)
+
+    def load_tokenizer(self) -> Any:
+        """transformers' converter of GGUF tokenizer metadata, with the EOS token the metadata names."""
+        from transformers import AutoTokenizer
+
+        first = self.file.parts[0]
+        tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
+        eos = self.metadata.get("tokenizer.ggml.eos_token_id")
+        if eos is not None:
+            # The converter may name another token (SmolLM2: <|im_start|>) than the metadata's EOS id.
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos))
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = self.metadata.get("tokenizer.chat_template")
+        return tokenizer
+
+    def eos_token_ids(self) -> set[int]:
+        from .gguf import eos_token_ids
+
+        return set(eos_token_ids(self.metadata))
+
+    def num_tensors(self) -> int:
+        return len(self.weights)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.weights.items()
+
+    def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
+        types = ", ".join(f"{k} x{n}" for k, n in self.weights.type_counts().most_common())
+        return (f"GGUF {self.file.parts[0].name} ({self.weights.file_bytes() / 2**30:.2f} GiB of tensors: {types}) "
+                f"dequantized from {self.quantization} to {_dtype_name(dtype)}: {weights_bytes / 2**30:.2f} GiB "
+                "in memory (weights are not kept quantized yet)")
+
+    @property
+    def quantization(self) -> str:
+        """The dominant storage type of the 2-D weights (``Q4_1``), as llama.cpp names the file."""
+        counts = self.weights.type_counts()
+        quantized = {k: n for k, n in counts.items() if k not in ("F32",)}
+        return max(quantized, key=quantized.get) if quantized else "F32"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at ``path``: a HF folder, a ``.gguf`` file, or a folder holding exactly one GGUF model.
+
+    Raises:
+        ConfigError: nothing loadable there, or several GGUF files to choose from (the message lists them).
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ConfigError(f"{path} is a file but not a .gguf file; give a checkpoint folder or a GGUF file")
+        return GGUFCheckpoint(path, path)
+    if not path.is_dir():
+        raise ConfigError(f"model path {path} does not exist")
+    if (path / "config.json").is_file():
+        return SafetensorsCheckpoint(path)
+    from .gguf import is_later_split_part
+
+    ggufs = sorted(p for p in path.glob("*.gguf") if not is_later_split_part(p))
+    if len(ggufs) == 1:
+        return GGUFCheckpoint(path, ggufs[0])
+    if ggufs:
+        raise ConfigError(f"{path} holds {len(ggufs)} GGUF models ({', '.join(p.name for p in ggufs[:6])}); "
+                          "give the path of the file to serve")
+    raise ConfigError(f"{path} holds neither a config.json (Hugging Face checkpoint) nor a .gguf file")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

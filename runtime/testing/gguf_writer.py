@@ -1,0 +1,183 @@
+"""Write a GGUF file from a Hugging Face checkpoint folder, laid out the way llama.cpp's converter lays it out.
+
+Used by ``sglite bench offline --baseline llamacpp`` (llama.cpp fed an F32 GGUF of the very weights sglite runs)
+and by the tests (GGUF fixtures of tiny checkpoints). Tensor names are the inverse of the reader's
+(`gguf.hf_tensor_name`); ``llama`` Q/K rows are permuted like ``convert_hf_to_gguf.py``'s ``LlamaModel.permute``
+(the reader's `gguf.unpermute_qk` undoes it). The tokenizer goes in as a ``gpt2`` (byte-level BPE) vocabulary with
+token types, merges, BOS/EOS ids, whether BOS is prepended, and the chat template; the pre-tokenizer is named
+``default`` (llama.cpp then splits text like GPT-2: benchmarks feed token ids, so nothing depends on it).
+
+2-D weights are stored as ``qtype`` (any type ``gguf.quants`` can quantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1); norms and biases stay F32. `cached_gguf` keeps one written file per folder, type and writer version
+in ``$SGLITE_CACHE/gguf`` (default ``~/.cache/sglite/gguf``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..model_loader.checkpoint import SafetensorsCheckpoint
+from ..model_loader.gguf import _BLOCK_NAMES, _GLOBAL_NAMES
+from ..model_loader.gguf_header import ARCHITECTURES
+
+WRITER_VERSION = 1  # bump when the written layout changes: cached files are rewritten
+GGUF_ARCH = {hf: gguf for gguf, hf in ARCHITECTURES.items()}
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
+_BLOCK_PARTS = {hf: part for part, hf in _BLOCK_NAMES.items()}
+_GLOBAL_STEMS = {hf: stem for stem, hf in _GLOBAL_NAMES.items()}
+
+Encoder = Callable[[str, np.ndarray, str], tuple[np.ndarray, Any]]
+"""``encode(gguf_name, float32 value, qtype) -> (array, raw_dtype or None)``: how one tensor is stored."""
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (rows ``[h, 2, d/2]`` -> ``[h, d/2, 2]``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of an HF tensor (``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``), None
+    for tensors llama.cpp does not take (e.g. ``rotary_emb.inv_freq``). The inverse of `gguf.hf_tensor_name`."""
+    parts = hf_name.split(".")
+    if hf_name.startswith("model.layers.") and len(parts) > 4:
+        part = _BLOCK_PARTS.get(".".join(parts[3:-1]))
+        return None if part is None else f"blk.{parts[2]}.{part}.{parts[-1]}"
+    stem = _GLOBAL_STEMS.get(".".join(parts[:-1]))
+    return None if stem is None else f"{stem}.{parts[-1]}"
+
+
+def quantize_tensor(name: str, value: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+    """The default `Encoder`: ``value`` as F32, or quantized to ``qtype`` by ``gguf.quants``."""
+    import gguf
+    from gguf import quants
+
+    if qtype == "F32":
+        return value, None
+    kind = gguf.GGMLQuantizationType[qtype]
+    return quants.quantize(value, kind), kind
+
+
+def write_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "F32",
+               encode: Encoder = quantize_tensor) -> Path:
+    """``hf_dir`` as a GGUF file at ``out_file``, 2-D weights stored as ``qtype`` (through ``encode``).
+
+    Raises:
+        ValueError: the architecture is not one sglite's GGUF reader builds (llama, qwen2, qwen3).
+    """
+    import gguf
+
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = GGUF_ARCH.get(config["architectures"][0])
+    if arch is None:
+        raise ValueError(f"cannot write {config['architectures'][0]} as GGUF (supported: {sorted(GGUF_ARCH)})")
+    writer = gguf.GGUFWriter(str(out_file), arch)
+    _write_hparams(writer, config, qtype)
+    _write_tokenizer(writer, hf_dir, config["vocab_size"])
+    for name, value in _gguf_tensors(hf_dir, config, arch):
+        data, raw_dtype = encode(name, value, qtype if value.ndim == 2 else "F32")
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _gguf_tensors(hf_dir: Path, config: dict, arch: str):
+    """(GGUF name, float32 numpy value) of every tensor llama.cpp takes, sorted by HF name, Q/K permuted."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    for hf, tensor in sorted(SafetensorsCheckpoint(hf_dir).tensors(), key=lambda item: item[0]):
+        name = gguf_name(hf)
+        if name is None:
+            continue
+        value = tensor.float().numpy()
+        if arch == "llama" and ".attn_q." in name:
+            value = llama_cpp_permute(value, heads)
+        elif arch == "llama" and ".attn_k." in name:
+            value = llama_cpp_permute(value, kv_heads)
+        yield name, value
+
+
+def _write_hparams(writer: Any, config: dict, qtype: str) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_vocab_size(config["vocab_size"])
+    name = "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"
+    writer.add_file_type(gguf.LlamaFileType.__members__.get(name, gguf.LlamaFileType.GUESSED))
+
+
+def _write_tokenizer(writer: Any, hf_dir: Path, vocab_size: int) -> None:
+    """A ``gpt2`` vocabulary of ``vocab_size`` tokens (ids the tokenizer lacks become unused ``[PADn]``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    by_id = {i: t for t, i in vocab.items()}
+    special = {t["id"] for t in spec["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    writer.add_token_types([_TOKEN_CONTROL if i in special else _TOKEN_NORMAL if i in by_id else _TOKEN_UNUSED
+                            for i in range(vocab_size)])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_bos_token_id(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    ids = tok("a").input_ids
+    writer.add_add_bos_token(tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def cached_gguf(hf_dir: str | Path, qtype: str = "F32", cache_dir: str | Path | None = None) -> Path:
+    """A GGUF of ``hf_dir`` written once and kept in ``cache_dir`` (default ``$SGLITE_CACHE/gguf``), keyed by the
+    folder's resolved path, the size and modification time of its files, ``qtype`` and `WRITER_VERSION`. The file
+    is written under a temporary name and renamed, so a concurrent or interrupted writer never leaves half a file."""
+    hf_dir = Path(hf_dir).resolve()
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    out = root / f"{hf_dir.name}-{_folder_key(hf_dir, qtype)}.{qtype.lower()}.gguf"
+    if out.is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, suffix=".gguf.tmp")
+    os.close(fd)
+    try:
+        write_gguf(hf_dir, tmp, qtype)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _folder_key(hf_dir: Path, qtype: str) -> str:
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in hf_dir.iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps([str(hf_dir), stats, qtype, WRITER_VERSION]).encode()).hexdigest()[:16]
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("SGLITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sglite")
+    return Path(root) / "gguf"
