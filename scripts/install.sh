@@ -8,8 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+# [bench]: matplotlib for `sglite bench serve --plot-dir`; [test]: pytest and the peers the tests run against.
+testing=0
+[[ "${1:-}" == "--test" ]] && testing=1
+extras="[bench]"
+[[ $testing == 1 ]] && extras="[bench,test]"
 
 # The web UI test (tests/test_webui.py) drives Debian's headless Chromium through its chromedriver.
 install_chromium() {
@@ -40,7 +43,7 @@ install_chromium() {
     exit 1
   fi
 }
-if [[ -n "$extras" ]]; then
+if [[ $testing == 1 ]]; then
   install_chromium
 fi
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ from .text import RandomText, load_tokenizer
 def run_serve(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe; 0 once every run is reported (failed requests included)."""
     options = options_from_args(args, args.api_key or os.environ.get("OPENAI_API_KEY"))
+    if options.plot_dir and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot-dir needs matplotlib, which is in the [bench] extra: pip install 'xinf-sglang[bench]'")
     text = RandomText(load_tokenizer(options.tokenizer))
     results = asyncio.run(bench(options, text))
     if options.plot_dir:
