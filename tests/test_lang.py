@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -274,3 +275,38 @@ def test_bad_input_is_refused_with_what_is_allowed(tiny) -> None:
 def test_bind_fixes_arguments(tiny) -> None:
     bound = numbered.bind(index=5)
     assert bound.run(backend=tiny, temperature=0).text().startswith("Item 5:")
+
+
+# SGLang's python/sglang/lang/ir.py (REGEX_INT, REGEX_FLOAT, REGEX_BOOL, REGEX_STR), copied as strings: a program
+# ported from SGLang must be constrained to the same text (issue 28 point 8).
+SGLANG_DTYPE_REGEX = {
+    "int": r"[-+]?[0-9]+[ \n]*",
+    "float": r"[-+]?[0-9]*\.?[0-9]+[ \n]*",
+    "bool": r"(True|False)",
+    "str": r"\"[\w\d\s]*\"",
+}
+
+
+@pytest.mark.parametrize("dtype", [int, float, bool, str], ids=lambda t: t.__name__)
+def test_dtype_regexes_are_sglangs(dtype) -> None:
+    want = SGLANG_DTYPE_REGEX[dtype.__name__]
+    for expr in (sgl.gen("x", dtype=dtype), sgl.gen("x", dtype=dtype.__name__)):
+        assert expr.params.regex == want
+    if dtype is int:
+        assert sgl.gen_int("x").params.regex == want
+    if dtype is str:
+        assert sgl.gen_string("x").params.regex == want
+
+
+def test_dtype_gens_match_sglangs_regexes_on_the_engine(tiny) -> None:
+    @sgl.function
+    def typed(s):
+        s += "Number: " + sgl.gen_int("n", max_tokens=6) + "\nWord: " + sgl.gen_string("w", max_tokens=8)
+        s += "\nReal: " + sgl.gen("f", dtype=float, max_tokens=6)
+
+    state = typed.run(backend=tiny, temperature=0)
+    for name, kind in (("n", "int"), ("w", "str"), ("f", "float")):
+        text, finish = state[name], state.get_meta_info(name)["finish_reason"]["type"]
+        # Cut by max_tokens, a string may lack its closing quote; everything the grammar allowed still matches.
+        assert re.fullmatch(SGLANG_DTYPE_REGEX[kind], text + ('"' if finish == "length" and kind == "str" else "")), (
+            name, text, finish)

@@ -16,12 +16,14 @@ from typing import Any, Union
 from .choices import ChoicesMethod
 from .errors import LangError
 
-# dtype -> the regex its value must match. Compact forms: no trailing whitespace, so the grammar ends the value.
+# dtype -> the regex its value must match: SGLang's own (sglang/lang/ir.py REGEX_INT, REGEX_FLOAT, REGEX_BOOL,
+# REGEX_STR), so a program ported from SGLang is constrained to the same text. That includes their quirks: numbers
+# may end in spaces and newlines (`[ \n]*`), and a string holds only word characters and whitespace.
 DTYPE_REGEX = {
-    "int": r"[-+]?[0-9]+",
-    "float": r"[-+]?[0-9]*\.?[0-9]+",
+    "int": r"[-+]?[0-9]+[ \n]*",
+    "float": r"[-+]?[0-9]*\.?[0-9]+[ \n]*",
     "bool": r"(True|False)",
-    "str": r'"[^"\\\n]*"',
+    "str": r"\"[\w\d\s]*\"",
 }
 
 
