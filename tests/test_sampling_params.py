@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from xinf_sglang.runtime.constrained import GrammarLimits, GrammarSize, GrammarSpec
 from xinf_sglang.runtime.constrained.spec import DEFAULT_LIMITS
-from xinf_sglang.runtime.errors import InvalidRequestError
-from xinf_sglang.runtime.sampling.sampling_params import MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams
+from xinf_sglang.runtime.errors import InvalidRequestError, brief
+from xinf_sglang.runtime.sampling.sampling_params import (
+    MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_STRINGS, STRUCTURED_FIELDS, SamplingParams,
+)
 
 
 def test_defaults() -> None:
@@ -271,3 +273,51 @@ def test_loose_fields_only_raise_invalid_request(field: str, value) -> None:
         except InvalidRequestError:
             pass
 
+
+
+# ---- issue 28: sizes a client controls are bounded, and errors do not echo them at full length ----
+
+
+def test_logit_bias_is_capped_at_openais_300_entries() -> None:
+    assert len(SamplingParams(logit_bias={i: 1.0 for i in range(MAX_LOGIT_BIAS)}).logit_bias) == 300
+    for make in (lambda b: SamplingParams(logit_bias=b), lambda b: SamplingParams.model_validate({"logit_bias": b})):
+        with pytest.raises(InvalidRequestError) as info:
+            make({str(i): 1.0 for i in range(150_000)})  # a whole vocabulary, as JSON keys
+        message = str(info.value)
+        assert "logit_bias may hold at most 300 entries" in message and "got 150000" in message
+        assert len(message) < 300
+
+
+def test_stop_strings_are_capped_in_length() -> None:
+    assert SamplingParams(stop=["x" * MAX_STOP_CHARS]).stop == ["x" * MAX_STOP_CHARS]
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(stop=["ok", "x" * 200_000])
+    message = str(info.value)
+    assert f"at most {MAX_STOP_CHARS} characters" in message and "200000 characters" in message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": "h" * 100_000},
+        {"stop": 10**5000 // 7},
+        {"stop": ["s"] * 100_000},
+        {"logit_bias": {1: "x" * 100_000}},
+        {"k" * 100_000: 1},
+        {"max_new_tokens": list(range(100_000))},
+    ],
+    ids=["long-string", "huge-int", "many-stops", "long-bias-value", "long-unknown-key", "long-list"],
+)
+def test_errors_do_not_echo_client_values_at_full_length(kwargs: dict) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    message = str(info.value)
+    assert len(message) < 1500, message[:200]
+    assert next(iter(kwargs))[:5] in message  # still names the field
+
+
+def test_brief_keeps_short_values_and_cuts_long_ones() -> None:
+    assert brief("abc") == "'abc'"
+    cut = brief("a" * 1000)
+    assert cut.startswith("'aaaa") and cut.endswith("… (1002 characters)") and len(cut) < 120

@@ -72,11 +72,14 @@ def expand(new: NewRequest) -> list[NewRequest]:
     n = new.params.n
     if n == 1:
         return [new]
+    # Shallow copies: the siblings share the parent's stop list, logit_bias map and grammar, which nothing changes
+    # after validation (the request's params are already the scheduler's own copy); n deep copies of a 300-entry
+    # bias would cost the event loop n times that work for nothing.
     return [
         dataclasses.replace(
             new,
             rid=sibling_id(new.rid, i),
-            params=new.params.model_copy(update={"n": 1, "seed": sibling_seed(new.params.seed, i)}, deep=True),
+            params=new.params.model_copy(update={"n": 1, "seed": sibling_seed(new.params.seed, i)}),
         )
         for i in range(n)
     ]

@@ -15,16 +15,24 @@ message names the field, the value that was sent and what is allowed, so the plu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..constrained.spec import GrammarSpec, choices_from_lark
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, brief
 
 MAX_STOP_STRINGS = 16
 """Most stop strings one request may give (each is matched against every text delta)."""
+
+MAX_STOP_CHARS = 1000
+"""Longest stop string, in characters. Text that may still become a stop string is held back and searched again
+with every delta on the scheduler's thread, so this bounds that work (a few ms per delta at the bound, measured)."""
+
+MAX_LOGIT_BIAS = 300
+"""Most ``logit_bias`` entries one request may give (OpenAI's limit)."""
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are treated as greedy: dividing logits by them overflows float32 for no gain."""
@@ -55,12 +63,14 @@ _ALLOWED = MappingProxyType(
         "frequency_penalty": "a number in [-2, 2]",
         "presence_penalty": "a number in [-2, 2]",
         "repetition_penalty": "a number > 0 (1 disables it)",
-        "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+        "stop": f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+        f"{MAX_STOP_CHARS} characters each",
         "stop_token_ids": "a list of token ids >= 0 (and below the vocabulary size)",
         "ignore_eos": "true or false",
         "seed": f"an integer in [{SEED_MIN}, {SEED_MAX}]",
         "skip_special_tokens": "true or false",
-        "logit_bias": "a map of token id (>= 0, below the vocabulary size) to a bias in [-100, 100]",
+        "logit_bias": f"a map of at most {MAX_LOGIT_BIAS} token ids (>= 0, below the vocabulary size) to a bias in "
+        "[-100, 100]",
         "structured": "a GrammarSpec (or give one of json_schema, regex, ebnf, choices)",
         "n": f"an integer in [1, {MAX_N}] (and at most the engine's max_running_requests)",
         "logprobs": "true or false",
@@ -89,7 +99,7 @@ _IN_RANGE: dict[str, Any] = {
 
 def _invalid(field: str, value: Any) -> ValueError:
     """The error for `field` = `value` being out of range; pydantic wraps it, `_format_errors` unwraps it."""
-    return ValueError(f"{field} must be {_ALLOWED[field]}; got {value!r}")
+    return ValueError(f"{field} must be {_ALLOWED[field]}; got {brief(value)}")
 
 
 class SamplingParams(BaseModel):
@@ -221,11 +231,28 @@ class SamplingParams(BaseModel):
             raise _invalid(info.field_name, v)
         return -1 if info.field_name == "top_k" and v == 0 else v  # top_k 0 means disabled, like -1
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _bound_stop(cls, v: Any) -> Any:
+        # Before pydantic validates each entry: a list of a million strings is refused by its count, not parsed.
+        stops = [v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else None
+        if stops is None:
+            return v  # None, or a wrong type pydantic words
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must be {_ALLOWED['stop']}; got {len(stops)} strings: {brief(stops)}")
+        too_long = next((s for s in stops if isinstance(s, str) and len(s) > MAX_STOP_CHARS), None)
+        if too_long is not None:
+            raise ValueError(
+                f"stop strings may be at most {MAX_STOP_CHARS} characters each (longer ones make matching the "
+                f"text slow); got one of {len(too_long)} characters: {brief(too_long)}"
+            )
+        return v
+
     @field_validator("stop")
     @classmethod
     def _normalise_stop(cls, v: list[str] | str | None) -> list[str]:
         stops = [] if v is None else [v] if isinstance(v, str) else list(v)
-        if len(stops) > MAX_STOP_STRINGS or any(s == "" for s in stops):
+        if any(s == "" for s in stops):
             raise _invalid("stop", v)
         return stops
 
@@ -236,6 +263,16 @@ class SamplingParams(BaseModel):
         if any(i < 0 for i in ids):
             raise _invalid("stop_token_ids", v)
         return ids
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bound_logit_bias(cls, v: Any) -> Any:
+        # Before pydantic parses every key and value: a whole vocabulary is refused by its size alone.
+        if isinstance(v, Mapping) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries (OpenAI's limit); got {len(v)}"
+            )
+        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -347,12 +384,12 @@ def _format_error(err: Any) -> str:
     field = str(err["loc"][0]) if err["loc"] else ""
     if err["type"] == "extra_forbidden":
         allowed = [*SamplingParams.model_fields, *STRUCTURED_FIELDS]
-        return f"unknown sampling parameter {field!r}; allowed: {', '.join(allowed)}"
+        return f"unknown sampling parameter {brief(field)}; allowed: {', '.join(allowed)}"
     if err["type"] == "value_error":
         # Our own validators already wrote the full message; pydantic only prefixed "Value error, ".
         return str(err["ctx"]["error"])
     allowed = _ALLOWED.get(field)
     detail = err["msg"][0].lower() + err["msg"][1:]
     if allowed is None:
-        return f"{field}: {detail}; got {err.get('input')!r}"
-    return f"{field} must be {allowed}; got {err.get('input')!r} ({detail})"
+        return f"{brief(field)}: {detail}; got {brief(err.get('input'))}"
+    return f"{field} must be {allowed}; got {brief(err.get('input'))} ({detail})"
