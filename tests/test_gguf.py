@@ -171,3 +171,50 @@ def test_smollm2_gguf_greedy_equals_hf_and_reports_dequantization(smollm2, caplo
     finally:
         engine.shutdown()
     assert "dequantized from Q4_1 to float32" in caplog.text
+
+
+def _header(*entries: bytes, kv_count: int | None = None) -> bytes:
+    """A GGUF v3 header with no tensors and these raw key/value entries."""
+    import struct
+
+    count = len(entries) if kv_count is None else kv_count
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, count) + b"".join(entries)
+
+
+def _key(name: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def _nested_arrays(depth: int) -> bytes:
+    """``depth`` arrays, each holding one array, around nothing: the recursion bomb of a hostile header."""
+    import struct
+
+    return struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth + struct.pack("<IQ", 4, 0)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"GGUF" + bytes(3), "truncated"),
+        (_header(kv_count=1), "truncated"),
+        (_header(_key("general.architecture")[:5]), "truncated"),
+        (_header(_key("general.architecture") + bytes(2)), "truncated"),
+        (_header(b"\xff" * 8 + b"x"), "truncated"),  # a key of 2**64 - 1 bytes
+        (_header(_key("general.architecture") + b"\x08\x00\x00\x00" + b"\xff" * 7 + b"\x3f"), "truncated"),
+        (_header(_key("a") + _nested_arrays(100_000), _key("general.architecture")), "nested"),
+        (_header(_key("general.architecture") + _nested_arrays(100_000)), "nested"),
+        (_header(_key("a") + b"\x09\x00\x00\x00" + b"\x08\x00\x00\x00" + b"\xff" * 8), "truncated"),
+        (_header(_key("a") + b"\x63\x00\x00\x00"), "unknown GGUF metadata type 99"),
+    ],
+    ids=["short-version", "no-entries", "short-key-length", "short-type", "huge-key", "huge-string",
+         "nested-skip", "nested-read", "huge-string-array", "unknown-type"],
+)
+def test_malformed_header_raises_a_clear_value_error(tmp_path: Path, data: bytes, words: str) -> None:
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(data)
+    for read in (hf_architecture, lambda p: read_metadata_value(p, "general.architecture")):
+        with pytest.raises(ValueError, match=words) as info:
+            read(path)
+        assert str(path) in str(info.value) and len(str(info.value)) < 400

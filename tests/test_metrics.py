@@ -191,3 +191,22 @@ def test_tensor_parallel_engine_exports_rank0_counters(model_dir):
         assert s.value("sglite_time_to_first_token_seconds_count") == 2
         assert s.value("sglite_inter_token_latency_seconds_count") == 2 * 6
         assert s.value("sglite_memory_plan_bytes", component="kv_pool") == engine.memory_plan.kv_pool_bytes
+
+
+def test_an_idle_connection_is_closed_after_the_socket_timeout():
+    """A client that connects and sends nothing must not hold the endpoint's thread forever (issue 28 point 6)."""
+    from xinf_sglang.runtime.metrics.server import SOCKET_TIMEOUT_S, MetricsEndpoint
+
+    assert 0 < SOCKET_TIMEOUT_S <= 30
+    endpoint = MetricsEndpoint("127.0.0.1", 0, socket_timeout_s=0.5)
+    endpoint.serve(lambda: "sglite_up 1\n")
+    try:
+        host, port = endpoint.url.removeprefix("http://").removesuffix("/metrics").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as idle:
+            start = time.monotonic()
+            assert idle.recv(1) == b""  # closed by the server, not by our 10 s timeout
+            assert time.monotonic() - start < 5
+        with urllib.request.urlopen(endpoint.url, timeout=10) as reply:  # still serving
+            assert reply.read() == b"sglite_up 1\n"
+    finally:
+        endpoint.close()

@@ -20,13 +20,17 @@ from .export import CONTENT_TYPE
 
 logger = logging.getLogger("xinf_sglang.runtime.metrics.collector")
 
-__all__ = ["MetricsEndpoint", "open_metrics_endpoint"]
+__all__ = ["SOCKET_TIMEOUT_S", "MetricsEndpoint", "open_metrics_endpoint"]
+
+SOCKET_TIMEOUT_S = 10.0
+"""A connection idle (or trickling) this long is closed: each open connection holds one of the server's threads."""
 
 
 class MetricsEndpoint:
-    """A bound HTTP server answering ``GET /metrics`` with ``render()``; ``close`` stops it."""
+    """A bound HTTP server answering ``GET /metrics`` with ``render()``; ``close`` stops it. A connection that
+    sends nothing for ``socket_timeout_s`` is closed."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> None:
         server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
         try:
             self._server = server_class((host, port), _Handler)
@@ -36,6 +40,7 @@ class MetricsEndpoint:
                 "(0 = any free port) or metrics_host"
             ) from None
         self._server.daemon_threads = True
+        self._server.socket_timeout_s = socket_timeout_s  # type: ignore[attr-defined]
         self._server.render = lambda: "# the engine is starting\n"  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
@@ -71,6 +76,11 @@ class _IPv6Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    def setup(self) -> None:
+        # StreamRequestHandler applies ``timeout`` to the connection; BaseHTTPRequestHandler closes it on expiry.
+        self.timeout = self.server.socket_timeout_s  # type: ignore[attr-defined]
+        super().setup()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if self.path.split("?")[0] not in ("/metrics", "/"):
             self._reply(404, "not found: the metrics are at /metrics\n")

@@ -9,6 +9,7 @@ the elements); ``general.architecture`` normally comes first, so this reads a fe
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -22,61 +23,102 @@ _STRING, _ARRAY = 8, 9
 
 
 def hf_architecture(path: str | Path) -> str | None:
-    """The HF architecture name of a GGUF file (``LlamaForCausalLM``), None when sglite does not build it."""
+    """The HF architecture name of a GGUF file (``LlamaForCausalLM``), None when sglite does not build it.
+
+    Raises:
+        GGUFHeaderError: see `read_metadata_value`.
+    """
     arch = read_metadata_value(path, "general.architecture")
     return ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+
+
+class GGUFHeaderError(ValueError):
+    """A GGUF header that cannot be read: not GGUF, an unsupported version, or malformed (truncated, nested
+    too deep, an unknown value type). The message names the file and what is wrong."""
 
 
 def read_metadata_value(path: str | Path, key: str, max_keys: int = 64) -> object | None:
     """The value of ``key`` among the first ``max_keys`` metadata entries of the GGUF file, or None.
 
     Raises:
-        ValueError: the file is not GGUF v2/v3.
+        GGUFHeaderError: the file is not GGUF v2/v3, or its header is malformed (a ``ValueError``: whoever lists
+            engines treats it as "not this engine's file" instead of crashing on ``struct.error``).
     """
     with open(path, "rb") as f:
-        if f.read(4) != _MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        version, _tensors, kv_count = struct.unpack("<IQQ", f.read(20))
+        reader = _HeaderReader(f, str(path))
+        if reader.read(4) != _MAGIC:
+            raise GGUFHeaderError(f"{path} is not a GGUF file (bad magic)")
+        version, _tensors, kv_count = reader.unpack("<IQQ")
         if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+            raise GGUFHeaderError(f"{path}: GGUF version {version} is not supported (2 or 3)")
         for _ in range(min(kv_count, max_keys)):
-            name = _read_string(f)
-            kind = struct.unpack("<I", f.read(4))[0]
+            name = reader.string()
+            (kind,) = reader.unpack("<I")
             if name == key:
-                return _read_value(f, kind)
-            _skip_value(f, kind)
+                return reader.value(kind)
+            reader.skip(kind)
     return None
 
 
-def _read_string(f: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", f.read(8))
-    return f.read(length).decode("utf-8", errors="replace")
+MAX_ARRAY_DEPTH = 8
+"""Deepest nesting of arrays read or skipped (real files nest none; a hostile one could recurse without end)."""
 
 
-def _read_value(f: BinaryIO, kind: int) -> object:
-    if kind == _STRING:
-        return _read_string(f)
-    if kind in _SCALARS:
-        fmt = "<" + _SCALARS[kind]
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-    if kind == _ARRAY:
-        item_kind, count = struct.unpack("<IQ", f.read(12))
-        return [_read_value(f, item_kind) for _ in range(count)]
-    raise ValueError(f"unknown GGUF metadata type {kind}")
+class _HeaderReader:
+    """Typed reads from a GGUF header that fail with `GGUFHeaderError` instead of ``struct.error``,
+    ``RecursionError`` or an allocation the size a hostile length field asks for."""
 
+    def __init__(self, f: BinaryIO, path: str) -> None:
+        self.f = f
+        self.path = path
+        self.size = os.fstat(f.fileno()).st_size
 
-def _skip_value(f: BinaryIO, kind: int) -> None:
-    if kind == _STRING:
-        (length,) = struct.unpack("<Q", f.read(8))
-        f.seek(length, 1)
-    elif kind in _SCALARS:
-        f.seek(struct.calcsize("<" + _SCALARS[kind]), 1)
-    elif kind == _ARRAY:
-        item_kind, count = struct.unpack("<IQ", f.read(12))
-        if item_kind in _SCALARS:
-            f.seek(count * struct.calcsize("<" + _SCALARS[item_kind]), 1)
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; a length past the end of the file is refused before anything is read."""
+        if n > self.size - self.f.tell():
+            raise GGUFHeaderError(f"{self.path}: the GGUF header is truncated (a field of {n} bytes at offset "
+                                  f"{self.f.tell()} runs past the end of the {self.size}-byte file)")
+        return self.f.read(n)
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))
+
+    def string(self) -> str:
+        (length,) = self.unpack("<Q")
+        return self.read(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int, depth: int = 0) -> object:
+        if kind == _STRING:
+            return self.string()
+        if kind in _SCALARS:
+            return self.unpack("<" + _SCALARS[kind])[0]
+        item_kind, count = self._array(kind, depth)
+        return [self.value(item_kind, depth + 1) for _ in range(count)]
+
+    def skip(self, kind: int, depth: int = 0) -> None:
+        if kind == _STRING:
+            (length,) = self.unpack("<Q")
+            self._seek(length)
+        elif kind in _SCALARS:
+            self._seek(struct.calcsize("<" + _SCALARS[kind]))
         else:
-            for _ in range(count):
-                _skip_value(f, item_kind)
-    else:
-        raise ValueError(f"unknown GGUF metadata type {kind}")
+            item_kind, count = self._array(kind, depth)
+            if item_kind in _SCALARS:
+                self._seek(count * struct.calcsize("<" + _SCALARS[item_kind]))
+            else:
+                for _ in range(count):
+                    self.skip(item_kind, depth + 1)
+
+    def _array(self, kind: int, depth: int) -> tuple[int, int]:
+        """The (element type, count) of an array value of type ``kind`` (anything else is unknown)."""
+        if kind != _ARRAY:
+            raise GGUFHeaderError(f"{self.path}: unknown GGUF metadata type {kind} at offset {self.f.tell() - 4}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise GGUFHeaderError(f"{self.path}: GGUF metadata arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        item_kind, count = self.unpack("<IQ")
+        return item_kind, count
+
+    def _seek(self, n: int) -> None:
+        if n > self.size - self.f.tell():
+            self.read(n)  # raises: the value runs past the end of the file
+        self.f.seek(n, 1)

