@@ -27,6 +27,7 @@ import torch
 from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..sampling.sampling_params import SamplingParams
+from .timing import measure_bandwidth
 
 
 BASELINES = ("hf", "llamacpp")
@@ -334,56 +335,6 @@ def print_cache_report(results: list[Result]) -> None:
         if r.cache_hit_rate is not None:
             share = r.cache_hit_rate / best if best else 0.0
             print(f"{r.name}: cached {r.cache_hit_rate:.1%} of prompt tokens = {share:.1%} of the maximum")
-
-
-@dataclass(frozen=True)
-class Bandwidth:
-    """Device memory bandwidth in bytes/s: ``copy`` counts the bytes read and written by a device-to-device copy
-    (the issue's roofline), ``read`` the bytes of a read-only stream (a sum), which is what reading weights is."""
-
-    copy: float
-    read: float
-
-
-def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> Bandwidth:
-    """Copy and read bandwidth of ``device`` over an ``nbytes`` buffer, each timed over ``repeats`` back-to-back
-    runs after a warm-up (``seconds_per_run``). On CUDA the runs are timed with events, not host clocks around
-    single runs: timing single copies with a host synchronisation around each, with three warm-up copies, measured
-    3.80 TB/s on an H200 whose back-to-back copies ran at 4.28 TB/s (docs/PERFORMANCE.md), which flattered every
-    roofline ratio. ``nbytes`` defaults to 2 GiB on a GPU (~40 times its L2) and 256 MiB on the CPU."""
-    nbytes = nbytes or (2 * 1024**3 if device.type == "cuda" else 256 * 1024**2)
-    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    copy_s = seconds_per_run(lambda: dst.copy_(src), device, repeats)
-    del dst
-    read_s = seconds_per_run(lambda: src.view(torch.float32).sum(), device, repeats)
-    del src
-    return Bandwidth(copy=2 * nbytes / copy_s, read=nbytes / read_s)
-
-
-def seconds_per_run(fn, device: torch.device, repeats: int, warmup_s: float = 0.5) -> float:
-    """Mean seconds of one ``fn()`` over ``repeats`` back-to-back runs (CUDA events on a GPU, the host clock on
-    the CPU), after one untimed run. On CUDA, runs first for ``warmup_s`` of wall time: after the engine has shut
-    down the GPU idles at a low SM clock, and a few warm-up copies did not bring it back (the same copy timed at
-    3.8 TB/s right after the engine, 4.27 TB/s after HF generate)."""
-    fn()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) / repeats
-    deadline = time.perf_counter() + warmup_s
-    while time.perf_counter() < deadline:
-        for _ in range(8):
-            fn()
-        torch.cuda.synchronize(device)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / repeats
 
 
 def print_roofline(result: Result, weights_bytes: int, device: torch.device) -> None:

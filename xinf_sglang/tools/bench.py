@@ -9,30 +9,36 @@ of ``--prefix-groups G`` prefixes), then its own ``--input-len`` random tokens, 
 sglite served from its prefix cache against the most a cache could serve. ``--load-format dummy --model-config
 config.json`` benchmarks real model shapes with random weights (no checkpoint or tokenizer needed).
 
-``sglite bench serve`` (:mod:`xinf_sglang.tools.bench_serve`) measures a served model over HTTP instead.
+``sglite bench serve`` (:mod:`xinf_sglang.tools.bench_serve`) measures a served model over HTTP instead. The
+GPU-side modes, each in its own module: ``kernels`` (launch-shape sweeps of the Triton kernels,
+:mod:`.bench_kernels`), ``decode`` (where a decode step's time goes, :mod:`.bench_decode`) and ``ab`` (``bench
+offline`` interleaved between two installed copies of sglite, :mod:`.bench_ab`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from .arg_types import length_range
+from .arg_types import add_engine_arguments, length_range
 from .bench_serve import options as serve_options
+
+# mode -> (module with ``add_arguments(parser)`` and ``run(args)``, one-line help); their arguments are torch-free
+MODES = {
+    "kernels": ("bench_kernels", "launch-shape sweeps of the decode-time Triton kernels at a model's shapes"),
+    "decode": ("bench_decode", "decode step time after prompts of given lengths, and where it goes (profiler)"),
+    "ab": ("bench_ab", "bench offline interleaved between two installed copies of sglite: the new/old ratio"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sglite bench``: ``offline`` (here) and ``serve`` (:mod:`.bench_serve.options`)."""
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("offline", help="offline throughput: all prompts submitted at once")
-    p.add_argument("--model", help="checkpoint folder (or use --model-config with --load-format dummy)")
-    p.add_argument("--model-config", help="a config.json to benchmark with random weights (--load-format dummy)")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    add_engine_arguments(p)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=length_range, default=(32, 256), help="A:B, uniform (default 32:256)")
     p.add_argument("--output-len", type=length_range, default=(32, 128), help="A:B, uniform (default 32:128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                    help="every prompt starts with the same N random tokens, then its own --input-len tokens")
     p.add_argument("--prefix-groups", type=int, default=1, metavar="G",
@@ -45,8 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="llama.cpp server slots (default: one per prompt, all prompts batched)")
     p.add_argument("--llamacpp-threads", type=int, default=0, metavar="N",
                    help="llama.cpp CPU threads (default: torch's intra-op threads, what sglite uses)")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra EngineConfig option, e.g. --engine-arg max_total_tokens=20000 (repeatable)")
     p.add_argument("--json-schema", metavar="FILE",
                    help="also run the same workload constrained to this JSON schema (needs a tokenizer) and report "
                         "its throughput and the grammar-mask time per step next to the unconstrained run")
@@ -55,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "weight-read floor")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
     serve_options.add_arguments(sub.add_parser("serve", help=serve_options.HELP, description=serve_options.HELP))
+    for name, (_, help_text) in MODES.items():
+        _mode_module(name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def _mode_module(name: str):
+    return importlib.import_module(f"{__package__}.{MODES[name][0]}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from .bench_serve.command import run_serve
 
         return run_serve(args)
+    if args.bench in MODES:
+        return _mode_module(args.bench).run(args)
     from .bench_offline import run_offline
 
     return run_offline(args)

@@ -8,6 +8,8 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,23 +32,20 @@ from ..runtime.bench.llamacpp_baseline import LlamaCppOptions
 def run_offline(args: argparse.Namespace) -> int:
     """Time sglite, then each baseline on its workload; print the report and (``--json``) write the rows."""
     baselines = parse_baselines(args.baseline)
-    model_dir, cleanup = _model_dir(args)
-    try:
+    with model_folder(args) as model_dir:
         if "llamacpp" in baselines and args.load_format == "dummy":
             raise SystemExit("--baseline llamacpp needs real weights (it runs a GGUF written from --model)")
-        sg = bench_sglite(_engine_config(args, model_dir), lambda vocab: _workload(args, vocab), _json_schema(args))
+        sg = bench_sglite(engine_config(args, model_dir), lambda vocab: _workload(args, vocab), _json_schema(args))
         results = sg.results + [_run_baseline(name, args, model_dir, sg) for name in baselines]
         print_report(results, sg, args.roofline)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
-    finally:
-        if cleanup:
-            shutil.rmtree(model_dir, ignore_errors=True)
     return 0
 
 
-def _engine_config(args: argparse.Namespace, model_dir: Path) -> EngineConfig:
-    """The engine's options: the command's, then every ``--engine-arg``; no tokenizer when the folder has none."""
+def engine_config(args: argparse.Namespace, model_dir: Path) -> EngineConfig:
+    """The engine's options (``bench.add_engine_arguments``): the command's, then every ``--engine-arg``; no
+    tokenizer when the folder has none."""
     engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
     has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     return EngineConfig(
@@ -84,14 +83,20 @@ def _parse_engine_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _model_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The folder to load: --model, or a temporary folder holding only --model-config (dummy weights)."""
-    if args.model_config:
-        if args.load_format != "dummy":
-            raise SystemExit("--model-config needs --load-format dummy (there are no weights to load)")
-        tmp = Path(tempfile.mkdtemp(prefix="sglite-bench-"))
+@contextmanager
+def model_folder(args: argparse.Namespace) -> Iterator[Path]:
+    """The folder to load: --model, or a temporary folder holding only --model-config (dummy weights), removed
+    on exit."""
+    if not args.model_config:
+        if not args.model:
+            raise SystemExit("give --model DIR, or --model-config config.json with --load-format dummy")
+        yield Path(args.model)
+        return
+    if args.load_format != "dummy":
+        raise SystemExit("--model-config needs --load-format dummy (there are no weights to load)")
+    tmp = Path(tempfile.mkdtemp(prefix="sglite-bench-"))
+    try:
         shutil.copy(args.model_config, tmp / "config.json")
-        return tmp, True
-    if not args.model:
-        raise SystemExit("give --model DIR, or --model-config config.json with --load-format dummy")
-    return Path(args.model), False
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
