@@ -266,7 +266,7 @@ def test_architecture_read_from_a_local_checkpoint(tmp_path: Path) -> None:
 
 
 def test_virtualenv_marker_is_added_once_and_only_where_engines_are_restricted() -> None:
-    from xinf_sglang.registration.engine_tables import VIRTUALENV_MARKER, declare_in_virtualenv
+    from xinf_sglang.registration.engine_name import VIRTUALENV_MARKER, declare_in_virtualenv
 
     restricted = _family(virtualenv=SimpleNamespace(packages=['#vllm_dependencies# ; #engine# == "vllm"']))
     declare_in_virtualenv(restricted)
@@ -277,6 +277,115 @@ def test_virtualenv_marker_is_added_once_and_only_where_engines_are_restricted()
     assert plain.virtualenv.packages == ["numpy"]
     declare_in_virtualenv(_family())  # no virtualenv at all: nothing to do
 
+
+
+# ---- engine pieces, without a model ----
+
+
+class _FakeXinference:
+    """The members of the engine object the chat path may use (openai_api.chat.XinferenceChat), recorded."""
+
+    def __init__(self, abilities: tuple[str, ...] = ("chat",)) -> None:
+        self.model_family = _family(model_ability=list(abilities), chat_template="{{ messages }}", stop=[],
+                                    stop_token_ids=[], reasoning_start_tag=None, reasoning_end_tag=None)
+        self.model_uid, self.reasoning_parser, self.tool_parser = "uid", None, None
+        self.calls: list[str] = []
+
+    def prefill_messages(self, messages):
+        self.calls.append("prefill")
+        return messages
+
+    def get_full_context(self, messages, chat_template, tokenizer=None, **kwargs):
+        return f"{chat_template}:{len(messages)}:{sorted(kwargs)}"
+
+    def _get_chat_template_kwargs_from_generate_config(self, config, reasoning_parser=None):
+        return dict(config["chat_template_kwargs"]) if config else None
+
+    def _to_chat_completion(self, completion, reasoning_parser=None):
+        (choice,) = completion["choices"]  # Xinference's conversions serve one choice
+        return {"choices": [{"index": choice["index"], "message": {"content": choice["text"]}}],
+                "usage": completion["usage"]}
+
+    async def _async_to_chat_completion_chunks(self, chunks, reasoning_parser=None, ctx=None):
+        async for chunk in chunks:
+            yield {"choices": [{"index": c["index"], "delta": {"content": c["text"]}} for c in chunk["choices"]]}
+
+
+def test_chat_path_uses_only_what_it_is_handed() -> None:
+    import asyncio
+
+    from xinf_sglang.openai_api.chat import ChatPath, ChatStops
+
+    xinference = _FakeXinference()
+    chat = ChatPath(xinference, tokenizer=None, template="T", stops=ChatStops(token_ids=(7,)))
+    assert not chat.supports_tools()  # no tools ability, no parser
+    assert chat.begin({"enable_thinking": False}) == {"enable_thinking": False} and chat.begin(None) == {}
+    assert chat.render([{"role": "user", "content": "hi"}], {"tools": []}) == "T:1:['tools']"
+    assert xinference.calls == ["prefill"]
+    assert chat.apply_stops({"stop_token_ids": [3]}, tools=None) == {"stop_token_ids": [3, 7]}
+    completion = {"choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}], "usage": {"total_tokens": 5}}
+    merged = chat.convert(completion, 2, None, {}, parallel=True)  # n=2: one conversion per choice, merged
+    assert [c["message"]["content"] for c in merged["choices"]] == ["a", "b"] and merged["usage"]["total_tokens"] == 5
+
+    async def stream():
+        for i, text in ((0, "x"), (1, "y")):
+            yield {"choices": [{"index": i, "text": text, "finish_reason": "stop"}]}
+
+    async def drain(chunks):
+        return sorted([(c["choices"][0]["index"], c["choices"][0]["delta"]["content"]) async for c in chunks])
+
+    assert asyncio.run(drain(chat.convert(stream(), 2, None, {}, parallel=True))) == [(0, "x"), (1, "y")]
+
+
+class _FakeEngine:
+    """A runtime engine's request surface: one stream of ``chunks`` per request, aborts recorded."""
+
+    def __init__(self, *chunks: SimpleNamespace) -> None:
+        self.chunks, self.aborted, self.closed = chunks, [], 0
+
+    def generate_stream(self, input_ids, sampling_params, request_id, priority, on_finish):
+        async def stream():
+            try:
+                for chunk in self.chunks:
+                    yield chunk
+            finally:
+                self.closed += 1
+
+        return stream()
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def _chunk(finish: str | None = None, error: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(text="t", finish_reason=finish, error=error)
+
+
+def test_request_tracker_counts_aborts_and_frees_requests_however_they_end() -> None:
+    import asyncio
+
+    from xinf_sglang.serving.engine import SgliteRequestError
+    from xinf_sglang.serving.engine.streams import RequestTracker
+
+    async def scenario() -> None:
+        tracker, engine = RequestTracker(), _FakeEngine(_chunk(), _chunk(), _chunk("stop"))
+        stream = tracker.stream(engine, [1], None, "r1", None, lambda: None)
+        await stream.__anext__()
+        assert len(tracker) == 1 and tracker.abort(engine, "r1") and not tracker.abort(engine, "other")
+        await stream.aclose()  # the client left before the end
+        assert (len(tracker), tracker.client_aborts, engine.aborted, engine.closed) == (0, 1, ["r1"], 1)
+        assert [c.finish_reason async for c in tracker.stream(engine, [1], None, "r2", None, lambda: None)][-1]
+        assert (len(tracker), tracker.client_aborts, engine.closed) == (0, 1, 2)  # a finished one is no abort
+
+        rejected = _FakeEngine(_chunk(error="grammar rejected token 5"))
+        with pytest.raises(SgliteRequestError, match="stopped request r3: grammar rejected"):
+            await tracker.stream(rejected, [1], None, "r3", None, lambda: None).__anext__()
+        failed = RuntimeError("engine failed for good")
+        with pytest.raises(RuntimeError, match="engine failed for good"):  # the failure's error wins
+            await tracker.stream(rejected, [1], None, "r4", None, lambda: failed).__anext__()
+        assert len(tracker) == 0
+
+    asyncio.run(scenario())
 
 # ---- the start-up hook, in fresh interpreters ----
 
@@ -304,18 +413,24 @@ def test_engine_registered_at_xinference_bootstrap() -> None:
         "print(json.dumps({'engines': list(llm.SUPPORTED_ENGINES),"
         " 'qwen': list(llm.LLM_ENGINES['qwen2.5-instruct']),"
         " 'ctx': CONTEXT_LENGTH_KEYS.get('sglite'),"
+        " 'gguf': [llm.check_format_with_engine('ggufv2', e) for e in ('sglite', 'Transformers')],"
         " 'venv': get_llm_family_by_name('qwen2.5-instruct').virtualenv.packages[-1]}))"
     )
     got = json.loads(out.splitlines()[-1])
     assert got["engines"][-1] == "sglite" and "sglite" in got["qwen"]
     assert got["ctx"] == "context_length"
+    assert got["gguf"] == [True, False]  # compat.gguf_format: sglite only, the original answers the rest
     assert got["venv"] == '#sglite_dependencies# ; #engine# == "sglite"'
 
 
-def test_engine_registered_when_the_engine_module_bootstraps_xinference() -> None:
-    # A model subprocess starts by unpickling its engine object: xinf_sglang.serving.engine is imported first.
+@pytest.mark.parametrize("first", ["xinf_sglang.serving.engine", "xinf_sglang.serving.engine.chat_model",
+                                   "xinf_sglang.serving.engine.errors"])
+def test_engine_registered_when_the_engine_module_bootstraps_xinference(first: str) -> None:
+    # A model subprocess starts by unpickling its engine object (the REST process: a request error), so a module of
+    # the engine package is imported before xinference.model; the package bootstraps Xinference before any of its
+    # class modules start, so the hook registers complete classes at once.
     out = _python(
-        "import xinf_sglang.serving.engine as e\n"
+        f"import {first}, xinf_sglang.serving.engine as e\n"
         "from xinference.model.llm.llm_family import SUPPORTED_ENGINES, LLM_ENGINES\n"
         "print(SUPPORTED_ENGINES['sglite'] == [e.SgliteChatModel, e.SgliteModel],"
         " 'sglite' in LLM_ENGINES['qwen2.5-instruct'])"

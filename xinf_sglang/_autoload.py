@@ -47,8 +47,8 @@ class _XinferenceBootstrapWatcher:
     module it returns the regular finders' own spec, whose loader runs the patches after the module's code.
     """
 
-    def __init__(self) -> None:
-        self.pending = {_TRIGGER, _REST_TRIGGER}
+    def __init__(self, pending: set[str]) -> None:
+        self.pending = pending  # the trigger modules not imported yet; the finder leaves sys.meta_path after both
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
         if fullname not in self.pending:
@@ -106,9 +106,6 @@ def _spec_with_compat_patches(watcher: object, fullname: str, path: object, targ
         return None
 
 
-_WATCHER = _XinferenceBootstrapWatcher()
-
-
 def register_with_xinference() -> bool:
     """Register sglite's engine hook with Xinference now. Returns whether the hook is registered.
 
@@ -130,22 +127,23 @@ def register_with_xinference() -> bool:
 
 
 def install() -> None:
-    """Put the watcher on ``sys.meta_path`` (idempotent); register at once if ``xinference.model`` is loaded."""
-    if os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    """Put a watcher on ``sys.meta_path`` unless one is there already (the watcher lives there, nowhere else)."""
+    if _switched_off(_DISABLE_ENV):
         return
     if _TRIGGER in sys.modules:
         # Too late for the hook in this process (someone imported this module by hand, late).
         _warn("sglite: xinference.model was imported before the sglite start-up hook; engine not registered")
         return
-    if _REST_TRIGGER in sys.modules:
-        _WATCHER.pending.discard(_REST_TRIGGER)  # late: nothing to wrap; xinference_compat.install() still works
-    if not any(f is _WATCHER for f in sys.meta_path):
-        sys.meta_path.insert(0, _WATCHER)
+    if any(isinstance(f, _XinferenceBootstrapWatcher) for f in sys.meta_path):
+        return
+    # REST module already imported: nothing to wrap (xinf_sglang.compat.patches.install() still works by hand).
+    pending = {_TRIGGER} if _REST_TRIGGER in sys.modules else {_TRIGGER, _REST_TRIGGER}
+    sys.meta_path.insert(0, _XinferenceBootstrapWatcher(pending))
 
 
 def uninstall() -> None:
-    """Remove the watcher from ``sys.meta_path``."""
-    sys.meta_path[:] = [f for f in sys.meta_path if f is not _WATCHER]
+    """Remove sglite's watcher from ``sys.meta_path``."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _XinferenceBootstrapWatcher)]
 
 
 try:

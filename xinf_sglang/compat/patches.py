@@ -1,12 +1,14 @@
 """Small compatibility patches of Xinference 4.1's REST layer, for sglite's structured output and errors.
 
-This module is the ONLY place sglite touches Xinference internals beyond engine registration
-(:mod:`xinf_sglang.registration.engine_tables`, :mod:`xinf_sglang._autoload`). Both patches wrap a static method of
-``xinference.api.restful_api.RESTfulAPI`` and call the original for everything that is not sglite's business.
+``xinf_sglang.compat`` is the only place sglite replaces Xinference code (beyond adding itself to the engine tables
+in :mod:`xinf_sglang.registration.engine_tables`); this module holds the REST-layer patches, applied once per process
+by :func:`install` (:mod:`xinf_sglang._autoload` calls it), :mod:`xinf_sglang.compat.gguf_format` the GGUF format
+wrapper the registration hook applies. The patches here wrap methods of ``xinference.api.restful_api.RESTfulAPI``
+and call the original for everything that is not sglite's business.
 
 1. **Request errors** (``RESTfulAPI.handle_request_limit_error``). Xinference 4.1 turns exactly one engine
    exception type into an HTTP 400, ``ContextLengthExceeded``, which is why :class:`xinf_sglang.serving.engine.
-   SgliteRequestError` subclasses it. On ``/v1/chat/completions`` Xinference calls the handler with
+   errors.SgliteRequestError` subclasses it. On ``/v1/chat/completions`` Xinference calls the handler with
    ``sanitize=True``, which replaces the 400's detail by a fixed "Request exceeds the model's configured context
    length." whatever went wrong (an invalid JSON schema, a bad regex, an unsupported field), and every other
    engine error by a generic 500 text. The wrapper raises ``HTTPException(400, detail=<sglite's message>)`` for
@@ -62,7 +64,7 @@ import sys
 from typing import Any, Callable
 
 from . import sampling_fields as sampling_fields
-from ..registration.engine_tables import ENGINE_NAME
+from ..registration.engine_name import ENGINE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ STREAM_ERRORS_METHOD = "_get_model_last_error"
 FIELD_ALIAS_FEATURE = "the SGLang request fields regex/ebnf/choice, priority, min_p and min_tokens over HTTP"
 
 _MARK = "__sglite_compat__"
-_ENGINE_MODULE = "xinf_sglang.serving.engine"
+_ERRORS_MODULE = "xinf_sglang.serving.engine.errors"
 _FAILURE_MODULE = "xinf_sglang.serving.engine_failure"
 _REST_MODULE = "xinference.api.restful_api"
 
@@ -185,7 +187,7 @@ def _patch_stream_errors(api_cls: Any) -> bool:
     async def _get_model_last_error(self: Any, replica_model_uid: Any, e: Exception) -> Exception:
         if is_sglite_request_error(e):
             # sglite's class again (still a 400 where a handler follows), rebuilt from the message alone
-            return sys.modules[_ENGINE_MODULE].SgliteRequestError(request_error_message(e))
+            return sys.modules[_ERRORS_MODULE].SgliteRequestError(request_error_message(e))
         if is_sglite_engine_failure(e):
             return sys.modules[_FAILURE_MODULE].SgliteEngineFailure(request_error_message(e))
         return await raw(self, replica_model_uid, e)
@@ -207,7 +209,7 @@ def is_sglite_request_error(e: BaseException) -> bool:
     An unpickled ``SgliteRequestError`` can only exist once its module is imported, so the module is looked up,
     never imported, here.
     """
-    return _is_instance(e, _ENGINE_MODULE, "SgliteRequestError")
+    return _is_instance(e, _ERRORS_MODULE, "SgliteRequestError")
 
 
 def is_sglite_engine_failure(e: BaseException) -> bool:
