@@ -22,13 +22,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.constrained import LLGuidanceBackend
-from xinf_sglang.runtime.constrained.token_table import (
-    TextTokenizer,
-    TokenTable,
-    lltokenizer,
-    token_bytes,
-    verify_token_bytes,
-)
+from xinf_sglang.runtime.constrained.llg_tokenizer import TextTokenizer, lltokenizer
+from xinf_sglang.runtime.constrained.token_table import TokenTable, token_bytes
+from xinf_sglang.runtime.constrained.token_table_check import verify_token_bytes
 from xinf_sglang.runtime.errors import ConfigError
 
 from .engine_helpers import CORPUS, make_engine

@@ -18,12 +18,17 @@ seconds)`` (whether or not the grammar is valid: the server-side compile reports
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 LLGUIDANCE_JSON_OPTIONS = MappingProxyType(
     {
@@ -34,7 +39,7 @@ LLGUIDANCE_JSON_OPTIONS = MappingProxyType(
         "coerce_one_of": False,
     }
 )
-"""JSON-schema compile options passed to llguidance as overrides (see backend.py's docstring for why)."""
+"""JSON-schema compile options passed to llguidance as overrides (see llguidance_backend.py's docstring for why)."""
 
 _GBNF_RULE = re.compile(r"(?m)^[ \t]*[A-Za-z_][A-Za-z0-9_-]*[ \t]*::=")
 _LARK_START = re.compile(r"(?m)^[ \t]*(?:%llguidance\b|\??start[ \t]*:(?!:=))")
@@ -221,6 +226,55 @@ class CompileProcess:
             why = f"exited while starting (status {self._proc.poll()})"
         self.close()
         raise RuntimeError(f"the grammar compile worker {why}")
+
+
+class WorkerSlots:
+    """One `CompileProcess` per compile thread, created on the thread's first compile; all killed on `close`.
+
+    ``describe`` builds the tokenizer description the workers need (once, on first use: it walks the vocabulary).
+    """
+
+    def __init__(self, describe: Callable[[], tuple[list[bytes], list[int], list[int], int]]) -> None:
+        self._describe = describe
+        self._description: Any = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[CompileProcess] = []
+        self._broken: str | None = None  # why workers cannot be used here (then compiles run unisolated)
+        self._closed = False
+
+    def mine(self) -> CompileProcess | None:
+        """This thread's worker, started if needed; None when workers cannot be started on this host."""
+        worker = getattr(self._local, "worker", None)
+        if worker is not None:
+            return worker
+        with self._lock:
+            if self._closed or self._broken is not None:
+                return None
+            if self._description is None:
+                self._description = self._describe()
+            worker = CompileProcess(self._description)
+            self._all.append(worker)
+        try:
+            # Start it now, with a trivial grammar, so that no request's time limit pays for the start.
+            if not worker.run("regex", "a", timeout_s=60.0):
+                raise RuntimeError("the compile worker did not compile a trivial grammar within 60 s")
+        except (OSError, RuntimeError) as exc:
+            with self._lock:
+                self._broken = str(exc)
+            logger.warning("grammar compile workers unavailable (%s): compiles are bounded by llguidance's limits "
+                           "only and a timed-out compile cannot be stopped", exc)
+            return None
+        self._local.worker = worker
+        return worker
+
+    def close(self) -> None:
+        """Kill every worker. Idempotent; later `mine` calls return None."""
+        with self._lock:
+            self._closed = True
+            workers, self._all = self._all, []
+        for worker in workers:
+            worker.close()
 
 
 def _import_roots(*modules: str) -> str:

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from .spec import GrammarSpec
 
 __all__ = [
     "DEFAULT_LIMITS",
     "GrammarLimits",
     "GrammarSize",
     "MAX_GRAMMAR_TEXT_CHARS",
+    "MeasuredGrammar",
     "REPETITION_CAP",
     "check_text",
     "regex_repetition",
@@ -47,6 +45,22 @@ class GrammarSize:
     """Largest `regex_repetition` of any ``pattern`` in a JSON schema."""
     choices: int = 0
     """Distinct strings of a ``choices`` constraint."""
+
+
+class MeasuredGrammar(Protocol):
+    """What `GrammarLimits.check` reads of a constraint; a `GrammarSpec` is one. Declared here, not imported:
+    spec.py builds on this module (sizes, the default limits), so this module must not need spec.py back."""
+
+    @property
+    def kind(self) -> str:
+        """``json_schema``, ``regex``, ``ebnf`` or ``choices``."""
+
+    @property
+    def text(self) -> str:
+        """The canonical text of the constraint."""
+
+    def measured_size(self) -> GrammarSize:
+        """What only a parse of the constraint shows (`GrammarSize`)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class GrammarLimits:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GrammarLimits.{name} must be an integer >= 1; got {value!r}")
 
-    def check(self, spec: GrammarSpec) -> None:
+    def check(self, spec: MeasuredGrammar) -> None:
         """Refuse ``spec`` if it exceeds one of these limits or its text is not Unicode text.
 
         Raises:
