@@ -74,10 +74,20 @@ def import_graph(include_nested: bool, type_only: bool = False) -> dict[str, set
     graph: dict[str, set[str]] = {m: set() for m in names}
     for module, path in files.items():
         tree = ast.parse(path.read_text())
+        own_packages = _ancestors(module) | ({module} if path.name == "__init__.py" else set())
         for target, nested in _imports(tree, module, path.name == "__init__.py", names, type_only):
-            if target != module and (include_nested or not nested):
-                graph[module].add(target)
+            if target == module or (nested and not include_nested):
+                continue
+            graph[module].add(target)
+            # Importing a.b.c runs a/__init__ and a/b/__init__ first, unless they are this module's own packages
+            # (being initialised already): a package that re-exports its modules closes cycles this way.
+            graph[module].update(p for p in _ancestors(target) if p in names and p not in own_packages)
     return graph
+
+
+def _ancestors(module: str) -> set[str]:
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -175,6 +175,6 @@ def test_engine_picks_the_cpu_backend(tiny_model) -> None:
     for choice, cls in [("auto", CpuAttentionBackend), ("cpu", CpuAttentionBackend), ("torch", TorchAttentionBackend)]:
         engine = Engine(EngineConfig(model_path=str(path), device="cpu", max_total_tokens=256, attention_backend=choice))
         try:
-            assert type(engine.runner.attn) is cls, choice
+            assert engine.run_on_scheduler(lambda s: type(s.runner.attn)) is cls, choice
         finally:
             engine.shutdown()

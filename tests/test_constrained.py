@@ -42,7 +42,7 @@ from xinf_sglang.runtime.constrained import (
 from xinf_sglang.runtime.constrained.llguidance_backend import LLGuidanceCompiledGrammar
 from xinf_sglang.runtime.constrained.spec import choices_from_lark, choices_to_lark
 from xinf_sglang.runtime.errors import ConfigError, InvalidRequestError
-from xinf_sglang.runtime.scheduler.request import Req
+from xinf_sglang.runtime.scheduler.schedule_batch import Req
 from xinf_sglang.runtime.sampling.sampler import Sampler
 from xinf_sglang.runtime.sampling.sampling_params import SamplingParams
 

@@ -138,8 +138,7 @@ def test_abort_waiting_prefilling_and_decoding_requests(model_dir, overlap):
 
         # abort in the middle of a chunked prefill: checked and done on the scheduler thread between two steps,
         # so the request is certainly half-prefilled when it is aborted
-        def abort_if_chunked() -> bool:
-            sched = engine.scheduler
+        def abort_if_chunked(sched) -> bool:
             if sched.chunked is not None and sched.chunked.rid == "D" and sched.chunked.kv_len > 0:
                 assert sched.abort("D")
                 return True
@@ -304,7 +303,7 @@ def test_a_failing_step_aborts_its_requests_and_the_engine_keeps_serving(model_d
     error; the engine frees everything and the next request is served normally."""
     prompts = varied_prompts(model_dir, 3, min_len=10, max_len=30)
     with make_engine(model_dir, overlap_schedule=overlap) as engine:
-        runner = engine.runner
+        runner = engine.run_on_scheduler(lambda s: s.runner)
         real_forward = runner.forward
         calls = []
 

@@ -232,10 +232,10 @@ def test_bad_values_are_refused_clearly(engine, params, message):
 
 def test_requests_that_do_not_ask_compute_no_extra_logits(engine, prompts):
     """No request asks: every forward returns one logits row per request (no prompt rows)."""
-    runner = engine.scheduler.runner
+    runner = engine.run_on_scheduler(lambda s: s.runner)
     shapes = []
 
-    def install():
+    def install(_scheduler):
         real = runner.forward
 
         def forward(batch):
@@ -250,7 +250,7 @@ def test_requests_that_do_not_ask_compute_no_extra_logits(engine, prompts):
     try:
         engine.generate(input_ids=prompts, sampling_params=SamplingParams(max_new_tokens=3))
     finally:
-        engine.run_on_scheduler(lambda: setattr(runner, "forward", real))
+        engine.run_on_scheduler(lambda _: setattr(runner, "forward", real))
     assert shapes and all(rows == reqs and spans is None for rows, reqs, spans in shapes)
 
 

@@ -92,7 +92,7 @@ def test_sharded_checkpoint_with_index(tiny_model, tmp_path):
 def test_half_precision_loads_and_generates(tiny_model, dtype):
     folder = tiny_model("qwen2")
     with make_engine(folder, dtype=dtype) as engine:
-        assert engine.runner.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+        assert engine.run_on_scheduler(lambda s: s.runner.model.model.embed_tokens.weight.dtype) == getattr(torch, dtype)
         [out] = engine.generate(input_ids=varied_prompts(folder, 1, min_len=10, max_len=10), sampling_params=GREEDY)
         assert len(out.token_ids) == 24 and out.finish_reason == "length"
 
@@ -104,5 +104,5 @@ def test_dummy_weights_from_config_alone(tiny_model, tmp_path):
     with make_engine(folder, load_format="dummy", skip_tokenizer_init=True) as engine:
         [out] = engine.generate(input_ids=[[5, 6, 7]], sampling_params=GREEDY)
         assert len(out.token_ids) == 24 and out.text == ""
-        params = dict(engine.runner.model.named_parameters())
+        params = engine.run_on_scheduler(lambda s: dict(s.runner.model.named_parameters()))
         assert all(torch.isfinite(p).all() for p in params.values())

@@ -144,13 +144,14 @@ def test_each_sequence_reports_its_own_end(engine, model_dir):
 
 def test_a_failed_step_reports_the_error_on_every_sequence(model_dir):
     with make_engine(model_dir) as engine:
-        real_forward = engine.runner.forward
+        runner = engine.run_on_scheduler(lambda s: s.runner)
+        real_forward = runner.forward
 
         def broken_forward(batch):
-            engine.runner.forward = real_forward  # fail exactly once
+            runner.forward = real_forward  # fail exactly once
             raise RuntimeError("simulated device failure")
 
-        engine.runner.forward = broken_forward
+        runner.forward = broken_forward
         outs = engine.generate(input_ids=[5, 6, 7, 8], sampling_params=SamplingParams(n=2, max_new_tokens=4))
         assert [(o.index, o.finish_reason) for o in outs] == [(0, "abort"), (1, "abort")]
         assert all("simulated device failure" in o.error for o in outs)

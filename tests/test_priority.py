@@ -20,8 +20,9 @@ from xinf_sglang.runtime import ConfigError, InvalidRequestError, SamplingParams
 from xinf_sglang.runtime.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from xinf_sglang.runtime.scheduler.output_processor import OutputProcessor
 from xinf_sglang.runtime.mem_cache.radix_cache import RadixCache
-from xinf_sglang.runtime.scheduler.request import Req
-from xinf_sglang.runtime.scheduler import Scheduler, SchedulerLimits
+from xinf_sglang.runtime.scheduler.schedule_batch import Req
+from xinf_sglang.runtime.scheduler.limits import SchedulerLimits
+from xinf_sglang.runtime.scheduler.scheduler import Scheduler
 
 from .engine_helpers import make_engine, varied_prompts
 
@@ -46,8 +47,8 @@ class _Hold:
     def __init__(self, engine, ready) -> None:
         self.entered, self._released = threading.Event(), threading.Event()
 
-        def hold() -> bool:
-            if not ready():
+        def hold(scheduler) -> bool:
+            if not ready(scheduler):
                 return False
             self.entered.set()
             self._released.wait(WAIT_S)
@@ -61,7 +62,9 @@ class _Hold:
         self._thread.start()
 
     async def wait_entered(self) -> None:
+        deadline = time.monotonic() + WAIT_S
         while not self.entered.is_set():
+            assert time.monotonic() < deadline, "the scheduler never reached the hold's condition"
             await asyncio.sleep(0.001)  # keeps the event loop delivering the running streams' chunks
 
     def release(self) -> None:
@@ -71,7 +74,7 @@ class _Hold:
 
 def _decoding(engine, rid: str, tokens: int):
     """True (on the scheduler thread) once request ``rid`` runs with at least ``tokens`` output tokens."""
-    return lambda: any(r.rid == rid and len(r.output_ids) >= tokens for r in engine.scheduler.running)
+    return lambda scheduler: any(r.rid == rid and len(r.output_ids) >= tokens for r in scheduler.running)
 
 
 async def _stream(engine, finished: list[str], rid: str, prompt, params, priority: int) -> list:
@@ -107,7 +110,9 @@ def test_waiting_requests_are_admitted_by_priority_then_arrival(model_dir, promp
     opts = dict(schedule_low_priority_values_first=True) if low_values_first else {}
     with make_engine(model_dir, schedule_policy="priority", max_running_requests=1, disable_priority_preemption=True,
                      **opts) as engine:
-        first = ("first", prompts[0], SamplingParams(max_new_tokens=12, **GREEDY), 0)
+        # 64 tokens: the hold must see "first" between two of its steps with >= 4 tokens; on an idle machine the
+        # tiny model decodes a token in about a millisecond, so a short request could end before the poll looks.
+        first = ("first", prompts[0], SamplingParams(max_new_tokens=64, **GREEDY), 0)
         later = [("b0", prompts[1], params, 0), ("c5", prompts[2], params, 5), ("d5", prompts[3], params, 5),
                  ("e-1", prompts[4], params, -1)]
         finished, chunks = asyncio.run(_arrive_while_running(engine, first, later))

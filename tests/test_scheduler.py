@@ -11,9 +11,10 @@ from xinf_sglang.runtime.mem_cache.allocator import ReqToTokenPool, TokenAllocat
 from xinf_sglang.runtime.scheduler.output_processor import OutputProcessor
 from xinf_sglang.runtime.mem_cache.prefix_cache import NoPrefixCache
 from xinf_sglang.runtime.mem_cache.radix_cache import RadixCache
-from xinf_sglang.runtime.scheduler.request import Req
+from xinf_sglang.runtime.scheduler.schedule_batch import Req
 from xinf_sglang.runtime.sampling.sampling_params import SamplingParams
-from xinf_sglang.runtime.scheduler import Scheduler, SchedulerLimits
+from xinf_sglang.runtime.scheduler.limits import SchedulerLimits
+from xinf_sglang.runtime.scheduler.scheduler import Scheduler
 from xinf_sglang.runtime.scheduler.policy import order_waiting
 
 CACHED = list(range(1000, 1030))  # a 30-token prefix in the radix cache

@@ -125,7 +125,7 @@ def test_failed_prefill_forward_returns_borrowed_slots(case):
     freed twice nor cached, and the next requests still match HF."""
     model_dir, prompts, refs = case
     with make_engine(model_dir) as engine:
-        runner = engine.runner
+        runner = engine.run_on_scheduler(lambda s: s.runner)
         real_forward = runner.forward
         failed = []
 

@@ -135,8 +135,7 @@ def test_retracted_constrained_request_resumes_exactly(engine, prompt, closing_b
     _validate(ref.text, SCHEMAS["nested_objects"])
     assert len(ref.token_ids) > 8
 
-    def retract_after_four_tokens() -> bool:
-        sched = engine.scheduler
+    def retract_after_four_tokens(sched) -> bool:
         req = next((r for r in sched.running if r.rid == "victim"), None)
         if req is None or len(req.output_ids) < 4:
             return False

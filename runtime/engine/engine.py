@@ -1,11 +1,15 @@
 """``Engine``: the offline and async API of the runtime.
 
 The engine validates and tokenizes requests on the caller's thread (``request_validation.py``; bad input is
-rejected before anything is queued) and compiles their grammars, then sends them to the scheduler as messages
-(``messages.py``). The scheduler runs on its own thread (``scheduler/loop.py``), so that neither an asyncio event
-loop nor an HTTP server ever waits on a model step, and a model step never waits on them; it talks to the engine
-only through those messages, so the same scheduler also runs in another process (``scheduler_process.py``).
-Results come back as ``StreamChunk``s keyed by request id, routed to per-request sinks (``output_router.py``).
+rejected before anything is queued) and compiles their grammars, then hands them to the scheduler thread through
+``SchedulerClient`` (``scheduler_client.py``: typed messages in, ``StreamChunk``s out, routed to per-request sinks
+by ``output_router.py``). The scheduler runs on its own thread (``scheduler/loop.py``), so that neither an asyncio
+event loop nor an HTTP server ever waits on a model step, and a model step never waits on them; since it talks to
+the engine only through messages, the same scheduler also runs in another process (``scheduler/process.py``).
+
+The public surface is what a user calls: ``generate``, ``generate_stream``, ``abort``, the metrics and cache
+calls, ``shutdown``, and the facts of the loaded model (``tokenizer``, ``model_config``, ``memory_plan``, ...).
+Scheduler-thread state (the scheduler, its model runner) is reachable only through ``run_on_scheduler``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,34 +29,18 @@ from .call_arguments import as_list, as_prompt_list, request_ids
 from ..config import EngineConfig
 from ..constrained import GrammarBackend
 from ..errors import InvalidRequestError
-from .messages import (
-    Abort, AddRequests, CheckIdle, FlushCache, GetMetrics, MetricsSnapshot, NewRequest, Outputs, Query, Stop,
-)
+from .messages import CheckIdle, FlushCache, GetMetrics, MetricsSnapshot, NewRequest
 from ..metrics.export import collect, render
 from ..metrics.server import open_metrics_endpoint
-from .output_router import Collector, OutputRouter
-from ..sampling.parallel_sampling import SiblingGroups, check_n
+from .output_router import Collector
+from ..sampling.parallel_sampling import check_n
 from .outputs import GenerateOutput, StreamChunk
-from .request_validation import RequestValidator, finished_without_output
+from .request_validation import RequestValidator
 from ..sampling.sampling_params import SamplingParams
+from ..scheduler.scheduler import Scheduler
 from ..scheduler.intake import RequestBuilder
-from ..scheduler.loop import SchedulerLoop
+from .scheduler_client import SchedulerClient
 from .startup import build_runtime, make_grammar_backend
-
-
-@dataclass(frozen=True)
-class _Call:
-    """Run ``fn`` on the scheduler thread and put its result in ``future`` (``run_on_scheduler``; in-process only:
-    it holds a callable, which is why it is not one of the messages)."""
-
-    fn: Callable[[], Any]
-    future: Future
-
-    def run(self) -> None:
-        try:
-            self.future.set_result(self.fn())
-        except Exception as e:
-            self.future.set_exception(e)
 
 
 class Engine:
@@ -70,11 +57,10 @@ class Engine:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
             raise
-        self.checkpoint, self.model_config, self.device, self.dtype = rt.checkpoint, rt.model_config, rt.device, rt.dtype
+        self.model_config, self.device, self.dtype = rt.model_config, rt.device, rt.dtype
         self.tokenizer, self.eos_token_ids, self.memory_plan = rt.tokenizer, rt.eos_token_ids, rt.memory_plan
         self.context_length = rt.memory_plan.context_length
-        self.runner, self.scheduler = rt.runner, rt.scheduler
-        self._runtime = rt
+        self._runtime = rt  # the scheduler side: reach it through run_on_scheduler
         self.tp, self.rank_memory = rt.tp, rt.ranks  # the other tensor-parallel ranks (None at tp_size 1)
         self.requests = RequestValidator(
             self.tokenizer, self.model_config.vocab_size, self.context_length, self.memory_plan.pool_tokens,
@@ -83,15 +69,8 @@ class Engine:
         self._lock = threading.Lock()
         self._grammar: GrammarBackend | None = None
         self._closed = False
-        self._router = OutputRouter()
-        self._siblings = SiblingGroups()  # requests with SamplingParams.n > 1
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         builder = RequestBuilder(self.tokenizer, self.device, lambda: self.grammar_backend)
-        loop = SchedulerLoop(self.scheduler, builder, self._inbox, self._router, config.debug_invariants,
-                             config.stats_interval_s)
-        loop.register(_Call, _Call.run)
-        self._thread = threading.Thread(target=loop.run, name="sglite-scheduler", daemon=True)
-        self._thread.start()
+        self._client = SchedulerClient(rt.scheduler, builder, config.debug_invariants, config.stats_interval_s)
         if self.metrics_endpoint is not None:
             labels = dict(metric_labels or {})
             self.metrics_endpoint.serve(lambda: render(collect(self), labels))
@@ -124,7 +103,7 @@ class Engine:
             if fut is not None:
                 fut.result()
         results: queue.SimpleQueue = queue.SimpleQueue()
-        self._queue(reqs, results.put)
+        self._client.queue(reqs, results.put)
         collected = {(req.rid, i): Collector(req.rid) for req in reqs for i in range(req.params.n)}
         pending = len(collected)
         while pending:
@@ -170,7 +149,7 @@ class Engine:
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
             await asyncio.wrap_future(compiling)
-        self._queue([req], sink)
+        self._client.queue([req], sink)
         finished, left = False, req.params.n
         try:
             while not finished:
@@ -185,16 +164,15 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Abort a request wherever it is (queued, prefilling, decoding), all n of its sequences; a no-op for
         unknown ids."""
-        for rid in self._siblings.members(request_id):
-            self._inbox.put(Abort(rid))
+        self._client.abort(request_id)
 
     def metrics(self) -> dict[str, float | int]:
         """A consistent snapshot of the engine's counters, taken by the scheduler between two steps."""
-        return self._query(GetMetrics).as_dict()
+        return self._client.query(GetMetrics).as_dict()
 
     def metrics_snapshot(self, timeout: float = 60.0) -> MetricsSnapshot:
         """The scheduler's counters and latency histograms (``MetricsSnapshot``), taken between two steps."""
-        return self._query(GetMetrics, timeout)
+        return self._client.query(GetMetrics, timeout)
 
     def grammar_stats(self) -> dict[str, int]:
         """The grammar backend's compile-cache counters; empty until a constrained request built the backend."""
@@ -203,23 +181,22 @@ class Engine:
 
     def flush_cache(self) -> int:
         """Evict every cached prefix that no request uses; returns the number of KV tokens freed."""
-        return self._query(FlushCache)
+        return self._client.query(FlushCache)
 
     def check_invariants(self, timeout: float = 30.0) -> list[str]:
         """Wait until the engine is idle, then return the idle-invariant violations (empty when exact)."""
         deadline = time.monotonic() + timeout
         while True:
-            problems = list(self._query(CheckIdle))
+            problems = list(self._client.query(CheckIdle))
             if problems != ["scheduler is not idle"] or time.monotonic() > deadline:
                 return problems
             time.sleep(0.01)
 
-    def run_on_scheduler(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-        """Run ``fn`` on the scheduler thread between steps and return its result. A test and debugging hook of
-        the in-process engine: ``fn`` may read and change scheduler state directly."""
-        fut: Future = Future()
-        self._inbox.put(_Call(fn, fut))
-        return fut.result(timeout)
+    def run_on_scheduler(self, fn: Callable[[Scheduler], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn(scheduler)`` on the scheduler thread between two steps and return its result. A test and
+        debugging hook of the in-process engine, and the only way to its scheduler-thread state: ``fn`` may read
+        and change the ``Scheduler`` (and its ``runner``) directly."""
+        return self._client.call(fn, timeout)
 
     @property
     def grammar_backend(self) -> GrammarBackend:
@@ -249,12 +226,11 @@ class Engine:
         self._closed = True
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        self._inbox.put(Stop())
-        self._thread.join(timeout=60)
+        self._client.stop()
         self._runtime.close()
         if self._grammar is not None:
             self._grammar.close()
-        self.runner = self.scheduler = self._runtime = None
+        self._runtime = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -277,33 +253,3 @@ class Engine:
         The future fails with ``InvalidRequestError`` when the grammar cannot be enforced."""
         spec = req.params.structured
         return None if spec is None else self.grammar_backend.compile_async(spec)
-
-    def _queue(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
-        """`_submit` ``reqs``, each with n > 1 as its n siblings, whose chunks ``sink`` gets relabeled with the
-        request's id and their index (runtime/sampling/parallel_sampling.py)."""
-        queued, sink = self._siblings.expand(reqs, sink)
-        try:
-            self._submit(queued, sink)
-        except BaseException:
-            self._siblings.discard(reqs)
-            raise
-
-    def _submit(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
-        """Route ``reqs``' chunks to ``sink`` and queue them as one message: a batch reaches the scheduler
-        together, whatever the thread timing. A request with nothing to generate and no prompt to score finishes
-        here."""
-        self._router.register([r.rid for r in reqs], sink)
-        idle = [r.max_new_tokens == 0 and not r.params.wants_prompt_logprobs for r in reqs]
-        done = [finished_without_output(r) for r, nothing in zip(reqs, idle) if nothing]
-        if done:
-            self._router.put(Outputs(tuple(done)))
-        self._inbox.put(AddRequests(tuple(r for r, nothing in zip(reqs, idle) if not nothing)))
-
-    def _query(self, make: Callable[[int], Query], timeout: float = 60.0) -> Any:
-        """Send the query ``make(query_id)`` and wait for its reply's value."""
-        qid, fut = self._router.new_query()
-        self._inbox.put(make(qid))
-        try:
-            return fut.result(timeout)
-        finally:
-            self._router.forget_query(qid)

@@ -39,7 +39,8 @@ from ..scheduler.output_processor import OutputProcessor
 from ..mem_cache.prefix_cache import NoPrefixCache
 from ..mem_cache.radix_cache import RadixCache
 from ..sampling.sampler import Sampler
-from ..scheduler import Scheduler, SchedulerLimits
+from ..scheduler.limits import SchedulerLimits
+from ..scheduler.scheduler import Scheduler
 from ..tp.launcher import TPLauncher
 from ..tp.leader import LeaderGraphs, LeaderModel
 from ..tp.options import check_tp_size, resolve_tp_size

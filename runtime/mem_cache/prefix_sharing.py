@@ -36,8 +36,7 @@ import torch
 from .allocator import ReqToTokenPool
 from .prefix_cache import PrefixCache
 from .radix_cache import BatchPrefixIndex
-from ..scheduler.request import Req
-from ..scheduler.schedule_batch import ScheduleBatch
+from ..scheduler.schedule_batch import Req, ScheduleBatch
 
 __all__ = ["BatchPrefixIndex", "cache_prefilled", "forget_borrowed"]
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, get_args
 from ..engine.outputs import FinishReason
 
 if TYPE_CHECKING:
-    from ..scheduler.request import Req
+    from ..scheduler.schedule_batch import Req
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -25,10 +25,7 @@ from ..mem_cache.memory_plan import MemoryPlan
 from ..engine.messages import MetricsSnapshot
 from .collector import HistogramSnapshot
 
-if TYPE_CHECKING:
-    from ..engine.engine import Engine
-
-__all__ = ["MeasuredMemory", "MetricsView", "collect", "render"]
+__all__ = ["MeasuredMemory", "MetricsSource", "MetricsView", "collect", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -60,7 +57,19 @@ class MetricsView:
     grammar_cache_hits: int
 
 
-def collect(engine: "Engine", timeout: float = 10.0) -> MetricsView:
+class MetricsSource(Protocol):
+    """What a scrape reads of an engine (``Engine`` is one). A protocol, so that metrics/ does not import the
+    engine that imports it."""
+
+    memory_plan: MemoryPlan
+    device: torch.device
+
+    def grammar_stats(self) -> dict[str, int]: ...
+
+    def metrics_snapshot(self, timeout: float = 60.0) -> MetricsSnapshot: ...
+
+
+def collect(engine: MetricsSource, timeout: float = 10.0) -> MetricsView:
     """The view of ``engine`` now; waits for the step in progress to end (at most ``timeout`` seconds)."""
     grammar = engine.grammar_stats()
     return MetricsView(

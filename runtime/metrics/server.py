@@ -2,7 +2,7 @@
 
 The socket is bound when the endpoint is made (``open_metrics_endpoint``: before the model loads, so a port in use
 fails the start before any weight is read) and served once the engine is up (``serve``). Port 0 takes any free
-port; ``url`` says which. Each ``GET /metrics`` renders ``metrics_export.collect`` of the engine: one query to
+port; ``url`` says which. Each ``GET /metrics`` renders ``export.collect`` of the engine: one query to
 the scheduler, answered between two steps; nothing is computed on the scheduler's hot path for a scrape.
 """
 

@@ -19,10 +19,9 @@ from .forward_batch import ForwardBatch, ForwardMode
 from ..mem_cache.kv_pool import KVPool
 from ..sampling.logprobs import DeviceLogprobs, prompt_logprobs, prompt_targets
 from ..models.decoder import DecoderLM
-from ..scheduler.request import Req
 from ..engine.outputs import TokenLogprob
 from ..sampling.sampler import OutputLogprobs, Sampler
-from ..scheduler.schedule_batch import ScheduleBatch
+from ..scheduler.schedule_batch import Req, ScheduleBatch
 
 __all__ = ["Launched", "ModelRunner"]
 

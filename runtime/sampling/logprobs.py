@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.outputs import TokenLogprob
-from ..scheduler.request import Req
+from ..scheduler.schedule_batch import Req
 from .sampling_params import GREEDY_TEMPERATURE
 
 __all__ = [

@@ -21,7 +21,7 @@ from xinf_sglang.kernels.argmax import argmax
 
 from ..constrained import BatchMask, GrammarBackend
 from .logprobs import DeviceLogprobs, OutputLogprobRows
-from ..scheduler.request import Req
+from ..scheduler.schedule_batch import Req
 from .sampling_batch import PenaltyInputs, RandomRows, SamplingBatch, uses_penalty
 
 __all__ = ["OutputLogprobs", "Sampler", "SamplingBatch", "can_sample_ahead", "make_generator", "process_logits", "sample"]

@@ -8,9 +8,7 @@ while requests run (runtime/mem_cache/prefix_sharing.py): each prefill (chunk) e
 is issued, and a request reuses what an earlier request of its own prefill batch computes. ``scheduler.py``
 composes the parts and runs the steps: schedule -> ``ModelRunner.launch`` -> resolve (with overlap, a
 decode step is resolved after the next one is launched).
+
+The package re-exports nothing: modules below the scheduler (sampling, the model runner) import
+``scheduler.schedule_batch`` and must not pull in ``scheduler.scheduler`` through this file.
 """
-
-from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats
-from .scheduler import Scheduler
-
-__all__ = ["RESERVE_CLIP", "Scheduler", "SchedulerLimits", "SchedulerStats"]

@@ -7,8 +7,7 @@ from collections.abc import Callable, Collection
 
 from ..model_executor.forward_batch import ForwardMode
 from .output_processor import OutputProcessor
-from .request import Req
-from .schedule_batch import ScheduleBatch
+from .schedule_batch import Req, ScheduleBatch
 from .kv import KVManager
 from .limits import RESERVE_CLIP, SchedulerStats
 

@@ -15,7 +15,7 @@ import torch
 from ..constrained import GrammarBackend
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..engine.messages import NewRequest
-from .request import Req
+from .schedule_batch import Req
 from ..sampling.sampler import make_generator
 
 __all__ = ["RequestBuilder"]

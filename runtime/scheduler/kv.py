@@ -22,8 +22,7 @@ import torch
 from ..mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from ..mem_cache.prefix_cache import PrefixBatchIndex, PrefixCache
 from ..mem_cache.prefix_sharing import cache_prefilled, forget_borrowed
-from .request import Req
-from .schedule_batch import ScheduleBatch
+from .schedule_batch import Req, ScheduleBatch
 
 __all__ = ["KVManager"]
 

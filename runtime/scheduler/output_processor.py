@@ -7,7 +7,7 @@ Chunks are collected, not delivered: the scheduler loop sends what a step produc
 from __future__ import annotations
 
 from ..engine.outputs import FinishReason, StreamChunk, TokenLogprob
-from .request import Req
+from .schedule_batch import Req
 
 
 class OutputProcessor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .request import Req
+from .schedule_batch import Req
 
 __all__ = ["POLICIES", "PriorityOrder", "order_waiting", "retraction_key"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .request import Req
+from .schedule_batch import Req
 from .decode import DecodeManager
 from .policy import PriorityOrder
 

@@ -20,8 +20,7 @@ import torch
 from ..model_executor.forward_batch import ForwardMode
 from ..sampling.logprobs import prompt_spans
 from ..mem_cache.prefix_cache import PrefixBatchIndex
-from .request import Req
-from .schedule_batch import ScheduleBatch
+from .schedule_batch import Req, ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats

@@ -22,9 +22,8 @@ from ..model_executor.forward_batch import ForwardMode
 from ..model_executor.model_runner import Launched, ModelRunner
 from .output_processor import OutputProcessor
 from ..mem_cache.prefix_cache import PrefixCache
-from .request import Req
 from ..sampling.sampler import can_sample_ahead
-from .schedule_batch import ScheduleBatch
+from .schedule_batch import Req, ScheduleBatch
 from .decode import DecodeManager
 from .kv import KVManager
 from .limits import SchedulerLimits, SchedulerStats

@@ -19,9 +19,10 @@ import traceback
 import torch
 
 from ..config import EngineConfig
+from ..engine.startup import build_shard, decode_graphs, resolve_device
 from ..model_executor.cuda_graph import CudaGraphRunner
 from .batch import GraphStep, receive_batch
-from .group import TPGroup, connect_store
+from .group import PeerFailure, TPGroup, connect_store
 
 PARENT_POLL_S = 0.5
 
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> int:
     store = connect_store(port, size, is_master=False)
     try:
         serve(config, rank, size, store)
+    except PeerFailure as e:  # the failed peer reported its own error; this rank only leaves (quietly: no cover-up)
+        print(f"sglite tensor-parallel rank {rank}: {e}", file=sys.stderr)
+        return 1
     except BaseException as e:
         store.set(f"error/{rank}", f"{type(e).__name__}: {e}")
         traceback.print_exc()
@@ -43,8 +47,6 @@ def main(argv: list[str]) -> int:
 
 def serve(config: EngineConfig, rank: int, size: int, store) -> None:
     """Build this rank's shard and follow rank 0's steps until it says stop."""
-    from ..engine.startup import build_shard, decode_graphs, resolve_device  # startup imports this package
-
     device = resolve_device(config.device, rank)
     if device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
