@@ -6,12 +6,20 @@ build (and shut down) several engines. Every collective is a method of this obje
 exactly the group it was built with.
 
 Startup agreement (who is alive, the free memory of each rank) goes over the store (`exchange`), not the process
-group: rank 0 can then watch its peers while it waits (``check_peers``) and report a rank that failed to load with
-that rank's own error, instead of waiting for a collective to time out.
+group: every rank watches its peers while it waits (``check_peers``): rank 0 reports a rank that failed to load with
+that rank's own error, and the other ranks leave as soon as a peer reported one, instead of waiting for a collective
+or the startup timeout.
+
+The group is on one host, so nothing of it listens beyond the loopback interface: the store's server is handed a
+socket bound to 127.0.0.1 (``TCPStore`` itself would listen on every interface), gloo's device is 127.0.0.1 (by
+default it uses the hostname's address), and NCCL's bootstrap sockets use ``lo`` (``NCCL_SOCKET_IFNAME``, unless the
+environment sets it).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +31,20 @@ import torch.distributed as dist
 
 from .distributed import TPInfo
 
-__all__ = ["CommStats", "RankFailure", "TPGroup", "connect_store"]
+__all__ = ["LOOPBACK", "CommStats", "PeerFailure", "RankFailure", "TPGroup", "connect_store", "loopback_env"]
 
 STARTUP_TIMEOUT_S = 1800.0  # loading a large shard from a slow disk; a dead peer is noticed sooner (check_peers)
 IDLE_TIMEOUT = timedelta(days=365)  # a follower waits this long for the next step (an idle engine sends none)
+POLL_S = 0.05  # how often a rank waiting in `exchange` looks at its peers
+LOOPBACK = "127.0.0.1"
 
 
 class RankFailure(RuntimeError):
     """A tensor-parallel rank died, hung or failed: the engine cannot run another step and must be relaunched."""
+
+
+class PeerFailure(RankFailure):
+    """Another rank reported a startup error while this one waited for it (that rank's report names the cause)."""
 
 
 @dataclass
@@ -44,9 +58,30 @@ class CommStats:
 
 
 def connect_store(port: int, size: int, is_master: bool) -> dist.TCPStore:
-    """The rendezvous store on this host (rank 0 listens: ``port=0`` picks a free port, read it from ``.port``)."""
-    return dist.TCPStore("127.0.0.1", port, size, is_master, timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-                         wait_for_workers=False)
+    """The rendezvous store on this host (rank 0 listens: ``port=0`` picks a free port, read it from ``.port``).
+
+    Rank 0's server listens on ``LOOPBACK`` only: the store takes over a socket bound there (its ``host`` argument
+    is only where clients dial; left to itself it would listen on every interface, unauthenticated)."""
+    timeout = timedelta(seconds=STARTUP_TIMEOUT_S)
+    if not is_master:
+        return dist.TCPStore(LOOPBACK, port, size, False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((LOOPBACK, port))
+        listener.listen(max(128, size))
+        port = listener.getsockname()[1]
+    except BaseException:
+        listener.close()
+        raise
+    # detach: the store owns the descriptor from here on and closes it when it is destroyed
+    return dist.TCPStore(LOOPBACK, port, size, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())
+
+
+def loopback_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with NCCL's and gloo's socket interface set to ``lo`` where it names none: the ranks of a group on
+    one host have nothing to say to another host, and these bootstrap sockets take no authentication."""
+    return {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", **env}
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,16 +105,21 @@ class TPGroup(TPInfo):
     ) -> "TPGroup":
         """Join the group once every rank has reached this point (so a rank that died before is reported, not
         waited for). ``timeout_s`` bounds every collective of a step: a hung peer fails the step after it."""
-        group = cls(rank, size, store=store, device=device, check_peers=check_peers)
+        group = cls(rank, size, store=store, device=device,
+                    check_peers=check_peers or (lambda: _raise_peer_error(store, rank, size)))
         group.exchange("hello", "")
         prefixed = dist.PrefixStore("tp", store)
         timeout = timedelta(seconds=timeout_s)
         if device.type == "cuda":
+            os.environ.update(loopback_env(dict(os.environ)))  # read by NCCL when the communicator starts
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             pg = dist.ProcessGroupNCCL(prefixed, rank, size, options)
         else:
-            pg = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)]
+            pg = dist.ProcessGroupGloo(prefixed, rank, size, options)
         object.__setattr__(group, "pg", pg)  # frozen: the group is complete from here on
         return group
 
@@ -123,18 +163,24 @@ class TPGroup(TPInfo):
         """Every rank's ``value`` for ``key``, in rank order, once all ranks have given theirs (over the store).
 
         Raises:
-            RankFailure: rank 0 only: ``check_peers`` found a dead or failed peer while waiting, or the startup
-                timeout passed.
+            RankFailure: ``check_peers`` found a dead or failed peer while waiting (`PeerFailure` on ranks > 0), or
+                the startup timeout passed.
         """
         self.store.set(f"{key}/{self.rank}", value)
         keys = [f"{key}/{r}" for r in range(self.size)]
-        if self.check_peers is None:
-            self.store.wait(keys)
-        else:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while not self.store.check(keys):
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.store.check(keys):
+            if self.check_peers is not None:
                 self.check_peers()
-                if time.monotonic() > deadline:
-                    raise RankFailure(f"tensor-parallel ranks did not reach {key!r} within {STARTUP_TIMEOUT_S:.0f} s")
-                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise RankFailure(f"tensor-parallel ranks did not reach {key!r} within {STARTUP_TIMEOUT_S:.0f} s")
+            time.sleep(POLL_S)
         return [self.store.get(k).decode() for k in keys]
+
+
+def _raise_peer_error(store: dist.Store, rank: int, size: int) -> None:
+    """A waiting rank's ``check_peers``: `PeerFailure` once another rank reported a startup error (``error/R``)."""
+    for peer in range(size):
+        key = f"error/{peer}"
+        if peer != rank and store.check([key]):
+            raise PeerFailure(f"tensor-parallel rank {peer} failed to start: {store.get(key).decode()}")

@@ -20,7 +20,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import ConfigError
 from .batch import send_stop
-from .group import RankFailure, TPGroup, connect_store
+from .group import RankFailure, TPGroup, connect_store, loopback_env
 
 logger = logging.getLogger("xinf_sglang.runtime")
 
@@ -45,7 +45,7 @@ class TPLauncher:
         for rank in range(1, size):
             cmd = [sys.executable, "-m", "xinf_sglang.runtime.tp.worker",
                    str(rank), str(size), str(self.store.port), str(os.getpid())]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=loopback_env(dict(os.environ)))
             proc.stdin.write(payload)
             proc.stdin.close()
             self.procs.append(proc)
@@ -54,8 +54,8 @@ class TPLauncher:
         self._failing = threading.RLock()  # the scheduler thread (a failed step) and a watcher (check) may race
         try:
             self.group = TPGroup.connect(0, size, self.store, device, config.tp_timeout_s, self.check_peers)
-        except BaseException:
-            self.stop()
+        except BaseException as e:
+            self.abandon(e)
             raise
 
     @property
@@ -64,14 +64,26 @@ class TPLauncher:
         return [p.pid for p in self.procs]
 
     def check_peers(self) -> None:
-        """Raise when a rank reported a startup error (``ConfigError`` with its message) or has exited."""
-        for rank, proc in enumerate(self.procs, start=1):
+        """Raise when a rank reported a startup error (``ConfigError`` with its message) or has exited. Reports
+        come first: a rank that exited because a peer failed (`group.PeerFailure`) must not hide that peer's
+        own error."""
+        for rank in range(1, len(self.procs) + 1):
             key = f"error/{rank}"
             if self.store.check([key]):
                 raise ConfigError(f"tensor-parallel rank {rank}: {self.store.get(key).decode()}")
+        for rank, proc in enumerate(self.procs, start=1):
             if proc.poll() is not None:
                 raise RankFailure(f"tensor-parallel rank {rank} (pid {proc.pid}) {_exit_text(proc.returncode)} "
                                   "during startup")
+
+    def abandon(self, cause: BaseException) -> None:
+        """Rank 0's own start failed: tell the ranks (they leave their waits at once, `group.PeerFailure`) and
+        end them."""
+        try:
+            self.store.set("error/0", f"{type(cause).__name__}: {cause}")
+        except Exception:  # the store is gone too: ending the processes below is enough
+            logger.warning("sglite: could not tell the tensor-parallel ranks that rank 0 failed", exc_info=True)
+        self.stop(graceful=False)
 
     def fail(self, cause: BaseException) -> RankFailure:
         """After a failed step: stop every rank and return the error that names what happened (the first
