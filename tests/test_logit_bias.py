@@ -48,3 +48,37 @@ def test_siblings_share_the_bias_instead_of_copying_it() -> None:
     assert len(siblings) == 128 and [s.params.n for s in siblings] == [1] * 128
     assert all(s.params.logit_bias is params.logit_bias and s.params.stop is params.stop for s in siblings)
     assert elapsed < 0.5, f"expanding n=128 took {elapsed:.3f} s"
+
+
+def test_the_bias_tensors_are_built_once_per_request_not_per_step(engine, monkeypatch) -> None:
+    from xinf_sglang.runtime.sampling import sampling_batch
+
+    built = []
+    real = sampling_batch.RequestBias.of.__func__
+
+    def counting(cls, logit_bias, device):
+        built.append(len(logit_bias or {}))
+        return real(cls, logit_bias, device)
+
+    monkeypatch.setattr(sampling_batch.RequestBias, "of", classmethod(counting))
+    before = engine.metrics()["decode_steps"]
+    bias = {i: 1.0 for i in range(MAX_LOGIT_BIAS)}
+    params = SamplingParams(n=4, max_new_tokens=24, ignore_eos=True, seed=3, logit_bias=bias)
+    outs = engine.generate(input_ids=[[400, 401, 402]], sampling_params=params)
+    assert all(len(o.token_ids) == 24 for o in outs)
+    assert engine.metrics()["decode_steps"] - before >= 23
+    assert built == [MAX_LOGIT_BIAS] * 4  # one per sequence, none per step
+
+
+def test_cached_bias_tensors_sample_like_a_batch_built_from_the_dicts() -> None:
+    from xinf_sglang.runtime.sampling.sampler import sample
+    from xinf_sglang.runtime.sampling.sampling_batch import RequestBias, SamplingBatch
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0.0, logit_bias={int(logits[0].argmax()): -100.0, 3: 2.0}),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={7: 100.0})]
+    lists = [[[]] * 3, [[]] * 3, [None] * 3, [[]] * 3]
+    fresh = SamplingBatch.build(params, *lists, 50, "cpu")
+    cached = SamplingBatch.build(params, *lists, 50, "cpu", biases=[RequestBias.of(p.logit_bias, "cpu") for p in params])
+    assert sample(logits.clone(), fresh).tolist() == sample(logits.clone(), cached).tolist()
+    assert sample(logits.clone(), cached).tolist()[2] == 7

@@ -63,6 +63,7 @@ class Sampler:
             banned_token_ids=[_banned(r) for r in reqs],
             vocab_size=self.vocab_size,
             device=self.device,
+            biases=[r.logit_bias for r in reqs],
         )
         want = OutputLogprobRows.of(reqs, self.device)
         if want is None:

@@ -5,6 +5,8 @@ only rows with their own seed are drawn one by one (a seeded request must get th
 the batch). Tensors are only built for what some row uses: no penalty tensors when no row has a penalty, no
 filter tensors when no row filters, nothing for an all-greedy batch (the benchmark path is a single argmax).
 Host-to-device copies are staged in page-locked memory and asynchronous, so building never waits on the device.
+A request's ``logit_bias`` becomes tensors once, when the scheduler side builds the request (`RequestBias`); a
+step only concatenates the rows' tensors (up to 300 entries each), never rebuilding them from Python dicts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,27 @@ import torch
 
 from .sampling_params import SamplingParams
 
-__all__ = ["PenaltyInputs", "RandomRows", "SamplingBatch", "uses_penalty"]
+__all__ = ["PenaltyInputs", "RandomRows", "RequestBias", "SamplingBatch", "uses_penalty"]
+
+
+@dataclass(frozen=True)
+class RequestBias:
+    """One request's ``logit_bias`` as tensors on the logits' device, built once per request (`of`)."""
+
+    token_ids: torch.Tensor
+    """int64 [K]."""
+    values: torch.Tensor
+    """float32 [K]: added to those tokens' logits."""
+
+    @classmethod
+    def of(cls, logit_bias: dict[int, float] | None, device: torch.device | str) -> RequestBias | None:
+        """The tensors of ``logit_bias`` (validated: ids in the vocabulary, at most 300), or None when empty."""
+        if not logit_bias:
+            return None
+        device = torch.device(device)
+        ids = torch.tensor(list(logit_bias), dtype=torch.int64)
+        values = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+        return cls(_to(ids, device), _to(values, device))
 
 
 @dataclass
@@ -86,6 +108,7 @@ class SamplingBatch:
         banned_token_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        biases: list[RequestBias | None] | None = None,
     ) -> SamplingBatch:
         """Build the step's sampling inputs; all lists are per row and must have the same length.
 
@@ -97,6 +120,8 @@ class SamplingBatch:
             banned_token_ids: tokens that must not be sampled this step (EOS / stop ids before min_new_tokens).
             vocab_size: width of the logits `sample` will get.
             device: device of those logits.
+            biases: each row's `RequestBias` (what the scheduler side built once per request); None: built from
+                ``params`` now (a one-off batch).
 
         Raises:
             ValueError: lists of different lengths, a token id outside [0, vocab_size), or a generator on
@@ -110,11 +135,15 @@ class SamplingBatch:
                 f"{len(generators)} generators, {len(banned_token_ids)} banned_token_ids"
             )
         device = torch.device(device)
+        if biases is None:
+            biases = [RequestBias.of(p.logit_bias, device) for p in params]
+        elif len(biases) != n:
+            raise ValueError(f"SamplingBatch.build needs one bias per row; got {len(biases)} for {n} rows")
         return cls(
             batch_size=n,
             vocab_size=vocab_size,
             banned=_build_banned(banned_token_ids, vocab_size, device),
-            bias=_build_bias(params, vocab_size, device),
+            bias=_build_bias(biases, vocab_size, device),
             penalties=_build_penalties(params, output_ids, prompt_ids, vocab_size, device),
             random=_build_random(params, generators, vocab_size, device),
         )
@@ -140,13 +169,18 @@ def _build_banned(
 
 
 def _build_bias(
-    params: list[SamplingParams], vocab_size: int, device: torch.device
+    biases: list[RequestBias | None], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    if not any(p.logit_bias for p in params):
+    """(rows, token ids, values) of the rows' biases, joined: the per-request tensors are reused as they are."""
+    used = [(row, b) for row, b in enumerate(biases) if b is not None]
+    if not used:
         return None
-    rows, cols = _flat_index([list(p.logit_bias or {}) for p in params], vocab_size, "logit_bias")
-    values = torch.tensor([b for p in params for b in (p.logit_bias or {}).values()], dtype=torch.float32)
-    return _to(rows, device), _to(cols, device), _to(values, device)
+    lengths = torch.tensor([b.token_ids.numel() for _, b in used], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.tensor([row for row, _ in used], dtype=torch.int64), lengths)
+    cols = torch.cat([b.token_ids for _, b in used])
+    if not cols.is_cuda and (int(cols.min()) < 0 or int(cols.max()) >= vocab_size):  # CUDA: checked at verify
+        raise ValueError(f"logit_bias holds a token id outside [0, {vocab_size})")
+    return _to(rows, device), cols, torch.cat([b.values for _, b in used])
 
 
 def _to(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The message (``messages.NewRequest``) holds plain values only; what cannot cross a process boundary is made
 here, on the side that uses it: the incremental detokenizer and the stop-string matcher (the output processor
-runs them after sampling), the seeded generator (on the model's device) and the grammar matcher.
+runs them after sampling), the seeded generator and the logit bias tensors (on the model's device) and the grammar
+matcher.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from ..engine.messages import NewRequest
 from .schedule_batch import Req
 from ..sampling.sampler import make_generator
+from ..sampling.sampling_batch import RequestBias
 
 __all__ = ["RequestBuilder"]
 
@@ -55,6 +57,7 @@ class RequestBuilder:
             req.detok = IncrementalDetokenizer(self.tokenizer, msg.params.skip_special_tokens, prompt_ids=ids)
         req.stop_matcher = StopStringMatcher(msg.params.stop or [])
         req.generator = make_generator(msg.params.seed, self.device)
+        req.logit_bias = RequestBias.of(msg.params.logit_bias, self.device)  # once, not at every step
         if msg.params.wants_prompt_logprobs:
             req.prompt_logprobs = []
         if msg.params.structured is not None:

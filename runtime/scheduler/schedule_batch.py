@@ -16,6 +16,7 @@ import torch
 
 from ..engine.outputs import FinishReason, TokenLogprob
 from ..model_executor.forward_batch import ForwardMode
+from ..sampling.sampling_batch import RequestBias
 from ..sampling.sampling_params import SamplingParams
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -51,6 +52,7 @@ class Req:
     matched_stop: str | int | None = None
     error: str | None = None
     generator: torch.Generator | None = None  # per-request seed
+    logit_bias: RequestBias | None = None  # params.logit_bias as device tensors, built once (intake)
     detok: IncrementalDetokenizer | None = None  # None when the engine runs without a tokenizer
     stop_matcher: StopStringMatcher = field(default_factory=lambda: StopStringMatcher([]))
     grammar: Any = None  # GrammarMatcher, for constrained requests
