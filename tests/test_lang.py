@@ -56,7 +56,7 @@ def test_import_loads_neither_torch_nor_xinference() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
-@pytest.mark.parametrize("which", ["smol", "tiny"])
+@pytest.mark.parametrize("which", [pytest.param("smol", marks=pytest.mark.real_model), "tiny"])
 def test_roles_render_with_the_models_own_template(which: str, request) -> None:
     rt = request.getfixturevalue(which)
     state = multi_turn.run("Hi there.", "And then?", backend=rt, temperature=0, max_new_tokens=8)
@@ -123,7 +123,7 @@ def test_select_logprobs_equal_hf(which: str, request, smollm2, tiny_model) -> N
         assert [t.logprob for t in scored] == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("which", ["smol", "tiny"])
+@pytest.mark.parametrize("which", [pytest.param("smol", marks=pytest.mark.real_model), "tiny"])
 def test_regex_json_and_int_gens(which: str, request) -> None:
     state = constrained.run(backend=request.getfixturevalue(which), temperature=0)
     check_constrained(state)

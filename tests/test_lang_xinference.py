@@ -1,7 +1,7 @@
 """``xinf_sglang.lang`` through a real ``xinference-local`` (``sgl.OpenAI`` on ``/v1/completions`` with the official
 client): the programs of issue 19 point 7 on the real SmolLM2-135M-Instruct and a tiny random qwen2, each run on
 both backends at temperature 0 and giving the same text; roles rendered with the template the server registered.
-One server for the module; the embedded engines run in this process beside it."""
+The session's shared server; the embedded engines run in this process beside it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from .lang_programs import (  # noqa: E402
     branches, capital, check_constrained, constrained, copy_word, few_shot, multi_turn, numbered, react, tool_loop,
 )
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, registered_model, wait_idle  # noqa: E402
-from .xinference_server import server  # noqa: E402, F401  (pytest fixture)
 
 UIDS = {"smol": "lang-smol", "tiny": "lang-tiny"}
 METHODS = [sgl.token_length_normalized, sgl.greedy_token_selection, sgl.unconditional_likelihood_normalized]

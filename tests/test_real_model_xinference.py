@@ -23,7 +23,6 @@ pytest.importorskip("xinference")
 from .xinference_server import (  # noqa: E402
     BIN, LAUNCH_TIMEOUT, Server, http, openai_client, registered_model, server_env,
 )
-from .xinference_server import server  # noqa: E402, F401  (pytest fixture)
 
 HF_UID, GGUF_UID = "smol-hf", "smol-gguf"
 REGEXES = [" [0-2]", "a b", "(yes|no) (yes|no)", "(1[0-2]|[1-9]) (am|pm)"]

@@ -27,7 +27,6 @@ from typing import Any
 import pytest
 
 from .xinference_server import Server
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SGLITE_SKIP_WEBUI", "") not in ("", "0"), reason="SGLITE_SKIP_WEBUI is set"
@@ -239,11 +238,11 @@ class UI:
 
 
 @pytest.fixture
-def ui(driver, server: Server, artifacts: Path, record_property) -> UI:  # noqa: F811
+def ui(driver, server: Server, artifacts: Path, record_property) -> UI:
     return UI(driver, server, artifacts, record_property)
 
 
-def test_launch_dialog_of_registered_model_offers_sglite(ui: UI, custom_model: str) -> None:  # noqa: F811
+def test_launch_dialog_of_registered_model_offers_sglite(ui: UI, custom_model: str) -> None:
     dialog = ui.open_custom_model_dialog(custom_model)
     options = ui.engine_options(dialog)
     ui.screenshot("custom-model-engine-options")

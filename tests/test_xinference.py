@@ -1,11 +1,12 @@
 """sglite inside a real Xinference: registration, launch (CLI and REST), OpenAI API, batching, aborts, errors.
 
-One ``xinference-local`` subprocess serves the whole module, with Xinference's default settings (per-model
-virtual environments on) except auth off; nothing here is mocked. The engine reaches Xinference only through the
-installed ``xinf_sglang_autoload.pth`` start-up hook, exactly as after ``pip install``.
+The session's shared ``xinference-local`` subprocess (``tests/xinference_server.py``) serves the module, with
+Xinference's default settings (per-model virtual environments on) except auth off; nothing here is mocked. The
+engine reaches Xinference only through the installed ``xinf_sglang_autoload.pth`` start-up hook, exactly as after
+``pip install``.
 
 Runtime state is read with ``xinf_sglang.serving.metrics.get_runtime_metrics`` (an Xoscar call to the model actor).
-Every wait is bounded; the server's process group is killed at the end.
+Every wait is bounded; the models this module launched are terminated at its end.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from .xinference_server import (  # noqa: E402
     Server,
     http,
     server_env,
+    terminate,
     wait_for,
 )
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 
 def cli(server: Server, *args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
@@ -54,10 +55,6 @@ def launch_cli(server: Server, model: str, uid: str, *options: str) -> None:
     does not launch."""
     done = cli(server, "launch", "--model-engine", "sglite", "--model-name", model, "--model-uid", uid, *options)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{server.log_tail()}"
-
-
-def terminate(server: Server, uid: str) -> None:
-    http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ naming the field on chat and completions (a stream's error event names it too, a
 sglite's message), a 10 MB body is refused by its size while a tiny chat is served, and after 500 streams
 disconnected mid-way the plugin's bookkeeping and the KV pool are exact.
 
-One ``xinference-local`` serves the module (Xinference's defaults, auth off); nothing is mocked.
+The session's shared ``xinference-local`` serves the module (Xinference's defaults, auth off); nothing is mocked.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .hostile_helpers import (  # noqa: E402
 )
 from .xinference_server import openai_client as client, wait_idle  # noqa: E402
 from .xinference_server import LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http  # noqa: E402
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 MESSAGES = [{"role": "user", "content": "Hi."}]
 CONTEXT = 512

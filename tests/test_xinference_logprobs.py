@@ -18,7 +18,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, registered_model  # noqa: E402
-from .xinference_server import server  # noqa: E402, F401  (pytest fixture)
 
 UID = "smol-logprobs"
 # float32 through the server: the model process prefills in its own chunks and thread count, and a request whose

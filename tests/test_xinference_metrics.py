@@ -1,8 +1,8 @@
 """sglite's metrics through a real Xinference (issue 18): each replica's Prometheus endpoint under load from the
 OpenAI client, its labels, and per-replica runtime metrics that leave Xinference's request routing alone.
 
-One ``xinference-local`` serves the module; the tiny custom model runs as two replicas on its one worker, each
-with ``metrics_port=0`` (a free port each, found through ``get_runtime_metrics(..., replica=...)``).
+The session's shared ``xinference-local`` serves the module; the tiny custom model runs as two replicas on its one
+worker, each with ``metrics_port=0`` (a free port each, found through ``get_runtime_metrics(..., replica=...)``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ pytest.importorskip("xinference")
 from xinf_sglang.serving.metrics import get_runtime_metrics, model_replicas  # noqa: E402
 
 from .prometheus_text import Scrape, scrape  # noqa: E402
-from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, wait_for  # noqa: E402
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
+from .xinference_server import LAUNCH_TIMEOUT, Server, http, log_mark, logs_since, openai_client  # noqa: E402
 
 UID = "tiny-metrics"
 REPLICAS = 2
@@ -104,13 +103,12 @@ def test_metrics_move_under_openai_load(server: Server, replicated: list[str]):
     print(f"scrapes during load: {len(during)}, most running requests seen: {busy}")
 
 
-def _log_text(server: Server) -> str:
-    """Xinference's log files (XINFERENCE_HOME/logs): where a model process's own loggers write."""
-    return "".join(p.read_text(errors="replace") for p in sorted((server.home / "logs").rglob("*.log")))
-
-
 def test_stats_line_reaches_xinference_log(server: Server, replicated: list[str]):
     client = openai_client(server)
+    mark = log_mark(server)  # earlier modules' models wrote stats lines too: only this test's lines count
+
+    def new_lines() -> list[str]:
+        return [ln for ln in logs_since(server, mark).splitlines() if "Decode batch. #running-req:" in ln]
 
     def one(i: int) -> None:
         client.chat.completions.create(model=UID, messages=[{"role": "user", "content": f"go {i}"}], max_tokens=64)
@@ -121,9 +119,9 @@ def test_stats_line_reaches_xinference_log(server: Server, replicated: list[str]
             t.start()
         for t in threads:
             t.join()
-        if "Decode batch. #running-req:" in _log_text(server):
+        if new_lines():
             break
-    lines = [ln for ln in _log_text(server).splitlines() if "Decode batch. #running-req:" in ln]
+    lines = new_lines()
     assert lines, "no stats line in Xinference's log after 20 busy rounds"
     assert "xinf_sglang.runtime.scheduler" in lines[0] and "gen throughput (token/s):" in lines[0]
 

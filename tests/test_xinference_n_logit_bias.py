@@ -1,7 +1,7 @@
 """``n``, ``logit_bias``, ``min_p`` and ``min_tokens`` through a real Xinference with the OpenAI client.
 
 Xinference 4.1's REST layer drops ``n`` and answers ``logit_bias`` with 501 for every engine; sglite's compat
-patch (xinf_sglang/compat/sampling_fields.py) forwards both to sglite models only. One server for the module, with
+patch (xinf_sglang/compat/sampling_fields.py) forwards both to sglite models only. The session's shared server, with
 the tiny model on sglite and on Xinference's Transformers engine (which must keep Xinference's behaviour).
 """
 
@@ -24,7 +24,6 @@ from .engine_helpers import _hf_model  # noqa: E402
 from .xinference_server import (  # noqa: E402
     BIN, LAUNCH_TIMEOUT, Server, http, metrics, openai_client, server_env, wait_idle,
 )
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 SGLITE, HF = "nlb-sglite", "nlb-hf"
 PROMPT = "The quick brown fox"

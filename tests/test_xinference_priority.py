@@ -15,7 +15,6 @@ from xinf_sglang.serving.launch_options import LaunchOptions, LaunchOptionsError
 from xinf_sglang.openai_api.request_mapping import RequestMappingError, map_request
 
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, metrics, openai_client, wait_idle
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)
 
 
 def test_priority_field_is_mapped_and_checked() -> None:

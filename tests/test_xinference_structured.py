@@ -33,7 +33,6 @@ from xinf_sglang.compat import patches as xinference_compat  # noqa: E402
 from xinf_sglang.serving.metrics import get_runtime_metrics  # noqa: E402
 
 from .xinference_server import BIN, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, server_env, wait_for  # noqa: E402
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 MAX_TOKENS = 600  # far above what any bounded constraint below can produce
 SAMPLINGS = [  # (temperature, seed): greedy, and random sampling from mild to very flat

@@ -21,12 +21,13 @@ from .xinference_server import (  # noqa: E402
     REQUEST_TIMEOUT,
     Server,
     http,
+    log_mark,
+    logs_since,
     metrics,
     openai_client,
     server_env,
     wait_for,
 )
-from .xinference_server import custom_model, qwen2_dir, server  # noqa: E402, F401  (pytest fixtures)
 
 WORKER_MODULE = "xinf_sglang.runtime.tp.worker"
 
@@ -83,6 +84,7 @@ def test_a_killed_rank_fails_the_open_request_and_xinference_relaunches_the_mode
     [rank] = [p for p in _ranks() if p.pid not in before]
     assert rank.ppid() == model.pid, "the rank is a child of the model's process"
 
+    mark = log_mark(server)
     outcome: dict[str, Any] = {}
     asking = threading.Thread(target=_long_chat, args=(server, uid, outcome))
     asking.start()
@@ -96,7 +98,7 @@ def test_a_killed_rank_fails_the_open_request_and_xinference_relaunches_the_mode
     assert "rank 1" in detail and "SIGKILL" in detail and "relaunches" in detail and "address=" not in detail, detail
 
     wait_for(lambda: not _alive(model), timeout=60, what="the failed model's process to exit")
-    assert "ending the model process now" in _log_files(server), "the model process logged why it ended"
+    assert "ending the model process now" in logs_since(server, mark), "the model process logged why it ended"
     wait_for(lambda: _model_pid(server, uid) not in (None, model.pid), timeout=LAUNCH_TIMEOUT,
              what="Xinference to relaunch the model in a new process", interval=2.0)
     relaunched = _model_pid(server, uid)
@@ -125,11 +127,6 @@ def _model_pid(server: Server, uid: str) -> int | None:
         return metrics(server, uid)["pid"]
     except Exception:
         return None
-
-
-def _log_files(server: Server) -> str:
-    """Xinference's log files (its console filters out other packages' loggers, such as sglite's)."""
-    return "".join(p.read_text(errors="replace") for p in sorted(server.home.glob("logs/**/*.log")))
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -1,12 +1,13 @@
 """A real ``xinference-local`` for integration tests, and the tiny checkpoint registered in it.
 
-Shared by ``test_xinference.py`` (REST / CLI / OpenAI API) and ``test_webui.py`` (the web UI in Chromium).
-Plain helpers first, then the fixtures; a test module uses the fixtures by importing them::
+Plain helpers first, then the fixtures, which ``tests/conftest.py`` imports so that every module sees the same
+ones (a module must not import them itself: pytest would then make that module a fixture of its own, and a server).
 
-    from .xinference_server import custom_model, qwen2_dir, server  # noqa: F401  (pytest fixtures)
-
-The fixtures are module-scoped: each test module gets its own server (Xinference's default settings, per-model
-virtual environments on, auth off) with its own ``XINFERENCE_HOME``; the server's process group is killed at the end.
+One server per pytest session (Xinference's default settings, per-model virtual environments on, auth off, its own
+``XINFERENCE_HOME``), started by the first test that asks for ``server`` and killed with its process group at the
+end of the session. Each module launches its own models under uids of its own and terminates them in its module
+teardown; the module-scoped ``server`` fixture then checks that the module left no model running (it terminates
+any it finds and reports them as an error of the module's last test), so every module starts on an empty server.
 Nothing is mocked: the engine reaches Xinference only through the installed ``xinf_sglang_autoload.pth`` hook.
 """
 
@@ -84,7 +85,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 def server_env(home: Path) -> dict[str, str]:
     """Environment of the server and of the ``xinference`` CLI talking to it."""
+    from torch.utils.cpp_extension import get_default_build_root
+
     env = dict(os.environ)
+    # Xinference points XDG_CACHE_HOME into its fresh XINFERENCE_HOME, so its model processes would compile
+    # sglite's CPU extensions again (~40 s each) although this test process builds the very same sources; a user's
+    # home persists between server starts, so only the first launch ever compiles. torch locks the folder per build.
+    env.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     env.update(
         XINFERENCE_HOME=str(home),
         XINFERENCE_AUTH_ADVANCED="0",  # 4.x turns auth on by default
@@ -185,22 +192,64 @@ def wait_idle(server: Server, uid: str, timeout: float = 120) -> dict[str, Any]:
     return wait_for(idle, timeout, f"{uid} to go idle with its KV freed and no request tracked")
 
 
+def running_models(server: Server) -> set[str]:
+    """The uids of the models the server serves now."""
+    status, body = http("GET", server.endpoint + "/v1/models")
+    assert status == 200, body
+    return {m["id"] for m in body["data"]}
+
+
+def terminate(server: Server, uid: str) -> None:
+    """Terminate model ``uid`` (``DELETE /v1/models/{uid}``; no error if it is not running)."""
+    http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
+
+
+def log_mark(server: Server) -> dict[Path, int]:
+    """The sizes of Xinference's log files (``XINFERENCE_HOME/logs``) now, for :func:`logs_since`."""
+    return {p: p.stat().st_size for p in (server.home / "logs").rglob("*.log*") if p.is_file()}
+
+
+def logs_since(server: Server, mark: dict[Path, int]) -> str:
+    """What Xinference's log files gained since ``mark``: where a model process's own loggers write (its console
+    filters out other packages' loggers, such as sglite's). The server is shared by every module, so a test looks
+    only at the lines written while it ran. A file smaller than at the mark was rotated: read whole."""
+    parts = []
+    for path in sorted(log_mark(server)):
+        data = path.read_bytes()
+        start = mark.get(path, 0)
+        parts.append(data[start if start <= len(data) else 0:].decode(errors="replace"))
+    return "".join(parts)
+
+
 # ---- fixtures ----
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The session's one ``xinference-local``; tests ask for ``server``, which also checks each module's cleanup."""
     with running_server(tmp_path_factory.mktemp("xinference-home")) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
+def server(shared_server: Server) -> Iterator[Server]:
+    """The shared server, for one module: at the module's end (after its own fixtures terminated their models)
+    no model may be left running. Leftovers are terminated, so that the next module starts clean, and reported."""
+    before = running_models(shared_server)
+    yield shared_server
+    left = running_models(shared_server) - before
+    for uid in sorted(left):
+        terminate(shared_server, uid)
+    assert not left, f"the module left models running on the shared server (now terminated): {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
 def qwen2_dir(tiny_model) -> Path:
     return tiny_model(arch="qwen2", seed=0)
 
 
-@pytest.fixture(scope="module")
-def custom_model(server: Server, qwen2_dir: Path) -> Iterator[str]:
-    """The tiny checkpoint registered as a custom LLM family; returns its model name."""
-    with registered_model(server, qwen2_dir) as name:
+@pytest.fixture(scope="session")
+def custom_model(shared_server: Server, qwen2_dir: Path) -> Iterator[str]:
+    """The tiny checkpoint registered (once per session) as a custom LLM family; returns its model name."""
+    with registered_model(shared_server, qwen2_dir) as name:
         yield name
