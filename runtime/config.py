@@ -36,6 +36,10 @@ class EngineConfig(BaseModel):
     max_running_requests: int | None = Field(None, ge=1, description="max requests in the decode batch")
     max_prefill_tokens: int | None = Field(None, ge=16, description="token budget of one prefill batch")
     chunked_prefill_size: int | None = Field(None, ge=16, description="prefill chunk size for long prompts")
+    max_scored_prompt_tokens: int | None = Field(
+        None, ge=1, description="most prompt tokens one step scores for echo + logprobs (a longer scored prompt takes "
+        "several steps); their logits rows are reserved in the memory plan (default 512 on GPU, 256 on CPU)",
+    )
     schedule_policy: Literal["fcfs", "lpm", "priority"] = Field(
         "fcfs", description="fcfs, lpm (longest prefix match) or priority (by the requests' priority, then arrival)"
     )

@@ -104,3 +104,19 @@ def test_engine_reports_its_plan(tiny_model, caplog):
             assert engine.metrics()["kv_total_tokens"] == 300
     text = caplog.text
     assert "KV pool: 300 tokens" in text and "WARNING: max_total_tokens=300 caps the KV pool" in text
+
+
+def test_prompt_scoring_rows_are_capped_and_reserved():
+    """echo + logprobs scores every prompt position, each a [vocab] row of logits and of log-softmax: the plan caps
+    the positions one step scores and reserves their memory (issue 28 point 3)."""
+    plan = plan_memory(gpu_inputs(), context_length=8192)
+    assert plan.max_scored_prompt_tokens == 512  # the CUDA default
+    fewer = plan_memory(gpu_inputs(), context_length=8192, max_scored_prompt_tokens=64)
+    row = 128256 * (4 + 4 + 2)  # the LM head's bf16 output, its float32 copy and the log-softmax of that
+    assert plan.activation_reserve_bytes - fewer.activation_reserve_bytes == (512 - 64) * row
+    assert "prompt logprobs: at most 512 prompt tokens scored per step" in "\n".join(plan.report())
+    small = plan_memory(gpu_inputs(), context_length=8192, max_prefill_tokens=256, chunked_prefill_size=256,
+                        max_scored_prompt_tokens=4096)
+    assert small.max_scored_prompt_tokens == 256  # never more than one prefill batch computes
+    cpu = plan_memory(gpu_inputs(device="cpu", free_before_weights=20 * GiB, free_after_weights=19 * GiB))
+    assert cpu.max_scored_prompt_tokens == 256

@@ -198,6 +198,7 @@ def scheduler_limits(config: EngineConfig, plan: MemoryPlan, device: torch.devic
         overlap=config.overlap_schedule == "on" or (config.overlap_schedule == "auto" and device.type == "cuda"),
         low_priority_values_first=config.schedule_low_priority_values_first,
         preemption_threshold=config.priority_scheduling_preemption_threshold if preempt else None,
+        max_scored_prompt_tokens=plan.max_scored_prompt_tokens,
     )
 
 
@@ -244,6 +245,7 @@ def _plan_memory(
         max_running_requests=config.max_running_requests,
         chunked_prefill_size=config.chunked_prefill_size,
         max_prefill_tokens=config.max_prefill_tokens,
+        max_scored_prompt_tokens=config.max_scored_prompt_tokens,
     )
 
 

@@ -26,6 +26,9 @@ LARGE_GPU_HEADROOM = 6 * GiB
 DEFAULT_CHUNKED_PREFILL = {"cuda": 8192, "cpu": 1024}
 DEFAULT_MAX_PREFILL = {"cuda": 16384, "cpu": 4096}
 DEFAULT_MAX_RUNNING = {"cuda": 512, "cpu": 256}
+# Prompt positions one step scores (echo + logprobs): each is a [vocab] row of logits and of log-softmax, ~1.5 MB at
+# a 152k vocabulary, so a long scored prompt is scored over several steps instead of in one [prompt x vocab] block.
+DEFAULT_SCORED_PROMPT_TOKENS = {"cuda": 512, "cpu": 256}
 # Headroom on a GPU beyond what we account for explicitly: CUDA graph pools, cuBLAS workspaces, allocator slack.
 GPU_FIXED_RESERVE = 1 * GiB
 
@@ -55,6 +58,7 @@ class MemoryPlan:
     max_running_requests: int  # rows of the request->token table
     chunked_prefill_size: int
     max_prefill_tokens: int
+    max_scored_prompt_tokens: int  # prompt positions whose logprobs one step computes (their logits are reserved)
     mem_fraction_static: float
     mem_fraction_is_default: bool  # chosen by default_mem_fraction, not given
     weights_bytes: int
@@ -77,6 +81,8 @@ class MemoryPlan:
             f"({self.req_table_bytes / GiB:.3f} GiB); activations reserve {self.activation_reserve_bytes / GiB:.2f} GiB",
             f"max running requests: {self.max_running_requests}; prefill chunk: {self.chunked_prefill_size} tokens; "
             f"max prefill tokens per batch: {self.max_prefill_tokens}; context length: {self.context_length}",
+            f"prompt logprobs: at most {self.max_scored_prompt_tokens} prompt tokens scored per step "
+            "(a longer scored prompt takes several steps)",
         ]
         full_ctx = max(1, self.pool_tokens // self.context_length)
         lines.append(
@@ -108,6 +114,7 @@ def plan_memory(
     max_running_requests: int | None = None,
     chunked_prefill_size: int | None = None,
     max_prefill_tokens: int | None = None,
+    max_scored_prompt_tokens: int | None = None,
 ) -> MemoryPlan:
     """Size the pool from the measured memory; raise ``ConfigError`` naming the knob when nothing fits."""
     dev = inputs.device
@@ -117,8 +124,9 @@ def plan_memory(
     chunk = chunked_prefill_size or DEFAULT_CHUNKED_PREFILL[dev]
     max_prefill = max(max_prefill_tokens or DEFAULT_MAX_PREFILL[dev], min(chunk, ctx))
     chunk = min(chunk, max_prefill)
+    scored = min(max_scored_prompt_tokens or DEFAULT_SCORED_PROMPT_TOKENS[dev], max_prefill)
     req_table = rows * (ctx + 1) * 4
-    reserve = _activation_bytes(inputs, chunk, rows) + (GPU_FIXED_RESERVE if dev == "cuda" else 0)
+    reserve = _activation_bytes(inputs, chunk, rows, scored) + (GPU_FIXED_RESERVE if dev == "cuda" else 0)
     profiled = _profiled_tokens(inputs, frac, req_table + reserve, f"{rows} rows x context {ctx}")
     if dev == "cpu":
         # System memory is shared with everything else on the machine: a pool larger than every row at full
@@ -133,6 +141,7 @@ def plan_memory(
         max_running_requests=rows,
         chunked_prefill_size=chunk,
         max_prefill_tokens=max_prefill,
+        max_scored_prompt_tokens=scored,
         mem_fraction_static=frac,
         mem_fraction_is_default=mem_fraction_static is None,
         weights_bytes=inputs.weights_bytes,
@@ -142,11 +151,13 @@ def plan_memory(
     )
 
 
-def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int) -> int:
+def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int, scored: int) -> int:
     """The largest prefill chunk's hidden states, fused qkv/gate-up outputs and a few temporaries, plus the logits
-    rows of a full batch."""
+    rows of a full batch, plus the rows of the prompt positions one step scores: the LM head's output in the model
+    dtype, its float32 copy and their log-softmax."""
     act = chunk * (6 * inputs.hidden_size + 3 * inputs.intermediate_size) * inputs.dtype_bytes
-    return act + rows * inputs.vocab_size * 4 * 2
+    scoring = scored * inputs.vocab_size * (4 + 4 + inputs.dtype_bytes)
+    return act + rows * inputs.vocab_size * 4 * 2 + scoring
 
 
 def _profiled_tokens(inputs: MemoryInputs, frac: float, reserved: int, table: str) -> int:

@@ -23,6 +23,9 @@ class SchedulerLimits:
     low_priority_values_first: bool = False  # priority policy: smaller Req.priority values are more urgent
     # priority policy: a waiting request preempts running ones less urgent by more than this; None: never preempt
     preemption_threshold: int | None = None
+    # most prompt positions one step scores (logits + log-softmax rows); startup passes the memory plan's, which
+    # reserved their memory (this default is the plan's CPU default)
+    max_scored_prompt_tokens: int = 256
 
 
 @dataclass

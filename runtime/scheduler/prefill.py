@@ -3,7 +3,9 @@
 Budgets (SGLang's): a new request needs ``extend + min(max_new_tokens left, RESERVE_CLIP)`` tokens of room, where
 room is the free (or evictable) pool minus the reservation for the running requests' future tokens; a batch holds
 at most ``max_prefill_tokens`` new tokens and the free rows of the running batch; a prompt longer than
-``chunked_prefill_size`` is prefilled in chunks, one chunked request at a time. Requests are considered in policy
+``chunked_prefill_size`` is prefilled in chunks, one chunked request at a time. A batch scores at most
+``max_scored_prompt_tokens`` prompt positions (echo + logprobs: a [vocab] row of logits and log-softmax each, reserved
+by the memory plan), so a scoring request's chunk ends where that budget does. Requests are considered in policy
 order and admission stops at the first one that does not fit (no skipping ahead, so a large request at the head
 is not starved). ``admission_need`` is the one place this arithmetic lives: both the admission and the
 "could anything be admitted now" check use it, on the same request.
@@ -27,7 +29,7 @@ from .limits import RESERVE_CLIP, SchedulerLimits, SchedulerStats
 from .policy import PriorityOrder, order_waiting
 from .preemption import Preemption
 
-__all__ = ["AdmissionNeed", "PrefillManager", "admission_need"]
+__all__ = ["AdmissionNeed", "PrefillManager", "admission_need", "scoring_limit"]
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,10 @@ class PrefillManager:
         return self._schedule_new()
 
     def _next_chunk_len(self) -> int:
-        assert self.chunked is not None
-        return min(self.chunked.extend_len, self.limits.chunked_prefill_size, self.limits.max_prefill_tokens)
+        req, lim = self.chunked, self.limits
+        assert req is not None
+        n = min(req.extend_len, lim.chunked_prefill_size, lim.max_prefill_tokens)
+        return min(n, scoring_limit(req, req.kv_len, lim.max_scored_prompt_tokens))
 
     def _schedule_chunk(self) -> ScheduleBatch | None:
         """The chunked request's next chunk, alone: it must run before anyone is admitted behind it."""
@@ -137,7 +141,7 @@ class PrefillManager:
     def _schedule_new(self) -> ScheduleBatch | None:
         """Admit waiting requests in policy order until one does not fit or a budget is spent."""
         lim = self.limits
-        token_budget, room = lim.max_prefill_tokens, self._room()
+        token_budget, room, score_budget = lim.max_prefill_tokens, self._room(), lim.max_scored_prompt_tokens
         free_rows = lim.max_running_requests - len(self.decode.running)
         peers = self.kv.batch_index()
         reqs, lens, samples, slots, borrowed = [], [], [], [], []
@@ -148,9 +152,10 @@ class PrefillManager:
             need = admission_need(req, len(prefix_slots))
             if not need.fits(room, self.kv.free_tokens(), alone=not self.decode.running and not reqs):
                 break  # no skipping ahead: a large request at the head must not starve
-            n = min(need.extend, lim.chunked_prefill_size, token_budget)
-            if n < need.extend and self.chunked is not None:
-                break  # one chunked request at a time
+            n = min(need.extend, lim.chunked_prefill_size, token_budget,
+                    scoring_limit(req, len(prefix_slots), score_budget))
+            if n == 0 or (n < need.extend and self.chunked is not None):
+                break  # no scoring rows left in this batch, or one chunked request at a time
             got = self._admit(req, n, prefix_slots, node)
             if got is None:
                 break
@@ -160,6 +165,7 @@ class PrefillManager:
             if n < need.extend:
                 self.chunked = req
             token_budget -= n
+            score_budget -= len(req.prompt_logit_positions(req.kv_len, n))
             room -= need.reserve
         if not reqs:
             return None
@@ -187,6 +193,14 @@ class PrefillManager:
             self.stats.cached_prompt_tokens += req.cached_tokens
             self.stats.latency.admitted(req)
         return got
+
+
+def scoring_limit(req: Req, start: int, budget: int) -> int:
+    """Most new tokens from position ``start`` whose extend scores at most ``budget`` prompt positions: the tokens
+    before the first scored one are free, each after it costs one row. Unbounded when nothing is left to score."""
+    if not req.prompt_logprobs_pending:
+        return req.extend_len
+    return max(req.first_scored_position - 1 - start, 0) + budget
 
 
 def _samples(req: Req) -> bool:
