@@ -27,7 +27,6 @@ if os.environ.get("CI"):
 # Set before anything imports huggingface_hub / transformers, which read them at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels then run on CPU tensors
 
 from xinf_sglang.runtime.testing.tiny_model import Arch, make_tiny_model  # noqa: E402
 
@@ -35,6 +34,24 @@ from xinf_sglang.runtime.testing.tiny_model import Arch, make_tiny_model  # noqa
 from .xinference_server import custom_model, qwen2_dir, server, shared_server  # noqa: E402, F401  (fixtures)
 
 SERVER_FIXTURES = frozenset({"server", "shared_server"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Triton chooses between its CPU interpreter and the GPU compiler when kernels are defined, once per process:
+    the CPU tier runs the Triton kernels on CPU tensors (interpreted), the ``cuda`` tier (tests/cuda) compiles them.
+    So TRITON_INTERPRET=1 is set here, before any test module imports triton, unless this run is the cuda tier."""
+    if not _runs_cuda_tier(config):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _runs_cuda_tier(config: pytest.Config) -> bool:
+    """``-m`` selects ``cuda`` (``-m cuda``, ``-m "cuda and not slow"``), or every path given is under tests/cuda."""
+    expr = config.getoption("markexpr") or ""
+    if "cuda" in expr and "not cuda" not in expr:
+        return True
+    cuda_dir = Path(__file__).parent / "cuda"
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    return bool(paths) and all(p == cuda_dir or cuda_dir in p.parents for p in paths)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by the markers added here

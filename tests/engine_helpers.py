@@ -29,21 +29,25 @@ def varied_prompts(model_dir: Path, count: int, min_len: int = 4, max_len: int =
 
 
 @functools.lru_cache(maxsize=16)
-def _hf_model(model_dir: str, gguf_file: str | None = None):
+def _hf_model(model_dir: str, gguf_file: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra).to(device).eval()
     # EOS ignored, as the runtime's ignore_eos: no stopping and no EOS ban (min_new_tokens would ban it).
     model.generation_config.eos_token_id = None
     return model
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, gguf_file: str | None = None) -> list[int]:
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, gguf_file: str | None = None,
+              device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[int]:
     """HF ``generate``, greedy, one prompt at a time (no padding), EOS ignored; ``gguf_file``: load that GGUF
-    file of ``model_dir`` with transformers' GGUF reader."""
-    model = _hf_model(str(model_dir), gguf_file)
+    file of ``model_dir`` with transformers' GGUF reader; ``device`` / ``dtype``: where and in what HF runs (the
+    GPU tier compares with HF on the same GPU)."""
+    model = _hf_model(str(model_dir), gguf_file, device, dtype)
+    ids = torch.tensor([prompt], device=device)
     with torch.no_grad():
+        # An explicit mask: HF infers one from pad_token_id otherwise, which hides every prompt token equal to it.
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
         )
     tokens = out[0, len(prompt):].tolist()
     assert len(tokens) == max_new_tokens, "HF stopped early: EOS was not ignored"

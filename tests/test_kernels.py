@@ -3,9 +3,10 @@
 CI has no GPU, so the Triton launchers (``*_triton``) run on CPU tensors under the Triton interpreter with tiny
 shapes. The interpreter is chosen when triton is *imported* (triton.language's own helpers such as ``tl.sum`` are
 jitted then) and when each kernel is defined, so ``TRITON_INTERPRET=1`` must be in the environment before anything
-imports triton: tests/conftest.py sets it, and so does this module; without it every test here fails with that
-explanation. bf16 arithmetic is wrong in the interpreter, so half precision is tested in fp16; bf16 is
-covered by scripts/gpu_kernel_check.py on a GPU.
+imports triton: tests/conftest.py sets it (not in a run of the cuda tier, which needs the GPU compiler and where this
+module is only collected, so it must not set it either); without it every test here fails with that explanation.
+bf16 arithmetic is wrong in the interpreter, so half precision is tested in fp16; bf16 is covered by the GPU tier
+(tests/cuda/test_cuda_kernels.py, ``pytest -m cuda``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -25,7 +24,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from .pool_helpers import random_pool, random_table  # noqa: E402
+from .pool_helpers import TOL, random_pool, random_table, rel_err  # noqa: E402
 
 # Modules by full name: the package re-exports functions named like some of its modules (store_kv, ...).
 norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear, argmax = (
@@ -45,14 +44,6 @@ def _needs_interpreter() -> None:
     # conftest.py sets TRITON_INTERPRET=1 before anything imports triton; getting here without it means the
     # kernels were compiled for a GPU this machine does not have, and every test below would be meaningless.
     assert INTERPRETED, "triton was imported without TRITON_INTERPRET=1 (set it before importing triton)"
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def randint(lo: int, hi: int) -> int:
