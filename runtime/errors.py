@@ -13,6 +13,12 @@ class InvalidRequestError(ValueError):
     """
 
 
+class EngineFailure(RuntimeError):
+    """The engine cannot run another step: its device failed for good (a sticky CUDA error). Every request is
+    refused with this error from then on; only a new process can serve again (tensor parallelism's lost rank is
+    the same situation: ``tp.RankFailure``)."""
+
+
 class ConfigError(ValueError):
     """An engine configuration that cannot work (bad value, weights that do not fit, unknown architecture)."""
 

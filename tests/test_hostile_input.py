@@ -179,3 +179,27 @@ def test_limits_are_engine_options_and_name_themselves(model_dir) -> None:
         GrammarSpec.from_fields(choices=["a", "b", "c"], limits=limits)
     with pytest.raises(InvalidRequestError, match="at least 4 levels deep; the limit grammar_max_schema_depth is 3"):
         GrammarSpec.from_fields(json_schema={"a": {"b": {"c": {"d": 1}}}}, limits=limits)
+
+
+# ---- issue 28 point 6: stop strings are bounded in length, so matching them stays cheap ----
+
+
+def test_stop_strings_at_the_length_bound_keep_each_delta_cheap() -> None:
+    """16 stop strings of the longest allowed length, fed text that keeps matching their common prefix and then
+    breaks it: the delta that releases the held text (the worst one) still takes milliseconds, and one character
+    more is refused before queueing."""
+    import time
+
+    from xinf_sglang.runtime.sampling.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+    from xinf_sglang.runtime.scheduler.detokenizer import StopStringMatcher
+
+    stops = ["a" * (MAX_STOP_CHARS - 1) + chr(0x41 + i) for i in range(MAX_STOP_STRINGS)]
+    matcher = StopStringMatcher(SamplingParams(stop=stops).stop)
+    worst = 0.0
+    for delta in ["a"] * (MAX_STOP_CHARS - 2) + ["c"]:
+        start = time.perf_counter()
+        matcher.feed(delta)
+        worst = max(worst, time.perf_counter() - start)
+    assert worst < 0.05, f"one delta took {worst * 1e3:.1f} ms"
+    with pytest.raises(InvalidRequestError, match=f"stop strings may be at most {MAX_STOP_CHARS} characters"):
+        SamplingParams(stop=["a" * (MAX_STOP_CHARS + 1)])

@@ -5,6 +5,11 @@ Between two steps it handles every queued message (waiting for one when there is
 step, then sends the chunks produced as one ``Outputs``. ``inbox`` is anything with ``get(timeout=)`` and
 ``get_nowait()`` that raise ``queue.Empty`` (a ``queue.SimpleQueue``, a ``multiprocessing`` queue); ``outbox``
 anything with ``put`` (the engine's output router on its thread, a ``multiprocessing`` queue in a process).
+
+A step that raises fails the requests in flight and the loop goes on. Except after an unrecoverable device error
+(`is_unrecoverable_device_error`: CUDA's sticky errors leave the context broken, so every later step would fail
+too): then the scheduler is marked failed (``Scheduler.failure``, an `EngineFailure`), no step runs again, and
+every request is refused with that error until the process ends.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import queue
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import InvalidRequestError
+from ..errors import EngineFailure, InvalidRequestError
 from ..engine.messages import (
     Abort,
     AddRequests,
@@ -35,7 +40,7 @@ from ..metrics.stats_log import StatsLog
 
 logger = logging.getLogger("xinf_sglang.runtime.scheduler")
 
-__all__ = ["SchedulerLoop", "metrics_snapshot"]
+__all__ = ["SchedulerLoop", "is_unrecoverable_device_error", "metrics_snapshot"]
 
 IDLE_POLL_S = 0.5  # how long an idle loop waits for a message before checking again
 
@@ -76,15 +81,16 @@ class SchedulerLoop:
         sched = self.scheduler
         while True:
             try:
-                if not self._drain_inbox(block=not sched.has_work):
+                if not self._drain_inbox(block=not sched.has_work or sched.failure is not None):
                     break
+                if sched.failure is not None:
+                    continue  # a failed engine only answers messages (new requests are refused in _add)
                 if self.stats_log is not None and sched.has_work:
                     self.stats_log.tick(sched)  # before the step: a window's counters start before its first step
                 worked = sched.step()
-            except Exception as e:  # keep serving: fail the requests in flight, never the loop
-                logger.exception("scheduler step failed; aborting the requests in flight")
-                sched.abort_all(f"engine error: {type(e).__name__}: {e}")
+            except Exception as e:  # fail the requests in flight, never the loop
                 worked = False
+                self._step_failed(e)
             self._send_outputs()
             if not worked and self.debug_invariants and not sched.has_work:
                 problems = sched.idle_invariant_violations()
@@ -92,6 +98,20 @@ class SchedulerLoop:
                     logger.error("idle invariant violated: %s", "; ".join(problems))
         sched.abort_all("the engine is shutting down")
         self._send_outputs()
+
+    def _step_failed(self, error: Exception) -> None:
+        """Abort the requests in flight with ``error``; after an unrecoverable device error, fail the engine."""
+        sched = self.scheduler
+        if not is_unrecoverable_device_error(error):
+            logger.exception("scheduler step failed; aborting the requests in flight")
+            sched.abort_all(f"engine error: {type(error).__name__}: {error}")
+            return
+        sched.failure = EngineFailure(
+            f"sglite engine failed: unrecoverable device error ({type(error).__name__}: {error}); the device cannot "
+            "run another step, so every request is refused and the model must be relaunched"
+        )
+        logger.error("%s", sched.failure, exc_info=error)
+        sched.abort_all(str(sched.failure))
 
     def _drain_inbox(self, block: bool) -> bool:
         """Handle every queued message (waiting for one if ``block``); False once asked to stop."""
@@ -125,6 +145,9 @@ class SchedulerLoop:
 
     def _add(self, msg: AddRequests) -> None:
         for new in msg.requests:
+            if self.scheduler.failure is not None:
+                self.outbox.put(Outputs((_refused(new, str(self.scheduler.failure)),)))
+                continue
             try:
                 req = self.builder.build(new)
             except InvalidRequestError as e:
@@ -138,8 +161,20 @@ class SchedulerLoop:
             self.outbox.put(Outputs(tuple(chunks)))
 
 
+def is_unrecoverable_device_error(error: BaseException) -> bool:
+    """Whether ``error`` leaves the device unable to run another step: CUDA's sticky errors (an illegal memory
+    access, a device-side assert, a launch failure, an ECC error), which torch raises as ``AcceleratorError``
+    (older versions: a ``RuntimeError`` starting "CUDA error"). Running out of memory is not one: the next step
+    may fit. Judged by name, so this module need not import torch."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if "OutOfMemoryError" in names or "out of memory" in str(error):
+        return False
+    return "AcceleratorError" in names or (isinstance(error, RuntimeError) and str(error).startswith("CUDA error"))
+
+
 def _refused(new: NewRequest, error: str) -> StreamChunk:
-    """The only chunk of a request the scheduler side could not build (its grammar failed to compile here)."""
+    """The only chunk of a request the scheduler side did not queue (its grammar failed to compile here, or the
+    engine has failed)."""
     return StreamChunk(new.rid, "", finish_reason="abort", prompt_tokens=len(new.input_ids), error=error)
 
 

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..errors import EngineFailure
 from ..mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from ..model_executor.forward_batch import ForwardMode
 from ..model_executor.model_runner import Launched, ModelRunner
@@ -58,6 +59,9 @@ class Scheduler:
         # The batch of the step in progress, from its scheduling to its resolve: its prefilled requests are neither
         # waiting nor running until then, so an exception in between must still find them (abort_all).
         self.stepping: ScheduleBatch | None = None
+        # Set by the loop after an unrecoverable device error: no step runs again and every request is refused
+        # with it. Read from any thread (one attribute): what a watcher polls to end the process (loop.py).
+        self.failure: EngineFailure | None = None
 
     # ---- the parts' state, as the engine and tests read it ----
 
