@@ -12,11 +12,17 @@ programs of one KV group run together and share their K/V tiles through L2 (GQA)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .pool_layout import check_attention_shapes
+from .pool_layout import (
+    attention_output,
+    check_attention_shapes,
+    check_tile_sizes,
+    dot_precision,
+    head_block,
+    last_dim_contiguous,
+    log2_scale,
+)
 
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
@@ -134,20 +140,10 @@ def _extend_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
 
 
 def extend_attention_triton(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    extend_seq_lens: torch.Tensor,
-    extend_start_loc: torch.Tensor,
-    sm_scale: float,
-    *,
-    max_extend_len: int | None = None,
-    out: torch.Tensor | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, extend_seq_lens: torch.Tensor,
+    extend_start_loc: torch.Tensor, sm_scale: float, *, max_extend_len: int | None = None,
+    out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
     """Flash extend attention with the contract of ``extend_attention_ref``; returns ``o [T, Hq, D]``.
 
@@ -160,40 +156,38 @@ def extend_attention_triton(
     if triton is None:
         raise RuntimeError("triton is not installed; use extend_attention_ref")
     t, n_q, n_kv = check_attention_shapes(q, k_buffer, v_buffer)
-    d = q.shape[2]
     bs = req_pool_indices.shape[0]
     if any(x.shape != (bs,) for x in (seq_lens, extend_seq_lens, extend_start_loc)):
         raise ValueError(f"req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc must all be [{bs}]")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty((t, n_q, d), dtype=q.dtype, device=q.device)
-    elif out.shape != (t, n_q, d) or out.stride(-1) != 1:
-        raise ValueError(f"out must be [{t}, {n_q}, {d}] with a contiguous last dim")
+    q = last_dim_contiguous(q)
+    out = attention_output(out, q)
     if bs == 0 or t == 0:
         return out
     if max_extend_len is None:
         max_extend_len = int(extend_seq_lens.max())
     if max_extend_len <= 0:
         return out
-    cfg_m, cfg_n, num_warps = _extend_config(q.dtype, d)
-    block_m = block_m or cfg_m
-    block_n = block_n or cfg_n
-    if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
-        raise ValueError(f"block_m / block_n must be powers of two >= 16, got {block_m} / {block_n}")
+    block_m, block_n, num_warps = _extend_tiles(q, block_m, block_n)
     grid = (n_q, triton.cdiv(max_extend_len, block_m), bs)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc,
-        float(sm_scale) * math.log2(math.e),
+        log2_scale(sm_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
-        n_q // n_kv, d,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        # fp32 must not silently drop to TF32 (10-bit mantissa) in the matmuls.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2, **pdl_kwargs(q.device),
+        n_q // n_kv, q.shape[2],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(q.shape[2]),
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=2, **pdl_kwargs(q.device),
     )
     return out
+
+
+def _extend_tiles(q: torch.Tensor, block_m: int | None, block_n: int | None) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for ``q``: the caller's tile sizes (checked) where given, else
+    ``_extend_config``'s."""
+    cfg_m, cfg_n, num_warps = _extend_config(q.dtype, q.shape[2])
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    check_tile_sizes(block_m=block_m, block_n=block_n)
+    return block_m, block_n, num_warps
 
 
 def extend_attention(

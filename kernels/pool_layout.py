@@ -1,10 +1,13 @@
-"""The token-pool layout the attention kernels share, the one check of it that their launchers run, and the
-step both kernels repeat over it: attend one tile of pool positions with an online softmax.
+"""The token-pool layout the attention kernels share, the one check of it that their launchers run, the
+step both kernels repeat over it (attend one tile of pool positions with an online softmax), and the launch
+choices both launchers make the same way (output buffer, tile sizes, matmul precision, score scale).
 
 ``q [N, Hq, D]``; ``k_buffer`` and ``v_buffer`` ``[num_slots, Hkv, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -74,3 +77,40 @@ def check_attention_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
     if k_buffer.shape[2] != d or v_buffer.shape != k_buffer.shape:
         raise ValueError(f"k/v buffers {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} do not match q head_dim {d}")
     return n, n_q, n_kv
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a contiguous last dim: kernels index rows by stride but read along the last dim directly (a copy
+    only when it is not contiguous; strided views of a fused projection pass as they are)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The output buffer ``[N, Hq, D]`` of ``q``'s shape and dtype: ``out`` after checking it, or a new one."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{', '.join(map(str, q.shape))}] with a contiguous last dim")
+    return out
+
+
+def check_tile_sizes(**tiles: int) -> None:
+    """Raise ValueError unless every tile size (by argument name) is a power of two >= 16 (``tl.dot``'s minimum)."""
+    if any(x < 16 or x & (x - 1) for x in tiles.values()):
+        names, values = " / ".join(tiles), " / ".join(map(str, tiles.values()))
+        raise ValueError(f"{names} must be powers of two >= 16, got {values}")
+
+
+def head_block(head_dim: int) -> int:
+    """``BLOCK_D``: the head dim rounded up to a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``DOT_PRECISION`` of the kernels' matmuls: fp32 must not silently drop to TF32 (10-bit mantissa)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def log2_scale(sm_scale: float) -> float:
+    """``qk_scale``: ``sm_scale * log2(e)``, so scores live in base 2 and the softmax uses exp2."""
+    return float(sm_scale) * math.log2(math.e)

@@ -35,6 +35,7 @@ norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bi
     )
 )
 step_inputs = importlib.import_module("xinf_sglang.kernels.step_inputs")
+decode_attention_kernel = importlib.import_module("xinf_sglang.kernels.decode_attention_kernel")
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(norm._rms_norm_kernel, InterpretedFunction)
 
@@ -487,7 +488,7 @@ def test_package_imports_without_triton() -> None:
 # The kernels of the model's forward: each may be launched with PDL on Hopper (kernels/pdl.py).
 PDL_KERNELS = [
     (norm, "_rms_norm_kernel"), (activation, "_silu_and_mul_kernel"), (rotary, "_rotary_kernel"),
-    (store_kv, "_store_kv_kernel"), (decode_attention, "_decode_kernel"), (extend_attention, "_extend_kernel"),
+    (store_kv, "_store_kv_kernel"), (decode_attention_kernel, "decode_kernel"), (extend_attention, "_extend_kernel"),
     (linear, "_skinny_linear_kernel"),
 ]
 
