@@ -13,12 +13,12 @@ process: triton decides between compiling and interpreting when it and each kern
 
 from .activation import silu_and_mul, silu_and_mul_ref
 from .argmax import argmax, argmax_ref
-from .decode_attention import NewToken, decode_attention, decode_attention_ref, decode_num_splits
-from .extend_attention import extend_attention, extend_attention_ref
+from .attention.decode_attention import NewToken, decode_attention, decode_attention_ref, decode_num_splits
+from .attention.extend_attention import extend_attention, extend_attention_ref
 from .linear import linear, linear_ref
 from .norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
-from .store_kv import store_kv, store_kv_ref
+from .attention.store_kv import store_kv, store_kv_ref
 from .token_bitmask import apply_token_bitmask_, apply_token_bitmask_ref
 
 __all__ = [

@@ -23,7 +23,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from . import cpu_linear
+from .cpu import linear as cpu_linear
 from .pdl import pdl_kwargs
 
 if triton is not None:

@@ -14,7 +14,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from . import cpu_elementwise
+from .cpu import elementwise as cpu_elementwise
 from .pdl import pdl_kwargs
 
 if triton is not None:

@@ -1,6 +1,6 @@
 """Time SmolLM2-135M's 211 decode linears of one token (30 layers of qkv, o, gate_up, down, plus the LM head),
 each a distinct float32 weight streamed from memory, for one input row: MKL (``F.linear``, column- and
-row-major weights) against sglite's threaded kernel (``kernels/cpu_linear.py``). Prints min and median of 10
+row-major weights) against sglite's threaded kernel (``kernels/cpu/linear.py``). Prints min and median of 10
 passes, interleaved. Usage: ``.venv/bin/python scripts/bench_cpu_linear.py``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from xinf_sglang.kernels import cpu_linear
+from xinf_sglang.kernels.cpu import linear as cpu_linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o_proj, gate_up, down
 

@@ -1,4 +1,4 @@
-"""The CPU attention kernel (kernels/cpu_attention.py) against its torch references, on fresh random inputs, and
+"""The CPU attention kernel (kernels/cpu/attention.py) against its torch references, on fresh random inputs, and
 the engine's choice of the CPU backend.
 
 Inputs vary what the kernel's blocking depends on: lengths around its 64-key blocks and 16-row extend items, GQA
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from xinf_sglang.kernels import NewToken, decode_attention_ref, extend_attention_ref, rotary_cos_sin
-from xinf_sglang.kernels import cpu_attention
+from xinf_sglang.kernels.cpu import attention as cpu_attention
 from xinf_sglang.kernels.rotary import apply_rotary_ref
 from .pool_helpers import random_pool, random_table
 

@@ -1,4 +1,4 @@
-"""The fused CPU RMSNorm and SiLU-and-mul (kernels/cpu_elementwise.py) against their torch references on fresh
+"""The fused CPU RMSNorm and SiLU-and-mul (kernels/cpu/elementwise.py) against their torch references on fresh
 random inputs: decode rows (one thread), prefill-sized calls (rows split over torch's threads), strided views."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xinf_sglang.kernels import cpu_elementwise, rms_norm_ref, silu_and_mul_ref
+from xinf_sglang.kernels import rms_norm_ref, silu_and_mul_ref
+
+from xinf_sglang.kernels.cpu import elementwise as cpu_elementwise
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The threaded CPU decode linear (kernels/cpu_linear.py) against ``F.linear`` in float64, on fresh random inputs."""
+"""The threaded CPU decode linear (kernels/cpu/linear.py) against ``F.linear`` in float64, on fresh random inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from xinf_sglang.kernels import cpu_linear, linear
+from xinf_sglang.kernels import linear
+
+from xinf_sglang.kernels.cpu import linear as cpu_linear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (577, 576), (3, 13), (1, 8), (4099, 72)]
 
@@ -82,7 +84,7 @@ def test_a_forked_child_gets_working_threads() -> None:
 
 _STRESS = """
 import random, sys, time, torch
-from xinf_sglang.kernels import cpu_linear
+from xinf_sglang.kernels.cpu import linear as cpu_linear
 pool = cpu_linear.load().LinearPool(2, int(sys.argv[1]))
 ws = [torch.randn(n, 64) for n in (33, 64, 100, 576, 960, 3000)]
 x = torch.randn(1, 64)

@@ -35,7 +35,7 @@ norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bi
     )
 )
 step_inputs = importlib.import_module("xinf_sglang.kernels.step_inputs")
-decode_attention_kernel = importlib.import_module("xinf_sglang.kernels.decode_attention_kernel")
+decode_attention_kernel = importlib.import_module("xinf_sglang.kernels.attention.decode_attention_kernel")
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(norm._rms_norm_kernel, InterpretedFunction)
 
@@ -141,8 +141,8 @@ def test_linear_leading_dims_and_errors() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         linear.linear_triton(torch.randn(1, 41), w)
     # On the CPU the dispatcher takes the threaded decode kernel for float32 inputs of up to 16 rows
-    # (kernels/cpu_linear.py, tested in tests/test_cpu_linear.py) and the reference for everything else.
-    from xinf_sglang.kernels import cpu_linear
+    # (kernels/cpu/linear.py, tested in tests/test_cpu_linear.py) and the reference for everything else.
+    from xinf_sglang.kernels.cpu import linear as cpu_linear
 
     assert torch.equal(linear.linear(x, w), cpu_linear.linear_cpu(x, w))
     big = torch.randn(17, 40)
@@ -450,11 +450,11 @@ def test_token_bitmask_rejects_short_mask() -> None:
 def test_cpu_dispatch_uses_reference() -> None:
     from xinf_sglang import kernels
 
-    from xinf_sglang.kernels import cpu_elementwise
+    from xinf_sglang.kernels.cpu import elementwise as cpu_elementwise
 
     torch.manual_seed(11)
     x, w = torch.randn(3, 8), torch.randn(8)
-    # float32 CPU rows take the fused C++ kernels (kernels/cpu_elementwise.py; tests/test_cpu_elementwise.py)
+    # float32 CPU rows take the fused C++ kernels (kernels/cpu/elementwise.py; tests/test_cpu_elementwise.py)
     assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], cpu_elementwise.rms_norm_cpu(x, w, 1e-6)[0])
     gu = torch.randn(2, 10)
     assert torch.equal(kernels.silu_and_mul(gu), cpu_elementwise.silu_and_mul_cpu(gu))

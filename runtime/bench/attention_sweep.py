@@ -1,4 +1,4 @@
-"""Split-KV decode attention sweeps (kernels/decode_attention.py), part of ``sglite bench kernels``:
+"""Split-KV decode attention sweeps (kernels/attention/decode_attention.py), part of ``sglite bench kernels``:
 
 - ``paths``: at bandwidth-bound batches, the new token already in the pool or handed over before rotary
   (``NewToken``) in the same launch (``one_launch=True``; the launcher does that only up to
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 # By module name: the package re-exports a function of the same name.
-da = importlib.import_module("xinf_sglang.kernels.decode_attention")
+da = importlib.import_module("xinf_sglang.kernels.attention.decode_attention")
 
 from .kernel_sweep import SweepOptions, time_each
 

@@ -23,7 +23,7 @@ from ..layers.rope import rope_inv_freq
 from ..model_loader.model_config import ModelConfig, RopeConfig
 
 # By module name: the package re-exports a function of the same name.
-dec = importlib.import_module("xinf_sglang.kernels.decode_attention")
+dec = importlib.import_module("xinf_sglang.kernels.attention.decode_attention")
 
 
 @dataclass(frozen=True)

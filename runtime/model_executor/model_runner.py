@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xinf_sglang.kernels import cpu_elementwise, cpu_linear
+from xinf_sglang.kernels.cpu import elementwise as cpu_elementwise, linear as cpu_linear
 
 from ..layers.attention.backend import AttentionBackend
 from .forward_batch import ForwardBatch, ForwardMode

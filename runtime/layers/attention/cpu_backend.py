@@ -1,5 +1,5 @@
 """``CpuAttentionBackend``: decode and extend attention on the CPU through the C++ kernel of
-``kernels/cpu_attention.py``, which reads the pool through the slot table (no per-step copy of the padded history,
+``kernels/cpu/attention.py``, which reads the pool through the slot table (no per-step copy of the padded history,
 no Python loop per request). ``attention_backend="torch"`` keeps the reference selectable for A/B runs.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from xinf_sglang.kernels import NewToken, store_kv_ref
-from xinf_sglang.kernels import cpu_attention
+from xinf_sglang.kernels.cpu import attention as cpu_attention
 
 from .backend import AttentionBackend
 from ...model_executor.forward_batch import ForwardBatch

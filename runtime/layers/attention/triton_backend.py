@@ -3,7 +3,7 @@
 Per forward, ``init_forward_metadata`` decides what all layers share: for decode the split count of the split-KV
 kernel and its intermediate buffers, for extend the grid height (the longest extend). Layers then only launch.
 Decode passes the step's token to the decode kernel before rotary (``NewToken``): for batches of up to
-``DECODE_SMALL_BATCH`` rows rotary, store-KV and attention are one launch (kernels/decode_attention.py).
+``DECODE_SMALL_BATCH`` rows rotary, store-KV and attention are one launch (kernels/attention/decode_attention.py).
 
 CUDA graphs (decode only): ``init_cuda_graph_state`` allocates intermediate buffers once, big enough for every
 batch size up to ``max_bs``; ``init_forward_metadata_capture`` / ``_replay`` give a batch of size ``bs`` a split
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xinf_sglang.kernels.decode_attention import (
+from xinf_sglang.kernels.attention.decode_attention import (
     DECODE_MIN_SPLIT_TOKENS,
     NewToken,
     decode_attention_triton,
@@ -30,8 +30,8 @@ from xinf_sglang.kernels.decode_attention import (
     decode_split_counters,
     num_sms_of,
 )
-from xinf_sglang.kernels.extend_attention import extend_attention_triton
-from xinf_sglang.kernels.store_kv import store_kv_triton
+from xinf_sglang.kernels.attention.extend_attention import extend_attention_triton
+from xinf_sglang.kernels.attention.store_kv import store_kv_triton
 
 from .backend import AttentionBackend
 from ...model_executor.forward_batch import ForwardBatch, ForwardMode

@@ -24,9 +24,9 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
 if triton is not None:
-    from .pdl import pdl_wait
+    from ..pdl import pdl_wait
     from .pool_layout import attend_kv_tile, attend_pool_tile, load_pool_rows, pool_tile_slots
-    from .rotary import rope_rotate
+    from ..rotary import rope_rotate
 
 __all__ = ["PDL_EARLY_READS", "decode_kernel"]
 

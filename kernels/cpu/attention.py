@@ -24,10 +24,10 @@ import functools
 
 import torch
 
-from .cpu_attention_source import CPU_ATTENTION_CPP, CPU_ATTENTION_FUNCTIONS
-from .cpu_build import load_cpp
-from .decode_attention import NewToken
-from .pool_layout import last_dim_contiguous
+from .attention_source import CPU_ATTENTION_CPP, CPU_ATTENTION_FUNCTIONS
+from .build import load_cpp
+from ..attention.decode_attention import NewToken
+from ..attention.pool_layout import last_dim_contiguous
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .cpu_build import SIMD_EXP, load_cpp
+from .build import SIMD_EXP, load_cpp
 
 _CPP = (
     r"""

@@ -14,10 +14,10 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from .pdl import pdl_kwargs
+from ..pdl import pdl_kwargs
 
 if triton is not None:
-    from .pdl import pdl_wait
+    from ..pdl import pdl_wait
 
 
 def store_kv_ref(

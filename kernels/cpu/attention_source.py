@@ -1,4 +1,4 @@
-"""The C++ source of the CPU attention kernel (kernels/cpu_attention.py builds it and wraps its functions).
+"""The C++ source of the CPU attention kernel (kernels/cpu/attention.py builds it and wraps its functions).
 
 Decode and extend share one online-softmax routine over the pool (``attend``): keys are read block by block
 through the slot table, every query head of a KV group at once. Work items run on torch's intra-op threads.
@@ -6,7 +6,7 @@ through the slot table, every query head of a KV group at once. Work items run o
 
 from __future__ import annotations
 
-from .cpu_build import SIMD_EXP
+from .build import SIMD_EXP
 
 __all__ = ["CPU_ATTENTION_CPP", "CPU_ATTENTION_FUNCTIONS"]
 

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from .cpu_build import load_cpp
+from .build import load_cpp
 
 # The pool has ``torch.get_num_threads()`` threads (the caller included), the intra-op thread count the engine set;
 # one pool per count, created on first use. (On 2026-12-02 a pool of 2 hung once: a pool thread still leaving one

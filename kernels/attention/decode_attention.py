@@ -39,7 +39,7 @@ from .pool_layout import (
     last_dim_contiguous,
     log2_scale,
 )
-from .rotary import apply_rotary_ref, apply_rotary_triton
+from ..rotary import apply_rotary_ref, apply_rotary_triton
 from .store_kv import store_kv_ref, store_kv_triton
 
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
@@ -47,7 +47,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from .pdl import pdl_kwargs
+from ..pdl import pdl_kwargs
 
 if triton is not None:
     from .decode_attention_kernel import decode_kernel

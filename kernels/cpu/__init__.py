@@ -1,0 +1,6 @@
+"""The CPU backend's kernels: C++ sources compiled once per machine with ``torch.utils.cpp_extension`` (``build.py``
+picks the ISA and caches the build), each next to the torch reference it must equal: attention that reads the KV
+pool through the slot table (``attention.py`` + ``attention_source.py``), fused RMSNorm / SiLU-mul
+(``elementwise.py``) and a threaded linear (``linear.py``). Quantized CPU matmuls join here.
+
+Re-exports nothing: the runtime imports the module it needs."""
