@@ -10,6 +10,8 @@ from xinf_sglang.runtime import SamplingParams
 
 from .engine_helpers import CORPUS, hf_greedy, make_engine
 
+pytestmark = pytest.mark.slow  # ~30 s on the 2-core machine: SmolLM2 in the runtime and in HF, 10 prompts
+
 NEW_TOKENS = 16
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 QUESTIONS = [

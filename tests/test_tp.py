@@ -25,6 +25,8 @@ from xinf_sglang.runtime.errors import ConfigError
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 
+pytestmark = pytest.mark.slow  # ~100 s on the 2-core machine: every test starts gloo rank processes
+
 ARCHS = ["llama", "qwen2", "qwen3"]
 NUM_PROMPTS = 12
 NEW_TOKENS = 48  # as tests/test_parity.py: its pool of 260 tokens retracts for every arch
