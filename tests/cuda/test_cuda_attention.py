@@ -23,7 +23,7 @@ from xinf_sglang.runtime.bench.layer_chain import LayerChain  # noqa: E402
 
 # By module name: the package re-exports functions named like these modules.
 dec, ext, rotary = (importlib.import_module(f"xinf_sglang.kernels.{name}")
-                    for name in ("decode_attention", "extend_attention", "rotary"))
+                    for name in ("attention.decode_attention", "attention.extend_attention", "rotary"))
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CUDA = torch.device("cuda")

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.cuda
 # By module name: the package re-exports functions named like some of its modules.
 norm, activation, rotary, store_kv, token_bitmask, linear, argmax, step_inputs = (
     importlib.import_module(f"xinf_sglang.kernels.{name}")
-    for name in ("norm", "activation", "rotary", "store_kv", "token_bitmask", "linear", "argmax", "step_inputs")
+    for name in ("norm", "activation", "rotary", "attention.store_kv", "token_bitmask", "linear", "argmax",
+                 "step_inputs")
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
