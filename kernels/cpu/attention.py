@@ -13,7 +13,7 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
 - Decode with a ``NewToken`` rotates q and the new k, stores the new K/V and attends in the same item: one call
   per layer instead of a dozen small torch ops.
 
-The C++ source is in cpu_attention_source.py. Compiled once per machine kind on first use and cached by torch
+The C++ source is in attention_source.py. Compiled once per machine kind on first use and cached by torch
 in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and
 ninja.
 """

@@ -1,7 +1,7 @@
 """Building sglite's C++ CPU kernels: one place for the compiler flags and the build-or-load step.
 
-Each kernel file (``cpu_attention.py``, ``cpu_linear.py``, ``cpu_elementwise.py``) holds its C++ source (the
-attention kernel's is in ``cpu_attention_source.py``) and calls ``load_cpp`` from a ``functools.cache``'d
+Each kernel file (``attention.py``, ``linear.py``, ``elementwise.py``) holds its C++ source (the
+attention kernel's is in ``attention_source.py``) and calls ``load_cpp`` from a ``functools.cache``'d
 ``load()``. torch compiles an extension once per source and flags
 and caches it in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it.
 Needs g++ and ninja.

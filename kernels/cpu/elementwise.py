@@ -4,7 +4,7 @@ At batch 1 a decode step of SmolLM2-135M runs 61 RMSNorms and 30 SiLU-and-muls o
 The references (``rms_norm_ref``: add, cast, pow, mean, add, rsqrt, mul, cast, mul; ``silu_and_mul_ref``: chunk,
 silu, mul) spend most of their time in per-op dispatch, not arithmetic: 19% of a 2-thread batch-1 step in a
 py-spy profile (2026-12-02). Here each row is one pass (residual add, float32 sum of squares, scale and weight)
-and SiLU uses the vectorised exp shared with the attention kernel (``cpu_build.SIMD_EXP``).
+and SiLU uses the vectorised exp shared with the attention kernel (``build.SIMD_EXP``).
 
 Contracts are those of ``rms_norm_ref`` / ``silu_and_mul_ref`` for float32 CPU tensors (``supports_*`` say which
 inputs are taken); results differ from them only in the order of the float32 sum and exp's last bit (tests
