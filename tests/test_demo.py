@@ -32,7 +32,7 @@ def run_demo(*args: str) -> str:
     assert "runtime: KV pool" in output, output  # the metrics display
     home = re.search(r"log: (\S+)/xinference-local\.log", output)
     assert home and not Path(home.group(1)).exists(), "the temporary XINFERENCE_HOME was not removed"
-    assert output.rstrip().endswith("[sglite demo] done"), output
+    assert done.stdout.rstrip().endswith("[sglite demo] done"), output
     return output
 
 
