@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ...openai_api.request_mapping import RequestKind, RequestMappingError, RequestOptions, map_request
 from ...runtime.errors import InvalidRequestError
 from .errors import SgliteRequestError, request_errors
+from .message_text import MAX_MESSAGE_VALUES, TextBudget, walk_strings
 
 if TYPE_CHECKING:
     from ...runtime import Engine, SamplingParams
@@ -40,7 +41,8 @@ class RequestInput:
 
     def check_messages(self, messages: Any, tools: Tools) -> None:
         """Cheap bounds before templating: no more messages than context tokens, every string valid Unicode,
-        and all their text together no longer than any prompt that fits (templates add text, never remove it)."""
+        and all their text together (dict keys included) no longer than any prompt that fits (templates add text,
+        never remove it); walked under a budget (`message_text.walk_strings`), so the check's own cost is bounded."""
         if not isinstance(messages, list):
             raise SgliteRequestError(f"messages must be a list; got {type(messages).__name__}")
         if len(messages) > self.context_length:
@@ -48,16 +50,12 @@ class RequestInput:
                 f"messages has {len(messages)} entries; context_length is {self.context_length} tokens, "
                 "and every message takes at least one"
             )
-        total = 0
-        for field, text in _strings(messages, "messages") + _strings(tools or [], "tools"):
-            self.check_text(text, field)
-            total += len(text)
         limit = self._engine.max_prompt_chars
-        if total > limit:
-            raise SgliteRequestError(
-                f"messages hold {total} characters of text; with context_length {self.context_length} a prompt "
-                f"can have at most {limit}"
-            )
+        budget = TextBudget(MAX_MESSAGE_VALUES, limit,
+                            f"with context_length {self.context_length} a prompt can have at most {limit}")
+        for text, place in walk_strings([("messages", messages), ("tools", tools or [])], budget):
+            if not _is_text(text):
+                self.check_text(text, place.path())  # raises, naming the lone surrogate and where it is
 
     def sampling_params(self, sampling: Dict[str, Any], opts: RequestOptions, prompt_tokens: int) -> "SamplingParams":
         """The runtime's ``SamplingParams`` (validated there); no ``max_tokens`` fills the context."""
@@ -72,19 +70,15 @@ class RequestInput:
             return SamplingParams(**sampling)
 
 
-def _strings(value: Any, where: str) -> List[Tuple[str, str]]:
-    """``(path, text)`` of every string inside ``value`` (messages, tools), walked without recursion."""
-    found: List[Tuple[str, str]] = []
-    stack: List[Tuple[str, Any]] = [(where, value)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, str):
-            found.append((path, node))
-        elif isinstance(node, dict):
-            stack.extend((f"{path}.{k}", v) for k, v in node.items())
-        elif isinstance(node, (list, tuple)):
-            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
-    return found
+def _is_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate), without building an error path."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _default_max_tokens(context_length: int, prompt_tokens: int) -> int:
