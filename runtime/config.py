@@ -83,6 +83,9 @@ class EngineConfig(BaseModel):
         10.0, gt=0, description="longest a grammar may compile (counted from when its compile starts, not queued)"
     )
     grammar_compile_workers: int = Field(2, ge=1, description="grammars compiled at once (one process each)")
+    grammar_max_queued_compiles: int = Field(
+        64, ge=1, description="grammars that may wait for a compile worker; one more is refused as busy"
+    )
     grammar_max_chars: int = Field(DEFAULT_LIMITS.max_grammar_chars, ge=1, description="longest constraint text")
     grammar_max_schema_bytes: int = Field(
         DEFAULT_LIMITS.max_schema_bytes, ge=1, description="largest JSON schema (UTF-8 bytes, compact)"

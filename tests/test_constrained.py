@@ -683,10 +683,11 @@ def test_compile_timeout_stops_the_compile_and_names_the_grammar(tokenizer: Any,
         start = time.monotonic()
         assert be.compile(GrammarSpec.from_fields(regex="[0-9]")).compile_time_s < 5
         assert time.monotonic() - start < 5
-        # The time-out is cached: resending the grammar costs no compile.
+        # A first time-out is not cached (it may come from a loaded host): resending compiles again; the second
+        # time-out is cached (tests/test_grammar_path.py::test_first_time_out_is_not_cached_a_second_one_is).
         with pytest.raises(InvalidRequestError, match="longer than"):
             be.compile(SLOW_REGEX)
-        assert be.cache_stats()["misses"] == 3
+        assert be.cache_stats()["misses"] == 4
 
 
 def test_queued_compile_is_not_blamed_for_the_one_before_it(tokenizer: Any, vocab_size: int) -> None:

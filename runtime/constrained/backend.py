@@ -19,8 +19,15 @@ Compilation contract:
   way instead of being compiled in the server. ``isolate_compiles=False`` skips the worker (tests, or where no
   subprocess may be started): then llguidance's limits are the only bound.
 - Results are cached per backend instance, keyed by ``(kind, text)``: a spec is compiled once however many
-  requests use it, concurrent requests for a spec being compiled share that compilation, and failures,
-  time-outs included, are cached too (so resending a pathological grammar costs nothing).
+  requests use it, concurrent requests for a spec being compiled share that compilation, and the grammar's own
+  failures are cached too (so resending a pathological grammar costs nothing). A time-out is only kept once it
+  recurs (`CompileTimeout`: the first may come from a loaded host, e.g. other compiles on the same cores), and a
+  refusal caused by the server's state (`TransientCompileError`: the compile queue is full, no compile worker) is
+  never kept.
+- The compile queue is bounded (`CompileQueue`): a grammar that would wait behind more than ``max_queued`` others
+  is refused at once (`CompileBusy`, naming the limit and its option), never queued without bound.
+- The engine hands the `CompiledGrammar` to the scheduler with the request: the scheduler thread never compiles
+  and never waits on this queue (a cache entry evicted by a burst of other grammars costs it nothing).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -39,9 +46,25 @@ from ..errors import InvalidRequestError
 from .matcher import GrammarMatcher
 from .spec import GrammarSpec
 
-__all__ = ["CompileCache", "CompiledGrammar", "GrammarBackend"]
+__all__ = [
+    "CompileBusy", "CompileCache", "CompileQueue", "CompileTimeout", "CompiledGrammar", "GrammarBackend",
+    "TransientCompileError",
+]
 
 T = TypeVar("T")
+
+
+class TransientCompileError(InvalidRequestError):
+    """A constrained request refused for the server's state, not its grammar: the same grammar may compile later,
+    so the refusal is never cached."""
+
+
+class CompileBusy(TransientCompileError):
+    """The compile queue is full (`CompileQueue`)."""
+
+
+class CompileTimeout(InvalidRequestError):
+    """A compile stopped at the time limit. Cached only when it recurs (`CompileCache`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,14 +125,15 @@ class CompileCache(Generic[T]):
     evicted beyond ``max_entries``. Thread-safe.
 
     Only `InvalidRequestError` failures stay cached: they are the grammar's fault and recur. Any other failure
-    (an internal error, a cancellation at shutdown) is dropped from the cache when it happens, so a later request
-    compiles again.
+    (an internal error, a cancellation at shutdown, a `TransientCompileError`) is dropped from the cache when it
+    happens, so a later request compiles again; so is a key's first `CompileTimeout` (its second stays).
     """
 
     def __init__(self, max_entries: int) -> None:
         self._max_entries = max_entries
-        self._lock = threading.Lock()  # guards the entries and the counters
+        self._lock = threading.Lock()  # guards the entries, the counters and the timed-out keys
         self._entries: OrderedDict[tuple[str, str], Future[T]] = OrderedDict()
+        self._timed_out: OrderedDict[tuple[str, str], None] = OrderedDict()  # keys whose compile timed out once
         self._hits = 0
         self._misses = 0
 
@@ -142,12 +166,57 @@ class CompileCache(Generic[T]):
             return {"hits": self._hits, "misses": self._misses, "entries": len(self._entries)}
 
     def _forget_unexpected_failure(self, key: tuple[str, str], fut: Future[Any]) -> None:
-        """Keep deterministic grammar errors cached, but not internal failures (they may not recur)."""
+        """Keep deterministic grammar errors cached, but not failures that may not recur."""
         exc = fut.exception() if not fut.cancelled() else None
-        if fut.cancelled() or (exc is not None and not isinstance(exc, InvalidRequestError)):
-            with self._lock:
-                if self._entries.get(key) is fut:
-                    del self._entries[key]
+        with self._lock:
+            if exc is not None and isinstance(exc, CompileTimeout) and key not in self._timed_out:
+                self._timed_out[key] = None  # the next time-out of this key is the grammar's own
+                while len(self._timed_out) > self._max_entries:
+                    self._timed_out.popitem(last=False)
+            elif not (fut.cancelled() or _transient(exc)):
+                return
+            if self._entries.get(key) is fut:
+                del self._entries[key]
+
+
+class CompileQueue:
+    """The compile threads and their queue, bounded: at most ``max_queued`` compiles wait for a thread (those
+    running on one are not counted); one more is refused with `CompileBusy`. Thread-safe."""
+
+    def __init__(self, max_workers: int, max_queued: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
+        self._max_queued = max_queued
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on a compile thread; a future failed with `CompileBusy` when the queue is full."""
+        with self._lock:
+            busy = self._waiting >= self._max_queued
+            self._waiting += not busy
+        if busy:
+            refused: Future[T] = Future()
+            refused.set_exception(CompileBusy(
+                f"the grammar compiler is busy: {self._max_queued} grammars are already waiting to compile "
+                f"(grammar_max_queued_compiles={self._max_queued}); retry later, or launch the model with a larger "
+                "grammar_max_queued_compiles or grammar_compile_workers"
+            ))
+            return refused
+        return self._pool.submit(self._started, fn)
+
+    def _started(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            self._waiting -= 1
+        return fn()
+
+    def shutdown(self) -> None:
+        """Stop the threads; queued compiles are cancelled."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """Whether a compile failure may not recur: anything but the grammar's own `InvalidRequestError`."""
+    return exc is not None and (not isinstance(exc, InvalidRequestError) or isinstance(exc, TransientCompileError))
 
 
 def _forward(src: Future[Any], dst: Future[Any]) -> None:
@@ -161,7 +230,7 @@ def _forward(src: Future[Any], dst: Future[Any]) -> None:
             dst.set_result(src.result())
         elif isinstance(exc, InvalidRequestError):
             # A fresh exception per waiter: the cached one is shared, and raising it would mutate its traceback.
-            dst.set_exception(InvalidRequestError(str(exc)))
+            dst.set_exception(type(exc)(str(exc)))
         else:
             dst.set_exception(exc)
     except InvalidStateError:

@@ -240,11 +240,17 @@ class WorkerSlots:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[CompileProcess] = []
-        self._broken: str | None = None  # why workers cannot be used here (then compiles run unisolated)
+        self._broken: str | None = None  # why workers cannot be started here (then constrained requests are refused)
         self._closed = False
 
+    @property
+    def broken(self) -> str | None:
+        """Why no worker can be started here (None while they can)."""
+        return self._broken
+
     def mine(self) -> CompileProcess | None:
-        """This thread's worker, started if needed; None when workers cannot be started on this host."""
+        """This thread's worker, started if needed (a failed start is tried once more); None when workers cannot
+        be started on this host (`broken` says why; it stays so) or the slots are closed."""
         worker = getattr(self._local, "worker", None)
         if worker is not None:
             return worker
@@ -255,18 +261,20 @@ class WorkerSlots:
                 self._description = self._describe()
             worker = CompileProcess(self._description)
             self._all.append(worker)
-        try:
-            # Start it now, with a trivial grammar, so that no request's time limit pays for the start.
-            if not worker.run("regex", "a", timeout_s=60.0):
-                raise RuntimeError("the compile worker did not compile a trivial grammar within 60 s")
-        except (OSError, RuntimeError) as exc:
-            with self._lock:
-                self._broken = str(exc)
-            logger.warning("grammar compile workers unavailable (%s): compiles are bounded by llguidance's limits "
-                           "only and a timed-out compile cannot be stopped", exc)
-            return None
-        self._local.worker = worker
-        return worker
+        for attempt in (1, 2):
+            try:
+                # Start it now, with a trivial grammar, so that no request's time limit pays for the start.
+                if worker.run("regex", "a", timeout_s=60.0):
+                    self._local.worker = worker
+                    return worker
+                why = "the compile worker did not compile a trivial grammar within 60 s"
+            except (OSError, RuntimeError) as exc:
+                why = str(exc)
+            logger.warning("grammar compile worker failed to start (attempt %d of 2): %s", attempt, why)
+        with self._lock:
+            self._broken = why
+        logger.error("grammar compile workers unavailable (%s): constrained requests are refused", why)
+        return None
 
     def close(self) -> None:
         """Kill every worker. Idempotent; later `mine` calls return None."""

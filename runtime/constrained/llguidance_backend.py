@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidRequestError
-from .backend import CompileCache, CompiledGrammar, GrammarBackend
+from .backend import CompileCache, CompiledGrammar, CompileQueue, CompileTimeout, GrammarBackend, TransientCompileError
 from .compile_worker import (
     GrammarDefinitionError,
     WorkerCrashed,
@@ -77,7 +77,9 @@ class LLGuidanceBackend(GrammarBackend):
         max_cache_entries: compiled grammars kept (least recently used evicted first).
         fill_threads: threads of llguidance's parallel batch fill (`fill_bitmasks`); None = its default.
         isolate_compiles: compile each new grammar first in a worker process that is killed at the time limit
-            (see backend.py's docstring); False compiles in the threads only.
+            (see backend.py's docstring); False compiles in the threads only. When no worker can be started (twice
+            in a row), constrained requests are refused: a grammar is never compiled here without the time limit.
+        max_queued_compiles: grammars that may wait for a compile thread; one more is refused (`CompileBusy`).
 
     Raises:
         ConfigError: the tokenizer is not a fast tokenizer, ``vocab_size`` is smaller than the tokenizer, an EOS
@@ -95,12 +97,14 @@ class LLGuidanceBackend(GrammarBackend):
         max_cache_entries: int = 512,
         fill_threads: int | None = None,
         isolate_compiles: bool = True,
+        max_queued_compiles: int = 64,
     ) -> None:
         import llguidance
 
         _check_positive_int("vocab_size", vocab_size)
         _check_positive_int("max_workers", max_workers)
         _check_positive_int("max_cache_entries", max_cache_entries)
+        _check_positive_int("max_queued_compiles", max_queued_compiles)
         if fill_threads is not None:
             _check_positive_int("fill_threads", fill_threads)
         if not isinstance(compile_timeout_s, (int, float)) or not math.isfinite(compile_timeout_s) or compile_timeout_s <= 0:
@@ -108,7 +112,7 @@ class LLGuidanceBackend(GrammarBackend):
         self._vocab_size = vocab_size
         self._timeout_s = float(compile_timeout_s)
         self._lltok, self._policy = llguidance_tokenizer(tokenizer, vocab_size, eos_token_ids)
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar-compile")
+        self._pool = CompileQueue(max_workers, max_queued_compiles)
         self._executor = llguidance.LLExecutor(fill_threads)
         # Default resource limits; verbose_errors off: a rejected token's message then names the token and the
         # failing byte instead of dumping parser state and the whole grammar (it goes back to the client).
@@ -145,7 +149,7 @@ class LLGuidanceBackend(GrammarBackend):
     def compile_async(self, spec: GrammarSpec) -> Future[CompiledGrammar]:
         if self._closed:
             raise RuntimeError("grammar backend is closed")
-        return self._cache.get(spec.cache_key, lambda: self._pool.submit(self._compile_blocking, spec))
+        return self._cache.get(spec.cache_key, lambda: self._pool.submit(lambda: self._compile_blocking(spec)))
 
     def _compile_blocking(self, spec: GrammarSpec) -> LLGuidanceCompiledGrammar:
         """Compile on a compile thread: first in its worker process under the time limit, then here.
@@ -184,10 +188,14 @@ class LLGuidanceBackend(GrammarBackend):
 
         Raises:
             InvalidRequestError: the compile did not finish in time (the worker was killed) or crashed the worker.
+            TransientCompileError: no worker could be started (see `WorkerSlots.mine`).
         """
         worker = self._workers.mine()
-        if worker is None:
-            return  # no worker could be started (logged once): llguidance's limits are the bound
+        if worker is None:  # never compile without the time limit: refuse instead
+            raise TransientCompileError(
+                f"constrained decoding is unavailable on this server: the grammar compile worker could not start "
+                f"({self._workers.broken}); the server's log has the details, and relaunching the model retries"
+            )
         try:
             finished = worker.run(spec.kind, spec.text, self._timeout_s)
         except WorkerCrashed as exc:
@@ -208,8 +216,8 @@ class LLGuidanceBackend(GrammarBackend):
         except GrammarDefinitionError as exc:
             raise InvalidRequestError(str(exc)) from None
 
-    def _timeout_error(self, spec: GrammarSpec) -> InvalidRequestError:
-        return InvalidRequestError(
+    def _timeout_error(self, spec: GrammarSpec) -> CompileTimeout:
+        return CompileTimeout(
             f"{spec.kind} took longer than the limit of {self._timeout_s:g} s to compile and was stopped; simplify "
             f"it (fewer or smaller bounded repeats, fewer alternatives, a smaller schema): {spec.describe()}"
         )
@@ -255,7 +263,7 @@ class LLGuidanceBackend(GrammarBackend):
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._workers.close()
 
 

@@ -99,9 +99,8 @@ class Engine:
         params = as_list(sampling_params or SamplingParams(), n, "sampling_params")
         rids, priorities = request_ids(request_id, n), as_list(priority, n, "priority")
         reqs = [self._make_request(*args) for args in zip(prompts, params, rids, priorities)]
-        for fut in [self._compile_grammar(req) for req in reqs]:  # all compile in parallel
-            if fut is not None:
-                fut.result()
+        compiling = [self._compile_grammar(req) for req in reqs]  # all compile in parallel
+        reqs = [req if fut is None else fut.result() for req, fut in zip(reqs, compiling)]
         results: queue.SimpleQueue = queue.SimpleQueue()
         self._client.queue(reqs, results.put)
         collected = {(req.rid, i): Collector(req.rid) for req in reqs for i in range(req.params.n)}
@@ -148,7 +147,7 @@ class Engine:
 
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile
-            await asyncio.wrap_future(compiling)
+            req = await asyncio.wrap_future(compiling)
         self._client.queue([req], sink)
         finished, left = False, req.params.n
         try:
@@ -248,8 +247,24 @@ class Engine:
         check_n(params, self.memory_plan.max_running_requests)
         return self.requests.make(prompt, params, rid, priority)
 
-    def _compile_grammar(self, req: NewRequest) -> Future | None:
-        """Start compiling ``req``'s grammar (cached: the scheduler side finds it there); None when unconstrained.
-        The future fails with ``InvalidRequestError`` when the grammar cannot be enforced."""
+    def _compile_grammar(self, req: NewRequest) -> Future[NewRequest] | None:
+        """Start compiling ``req``'s grammar; None when unconstrained. The future gives ``req`` with the compiled
+        grammar attached (the scheduler thread then only makes a matcher from it, never compiles or waits on the
+        compile queue), or fails with ``InvalidRequestError`` when the grammar cannot be enforced or the compile
+        queue is full."""
         spec = req.params.structured
-        return None if spec is None else self.grammar_backend.compile_async(spec)
+        if spec is None:
+            return None
+        attached: Future[NewRequest] = Future()
+        attached.set_running_or_notify_cancel()
+        self.grammar_backend.compile_async(spec).add_done_callback(lambda f: _attach(req, f, attached))
+        return attached
+
+
+def _attach(req: NewRequest, compiled: Future, attached: Future[NewRequest]) -> None:
+    """Resolve ``attached`` with ``req`` carrying ``compiled``'s grammar (or with its error)."""
+    error = compiled.exception()
+    if error is not None:
+        attached.set_exception(error)
+    else:
+        attached.set_result(dataclasses.replace(req, grammar=compiled.result()))

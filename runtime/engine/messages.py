@@ -9,9 +9,11 @@ holds a callable, a tensor, a tokenizer or a grammar matcher, so the same schedu
 Where the work is done:
 
 * The engine validates and tokenizes a request, and compiles its grammar (a grammar that does not compile is
-  refused before anything is queued), then sends a `NewRequest` whose parameters carry the `GrammarSpec`
-  (``params.structured``), not the compiled grammar. The scheduler side builds its ``Req`` from it (`runtime/scheduler/intake.py`) and takes the compiled
-  grammar from its grammar backend's cache (in another process, its own backend compiles it once more).
+  refused before anything is queued), then sends a `NewRequest` carrying the `GrammarSpec` (``params.structured``)
+  and the `CompiledGrammar` (``grammar``). The scheduler side builds its ``Req`` from it
+  (`runtime/scheduler/intake.py`): a matcher from the compiled grammar, never a compile on the scheduler thread.
+  The compiled grammar holds llguidance objects, which do not pickle: a `NewRequest` sent to another process
+  arrives without it, and that process's own backend compiles the spec once more.
 * Detokenization and stop strings run on the scheduler side, right after sampling (``OutputProcessor``): a stop
   string must finish the request there, before its next step is scheduled, and it is found in the text, so the
   text is made where the decision is. The chunks then carry text already cut at the stop string.
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Union
+from typing import TYPE_CHECKING, Any, Union
 
 from ..metrics.collector import LatencySnapshot
 from .outputs import StreamChunk
 from ..sampling.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ..constrained.backend import CompiledGrammar
 
 __all__ = [
     "Abort",
@@ -55,6 +60,11 @@ class NewRequest:
     max_new_tokens: int  # params.max_new_tokens clamped to the context length (0: queued only to score the prompt)
     priority: int = 0  # only ordered by under schedule_policy="priority"
     arrival: float = field(default_factory=time.monotonic)  # CLOCK_MONOTONIC: one clock for every process
+    grammar: "CompiledGrammar | None" = field(default=None, compare=False, repr=False)  # params.structured, compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the compiled grammar (llguidance objects do not pickle; see the module docstring)."""
+        return {**self.__dict__, "grammar": None}
 
 
 @dataclass(frozen=True)

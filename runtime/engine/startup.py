@@ -211,6 +211,7 @@ def make_grammar_backend(
         vocab_size,
         compile_timeout_s=config.grammar_compile_timeout_s,
         max_workers=config.grammar_compile_workers,
+        max_queued_compiles=config.grammar_max_queued_compiles,
         eos_token_ids=sorted(eos_token_ids),
     )
 

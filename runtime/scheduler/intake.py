@@ -3,7 +3,7 @@
 The message (``messages.NewRequest``) holds plain values only; what cannot cross a process boundary is made
 here, on the side that uses it: the incremental detokenizer and the stop-string matcher (the output processor
 runs them after sampling), the seeded generator and the logit bias tensors (on the model's device) and the grammar
-matcher.
+matcher (from the compiled grammar the message carries: the scheduler thread never compiles).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ class RequestBuilder:
         """The request of ``msg``, ready to queue.
 
         Raises:
-            InvalidRequestError: its grammar does not compile here. The engine compiled it before queueing, so
-                on the engine's thread this is a cache hit that cannot fail; in another process the scheduler's
-                own backend compiles it once (the same grammar, the same result).
+            InvalidRequestError: its grammar does not compile here. The engine attached the compiled grammar, so
+                in the engine's process this cannot happen; a message from another process arrives without it
+                (it does not pickle) and the scheduler's own backend compiles it once (the same grammar, the same
+                result).
         """
         ids = list(msg.input_ids)
         req = Req(
@@ -62,5 +63,6 @@ class RequestBuilder:
             req.prompt_logprobs = []
         if msg.params.structured is not None:
             backend = self.grammar_backend()
-            req.grammar = backend.new_matcher(backend.compile(msg.params.structured))
+            compiled = msg.grammar if msg.grammar is not None else backend.compile(msg.params.structured)
+            req.grammar = backend.new_matcher(compiled)
         return req
