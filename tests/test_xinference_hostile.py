@@ -27,7 +27,7 @@ from .hostile_helpers import (  # noqa: E402
     nested_array_schema,
     nested_array_schema_text,
 )
-from .xinference_server import openai_client as client, wait_idle  # noqa: E402
+from .xinference_server import metrics, openai_client as client, wait_idle  # noqa: E402
 from .xinference_server import LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Hi."}]
@@ -126,6 +126,22 @@ def test_big_body_is_refused_by_size_while_a_tiny_chat_is_served(server: Server,
     status, body = http("POST", server.endpoint + "/v1/chat/completions",
                         {**tiny, "messages": [{"role": "user", "content": "hi"}] * (CONTEXT + 1)})
     assert status == 400 and "messages has 513 entries" in body["detail"], body
+
+
+def test_strings_under_a_long_key_do_not_grow_the_model_process(server: Server, model: str) -> None:
+    """Issue 28 point 1: 3,000 strings under a 300,000-character key grew the model process by 832 MB (every
+    string's path was written out before any size check); the budgeted walk answers without that."""
+    psutil = pytest.importorskip("psutil")
+    process = psutil.Process(metrics(server, model)["pid"])
+    before = process.memory_info().rss
+    wide = {"k" * 300_000: [f"s{i}" for i in range(3_000)]}
+    body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi.", "extra": wide}]}
+    status, answer = post_text(server, "/v1/chat/completions", json.dumps(body))
+    grown = process.memory_info().rss - before
+    assert status in (200, 400), answer[:300]
+    if status == 400:
+        assert "300000 characters" in answer and len(answer) < 1000, answer[:1000]
+    assert grown < 100 * 2**20, f"the model process grew by {grown / 2**20:.0f} MB"
 
 
 def _disconnect_mid_stream(server: Server, model: str, seed: int) -> None:
