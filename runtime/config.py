@@ -53,6 +53,11 @@ class EngineConfig(BaseModel):
         False, description="priority policy: never preempt running requests (only order the queue)"
     )
     disable_radix_cache: bool = Field(False, description="turn off prefix reuse")
+    stream_interval: int = Field(
+        1, ge=1, description="streaming: a sequence's first token at once, then a chunk every this many tokens, "
+        "always at finish (a request's own stream_interval overrides it); a reader that lags gets the backlog as one "
+        "chunk whatever the interval",
+    )
     # model and device
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda if available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

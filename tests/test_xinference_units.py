@@ -343,7 +343,7 @@ class _FakeEngine:
     def __init__(self, *chunks: SimpleNamespace) -> None:
         self.chunks, self.aborted, self.closed = chunks, [], 0
 
-    def generate_stream(self, input_ids, sampling_params, request_id, priority, on_finish):
+    def generate_stream(self, input_ids, sampling_params, request_id, priority, on_finish, stream_interval=None):
         async def stream():
             try:
                 for chunk in self.chunks:

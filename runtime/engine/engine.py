@@ -36,6 +36,7 @@ from .output_router import Collector
 from ..sampling.parallel_sampling import check_n
 from .outputs import GenerateOutput, StreamChunk
 from .request_validation import RequestValidator
+from .stream_backlog import StreamBacklog
 from ..sampling.sampling_params import SamplingParams
 from ..scheduler.scheduler import Scheduler
 from ..scheduler.intake import RequestBuilder
@@ -119,6 +120,7 @@ class Engine:
         request_id: str | None = None,
         on_finish: Callable[[str], None] | None = None,
         priority: int | None = None,
+        stream_interval: int | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Stream one request's output. Closing the iterator early (``aclose``, a client disconnect) aborts the
         request and frees its KV.
@@ -129,18 +131,19 @@ class Engine:
         aborted), whether or not anyone still reads the stream.
 
         With ``SamplingParams.n`` above 1 the n sequences' chunks are interleaved, each with its ``index``; every
-        sequence ends with its own chunk with ``finish_reason``, and the stream ends after the last of them.
+        sequence ends with its own chunk with ``finish_reason``, and the stream ends after the last of them. A chunk
+        holds all its sequence made since the last pull: >= ``stream_interval`` tokens but its first and last.
         """
         [p] = as_prompt_list(prompt, input_ids, single=True)
         [rid] = request_ids(request_id, 1)
         loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[StreamChunk] = asyncio.Queue()
         req = self._make_request(p, sampling_params or SamplingParams(), rid, priority)
+        chunks = StreamBacklog(loop, self.config.stream_interval if stream_interval is None else stream_interval)
         unfinished = req.params.n  # sequences whose final chunk has not come; only the routing thread counts
 
         def sink(chunk: StreamChunk) -> None:  # on the routing (scheduler) thread
             nonlocal unfinished
-            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            chunks.put(chunk)
             unfinished -= chunk.finish_reason is not None
             if on_finish is not None and unfinished == 0:
                 loop.call_soon_threadsafe(on_finish, chunk.request_id)

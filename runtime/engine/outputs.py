@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,3 +60,25 @@ class StreamChunk:
     index: int = 0  # which of the request's SamplingParams.n sequences this chunk belongs to (0..n-1)
     output_logprobs: list[TokenLogprob] | None = None  # delta, aligned with token_ids, when SamplingParams asked
     prompt_logprobs: list[TokenLogprob] | None = None  # the whole list, on the first chunk only, when asked
+
+
+def merge_chunks(chunks: Sequence[StreamChunk]) -> StreamChunk:
+    """One chunk that says what ``chunks`` say: consecutive deltas of one sequence, oldest first.
+
+    Text, token ids and output logprobs are concatenated in order; the counters, finish reason and matched stop
+    are the newest chunk's (they are totals, or set only on the last chunk); prompt logprobs are the first
+    chunk's (only the first carries them); an error of any chunk is kept. One chunk is returned as it is.
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    logprobs = None
+    if any(c.output_logprobs is not None for c in chunks):
+        logprobs = [lp for c in chunks for lp in c.output_logprobs or ()]
+    return dataclasses.replace(
+        chunks[-1],
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        output_logprobs=logprobs,
+        prompt_logprobs=next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None),
+        error=next((c.error for c in chunks if c.error is not None), None),
+    )

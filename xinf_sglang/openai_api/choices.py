@@ -9,7 +9,9 @@ once per choice and merges the results with each choice's ``index``:
 * a ``CompletionChunk`` stream whose chunks each carry one choice (``openai_format.completion_chunks`` with n) is
   fanned out into one sub-stream per choice (`per_choice_stream`), each converted concurrently, and the converted
   chunks fanned back in as they come. A choice-less chunk (the usage at the end) goes to the choice that ended
-  last, so it follows that choice's final chunk as it does for one choice.
+  last, so it follows that choice's final chunk as it does for one choice. The fan-out pulls the next completion
+  chunk only once the reader has taken every converted chunk: the backlog of a slow reader then stays in the
+  runtime's stream, which merges it (``runtime/engine/stream_backlog.py``), instead of queueing here chunk by chunk.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ async def per_choice_stream(chunks: Stream, n: int, convert: Callable[[Stream], 
     async def sub_stream(i: int) -> Stream:
         while (item := await inputs[i].get()) is not _END:
             yield item
+            inputs[i].task_done()  # the converter asks for the next one: it is done with this one
 
     async def run(i: int) -> None:
         async for out in convert(sub_stream(i)):
@@ -54,12 +57,16 @@ async def per_choice_stream(chunks: Stream, n: int, convert: Callable[[Stream], 
                 choice["index"] = i
             await outputs.put(out)
 
-    tasks = [asyncio.ensure_future(_dispatch(chunks, inputs))] + [asyncio.ensure_future(run(i)) for i in range(n)]
+    runs = [asyncio.ensure_future(run(i)) for i in range(n)]
+    hungry = asyncio.Event()  # the reader waits on an empty output queue
+    tasks = [asyncio.ensure_future(_dispatch(chunks, inputs, runs, outputs, hungry)), *runs]
     for task in tasks:
         task.add_done_callback(outputs.put_nowait)  # a finished task is its own end-of-output marker
     try:
         running = len(tasks)
         while running:
+            if outputs.empty():
+                hungry.set()
             item = await outputs.get()
             if isinstance(item, asyncio.Future):
                 running -= 1
@@ -74,19 +81,27 @@ async def per_choice_stream(chunks: Stream, n: int, convert: Callable[[Stream], 
         await chunks.aclose()
 
 
-async def _dispatch(chunks: Stream, inputs: List[asyncio.Queue]) -> None:
-    """Hand each chunk to the sub-stream of its choice, then end every sub-stream."""
+async def _dispatch(chunks: Stream, inputs: List[asyncio.Queue], runs: List[asyncio.Future],
+                    outputs: asyncio.Queue, hungry: asyncio.Event) -> None:
+    """Hand each chunk to the sub-stream of its choice, one at a time: the next is pulled once that choice's
+    converter has taken it in and the reader has taken every converted chunk. Then end every sub-stream."""
     last_ended = 0
     try:
         async for chunk in chunks:
             choices = chunk.get("choices") or []
-            if not choices:
-                await inputs[last_ended].put(chunk)
-                continue
-            index = choices[0].get("index", 0)
-            if choices[0].get("finish_reason") is not None:
-                last_ended = index
-            await inputs[index].put({**chunk, "choices": [{**c, "index": 0} for c in choices]})
+            index = last_ended
+            if choices:
+                index = choices[0].get("index", 0)
+                if choices[0].get("finish_reason") is not None:
+                    last_ended = index
+                chunk = {**chunk, "choices": [{**c, "index": 0} for c in choices]}
+            await inputs[index].put(chunk)
+            joined = asyncio.ensure_future(inputs[index].join())
+            await asyncio.wait([joined, runs[index]], return_when=asyncio.FIRST_COMPLETED)
+            joined.cancel()
+            hungry.clear()
+            if not outputs.empty():
+                await hungry.wait()
     finally:
         for q in inputs:
             q.put_nowait(_END)

@@ -53,6 +53,7 @@ class RequestOptions:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_tokens_given: bool = False  # whether the client set max_tokens (else: fill the context)
     priority: int | None = None  # extra body field; non-zero needs the engine's schedule_policy=priority
+    stream_interval: int | None = None  # Xinference's field: tokens per streamed chunk (None: the launch option)
 
 
 # OpenAI / Xinference name -> SamplingParams name, for fields that map one to one.
@@ -95,7 +96,6 @@ _NO_EFFECT = {
     "metadata",
     "store",
     "service_tier",
-    "stream_interval",  # Xinference's Transformers-engine streaming granularity; sglite streams every step
     "request_id",  # the actor passes the request id separately
     "guided_decoding_backend",  # sglite has one grammar backend; the constraint means the same
     "model",
@@ -163,6 +163,7 @@ def map_request(config: dict[str, Any] | None, kind: RequestKind) -> tuple[dict[
 
     _map_structured(cfg, sampling, problems)
     opts.priority = _priority(cfg.pop("priority", None), problems)
+    opts.stream_interval = _stream_interval(cfg.pop("stream_interval", None), problems)
 
     opts.stream = bool(cfg.pop("stream", False))
     opts.include_usage = _include_usage(cfg.pop("stream_options", None), problems)
@@ -329,6 +330,15 @@ def _priority(value: Any, problems: list[str]) -> int | None:
         f"priority must be an integer (larger runs first when the model is launched with schedule_policy "
         f"priority); got {value!r:.40}"
     )
+    return None
+
+
+def _stream_interval(value: Any, problems: list[str]) -> int | None:
+    """Xinference's ``stream_interval``: a streamed sequence's first token at once, then a chunk every this many
+    tokens, always its last (SGLang's rule); None when the client did not set it (the launch option applies)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    problems.append(f"stream_interval must be an integer >= 1; got {value!r:.40}")
     return None
 
 

@@ -47,15 +47,18 @@ class RequestTracker:
 
     async def stream(
         self, engine: "Engine", input_ids: List[int], params: "SamplingParams", request_id: str,
-        priority: Optional[int], failure: FailureCheck,
+        priority: Optional[int], failure: FailureCheck, stream_interval: Optional[int] = None,
     ) -> AsyncGenerator["StreamChunk", None]:
-        """The runtime's stream for one request, tracked; closing it early aborts the request and frees its KV."""
+        """The runtime's stream for one request, tracked; closing it early aborts the request and frees its KV.
+
+        Each chunk holds what the request produced since the last pull (the runtime merges a backlog) and follows
+        the request's ``stream_interval`` (the launch option's when the request sets none)."""
         # on_finish: the request leaves the bookkeeping when the runtime finishes it, even if this generator is
         # never resumed or closed (Xinference leaves a stream abandoned by a client disconnect to the garbage
         # collector, which may not run for a long time in an idle model process).
         engine_stream = engine.generate_stream(
             input_ids=input_ids, sampling_params=params, request_id=request_id, priority=priority,
-            on_finish=self._active.discard,
+            on_finish=self._active.discard, stream_interval=stream_interval,
         )
         received = finished = False
         self._active.add(request_id)
@@ -93,7 +96,8 @@ class CompletionRunner:
         self, input_ids: List[int], params: "SamplingParams", opts: RequestOptions, request_id: str, echo: str = ""
     ) -> Completion:
         """Start one request; validation errors raise here, before anything streams."""
-        stream = self._requests.stream(self._engine, input_ids, params, request_id, opts.priority, self._failure)
+        stream = self._requests.stream(self._engine, input_ids, params, request_id, opts.priority, self._failure,
+                                       opts.stream_interval)
         # Prime the stream: the runtime validates (length vs context, stop ids, grammar) on the first step of
         # the iterator, so this turns a bad request into an exception of this call, not of the stream.
         try:
