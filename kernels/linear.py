@@ -4,7 +4,7 @@ At decode with a small batch every projection is memory-bound: the weight matrix
 rows, so the only thing that matters is streaming W at the card's bandwidth. For some of these shapes cuBLAS
 picks split-K tiles plus a separate reduce launch (o_proj and down of an 8B model). ``linear_triton`` gives each
 program a strip of ``BLOCK_N`` output columns and streams the strip's ``BLOCK_N x K`` weights through a pipelined
-loop, with no reduction pass. Measured per weight against cuBLAS in docs/PERFORMANCE.md: up to 12% faster on
+loop, with no reduction pass. Measured per weight against cuBLAS in docs/perf-history.md: up to 12% faster on
 an H100, within +-3% on an H200 except o_proj (15% faster).
 
 ``linear_ref`` (``F.linear``) is the ground truth and the path for every other case; ``linear`` dispatches.
@@ -39,8 +39,9 @@ SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 class SkinnyConfig:
     """Launch shape of ``linear_triton``: columns per program, K per loop step, warps, pipeline depth, and how
     many K steps of its weight strip a program pulls into L2 before it waits for the previous kernel (PDL only,
-    kernels/pdl.py). Two steps measured best in a chain of whole decode layers on an H200 (`scripts/gpu_tune.py
-    --only chain`): 2% faster than none; prefetching 8-32 MB per launch was slower than none (docs/PERFORMANCE.md).
+    kernels/pdl.py). Two steps measured best in a chain of whole decode layers on an H200 (`sglite bench
+    kernels --sweep chain`): 2% faster than none; prefetching 8-32 MB per launch was slower than none
+    (docs/perf-history.md).
     Also measured and dropped there: tensor-descriptor (TMA) weight loads, and an L2 evict-first hint on the
     weight stream (triton 3.6 does not put it on the asynchronous copies)."""
 
@@ -54,7 +55,8 @@ class SkinnyConfig:
 def skinny_config(n: int, k: int) -> SkinnyConfig:
     """The launch shape for an ``N x K`` weight (the same for every M up to ``SKINNY_MAX_M``).
 
-    From the sweeps of scripts/gpu_tune.py on an H100 and an H200 at Llama-3.1-8B shapes (docs/PERFORMANCE.md):
+    From the launch-shape sweeps (now ``sglite bench kernels --sweep linear``) on an H100 and an H200 at Llama-3.1-8B
+    shapes (docs/perf-history.md):
     up to N = 8192 (qkv, o_proj, down) 32-column strips, so even N = 4096 gives ~1 program per SM per wave, with a
     5-deep pipeline; wide matrices (gate_up, LM head) 64-column strips and 3 stages. 256-wide K steps, except
     128 for qkv-like shapes. Each choice was within ~2% of the best shape of its weight on both cards.

@@ -137,8 +137,9 @@ class _DecodeLaunch:
         """The launch for ``q [B, Hq, D]``: the caller's overrides, else the measured defaults."""
         bs, n_q, d = q.shape
         if block_n is None:
-            # 128-position half-precision tiles measured best on Hopper (scripts/gpu_tune.py); fp32 tiles are twice
-            # the bytes, so they stay small enough for the pipeline stages to fit in shared memory.
+            # 128-position half-precision tiles measured best on Hopper (`sglite bench kernels --sweep attention`;
+            # docs/perf-history.md); fp32 tiles are twice the bytes, so they stay small enough for the pipeline
+            # stages to fit in shared memory.
             block_n = 32 if q.dtype == torch.float32 else 128
         check_tile_sizes(block_n=block_n)
         default_warps, default_stages = decode_launch_shape(bs)
@@ -180,7 +181,7 @@ def decode_attention_triton(
 
     ``new_token`` is handled in the same launch for batches of at most ``DECODE_SMALL_BATCH`` rows; larger
     batches run the rotary and store-KV kernels first and then attend over the pool (measured faster there:
-    docs/PERFORMANCE.md). ``one_launch`` overrides that choice (a tuning switch); the contract is the same
+    docs/perf-history.md). ``one_launch`` overrides that choice (a tuning switch); the contract is the same
     either way.
     """
     if triton is None:

@@ -33,13 +33,13 @@ __all__ = [
 # Programs per SM the split heuristic aims for. Several waves of short programs beat one wave of long ones: with
 # histories of mixed lengths the longest request's program otherwise sets the step time alone (on an H100 with
 # 78 requests of 1..6000 tokens, 4 splits per request instead of 1 took a step from 413 to 375 us;
-# scripts/gpu_tune.py, docs/PERFORMANCE.md).
+# `sglite bench kernels --sweep attention`, docs/perf-history.md).
 DECODE_PROGRAMS_PER_SM = 16
 # A split shorter than this costs more in its own merge (partials written, a ticket, the last program reading
 # them back) than it saves; requests shorter than this use one split. 512 was tried (one split for the 128-384
 # token histories of benchmark (a)): faster in a chain of decode layers at a fixed 384-token history, but
 # batch-1 decode of Llama-3.1-8B on an H200 went from 222.2 to 219.8 tok/s, and a 1024-token history at batch 1
-# from 13.4 to 18.5 us (docs/PERFORMANCE.md).
+# from 13.4 to 18.5 us (docs/perf-history.md).
 DECODE_MIN_SPLIT_TOKENS = 128
 # Upper bound on splits: bounds the merge loop and the intermediate buffers.
 DECODE_MAX_SPLITS = 64
@@ -76,7 +76,8 @@ def decode_num_splits(
 def decode_launch_shape(batch_size: int) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of the decode kernel for a batch of ``batch_size`` rows.
 
-    Measured on an H200 (docs/PERFORMANCE.md), end to end and in the layer chain of scripts/gpu_tune.py:
+    Measured on an H200 (docs/perf-history.md), end to end and in the layer chain (``sglite bench kernels --sweep
+    chain``):
     - At batch 1 a handful of programs is on each layer's critical path, and 8 warps (more loads in flight per
       program) were faster: Llama-3.1-8B decode 223.4-223.8 tok/s against 222.1-222.9 with 4.
     - At batch 8, 4 warps were faster end to end: 1666-1672 tok/s against 1618-1619 with 8.
