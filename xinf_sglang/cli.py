@@ -12,8 +12,10 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("xinf_sglang.tools.demo", "serve a tiny model through a real Xinference with the sglite engine"),
-    "bench": ("xinf_sglang.tools.bench", "benchmark the runtime against HF transformers generate"),
+    "demo": ("xinf_sglang.tools.demo", "serve SmolLM2-135M-Instruct (--tiny: a random-weight model) through a real "
+             "Xinference with the sglite engine and check its answers"),
+    "bench": ("xinf_sglang.tools.bench", "benchmark sglite: offline (vs HF / llama.cpp), serve (over HTTP), kernels "
+              "(launch-shape sweeps), decode (step time, profile), ab (two installed copies)"),
     "make-tiny-model": ("xinf_sglang.tools.make_tiny_model", "write a deterministic random-weight checkpoint"),
     "fetch-smollm2": ("xinf_sglang.tools.fetch_smollm2", "download SmolLM2-135M-Instruct (GGUF + a float32 HF folder)"),
 }
