@@ -27,15 +27,14 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from .pool_helpers import TOL, random_pool, random_table, rel_err  # noqa: E402
 
 # Modules by full name: the package re-exports functions named like some of its modules (store_kv, ...).
-norm, activation, rotary, store_kv, decode_attention, extend_attention, token_bitmask, linear, argmax = (
+norm, activation, rotary, token_bitmask, linear, argmax, step_inputs = (
     importlib.import_module(f"xinf_sglang.kernels.{name}")
-    for name in (
-        "norm", "activation", "rotary", "store_kv", "decode_attention", "extend_attention", "token_bitmask", "linear",
-        "argmax",
-    )
+    for name in ("norm", "activation", "rotary", "token_bitmask", "linear", "argmax", "step_inputs")
 )
-step_inputs = importlib.import_module("xinf_sglang.kernels.step_inputs")
-decode_attention_kernel = importlib.import_module("xinf_sglang.kernels.attention.decode_attention_kernel")
+store_kv, decode_attention, decode_attention_kernel, extend_attention = (
+    importlib.import_module(f"xinf_sglang.kernels.attention.{name}")
+    for name in ("store_kv", "decode_attention", "decode_attention_kernel", "extend_attention")
+)
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(norm._rms_norm_kernel, InterpretedFunction)
 
