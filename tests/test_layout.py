@@ -55,7 +55,11 @@ def _imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = package[: len(package) - node.level + 1] if node.level else []
-            found.add(".".join(base + ([node.module] if node.module else [])))
+            module = ".".join(base + ([node.module] if node.module else []))
+            if module == "xinf_sglang":  # ``from xinf_sglang import kernels``: judge the names, not the package
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(module)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return found
