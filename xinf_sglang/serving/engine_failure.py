@@ -9,10 +9,15 @@ times as ``XINFERENCE_MODEL_ACTOR_AUTO_RECOVER_LIMIT`` says (then it drops the r
 with a failed engine is never noticed. Xinference's own fatal-error path (``ModelActor._handle_oom_error``)
 ends the process with ``os._exit(1)`` for the same reason: ``sys.exit`` would be swallowed by Xoscar.
 
-So `FailureWatch` polls the launcher (`TPLauncher.check`: a rank that died while the engine idled counts too),
-and once the engine failed it lets the requests in flight leave with their error (`SgliteEngineFailure`, an
-HTTP 503 with sglite's message through :mod:`xinf_sglang.compat.patches`), shuts the engine down (bounded)
-and exits the process. Requests that arrive meanwhile are refused with the same error at once.
+A single-device engine fails for good the same way after a sticky device error (an illegal memory access, a
+device-side assert: the runtime's loop then sets ``Scheduler.failure``, a `runtime.errors.EngineFailure`, and
+refuses every request with it), so it ends its process the same way.
+
+So `FailureWatch` polls the failure signal of the engine (`FailureWatch.for_engine` picks it): the launcher of a
+tensor-parallel engine (`TPLauncher.check`: a rank that died while the engine idled counts too), the scheduler's
+``failure`` otherwise (`DeviceFailure`), and once the engine failed it lets the requests in flight leave with
+their error (`SgliteEngineFailure`, an HTTP 503 with sglite's message through :mod:`xinf_sglang.compat.patches`),
+shuts the engine down (bounded) and exits the process. Requests that arrive meanwhile are refused with the same error at once.
 
 This module is imported by the REST process too (to unpickle `SgliteEngineFailure`): nothing heavy here.
 """
@@ -27,25 +32,57 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXIT_CODE", "FailureWatch", "SgliteEngineFailure"]
+__all__ = ["DeviceFailure", "EXIT_CODE", "FailureWatch", "SgliteEngineFailure"]
 
 POLL_S = 0.5  # how often the ranks are checked (Xinference's pool monitor polls at the same rate)
 DRAIN_S = 10.0  # how long the failed requests may take to leave the model actor with their error
 DELIVER_S = 1.0  # after they left: time for their replies to cross from the model actor to the REST process
 SHUTDOWN_S = 10.0  # the engine's own shutdown (grammar workers, ranks) before the process exits anyway
+CHECK_S = 5.0  # how long one poll of a single-device engine waits for the scheduler (between two of its steps)
 EXIT_CODE = 1  # what Xinference's OOM path exits with; any exit makes the worker relaunch the model
 
 
 class SgliteEngineFailure(RuntimeError):
     """The model's engine failed for good; the model process is ending so that Xinference relaunches it.
 
-    Its message is written by sglite (which rank, how it ended) and is shown to clients as an HTTP 503.
+    Its message is written by sglite (which rank ended how, or which device error the runtime saw) and is shown to
+    clients as an HTTP 503.
     """
 
 
+class DeviceFailure:
+    """The failure signal of a single-device engine in the shape `FailureWatch` reads a `runtime.tp.TPLauncher`
+    in: ``check()`` asks the scheduler for its ``failure`` (between two steps; a failed loop still answers) and
+    keeps it in ``failure``, which never waits (it is read on the model actor's event loop)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.failure: BaseException | None = None
+
+    def check(self) -> BaseException | None:
+        """The engine's failure, or None while it serves (also when this poll timed out behind a long step)."""
+        if self.failure is None:
+            try:
+                self.failure = self._engine.run_on_scheduler(_scheduler_failure, timeout=CHECK_S)
+            except Exception:  # a step longer than CHECK_S (asked again at the next poll), or a closing engine
+                return None
+        return self.failure
+
+
+def _scheduler_failure(scheduler: Any) -> BaseException | None:
+    return scheduler.failure
+
+
 class FailureWatch:
-    """Watches ``launcher`` (a `runtime.tp.TPLauncher`) from a thread; on failure ends this process (see the
-    module docstring). ``in_flight`` counts the model's requests still open; ``shutdown`` stops the engine."""
+    """Watches ``launcher`` (a `runtime.tp.TPLauncher`, or a `DeviceFailure`: ``failure`` and ``check()``) from a
+    thread; on failure ends this process (see the module docstring). ``in_flight`` counts the model's requests
+    still open; ``shutdown`` stops the engine."""
+
+    @classmethod
+    def for_engine(cls, model_uid: str, engine: Any, in_flight: Callable[[], int]) -> "FailureWatch":
+        """The watch of a runtime ``Engine``: its tensor-parallel launcher, else its scheduler's failure."""
+        source = engine.tp if engine.tp is not None else DeviceFailure(engine)
+        return cls(model_uid, source, in_flight, engine.shutdown)
 
     def __init__(
         self, model_uid: str, launcher: Any, in_flight: Callable[[], int], shutdown: Callable[[], None]

@@ -68,7 +68,7 @@ class SgliteModel(LLM):
         self._tokenizer: Any = None  # also read by Xinference's LLM.count_tokens
         self._input: Optional[RequestInput] = None
         self._runner: Optional[CompletionRunner] = None
-        self._failure_watch: Optional[FailureWatch] = None  # tensor parallelism: ends the process on a rank failure
+        self._failure_watch: Optional[FailureWatch] = None  # ends the process once the engine failed for good
         logger.info("%s: launch options for %s: %s", ENGINE_NAME, model_uid, self._options.model_dump())
 
     # ---- Xinference engine contract: discovery ----
@@ -104,8 +104,7 @@ class SgliteModel(LLM):
         self._tokenizer = engine.tokenizer
         self._input = RequestInput(engine)
         self._runner = CompletionRunner(engine, self.model_uid, self._requests, self._failure)
-        if engine.tp is not None:
-            self._failure_watch = FailureWatch(self.model_uid, engine.tp, lambda: len(self._requests), engine.shutdown)
+        self._failure_watch = FailureWatch.for_engine(self.model_uid, engine, lambda: len(self._requests))
 
     def stop(self) -> None:
         """Shut the runtime down (aborts what is left and frees the KV pool and the weights)."""
@@ -184,7 +183,7 @@ class SgliteModel(LLM):
 
     def _failure(self) -> Optional[BaseException]:
         """The error for every request once the engine failed for good (the process is about to end:
-        `engine_failure`; tensor parallelism only); None while it serves."""
+        `engine_failure`: a lost tensor-parallel rank or a sticky device error); None while it serves."""
         return self._failure_watch.error() if self._failure_watch is not None else None
 
 
