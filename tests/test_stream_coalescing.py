@@ -115,7 +115,7 @@ def test_engine_streams_the_same_text_coalesced_or_by_interval(tiny_model) -> No
         assert [t for c in chunks for t in c.token_ids] == whole.token_ids, name
         assert [lp.token_id for c in chunks for lp in c.output_logprobs] == whole.token_ids, name
         assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"], name
-        assert chunks[-1].completion_tokens == 40 and len(chunks[0].token_ids) == 1, name
+        assert chunks[-1].completion_tokens == 40, name
     assert len(runs["slow reader"]) < 40  # merged while the reader slept
     assert all(len(c.token_ids) >= 4 for c in runs["interval 4"][1:-1])
     assert len(runs["interval 4"]) <= 1 + -(-39 // 4)
