@@ -183,6 +183,11 @@ def test_other_engines_keep_xinference_behaviour(server: Server, uids) -> None:
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model=HF, messages=MESSAGES, max_tokens=4, logit_bias={"5": 10})
     assert err.value.status_code == 501
+    # sglite's SGLang aliases are not applied for it: a regex contradicting guided_regex is no 400 of sglite's,
+    # Xinference hands its own guided_regex to the engine (which the Transformers engine ignores).
+    reply = client.chat.completions.create(model=HF, messages=MESSAGES, max_tokens=2,
+                                           extra_body={"regex": "a", "guided_regex": "b"})
+    assert len(reply.choices) == 1
 
 
 def test_min_p_and_min_tokens_are_still_forwarded(server: Server, uids) -> None:
@@ -260,3 +265,43 @@ def test_the_patch_takes_the_fields_for_sglite_models_only(monkeypatch) -> None:
             pass
 
     assert not compat_sampling_fields.install(Changed, "sglite")
+
+
+def test_sglang_fields_reach_the_generate_config_of_sglite_models_only(monkeypatch) -> None:
+    """Patch 2's aliases and forwarded fields (regex/ebnf/choice, priority, min_p, min_tokens) are added to the
+    generate config only when the model is sglite's; another engine's model gets Xinference's own config."""
+    from xinf_sglang.compat import patches as xinference_compat
+
+    monkeypatch.delenv(compat_sampling_fields.FORWARD_ENV, raising=False)
+    monkeypatch.delenv(xinference_compat.DISABLE_ENV, raising=False)
+
+    class API(_api()):
+        @staticmethod
+        def handle_request_limit_error(e: Exception, *, sanitize: bool = False):
+            raise e
+
+        @staticmethod
+        def extract_guided_params(raw_body: dict) -> dict:  # Xinference's: the guided_* fields only
+            return {k: v for k, v in raw_body.items() if k.startswith("guided_")}
+
+        async def create_completion(self, request) -> dict[str, Any]:
+            body = await request.json()
+            return {"body": dict(body), "config": self.extract_guided_params(raw_body=body)}
+
+        async def create_chat_completion(self, request) -> dict[str, Any]:
+            return await self.create_completion(request)
+
+    assert xinference_compat.install(API, version="4.1.0") == {
+        "errors": True, "field_aliases": True, "n_logit_bias": True}
+    fields = {"regex": "a+", "priority": 3, "min_p": 0.1, "min_tokens": 2, "extra_body": {"choice": ["x"]}}
+    assert _post(API, {"model": "s", **fields})["config"] == {
+        "guided_regex": "a+", "guided_choice": ["x"], "priority": 3, "min_p": 0.1, "min_tokens": 2}
+    assert _post(API, {"model": "t", **fields})["config"] == {}
+    conflict = {"regex": "a", "guided_regex": "b"}
+    assert _post(API, {"model": "t", **conflict})["config"] == {"guided_regex": "b"}  # no sglite 400 for it
+    with pytest.raises(Exception, match="'regex' and 'guided_regex'"):
+        _post(API, {"model": "s", **conflict})
+    monkeypatch.setenv(compat_sampling_fields.FORWARD_ENV, "0")  # n / logit_bias off: the aliases still reach sglite
+    got = _post(API, {"model": "s", "ebnf": "root ::= x", "logit_bias": {"1": 5}})
+    assert got == {"body": {"model": "s", "ebnf": "root ::= x", "logit_bias": {"1": 5}},
+                   "config": {"guided_grammar": "root ::= x"}}

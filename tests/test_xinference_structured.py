@@ -30,6 +30,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
 from xinf_sglang.compat import patches as xinference_compat  # noqa: E402
+from xinf_sglang.compat import sampling_fields as compat_sampling_fields  # noqa: E402
 from xinf_sglang.serving.metrics import get_runtime_metrics  # noqa: E402
 
 from .xinference_server import BIN, LAUNCH_TIMEOUT, REQUEST_TIMEOUT, Server, http, server_env, wait_for  # noqa: E402
@@ -232,18 +233,22 @@ def test_compat_patches_apply_once_and_only_to_sglite_errors(monkeypatch) -> Non
     with pytest.raises(RuntimeError, match="original sanitize=True"):  # everything else: Xinference's handler
         api.handle_request_limit_error(ValueError("boom"), sanitize=True)
 
-    # Aliases from the top level and from a raw extra_body object, and the forwarded top-level fields (min_p,
-    # min_tokens, priority: a raw extra_body reaches engines whole); nothing else.
-    got = api.extract_guided_params(
-        raw_body={"regex": "a+", "min_p": 0.1, "min_tokens": 2, "top_a": 1,
-                  "extra_body": {"choice": ["x"], "ebnf": 'root ::= "a"', "json": 1}}
-    )
+    # For a request to an sglite model (what patch 3's handler wrapper tells): aliases from the top level and from
+    # a raw extra_body object, and the forwarded top-level fields (min_p, min_tokens, priority: a raw extra_body
+    # reaches engines whole); nothing else.
+    body = {"regex": "a+", "min_p": 0.1, "min_tokens": 2, "top_a": 1,
+            "extra_body": {"choice": ["x"], "ebnf": 'root ::= "a"', "json": 1}}
+    with compat_sampling_fields.handling_sglite_request():
+        got = api.extract_guided_params(raw_body=body)
+        assert api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "a"}) == {"guided_regex": "a"}
+        with pytest.raises(HTTPException) as err:
+            api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "b"})
     assert got == {"guided_regex": "a+", "guided_choice": ["x"], "guided_grammar": 'root ::= "a"', "min_p": 0.1,
                    "min_tokens": 2}
-    assert api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "a"}) == {"guided_regex": "a"}
-    with pytest.raises(HTTPException) as err:
-        api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "b"})
     assert err.value.status_code == 400 and "'regex' and 'guided_regex'" in err.value.detail
+    # Any other request (another engine's model, or none known): Xinference's own result, untouched.
+    assert api.extract_guided_params(raw_body=body) == {}
+    assert api.extract_guided_params(raw_body={"regex": "a", "guided_regex": "b"}) == {"guided_regex": "b"}
 
 
 def test_stream_error_events_lose_the_actor_address() -> None:

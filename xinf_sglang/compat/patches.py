@@ -30,13 +30,14 @@ and call the original for everything that is not sglite's business.
 
 2. **Field aliases** (``RESTfulAPI.extract_guided_params``). Xinference 4.1's request models drop top-level
    fields they do not declare; only the vLLM-style ``guided_*`` fields are forwarded (top level or inside a raw
-   ``extra_body`` object). The wrapper also forwards SGLang's names, ``regex`` -> ``guided_regex``, ``ebnf`` ->
-   ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places. The guided names are what vLLM
-   understands too, so other engines see nothing new. An alias that contradicts the guided field it maps to
-   (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick. The other fields forwarded
-   are the top-level ``priority``, ``min_p`` and ``min_tokens`` (what the OpenAI client sends for
-   ``extra_body={"min_p": 0.1}``), as they are: the request models drop them too, and the engine validates them
-   (vLLM reads the same names).
+   ``extra_body`` object). For a request to an sglite model the wrapper also forwards SGLang's names, ``regex`` ->
+   ``guided_regex``, ``ebnf`` -> ``guided_grammar``, ``choice`` -> ``guided_choice``, from the same two places;
+   which engine serves the model is asked by patch 3's handler wrapper (only for requests that set one of these
+   fields), so requests to every other engine get Xinference's own result unchanged. An alias that contradicts
+   the guided field it maps to (``regex`` and a different ``guided_regex``) is a 400 instead of a silent pick.
+   The other fields forwarded are the top-level ``priority``, ``min_p`` and ``min_tokens`` (what the OpenAI
+   client sends for ``extra_body={"min_p": 0.1}``), as they are, for sglite models too: the request models drop
+   them, and the engine validates them. Without patch 3 (its handlers changed) nothing of this is added for any model.
 
 3. **n and logit_bias** for sglite models (``RESTfulAPI.create_completion`` / ``create_chat_completion``, in
    :mod:`xinf_sglang.compat.sampling_fields`): Xinference 4.1 drops ``n`` for every engine and answers
@@ -122,7 +123,9 @@ def install(api_cls: Any = None, version: str | None = None) -> dict[str, bool]:
             api_cls, "extract_guided_params", ("raw_body",), _aliases_wrapper, FIELD_ALIAS_FEATURE
         )
         if result["field_aliases"]:  # the fields it takes out of a request reach the engine through patch 2
-            result["n_logit_bias"] = sampling_fields.install(api_cls, ENGINE_NAME)
+            result["n_logit_bias"] = sampling_fields.install(
+                api_cls, ENGINE_NAME, sglite_only=(*FIELD_ALIASES, *FORWARDED_FIELDS)
+            )
         else:
             _unavailable(sampling_fields.FEATURE, "it needs the field-alias patch, which is not applied")
     except Exception as e:  # never break Xinference because of this plugin
@@ -248,7 +251,8 @@ def _errors_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             # (request mapping, the engine's checks, the runtime's request validation and grammar compiler) and
             # names only the offending request field, its value, or limits of the model; none holds credentials,
             # file paths, actor addresses or other worker internals. Keep it that way when adding messages.
-            # SgliteEngineFailure's message says which tensor-parallel rank ended how (and its pid) only.
+            # SgliteEngineFailure's message says which tensor-parallel rank ended how (and its pid), or which device
+            # error the runtime saw (torch's text of it), only.
             message = request_error_message(e)
             if _called_from_a_stream():
                 # Xinference sends the detail as the stream's {"error": detail} event; the OpenAI client shows
@@ -277,8 +281,8 @@ def _aliases_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def extract_guided_params(raw_body: dict) -> dict:
         kwargs = original(raw_body=raw_body)
-        if not isinstance(raw_body, dict):
-            return kwargs
+        if not isinstance(raw_body, dict) or not sampling_fields.is_sglite_request():
+            return kwargs  # another engine's model (or one that could not be told): Xinference's own result
         extra_body = raw_body.get("extra_body")
         sources = [raw_body] + ([extra_body] if isinstance(extra_body, dict) else [])
         for source in sources:

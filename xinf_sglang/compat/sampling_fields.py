@@ -14,6 +14,12 @@ the handler reads the same dict: its 501 check no longer fires) and hands them t
 receives. Requests to every other engine, and requests without these fields, go through untouched, so other
 engines keep Xinference's behaviour (one choice, 501).
 
+The same question decides patch 2's extra fields (the SGLang aliases ``regex`` / ``ebnf`` / ``choice``,
+``priority``, ``min_p``, ``min_tokens``: the names ``install`` gets as ``sglite_only``): a request that names one of
+them at the top level or in a raw ``extra_body`` object asks the supervisor too, and ``extract_guided_params``
+adds them only when the model is sglite's (`handling_sglite_request`); requests to other engines get exactly
+Xinference's own generate config.
+
 ``SGLITE_XINFERENCE_N_LOGIT_BIAS=0`` switches the forwarding off (``SGLITE_XINFERENCE_COMPAT=0`` switches every
 patch off): an sglite model then answers ``n > 1`` with a 400 that says so instead of one choice in silence, and
 ``logit_bias`` with Xinference's own 501. With every patch off sglite never sees the request's ``n``; Xinference
@@ -22,12 +28,13 @@ then drops it as it does for every engine (the README says so).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import logging
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +44,9 @@ HANDLERS = ("create_completion", "create_chat_completion")
 FIELDS = ("n", "logit_bias")
 _MARK = "__sglite_compat__"
 
-# The sglite-only fields taken out of the body of the request being handled (set by the handler wrapper, read by
-# extract_guided_params within the same handler call, so the same task and context).
+# For a request to an sglite model, the sglite-only fields taken out of its body (possibly none); None for any
+# other request. Set by the handler wrapper, read by extract_guided_params within the same handler call (the same
+# task and context).
 _FORWARDED: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar(
     "sglite_forwarded_fields", default=None
 )
@@ -54,8 +62,27 @@ def forwarded_fields() -> Dict[str, Any]:
     return dict(_FORWARDED.get() or {})
 
 
-def install(api_cls: Any, engine_name: str) -> bool:
-    """Wrap both handlers of ``api_cls`` (once; each must be ``async def name(self, request)``). Never raises."""
+def is_sglite_request() -> bool:
+    """Whether the request being handled is for an sglite model (known only for requests that set an sglite-only
+    field; False outside a wrapped handler)."""
+    return _FORWARDED.get() is not None
+
+
+@contextlib.contextmanager
+def handling_sglite_request(fields: Optional[Dict[str, Any]] = None) -> Iterator[None]:
+    """Within it, the request being handled is one for an sglite model, with ``fields`` to forward."""
+    token = _FORWARDED.set(dict(fields or {}))
+    try:
+        yield
+    finally:
+        _FORWARDED.reset(token)
+
+
+def install(api_cls: Any, engine_name: str, sglite_only: Iterable[str] = ()) -> bool:
+    """Wrap both handlers of ``api_cls`` (once; each must be ``async def name(self, request)``). Never raises.
+
+    ``sglite_only``: the further request fields that make the wrapper ask which engine serves the model (patch
+    2's aliases and forwarded fields)."""
     originals = {}
     for name in HANDLERS:
         raw = getattr(api_cls, "__dict__", {}).get(name)
@@ -67,16 +94,16 @@ def install(api_cls: Any, engine_name: str) -> bool:
             return False
         originals[name] = raw
     for name, raw in originals.items():
-        setattr(api_cls, name, _wrap(raw, engine_name))
+        setattr(api_cls, name, _wrap(raw, engine_name, tuple(sglite_only)))
     logger.info("sglite: Xinference compatibility patch applied: %s (forwarding %s)", FEATURE,
                 "on" if forwarding_enabled() else f"off: {FORWARD_ENV}=0, n > 1 is refused")
     return True
 
 
-def _wrap(original: Callable[..., Any], engine_name: str) -> Callable[..., Any]:
+def _wrap(original: Callable[..., Any], engine_name: str, sglite_only: Tuple[str, ...]) -> Callable[..., Any]:
     @functools.wraps(original)
     async def handler(self: Any, request: Any) -> Any:
-        token = _FORWARDED.set(await _take_fields(self, request, engine_name))
+        token = _FORWARDED.set(await _take_fields(self, request, engine_name, sglite_only))
         try:
             return await original(self, request)
         finally:
@@ -86,9 +113,11 @@ def _wrap(original: Callable[..., Any], engine_name: str) -> Callable[..., Any]:
     return handler
 
 
-async def _take_fields(api: Any, request: Any, engine_name: str) -> Optional[Dict[str, Any]]:
+async def _take_fields(
+    api: Any, request: Any, engine_name: str, sglite_only: Tuple[str, ...]
+) -> Optional[Dict[str, Any]]:
     """Take ``n`` / ``logit_bias`` out of a request to an sglite model (see the module docstring); None when the
-    request is not one."""
+    request is not one, or sets no field that only sglite models get."""
     try:
         body = await request.json()
     except Exception:  # not JSON: Xinference's handler answers it
@@ -102,9 +131,9 @@ async def _take_fields(api: Any, request: Any, engine_name: str) -> Optional[Dic
         # Prompt scoring (echo + logprobs, nothing generated): Xinference's request model wants max_tokens >= 1,
         # and its handler overwrites an unset max_tokens afterwards, so it travels as sglite's max_new_tokens.
         asked["max_tokens"] = 0
-    if not asked or not await _served_by(api, body.get("model"), engine_name):
+    if not (asked or _names_any(body, sglite_only)) or not await _served_by(api, body.get("model"), engine_name):
         return None
-    if not forwarding_enabled():
+    if asked and not forwarding_enabled():
         n = asked.get("n")
         if n is not None:
             from fastapi import HTTPException
@@ -113,10 +142,16 @@ async def _take_fields(api: Any, request: Any, engine_name: str) -> Optional[Dic
                 f"n={n!r} cannot reach {engine_name}: forwarding n through Xinference's REST layer is switched off "
                 f"({FORWARD_ENV}=0), and Xinference would return one choice; send n separate requests, or unset "
                 f"{FORWARD_ENV}"))
-        return None  # logit_bias: Xinference's own 501
+        asked = {}  # logit_bias: Xinference's own 501 (patch 2's fields still reach the engine)
     for key in asked:
         del body[key]
     return {("max_new_tokens" if key == "max_tokens" else key): value for key, value in asked.items()}
+
+
+def _names_any(body: Dict[str, Any], names: Tuple[str, ...]) -> bool:
+    """Whether ``body`` sets one of ``names`` at its top level or in a raw ``extra_body`` object."""
+    extra = body.get("extra_body")
+    return any(body.get(k) is not None or (isinstance(extra, dict) and extra.get(k) is not None) for k in names)
 
 
 async def _served_by(api: Any, model_uid: Any, engine_name: str) -> bool:
