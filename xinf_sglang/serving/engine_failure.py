@@ -17,7 +17,8 @@ So `FailureWatch` polls the failure signal of the engine (`FailureWatch.for_engi
 tensor-parallel engine (`TPLauncher.check`: a rank that died while the engine idled counts too), the scheduler's
 ``failure`` otherwise (`DeviceFailure`), and once the engine failed it lets the requests in flight leave with
 their error (`SgliteEngineFailure`, an HTTP 503 with sglite's message through :mod:`xinf_sglang.compat.patches`),
-shuts the engine down (bounded) and exits the process. Requests that arrive meanwhile are refused with the same error at once.
+shuts the engine down (bounded) and exits the process. Requests that arrive meanwhile are refused with the same
+error at once.
 
 This module is imported by the REST process too (to unpickle `SgliteEngineFailure`): nothing heavy here.
 """
