@@ -320,3 +320,17 @@ def test_a_failing_step_aborts_its_requests_and_the_engine_keeps_serving(model_d
         assert engine.check_invariants() == []
         [ok] = engine.generate(input_ids=prompts[:1], sampling_params=SamplingParams(max_new_tokens=8, **GREEDY))
         assert ok.finish_reason == "length" and len(ok.token_ids) == 8
+
+
+def test_a_shut_down_engine_keeps_nothing_of_its_scheduler_alive(model_dir):
+    """After shutdown no reference reaches the scheduler (it owns the KV pool and the model runner): on a GPU each
+    engine's pool takes most of the device's memory, so a process that starts engines one after another (tests,
+    benchmarks, a relaunch) must get it back."""
+    import gc
+    import weakref
+
+    engine = make_engine(model_dir)
+    refs = engine.run_on_scheduler(lambda s: (weakref.ref(s), weakref.ref(s.runner)))
+    engine.shutdown()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]

@@ -47,7 +47,7 @@ class SchedulerClient:
 
     def __init__(self, scheduler: Scheduler, builder: RequestBuilder, debug_invariants: bool,
                  stats_interval_s: float) -> None:
-        self._scheduler = scheduler
+        self._scheduler: Scheduler | None = scheduler
         self._router = OutputRouter()
         self._siblings = SiblingGroups()  # requests with SamplingParams.n > 1
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -90,6 +90,9 @@ class SchedulerClient:
         """Abort what is left and end the scheduler thread."""
         self._inbox.put(Stop())
         self._thread.join(timeout=timeout)
+        # The scheduler holds the KV pool and the model runner: a stopped engine must not keep them alive (on a GPU
+        # each engine's pool takes most of the device's memory, so the next engine of the process would not fit).
+        self._scheduler = None
 
     def _submit(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
         """Route ``reqs``' chunks to ``sink`` and queue them as one message: a batch reaches the scheduler
