@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# A person as a real model extracts one (SmolLM2 on the CPU and on the GPU): the name bounded, so a model that
+# rambles still ends the string.
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
 POINT = {
     "type": "object",
     "properties": {"x": {"type": "number"}, "y": {"type": "number"}},

@@ -20,18 +20,13 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("xinference")
 
+from .grammar_cases import PERSON  # noqa: E402
 from .xinference_server import (  # noqa: E402
     BIN, LAUNCH_TIMEOUT, Server, http, openai_client, registered_model, server_env,
 )
 
 HF_UID, GGUF_UID = "smol-hf", "smol-gguf"
 REGEXES = [" [0-2]", "a b", "(yes|no) (yes|no)", "(1[0-2]|[1-9]) (am|pm)"]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.cuda
 from xinf_sglang.runtime import SamplingParams  # noqa: E402
 
 from ..engine_helpers import CORPUS, hf_greedy, make_engine  # noqa: E402
+from ..grammar_cases import PERSON  # noqa: E402
 
 NEW_TOKENS = 64
 DEVICE = "cuda"
@@ -38,12 +39,6 @@ QUESTIONS = [
     "Describe a cat in one sentence.", "Who wrote Romeo and Juliet?", "What is photosynthesis?",
     "Suggest a name for a dog.", "What day comes after Monday?", "Explain gravity to a child.",
 ]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
