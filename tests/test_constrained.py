@@ -39,7 +39,6 @@ from xinf_sglang.runtime.constrained import (
     bitmask_width,
     reset_rows_allow_all,
 )
-from xinf_sglang.runtime.constrained.llguidance_backend import LLGuidanceCompiledGrammar
 from xinf_sglang.runtime.constrained.spec import choices_from_lark, choices_to_lark
 from xinf_sglang.runtime.errors import ConfigError, InvalidRequestError
 from xinf_sglang.runtime.scheduler.schedule_batch import Req

@@ -6,8 +6,6 @@ compile worker that cannot start is retried, then refused with a clear error (ne
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import stat
 import sys
 import time
