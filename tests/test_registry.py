@@ -3,6 +3,8 @@ and the runtime's config reading both follow it."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -24,6 +26,33 @@ def test_the_registry_and_the_plugin_matching_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _modules_after_engine_tables(autoload: bool) -> set[str]:
+    """The modules a fresh interpreter holds once Xinference built its engine tables, as the supervisor and the
+    worker do (with or without sglite's start-up hook)."""
+    code = (
+        "import json, sys, xinference.model\n"
+        "from xinference.model.llm.llm_family import SUPPORTED_ENGINES\n"
+        "print(json.dumps(['sglite' in SUPPORTED_ENGINES, sorted(sys.modules)]))\n"
+    )
+    env = {**os.environ, "SGLITE_XINFERENCE_AUTOLOAD": "1" if autoload else "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
+    registered, modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert registered is autoload
+    return set(modules)
+
+
+def test_registering_the_engine_loads_no_kernel_grammar_compiler_or_triton():
+    """Xinference 4.1 imports torch in its supervisor and worker by itself (xinference/device_utils.py); what the
+    sglite hook adds there must stay light: no kernels, no triton, no llguidance, no runtime beyond the config and
+    the grammar spec the launch options validate (they load in the model process, when used)."""
+    added = _modules_after_engine_tables(True) - _modules_after_engine_tables(False)
+    heavy = sorted(m for m in added if m.split(".")[0] in ("triton", "llguidance", "transformers")
+                   or m.startswith(("xinf_sglang.kernels", "xinf_sglang.runtime.constrained.backend",
+                                    "xinf_sglang.runtime.constrained.llguidance_backend",
+                                    "xinf_sglang.runtime.engine", "xinf_sglang.runtime.scheduler")))
+    assert heavy == []
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)

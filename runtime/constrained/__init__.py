@@ -14,30 +14,38 @@ stopped), token_table.py, token_table_check.py and llg_tokenizer.py (the tokeniz
 matcher.py (per-request state), bitmask.py and batch_mask.py (the per-step mask).
 """
 
-from .backend import CompiledGrammar, GrammarBackend
-from .batch_mask import BatchMask
-from .bitmask import allocate_bitmask, apply_bitmask_, bitmask_width, reset_rows_allow_all
-from .compile_worker import LLGUIDANCE_JSON_OPTIONS
-from .llguidance_backend import LLGuidanceBackend
-from .matcher import GrammarMatcher, LLGuidanceMatcher, TokenPolicy
-from .spec import GRAMMAR_KINDS, GrammarKind, GrammarLimits, GrammarSize, GrammarSpec
+from __future__ import annotations
 
-__all__ = [
-    "GRAMMAR_KINDS",
-    "LLGUIDANCE_JSON_OPTIONS",
-    "BatchMask",
-    "CompiledGrammar",
-    "GrammarBackend",
-    "GrammarKind",
-    "GrammarLimits",
-    "GrammarMatcher",
-    "GrammarSize",
-    "GrammarSpec",
-    "LLGuidanceBackend",
-    "LLGuidanceMatcher",
-    "TokenPolicy",
-    "allocate_bitmask",
-    "apply_bitmask_",
-    "bitmask_width",
-    "reset_rows_allow_all",
-]
+import importlib
+from typing import Any
+
+# Public name -> the submodule defining it, imported on first use: the plugin's engine classes need only the light
+# spec / limits modules when Xinference's supervisor and worker build their engine tables, and importing the
+# package must not pull in llguidance, the kernels and triton there (they load in the model process, when used).
+_EXPORTS = {
+    "GRAMMAR_KINDS": "spec",
+    "LLGUIDANCE_JSON_OPTIONS": "compile_worker",
+    "BatchMask": "batch_mask",
+    "CompiledGrammar": "backend",
+    "GrammarBackend": "backend",
+    "GrammarKind": "spec",
+    "GrammarLimits": "spec",
+    "GrammarMatcher": "matcher",
+    "GrammarSize": "spec",
+    "GrammarSpec": "spec",
+    "LLGuidanceBackend": "llguidance_backend",
+    "LLGuidanceMatcher": "matcher",
+    "TokenPolicy": "matcher",
+    "allocate_bitmask": "bitmask",
+    "apply_bitmask_": "bitmask",
+    "bitmask_width": "bitmask",
+    "reset_rows_allow_all": "bitmask",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
