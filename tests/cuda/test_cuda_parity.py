@@ -32,9 +32,13 @@ REGIMES = {
     "chunked prefill 16": dict(chunked_prefill_size=16, max_prefill_tokens=32),
     "retraction (pool 260)": dict(max_total_tokens=260),  # the longest request alone fits, twelve at once do not
 }
-# Share of all generated tokens that must lie in the prefixes agreeing with HF in the same dtype: a wrong kernel
-# diverges within a few tokens; bfloat16's 8-bit mantissa flips the near-ties of a random model often.
-HALF_AGREEMENT = {torch.float16: 0.9, torch.bfloat16: 0.5}
+# Half precision is judged against HF's own half precision: both are compared with HF float32 (the share of all
+# generated tokens that lie in prefixes agreeing with it), and sglite must stay at least this fraction of HF's share.
+# A fixed share does not hold across GPUs: on a random tiny model bfloat16's 8-bit mantissa flips near-ties, and
+# HF's own bf16 run agreed with its float32 run 66-88% on an H200 but less on an H100 (sglite bf16 vs HF bf16: 43%,
+# 2026-12-07). A wrong kernel diverges within a few tokens everywhere and falls far below HF's share.
+HALF_VS_HF_OWN = 0.8
+HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -76,14 +80,20 @@ def test_cuda_graphs_on_and_off_give_the_same_tokens(case) -> None:
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("dtype", list(HALF_AGREEMENT), ids=["float16", "bfloat16"])
-def test_half_precision_agrees_with_hf_in_the_same_dtype(case, dtype: torch.dtype) -> None:
-    model_dir, prompts, _ = case
-    refs = [hf_greedy(model_dir, p, NEW_TOKENS, device=DEVICE, dtype=dtype) for p in prompts]
-    with cuda_engine(model_dir, dtype=str(dtype).removeprefix("torch.")) as engine:
-        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+def agreeing_share(outs: list[list[int]], refs: list[list[int]]) -> float:
+    """Share of all generated tokens lying in the prefixes where ``outs`` agree with ``refs``."""
+    agreeing = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), NEW_TOKENS) for o, r in zip(outs, refs)]
+    return sum(agreeing) / (NEW_TOKENS * len(refs))
+
+
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES))
+def test_half_precision_stays_as_close_to_float32_as_hf_half_does(case, dtype: str) -> None:
+    model_dir, prompts, refs = case
+    hf_half = [hf_greedy(model_dir, p, NEW_TOKENS, device=DEVICE, dtype=HALF_DTYPES[dtype]) for p in prompts]
+    with cuda_engine(model_dir, dtype=dtype) as engine:
+        outs = [o.token_ids for o in engine.generate(input_ids=prompts, sampling_params=GREEDY)]
         assert engine.check_invariants() == []
-    agreeing = [next((i for i, (a, b) in enumerate(zip(o.token_ids, r)) if a != b), NEW_TOKENS)
-                for o, r in zip(outs, refs)]
-    share = sum(agreeing) / (NEW_TOKENS * len(prompts))
-    assert share >= HALF_AGREEMENT[dtype], f"agreeing prefixes {agreeing} ({share:.0%})"
+    ours, hf_own = agreeing_share(outs, refs), agreeing_share(hf_half, refs)
+    assert ours >= HALF_VS_HF_OWN * hf_own, (
+        f"sglite {dtype} agrees with HF float32 on {ours:.0%} of the tokens, HF {dtype} on {hf_own:.0%}; "
+        f"sglite vs HF {dtype}: {agreeing_share(outs, hf_half):.0%}")
