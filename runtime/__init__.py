@@ -6,8 +6,7 @@ loaded on first use, so importing a light submodule (``xinf_sglang.runtime.confi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy_exports import lazy_getattr
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -23,7 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

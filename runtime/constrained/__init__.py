@@ -16,8 +16,7 @@ matcher.py (per-request state), bitmask.py and batch_mask.py (the per-step mask)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy_exports import lazy_getattr
 
 # Public name -> the submodule defining it, imported on first use: the plugin's engine classes need only the light
 # spec / limits modules when Xinference's supervisor and worker build their engine tables, and importing the
@@ -45,7 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
