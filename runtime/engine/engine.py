@@ -201,6 +201,12 @@ class Engine:
         return self._client.call(fn, timeout)
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the engine stopped serving for good (a device error left the GPU unusable), or None while it serves:
+        every later request is refused with that error, and the model must be relaunched."""
+        return self._client.failure
+
+    @property
     def grammar_backend(self) -> GrammarBackend:
         """The grammar backend, built on first use (building llguidance's token table takes ~0.5 s on big vocabs)."""
         with self._lock:

@@ -56,6 +56,13 @@ class SchedulerClient:
         self._thread = threading.Thread(target=loop.run, name="sglite-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The scheduler's failure for good (``Scheduler.failure``), None while it serves or once stopped. Written
+        once on the scheduler thread; reading the reference from another thread needs no message."""
+        scheduler = self._scheduler
+        return None if scheduler is None else scheduler.failure
+
     def queue(self, reqs: list[NewRequest], sink: Callable[[StreamChunk], None]) -> None:
         """Submit ``reqs``, each with n > 1 as its n siblings, whose chunks ``sink`` gets relabeled with the
         request's id and their index (runtime/sampling/parallel_sampling.py)."""

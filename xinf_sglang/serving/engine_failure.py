@@ -39,7 +39,6 @@ POLL_S = 0.5  # how often the ranks are checked (Xinference's pool monitor polls
 DRAIN_S = 10.0  # how long the failed requests may take to leave the model actor with their error
 DELIVER_S = 1.0  # after they left: time for their replies to cross from the model actor to the REST process
 SHUTDOWN_S = 10.0  # the engine's own shutdown (grammar workers, ranks) before the process exits anyway
-CHECK_S = 5.0  # how long one poll of a single-device engine waits for the scheduler (between two of its steps)
 EXIT_CODE = 1  # what Xinference's OOM path exits with; any exit makes the worker relaunch the model
 
 
@@ -53,25 +52,18 @@ class SgliteEngineFailure(RuntimeError):
 
 class DeviceFailure:
     """The failure signal of a single-device engine in the shape `FailureWatch` reads a `runtime.tp.TPLauncher`
-    in: ``check()`` asks the scheduler for its ``failure`` (between two steps; a failed loop still answers) and
-    keeps it in ``failure``, which never waits (it is read on the model actor's event loop)."""
+    in: ``check()`` reads the engine's ``failure`` (no round trip to the scheduler, no wait) and keeps it in
+    ``failure``, which is read on the model actor's event loop."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.failure: BaseException | None = None
 
     def check(self) -> BaseException | None:
-        """The engine's failure, or None while it serves (also when this poll timed out behind a long step)."""
+        """The engine's failure, or None while it serves."""
         if self.failure is None:
-            try:
-                self.failure = self._engine.run_on_scheduler(_scheduler_failure, timeout=CHECK_S)
-            except Exception:  # a step longer than CHECK_S (asked again at the next poll), or a closing engine
-                return None
+            self.failure = self._engine.failure
         return self.failure
-
-
-def _scheduler_failure(scheduler: Any) -> BaseException | None:
-    return scheduler.failure
 
 
 class FailureWatch:
