@@ -16,6 +16,7 @@ from .argmax import argmax, argmax_ref
 from .attention.decode_attention import NewToken, decode_attention, decode_attention_ref, decode_num_splits
 from .attention.extend_attention import extend_attention, extend_attention_ref
 from .linear import linear, linear_ref
+from .moe import fused_experts, fused_experts_ref, get_moe_config, moe_align_block_size
 from .norm import rms_norm, rms_norm_ref
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from .attention.store_kv import store_kv, store_kv_ref
@@ -34,8 +35,12 @@ __all__ = [
     "decode_num_splits",
     "extend_attention",
     "extend_attention_ref",
+    "fused_experts",
+    "fused_experts_ref",
+    "get_moe_config",
     "linear",
     "linear_ref",
+    "moe_align_block_size",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cos_sin",
