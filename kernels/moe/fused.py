@@ -33,7 +33,11 @@ if triton is not None:
 
 if triton is not None:
 
-    @triton.jit
+    # The routed row count and pair count change with every batch: not specialised on (their divisibility would
+    # otherwise compile new variants as the batch size moves; they are only compared, never used in addresses).
+    _jit_batch_free = triton.jit(do_not_specialize=["num_rows", "num_pairs"])
+
+    @_jit_batch_free
     def _moe_gemm_kernel(
         A, B, C, TOPK_W, SORTED_IDS, EXPERT_IDS, NUM_POST,
         num_rows, num_pairs, N, K,

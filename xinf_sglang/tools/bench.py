@@ -12,7 +12,8 @@ config.json`` benchmarks real model shapes with random weights (no checkpoint or
 ``sglite bench serve`` (:mod:`xinf_sglang.tools.bench_serve`) measures a served model over HTTP instead. The
 GPU-side modes, each in its own module: ``kernels`` (launch-shape sweeps of the Triton kernels,
 :mod:`.bench_kernels`), ``decode`` (where a decode step's time goes, :mod:`.bench_decode`) and ``ab`` (``bench
-offline`` interleaved between two installed copies of sglite, :mod:`.bench_ab`).
+offline`` interleaved between two installed copies of sglite, :mod:`.bench_ab`) and ``moe-tune`` (launch configs of
+the fused-MoE kernel, :mod:`.bench_moe_tune`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MODES = {
     "kernels": ("bench_kernels", "launch-shape sweeps of the decode-time Triton kernels at a model's shapes"),
     "decode": ("bench_decode", "decode step time after prompts of given lengths, and where it goes (profiler)"),
     "ab": ("bench_ab", "bench offline interleaved between two installed copies of sglite: the new/old ratio"),
+    "moe-tune": ("bench_moe_tune", "tune the fused-MoE launch configs of one layer shape on this GPU (writes JSON)"),
 }
 
 
