@@ -1,4 +1,5 @@
-"""Greedy tokens of the runtime equal HF transformers' on the same checkpoint, in every scheduling regime:
+"""Greedy tokens of the runtime equal HF transformers' on the same checkpoint (dense and mixture-of-experts
+architectures), in every scheduling regime:
 a mixed batch, cached prefixes, chunked prefill and a pool small enough to force retraction."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from xinf_sglang.runtime import SamplingParams
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 
-ARCHS = ["llama", "qwen2", "qwen3"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
 NUM_PROMPTS = 12
 NEW_TOKENS = 48
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)

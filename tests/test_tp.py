@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU: the engine's process is rank 0 and the other ranks are gloo processes.
 
-Greedy tokens equal HF transformers' for the tiny llama / qwen2 / qwen3 models over 2 ranks (together, from the
+Greedy tokens equal HF transformers' for the tiny llama / qwen2 / qwen3 models and the mixtures of experts
+(Qwen3-MoE, Qwen2-MoE, Mixtral: experts split along their intermediate dimension) over 2 ranks (together, from the
 radix cache, in small prefill chunks and under retraction), with fewer KV heads than ranks (replicated), and for
 SmolLM2-135M (9 query / 3 KV heads) over 3 ranks; constrained output holds; killing rank 1 mid-decode fails the
 requests with an error naming it, stops the other ranks and leaves no process behind; so does shutdown; a rank
@@ -102,6 +103,21 @@ def test_overlap_schedule_with_retraction_matches_hf(tiny_model):
         _assert_parity(engine.generate(input_ids=prompts, sampling_params=GREEDY), refs)
         m = engine.metrics()
         assert m["overlapped_steps"] > NEW_TOKENS // 2 and m["retractions"] > 0
+        assert engine.check_invariants() == []
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_experts_split_over_ranks_match_hf(arch, tiny_model):
+    """Every expert's intermediate dimension split over 2 ranks (a shared expert too): in prefill chunks, under
+    retraction (a pool of 260 tokens), then again (what the small pool kept cached)."""
+    model_dir = tiny_model(arch)
+    prompts = varied_prompts(model_dir, NUM_PROMPTS, min_len=3, max_len=150)
+    refs = [hf_greedy(model_dir, p, NEW_TOKENS) for p in prompts]
+    with make_engine(model_dir, tp_size=2, chunked_prefill_size=16, max_total_tokens=260) as engine:
+        _assert_parity(engine.generate(input_ids=prompts, sampling_params=GREEDY), refs)
+        _assert_parity(engine.generate(input_ids=prompts, sampling_params=GREEDY), refs)
+        m = engine.metrics()
+        assert m["retractions"] > 0 and m["prefill_steps"] > NUM_PROMPTS
         assert engine.check_invariants() == []
 
 

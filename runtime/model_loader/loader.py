@@ -67,20 +67,23 @@ def load_weights(model: DecoderLM, tensors: Iterable[tuple[str, torch.Tensor]]) 
             continue
         loader = getattr(_owner(model, param_name), "weight_loader", default_weight_loader)
         try:
-            loader(param, tensor, shard_id)
+            shards = loader(param, tensor, shard_id)
         except ValueError as exc:
             raise ConfigError(f"checkpoint tensor {name} {exc}") from None
-        filled.add(load_key(param_name, shard_id))
+        # A loader returns the shards it filled when one tensor fills several (stacked experts); else None.
+        filled.update(load_key(param_name, s) for s in (shards if shards is not None else (shard_id,)))
     return filled
 
 
 def expected_loads(model: DecoderLM) -> set[str]:
-    """The `load_key` of every parameter and shard the model's layers take from a checkpoint."""
-    return {
-        load_key(name, shard_id)
-        for name, _ in model.named_parameters()
-        for shard_id in getattr(_owner(model, name), "shard_ids", (None,))
-    }
+    """The `load_key` of every parameter and shard the model's layers take from a checkpoint: a layer declares
+    them per parameter (``param_shard_ids``, experts) or for all its parameters (``shard_ids``, fused linears)."""
+    keys = set()
+    for name, _ in model.named_parameters():
+        owner, leaf = _owner(model, name), name.rpartition(".")[2]
+        per_param = getattr(owner, "param_shard_ids", {})
+        keys.update(load_key(name, s) for s in per_param.get(leaf, getattr(owner, "shard_ids", (None,))))
+    return keys
 
 
 def load_key(param_name: str, shard_id: ShardId) -> str:

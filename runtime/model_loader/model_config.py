@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
+from .moe_config import MoEConfig, read_moe
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors")
 # "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
@@ -43,11 +44,13 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v/o biases (a family may add q/k/v biases of its own: Qwen2)
+    qkv_bias: bool  # q/k/v biases only (Qwen2-MoE's ``qkv_bias``)
     mlp_bias: bool
     rope: RopeConfig
     torch_dtype: str | None  # the checkpoint's dtype ("bfloat16", ...), None if unstated
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
+    moe: MoEConfig | None = None  # the experts of a mixture-of-experts model; None: dense
 
     @classmethod
     def from_dir(cls, model_path: str | Path) -> "ModelConfig":
@@ -82,11 +85,13 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            qkv_bias=bool(cfg.get("qkv_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             rope=_read_rope(cfg),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             sliding_window=int(sliding) if sliding else None,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+            moe=read_moe(arch, cfg),
         )
 
 

@@ -48,13 +48,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``down(silu(gate(h)) * up(h))`` with gate and up in one GEMM."""
+    """``down(silu(gate(h)) * up(h))`` with gate and up in one GEMM, ``intermediate_size`` wide (the config's
+    unless given: a shared expert has its own)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPInfo) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size = cfg.intermediate_size
+        size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], cfg.mlp_bias, tp)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
+
+    def partial(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (before the all-reduce), for callers that sum several first."""
+        return self.down_proj.partial(silu_and_mul(self.gate_up_proj(h)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(h)))
@@ -63,7 +68,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual layer: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
 
-    def __init__(self, self_attn: Attention, mlp: MLP, cfg: ModelConfig) -> None:
+    def __init__(self, self_attn: Attention, mlp: nn.Module, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp

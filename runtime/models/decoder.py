@@ -16,13 +16,21 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..layers import (
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    ShardId,
+    VocabParallelEmbedding,
+)
 from ..layers.attention.backend import AttentionBackend
-from ..tp.distributed import TPInfo
-from ..model_executor.forward_batch import ForwardBatch
-from ..layers import ParallelLMHead, RMSNorm, RotaryEmbedding, ShardId, VocabParallelEmbedding
-from .blocks import MLP, Attention, DecoderLayer
-from ..model_loader.model_config import ModelConfig
+from ..layers.moe.experts import expert_parameter_of
+from ..layers.moe.sparse_block import SparseMoeBlock
 from ..layers.rope import rope_inv_freq
+from ..model_executor.forward_batch import ForwardBatch
+from ..model_loader.model_config import ModelConfig
+from ..tp.distributed import TPInfo
+from .blocks import MLP, Attention, DecoderLayer
 
 PACKED_MODULES: Mapping[str, tuple[str, ShardId]] = MappingProxyType({
     "q_proj": ("qkv_proj", "q"),
@@ -51,12 +59,15 @@ class DecoderLM(nn.Module):
     """A Llama-shaped causal LM holding the shard of rank ``tp``.
 
     Subclasses set ``attention_cls`` (Qwen3's adds q/k norms), ``qkv_bias`` (True: q/k/v biases whatever the
-    config says, as Qwen2) or override `make_layer`.
+    config says, as Qwen2), ``checkpoint_renames`` or override `make_layer`. A mixture-of-experts config
+    (``cfg.moe``) makes its sparse layers' feed-forward a `SparseMoeBlock`.
     """
 
     attention_cls: ClassVar[type[Attention]] = Attention
     qkv_bias: ClassVar[bool] = False
     packed_modules: ClassVar[Mapping[str, tuple[str, ShardId]]] = PACKED_MODULES
+    checkpoint_renames: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    """Checkpoint module names the family spells differently from ours (Mixtral's ``.block_sparse_moe.``)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPInfo = TPInfo()) -> None:
         super().__init__()
@@ -68,10 +79,20 @@ class DecoderLM(nn.Module):
         self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim))
 
     def make_layer(self, layer_id: int) -> DecoderLayer:
-        """Decoder layer ``layer_id``: the family's attention and the gated MLP."""
-        qkv_bias = self.qkv_bias or self.cfg.attention_bias
+        """Decoder layer ``layer_id``: the family's attention and the gated MLP (or the experts)."""
+        qkv_bias = self.qkv_bias or self.cfg.attention_bias or self.cfg.qkv_bias
         attention = self.attention_cls(self.cfg, layer_id, self.tp, qkv_bias)
-        return DecoderLayer(attention, MLP(self.cfg, self.tp), self.cfg)
+        return DecoderLayer(attention, self.make_mlp(layer_id), self.cfg)
+
+    def make_mlp(self, layer_id: int) -> nn.Module:
+        """The feed-forward of layer ``layer_id``: routed experts (+ a shared expert) in a sparse layer of a
+        mixture-of-experts model, the dense gated MLP otherwise."""
+        moe = self.cfg.moe
+        if moe is None or not moe.is_sparse(layer_id):
+            return MLP(self.cfg, self.tp)
+        width = moe.shared_expert_intermediate_size
+        shared = MLP(self.cfg, self.tp, width) if width else None
+        return SparseMoeBlock(self.cfg.hidden_size, moe, self.tp, shared)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Run the new tokens of ``batch``; return float32 logits ``[B, vocab]`` of each request's last token."""
@@ -89,6 +110,11 @@ class DecoderLM(nn.Module):
         "q")``); None for tensors the model does not take (ignored suffixes, a tied ``lm_head.weight``)."""
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.lm_head is None):
             return None
+        for theirs, ours in self.checkpoint_renames.items():
+            name = name.replace(theirs, ours)
+        expert = expert_parameter_of(name)
+        if expert is not None:
+            return expert
         module, _, leaf = name.rpartition(".")
         parent, _, child = module.rpartition(".")
         if child not in self.packed_modules:

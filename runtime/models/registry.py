@@ -18,8 +18,11 @@ from ..errors import ConfigError
 MODEL_CLASSES: Mapping[str, str] = MappingProxyType({
     "LlamaForCausalLM": "llama:LlamaForCausalLM",
     "MistralForCausalLM": "llama:MistralForCausalLM",
+    "MixtralForCausalLM": "mixtral:MixtralForCausalLM",
     "Qwen2ForCausalLM": "qwen2:Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM": "qwen2_moe:Qwen2MoeForCausalLM",
     "Qwen3ForCausalLM": "qwen3:Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM": "qwen3_moe:Qwen3MoeForCausalLM",
 })
 """HF ``architectures`` entry -> ``module:Class`` of the model that builds it."""
 

@@ -4,7 +4,7 @@
 ``AutoTokenizer`` / ``AutoModelForCausalLM`` load like a real one:
 
 - ``config.json`` + ``model.safetensors``: a Llama, Qwen2 (q/k/v bias, tied embeddings) or Qwen3 (q/k norm)
-  model of ~0.2M parameters whose every tensor, biases and norm weights included, is drawn from a seeded RNG.
+  model of ~0.2M parameters, or a mixture of experts (Qwen3-MoE, Qwen2-MoE with a shared expert, Mixtral) whose every tensor, biases and norm weights included, is drawn from a seeded RNG.
   HF initialises biases to 0 and norms to 1; we re-draw them so a loader that skips them fails parity.
 - tokenizer files: a byte-level BPE trained with ``tokenizers`` on a fixed list of Python standard-library
   sources, wrapped as a fast tokenizer with ChatML special tokens and a ChatML chat template.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-Arch = Literal["llama", "qwen2", "qwen3"]
+Arch = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
 ARCHS: tuple[str, ...] = get_args(Arch)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -94,12 +94,22 @@ ARCH_CONFIG: dict[str, dict[str, Any]] = {
     "llama": {"tie_word_embeddings": False},
     "qwen2": {"tie_word_embeddings": True},  # Qwen2's attention always has q/k/v bias
     "qwen3": {"tie_word_embeddings": True, "attention_bias": False},  # like Qwen3-0.6B
+    # Mixtures of experts: 3 layers, one of them dense (the two ways HF picks them), uneven expert counts.
+    "qwen3_moe": {"tie_word_embeddings": False, "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [1]},
+    "qwen2_moe": {"tie_word_embeddings": False, "num_hidden_layers": 3, "num_experts": 6, "num_experts_per_tok": 3,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 96, "norm_topk_prob": False,
+                  "decoder_sparse_step": 2},
+    "mixtral": {"tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 ARCH_CLASSES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
 
 # Config classes accept unknown kwargs silently; these legacy names are real aliases we let through.
@@ -242,7 +252,8 @@ def _check_override_keys(config_cls: type, overrides: dict[str, Any]) -> None:
     fixed = sorted(set(overrides) & set(FIXED_CONFIG_KEYS))
     if fixed:
         raise ValueError("; ".join(f"{key} cannot be overridden: {FIXED_CONFIG_KEYS[key]}" for key in fixed))
-    valid = (set(config_cls().to_dict()) | LEGACY_CONFIG_KEYS) - set(FIXED_CONFIG_KEYS)
+    aliases = set(getattr(config_cls, "attribute_map", {}))  # e.g. Qwen3-MoE's num_experts -> num_local_experts
+    valid = (set(config_cls().to_dict()) | aliases | LEGACY_CONFIG_KEYS) - set(FIXED_CONFIG_KEYS)
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown config override(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
