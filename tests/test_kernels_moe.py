@@ -178,6 +178,29 @@ def test_align_block_size_invariants(t, e, k, block_m, skew) -> None:
     assert (expert_ids[total // block_m:] == -1).all()
 
 
+@pytest.mark.parametrize("t,e,k,block_m,skew", [
+    (0, 4, 2, 16, "softmax"), (1, 4, 2, 16, "softmax"), (1, 128, 8, 16, "softmax"), (33, 8, 2, 4, "hot"),
+    (50, 16, 4, 16, "skip-last"), (17, 3, 3, 1, "softmax"), (100, 32, 2, 64, "softmax"), (9, 5, 2, 3, "hot"),
+    (300, 8, 2, 128, "softmax"),
+])
+def test_align_triton_equals_torch(t, e, k, block_m, skew) -> None:
+    """The one-launch kernel gives the torch version's outputs bit for bit (sizes, order, padding, -1 blocks)."""
+    torch.manual_seed(t * 3 + e)
+    _, ids = _routing(t, e, k, skew, torch.int32 if t % 2 else torch.int64)
+    for got, want in zip(align.moe_align_block_size_triton(ids, block_m, e), align.moe_align_block_size_ref(ids, block_m, e)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_triton_path_with_the_torch_sort(monkeypatch) -> None:
+    """Routings over ``TRITON_MAX_PAIRS`` pairs (prefill) are sorted by the torch version: same result."""
+    monkeypatch.setattr(fused, "TRITON_MAX_PAIRS", 4)
+    torch.manual_seed(6)
+    x, (w13, w2) = torch.randn(7, 32), _weights(4, 16, 32)
+    weights, ids = _routing(7, 4, 2)
+    out = fused.fused_experts_triton(x, w13, w2, weights, ids, config=TINY)
+    assert rel_err(out, fused_experts_ref(x, w13, w2, weights, ids)) < 1e-5
+
+
 # ---------------------------------------------------------------- launch configs
 
 
@@ -214,8 +237,9 @@ def test_workspace_estimate_counts_the_float32_output() -> None:
     assert size > 4096 * 8 * (3 * 768 * 2 + 2048 * 4)
 
 
-def test_moe_kernel_waits_before_any_memory_access() -> None:
+@pytest.mark.parametrize("kernel", ["_moe_gemm_kernel", "_topk_sum_kernel"])
+def test_moe_kernels_wait_before_any_memory_access(kernel: str) -> None:
     """The PDL contract of kernels/pdl.py, checked the way tests/test_kernels.py checks the other kernels."""
     from .test_kernels import test_pdl_kernels_wait_before_any_memory_access as check
 
-    check(fused, "_moe_gemm_kernel")
+    check(fused, kernel)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .align import max_padded_rows, moe_align_block_size
+from .align import (
+    max_padded_rows,
+    moe_align_block_size,
+    moe_align_block_size_ref,
+    moe_align_block_size_triton,
+)
 from .config import default_config, get_moe_config
 from .fused import fused_experts_triton, moe_workspace_bytes, triton
 from .reference import fused_experts_ref
@@ -35,5 +40,7 @@ __all__ = [
     "get_moe_config",
     "max_padded_rows",
     "moe_align_block_size",
+    "moe_align_block_size_ref",
+    "moe_align_block_size_triton",
     "moe_workspace_bytes",
 ]

@@ -4,11 +4,12 @@
 so every row block of the GEMM belongs to one expert and multiplies by that expert's weight matrix only. Pass 1
 reads the tokens' rows of x (pair ``p`` reads row ``p // K``) against ``w13[e]`` into ``[T*K, 2N]``; SiLU-and-mul
 (``kernels.silu_and_mul``) makes ``[T*K, N]``; pass 2 multiplies by ``w2[e]`` with the routing weight applied in the
-epilogue and writes float32 ``[T*K, H]``; the sum over the K copies of each token is one torch reduce, in float32.
+epilogue and writes float32 ``[T*K, H]``; a small kernel sums the K copies of each token in float32 and rounds once.
 Padding rows carry the sentinel ``T*K``: their loads are masked and nothing is stored for them. The grid covers the
 fixed-size sorted buffer (CUDA-graph friendly); programs past the padded total exit at once.
 
 At decode the kernel is memory bound: a batch of one token reads K experts' weights once, which is the roofline.
+A decode-sized call is five launches (sort, GEMM, SiLU-and-mul, GEMM, sum), the last four with PDL on Hopper.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
-from .align import moe_align_block_size
+from .align import (
+    TRITON_MAX_PAIRS,
+    moe_align_block_size_ref,
+    moe_align_block_size_triton,
+)
 from .config import current_device_name, get_moe_config
 from .reference import check_moe_args
 
@@ -87,6 +92,29 @@ if triton is not None:
         c_ptr = C + pair[:, None] * sc_m + offs_n[None, :]
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _topk_sum_kernel(SRC, OUT, hidden, TOPK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        # OUT[t] = sum_k SRC[t * TOPK + k] in float32, rounded once: the K weighted copies of each token.
+        pdl_wait(USE_PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            acc += tl.load(SRC + (row * TOPK + j) * hidden + cols, mask=mask, other=0.0)
+        tl.store(OUT + row * hidden + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _topk_sum(src: torch.Tensor, tokens: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
+    """``src [T*K, H]`` float32 -> ``[T, H]`` in ``dtype``: one launch instead of torch's sum and cast."""
+    hidden = src.shape[1]
+    out = torch.empty((tokens, hidden), dtype=dtype, device=src.device)
+    block = min(triton.next_power_of_2(hidden), 1024)
+    _topk_sum_kernel[(tokens, triton.cdiv(hidden, block))](
+        src, out, hidden, TOPK=topk, BLOCK=block, num_warps=4, **pdl_kwargs(src.device)
+    )
+    return out
+
 
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, routing: tuple, topk_weights, a_row_div: int,
                   config: dict[str, int]) -> None:
@@ -121,13 +149,15 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
         return x.new_empty((0, hidden))
     cfg = config or get_moe_config(num_experts, two_n // 2, t, x.dtype, current_device_name(x.device))
     x = x if x.stride(-1) == 1 else x.contiguous()
-    routing = moe_align_block_size(topk_ids, cfg["BLOCK_SIZE_M"], num_experts)
+    # At decode sizes the one-launch Triton sort; prefill-sized routings take the torch one (align.py says why).
+    align = moe_align_block_size_triton if t * k <= TRITON_MAX_PAIRS else moe_align_block_size_ref
+    routing = align(topk_ids, cfg["BLOCK_SIZE_M"], num_experts)
     gate_up = torch.empty((t * k, two_n), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, routing, None, k, cfg)
     hidden_act = silu_and_mul(gate_up)
     out = torch.empty((t * k, hidden), dtype=torch.float32, device=x.device)
     _grouped_gemm(hidden_act, w2, out, routing, topk_weights.reshape(-1).to(torch.float32).contiguous(), 1, cfg)
-    return out.view(t, k, hidden).sum(dim=1).to(x.dtype)
+    return _topk_sum(out, t, k, x.dtype)
 
 
 def moe_workspace_bytes(num_tokens: int, topk: int, intermediate: int, hidden: int, dtype: torch.dtype,
