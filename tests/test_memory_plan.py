@@ -16,7 +16,7 @@ LLAMA8B_KV = KVPool.bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128,
 def gpu_inputs(**kw) -> MemoryInputs:
     base = dict(device="cuda", free_before_weights=79 * GiB, free_after_weights=64 * GiB, weights_bytes=15 * GiB,
                 kv_bytes_per_token=LLAMA8B_KV, model_context_length=131072, hidden_size=4096,
-                intermediate_size=14336, vocab_size=128256, dtype_bytes=2)
+                ffn_bytes_per_token=3 * 14336 * 2, vocab_size=128256, dtype_bytes=2)
     base.update(kw)
     return MemoryInputs(**base)
 

@@ -10,6 +10,8 @@ refuses, and the routing itself.
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,18 @@ from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.errors import ConfigError
 from xinf_sglang.runtime.layers.moe.experts import expert_parameter_of
 from xinf_sglang.runtime.layers.moe.router import select_experts
+from xinf_sglang.runtime.layers.moe.sparse_block import (
+    parameter_counts,
+    workspace_bytes_per_token,
+)
+from xinf_sglang.runtime.mem_cache.memory_plan import plan_memory
 from xinf_sglang.runtime.model_loader.model_config import ModelConfig
+from xinf_sglang.runtime.tp.distributed import TPInfo
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
+from .test_memory_plan import gpu_inputs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -134,3 +145,28 @@ def test_select_experts_matches_softmax_topk():
     normed, _ = select_experts(logits, 3, renormalize=True)
     torch.testing.assert_close(normed.sum(-1), torch.ones(9))
     assert ids.dtype == torch.int32
+
+
+def test_startup_reports_total_and_active_parameters(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="xinf_sglang.runtime"), make_engine(tiny_model("qwen3_moe")) as engine:
+        model = engine.run_on_scheduler(lambda s: s.runner.model)
+        total, active = parameter_counts(model)
+    line = next(r.getMessage() for r in caplog.records if "active per token" in r.getMessage())
+    assert "(2 of 8 experts per sparse layer)" in line
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert total - active == round(experts * 6 / 8)  # 6 of every 8 experts idle for a token
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_memory_plan_counts_the_experts_workspace(name):
+    """At real shapes the fused experts' temporaries per prefill token exceed a dense layer's gate/up output,
+    and the plan reserves them (so a full prefill chunk cannot OOM a step)."""
+    mc = ModelConfig.from_dict(json.loads((CONFIGS / f"{name}.json").read_text()))
+    dense = 3 * mc.intermediate_size * 2
+    per_token = workspace_bytes_per_token(mc.moe, mc.hidden_size, torch.bfloat16, TPInfo())
+    assert per_token > dense
+    inputs = gpu_inputs(ffn_bytes_per_token=per_token, hidden_size=mc.hidden_size, vocab_size=mc.vocab_size)
+    smaller = gpu_inputs(ffn_bytes_per_token=dense, hidden_size=mc.hidden_size, vocab_size=mc.vocab_size)
+    plan, without = plan_memory(inputs), plan_memory(smaller)
+    assert plan.activation_reserve_bytes - without.activation_reserve_bytes == plan.chunked_prefill_size * (
+        per_token - dense)

@@ -28,6 +28,7 @@ from ..constrained import GrammarBackend, LLGuidanceBackend
 from ..model_executor.cuda_graph import CudaGraphRunner
 from ..errors import ConfigError
 from ..tp.distributed import TPInfo
+from ..layers.moe.sparse_block import parameter_counts, workspace_bytes_per_token
 from ..mem_cache.kv_pool import KVPool
 from ..mem_cache.memory_plan import MemoryInputs, MemoryPlan, plan_memory
 from ..model_executor.model_runner import ModelRunner
@@ -180,6 +181,11 @@ def _log_startup(
         mc.architecture, config.model_path, shard.device, str(shard.dtype).removeprefix("torch."), size,
         type(shard.attn).__name__, runner.graphs is not None, limits.overlap, pdl_supported(shard.device),
     )
+    total, active = parameter_counts(shard.model)
+    if total != active:
+        logger.info("sglite parameters%s: %.3gB total, %.3gB active per token (%d of %d experts per sparse layer)",
+                    " (this rank's shard)" if size > 1 else "", total / 1e9, active / 1e9, mc.moe.top_k,
+                    mc.moe.num_experts)
     for line in shard.plan.report():
         logger.info("memory plan: %s", line)
     if size > 1:
@@ -216,6 +222,15 @@ def make_grammar_backend(
     )
 
 
+def _ffn_bytes_per_token(mc: ModelConfig, dtype: torch.dtype, tp: TPInfo) -> int:
+    """Feed-forward temporaries of one prefill token: a dense layer's gate/up output, or a sparse layer's experts
+    workspace, whichever is larger."""
+    dense = 3 * mc.intermediate_size * torch.empty((), dtype=dtype).element_size()
+    if mc.moe is None:
+        return dense
+    return max(dense, workspace_bytes_per_token(mc.moe, mc.hidden_size, dtype, tp))
+
+
 def _plan_memory(
     config: EngineConfig, mc: ModelConfig, device: torch.device, dtype: torch.dtype, free_before: int, weights: int,
     tp: TPInfo,
@@ -234,7 +249,7 @@ def _plan_memory(
         kv_bytes_per_token=KVPool.bytes_per_token(mc.num_layers, kv_heads, mc.head_dim, dtype),
         model_context_length=_model_context_length(mc),
         hidden_size=mc.hidden_size,
-        intermediate_size=mc.intermediate_size,
+        ffn_bytes_per_token=_ffn_bytes_per_token(mc, dtype, tp),
         vocab_size=mc.vocab_size,
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
     )

@@ -42,7 +42,7 @@ class MemoryInputs:
     kv_bytes_per_token: int
     model_context_length: int  # from the model config
     hidden_size: int
-    intermediate_size: int
+    ffn_bytes_per_token: int  # feed-forward temporaries of one prefill token (gate/up outputs; MoE workspace)
     vocab_size: int
     dtype_bytes: int
 
@@ -152,10 +152,11 @@ def plan_memory(
 
 
 def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int, scored: int) -> int:
-    """The largest prefill chunk's hidden states, fused qkv/gate-up outputs and a few temporaries, plus the logits
+    """The largest prefill chunk's hidden states, feed-forward temporaries (a dense layer's gate/up output or the
+    fused experts' workspace, whichever is larger) and a few more, plus the logits
     rows of a full batch, plus the rows of the prompt positions one step scores: the LM head's output in the model
     dtype, its float32 copy and their log-softmax."""
-    act = chunk * (6 * inputs.hidden_size + 3 * inputs.intermediate_size) * inputs.dtype_bytes
+    act = chunk * (6 * inputs.hidden_size * inputs.dtype_bytes + inputs.ffn_bytes_per_token)
     scoring = scored * inputs.vocab_size * (4 + 4 + inputs.dtype_bytes)
     return act + rows * inputs.vocab_size * 4 * 2 + scoring
 

@@ -45,6 +45,10 @@ def _problems(mc: ModelConfig, size: int) -> list[str]:
         (mc.intermediate_size, "intermediate_size"),
         (mc.vocab_size, "vocab_size"),
     ]
+    if mc.moe is not None:  # every expert is split along its intermediate dimension, the shared one too
+        dims.append((mc.moe.intermediate_size, "the experts' intermediate size"))
+        if mc.moe.shared_expert_intermediate_size:
+            dims.append((mc.moe.shared_expert_intermediate_size, "shared_expert_intermediate_size"))
     found = [f"{what} ({n}) is not divisible by {size}" for n, what in dims if n % size]
     kv = mc.num_kv_heads
     if kv % size and size % kv:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from xinf_sglang.kernels.moe import moe_workspace_bytes
 
 from ...model_loader.moe_config import MoEConfig
 from ...tp.distributed import TPInfo, all_reduce
@@ -38,3 +39,25 @@ class SparseMoeBlock(nn.Module):
             gate = torch.sigmoid(self.shared_expert_gate(h))
             out = out + gate * self.shared_expert.partial(h)
         return all_reduce(out, self.tp)
+
+
+def workspace_bytes_per_token(moe: MoEConfig, hidden_size: int, dtype: torch.dtype, tp: TPInfo) -> int:
+    """Temporaries one prefill token costs in a sparse layer (for the memory plan): the fused experts' workspace
+    (gate/up outputs of its ``top_k`` copies, float32 partial sums, routing buffers; kernels/moe) at this rank's
+    expert width, plus the shared expert's gate/up output."""
+    tokens = 4096  # the routing buffers' padding is per expert, not per token: amortise it over a large chunk
+    width = tp.shard(moe.intermediate_size, "moe intermediate size").size
+    routed = moe_workspace_bytes(tokens, moe.top_k, width, hidden_size, dtype, moe.num_experts)
+    shared = 3 * moe.shared_expert_intermediate_size * torch.empty((), dtype=dtype).element_size()
+    return -(-routed // tokens) + shared
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(total, active per token)`` parameters of ``model`` (this rank's shard): a token reads ``top_k`` of the
+    ``num_experts`` routed experts of each sparse layer and every other weight."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(
+        round((b.experts.w13_weight.numel() + b.experts.w2_weight.numel()) * (1 - b.moe.active_fraction()))
+        for b in model.modules() if isinstance(b, SparseMoeBlock)
+    )
+    return total, total - inactive
