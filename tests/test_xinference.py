@@ -124,6 +124,19 @@ def test_sglite_listed_for_custom_and_builtin_families(server: Server, custom_mo
     assert isinstance(engines["sglite"], str) and "sglite serves" in engines["sglite"]
 
 
+def test_moe_sizes_of_builtin_families_listed_iff_sglite_builds_them(server: Server) -> None:
+    """Matching is per spec: Xinference's ``qwen3`` family declares ``Qwen3ForCausalLM`` but its 30B-A3B and
+    235B-A22B sizes are MoE checkpoints; ``Qwen3-Instruct`` declares ``Qwen3MoeForCausalLM`` but its 4B is dense."""
+    from xinf_sglang.runtime.models.registry import SUPPORTED_ARCHITECTURES
+
+    moe = "Qwen3MoeForCausalLM" in SUPPORTED_ARCHITECTURES  # the server runs this very checkout
+    for family, dense, moe_sizes in (("qwen3", {"0_6", 32}, {30, 235}), ("Qwen3-Instruct", {4}, {30, 235})):
+        status, engines = http("GET", f"{server.endpoint}/v1/engines/{family}")
+        assert status == 200 and isinstance(engines["sglite"], list), (family, engines.get("sglite"))
+        sizes = {p["model_size_in_billions"] for p in engines["sglite"] if p["model_format"] == "pytorch"}
+        assert dense <= sizes and (moe_sizes <= sizes if moe else not moe_sizes & sizes), (family, sizes)
+
+
 # ---- OpenAI API through the CLI-launched custom model ----
 
 

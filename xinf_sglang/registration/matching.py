@@ -1,38 +1,39 @@
 """Which Xinference model specs sglite can serve: checkpoint formats, GGUF file types, architectures, abilities.
 
-Read when Xinference builds its engine tables (supervisor and worker, for every family), so nothing here imports
-torch or xinference (the architectures come from the torch-free ``runtime.models.registry``); a local checkpoint's
-architecture is read from its ``config.json`` or GGUF header.
+Read when Xinference builds its engine tables (supervisor and worker, for every spec of every family), so nothing
+here imports torch (the architectures sglite builds come from the torch-free ``runtime.models.registry``, read at
+each call). The architecture is decided per spec, not per family (:mod:`.spec_architecture`): a family may mix dense
+and mixture-of-experts sizes.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING
 
-from ..runtime.models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
+from ..runtime.models import registry
+from .spec_architecture import GGUF_FORMAT, SpecArchitecture, gguf_file, spec_architecture
 
 if TYPE_CHECKING:
     from xinference.model.llm.llm_family import LLMFamilyV2, LLMSpecV1
 
 SUPPORTED_FORMAT = "pytorch"  # Xinference's name for unquantized HF checkpoints (safetensors or .bin)
-GGUF_FORMAT = "ggufv2"  # llama.cpp files; dequantized at load
 # GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
 GGUF_QUANTIZATIONS = re.compile(r"(?i)^(F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q2_K(_S)?|Q3_K_[SML]|Q4_K_[SM]|Q5_K_[SM]|Q6_K)$")
 _TEXT_ONLY_BLOCKERS = ("vision", "audio", "omni", "embed")
+# GGUF_FORMAT (llama.cpp files, dequantized at load) and gguf_file live with the architecture reading; the engine's
+# launch imports them from here.
+__all__ = ["GGUF_FORMAT", "GGUF_QUANTIZATIONS", "SUPPORTED_FORMAT", "gguf_file", "match_model"]
 
-Match = Union[bool, Tuple[bool, str]]
+Match = bool | tuple[bool, str]
 
 
-def match_model(family: "LLMFamilyV2", spec: "LLMSpecV1", quantization: str, need_chat: bool) -> Match:
+def match_model(family: LLMFamilyV2, spec: LLMSpecV1, quantization: str, need_chat: bool) -> Match:
     """``True`` when sglite can serve ``spec`` of ``family`` (with chat, for ``need_chat``), else ``(False,
     reason)``: the reason is shown in ``/v1/engines/{model}`` and the web UI."""
-    archs = _architectures(family, spec)
     problem = (
         _format_problem(spec, quantization)
-        or _architecture_problem(family, archs)
+        or _architecture_problem(family, spec, spec_architecture(family, spec))
         or _ability_problem(family, need_chat)
     )
     return (False, problem) if problem else True
@@ -41,11 +42,11 @@ def match_model(family: "LLMFamilyV2", spec: "LLMSpecV1", quantization: str, nee
 def _serves() -> str:
     return (
         f"sglite serves {SUPPORTED_FORMAT} (safetensors) and {GGUF_FORMAT} checkpoints of "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        f"{', '.join(registry.SUPPORTED_ARCHITECTURES)}"
     )
 
 
-def _format_problem(spec: "LLMSpecV1", quantization: str) -> Optional[str]:
+def _format_problem(spec: LLMSpecV1, quantization: str) -> str | None:
     """Why the checkpoint format or quantization rules the spec out; ``None`` when they do not."""
     fmt = spec.model_format
     if fmt not in (SUPPORTED_FORMAT, GGUF_FORMAT):
@@ -60,19 +61,25 @@ def _format_problem(spec: "LLMSpecV1", quantization: str) -> Optional[str]:
     return None
 
 
-def _architecture_problem(family: "LLMFamilyV2", archs: List[str]) -> Optional[str]:
-    """Why the architectures ``archs`` rule the family out (unknown or unsupported); ``None`` when they do not."""
-    if not archs:
+def _architecture_problem(family: LLMFamilyV2, spec: LLMSpecV1, found: SpecArchitecture) -> str | None:
+    """Why the spec's architectures rule it out (unknown, or none that sglite builds); ``None`` when they do not."""
+    if not found.architectures:
         return (
             f"{_serves()}; the architecture of {family.model_name} is unknown: add "
             f'"architectures": ["Qwen2ForCausalLM"] (or another one) to the model registration'
         )
-    if supported_architecture(archs) is None:
-        return f"{_serves()}; {family.model_name} is {', '.join(archs)}"
+    if not any(a in registry.SUPPORTED_ARCHITECTURES for a in found.architectures):
+        return f"{_serves()}; {_spec_name(family, spec)} is {', '.join(found.architectures)} ({found.source})"
     return None
 
 
-def _ability_problem(family: "LLMFamilyV2", need_chat: bool) -> Optional[str]:
+def _spec_name(family: LLMFamilyV2, spec: LLMSpecV1) -> str:
+    """``qwen3 30B`` (the family, and the size when the spec gives one), as the launch dialog names it."""
+    size = getattr(spec, "model_size_in_billions", None)
+    return f"{family.model_name} {str(size).replace('_', '.')}B" if size not in (None, "") else family.model_name
+
+
+def _ability_problem(family: LLMFamilyV2, need_chat: bool) -> str | None:
     """Why the family's abilities rule it out (not text-only, no chat / generate); ``None`` when they do not."""
     abilities = set(family.model_ability or [])
     blocked = [a for a in _TEXT_ONLY_BLOCKERS if a in abilities]
@@ -83,47 +90,3 @@ def _ability_problem(family: "LLMFamilyV2", need_chat: bool) -> Optional[str]:
     if not need_chat and "generate" not in abilities and "chat" not in abilities:
         return "sglite needs a family with generate or chat ability"
     return None
-
-
-def _architectures(family: "LLMFamilyV2", spec: "LLMSpecV1") -> List[str]:
-    """The family's architectures, else those of a local checkpoint's config.json (custom registrations)."""
-    resolve = getattr(family, "_resolve_architectures", None)
-    archs = resolve() if callable(resolve) else getattr(family, "architectures", None)
-    if archs:
-        return list(archs)
-    uri = getattr(spec, "model_uri", None) or ""
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    if path and spec.model_format == GGUF_FORMAT:
-        return _gguf_architectures(path, spec)
-    config = os.path.join(path, "config.json") if path else ""
-    if config and os.path.isfile(config):
-        try:
-            with open(config, encoding="utf-8") as f:
-                return list(json.load(f).get("architectures") or [])
-        except (OSError, ValueError):
-            return []
-    return []
-
-
-def _gguf_architectures(path: str, spec: "LLMSpecV1") -> List[str]:
-    """The architecture of a local GGUF file, read from its header (no torch, a few hundred bytes)."""
-    from ..runtime.model_loader.gguf_header import hf_architecture
-
-    try:
-        arch = hf_architecture(gguf_file(path, spec))
-    except (OSError, ValueError):
-        return []
-    return [arch] if arch else []
-
-
-def gguf_file(model_path: str, spec: "LLMSpecV1") -> str:
-    """The GGUF file Xinference means: ``model_path`` itself, or the spec's file (first part of a split file)
-    in the ``model_path`` folder, as Xinference's llama.cpp engine resolves it."""
-    if os.path.isfile(model_path):
-        return model_path
-    quantization = spec.quantization
-    parts = (getattr(spec, "quantization_parts", None) or {}).get(quantization)
-    split_template = getattr(spec, "model_file_name_split_template", None)
-    if split_template and parts:
-        return os.path.join(model_path, split_template.format(quantization=quantization, part=parts[0]))
-    return os.path.join(model_path, spec.model_file_name_template.format(quantization=quantization))
