@@ -39,3 +39,12 @@ def test_every_package_folder_is_shipped() -> None:
             found.add(".".join([name, *rel.parts]))
     missing = sorted(found - _packages_setuptools_finds())
     assert not missing, f"package folders a built wheel would lack (see pyproject.toml [tool.setuptools]): {missing}"
+
+
+def test_tuned_moe_configs_are_package_data() -> None:
+    """The fused-MoE launch configs are JSON beside the kernel: a wheel ships them only through package-data."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data["xinf_sglang.kernels.moe"]
+    shipped = {p for g in globs for p in (ROOT / "kernels" / "moe").glob(g)}
+    assert set((ROOT / "kernels" / "moe" / "configs").glob("*.json")) <= shipped
+    assert "configs/*.json" in globs

@@ -27,6 +27,7 @@ import torch
 from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..sampling.sampling_params import SamplingParams
+from ..layers.moe.sparse_block import parameter_counts
 from .timing import measure_bandwidth
 
 
@@ -145,6 +146,7 @@ class SgliteRun:
     device: torch.device
     dtype: torch.dtype
     weights_bytes: int
+    active_weights_bytes: int  # what one token reads: a mixture of experts reads top_k of its routed experts
 
 
 def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
@@ -164,7 +166,9 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
         if json_schema is not None:
             engine.flush_cache()  # same prompts, cold cache: the two runs prefill the same work
             results.append(bench_engine(engine, workload, json_schema=json_schema))
-        return SgliteRun(workload, results, engine.device, engine.dtype, engine.memory_plan.weights_bytes)
+        total, active = engine.run_on_scheduler(lambda s: parameter_counts(s.runner.model))
+        weights = engine.memory_plan.weights_bytes
+        return SgliteRun(workload, results, engine.device, engine.dtype, weights, weights * active // total)
     finally:
         engine.shutdown()
         del engine
@@ -179,7 +183,7 @@ def print_report(results: list[Result], sg: SgliteRun, roofline: bool) -> None:
     print_cache_report(results)
     print_mask_times(results)
     if roofline:
-        print_roofline(results[0], sg.weights_bytes, sg.device)
+        print_roofline(results[0], sg.active_weights_bytes, sg.device, sg.weights_bytes)
 
 
 def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = None) -> Result:
@@ -337,10 +341,14 @@ def print_cache_report(results: list[Result]) -> None:
             print(f"{r.name}: cached {r.cache_hit_rate:.1%} of prompt tokens = {share:.1%} of the maximum")
 
 
-def print_roofline(result: Result, weights_bytes: int, device: torch.device) -> None:
-    """Batch-1 decode reads every weight once per token: the floor is weights_bytes / bandwidth per token, at the
-    copy bandwidth (the target's yardstick) and, stricter, at the read bandwidth."""
+def print_roofline(result: Result, weights_bytes: int, device: torch.device, total_bytes: int | None = None) -> None:
+    """Batch-1 decode reads every weight a token uses once per token: the floor is ``weights_bytes`` (the active
+    weights of a mixture of experts, ``total_bytes`` of which are stored) / bandwidth per token, at the copy
+    bandwidth (the target's yardstick) and, stricter, at the read bandwidth."""
     bw = measure_bandwidth(device)
+    if total_bytes is not None and total_bytes != weights_bytes:
+        print(f"\nroofline: a mixture of experts: {weights_bytes / 1e9:.2f} GB of its {total_bytes / 1e9:.2f} GB of "
+              "weights are read per token at batch 1 (top-k experts, attention, embeddings, LM head)")
     per_token_ms = result.seconds / max(1, result.workload.output_tokens / len(result.workload.prompts)) * 1e3
     copy_floor_ms, read_floor_ms = weights_bytes / bw.copy * 1e3, weights_bytes / bw.read * 1e3
     print(f"\nroofline: weights {weights_bytes / 1e9:.2f} GB; copy bandwidth {bw.copy / 1e12:.2f} TB/s (read+write) "
