@@ -1,4 +1,4 @@
-"""On the GPU, the runtime's greedy tokens on the tiny llama / qwen2 / qwen3 models equal HF transformers' on the
+"""On the GPU, the runtime's greedy tokens on the tiny llama / qwen2 / qwen3 models and their mixtures of experts equal HF transformers' on the
 same GPU in float32, in every regime: CUDA graphs with and without the overlap schedule, the Triton backend
 without graphs, the torch reference backend, chunked prefill and retraction; graphs on and off give the same
 tokens, and graph decoding really ran. In float16 / bfloat16 (where decode runs the skinny-linear kernels) tokens
@@ -20,7 +20,7 @@ from xinf_sglang.runtime import SamplingParams  # noqa: E402
 
 from ..engine_helpers import hf_greedy, make_engine, varied_prompts  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "qwen3"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]  # MoE: the Triton fused experts
 NEW_TOKENS = 48
 DEVICE = "cuda"
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
