@@ -38,11 +38,11 @@ def _random_k_blocks(shape: tuple[int, ...], qtype: str, rng: np.random.Generato
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    rows, cols = shape
+    *rows, cols = shape  # 2-D weights, or 3-D stacked experts
     if cols % block:
         raise ValueError(f"{qtype} needs rows of a multiple of {block} values; got {cols}")
-    blocks = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    blocks = rng.integers(0, 256, size=(*rows, cols // block, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
     for offset in K_SCALE_OFFSETS[qtype]:
-        blocks[:, :, offset:offset + 2] = scale
-    return blocks.reshape(rows, -1)
+        blocks[..., offset:offset + 2] = scale
+    return blocks.reshape(*rows, -1)

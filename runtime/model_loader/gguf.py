@@ -2,16 +2,24 @@
 
 What is mapped (facts of llama.cpp's ``convert_hf_to_gguf.py`` and of the GGUF spec):
 
-- ``general.architecture`` ``llama`` (Llama and Mistral checkpoints alike), ``qwen2``, ``qwen3``; the model's
-  hyper-parameters are ``{arch}.block_count``, ``.embedding_length``, ``.feed_forward_length``,
-  ``.attention.head_count(_kv)``, ``.attention.key_length``, ``.attention.layer_norm_rms_epsilon``,
-  ``.rope.freq_base``, ``.rope.scaling.*``, ``.context_length``.
-- Tensor names: ``token_embd``, ``output_norm``, ``output`` (absent when the embeddings are tied) and per block
-  ``blk.N.{attn_q,attn_k,attn_v,attn_output,attn_norm,attn_q_norm,attn_k_norm,ffn_gate,ffn_up,ffn_down,ffn_norm}``.
-- For the ``llama`` architecture the converter permutes the rows of Q and K (its rotary pairs dimensions
-  ``(i, i + d/2)`` as adjacent ``(2i, 2i + 1)``); the reader undoes it, so the weights equal the HF ones.
+- ``general.architecture`` ``llama`` (Llama and Mistral checkpoints alike; Mixtral when ``llama.expert_count`` > 0),
+  ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``; the model's hyper-parameters are ``{arch}.block_count``,
+  ``.embedding_length``, ``.feed_forward_length``, ``.attention.head_count(_kv)``, ``.attention.key_length``,
+  ``.attention.layer_norm_rms_epsilon``, ``.rope.freq_base``, ``.rope.scaling.*``, ``.context_length``; experts:
+  ``.expert_count``, ``.expert_used_count``, ``.expert_feed_forward_length``, ``.expert_shared_feed_forward_length``
+  (HF's ``num_experts`` / ``num_local_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+  ``shared_expert_intermediate_size``; ``norm_topk_prob`` is llama.cpp's fixed choice per architecture, see
+  `_moe_config`).
+- Tensor names (`gguf_names`): ``token_embd``, ``output_norm``, ``output`` (absent when the embeddings are tied) and
+  per block ``blk.N.{attn_q,attn_k,attn_v,attn_output,attn_norm,attn_q_norm,attn_k_norm,ffn_gate,ffn_up,ffn_down,
+  ffn_norm}``; experts ``ffn_gate_inp`` (router), ``ffn_{gate,up,down}_exps`` (stacked, 3-D) and Qwen2-MoE's shared
+  expert ``ffn_{gate,up,down}_shexp`` + ``ffn_gate_inp_shexp``. Old Mixtral files with one tensor per expert
+  (``blk.N.ffn_gate.E.weight``) are stacked at load into today's layout.
+- For the ``llama`` architecture (Mixtral included) the converter permutes the rows of Q and K (its rotary pairs
+  dimensions ``(i, i + d/2)`` as adjacent ``(2i, 2i + 1)``); the reader undoes it, so the weights equal the HF ones.
 - Llama 3.1's rope scaling is stored as a ``rope_freqs`` tensor of per-frequency divisors.
-- GGUF lists a tensor's dimensions fastest first; the numpy array is the reverse (``[out, in]`` for a linear).
+- GGUF lists a tensor's dimensions fastest first; the numpy array is the reverse (``[out, in]`` for a linear,
+  ``[experts, out, in]`` for stacked experts).
 
 Weights are dequantized to float32 with ``gguf.quants.dequantize`` (numpy) one tensor at a time and cast to the
 engine dtype by the caller; keeping them quantized on the GPU is a later step (README).
@@ -30,21 +38,14 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .gguf_header import ARCHITECTURES
+from .gguf_header import ARCHITECTURES, MOE_ARCHITECTURES
+from .gguf_names import MIXTRAL_MOE_PREFIX, MOE_PREFIX, OLD_EXPERT, hf_tensor_name
 
 
 DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                      "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 """Tensor types the reader dequantizes (each checked in tests/test_gguf.py)."""
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
@@ -113,24 +114,19 @@ class GGUFMetadata:
             )
         return arch
 
+    @property
+    def hf_architecture(self) -> str:
+        """The HF architecture the file holds: ``llama`` with experts is Mixtral (`MOE_ARCHITECTURES`)."""
+        arch = self.architecture
+        if arch in MOE_ARCHITECTURES and int(self.get(f"{arch}.expert_count") or 0) > 0:
+            return MOE_ARCHITECTURES[arch]
+        return ARCHITECTURES[arch]
+
 
 def is_later_split_part(path: Path) -> bool:
     """Whether ``path`` is part 2, 3, ... of a split GGUF (``name-00002-of-00003.gguf``)."""
     split = _SPLIT.match(path.name)
     return split is not None and int(split.group(2)) != 1
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF checkpoint name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
-    None for tensors the decoder does not take (``rope_freqs`` is read into the config instead)."""
-    block = _BLOCK.match(gguf_name)
-    if block is not None:
-        layer, part, kind = block.groups()
-        target = _BLOCK_NAMES.get(part)
-        return None if target is None else f"model.layers.{layer}.{target}.{kind}"
-    stem, _, kind = gguf_name.rpartition(".")
-    target = _GLOBAL_NAMES.get(stem)
-    return None if target is None else f"{target}.{kind}"
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -170,6 +166,9 @@ class GGUFWeights:
         arch = metadata.architecture
         self._heads = int(metadata.require(f"{arch}.attention.head_count"))
         self._kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", self._heads))
+        self._experts = int(metadata.get(f"{arch}.expert_count") or 0)
+        mixtral = metadata.hf_architecture == MOE_ARCHITECTURES.get(arch)
+        self._moe_prefix = MIXTRAL_MOE_PREFIX if mixtral else MOE_PREFIX
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -190,9 +189,15 @@ class GGUFWeights:
         return sum(int(t.n_bytes) for t in self._tensors)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(hf_name, float32 tensor)`` for every tensor the decoder takes, Q/K rows in HF order."""
+        """``(hf_name, float32 tensor)`` for every tensor the decoder takes, Q/K rows in HF order, experts stacked
+        (``[E, I, H]`` / ``[E, H, I]``), Qwen2-MoE's shared-expert gate as ``[1, H]`` (GGUF stores it 1-D)."""
+        pending: dict[tuple[str, str], dict[int, np.ndarray]] = {}
         for t in self._tensors:
-            name = hf_tensor_name(t.name)
+            old = OLD_EXPERT.match(t.name)
+            if old is not None:
+                yield from self._stack_old_experts(pending, old.groups(), dequantize(t))
+                continue
+            name = hf_tensor_name(t.name, self._moe_prefix)
             if name is None:
                 continue
             value = torch.from_numpy(dequantize(t))
@@ -200,7 +205,27 @@ class GGUFWeights:
                 value = unpermute_qk(value, self._heads)
             elif self._permute and ".k_proj." in name:
                 value = unpermute_qk(value, self._kv_heads)
+            elif name.endswith(".shared_expert_gate.weight"):
+                value = value.reshape(1, -1)
             yield name, value
+        if pending:
+            raise ConfigError(f"GGUF experts incomplete: layer/projection {sorted(pending)} lacks some of "
+                              f"{self._experts} experts")
+
+    def _stack_old_experts(self, pending: dict[tuple[str, str], dict[int, np.ndarray]], key: tuple[str, str, str],
+                           value: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+        """llama.cpp's first Mixtral files hold one tensor per expert (``blk.N.ffn_gate.E.weight``): gather a
+        layer's projection until all `expert_count` experts are in, then yield them stacked like today's files."""
+        layer, proj, expert = key
+        if int(expert) >= self._experts:
+            raise ConfigError(f"GGUF tensor blk.{layer}.ffn_{proj}.{expert}.weight: expert {expert} of "
+                              f"expert_count={self._experts}")
+        experts = pending.setdefault((layer, proj), {})
+        experts[int(expert)] = value
+        if len(experts) == self._experts:
+            del pending[(layer, proj)]
+            stacked = np.stack([experts[e] for e in range(self._experts)])
+            yield f"model.layers.{layer}.{self._moe_prefix}.experts.{proj}_proj", torch.from_numpy(stacked)
 
 
 def config_dict(metadata: GGUFMetadata, weights: GGUFWeights) -> dict[str, Any]:
@@ -211,7 +236,7 @@ def config_dict(metadata: GGUFMetadata, weights: GGUFWeights) -> dict[str, Any]:
     hidden = int(metadata.require(key("embedding_length")))
     names = weights.names()
     cfg: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[arch]],
+        "architectures": [metadata.hf_architecture],
         "model_type": arch,
         "vocab_size": int(metadata.get(key("vocab_size")) or metadata.count("tokenizer.ggml.tokens") or _embedding_rows(weights)),
         "hidden_size": hidden,
@@ -228,6 +253,45 @@ def config_dict(metadata: GGUFMetadata, weights: GGUFWeights) -> dict[str, Any]:
         "eos_token_id": eos_token_ids(metadata),
         "dtype": "float32",
     }
+    cfg.update(_moe_config(metadata, weights))
+    return cfg
+
+
+_MOE_MODEL_TYPES = {"Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
+                    "MixtralForCausalLM": "mixtral"}
+
+
+def _moe_config(metadata: GGUFMetadata, weights: GGUFWeights) -> dict[str, Any]:
+    """HF's expert keys of a mixture of experts (``{}`` for a dense model), with llama.cpp's routing.
+
+    The GGUF has no key for renormalising the top-k weights: llama.cpp's graphs hard-code it (``build_moe_ffn``'s
+    ``norm_w``: true in ``src/models/qwen3moe.cpp`` and for ``llama`` experts, false in ``qwen2moe.cpp``), so that is
+    what a GGUF model computes whatever its HF config said; transformers' GGUF reader also sets ``norm_topk_prob``
+    true for qwen3_moe. Absent expert widths fall back as llama.cpp's do (``feed_forward_length / expert_used_count``
+    for the experts, ``feed_forward_length`` for the shared one). A layer without a router is dense (llama.cpp's
+    converter writes its FFN as ``ffn_gate/up/down``): `mlp_only_layers` lists those.
+    """
+    arch, hf_arch = metadata.architecture, metadata.hf_architecture
+    if hf_arch not in _MOE_MODEL_TYPES:
+        return {}
+    key = lambda name: f"{arch}.{name}"
+    experts, used = int(metadata.require(key("expert_count"))), int(metadata.require(key("expert_used_count")))
+    if hf_arch == "MixtralForCausalLM":  # experts as wide as feed_forward_length, always renormalised
+        return {"model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": used}
+    ffn, names = int(metadata.require(key("feed_forward_length"))), weights.names()
+    layers = int(metadata.require(key("block_count")))
+    cfg: dict[str, Any] = {
+        "model_type": _MOE_MODEL_TYPES[hf_arch],
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": int(metadata.get(key("expert_feed_forward_length")) or ffn // used),
+        "norm_topk_prob": arch == "qwen3moe",
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names],
+    }
+    if arch == "qwen2moe":
+        cfg["shared_expert_intermediate_size"] = int(metadata.get(key("expert_shared_feed_forward_length")) or ffn)
+        cfg["qkv_bias"] = "blk.0.attn_q.bias" in names
     return cfg
 
 

@@ -14,8 +14,12 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 """GGUF ``general.architecture`` -> the HF architecture sglite builds (Mistral GGUFs are ``llama``)."""
+MOE_ARCHITECTURES = {"llama": "MixtralForCausalLM"}
+"""GGUF architectures whose files with ``{arch}.expert_count`` > 0 are a mixture of experts: llama.cpp writes
+Mixtral as ``llama`` with stacked experts (``ffn_*_exps``)."""
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -29,7 +33,13 @@ def hf_architecture(path: str | Path) -> str | None:
         GGUFHeaderError: see `read_metadata_value`.
     """
     arch = read_metadata_value(path, "general.architecture")
-    return ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+    if not isinstance(arch, str):
+        return None
+    # llama.cpp writes the hyper-parameters before the tokenizer: a dense file's search ends at its first
+    # ``tokenizer.*`` key instead of skipping a vocabulary of strings one by one.
+    if arch in MOE_ARCHITECTURES and read_metadata_value(path, f"{arch}.expert_count", stop_prefix="tokenizer."):
+        return MOE_ARCHITECTURES[arch]
+    return ARCHITECTURES.get(arch)
 
 
 class GGUFHeaderError(ValueError):
@@ -37,8 +47,10 @@ class GGUFHeaderError(ValueError):
     too deep, an unknown value type). The message names the file and what is wrong."""
 
 
-def read_metadata_value(path: str | Path, key: str, max_keys: int = 64) -> object | None:
-    """The value of ``key`` among the first ``max_keys`` metadata entries of the GGUF file, or None.
+def read_metadata_value(path: str | Path, key: str, max_keys: int = 64,
+                        stop_prefix: str | None = None) -> object | None:
+    """The value of ``key`` among the first ``max_keys`` metadata entries of the GGUF file, or None (also when an
+    entry whose name starts with ``stop_prefix`` comes first).
 
     Raises:
         GGUFHeaderError: the file is not GGUF v2/v3, or its header is malformed (a ``ValueError``: whoever lists
@@ -53,6 +65,8 @@ def read_metadata_value(path: str | Path, key: str, max_keys: int = 64) -> objec
             raise GGUFHeaderError(f"{path}: GGUF version {version} is not supported (2 or 3)")
         for _ in range(min(kv_count, max_keys)):
             name = reader.string()
+            if stop_prefix is not None and name.startswith(stop_prefix):
+                return None
             (kind,) = reader.unpack("<I")
             if name == key:
                 return reader.value(kind)
