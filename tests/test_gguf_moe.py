@@ -10,7 +10,9 @@ Mixtral), written by the test writer from tiny HF checkpoints and read by sglite
   (the "all sparse" variants below), and loads a Mixtral GGUF as a dense ``LlamaForCausalLM`` whose MLPs stay random:
   Mixtral rests on (a) and on (c) against the safetensors;
 - (c) sglite's greedy tokens on the GGUF equal transformers' on the same weights (the rounded safetensors; for the
-  Qwen archs also transformers' own reading of the GGUF).
+  Qwen archs also transformers' own reading of the GGUF);
+- llama.cpp itself (xllamacpp) running the F32 files gives transformers' greedy tokens, Mixtral included: what the
+  writer and reader assume of llama.cpp's layout and routing is llama.cpp's.
 """
 
 from __future__ import annotations
@@ -244,6 +246,27 @@ def test_hf_reads_the_gguf_as_the_safetensors(arch: str, qtype: str, tmp_path_fa
         got = _hf_gguf_model(gguf_file, source)(ids).logits
         want = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_llama_cpp_runs_the_gguf_like_hf(arch: str, tmp_path_factory, tiny_model) -> None:
+    """llama.cpp itself (xllamacpp, the bench's baseline) on the F32 file: the layout, the expert keys and the
+    top-k renormalisation the writer and reader assume are llama.cpp's. llama.cpp's ``ignore_eos`` bans the
+    end-of-generation tokens, so prompts after which HF picks a special token are left out."""
+    from xinf_sglang.runtime.bench.llamacpp_baseline import LlamaCppOptions, generated_ids, start_server
+    from xinf_sglang.runtime.testing.tiny_model import SPECIAL_TOKENS
+
+    source = tiny_model(arch, **ALL_SPARSE.get(arch, {}))
+    gguf_file = _gguf(tmp_path_factory, tiny_model, arch, "F32", **ALL_SPARSE.get(arch, {}))
+    prompts = varied_prompts(source, 4, min_len=5, max_len=30)
+    expected = {i: hf_greedy(source, p, NEW_TOKENS) for i, p in enumerate(prompts)}
+    kept = [i for i, tokens in expected.items() if not set(tokens) & set(range(len(SPECIAL_TOKENS)))]
+    assert len(kept) >= 2, "too few prompts without a special token to compare"
+    server = start_server(gguf_file, 2, 64, LlamaCppOptions(parallel=2, threads=1))
+    try:
+        assert {i: generated_ids(server, prompts[i], NEW_TOKENS) for i in kept} == {i: expected[i] for i in kept}
+    finally:
+        del server
 
 
 # ---- (c) sglite's engine ----
