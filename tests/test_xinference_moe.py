@@ -1,0 +1,76 @@
+"""A mixture-of-experts model through a real Xinference: a tiny Qwen3-MoE checkpoint registered as a custom model
+and launched with the sglite engine serves a chat whose greedy answer is HF transformers' (streamed and not), and a
+JSON-schema request whose answer validates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from .engine_helpers import hf_greedy
+from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, registered_model, terminate
+
+NAME = "sglite-tiny-qwen3-moe"
+UID = "tiny-qwen3-moe"
+MESSAGES = [{"role": "user", "content": "Name three prime numbers."}]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def moe(server: Server, tiny_model) -> Iterator[tuple[str, Path]]:
+    """(model uid, checkpoint) of the tiny Qwen3-MoE launched through ``POST /v1/models`` as the web UI does."""
+    model_dir = tiny_model("qwen3_moe")
+    with registered_model(server, model_dir, name=NAME):
+        body = {"model_name": NAME, "model_engine": "sglite", "model_uid": UID, "model_format": "pytorch",
+                "model_size_in_billions": "0_001", "mem_fraction_static": "0.3", "context_length": 1024}
+        status, reply = http("POST", server.endpoint + "/v1/models", body, timeout=LAUNCH_TIMEOUT)
+        assert status == 200, f"{reply}\n{server.log_tail()}"
+        try:
+            yield UID, model_dir
+        finally:
+            terminate(server, UID)
+
+
+def test_sglite_is_offered_for_the_moe_checkpoint(server: Server, moe: tuple[str, Path]) -> None:
+    status, engines = http("GET", f"{server.endpoint}/v1/engines/{NAME}")
+    assert status == 200 and "sglite" in engines, engines
+
+
+def test_greedy_chat_is_hf_transformers_answer(server: Server, moe: tuple[str, Path]) -> None:
+    uid, model_dir = moe
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ref = hf_greedy(model_dir, list(prompt["input_ids"]), 24)
+    stops = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
+    expected = tok.decode(ref[:cut], skip_special_tokens=True)
+    client = openai_client(server)
+    reply = client.chat.completions.create(model=uid, messages=MESSAGES, max_tokens=24, temperature=0.0)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == ("stop" if cut < len(ref) else "length")
+    assert reply.usage.completion_tokens == min(cut + 1, 24)
+    stream = client.chat.completions.create(model=uid, messages=MESSAGES, max_tokens=24, temperature=0.0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_json_schema_chat_validates(server: Server, moe: tuple[str, Path]) -> None:
+    uid, _ = moe
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    reply = openai_client(server).chat.completions.create(
+        model=uid, messages=[{"role": "user", "content": "A person, as JSON."}], max_tokens=200, temperature=0.7,
+        seed=1, response_format=response_format)
+    assert reply.choices[0].finish_reason == "stop"
+    person = json.loads(reply.choices[0].message.content)
+    assert set(person) == {"name", "age"} and 1 <= len(person["name"]) <= 12 and 0 <= person["age"] <= 120
