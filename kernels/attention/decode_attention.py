@@ -92,9 +92,10 @@ def decode_attention_ref(
     sm_scale: float,
     new_token: NewToken | None = None,
 ) -> torch.Tensor:
-    """``q [B, Hq, D]`` -> ``o [B, Hq, D]``; request b attends to positions ``[0, seq_lens[b])``.
+    """``q [B, Hq, D]`` -> ``o [B, Hq, Dv]``; request b attends to positions ``[0, seq_lens[b])``.
 
-    Query heads are grouped per KV head (GQA: head h uses KV head ``h // (Hq // Hkv)``). Computed in float32.
+    Query heads are grouped per KV head (GQA: head h uses KV head ``h // (Hq // Hkv)``). Computed in float32. V may be
+    narrower than K (``Dv <= D``; MLA reads its latent as V through a view of the K buffer).
     With ``new_token``: q and ``new_token.k`` are rotated first (``apply_rotary_ref``) and every row's token K/V
     stored at ``new_token.loc`` (``store_kv_ref``).
     """
@@ -113,7 +114,7 @@ def decode_attention_ref(
     pad = torch.arange(max_len, device=q.device)[None, :] >= seq_lens[:, None]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.einsum("bhgl,blhd->bhgd", scores.softmax(-1), v)
-    return out.reshape(bs, num_q_heads, head_dim).to(q.dtype)
+    return out.reshape(bs, num_q_heads, v.shape[-1]).to(q.dtype)
 
 
 @dataclass(frozen=True)

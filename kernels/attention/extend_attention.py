@@ -48,7 +48,8 @@ def extend_attention_ref(
     extend_start_loc: torch.Tensor,
     sm_scale: float,
 ) -> torch.Tensor:
-    """``q [T, Hq, D]`` (new tokens of all requests, concatenated) -> ``o [T, Hq, D]``.
+    """``q [T, Hq, D]`` (new tokens of all requests, concatenated) -> ``o [T, Hq, Dv]`` (``Dv <= D``: V may be
+    narrower than K, as MLA's latent).
 
     Request b owns rows ``extend_start_loc[b] : + extend_seq_lens[b]`` of q; its prefix length is
     ``seq_lens[b] - extend_seq_lens[b]``; its new token j (position ``prefix + j``) sees positions ``<= prefix + j``.
@@ -56,7 +57,7 @@ def extend_attention_ref(
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
     group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], num_q_heads, v_buffer.shape[-1])
     rows = req_pool_indices.tolist()
     for row, total, n, start in zip(rows, seq_lens.tolist(), extend_seq_lens.tolist(), extend_start_loc.tolist()):
         if n == 0:
@@ -70,7 +71,7 @@ def extend_attention_ref(
         k_pos = torch.arange(total, device=q.device)[None, :]
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         o = torch.einsum("hgnl,lhd->nhgd", scores.softmax(-1), v)
-        out[start : start + n] = o.reshape(n, num_q_heads, head_dim).to(q.dtype)
+        out[start : start + n] = o.reshape(n, num_q_heads, v.shape[-1]).to(q.dtype)
     return out
 
 

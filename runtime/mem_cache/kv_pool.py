@@ -2,6 +2,7 @@
 
 Layout (shared with kernels/): ``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_slots + 1, Hkv, D]``.
 Slot 0 is the dummy slot: the allocator never hands it out, and padded rows (CUDA-graph batches) write there.
+`MLAKVPool` is multi-head latent attention's layout: one row per token and layer shared by all heads.
 """
 
 from __future__ import annotations
@@ -24,3 +25,24 @@ class KVPool:
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """``num_kv_heads * head_dim * num_layers * 2 (K and V) * dtype_bytes``."""
         return num_kv_heads * head_dim * num_layers * 2 * torch.empty((), dtype=dtype).element_size()
+
+
+class MLAKVPool(KVPool):
+    """MLA's cache (DeepSeek): per layer one buffer ``[num_slots + 1, 1, kv_lora_rank + rope_dim]`` holding each
+    token's normalised latent ``c_kv`` and rotated rope key ``k_pe``; ``v_buffers[layer]`` is a view of its first
+    ``kv_lora_rank`` columns (the latent is the value of absorbed attention), so nothing is stored twice and the
+    attention kernels see multi-query attention with one KV head."""
+
+    def __init__(
+        self, num_slots: int, num_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_slots = num_slots
+        shape = (num_slots + 1, 1, kv_lora_rank + rope_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [buf[..., :kv_lora_rank] for buf in self.k_buffers]
+
+    @staticmethod
+    def mla_bytes_per_token(num_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> int:
+        """``(kv_lora_rank + rope_dim) * num_layers * dtype_bytes`` (DeepSeek-V3 in bf16: 576 * 61 * 2)."""
+        return (kv_lora_rank + rope_dim) * num_layers * torch.empty((), dtype=dtype).element_size()

@@ -53,6 +53,33 @@ class AttentionBackend(ABC):
         self.store_kv(layer_id, batch.out_cache_loc, k, v)
         return self.forward_extend(q, layer_id, batch)
 
+    def forward_mla(self, q: torch.Tensor, kv: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """Multi-head latent attention with absorbed weights (DeepSeek): ``q [T, H, Dk]`` (the query in latent
+        space, its rope part rotated), ``kv [T, 1, Dk]`` the new tokens' cache rows (normalised latent + rotated rope
+        key, ``Dk = kv_lora_rank + qk_rope_head_dim``) -> ``[T, H, Dv]`` in latent space (``Dv = kv_lora_rank``).
+
+        The pool is an `MLAKVPool`: one row per token shared by all heads, V a view of its first ``Dv`` columns, so
+        this is multi-query attention with one KV head. Stores ``kv`` at ``batch.out_cache_loc``, then attends."""
+        self.kv_pool.k_buffers[layer_id].index_copy_(0, batch.out_cache_loc, kv)
+        if batch.mode is ForwardMode.DECODE:
+            return self.mla_decode(q, layer_id, batch)
+        return self.mla_extend(q, layer_id, batch)
+
+    def mla_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """One token per request over the latent cache (already holding this step's rows). The torch reference
+        here (the CPU's path for MLA: the C++ kernel reads K and V of one width); the Triton backend overrides it."""
+        return decode_attention_ref(
+            q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id], self.req_to_token,
+            batch.req_pool_indices, batch.seq_lens, self.sm_scale,
+        )
+
+    def mla_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """New tokens over their cached prefix and themselves (causal), on the latent cache; reference here."""
+        return extend_attention_ref(
+            q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id], self.req_to_token,
+            batch.req_pool_indices, batch.seq_lens, batch.extend_seq_lens, batch.extend_start_loc, self.sm_scale,
+        )
+
     @abstractmethod
     def store_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
