@@ -8,8 +8,12 @@
   slice of the activation; the partial outputs are summed over ranks (`runtime.distributed.all_reduce`, the
   identity at size 1). The bias is added once, on rank 0.
 
-The forward of every layer is ``kernels.linear`` (a bandwidth-bound Triton kernel for decode-sized batches on
-CUDA, ``F.linear`` otherwise). Parameters keep the names ``weight`` and ``bias``.
+What a layer stores and how it multiplies is its `LinearMethod` (``quantization/``): the dense method keeps
+``weight [out, in]`` and runs ``kernels.linear`` (a bandwidth-bound Triton kernel for decode-sized batches on
+CUDA, ``F.linear`` otherwise); a quantized one stores packed weights, scales and zeros. The loaders below cut every
+parameter from its `ParamLayout` alone (which stored dim runs along W's output / input features and how many
+features one element spans), so they serve every format; a shard boundary inside a pack, group or block is
+refused by name when the layer is built. The bias is always dense, in the model's dtype.
 """
 
 from __future__ import annotations
@@ -20,32 +24,70 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xinf_sglang.kernels import linear
-
+from ..errors import ConfigError
 from ..tp.distributed import ShardRange, TPInfo, all_reduce
-from .weights import ShardId, default_weight_loader, empty_parameter, load_slice
+from .quantization.base import UNQUANTIZED, LinearMethod, ParamLayout
+from .weights import ShardId, load_slice
 
 
 class LinearBase(nn.Module):
-    """``x @ weight.T + bias`` with ``weight [out, in]`` of this rank's shard; one checkpoint tensor per parameter
-    unless a subclass stacks several (``shard_ids``)."""
+    """``x @ W.T + bias`` with W this rank's ``[out, in]`` shard, stored as ``method`` lays it out (for the dense
+    method: ``weight [out, in]``); one checkpoint tensor per parameter unless a subclass stacks several
+    (``shard_ids``). ``prefix`` (the checkpoint module name) only names the layer in errors."""
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo,
+                 method: LinearMethod = UNQUANTIZED, prefix: str = "") -> None:
         super().__init__()
         self.tp = tp
-        self.weight = empty_parameter(out_features, in_features)
-        self.bias = empty_parameter(out_features) if bias else None
+        self.quant_method = method
+        self.prefix = prefix
+        try:
+            layouts = method.layouts(in_features, out_features)
+        except ValueError as exc:
+            self.refuse(str(exc))
+        if bias:
+            layouts.append(ParamLayout("bias", (out_features,), output_dim=0))
+        else:
+            self.bias = None
+        for layout in layouts:
+            self.register_parameter(layout.name, _parameter(layout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
+
+    def refuse(self, problem: str) -> None:
+        raise ConfigError(f"{self.prefix or type(self).__name__} ({self.quant_method.describe()}): {problem}")
+
+
+_ALIGN = ("sglite needs every tensor-parallel shard and stacked projection to start on a pack, group or block "
+          "boundary (try another tp_size)")
+
+
+def _parameter(layout: ParamLayout) -> nn.Parameter:
+    """Uninitialised and frozen (the loader or the dummy initialiser writes it); a parameter with a dtype of its
+    own is marked so that casting the model to its dtype leaves it as stored (``model_loader.cast_model``)."""
+    param = nn.Parameter(torch.empty(layout.shape, dtype=layout.dtype), requires_grad=False)
+    param.param_layout = layout
+    param.keeps_dtype = layout.dtype is not None
+    return param
+
+
+def _broadcast(layout: ParamLayout, loaded, full_out: int):
+    """A per-tensor value (``scalar`` layouts) as the full per-output-feature tensor the slicing expects."""
+    if not layout.scalar or (len(loaded.shape) > 0 and loaded.shape[0] != 1):
+        return loaded
+    value = loaded.read() if hasattr(loaded, "read") else loaded
+    shape = [1] * len(layout.shape)
+    shape[layout.output_dim] = full_out
+    return value.reshape(-1)[:1].reshape([1] * len(shape)).expand(shape)
 
 
 @dataclass(frozen=True)
 class _Slot:
-    """Where one stacked checkpoint tensor lands: parameter rows ``[offset, offset + rows)`` take rows
-    ``[start, start + rows)`` of the checkpoint tensor, which has ``full`` rows."""
+    """Where one stacked checkpoint tensor lands: rows ``[offset, offset + rows)`` of W take rows
+    ``[start, start + rows)`` of the checkpoint's W, which has ``full`` rows."""
 
     offset: int
     rows: int
@@ -65,59 +107,103 @@ def _stack(parts: Sequence[tuple[ShardId, ShardRange, int]], unit: int) -> dict[
 class _ColumnParallelLinear(LinearBase):
     """Output features split over ranks, stacked from several checkpoint tensors (one `_Slot` each)."""
 
-    def __init__(self, in_features: int, slots: dict[ShardId, _Slot], bias: bool, tp: TPInfo) -> None:
-        super().__init__(in_features, sum(s.rows for s in slots.values()), bias, tp)
+    def __init__(self, in_features: int, slots: dict[ShardId, _Slot], bias: bool, tp: TPInfo,
+                 method: LinearMethod, prefix: str) -> None:
+        total = sum(s.rows for s in slots.values())
+        super().__init__(in_features, total, bias, tp, method, prefix)
         self.slots = slots
         self.shard_ids = tuple(slots)
         self.output_sizes = tuple(s.rows for s in slots.values())  # this rank's width of each stacked part
+        for param in self.parameters():
+            dim = param.param_layout.output_dim
+            for shard_id, s in slots.items():
+                problem = (param.param_layout.misalignment(dim, s.start, s.rows, s.full)
+                           or param.param_layout.misalignment(dim, s.offset, s.rows, total))
+                if problem:
+                    self.refuse(f"{problem} (part {shard_id!r}); {_ALIGN}")
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
-        """Copy this rank's rows of the full checkpoint tensor ``shard_id`` into its rows of ``param``."""
-        slot = self.slots[shard_id]
-        load_slice(param.data.narrow(0, slot.offset, slot.rows), loaded, 0, slot.start, slot.full)
+        """Copy this rank's rows of the full checkpoint tensor ``shard_id`` into its rows of ``param``; a
+        parameter without an output dim (a GPTQ ``g_idx``) is the same for every part and is copied whole."""
+        slot, layout = self.slots[shard_id], param.param_layout
+        dim = layout.output_dim
+        if dim is None:
+            self._load_shared(param, loaded, shard_id)
+            return
+        loaded = _broadcast(layout, loaded, slot.full)
+        start, size, full = layout.stored(dim, slot.start, slot.rows, slot.full)
+        offset = slot.offset // layout.span(dim)
+        load_slice(param.data.narrow(dim, offset, size), loaded, dim, start, full)
+
+
+    def _load_shared(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
+        """A parameter every stacked part must agree on (the parts share their input): the first part's copy;
+        another part that differs is refused (one layer has one ``g_idx``)."""
+        seen = self.__dict__.setdefault("_shared_loaded", {})
+        if param.param_layout.name not in seen:
+            load_slice(param.data, loaded, 0, 0, param.shape[0])
+            seen[param.param_layout.name] = shard_id
+            return
+        mine = loaded.narrow(0, 0, loaded.shape[0]) if hasattr(loaded, "read") else loaded
+        if not torch.equal(mine.to(param.device), param.data):
+            raise ValueError(f"differs from the {param.param_layout.name} of part {seen[param.param_layout.name]!r} "
+                             "stacked in the same layer (the stacked projections must share it)")
 
 
 class MergedColumnParallelLinear(_ColumnParallelLinear):
     """Projections of one input stacked in one GEMM (gate and up); checkpoint tensor ``i`` is shard ``i``, each
     split evenly over the ranks."""
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, tp: TPInfo) -> None:
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool, tp: TPInfo,
+                 method: LinearMethod = UNQUANTIZED, prefix: str = "") -> None:
         parts = [(i, tp.shard(n, f"output size {n} of a merged projection"), n) for i, n in enumerate(output_sizes)]
-        super().__init__(in_features, _stack(parts, unit=1), bias, tp)
+        super().__init__(in_features, _stack(parts, unit=1), bias, tp, method, prefix)
 
 
 class QKVParallelLinear(_ColumnParallelLinear):
     """q, k and v projections in one GEMM, split by heads: rows ``[q | k | v]`` of this rank's heads."""
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPInfo
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPInfo,
+        method: LinearMethod = UNQUANTIZED, prefix: str = "",
     ) -> None:
         q = tp.shard(num_heads, "num_attention_heads")
         kv = tp.kv_head_shard(num_kv_heads)
         parts = [("q", q, num_heads), ("k", kv, num_kv_heads), ("v", kv, num_kv_heads)]
-        super().__init__(hidden_size, _stack(parts, unit=head_dim), bias, tp)
+        super().__init__(hidden_size, _stack(parts, unit=head_dim), bias, tp, method, prefix)
         self.num_heads, self.num_kv_heads = q.size, kv.size  # this rank's
 
 
 class RowParallelLinear(LinearBase):
     """Input features split over ranks (o_proj, down_proj); the outputs of the ranks are summed."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo,
+                 method: LinearMethod = UNQUANTIZED, prefix: str = "") -> None:
         shard = tp.shard(in_features, f"input size {in_features} of a row-parallel projection")
-        super().__init__(shard.size, out_features, bias, tp)
+        super().__init__(shard.size, out_features, bias, tp, method, prefix)
         self.input_shard = shard
         self.full_in_features = in_features
+        problems = [method.row_parallel_problem() if tp.size > 1 else None]
+        problems += [p.param_layout.misalignment(p.param_layout.input_dim, shard.start, shard.size, in_features)
+                     for p in self.parameters()]
+        for problem in filter(None, problems):
+            self.refuse(f"{problem}; {_ALIGN}")
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        """The weight: this rank's input columns of the full tensor; the bias: whole (it is added once)."""
-        if param is self.bias:
-            default_weight_loader(param, loaded)
-        else:
-            load_slice(param.data, loaded, 1, self.input_shard.start, self.full_in_features)
+        """This rank's input features of the full tensor; a parameter without an input dim (the bias, which is
+        added once) whole."""
+        layout = param.param_layout
+        loaded = _broadcast(layout, loaded, param.shape[layout.output_dim]) if layout.scalar else loaded
+        dim = layout.input_dim
+        if dim is None:
+            load_slice(param.data, loaded, 0, 0, param.shape[0])
+            return
+        start, _, full = layout.stored(dim, self.input_shard.start, self.input_shard.size, self.full_in_features)
+        load_slice(param.data, loaded, dim, start, full)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output from its slice of the input; the sum over ranks is the full output."""
-        return linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        return self.quant_method.apply(self, x, self.bias if self.tp.rank == 0 else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.partial(x), self.tp)

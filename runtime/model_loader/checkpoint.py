@@ -80,6 +80,10 @@ class LazyTensor:
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         return self._part[(slice(None),) * dim + (slice(start, start + length),)]
 
+    def read(self) -> torch.Tensor:
+        """The whole tensor (a per-tensor scale, 0-d included)."""
+        return self._part[...]
+
 
 class SafetensorsCheckpoint(Checkpoint):
     """A Hugging Face checkpoint folder."""
@@ -143,7 +147,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
         stored = self.model_config.torch_dtype or "unstated dtype"
-        return (f"safetensors ({stored}, {len(self.files)} file(s)) loaded as {_dtype_name(dtype)}: "
+        quant = self.model_config.quantization
+        kept = f", linears kept quantized as {quant.describe()}" if quant else ""
+        return (f"safetensors ({stored}, {len(self.files)} file(s)) loaded as {_dtype_name(dtype)}{kept}: "
                 f"{weights_bytes / 2**30:.2f} GiB")
 
 

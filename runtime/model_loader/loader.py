@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..tp.distributed import TPInfo
 from ..errors import ConfigError
-from ..layers import ShardId, default_weight_loader
+from ..layers import LinearBase, ShardId, default_weight_loader
 from .checkpoint import Checkpoint
 from ..models.decoder import DecoderLM
 from ..models.registry import model_class
@@ -36,14 +36,30 @@ def load_model(
         raise ConfigError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     cfg = checkpoint.model_config
     with torch.device(device):
-        model = model_class(cfg.architecture)(cfg, tp).to(dtype)
+        model = cast_model(model_class(cfg.architecture)(cfg, tp), dtype)
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:
         with tqdm(total=checkpoint.num_tensors(), desc="Loading weights", unit="tensor", disable=None) as bar:
             filled = load_weights(model, _counted(checkpoint.tensor_slices(), bar))
         _check_complete(model, filled, str(checkpoint.path))
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quant_method.process_weights_after_loading(module)
     return model.eval()
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` except for parameters that keep their stored dtype (``keeps_dtype``: quantized
+    weights, their scales): ``Module.to`` would turn float8 weights into ``dtype`` too."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.is_floating_point() and not getattr(param, "keeps_dtype", False):
+                param.data = param.data.to(dtype)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
+    return model
 
 
 def load_weights(model: DecoderLM, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -115,9 +131,14 @@ def _init_dummy(model: DecoderLM, seed: int) -> None:
     """Random weights with a scale that keeps activations finite through many layers."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in tqdm(list(model.named_parameters()), desc="Initialising dummy weights", disable=None):
+        if getattr(param, "keeps_dtype", False):
+            continue  # quantized: its method draws it below
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith(".bias"):
             param.data.zero_()
         else:
             param.data.uniform_(-0.02, 0.02, generator=gen)
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quant_method.init_dummy(module, gen)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
 from .moe_config import MoEConfig, read_moe
+from .quant_config import QuantizationConfig, read_quantization
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors")
 # "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
@@ -51,6 +52,7 @@ class ModelConfig:
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model; None: dense
+    quantization: QuantizationConfig | None = None  # quantization_config: how the linears are stored; None: dense
 
     @classmethod
     def from_dir(cls, model_path: str | Path) -> "ModelConfig":
@@ -92,6 +94,7 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             moe=read_moe(arch, cfg),
+            quantization=read_quantization(cfg, moe=read_moe(arch, cfg) is not None),
         )
 
 

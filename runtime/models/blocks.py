@@ -17,6 +17,7 @@ from ..tp.distributed import TPInfo
 from ..model_executor.forward_batch import ForwardBatch
 from ..layers import MergedColumnParallelLinear, QKVParallelLinear, RMSNorm, RowParallelLinear
 from ..model_loader.model_config import ModelConfig
+from ..model_loader.quant_config import linear_method
 
 
 class Attention(nn.Module):
@@ -27,8 +28,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, qkv_bias, tp)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.attention_bias, tp)
+        prefix = f"model.layers.{layer_id}.self_attn"
+        qkv = linear_method(cfg.quantization, prefix, ("q_proj", "k_proj", "v_proj"))
+        o = linear_method(cfg.quantization, f"{prefix}.o_proj")
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, qkv_bias, tp,
+                                          qkv, f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.attention_bias, tp, o,
+                                        f"{prefix}.o_proj")
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the family does to ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` before rotary: nothing here."""
@@ -49,13 +55,17 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """``down(silu(gate(h)) * up(h))`` with gate and up in one GEMM, ``intermediate_size`` wide (the config's
-    unless given: a shared expert has its own)."""
+    unless given: a shared expert has its own). ``prefix``: its checkpoint module name (``model.layers.3.mlp``),
+    which picks the linears' quantization method."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, intermediate_size: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, intermediate_size: int | None = None, prefix: str = "") -> None:
         super().__init__()
         size = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], cfg.mlp_bias, tp)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
+        gate_up = linear_method(cfg.quantization, prefix, ("gate_proj", "up_proj"))
+        down = linear_method(cfg.quantization, f"{prefix}.down_proj")
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], cfg.mlp_bias, tp, gate_up,
+                                                       f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp, down, f"{prefix}.down_proj")
 
     def partial(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output (before the all-reduce), for callers that sum several first."""

@@ -88,10 +88,11 @@ class DecoderLM(nn.Module):
         """The feed-forward of layer ``layer_id``: routed experts (+ a shared expert) in a sparse layer of a
         mixture-of-experts model, the dense gated MLP otherwise."""
         moe = self.cfg.moe
+        prefix = f"model.layers.{layer_id}.mlp"
         if moe is None or not moe.is_sparse(layer_id):
-            return MLP(self.cfg, self.tp)
+            return MLP(self.cfg, self.tp, prefix=prefix)
         width = moe.shared_expert_intermediate_size
-        shared = MLP(self.cfg, self.tp, width) if width else None
+        shared = MLP(self.cfg, self.tp, width, f"{prefix}.shared_expert") if width else None
         return SparseMoeBlock(self.cfg.hidden_size, moe, self.tp, shared)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
