@@ -18,6 +18,15 @@ from .attention.extend_attention import extend_attention, extend_attention_ref
 from .linear import linear, linear_ref
 from .moe import fused_experts, fused_experts_ref, get_moe_config, moe_align_block_size
 from .norm import rms_norm, rms_norm_ref
+from .quant import (
+    fp8_block_linear,
+    fp8_block_linear_ref,
+    fp8_channel_linear,
+    fp8_channel_linear_ref,
+    fp8_quantize_per_token_group,
+    int4_linear,
+    int4_linear_ref,
+)
 from .rotary import apply_rotary, apply_rotary_ref, rotary_cos_sin
 from .attention.store_kv import store_kv, store_kv_ref
 from .token_bitmask import apply_token_bitmask_, apply_token_bitmask_ref
@@ -35,9 +44,16 @@ __all__ = [
     "decode_num_splits",
     "extend_attention",
     "extend_attention_ref",
+    "fp8_block_linear",
+    "fp8_block_linear_ref",
+    "fp8_channel_linear",
+    "fp8_channel_linear_ref",
+    "fp8_quantize_per_token_group",
     "fused_experts",
     "fused_experts_ref",
     "get_moe_config",
+    "int4_linear",
+    "int4_linear_ref",
     "linear",
     "linear_ref",
     "moe_align_block_size",

@@ -5,30 +5,34 @@ A config file is named like SGLang's and vLLM's, ``E=128,N=768,device_name=NVIDI
 ``{"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"}``. The files ship in
 ``kernels/moe/configs/``; ``sglite bench moe-tune`` (``runtime/bench/moe_tune.py``) writes them on a GPU. Setting
 ``SGLITE_MOE_CONFIG_DIR`` puts another folder first (to try freshly tuned files before shipping them).
-For an M between the tuned ones the nearest tuned M is used, as SGLang and vLLM do.
+For an M between the tuned ones the nearest tuned M is used, as SGLang and vLLM do (the file lookup is
+kernels/tuned_configs.py, shared with kernels/quant/).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 from pathlib import Path
 
 import torch
+
+from .. import tuned_configs
+
+# current_device_name is this module's API too (fused.py and the tuner import it from here).
+from ..tuned_configs import (
+    current_device_name,
+    device_file_part,
+    dtype_name,
+    load_table,
+    nearest_entry,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
 
 
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (strings pass through)."""
-    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-
-
 def config_file_name(num_experts: int, intermediate: int, device_name: str, dtype: torch.dtype | str) -> str:
     """The JSON file name for one shape, device and dtype (spaces of the device name become underscores)."""
-    device = device_name.replace(" ", "_")
+    device = device_file_part(device_name)
     return f"E={num_experts},N={intermediate},device_name={device},dtype={dtype_name(dtype)}.json"
 
 
@@ -52,41 +56,13 @@ def default_config(num_experts: int, m: int) -> dict[str, int]:
 
 def config_dirs() -> list[Path]:
     """Where config files are looked for, first match wins: ``$SGLITE_MOE_CONFIG_DIR`` (if set), then the package's."""
-    extra = os.environ.get("SGLITE_MOE_CONFIG_DIR")
-    return ([Path(extra)] if extra else []) + [CONFIG_DIR]
-
-
-@functools.lru_cache(maxsize=64)
-def _load(path: Path, mtime: float) -> dict[int, dict[str, int]]:
-    # mtime is part of the key so that a file rewritten by the tuner in this process is read again.
-    del mtime
-    raw = json.loads(path.read_text())
-    return {int(m): {k: int(cfg[k]) for k in CONFIG_KEYS} for m, cfg in raw.items()}
+    return tuned_configs.config_dirs("SGLITE_MOE_CONFIG_DIR", CONFIG_DIR)
 
 
 def load_configs(num_experts: int, intermediate: int, device_name: str,
                  dtype: torch.dtype | str) -> dict[int, dict[str, int]] | None:
     """The tuned table {M: config} of the first matching file in ``config_dirs()``, or None."""
-    name = config_file_name(num_experts, intermediate, device_name, dtype)
-    for folder in config_dirs():
-        path = folder / name
-        if path.is_file():
-            return _load(path, path.stat().st_mtime)
-    return None
-
-
-def current_device_name(device: torch.device | None = None) -> str:
-    """``torch.cuda.get_device_name`` of ``device`` (the current CUDA device by default), ``"cpu"`` without CUDA."""
-    if device is not None and device.type != "cuda":
-        return "cpu"
-    if not torch.cuda.is_available():
-        return "cpu"
-    return _cuda_name(torch.cuda.current_device() if device is None or device.index is None else device.index)
-
-
-@functools.cache
-def _cuda_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    return load_table(config_file_name(num_experts, intermediate, device_name, dtype), config_dirs(), CONFIG_KEYS)
 
 
 def get_moe_config(num_experts: int, intermediate: int, m: int, dtype: torch.dtype | str,
@@ -97,5 +73,4 @@ def get_moe_config(num_experts: int, intermediate: int, m: int, dtype: torch.dty
     table = load_configs(num_experts, intermediate, device_name or current_device_name(), dtype)
     if not table:
         return default_config(num_experts, m)
-    nearest = min(table, key=lambda tuned: (abs(tuned - m), tuned))
-    return dict(table[nearest])
+    return nearest_entry(table, m)

@@ -1,12 +1,29 @@
 """Quantized linear layers: FP8 (block-scaled and per-channel) and 4/8-bit integer (AWQ, GPTQ) weights.
 
-reference.py holds each format's layout, its dequantization and the torch references (the CPU path); pack.py the
-writers (quantize and pack, for tests and checkpoint writers). The public functions dispatch like every op of
-kernels/: Triton for CUDA tensors when triton is installed, the reference otherwise.
+reference.py holds each format's layout (read there), its dequantization and the torch references (the CPU path);
+pack.py the writers (quantize and pack, for tests and checkpoint writers); fp8.py and int4.py the Triton kernels;
+config.py their launch configs. The public functions dispatch like every op of kernels/: Triton for CUDA tensors
+when triton is installed, the reference otherwise. The weights stay in their checkpoint layouts on every device
+(no repacking at load); the one thing a runtime should do once at load is ``trivial_g_idx`` on a GPTQ ``g_idx``,
+passing None instead when it holds (the kernel then skips the per-row group lookup).
+
+The FP8 GPU paths are W8A8 (x is quantized to FP8 per token group), so they differ from the references (which
+multiply x as it is by the dequantized weight) by x's FP8 rounding: ~2-4% relative error per output. GPUs without
+FP8 tensor cores (compute capability below 8.9) take the reference on the GPU.
 """
 
 from __future__ import annotations
 
+import torch
+
+from .config import get_quant_config
+from .fp8 import (
+    fp8_block_linear_triton,
+    fp8_channel_linear_triton,
+    fp8_quantize_per_token_group_triton,
+    triton,
+)
+from .int4 import int4_linear_triton, trivial_g_idx
 from .pack import (
     act_order_g_idx,
     pack_awq,
@@ -26,10 +43,51 @@ from .reference import (
     int4_linear_ref,
 )
 
-fp8_block_linear = fp8_block_linear_ref  # the Triton paths are being written: until then every device dequantizes
-fp8_channel_linear = fp8_channel_linear_ref
-fp8_quantize_per_token_group = fp8_quantize_per_token_group_ref
-int4_linear = int4_linear_ref
+
+def _fp8_on_gpu(x: torch.Tensor) -> bool:
+    """Triton's FP8 path: CUDA tensors on a card with FP8 tensor cores (Ada, Hopper and newer)."""
+    return x.is_cuda and triton is not None and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def fp8_quantize_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 quantization of ``x [M, K]`` per row and group of ``group_size`` columns -> ``(x_q [M, K]
+    float8_e4m3fn, scales [M, ceil(K/group_size)] float32)`` (contract of ``fp8_quantize_per_token_group_ref``)."""
+    if x.is_cuda and triton is not None:
+        return fp8_quantize_per_token_group_triton(x, group_size)
+    return fp8_quantize_per_token_group_ref(x, group_size)
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                     block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K]`` times a block-scaled FP8 ``weight [N, K]`` (``weight_scale_inv [ceil(N/bn), ceil(K/bk)]``
+    float32, ``block_size=(bn, bk)``) plus ``bias [N]`` -> ``[..., N]`` in x's dtype. GPU: W8A8 Triton GEMM;
+    otherwise ``fp8_block_linear_ref``."""
+    if _fp8_on_gpu(x):
+        return fp8_block_linear_triton(x, weight, weight_scale_inv, tuple(block_size), bias)
+    return fp8_block_linear_ref(x, weight, weight_scale_inv, tuple(block_size), bias)
+
+
+def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K]`` times an FP8 ``weight [N, K]`` with per-channel (``[N]`` / ``[N, 1]``) or per-tensor
+    (scalar) float32 ``weight_scale`` plus ``bias`` -> ``[..., N]`` in x's dtype. GPU: W8A8 with per-token
+    activation scales (``torch._scaled_mm`` on Hopper in bf16, else Triton); otherwise ``fp8_channel_linear_ref``."""
+    if _fp8_on_gpu(x):
+        return fp8_channel_linear_triton(x, weight, weight_scale, bias)
+    return fp8_channel_linear_ref(x, weight, weight_scale, bias)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                g_idx: torch.Tensor | None, fmt: str, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K]`` times an AWQ (``fmt="awq"``, 4-bit) or GPTQ v1 (``fmt="gptq"``, 4- or 8-bit, read from the
+    shapes) weight in its checkpoint layout (reference.py) plus ``bias`` -> ``[..., N]`` in x's dtype;
+    ``group_size`` -1 = one group. GPU: the dequantizing Triton GEMM (split-K GEMV for M <= 8); otherwise
+    ``int4_linear_ref``. For GPTQ pass ``g_idx=None`` unless it is act-order (``trivial_g_idx``)."""
+    if x.is_cuda and triton is not None:
+        return int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)
+    return int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)
+
 
 __all__ = [
     "act_order_g_idx",
@@ -39,15 +97,21 @@ __all__ = [
     "dequantize_gptq",
     "fp8_block_linear",
     "fp8_block_linear_ref",
+    "fp8_block_linear_triton",
     "fp8_channel_linear",
     "fp8_channel_linear_ref",
+    "fp8_channel_linear_triton",
     "fp8_quantize_per_token_group",
     "fp8_quantize_per_token_group_ref",
+    "fp8_quantize_per_token_group_triton",
+    "get_quant_config",
     "int4_linear",
     "int4_linear_ref",
+    "int4_linear_triton",
     "pack_awq",
     "pack_gptq",
     "quantize_fp8_block",
     "quantize_fp8_channel",
     "quantize_int",
+    "trivial_g_idx",
 ]

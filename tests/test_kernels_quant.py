@@ -1,0 +1,291 @@
+"""The quantized-linear kernels of kernels/quant/ on the CPU: each format's dequantization against a loop written
+from the format's definition (bit by bit), the pack / unpack round trips, and the Triton kernels under the
+interpreter against their references on fresh random inputs (tiny shapes, float32 activations: the interpreter's
+half precision is not exact; bf16 / fp16 at real shapes are tests/cuda/test_cuda_quant.py's). The FP8 kernels run
+here too: the interpreter holds FP8 tensors as bytes and its FP8 ``tl.dot`` is exact; its fp32 -> fp8 cast is not,
+which the quantization kernel sidesteps (kernels/quant/fp8.py). TRITON_INTERPRET=1 comes from tests/conftest.py."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+triton = pytest.importorskip("triton")
+
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from xinf_sglang.kernels import quant as Q
+
+from .pool_helpers import rel_err
+from .test_kernels import (
+    test_pdl_kernels_wait_before_any_memory_access as check_pdl_contract,
+)
+
+fp8 = importlib.import_module("xinf_sglang.kernels.quant.fp8")
+int4 = importlib.import_module("xinf_sglang.kernels.quant.int4")
+qconfig = importlib.import_module("xinf_sglang.kernels.quant.config")
+ref = importlib.import_module("xinf_sglang.kernels.quant.reference")
+
+INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(int4._int4_gemm_kernel, InterpretedFunction)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column AWQ_ORDER[i] of its 8 (AutoAWQ's pack)
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter() -> None:
+    # Without TRITON_INTERPRET=1 before triton's import the kernels are compiled for a GPU that is not here.
+    assert INTERPRETED, "triton was imported without TRITON_INTERPRET=1 (set it before importing triton)"
+
+
+def tiny(block_m: int = 16, block_n: int = 16, block_k: int = 32, split_k: int = 1, group_m: int = 1) -> dict:
+    """A launch config with small tiles: fast in the interpreter, several tiles per test shape."""
+    return qconfig.make_config(block_m, block_n, block_k, group_m, split_k, 4, 2)
+
+
+def bits_of(word: int, shift: int, bits: int) -> int:
+    return (int(word) & 0xFFFFFFFF) >> shift & ((1 << bits) - 1)
+
+
+# ---------------------------------------------------------------- the references against the definitions
+
+
+def awq_slow(qweight, scales, qzeros, group_size: int) -> torch.Tensor:
+    """AWQ by its definition, one weight at a time: w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    g = k if group_size == -1 else group_size
+    w = torch.empty(n, k, dtype=torch.float64)
+    for kk in range(k):
+        for nn in range(n):
+            shift = 4 * AWQ_ORDER.index(nn % 8)
+            q = bits_of(qweight[kk, nn // 8], shift, 4)
+            z = bits_of(qzeros[kk // g, nn // 8], shift, 4)
+            w[nn, kk] = (q - z) * float(scales[kk // g, nn])
+    return w
+
+
+def gptq_slow(qweight, scales, qzeros, g_idx, group_size: int, bits: int) -> torch.Tensor:
+    """GPTQ v1 by its definition: q packed along K, zeros stored minus one, group of row k = g_idx[k]."""
+    p = 32 // bits
+    k, n = qweight.shape[0] * p, qweight.shape[1]
+    g = k if group_size == -1 else group_size
+    w = torch.empty(n, k, dtype=torch.float64)
+    for kk in range(k):
+        grp = kk // g if g_idx is None else int(g_idx[kk])
+        for nn in range(n):
+            q = bits_of(qweight[kk // p, nn], bits * (kk % p), bits)
+            z = bits_of(qzeros[grp, nn // p], bits * (nn % p), bits) + 1
+            w[nn, kk] = (q - z) * float(scales[grp, nn])
+    return w
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_awq_dequantize_matches_the_definition(group_size: int, sym: bool) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    q, z, s = Q.quantize_int(w, 4, group_size, sym)
+    qweight, qzeros = Q.pack_awq(q, z)
+    assert qweight.shape == (64, 2) and qweight.dtype == torch.int32
+    assert torch.equal(ref.unpack_along_cols(qweight, 4, ref.AWQ_ORDER), q)  # the round trip
+    assert torch.equal(ref.unpack_along_cols(qzeros, 4, ref.AWQ_ORDER), z)
+    got = Q.dequantize_awq(qweight, s.half(), qzeros, group_size)
+    assert torch.allclose(got.double(), awq_slow(qweight, s.half(), qzeros, group_size), atol=1e-6)
+    assert rel_err(got, w) < 0.15  # and it is the weight, 4-bit rounded
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_dequantize_matches_the_definition(bits: int, act_order: bool, sym: bool) -> None:
+    torch.manual_seed(2)
+    w = torch.randn(8, 64)
+    g_idx = Q.act_order_g_idx(64, 16) if act_order else None
+    q, z, s = Q.quantize_int(w, bits, 16, sym, g_idx)
+    qweight, qzeros = Q.pack_gptq(q, z, bits)
+    assert qweight.shape == (64 * bits // 32, 8)
+    if sym:
+        assert bool((ref.unpack_along_cols(qzeros, bits) == (1 << (bits - 1)) - 1).all())  # 8 - 1 stored
+    got = Q.dequantize_gptq(qweight, s.half(), qzeros, g_idx, 16, bits)
+    assert torch.allclose(got.double(), gptq_slow(qweight, s.half(), qzeros, g_idx, 16, bits), atol=1e-6)
+    assert rel_err(got, w) < (0.15 if bits == 4 else 0.01)
+
+
+def test_act_order_g_idx_is_non_monotonic_with_full_groups() -> None:
+    g_idx = Q.act_order_g_idx(256, 32, torch.Generator().manual_seed(0))
+    assert bool((g_idx[1:] < g_idx[:-1]).any())
+    assert torch.bincount(g_idx).tolist() == [32] * 8
+    assert not Q.trivial_g_idx(g_idx, 32)
+    assert Q.trivial_g_idx(torch.arange(256, dtype=torch.int32) // 32, 32) and Q.trivial_g_idx(None, 32)
+
+
+def test_gptq_v1_refuses_a_zero_point_of_zero() -> None:
+    with pytest.raises(ValueError, match="zero - 1"):
+        Q.pack_gptq(torch.zeros(8, 8, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32))
+
+
+def test_fp8_block_dequantize_matches_the_definition() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(40, 72)  # neither dim a multiple of its block: partial blocks at the edges
+    wq, scale_inv = Q.quantize_fp8_block(w, (16, 32))
+    assert wq.dtype == torch.float8_e4m3fn and scale_inv.shape == (3, 3)
+    slow = torch.tensor([[float(wq[n, k]) * float(scale_inv[n // 16, k // 32]) for k in range(72)]
+                         for n in range(40)], dtype=torch.float64)
+    assert torch.allclose(Q.dequantize_fp8_block(wq, scale_inv, (16, 32)).double(), slow)
+    assert rel_err(Q.dequantize_fp8_block(wq, scale_inv, (16, 32)), w) < 0.05
+    wc, sc = Q.quantize_fp8_channel(w)
+    assert torch.allclose(Q.dequantize_fp8_channel(wc, sc), wc.float() * sc[:, None])
+    assert torch.equal(Q.dequantize_fp8_channel(wc, sc[:, None]), Q.dequantize_fp8_channel(wc, sc))
+
+
+def test_cpu_dispatch_is_the_reference() -> None:
+    torch.manual_seed(4)
+    x, w = torch.randn(3, 64), torch.randn(16, 64)
+    wq, si = Q.quantize_fp8_block(w, (16, 32))
+    assert torch.equal(Q.fp8_block_linear(x, wq, si, (16, 32)), Q.fp8_block_linear_ref(x, wq, si, (16, 32)))
+    q, z, s = Q.quantize_int(w, 4, 32, False)
+    qw, qz = Q.pack_awq(q, z)
+    assert torch.equal(Q.int4_linear(x, qw, s, qz, None, "awq", 32), Q.int4_linear_ref(x, qw, s, qz, None, "awq", 32))
+    assert rel_err(Q.int4_linear(x, qw, s, qz, None, "awq", 32), F.linear(x, w)) < 0.15
+
+
+# ---------------------------------------------------------------- FP8 kernels under the interpreter
+
+
+@pytest.mark.parametrize("m,k,group", [(1, 128, 32), (3, 72, 32), (8, 256, 128), (17, 96, 96)])
+def test_fp8_group_quantization_is_bit_exact(m: int, k: int, group: int) -> None:
+    torch.manual_seed(m * k)
+    x = torch.randn(m, k) * torch.logspace(-4, 2, m)[:, None]  # rows over six decades, subnormal FP8 included
+    x[0, :group] = 0.0  # an all-zero group: the epsilon scale, zeros out
+    got_q, got_s = Q.fp8_quantize_per_token_group_triton(x, group)
+    want_q, want_s = Q.fp8_quantize_per_token_group_ref(x, group)
+    assert torch.equal(got_s, want_s)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def emulated_w8a8(x: torch.Tensor, weight_dq: torch.Tensor, group: int) -> torch.Tensor:
+    """What the W8A8 GEMM computes, in float64: x quantized as the reference quantizes it, times the weight."""
+    xq, xs = Q.fp8_quantize_per_token_group_ref(x, group)
+    return F.linear(Q.dequantize_fp8_block(xq, xs, (1, group)).double(), weight_dq.double())
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("n,k,block", [(48, 96, (16, 32)), (40, 64, (32, 32)), (32, 128, (128, 128))])
+def test_fp8_block_linear_matches_the_reference(m: int, n: int, k: int, block: tuple[int, int]) -> None:
+    torch.manual_seed(m + n + k)
+    x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    wq, si = Q.quantize_fp8_block(w, block)
+    got = Q.fp8_block_linear_triton(x, wq, si, block, bias, config=tiny(block_k=32))
+    want = emulated_w8a8(x, Q.dequantize_fp8_block(wq, si, block), block[1]) + bias.double()
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, Q.fp8_block_linear_ref(x, wq, si, block, bias)) < 0.06  # x's FP8 rounding
+
+
+@pytest.mark.parametrize("scale_shape", ["channel", "column", "tensor"])
+@pytest.mark.parametrize("m", [1, 17])
+def test_fp8_channel_linear_matches_the_reference(m: int, scale_shape: str) -> None:
+    torch.manual_seed(m)
+    x, w = torch.randn(m, 96), torch.randn(40, 96)
+    wq, scale = Q.quantize_fp8_channel(w)
+    scale = {"channel": scale, "column": scale[:, None], "tensor": scale.max().reshape(())}[scale_shape]
+    if scale_shape == "tensor":
+        wq = (w / scale).to(torch.float8_e4m3fn)
+    got = Q.fp8_channel_linear_triton(x, wq, scale, config=tiny(block_k=32), use_scaled_mm=False)
+    assert rel_err(got, emulated_w8a8(x, Q.dequantize_fp8_channel(wq, scale), 96)) < 1e-5
+    assert rel_err(got, Q.fp8_channel_linear_ref(x, wq, scale)) < 0.06
+
+
+# ---------------------------------------------------------------- int4 kernel under the interpreter
+
+
+def int_weight(fmt: str, n: int, k: int, group: int, bits: int = 4, act_order: bool = False, sym: bool = False):
+    """Random ``(qweight, scales fp16, qzeros, g_idx)`` of one format, quantized from a random float weight."""
+    g_idx = Q.act_order_g_idx(k, group) if act_order else None
+    q, z, s = Q.quantize_int(torch.randn(n, k), bits, group, sym, g_idx)
+    qweight, qzeros = Q.pack_awq(q, z) if fmt == "awq" else Q.pack_gptq(q, z, bits)
+    return qweight, s.half(), qzeros, g_idx
+
+
+INT_CASES = [  # (format, group size, bits, act-order, sym)
+    ("awq", 32, 4, False, False), ("awq", 128, 4, False, True), ("awq", -1, 4, False, False),
+    ("gptq", 32, 4, False, True), ("gptq", 128, 4, False, False), ("gptq", -1, 4, False, False),
+    ("gptq", 32, 4, True, False), ("gptq", 128, 4, True, True), ("gptq", 32, 8, False, False),
+    ("gptq", 128, 8, True, False),
+]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("fmt,group,bits,act_order,sym", INT_CASES)
+def test_int4_linear_matches_the_reference(fmt: str, group: int, bits: int, act_order: bool, sym: bool,
+                                           m: int) -> None:
+    torch.manual_seed(m + group + bits)
+    n, k = 48, 256
+    qweight, scales, qzeros, g_idx = int_weight(fmt, n, k, group, bits, act_order, sym)
+    x, bias = torch.randn(m, k), torch.randn(n)
+    want = Q.int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group, bias)
+    # 64-wide K steps: inside one group of 128 (one scale row a step), across groups of 32 (a gather per row).
+    for cfg in (tiny(block_k=64), tiny(block_k=64, split_k=3)):
+        got = Q.int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group, bias, config=cfg)
+        assert rel_err(got, want) < 1e-5, cfg
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_int4_default_configs_and_ragged_shapes(m: int) -> None:
+    """The configs ``get_quant_config`` picks (a GEMV with split K at m=1), and K not a multiple of the K step."""
+    torch.manual_seed(m)
+    k = 1120  # 8 full 128-wide K steps and a 96-row rest; split in 4 at m=1 (3 splits once rounded to steps)
+    assert Q.get_quant_config("int4", 24, k, 1, torch.float32, "No GPU")["SPLIT_K"] == 4
+    for fmt in ("awq", "gptq"):
+        qweight, scales, qzeros, _ = int_weight(fmt, 24, k, 32)
+        x = torch.randn(m, k)
+        want = Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, 32)
+        got = Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 32)
+        assert rel_err(got, want) < 1e-5
+
+
+def test_int4_batched_leading_dims_and_empty() -> None:
+    qweight, scales, qzeros, _ = int_weight("gptq", 16, 64, 32)
+    x = torch.randn(2, 3, 64)
+    got = Q.int4_linear_triton(x, qweight, scales, qzeros, None, "gptq", 32, config=tiny())
+    assert got.shape == (2, 3, 16)
+    assert rel_err(got, Q.int4_linear_ref(x, qweight, scales, qzeros, None, "gptq", 32)) < 1e-5
+    assert Q.int4_linear_triton(x[:0], qweight, scales, qzeros, None, "gptq", 32).shape == (0, 3, 16)
+
+
+# ---------------------------------------------------------------- launch configs and the PDL contract
+
+
+def test_default_configs(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SGLITE_QUANT_CONFIG_DIR", str(tmp_path))
+    decode = Q.get_quant_config("int4", 4096, 4096, 1, torch.bfloat16, "No GPU")
+    assert decode["BLOCK_SIZE_M"] == 16 and decode["SPLIT_K"] > 1  # 4096 columns alone do not fill the SMs
+    assert Q.get_quant_config("int4", 28672, 4096, 1, torch.bfloat16, "No GPU")["SPLIT_K"] == 1
+    assert Q.get_quant_config("fp8_block", 4096, 4096, 512, torch.bfloat16, "No GPU")["BLOCK_SIZE_M"] >= 64
+    with pytest.raises(ValueError, match="unknown quantized kernel"):
+        qconfig.config_file_name("nf4", 1, 1, "x", torch.bfloat16)
+
+
+def test_nearest_tuned_row_count_wins(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SGLITE_QUANT_CONFIG_DIR", str(tmp_path))
+    name = qconfig.config_file_name("int4", 4096, 14336, "NVIDIA H100 80GB HBM3", torch.bfloat16)
+    assert name == "kind=int4,N=4096,K=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=bfloat16.json"
+    table = {str(m): tiny(block_n=bn) for m, bn in ((1, 32), (64, 64), (512, 128))}
+    (tmp_path / name).write_text(json.dumps(table))
+    pick = {m: Q.get_quant_config("int4", 4096, 14336, m, torch.bfloat16, "NVIDIA H100 80GB HBM3")["BLOCK_SIZE_N"]
+            for m in (1, 32, 33, 288, 289, 4096)}
+    assert pick == {1: 32, 32: 32, 33: 64, 288: 64, 289: 128, 4096: 128}
+
+
+def test_shipped_config_files_are_well_formed() -> None:
+    for path in qconfig.CONFIG_DIR.glob("*.json"):
+        assert path.name.startswith("kind=") and ",N=" in path.name and ",device_name=" in path.name, path.name
+        for m, cfg in json.loads(path.read_text()).items():
+            assert int(m) > 0 and set(cfg) == set(qconfig.CONFIG_KEYS), path.name
+
+
+@pytest.mark.parametrize("module,kernel", [(fp8, "_group_quant_kernel"), (fp8, "_fp8_gemm_kernel"),
+                                           (int4, "_int4_gemm_kernel"), (int4, "_splitk_reduce_kernel")])
+def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
+    check_pdl_contract(module, kernel)
