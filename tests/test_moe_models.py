@@ -9,6 +9,7 @@ refuses, and the routing itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ from xinf_sglang.runtime.layers.moe.sparse_block import (
 )
 from xinf_sglang.runtime.mem_cache.memory_plan import plan_memory
 from xinf_sglang.runtime.model_loader.model_config import ModelConfig
+from xinf_sglang.runtime.model_loader.moe_config import MoEConfig
 from xinf_sglang.runtime.tp.distributed import TPInfo
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
@@ -44,6 +46,9 @@ VARIANTS = {
     "qwen2_moe-normalised": ("qwen2_moe", {"norm_topk_prob": True, "num_experts": 4, "num_experts_per_tok": 2,
                                            "decoder_sparse_step": 1, "mlp_only_layers": [0]}),
     "mixtral-8x2": ("mixtral", {"num_local_experts": 8, "intermediate_size": 48}),
+    "deepseek_v2-group-limited": ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 4,
+                                                  "topk_group": 2, "routed_scaling_factor": 1.5}),
+    "deepseek_v3-rotate-half-no-dense": ("deepseek_v3", {"rope_interleave": False, "first_k_dense_replace": 0}),
 }
 
 
@@ -138,13 +143,35 @@ def test_expert_names_map_to_stacked_parameters():
 
 def test_select_experts_matches_softmax_topk():
     logits = torch.randn(9, 6)
-    weights, ids = select_experts(logits, 3, renormalize=False)
+    moe = MoEConfig(num_experts=6, top_k=3, intermediate_size=8, norm_topk_prob=False)
+    weights, ids = select_experts(logits, moe)
     probs = torch.softmax(logits, -1)
     assert torch.equal(ids.long(), probs.topk(3).indices)
     torch.testing.assert_close(weights, probs.gather(1, ids.long()))
-    normed, _ = select_experts(logits, 3, renormalize=True)
+    normed, _ = select_experts(logits, dataclasses.replace(moe, norm_topk_prob=True))
     torch.testing.assert_close(normed.sum(-1), torch.ones(9))
     assert ids.dtype == torch.int32
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_mla_pool_holds_the_latent_and_rope_key_per_token(arch, tiny_model):
+    with make_engine(tiny_model(arch)) as engine:
+        mla = engine.model_config.mla
+        # (kv_lora_rank 32 + qk_rope_head_dim 8) float32 values per token and layer, shared by the 4 heads
+        assert engine.memory_plan.kv_bytes_per_token == (32 + 8) * 4 * engine.model_config.num_layers
+        assert (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.q_lora_rank) == (32, 8, None if arch.endswith("2") else 24)
+
+
+def test_grouped_routing_keeps_the_best_groups():
+    """noaux_tc: groups ranked by the sum of their best two biased scores; experts outside the best groups are never
+    chosen even when their own score is higher; the weights are the unbiased scores, renormalised and scaled."""
+    moe = MoEConfig(num_experts=8, top_k=2, intermediate_size=8, norm_topk_prob=True, scoring="sigmoid",
+                    topk_method="noaux_tc", n_group=4, topk_group=1, routed_scaling_factor=2.0)
+    logits = torch.tensor([[0.0, 0.0, 3.0, -9.0, 1.0, 1.0, -9.0, -9.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0])
+    weights, ids = select_experts(logits, moe, bias)
+    assert sorted(ids[0].tolist()) == [4, 5]  # group 2 (experts 4, 5) wins on biased sums; expert 2 is excluded
+    torch.testing.assert_close(weights, torch.full((1, 2), 1.0))  # equal sigmoid scores, renormalised, times 2
 
 
 def test_startup_reports_total_and_active_parameters(tiny_model, caplog):

@@ -10,7 +10,7 @@ from xinf_sglang.runtime import SamplingParams
 
 from .engine_helpers import hf_greedy, make_engine, varied_prompts
 
-ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
 NUM_PROMPTS = 12
 NEW_TOKENS = 48
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)

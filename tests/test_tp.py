@@ -106,9 +106,10 @@ def test_overlap_schedule_with_retraction_matches_hf(tiny_model):
         assert engine.check_invariants() == []
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"])
 def test_experts_split_over_ranks_match_hf(arch, tiny_model):
-    """Every expert's intermediate dimension split over 2 ranks (a shared expert too): in prefill chunks, under
+    """Every expert's intermediate dimension split over 2 ranks (a shared expert too; DeepSeek's attention heads
+    too, its latent cache replicated): in prefill chunks, under
     retraction (a pool of 260 tokens), then again (what the small pool kept cached)."""
     model_dir = tiny_model(arch)
     prompts = varied_prompts(model_dir, NUM_PROMPTS, min_len=3, max_len=150)

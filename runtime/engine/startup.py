@@ -29,7 +29,7 @@ from ..model_executor.cuda_graph import CudaGraphRunner
 from ..errors import ConfigError
 from ..tp.distributed import TPInfo
 from ..layers.moe.sparse_block import parameter_counts, workspace_bytes_per_token
-from ..mem_cache.kv_pool import KVPool
+from ..mem_cache.kv_pool import KVPool, kv_bytes_per_token, make_kv_pool
 from ..mem_cache.memory_plan import MemoryInputs, MemoryPlan, plan_memory
 from ..model_executor.model_runner import ModelRunner
 from ..model_loader.checkpoint import Checkpoint, open_checkpoint
@@ -163,8 +163,7 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
     if config.load_format != "dummy" and tp.rank == 0:
         logger.info("sglite weights: %s", checkpoint.describe(dtype, weights_bytes))
     plan = _plan_memory(config, mc, device, dtype, free_before, weights_bytes, tp)
-    kv_heads = tp.kv_head_shard(mc.num_kv_heads).size
-    kv_pool = KVPool(plan.pool_tokens, mc.num_layers, kv_heads, mc.head_dim, dtype, device)
+    kv_pool = make_kv_pool(mc, tp, plan.pool_tokens, dtype, device)
     req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, device)
     attn = _make_attention_backend(config.attention_backend, kv_pool, req_pool.table, mc, device, tp)
     mine = f"{weights_bytes},{plan.kv_pool_bytes},{peak_rss}"
@@ -240,13 +239,12 @@ def _plan_memory(
         free_before, free_after = free_before // tp.size, free_after // tp.size
     # Every rank must build the same pool (the scheduler on rank 0 hands out its slots): plan for the tightest.
     free_before, free_after = tp.min_over_ranks("memory", [free_before, free_after])
-    kv_heads = tp.kv_head_shard(mc.num_kv_heads).size
     inputs = MemoryInputs(
         device=device.type,
         free_before_weights=free_before,
         free_after_weights=free_after,
         weights_bytes=weights,
-        kv_bytes_per_token=KVPool.bytes_per_token(mc.num_layers, kv_heads, mc.head_dim, dtype),
+        kv_bytes_per_token=kv_bytes_per_token(mc, tp, dtype),
         model_context_length=_model_context_length(mc),
         hidden_size=mc.hidden_size,
         ffn_bytes_per_token=_ffn_bytes_per_token(mc, dtype, tp),
@@ -335,10 +333,14 @@ def _eos_ids(checkpoint: Checkpoint, tokenizer) -> frozenset[int]:
 def _make_attention_backend(
     choice: str, kv_pool: KVPool, req_to_token: torch.Tensor, cfg: ModelConfig, device: torch.device, tp: TPInfo
 ) -> AttentionBackend:
-    """``auto``: triton on CUDA, the C++ CPU kernel on the CPU; ``torch``: the reference anywhere."""
-    sm_scale = cfg.head_dim**-0.5
+    """``auto``: triton on CUDA, the C++ CPU kernel on the CPU (the torch reference for MLA, which that kernel does
+    not implement); ``torch``: the reference anywhere."""
+    sm_scale = cfg.attention_scale
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" else "cpu"
+        choice = "triton" if device.type == "cuda" else "torch" if cfg.mla is not None else "cpu"
+    if choice == "cpu" and cfg.mla is not None:
+        raise ConfigError("attention_backend='cpu' does not implement multi-head latent attention (DeepSeek); "
+                          "use 'auto' or 'torch' on the CPU")
     if choice == "triton":
         if device.type != "cuda":
             raise ConfigError("attention_backend='triton' needs a CUDA device")

@@ -1,4 +1,5 @@
-"""Rotary inverse frequencies for the rope variants sglite supports (default, linear, llama3)."""
+"""Rotary inverse frequencies for the rope variants sglite supports (default, linear, llama3, factors, yarn); YaRN's
+scales of cos/sin and of the softmax are `RopeConfig` methods (torch-free)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "yarn":
+        return _yarn_scale(head_dim, rope)
     if rope.rope_type == "factors":
         factors = torch.tensor(rope.freq_factors, dtype=torch.float32)
         if factors.numel() != inv_freq.numel():
@@ -37,3 +40,20 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_scale(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """YaRN: interpolated (``/ factor``) frequencies below the ramp, extrapolated ones above it, linear between
+    the dimensions that rotate ``beta_slow`` and ``beta_fast`` times over the original context (truncated)."""
+    def correction_dim(rotations: float) -> float:
+        old_len = rope.original_max_position_embeddings
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), head_dim - 1)
+    pos_freqs = rope.theta ** (torch.arange(0, head_dim, 2).to(dtype=torch.float) / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (rope.factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / ((high + 0.001 if low == high
+                                                                                   else high) - low), 0, 1)
+    keep = 1 - ramp  # share of the extrapolated (original) frequency
+    return interpolation * (1 - keep) + extrapolation * keep

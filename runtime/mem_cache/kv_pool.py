@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..model_loader.model_config import ModelConfig
+from ..tp.distributed import TPInfo
+
 
 class KVPool:
     """K/V storage for ``num_slots`` tokens (plus the dummy slot 0) in every layer."""
@@ -46,3 +49,18 @@ class MLAKVPool(KVPool):
     def mla_bytes_per_token(num_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> int:
         """``(kv_lora_rank + rope_dim) * num_layers * dtype_bytes`` (DeepSeek-V3 in bf16: 576 * 61 * 2)."""
         return (kv_lora_rank + rope_dim) * num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+def make_kv_pool(mc: ModelConfig, tp: TPInfo, num_slots: int, dtype: torch.dtype, device: torch.device) -> KVPool:
+    """The pool of rank ``tp`` for model ``mc``: MLA's latent rows (replicated on every rank), or this rank's KV
+    heads (all of them replicated when there are fewer than ranks)."""
+    if mc.mla is not None:
+        return MLAKVPool(num_slots, mc.num_layers, mc.mla.kv_lora_rank, mc.mla.qk_rope_head_dim, dtype, device)
+    return KVPool(num_slots, mc.num_layers, tp.kv_head_shard(mc.num_kv_heads).size, mc.head_dim, dtype, device)
+
+
+def kv_bytes_per_token(mc: ModelConfig, tp: TPInfo, dtype: torch.dtype) -> int:
+    """Bytes one token takes in rank ``tp``'s pool (what the memory plan divides by)."""
+    if mc.mla is not None:
+        return MLAKVPool.mla_bytes_per_token(mc.num_layers, mc.mla.kv_lora_rank, mc.mla.qk_rope_head_dim, dtype)
+    return KVPool.bytes_per_token(mc.num_layers, tp.kv_head_shard(mc.num_kv_heads).size, mc.head_dim, dtype)

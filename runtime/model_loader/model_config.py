@@ -7,16 +7,18 @@ Both spellings of the rotary settings are read: ``rope_theta`` / ``rope_scaling`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
+from .mla_config import MLAConfig, read_mla
 from .moe_config import MoEConfig, read_moe
 from .quant_config import QuantizationConfig, read_quantization
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors", "yarn")
 # "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
 
 
@@ -29,6 +31,31 @@ class RopeConfig:
     high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192  # llama3
     freq_factors: tuple[float, ...] | None = None  # factors: inv_freq[i] / freq_factors[i]
+    beta_fast: float = 32.0  # yarn: the ramp between extrapolated and interpolated frequencies
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 0.0  # yarn (DeepSeek): cos/sin scaled by get_mscale(factor, mscale) / get_mscale(.., all_dim)
+    mscale_all_dim: float = 0.0  # yarn (DeepSeek): also the softmax scale's mscale**2 (runtime/layers/rope.py)
+    attention_factor: float | None = None  # yarn: the cos/sin scale, when the config states it
+
+    def cos_sin_scale(self) -> float:
+        """The factor YaRN multiplies cos and sin by (1 for the other rope types), as HF computes it."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return _get_mscale(self.factor, self.mscale) / _get_mscale(self.factor, self.mscale_all_dim)
+        return _get_mscale(self.factor)
+
+    def softmax_mscale(self) -> float:
+        """DeepSeek's extra softmax scale under a scaled rope: ``get_mscale(factor, mscale_all_dim) ** 2``."""
+        if self.rope_type == "default" or not self.mscale_all_dim:
+            return 1.0
+        return _get_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def _get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model; None: dense
     quantization: QuantizationConfig | None = None  # quantization_config: how the linears are stored; None: dense
+    mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek); None: multi-head / grouped-query
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale: ``1/sqrt(head_dim)``, for MLA ``1/sqrt(qk_nope + qk_rope)`` times YaRN's mscale**2."""
+        if self.mla is None:
+            return self.head_dim**-0.5
+        return self.mla.qk_head_dim**-0.5 * self.rope.softmax_mscale()
 
     @classmethod
     def from_dir(cls, model_path: str | Path) -> "ModelConfig":
@@ -72,6 +107,7 @@ class ModelConfig:
             )
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
+        mla = read_mla(arch, cfg)
         eos = cfg.get("eos_token_id")
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         return cls(
@@ -82,7 +118,8 @@ class ModelConfig:
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            # MLA rotates only the rope part of each head (HF sets its head_dim so; the Hub's configs omit it)
+            head_dim=mla.qk_rope_head_dim if mla else int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -94,6 +131,7 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             moe=read_moe(arch, cfg),
+            mla=mla,
             quantization=read_quantization(cfg, moe=read_moe(arch, cfg) is not None),
         )
 
@@ -114,4 +152,9 @@ def _read_rope(cfg: dict[str, Any]) -> RopeConfig:
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
         freq_factors=tuple(float(f) for f in merged["freq_factors"]) if rope_type == "factors" else None,
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        mscale=float(merged.get("mscale") or 0.0),
+        mscale_all_dim=float(merged.get("mscale_all_dim") or 0.0),
+        attention_factor=float(merged["attention_factor"]) if merged.get("attention_factor") is not None else None,
     )

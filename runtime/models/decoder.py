@@ -76,7 +76,7 @@ class DecoderLM(nn.Module):
         self.model = Backbone(cfg, tp, self.make_layer)
         # Tied: no module of its own, the embedding table is read as the head (and stored once).
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
-        self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim))
+        self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), cfg.rope.cos_sin_scale())
 
     def make_layer(self, layer_id: int) -> DecoderLayer:
         """Decoder layer ``layer_id``: the family's attention and the gated MLP (or the experts)."""

@@ -16,6 +16,8 @@ from typing import Any
 from ..errors import ConfigError
 
 MODEL_CLASSES: Mapping[str, str] = MappingProxyType({
+    "DeepseekV2ForCausalLM": "deepseek:DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": "deepseek:DeepseekV3ForCausalLM",
     "LlamaForCausalLM": "llama:LlamaForCausalLM",
     "MistralForCausalLM": "llama:MistralForCausalLM",
     "MixtralForCausalLM": "mixtral:MixtralForCausalLM",

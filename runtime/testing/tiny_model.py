@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-Arch = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
+Arch = Literal["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
 ARCHS: tuple[str, ...] = get_args(Arch)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -101,6 +101,23 @@ ARCH_CONFIG: dict[str, dict[str, Any]] = {
                   "moe_intermediate_size": 32, "shared_expert_intermediate_size": 96, "norm_topk_prob": False,
                   "decoder_sparse_step": 2},
     "mixtral": {"tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # MLA + DeepSeek-MoE. V2-Lite-like: no q LoRA, greedy softmax routing, first layer dense, 2 shared experts.
+    "deepseek_v2": {"tie_word_embeddings": False, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                    "q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                    "v_head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2,
+                    "moe_intermediate_size": 32, "first_k_dense_replace": 1, "topk_method": "greedy",
+                    "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+                    # YaRN without mscale keys: cos/sin scaled by 0.1 ln(factor) + 1, the softmax not
+                    "rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024}},
+    # V3-like: q LoRA, sigmoid scores + correction bias over 4 groups (noaux_tc), scaled weights, YaRN rope whose
+    # mscale / mscale_all_dim differ (real V3 has them equal): both the cos/sin and the softmax scales are exercised.
+    "deepseek_v3": {"tie_word_embeddings": False, "num_hidden_layers": 3, "num_key_value_heads": 4,
+                    "q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                    "v_head_dim": 16, "n_routed_experts": 16, "num_experts_per_tok": 3, "n_shared_experts": 1,
+                    "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                    "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}},
 }
 
 ARCH_CLASSES: dict[str, tuple[str, str]] = {
@@ -110,6 +127,8 @@ ARCH_CLASSES: dict[str, tuple[str, str]] = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 # Config classes accept unknown kwargs silently; these legacy names are real aliases we let through.
@@ -237,7 +256,7 @@ def _build_config(arch: str, overrides: dict[str, Any], tokenizer_len: int) -> P
     padded_vocab = -(-tokenizer_len // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     values = {**BASE_CONFIG, "vocab_size": padded_vocab, **ARCH_CONFIG[arch], **overrides}
     _check_shape(values, tokenizer_len)
-    if arch != "qwen2" and "head_dim" not in overrides:
+    if arch not in ("qwen2", "deepseek_v2", "deepseek_v3") and "head_dim" not in overrides:
         # Qwen3Config defaults head_dim to 128 whatever the hidden size; derive it as Llama does.
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     eos_id = SPECIAL_TOKENS.index(EOS_TOKEN)
@@ -283,6 +302,9 @@ def _random_model(arch: str, config: PretrainedConfig, seed: int) -> torch.nn.Mo
         # named_parameters() lists a tied weight once, so a tied lm_head keeps the embedding's values.
         for name, param in model.named_parameters():
             param.copy_(torch.from_numpy(_draw(name, tuple(param.shape), seed)))
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's correction bias is a buffer: make it count
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.from_numpy(_draw(name, tuple(buffer.shape), seed)))
     eos_ids = [SPECIAL_TOKENS.index(IM_END), SPECIAL_TOKENS.index(EOS_TOKEN)]
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=eos_ids[1])
     return model

@@ -1,17 +1,48 @@
-"""Top-k routing of the softmax-scored families (Qwen2-MoE, Qwen3-MoE, Mixtral): each token goes to the ``top_k``
-experts of highest router probability, weighted by those probabilities, renormalised to sum to 1 when the family
-says so. Scores are float32 whatever the model's dtype (as HF computes them), so bf16 logits that tie after
-rounding still rank the way the reference does."""
+"""Top-k routing: which experts each token goes to, and with what weight.
+
+Scores are float32 whatever the model's dtype (as HF computes them): softmax over the experts (Qwen-MoE, Mixtral,
+DeepSeek-V2) or an independent sigmoid per expert (DeepSeek-V3). The choice is greedy top-k, or grouped: the experts
+are split into ``n_group`` groups, only the best ``topk_group`` groups are eligible (a group's score is its best
+expert for V2's ``group_limited_greedy``, the sum of its best two, with the correction bias, for V3's
+``noaux_tc``), then top-k among those. V3 chooses with ``score + e_score_correction_bias`` but weights with the bare
+score. The weights are renormalised to sum to 1 when ``norm_topk_prob`` says so (Mixtral always), then multiplied
+by ``routed_scaling_factor``.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ...model_loader.moe_config import MoEConfig
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts in float32, the ``top_k`` largest, optionally renormalised."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+
+def select_experts(
+    router_logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights float32 [T, top_k], expert ids int32 [T, top_k])`` from the router's ``[T, num_experts]`` logits."""
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if moe.scoring == "softmax" else logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if moe.topk_method != "greedy":
+        choice = _keep_best_groups(choice, moe)
+    ids = torch.topk(choice, moe.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if moe.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if moe.routed_scaling_factor != 1.0:
+        weights = weights * moe.routed_scaling_factor
     return weights, ids.to(torch.int32)
+
+
+def _keep_best_groups(choice: torch.Tensor, moe: MoEConfig) -> torch.Tensor:
+    """``choice`` with the experts outside the ``topk_group`` best groups masked out (0 for V2's method, as HF
+    masks its non-negative softmax scores; -inf for V3's, whose biased scores may be negative)."""
+    grouped = choice.view(-1, moe.n_group, moe.num_experts // moe.n_group)
+    if moe.topk_method == "group_limited_greedy":
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_scores, moe.topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    fill = 0.0 if moe.topk_method == "group_limited_greedy" else float("-inf")
+    return grouped.masked_fill(~keep[..., None], fill).view_as(choice)

@@ -1,5 +1,6 @@
-"""`SparseMoeBlock`: the feed-forward sublayer of a sparse layer: router, routed experts and, for Qwen2-MoE, a
-shared expert every token goes through, scaled by ``sigmoid(shared_expert_gate(h))``.
+"""`SparseMoeBlock`: the feed-forward sublayer of a sparse layer: router, routed experts and a shared expert every
+token goes through (Qwen2-MoE scales it by ``sigmoid(shared_expert_gate(h))``; DeepSeek's shared experts, one MLP
+``n_shared_experts`` times as wide, are not gated).
 
 Under tensor parallelism the routed experts and the shared expert each produce a partial sum (their down
 projections are row-parallel); the block adds them and all-reduces once. The router and the shared expert's gate
@@ -15,6 +16,7 @@ from xinf_sglang.kernels.moe import moe_workspace_bytes
 from ...model_loader.moe_config import MoEConfig
 from ...tp.distributed import TPInfo, all_reduce
 from ..linear import LinearBase
+from ..weights import empty_parameter
 from .experts import FusedExperts
 from .router import select_experts
 
@@ -28,16 +30,25 @@ class SparseMoeBlock(nn.Module):
         self.tp = tp
         self.moe = moe
         self.gate = LinearBase(hidden_size, moe.num_experts, False, tp)  # the router, replicated
+        # DeepSeek-V3's learned bias on the scores that choose the experts (not on their weights)
+        self.e_score_correction_bias = empty_parameter(moe.num_experts) if moe.topk_method == "noaux_tc" else None
         self.experts = FusedExperts(moe.num_experts, hidden_size, moe.intermediate_size, tp)
         self.shared_expert = shared_expert
-        self.shared_expert_gate = LinearBase(hidden_size, 1, False, tp) if shared_expert is not None else None
+        gated = shared_expert is not None and moe.shared_expert_gated
+        self.shared_expert_gate = LinearBase(hidden_size, 1, False, tp) if gated else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(h), self.moe.top_k, self.moe.norm_topk_prob)
+        if self.moe.router_float32:
+            logits = torch.nn.functional.linear(h.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(h)
+        weights, ids = select_experts(logits, self.moe, self.e_score_correction_bias)
         out = self.experts.partial(h, weights, ids)
         if self.shared_expert is not None:
-            gate = torch.sigmoid(self.shared_expert_gate(h))
-            out = out + gate * self.shared_expert.partial(h)
+            shared = self.shared_expert.partial(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
         return all_reduce(out, self.tp)
 
 
