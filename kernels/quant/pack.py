@@ -73,12 +73,13 @@ def quantize_int(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
     ``[1, 2**bits - 1]`` so that GPTQ v1 can store it."""
     n, k = weight.shape
     g = resolve_group(group_size, k)
-    rows = torch.arange(k) // g if g_idx is None else g_idx.to(torch.long)
+    dev = weight.device
+    rows = torch.arange(k, device=dev) // g if g_idx is None else g_idx.to(dev, torch.long)
     groups = int(rows.max()) + 1
     w = weight.float().t()  # [K, N]
     maxq = (1 << bits) - 1
-    scales = torch.empty(groups, n)
-    zeros = torch.empty(groups, n, dtype=torch.int32)
+    scales = torch.empty(groups, n, device=dev)
+    zeros = torch.empty(groups, n, dtype=torch.int32, device=dev)
     for grp in range(groups):
         block = w[rows == grp]
         lo, hi = block.min(0).values.clamp(max=0), block.max(0).values.clamp(min=0)

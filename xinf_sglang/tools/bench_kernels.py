@@ -5,6 +5,10 @@ command line. On a GPU::
 
     sglite bench kernels --model-config configs/llama-3.1-8b.json [--sweep linear,chain] [--json tune.json]
     SGLITE_DISABLE_PDL=1 sglite bench kernels --model-config ... --sweep chain     # programmatic launch off
+    sglite bench kernels --model-config configs/llama-3.1-8b.json --sweep quant     # FP8 / AWQ / GPTQ linears
+
+The ``quant`` sweep (:mod:`xinf_sglang.runtime.bench.quant_sweep`, GPU only) is not in the default set: its launch
+grids take a few minutes.
 
 ``--device cpu --quick`` runs the same code under Triton's interpreter on a few launch shapes (a smoke run: the
 times mean nothing there).
@@ -21,7 +25,8 @@ from pathlib import Path
 
 from .arg_types import int_list
 
-SWEEPS = ("paths", "attention", "linear", "chain")  # the order they run in
+SWEEPS = ("paths", "attention", "linear", "chain", "quant")  # the order they run in
+DEFAULT_SWEEPS = SWEEPS[:4]
 
 
 def _sweeps(text: str) -> tuple[str, ...]:
@@ -36,8 +41,8 @@ def _sweeps(text: str) -> tuple[str, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", required=True,
                    help="config.json whose shapes to use, e.g. configs/llama-3.1-8b.json")
-    p.add_argument("--sweep", type=_sweeps, default=SWEEPS, metavar="NAME[,NAME]",
-                   help=f"which sweeps, comma-separated, of {','.join(SWEEPS)} (default all)")
+    p.add_argument("--sweep", type=_sweeps, default=DEFAULT_SWEEPS, metavar="NAME[,NAME]",
+                   help=f"which sweeps, comma-separated, of {','.join(SWEEPS)} (default all but quant)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="auto: bfloat16 on a GPU, float32 on the CPU (the interpreter's bf16 is not exact)")
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from ..runtime.bench import attention_sweep, kernel_sweep
+    from ..runtime.bench import attention_sweep, kernel_sweep, quant_sweep
     from ..runtime.bench.layer_chain import KernelShape
     from ..runtime.bench.timing import measure_bandwidth
 
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{_describe(device)}; copy bandwidth {bw.copy / 1e9:.0f} GB/s (read + write), read bandwidth "
           f"{bw.read / 1e9:.0f} GB/s; shapes of {args.model_config}")
     sweeps = {"paths": attention_sweep.compare_decode_paths, "attention": attention_sweep.sweep_attention,
-              "linear": kernel_sweep.sweep_linear, "chain": kernel_sweep.sweep_chain}
+              "linear": kernel_sweep.sweep_linear, "chain": kernel_sweep.sweep_chain, "quant": quant_sweep.sweep_quant}
     results: dict = {}
     start = time.monotonic()
     for name in SWEEPS:

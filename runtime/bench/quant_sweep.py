@@ -1,0 +1,117 @@
+"""The ``quant`` sweep of ``sglite bench kernels``: the quantized-linear kernels (kernels/quant/) at a model's decode
+shapes, against the bf16 skinny linear, as achieved weight bandwidth and share of the device's copy roofline.
+
+For each weight of a decode step (qkv, o_proj, gate_up, down) and M = 1 and 8: the bf16 skinny linear, FP8
+block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and GPTQ 4-bit with groups of 128. The
+bytes counted are what a call must read: the packed weight plus its scales (and zeros). Timed like the linear
+sweep: distinct copies of the weight in turn (L2 never holds the next one), inside a CUDA graph. At M = 1 each
+quantized kernel also runs over a small grid of launch shapes (the seed of the tuned JSON files that
+``get_quant_config`` reads) and the best is printed. GPU only: there is nothing to learn from the interpreter.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+from xinf_sglang.kernels import linear as skinny_linear
+from xinf_sglang.kernels import quant as Q
+from xinf_sglang.kernels.quant.config import make_config
+
+from .kernel_sweep import SweepOptions, time_each
+from .timing import measure_bandwidth
+
+Call = Callable[[torch.Tensor, dict | None], torch.Tensor]  # (x, launch config or None) -> y
+
+
+def _int4_copy(fmt: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
+    """One random AWQ / GPTQ weight (groups of 128): its call and the bytes it reads."""
+    shape = (k, n // 8) if fmt == "awq" else (k // 8, n)
+    qweight = torch.randint(-(2**31), 2**31, shape, dtype=torch.int32, device=device)
+    qzeros = torch.randint(-(2**31), 2**31, (k // 128, n // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(k // 128, n, device=device) * 1e-3).half()
+    nbytes = qweight.nbytes + qzeros.nbytes + scales.nbytes
+    return (lambda x, cfg: Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, config=cfg)), nbytes
+
+
+def _fp8_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
+    """One random FP8 weight, block-scaled (128 x 128) or per channel: its call and the bytes it reads."""
+    weight = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+    if kind == "fp8_block":
+        scale = torch.rand(-(-n // 128), -(-k // 128), device=device) * 1e-2
+        return (lambda x, cfg: Q.fp8_block_linear_triton(x, weight, scale, config=cfg)), weight.nbytes + scale.nbytes
+    scale = torch.rand(n, device=device) * 1e-2
+    return (lambda x, cfg: Q.fp8_channel_linear_triton(x, weight, scale, config=cfg,
+                                                       use_scaled_mm=None if cfg is None else False)), weight.nbytes
+
+
+def _bf16_copy(n: int, k: int, device: torch.device) -> tuple[Call, int]:
+    weight = (torch.randn(n, k, device=device) * 0.02).bfloat16()
+    return (lambda x, cfg: skinny_linear(x, weight)), weight.nbytes
+
+
+def make_copies(kind: str, n: int, k: int, copies: int, device: torch.device) -> tuple[list[Call], int]:
+    """``copies`` distinct weights of one kind and the bytes one call reads."""
+    made = [(_bf16_copy(n, k, device) if kind == "bf16" else _int4_copy(kind, n, k, device)
+             if kind in ("awq", "gptq") else _fp8_copy(kind, n, k, device)) for _ in range(copies)]
+    return [call for call, _ in made], made[0][1]
+
+
+def launch_grid(kind: str, quick: bool) -> list[dict]:
+    """Launch shapes tried at M = 1: column strip, K step / split, pipeline depth."""
+    if kind in ("awq", "gptq"):
+        grid = [make_config(16, bn, bk, 1, split, 4, stages) for bn, bk, split, stages in
+                itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (3, 4))]
+    else:
+        grid = [make_config(16, bn, 128, 1, 1, warps, stages) for bn, warps, stages in
+                itertools.product((16, 32, 64, 128), (4, 8), (4, 6, 8))]
+    return grid[:2] if quick else grid
+
+
+def sweep_quant(opts: SweepOptions, results: dict) -> None:
+    """Print, per weight, kind and M: us per call, GB/s and % of the copy roofline; at M = 1 the best launch shape
+    of the grid too. Refuses (a message, nothing timed) off CUDA."""
+    if opts.device.type != "cuda":
+        print("\n## quant: skipped: the quantized kernels are timed on a CUDA GPU only (run with --device cuda)")
+        return
+    kinds = ["bf16", "awq", "gptq"]
+    if torch.cuda.get_device_capability(opts.device) >= (8, 9):
+        kinds[1:1] = ["fp8_block", "fp8_channel"]
+    copy_bw = measure_bandwidth(opts.device).copy
+    print(f"\n## quantized linears at decode (bf16 activations; copy roofline {copy_bw / 1e9:.0f} GB/s)")
+    print(f"{'weight':<9}{'kind':<12}{'M':>3}{'us':>9}{'GB/s':>7}{'%copy':>7}"
+          f"{'best us':>9}{'GB/s':>7}{'%copy':>7}  best")
+    for name, (n, k) in opts.shape.weights().items():
+        if name == "lm_head":
+            continue  # stays in bf16 in quantized checkpoints
+        for kind in kinds:
+            for row in _time_kind(opts, kind, n, k, copy_bw):
+                results.setdefault("quant", []).append(dict(row, weight=name))
+                print(f"{name:<9}{row['text']}")
+            opts.empty_cache()
+
+
+def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) -> list[dict]:
+    """The rows of one kind of weight: default launch at M = 1 and 8, and the grid's best at M = 1."""
+    copies = 2 if opts.quick else 8
+    calls, nbytes = make_copies(kind, n, k, copies, opts.device)
+
+    def share(us: float) -> str:
+        return f"{nbytes / us / 1e3:>7.0f}{100 * nbytes / us * 1e6 / copy_bw:>6.0f}%"
+
+    rows = []
+    for m in opts.few([1, 8], keep=1):
+        x = opts.randn(m, k).bfloat16()
+
+        def run(cfg: dict | None, x: torch.Tensor = x) -> float:  # us per call
+            return opts.time_ms(lambda: [c(x, cfg) for c in calls]) / copies * 1e3
+
+        t = run(None)
+        row = {"kind": kind, "m": m, "us": t, "gb_s": nbytes / t / 1e3, "text": f"{kind:<12}{m:>3}{t:>9.1f}{share(t)}"}
+        if m == 1 and kind != "bf16":
+            grid = time_each(launch_grid(kind, opts.quick), run)
+            row["grid"] = grid
+            row["text"] += f"{grid[0][0]:>9.1f}{share(grid[0][0])}  {grid[0][1]}"
+        rows.append(row)
+    return rows

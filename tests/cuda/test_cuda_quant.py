@@ -1,0 +1,158 @@
+"""The quantized-linear Triton paths (kernels/quant/) against their torch references on the GPU, at Llama-3.1-8B's
+projection shapes (K = 4096; N = 4096 o_proj, 6144 qkv, 14336 half of gate_up, 28672 gate_up) for a decode token,
+a decode batch of 8 (the split-K GEMV), 64 rows and a 512-row prefill chunk, in bf16 and fp16, with the launch
+configs ``get_quant_config`` picks; plus act-order GPTQ, 8-bit GPTQ, down_proj's K = 14336, and CUDA-graph capture
+of the decode calls. The weights are random words (every bit pattern is a valid AWQ / GPTQ weight) with random
+scales, so no quantizer runs. The CPU tier (tests/test_kernels_quant.py) checks the same kernels under the
+interpreter, the formats against their definitions included.
+
+Tolerances: the int4 kernel multiplies exactly the weights the reference dequantizes (cast once to x's dtype), so
+only the summation order and the output rounding differ: ``TOL`` (1e-2). The FP8 kernels are W8A8: against a
+float32 emulation of the same activation quantization they agree to the output rounding; against the reference,
+whose activations stay unquantized, within x's FP8 rounding (6%). FP8 needs Hopper (skipped elsewhere)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ..pool_helpers import TOL, rel_err
+from . import randn, require_gpus
+
+require_gpus()
+pytestmark = pytest.mark.cuda
+
+Q = importlib.import_module("xinf_sglang.kernels.quant")
+CUDA = torch.device("cuda")
+K = 4096
+NS = [4096, 6144, 14336, 28672]
+MS = [1, 8, 64, 512]
+DTYPES = [torch.bfloat16, torch.float16]
+HOPPER = torch.cuda.get_device_capability() >= (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="FP8 W8A8 kernels are checked on Hopper (compute 9.0+) only; "
+                                  f"this GPU is {torch.cuda.get_device_name()}")
+
+
+def random_int_weight(fmt: str, n: int, k: int, group: int, bits: int = 4):
+    """Random packed words and zeros, positive fp16 scales of ~1/(8 sqrt(K)) (outputs of order one)."""
+    p = 32 // bits
+    groups = k // group if group > 0 else 1
+    shape = (k, n // 8) if fmt == "awq" else (k // p, n)
+    qweight = torch.randint(-(2**31), 2**31, shape, dtype=torch.int32, device=CUDA)
+    qzeros = torch.randint(-(2**31), 2**31, (groups, n // p), dtype=torch.int32, device=CUDA)
+    scales = ((torch.rand(groups, n, device=CUDA) + 0.5) * (k**-0.5 / (1 << (bits - 1)))).half()
+    return qweight, scales, qzeros
+
+
+def random_fp8_weight(n: int, k: int, block: tuple[int, int] | None):
+    """A random e4m3 weight and its float32 scales: ``[ceil(N/bn), ceil(K/bk)]`` blocks, or per channel."""
+    weight = torch.randn(n, k, device=CUDA).to(torch.float8_e4m3fn)
+    shape = (-(-n // block[0]), -(-k // block[1])) if block else (n,)
+    return weight, (torch.rand(shape, device=CUDA) + 0.5) * k**-0.5
+
+
+def emulated_w8a8(x: torch.Tensor, weight_dq: torch.Tensor, group: int) -> torch.Tensor:
+    """float32: x quantized per token group as the reference quantizes it, times the float32 weight."""
+    xq, xs = Q.fp8_quantize_per_token_group_ref(x, group)
+    return F.linear(Q.dequantize_fp8_block(xq, xs, (1, group)), weight_dq)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_int4_matches_reference(fmt: str, dtype: torch.dtype, n: int, m: int) -> None:
+    torch.manual_seed(n + m)
+    qweight, scales, qzeros = random_int_weight(fmt, n, K, 128)
+    x, bias = randn(m, K, dtype=dtype), randn(n, dtype=dtype)
+    out = Q.int4_linear(x, qweight, scales, qzeros, None, fmt, 128, bias)  # dispatches to Triton for CUDA tensors
+    assert out.dtype == dtype and out.shape == (m, n)
+    want = Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, 128, bias)
+    assert rel_err(out, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 8, 512])
+@pytest.mark.parametrize("case", ["gptq-act-order", "gptq-8bit", "awq-g32", "gptq-per-channel", "awq-down-proj"])
+def test_int4_variants(case: str, m: int) -> None:
+    """Act-order (the per-row group gather), 8-bit GPTQ, groups of 32, one group, and down_proj (K = 14336)."""
+    torch.manual_seed(m)
+    fmt, k, group, bits = {"gptq-act-order": ("gptq", K, 128, 4), "gptq-8bit": ("gptq", K, 128, 8),
+                           "awq-g32": ("awq", K, 32, 4), "gptq-per-channel": ("gptq", K, -1, 4),
+                           "awq-down-proj": ("awq", 14336, 128, 4)}[case]
+    qweight, scales, qzeros = random_int_weight(fmt, 4096, k, group, bits)
+    g_idx = Q.act_order_g_idx(k, group).to(CUDA) if case == "gptq-act-order" else None
+    x = randn(m, k, dtype=torch.bfloat16)
+    out = Q.int4_linear(x, qweight, scales, qzeros, g_idx, fmt, group)
+    assert rel_err(out, Q.int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group)) < TOL[torch.bfloat16]
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_block_matches_reference(dtype: torch.dtype, n: int, m: int) -> None:
+    torch.manual_seed(n + m)
+    weight, scale_inv = random_fp8_weight(n, K, (128, 128))
+    x, bias = randn(m, K, dtype=dtype), randn(n, dtype=dtype)
+    out = Q.fp8_block_linear(x, weight, scale_inv, (128, 128), bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    w_dq = Q.dequantize_fp8_block(weight, scale_inv, (128, 128))
+    assert rel_err(out, emulated_w8a8(x, w_dq, 128) + bias.float()) < TOL[dtype]
+    assert rel_err(out, Q.fp8_block_linear_ref(x, weight, scale_inv, (128, 128), bias)) < 0.06
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("n", [4096, 28672])
+@pytest.mark.parametrize("path", ["scaled_mm", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_channel_matches_reference(dtype: torch.dtype, path: str, n: int, m: int) -> None:
+    if path == "scaled_mm" and dtype != torch.bfloat16:
+        pytest.skip("torch._scaled_mm's row-wise scaling writes bf16 only")
+    torch.manual_seed(n + m)
+    weight, scale = random_fp8_weight(n, K, None)
+    x, bias = randn(m, K, dtype=dtype), randn(n, dtype=dtype)
+    out = Q.fp8_channel_linear_triton(x, weight, scale, bias, use_scaled_mm=path == "scaled_mm")
+    assert rel_err(out, emulated_w8a8(x, Q.dequantize_fp8_channel(weight, scale), K) + bias.float()) < TOL[dtype]
+    assert rel_err(out, Q.fp8_channel_linear_ref(x, weight, scale, bias)) < 0.06
+
+
+def test_fp8_group_quantization_is_bit_exact() -> None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 conversion before compute 8.9")
+    x = randn(64, 14336, dtype=torch.bfloat16) * torch.logspace(-3, 3, 64, device=CUDA)[:, None].bfloat16()
+    for group in (128, 14336):
+        got_q, got_s = Q.fp8_quantize_per_token_group(x, group)
+        want_q, want_s = Q.fp8_quantize_per_token_group_ref(x, group)
+        assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+def _graph_replay_matches_eager(fn, x: torch.Tensor) -> None:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(x)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x)
+    x.copy_(randn(*x.shape, dtype=x.dtype))
+    graph.replay()
+    assert torch.equal(out, fn(x))
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_int4_cuda_graph_replay_matches_eager(m: int) -> None:
+    """The split-K GEMV and its reduce (workspace allocated in the capture) replay on new inputs."""
+    qweight, scales, qzeros = random_int_weight("awq", 4096, K, 128)
+    _graph_replay_matches_eager(lambda x: Q.int4_linear(x, qweight, scales, qzeros, None, "awq", 128),
+                                randn(m, K, dtype=torch.bfloat16))
+
+
+@needs_hopper
+def test_fp8_cuda_graph_replay_matches_eager() -> None:
+    weight, scale_inv = random_fp8_weight(6144, K, (128, 128))
+    _graph_replay_matches_eager(lambda x: Q.fp8_block_linear(x, weight, scale_inv), randn(1, K, dtype=torch.bfloat16))
