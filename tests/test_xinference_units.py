@@ -234,10 +234,13 @@ def test_match_reasons() -> None:
     from xinf_sglang.serving.engine import SgliteChatModel, SgliteModel
 
     assert SgliteChatModel.match_json(_family(), _spec(), "none") is True
-    for fmt in ("awq", "gptq", "mlx", "fp8"):
+    for fmt in ("mlx", "bnb"):
         ok, reason = SgliteChatModel.match_json(_family(), _spec(fmt), "none")
-        assert not ok and reason.startswith("sglite serves pytorch (safetensors) and ggufv2 checkpoints of Llama")
+        assert not ok and reason.startswith("sglite serves pytorch (safetensors; awq, gptq, fp8 quantized for dense "
+                                            "models) and ggufv2 checkpoints of ")
         assert reason.endswith(f"this spec is {fmt}")
+    # awq / gptq / fp8 (tests/test_quantization_matching.py has the details)
+    assert SgliteChatModel.match_json(_family(), _spec("awq"), "Int4") is True
     ok, reason = SgliteChatModel.match_json(_family(), _spec(), "4-bit")
     assert not ok and "quantized (4-bit)" in reason
     # GGUF: the file types the runtime dequantizes, by llama.cpp's quantization names

@@ -56,8 +56,21 @@ def _checkpoint_template(path: Path) -> str | None:
 
 def _folder_spec(model_dir: Path) -> tuple[list[str], int, dict[str, Any]]:
     config = json.loads((model_dir / "config.json").read_text())
-    spec = {"model_format": "pytorch", "quantization": "none", "model_uri": str(model_dir)}
+    fmt, quantization = _quantized_format(config.get("quantization_config") or {})
+    spec = {"model_format": fmt, "quantization": quantization, "model_uri": str(model_dir)}
     return config["architectures"], int(config.get("max_position_embeddings", 2048)), spec
+
+
+def _quantized_format(quant: dict[str, Any]) -> tuple[str, str]:
+    """Xinference's ``(model_format, quantization)`` for a folder's ``quantization_config``, spelled as its
+    catalogue spells them (``awq`` / ``Int4``, ``gptq`` / ``Int8``, ``fp8`` / ``FP8``); an unquantized folder is
+    ``pytorch`` / ``none``, anything else ``pytorch`` / its ``quant_method`` (matching then says why not)."""
+    method = str(quant.get("quant_method", "")).lower()
+    if method in ("awq", "gptq"):
+        return method, f"Int{int(quant.get('bits', quant.get('w_bit', 4)))}"
+    if method == "fp8" or (method == "compressed-tensors" and quant.get("format") == "float-quantized"):
+        return "fp8", "FP8"
+    return "pytorch", method or "none"
 
 
 def _gguf_spec(gguf: Path) -> tuple[list[str], int, dict[str, Any]]:

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from xinference.model.llm.llm_family import LLMFamilyV2, LLMSpecV1
 
 SUPPORTED_FORMAT = "pytorch"  # Xinference's name for unquantized HF checkpoints (safetensors or .bin)
+# Quantized HF checkpoints served quantized (runtime.model_loader.quant_config), with the quantization names
+# Xinference 4.1's catalogue spells them (Int4, 4bit, Int8-W8A16, fp8, FP8, ...) that mean a scheme sglite reads.
+QUANTIZED_FORMATS = {
+    "awq": (re.compile(r"(?i)^(int4|4-?bits?|awq)$"), "AWQ 4-bit (GEMM version)"),
+    "gptq": (re.compile(r"(?i)^(int[48](-w[48]a16)?|[48]-?bits?)$"), "GPTQ 4-bit and 8-bit"),
+    "fp8": (re.compile(r"(?i)^(fp8|none)?$"), "FP8"),
+}
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM",
+                     "DeepseekV3ForCausalLM")
 # GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
 GGUF_QUANTIZATIONS = re.compile(r"(?i)^(F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q2_K(_S)?|Q3_K_[SML]|Q4_K_[SM]|Q5_K_[SM]|Q6_K)$")
 _TEXT_ONLY_BLOCKERS = ("vision", "audio", "omni", "embed")
@@ -31,9 +40,11 @@ Match = bool | tuple[bool, str]
 def match_model(family: LLMFamilyV2, spec: LLMSpecV1, quantization: str, need_chat: bool) -> Match:
     """``True`` when sglite can serve ``spec`` of ``family`` (with chat, for ``need_chat``), else ``(False,
     reason)``: the reason is shown in ``/v1/engines/{model}`` and the web UI."""
+    found = spec_architecture(family, spec)
     problem = (
         _format_problem(spec, quantization)
-        or _architecture_problem(family, spec, spec_architecture(family, spec))
+        or _architecture_problem(family, spec, found)
+        or _quantized_moe_problem(spec, found)
         or _ability_problem(family, need_chat)
     )
     return (False, problem) if problem else True
@@ -41,14 +52,19 @@ def match_model(family: LLMFamilyV2, spec: LLMSpecV1, quantization: str, need_ch
 
 def _serves() -> str:
     return (
-        f"sglite serves {SUPPORTED_FORMAT} (safetensors) and {GGUF_FORMAT} checkpoints of "
-        f"{', '.join(registry.SUPPORTED_ARCHITECTURES)}"
+        f"sglite serves {SUPPORTED_FORMAT} (safetensors; {', '.join(QUANTIZED_FORMATS)} quantized for dense models) "
+        f"and {GGUF_FORMAT} checkpoints of {', '.join(registry.SUPPORTED_ARCHITECTURES)}"
     )
 
 
 def _format_problem(spec: LLMSpecV1, quantization: str) -> str | None:
     """Why the checkpoint format or quantization rules the spec out; ``None`` when they do not."""
     fmt = spec.model_format
+    if fmt in QUANTIZED_FORMATS:
+        names, served = QUANTIZED_FORMATS[fmt]
+        if not names.match(quantization or ""):
+            return f"sglite serves {fmt} checkpoints as {served}; this spec is {fmt} {quantization}"
+        return None
     if fmt not in (SUPPORTED_FORMAT, GGUF_FORMAT):
         return f"{_serves()}; this spec is {fmt}"
     if fmt == SUPPORTED_FORMAT and quantization not in (None, "", "none"):
@@ -70,6 +86,14 @@ def _architecture_problem(family: LLMFamilyV2, spec: LLMSpecV1, found: SpecArchi
         )
     if not any(a in registry.SUPPORTED_ARCHITECTURES for a in found.architectures):
         return f"{_serves()}; {_spec_name(family, spec)} is {', '.join(found.architectures)} ({found.source})"
+    return None
+
+
+def _quantized_moe_problem(spec: LLMSpecV1, found: SpecArchitecture) -> str | None:
+    """Quantized mixtures of experts are refused until the fused experts take quantized weights."""
+    if spec.model_format in QUANTIZED_FORMATS and any(a in MOE_ARCHITECTURES for a in found.architectures):
+        return (f"sglite serves {spec.model_format} checkpoints of dense models only; this one is a mixture of "
+                f"experts ({', '.join(found.architectures)}): quantized experts are not served yet")
     return None
 
 

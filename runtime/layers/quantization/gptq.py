@@ -3,7 +3,7 @@ bits`` input features per int32), ``qzeros`` int32 ``[groups, out/p]`` storing `
 ``[groups, out]`` and ``g_idx`` int32 ``[in]`` (the group of each input feature: ``k // group`` unless the
 checkpoint was quantized in activation order, ``desc_act``). Definitions in ``kernels/quant/reference.py``.
 
-The GPU runs the int4 kernels (8-bit: the reference, which dequantizes the layer per call); the CPU the reference,
+The GPU runs the dequantizing Triton GEMM / GEMV (4- and 8-bit, ``kernels/quant``); the CPU the reference,
 dequantizing one layer at a time on the fly, so the weights stay 4 / 8 bits in memory. ``g_idx`` is passed to the
 kernel only when it is not ``k // group`` (activation order), since the plain grouping is faster.
 """
