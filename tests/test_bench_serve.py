@@ -248,28 +248,31 @@ def test_bad_lengths_and_rates_are_refused(capsys) -> None:
 # ---- the command against a real Xinference ----
 
 
-def _launch(server: Server, model_name: str, uid: str, engine: str, *options: str) -> subprocess.Popen:
-    """``xinference launch`` started in the background (the two launches of the module overlap)."""
-    return subprocess.Popen(
+def _launch(server: Server, model_name: str, uid: str, engine: str, *options: str) -> None:
+    """``xinference launch`` of one model, to completion."""
+    launch = subprocess.run(
         [str(BIN / "xinference"), "launch", "--model-engine", engine, "--model-name", model_name,
          "--model-uid", uid, *options, "-e", server.endpoint],
         env=server_env(server.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=LAUNCH_TIMEOUT,
     )
+    assert launch.returncode == 0, f"{launch.stdout}\n{server.log_tail()}"
 
 
 @pytest.fixture(scope="module")
 def uids(server: Server, custom_model: str) -> tuple[str, str]:
     """The tiny model launched with the CLI twice: on sglite, and on Xinference's Transformers engine (the
-    baseline; its 4.1 batching path fails every /v1/completions request, so it is benchmarked through chat)."""
+    baseline; its 4.1 batching path fails every /v1/completions request, so it is benchmarked through chat).
+    One after the other: two launches of one custom model at once race in Xinference 4.1's cache, both linking
+    the model's cache folder ("[Errno 17] File exists")."""
     pair = ("bench-sglite", "bench-hf")
-    launches = [_launch(server, custom_model, pair[0], "sglite", "--mem_fraction_static", "0.3",
-                        "--context-length", "2048"), _launch(server, custom_model, pair[1], "Transformers")]
-    for launch in launches:
-        output, _ = launch.communicate(timeout=LAUNCH_TIMEOUT)
-        assert launch.returncode == 0, f"{output}\n{server.log_tail()}"
-    yield pair
-    for uid in pair:
-        http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
+    try:
+        _launch(server, custom_model, pair[0], "sglite", "--mem_fraction_static", "0.3", "--context-length", "2048")
+        _launch(server, custom_model, pair[1], "Transformers")
+        yield pair
+    finally:
+        for uid in pair:
+            http("DELETE", f"{server.endpoint}/v1/models/{uid}", timeout=LAUNCH_TIMEOUT)
 
 
 def _bench_serve(server: Server, qwen2_dir: Path, *args: str) -> subprocess.CompletedProcess:

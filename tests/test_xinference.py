@@ -112,7 +112,10 @@ def test_sglite_listed_for_custom_and_builtin_families(server: Server, custom_mo
     # offered anyway, and refused with a reason that says why where it cannot serve the model.
     status, engines = http("GET", f"{server.endpoint}/v1/engines/qwen2.5-instruct")
     assert status == 200
-    assert {p["model_format"] for p in engines["sglite"]} == {"pytorch", "ggufv2"}
+    # Qwen2.5-Instruct ships AWQ and GPTQ (Int4 / Int8) checkpoints besides pytorch and GGUF: all served (issue 32).
+    assert {p["model_format"] for p in engines["sglite"]} == {"pytorch", "ggufv2", "awq", "gptq"}
+    gptq = next(p for p in engines["sglite"] if p["model_format"] == "gptq")
+    assert {"Int4", "Int8"} <= set(gptq["quantizations"]), gptq
     gguf = next(p for p in engines["sglite"] if p["model_format"] == "ggufv2")
     assert "q4_k_m" in gguf["quantizations"] and not any(q.startswith("IQ") for q in gguf["quantizations"])
     # The web UI's launch dialog asks with the user's virtualenv choice; sglite is offered either way.

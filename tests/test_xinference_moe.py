@@ -1,6 +1,6 @@
-"""A mixture-of-experts model through a real Xinference: a tiny Qwen3-MoE checkpoint registered as a custom model
-and launched with the sglite engine serves a chat whose greedy answer is HF transformers' (streamed and not), and a
-JSON-schema request whose answer validates."""
+"""Mixture-of-experts models through a real Xinference: a tiny Qwen3-MoE and a tiny DeepSeek-V3-like checkpoint
+(MLA, grouped routing) registered as custom models and launched with the sglite engine serve a chat whose greedy
+answer is HF transformers' (streamed and not), and a JSON-schema request whose answer validates."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from transformers import AutoTokenizer
 from .engine_helpers import hf_greedy
 from .xinference_server import LAUNCH_TIMEOUT, Server, http, openai_client, registered_model, terminate
 
-NAME = "sglite-tiny-qwen3-moe"
-UID = "tiny-qwen3-moe"
+ARCHS = ["qwen3_moe", "deepseek_v3"]
 MESSAGES = [{"role": "user", "content": "Name three prime numbers."}]
 PERSON = {
     "type": "object",
@@ -28,24 +27,21 @@ PERSON = {
 }
 
 
-@pytest.fixture(scope="module")
-def moe(server: Server, tiny_model) -> Iterator[tuple[str, Path]]:
-    """(model uid, checkpoint) of the tiny Qwen3-MoE launched through ``POST /v1/models`` as the web UI does."""
-    model_dir = tiny_model("qwen3_moe")
-    with registered_model(server, model_dir, name=NAME):
-        body = {"model_name": NAME, "model_engine": "sglite", "model_uid": UID, "model_format": "pytorch",
+@pytest.fixture(scope="module", params=ARCHS)
+def moe(request, server: Server, tiny_model) -> Iterator[tuple[str, Path]]:
+    """(model uid, checkpoint) of a tiny model launched through ``POST /v1/models`` as the web UI does."""
+    model_dir, name, uid = tiny_model(request.param), f"sglite-tiny-{request.param}", f"tiny-{request.param}"
+    with registered_model(server, model_dir, name=name):
+        status, engines = http("GET", f"{server.endpoint}/v1/engines/{name}")
+        assert status == 200 and "sglite" in engines, engines  # offered: its architecture is one sglite builds
+        body = {"model_name": name, "model_engine": "sglite", "model_uid": uid, "model_format": "pytorch",
                 "model_size_in_billions": "0_001", "mem_fraction_static": "0.3", "context_length": 1024}
         status, reply = http("POST", server.endpoint + "/v1/models", body, timeout=LAUNCH_TIMEOUT)
         assert status == 200, f"{reply}\n{server.log_tail()}"
         try:
-            yield UID, model_dir
+            yield uid, model_dir
         finally:
-            terminate(server, UID)
-
-
-def test_sglite_is_offered_for_the_moe_checkpoint(server: Server, moe: tuple[str, Path]) -> None:
-    status, engines = http("GET", f"{server.endpoint}/v1/engines/{NAME}")
-    assert status == 200 and "sglite" in engines, engines
+            terminate(server, uid)
 
 
 def test_greedy_chat_is_hf_transformers_answer(server: Server, moe: tuple[str, Path]) -> None:

@@ -143,10 +143,12 @@ class Engine:
 
         def sink(chunk: StreamChunk) -> None:  # on the routing (scheduler) thread
             nonlocal unfinished
-            chunks.put(chunk)
             unfinished -= chunk.finish_reason is not None
             if on_finish is not None and unfinished == 0:
+                # Scheduled before the final chunk is handed over: a reader may take it from the backlog without
+                # waiting and end the loop, and callbacks run in the order they were scheduled.
                 loop.call_soon_threadsafe(on_finish, chunk.request_id)
+            chunks.put(chunk)
 
         compiling = self._compile_grammar(req)
         if compiling is not None:  # compiled on the backend's workers; the event loop keeps serving meanwhile

@@ -20,7 +20,7 @@ from xinf_sglang.runtime import SamplingParams  # noqa: E402
 
 from ..engine_helpers import hf_greedy, make_engine, varied_prompts  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]  # MoE: the Triton fused experts
+ARCHS = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"]  # MoE: the Triton fused experts; DeepSeek: MLA kernels
 NEW_TOKENS = 48
 DEVICE = "cuda"
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
