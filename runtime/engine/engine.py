@@ -144,9 +144,7 @@ class Engine:
         def sink(chunk: StreamChunk) -> None:  # on the routing (scheduler) thread
             nonlocal unfinished
             unfinished -= chunk.finish_reason is not None
-            if on_finish is not None and unfinished == 0:
-                # Scheduled before the final chunk is handed over: a reader may take it from the backlog without
-                # waiting and end the loop, and callbacks run in the order they were scheduled.
+            if on_finish is not None and unfinished == 0:  # before the put: a reader may take it and end the loop
                 loop.call_soon_threadsafe(on_finish, chunk.request_id)
             chunks.put(chunk)
 
