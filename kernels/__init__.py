@@ -15,6 +15,7 @@ from .activation import silu_and_mul, silu_and_mul_ref
 from .argmax import argmax, argmax_ref
 from .attention.decode_attention import NewToken, decode_attention, decode_attention_ref, decode_num_splits
 from .attention.extend_attention import extend_attention, extend_attention_ref
+from .attention.mla import mla_decode, mla_decode_ref, mla_extend, mla_extend_ref
 from .linear import linear, linear_ref
 from .moe import fused_experts, fused_experts_ref, get_moe_config, moe_align_block_size
 from .norm import rms_norm, rms_norm_ref
@@ -56,6 +57,10 @@ __all__ = [
     "int4_linear_ref",
     "linear",
     "linear_ref",
+    "mla_decode",
+    "mla_decode_ref",
+    "mla_extend",
+    "mla_extend_ref",
     "moe_align_block_size",
     "rms_norm",
     "rms_norm_ref",

@@ -12,6 +12,10 @@ the same grid and the same addresses whatever the sequence lengths are. The grap
 tensors (``req_pool_indices``, ``seq_lens``, ``out_cache_loc``) and updates them in place before a replay; padded
 rows should point at a request row whose positions map to the dummy slot 0 with ``seq_lens >= 1`` (a padded row
 with ``seq_lens == 0`` is harmless too: its output is zeros).
+
+MLA (the pool is an `MLAKVPool`): ``mla_decode`` / ``mla_extend`` run the kernels of kernels/attention/mla.py through
+the same metadata and CUDA-graph buffers; for MLA the split count follows ``mla_num_splits`` (programs per head
+block of ``num_q_heads``), the partials are ``Dv`` (the latent) wide and the merge tickets count head blocks.
 """
 
 from __future__ import annotations
@@ -31,11 +35,17 @@ from xinf_sglang.kernels.attention.decode_attention import (
     num_sms_of,
 )
 from xinf_sglang.kernels.attention.extend_attention import extend_attention_triton
+from xinf_sglang.kernels.attention.mla import (
+    mla_decode_triton,
+    mla_extend_triton,
+    mla_head_blocks,
+    mla_num_splits,
+)
 from xinf_sglang.kernels.attention.store_kv import store_kv_triton
 
 from .backend import AttentionBackend
 from ...model_executor.forward_batch import ForwardBatch, ForwardMode
-from ...mem_cache.kv_pool import KVPool
+from ...mem_cache.kv_pool import KVPool, MLAKVPool
 
 
 @dataclass
@@ -57,16 +67,17 @@ class _ExtendMetadata:
 class _GraphState:
     max_bs: int
     max_context_len: int
-    mid_o_flat: torch.Tensor  # float32, viewed as [bs, Hq, splits(bs), D] for each captured bs
+    mid_o_flat: torch.Tensor  # float32, viewed as [bs, Hq, splits(bs), Dv] for each captured bs
     mid_lse_flat: torch.Tensor  # float32, viewed as [bs, Hq, splits(bs)]
-    split_counters: torch.Tensor  # int32 [max_bs * Hkv], shared by every captured bs
+    split_counters: torch.Tensor  # int32 [max_bs * merge groups], shared by every captured bs
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Attention over the token pool with Triton kernels (CUDA tensors; CPU ones only under TRITON_INTERPRET=1).
 
     ``num_q_heads`` (the model's attention heads) lets the decode buffers be allocated up front; it is required for
-    CUDA graphs. Without it they are sized from the first layer's q in each forward.
+    CUDA graphs and for MLA pools (the split count depends on it). Without it they are sized from the first layer's q
+    in each forward.
     """
 
     def __init__(
@@ -84,6 +95,11 @@ class TritonAttentionBackend(AttentionBackend):
             # CPU tensors only work under the Triton interpreter (the CPU tests use it that way).
             raise ValueError(f"TritonAttentionBackend needs the KV pool on a CUDA device, got {k0.device}")
         _, self.num_kv_heads, self.head_dim = k0.shape
+        # MLA: one cache row per token, V a view of its first Dv (latent) columns; the decode partials are Dv wide.
+        self.is_mla = isinstance(kv_pool, MLAKVPool)
+        self.v_head_dim = kv_pool.v_buffers[0].shape[-1]
+        if self.is_mla and num_q_heads is None:
+            raise ValueError("an MLA pool needs TritonAttentionBackend(..., num_q_heads=<model heads>)")
         if num_q_heads is not None and (num_q_heads < 1 or num_q_heads % self.num_kv_heads):
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads ({self.num_kv_heads})")
         if min_split_tokens < 1:
@@ -102,14 +118,29 @@ class TritonAttentionBackend(AttentionBackend):
         longest extend, read from the device once here instead of once per layer."""
         if batch.mode is ForwardMode.DECODE:
             bs = batch.batch_size
-            num_splits = decode_num_splits(bs, self.num_kv_heads, self.num_sms, min_split_tokens=self.min_split_tokens)
+            num_splits = self._num_splits(bs, None)
             mid_o = mid_lse = None
             if self.num_q_heads is not None:
-                mid_o, mid_lse = decode_intermediate_buffers(bs, self.num_q_heads, num_splits, self.head_dim, self.device)
-            counters = decode_split_counters(bs, self.num_kv_heads, self.device)  # one memset per forward
+                mid_o, mid_lse = decode_intermediate_buffers(
+                    bs, self.num_q_heads, num_splits, self.v_head_dim, self.device
+                )
+            counters = decode_split_counters(bs, self._merge_groups(), self.device)  # one memset per forward
             self.metadata = _DecodeMetadata(num_splits, mid_o, mid_lse, counters)
         else:
             self.metadata = _ExtendMetadata(int(batch.extend_seq_lens.max()) if batch.batch_size else 0)
+
+    def _num_splits(self, bs: int, max_context_len: int | None) -> int:
+        """The decode split count of a batch of ``bs`` (capped by ``max_context_len`` when given): the dense
+        policy, or MLA's (programs per head block of the query heads)."""
+        if self.is_mla:
+            return mla_num_splits(bs, self.num_q_heads, self.num_sms, max_context_len, self.min_split_tokens)
+        return decode_num_splits(
+            bs, self.num_kv_heads, self.num_sms, max_seq_len=max_context_len, min_split_tokens=self.min_split_tokens
+        )
+
+    def _merge_groups(self) -> int:
+        """Merge tickets per request: one per KV head (dense), one per head block (MLA)."""
+        return mla_head_blocks(self.num_q_heads) if self.is_mla else self.num_kv_heads
 
     # ------------------------------------------------------------------ the seam
 
@@ -157,14 +188,39 @@ class TritonAttentionBackend(AttentionBackend):
             min_split_tokens=self.min_split_tokens,
         )
 
+    def mla_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """MLA decode over the latent cache (this step's rows already stored) with the forward's split count and
+        buffers; the reference for a pool that is not an `MLAKVPool`."""
+        if not self.is_mla:
+            return super().mla_decode(q, layer_id, batch)
+        md = self.metadata
+        if not isinstance(md, _DecodeMetadata):
+            raise RuntimeError("init_forward_metadata was not called for this decode batch")
+        return mla_decode_triton(
+            q, self.kv_pool.k_buffers[layer_id], self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+            self.sm_scale, self.v_head_dim, num_splits=md.num_splits, mid_o=md.mid_o, mid_lse=md.mid_lse,
+            split_counters=md.split_counters, min_split_tokens=self.min_split_tokens,
+        )
+
+    def mla_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """MLA extend (causal over prefix + new tokens) on the latent cache; the reference for other pools."""
+        if not self.is_mla:
+            return super().mla_extend(q, layer_id, batch)
+        md = self.metadata
+        if not isinstance(md, _ExtendMetadata):
+            raise RuntimeError("init_forward_metadata was not called for this extend batch")
+        return mla_extend_triton(
+            q, self.kv_pool.k_buffers[layer_id], self.req_to_token, batch.req_pool_indices, batch.seq_lens,
+            batch.extend_seq_lens, batch.extend_start_loc, self.sm_scale, self.v_head_dim,
+            max_extend_len=md.max_extend_len,
+        )
+
     # ------------------------------------------------------------------ CUDA graphs (decode)
 
     def _graph_num_splits(self, bs: int, max_context_len: int) -> int:
         # Depends on bs (and the fixed context bound) only, never on this step's lengths: the grid is baked into
         # the graph. Splits beyond ceil(max_context_len / min_split_tokens) could never be used, so none is made.
-        return decode_num_splits(
-            bs, self.num_kv_heads, self.num_sms, max_seq_len=max_context_len, min_split_tokens=self.min_split_tokens
-        )
+        return self._num_splits(bs, max_context_len)
 
     def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
         """Allocate the decode intermediate buffers every captured batch size (1..max_bs) will use."""
@@ -177,9 +233,9 @@ class TritonAttentionBackend(AttentionBackend):
         self.graph_state = _GraphState(
             max_bs=max_bs,
             max_context_len=max_context_len,
-            mid_o_flat=torch.empty(rows * self.num_q_heads * self.head_dim, dtype=torch.float32, device=self.device),
+            mid_o_flat=torch.empty(rows * self.num_q_heads * self.v_head_dim, dtype=torch.float32, device=self.device),
             mid_lse_flat=torch.empty(rows * self.num_q_heads, dtype=torch.float32, device=self.device),
-            split_counters=decode_split_counters(max_bs, self.num_kv_heads, self.device),
+            split_counters=decode_split_counters(max_bs, self._merge_groups(), self.device),
         )
 
     def _graph_metadata(self, batch: ForwardBatch) -> _DecodeMetadata:
@@ -192,7 +248,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not 1 <= bs <= gs.max_bs:
             raise ValueError(f"graph batch size {bs} is outside [1, {gs.max_bs}]")
         splits = self._graph_num_splits(bs, gs.max_context_len)
-        hq, d = self.num_q_heads, self.head_dim
+        hq, d = self.num_q_heads, self.v_head_dim
         mid_o = gs.mid_o_flat[: bs * hq * splits * d].view(bs, hq, splits, d)
         mid_lse = gs.mid_lse_flat[: bs * hq * splits].view(bs, hq, splits)
         return _DecodeMetadata(splits, mid_o, mid_lse, gs.split_counters)
