@@ -66,3 +66,16 @@ def test_other_step_errors_fail_only_that_steps_requests(tiny_model, error) -> N
         engine.run_on_scheduler(lambda s: setattr(s.runner, "launch", type(s.runner).launch.__get__(s.runner)))
         [later] = engine.generate(input_ids=[[8, 9]], sampling_params=SHORT)
         assert later.finish_reason == "length" and len(later.token_ids) == 4 and len(attempts) > 3
+
+
+def test_an_out_of_memory_step_says_what_to_relaunch_with(tiny_model) -> None:
+    """Seed 002's lesson: a step that runs out of device memory fails its requests with the fraction that would
+    have left the allocation it tried (here 1.5 GiB more) outside the static part."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79 GiB")
+    with make_engine(tiny_model("qwen2"), mem_fraction_static=0.5) as engine:
+        _break_steps(engine, oom, after_steps=0)
+        [out] = engine.generate(input_ids=[[5, 6, 7]], sampling_params=SHORT)
+        plan = engine.run_on_scheduler(lambda s: s.limits.memory_plan)
+        advice = plan.lower_fraction_advice(int(1.5 * 1024**3))
+        assert out.finish_reason == "abort" and "Tried to allocate 1.50 GiB" in out.error
+        assert "lower mem_fraction_static from 0.5 to" in advice and out.error.endswith(advice), out.error

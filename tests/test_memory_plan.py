@@ -7,7 +7,8 @@ import torch
 
 from xinf_sglang.runtime.errors import ConfigError
 from xinf_sglang.runtime.mem_cache.kv_pool import KVPool
-from xinf_sglang.runtime.mem_cache.memory_plan import GPU_FIXED_RESERVE, GiB, MemoryInputs, plan_memory
+from xinf_sglang.runtime.mem_cache.memory_plan import (GPU_FIXED_RESERVE, GiB, MemoryInputs, check_headroom,
+                                                       out_of_memory_advice, plan_memory)
 
 # Llama-3.1-8B in bf16 on an 80 GiB card: 16 GB of weights.
 LLAMA8B_KV = KVPool.bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
@@ -120,3 +121,51 @@ def test_prompt_scoring_rows_are_capped_and_reserved():
     assert small.max_scored_prompt_tokens == 256  # never more than one prefill batch computes
     cpu = plan_memory(gpu_inputs(device="cpu", free_before_weights=20 * GiB, free_after_weights=19 * GiB))
     assert cpu.max_scored_prompt_tokens == 256
+
+
+# ---- seed 002: every workspace reserved; errors say which option to change and to what ----
+
+
+def test_mla_workspace_and_cuda_graphs_are_reserved_and_reported():
+    base = plan_memory(gpu_inputs(), context_length=4096)
+    mla = plan_memory(gpu_inputs(attention_bytes_per_token=128 * 2176 * 2), context_length=4096)
+    graphs = plan_memory(gpu_inputs(graph_batch=256), context_length=4096)
+    assert mla.workspace.prefill - base.workspace.prefill == base.chunked_prefill_size * 128 * 2176 * 2
+    assert base.workspace.graphs == 0 and graphs.workspace.graphs == 256 * base.workspace.prefill // base.chunked_prefill_size
+    assert mla.pool_tokens < base.pool_tokens and graphs.pool_tokens < base.pool_tokens
+    [line] = [ln for ln in graphs.report() if "activations reserve" in ln]
+    assert "CUDA graphs 0." in line and "prefill chunk" in line and "logits" in line
+    cpu = plan_memory(gpu_inputs(device="cpu", graph_batch=256, free_before_weights=20 * GiB, free_after_weights=19 * GiB))
+    assert cpu.workspace.graphs == 0 and cpu.workspace.fixed == 0
+
+
+def test_no_room_names_the_fraction_that_fits():
+    with pytest.raises(ConfigError, match=r"raise mem_fraction_static from 0.22 to at least (0\.\d+)") as err:
+        plan_memory(gpu_inputs(), mem_fraction_static=0.22, max_running_requests=4096)
+    fits = float(err.value.args[0].split("to at least ")[1].split(",")[0])
+    assert plan_memory(gpu_inputs(), mem_fraction_static=fits, max_running_requests=4096).pool_tokens >= 16
+    with pytest.raises(ConfigError):
+        plan_memory(gpu_inputs(), mem_fraction_static=fits - 0.01, max_running_requests=4096)
+    with pytest.raises(ConfigError, match="no mem_fraction_static up to 0.95 fits"):
+        plan_memory(gpu_inputs(free_after_weights=1 * GiB), mem_fraction_static=0.9)
+
+
+def test_headroom_check_says_how_far_to_lower_the_fraction():
+    plan = plan_memory(gpu_inputs(), mem_fraction_static=0.9, context_length=8192)
+    check_headroom(plan, plan.workspace.transient, "cuda:0")  # exactly enough: fine
+    short = 3 * GiB
+    with pytest.raises(ConfigError, match=r"lower mem_fraction_static from 0.9 to (0\.\d+)") as err:
+        check_headroom(plan, plan.workspace.transient - short, "cuda:0")
+    fits = float(err.value.args[0].split("from 0.9 to ")[1].split(" ")[0])
+    lower = plan_memory(gpu_inputs(), mem_fraction_static=fits, context_length=8192)
+    assert (plan.pool_tokens - lower.pool_tokens) * LLAMA8B_KV >= short  # the pool gives the bytes back
+    assert "chunked_prefill_size (now 8192)" in str(err.value)
+
+
+def test_out_of_memory_advice_reads_what_torch_tried_to_allocate():
+    plan = plan_memory(gpu_inputs(), mem_fraction_static=0.9, context_length=8192)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has 79 GiB")
+    assert out_of_memory_advice(oom, plan) == (
+        f"; the memory plan left too little for this step: {plan.lower_fraction_advice(512 * 1024**2)}")
+    assert "to 0.88 " in out_of_memory_advice(oom, plan)  # 0.5 GiB of 79 GiB is 0.0063; a hundredth of margin
+    assert out_of_memory_advice(RuntimeError("a bug"), plan) == "" and out_of_memory_advice(oom, None) == ""

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..tp.distributed import TPInfo
 from ..layers.moe.sparse_block import parameter_counts, workspace_bytes_per_token
 from ..mem_cache.kv_pool import KVPool, kv_bytes_per_token, make_kv_pool
-from ..mem_cache.memory_plan import MemoryInputs, MemoryPlan, plan_memory
+from ..mem_cache.memory_plan import MemoryInputs, MemoryPlan, check_headroom, plan_memory
 from ..model_executor.model_runner import ModelRunner
 from ..model_loader.checkpoint import Checkpoint, open_checkpoint
 from ..model_loader.model_config import ModelConfig
@@ -50,6 +50,7 @@ logger = logging.getLogger("xinf_sglang.runtime")
 
 __all__ = ["RankMemory", "Runtime", "Shard", "build_runtime", "build_shard", "make_grammar_backend", "resolve_device"]
 
+DEFAULT_GRAPH_MAX_BS = 256  # the largest decode batch captured in CUDA graphs unless cuda_graph_max_bs says
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,6 +135,8 @@ def build_runtime(config: EngineConfig, grammar_backend: Callable[[], GrammarBac
         graphs = decode_graphs(config, shard)
         if graphs is not None:
             runner.graphs = graphs if launcher is None else LeaderGraphs(graphs, model)
+        if device.type == "cuda":  # rank 0's device; the other ranks built the same plan and graphs
+            check_headroom(shard.plan, _step_headroom(shard.device), str(shard.device))
         limits = scheduler_limits(config, shard.plan, device)
         allocator = TokenAllocator(shard.plan.pool_tokens, device)
         prefix_cache = NoPrefixCache(allocator) if config.disable_radix_cache else RadixCache(allocator)
@@ -204,6 +207,7 @@ def scheduler_limits(config: EngineConfig, plan: MemoryPlan, device: torch.devic
         low_priority_values_first=config.schedule_low_priority_values_first,
         preemption_threshold=config.priority_scheduling_preemption_threshold if preempt else None,
         max_scored_prompt_tokens=plan.max_scored_prompt_tokens,
+        memory_plan=plan,
     )
 
 
@@ -219,6 +223,20 @@ def make_grammar_backend(
         max_queued_compiles=config.grammar_max_queued_compiles,
         eos_token_ids=sorted(eos_token_ids),
     )
+
+
+def _attention_bytes_per_token(mc: ModelConfig, dtype: torch.dtype, tp: TPInfo) -> int:
+    """Attention temporaries of one prefill token beyond q/k/v: MLA's absorbed workspace on this rank's heads."""
+    if mc.mla is None:
+        return 0
+    return mc.mla.workspace_per_head * (mc.num_heads // tp.size) * torch.empty((), dtype=dtype).element_size()
+
+
+def _graph_batch(config: EngineConfig, device: torch.device) -> int:
+    """The largest decode batch `decode_graphs` captures (0 where it captures none)."""
+    if device.type != "cuda" or config.disable_cuda_graph:
+        return 0
+    return config.cuda_graph_max_bs or DEFAULT_GRAPH_MAX_BS
 
 
 def _ffn_bytes_per_token(mc: ModelConfig, dtype: torch.dtype, tp: TPInfo) -> int:
@@ -250,6 +268,8 @@ def _plan_memory(
         ffn_bytes_per_token=_ffn_bytes_per_token(mc, dtype, tp),
         vocab_size=mc.vocab_size,
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+        attention_bytes_per_token=_attention_bytes_per_token(mc, dtype, tp),
+        graph_batch=_graph_batch(config, device),
     )
     return plan_memory(
         inputs,
@@ -274,7 +294,7 @@ def decode_graphs(config: EngineConfig, shard: Shard) -> CudaGraphRunner | None:
             f"CUDA graphs need the triton attention backend (got {config.attention_backend!r}); "
             f"set disable_cuda_graph=True to run {type(shard.attn).__name__} eagerly"
         )
-    max_bs = min(config.cuda_graph_max_bs or 256, shard.plan.max_running_requests)
+    max_bs = min(_graph_batch(config, shard.device), shard.plan.max_running_requests)
     return CudaGraphRunner(shard.model, shard.attn, max_bs, shard.plan.context_length, shard.req_to_token, shard.device)
 
 
@@ -303,6 +323,12 @@ def _free_memory(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available
+
+
+def _step_headroom(device: torch.device) -> int:
+    """What a step can still allocate on a CUDA device: its free memory and what torch's caching allocator holds
+    unused."""
+    return _free_memory(device) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _peak_rss() -> int:

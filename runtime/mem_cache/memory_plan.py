@@ -8,6 +8,8 @@ free memory; on CPU it is the system's available memory. ``max_total_tokens`` on
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -31,6 +33,8 @@ DEFAULT_MAX_RUNNING = {"cuda": 512, "cpu": 256}
 DEFAULT_SCORED_PROMPT_TOKENS = {"cuda": 512, "cpu": 256}
 # Headroom on a GPU beyond what we account for explicitly: CUDA graph pools, cuBLAS workspaces, allocator slack.
 GPU_FIXED_RESERVE = 1 * GiB
+# Advice never suggests a fraction above this: the rest is the CUDA context's and other processes' memory.
+MAX_SENSIBLE_FRACTION = 0.95
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,33 @@ class MemoryInputs:
     ffn_bytes_per_token: int  # feed-forward temporaries of one prefill token (gate/up outputs; MoE workspace)
     vocab_size: int
     dtype_bytes: int
+    attention_bytes_per_token: int = 0  # attention temporaries beyond q/k/v (MLA: absorbed query, latent output)
+    graph_batch: int = 0  # the largest decode batch captured in CUDA graphs (0: none); their pool holds its activations
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What a step needs beyond the weights, the KV pool and the request table (seed 002: SGLang on DeepSeek-V3 ran
+    out of memory in its first steps until ``mem_fraction_static`` was lowered, because kernel workspaces were not
+    reserved). Every part is subtracted from the pool's budget."""
+
+    prefill: int  # the largest prefill chunk's hidden states, attention and feed-forward temporaries
+    logits: int  # a full batch's logits rows, and the scored prompt positions' logits + log-softmax
+    graphs: int  # the CUDA graphs' private pool: the activations of the largest captured batch
+    fixed: int  # GPU: cuBLAS workspaces, allocator slack (GPU_FIXED_RESERVE)
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.logits + self.graphs + self.fixed
+
+    @property
+    def transient(self) -> int:
+        """What the steps allocate and free again (must be free on the device once everything else is built)."""
+        return self.prefill + self.logits
+
+    def describe(self) -> str:
+        return (f"activations reserve {self.total / GiB:.2f} GiB (prefill chunk {self.prefill / GiB:.2f}, logits "
+                f"{self.logits / GiB:.2f}, CUDA graphs {self.graphs / GiB:.2f}, fixed {self.fixed / GiB:.2f})")
 
 
 @dataclass(frozen=True)
@@ -64,11 +95,28 @@ class MemoryPlan:
     weights_bytes: int
     kv_bytes_per_token: int
     req_table_bytes: int
-    activation_reserve_bytes: int
+    workspace: Workspace
+    free_before_weights: int  # the memory the fraction applies to (the advice below scales with it)
+
+    @property
+    def activation_reserve_bytes(self) -> int:
+        return self.workspace.total
 
     @property
     def kv_pool_bytes(self) -> int:
         return self.pool_tokens * self.kv_bytes_per_token
+
+    def lower_fraction_advice(self, shortfall: int) -> str:
+        """What to relaunch with when ``shortfall`` more bytes were needed outside the static part: the fraction
+        that leaves them (a hundredth of margin), else the knobs that shrink the workspace."""
+        fits = math.floor((self.mem_fraction_static - shortfall / self.free_before_weights) * 100 - 1) / 100
+        shrink = (f"chunked_prefill_size (now {self.chunked_prefill_size}) or max_running_requests (now "
+                  f"{self.max_running_requests})")
+        if fits < 0.3:
+            return f"lower {shrink}, or free memory on the device"
+        return (f"lower mem_fraction_static from {self.mem_fraction_static} to {fits} (frees "
+                f"{(self.mem_fraction_static - fits) * self.free_before_weights / GiB:.2f} GiB; the KV pool shrinks "
+                f"by as much), or lower {shrink}")
 
     def report(self) -> list[str]:
         """Lines for the startup log."""
@@ -78,7 +126,7 @@ class MemoryPlan:
             f"({self.kv_bytes_per_token} bytes/token, mem_fraction_static={self.mem_fraction_static}"
             f"{' (default for this device)' if self.mem_fraction_is_default else ''})",
             f"request table: {self.max_running_requests} rows x {self.context_length} tokens "
-            f"({self.req_table_bytes / GiB:.3f} GiB); activations reserve {self.activation_reserve_bytes / GiB:.2f} GiB",
+            f"({self.req_table_bytes / GiB:.3f} GiB); {self.workspace.describe()}",
             f"max running requests: {self.max_running_requests}; prefill chunk: {self.chunked_prefill_size} tokens; "
             f"max prefill tokens per batch: {self.max_prefill_tokens}; context length: {self.context_length}",
             f"prompt logprobs: at most {self.max_scored_prompt_tokens} prompt tokens scored per step "
@@ -126,8 +174,8 @@ def plan_memory(
     chunk = min(chunk, max_prefill)
     scored = min(max_scored_prompt_tokens or DEFAULT_SCORED_PROMPT_TOKENS[dev], max_prefill)
     req_table = rows * (ctx + 1) * 4
-    reserve = _activation_bytes(inputs, chunk, rows, scored) + (GPU_FIXED_RESERVE if dev == "cuda" else 0)
-    profiled = _profiled_tokens(inputs, frac, req_table + reserve, f"{rows} rows x context {ctx}")
+    workspace = _workspace(inputs, chunk, rows, scored)
+    profiled = _profiled_tokens(inputs, frac, req_table + workspace.total, f"{rows} rows x context {ctx}")
     if dev == "cpu":
         # System memory is shared with everything else on the machine: a pool larger than every row at full
         # context can never be used by running requests, so on CPU the table bounds it too.
@@ -147,37 +195,76 @@ def plan_memory(
         weights_bytes=inputs.weights_bytes,
         kv_bytes_per_token=inputs.kv_bytes_per_token,
         req_table_bytes=req_table,
-        activation_reserve_bytes=reserve,
+        workspace=workspace,
+        free_before_weights=inputs.free_before_weights,
     )
 
 
-def _activation_bytes(inputs: MemoryInputs, chunk: int, rows: int, scored: int) -> int:
-    """The largest prefill chunk's hidden states, feed-forward temporaries (a dense layer's gate/up output or the
-    fused experts' workspace, whichever is larger) and a few more, plus the logits
-    rows of a full batch, plus the rows of the prompt positions one step scores: the LM head's output in the model
-    dtype, its float32 copy and their log-softmax."""
-    act = chunk * (6 * inputs.hidden_size * inputs.dtype_bytes + inputs.ffn_bytes_per_token)
+def _workspace(inputs: MemoryInputs, chunk: int, rows: int, scored: int) -> Workspace:
+    """Per prefill token: its hidden states and a few more, the attention temporaries (MLA's absorbed query and
+    latent output) and the feed-forward ones (a dense layer's gate/up output or the fused experts' workspace,
+    whichever is larger). Logits: a full batch's rows, and the scored prompt positions' LM-head output in the model
+    dtype, its float32 copy and their log-softmax. CUDA graphs: the largest captured batch's activations."""
+    per_token = 6 * inputs.hidden_size * inputs.dtype_bytes + inputs.attention_bytes_per_token + inputs.ffn_bytes_per_token
     scoring = scored * inputs.vocab_size * (4 + 4 + inputs.dtype_bytes)
-    return act + rows * inputs.vocab_size * 4 * 2 + scoring
+    gpu = inputs.device == "cuda"
+    return Workspace(
+        prefill=chunk * per_token,
+        logits=rows * inputs.vocab_size * 4 * 2 + scoring,
+        graphs=min(inputs.graph_batch, rows) * per_token if gpu else 0,
+        fixed=GPU_FIXED_RESERVE if gpu else 0,
+    )
 
 
 def _profiled_tokens(inputs: MemoryInputs, frac: float, reserved: int, table: str) -> int:
     """KV tokens that fit in what ``frac`` leaves after the weights and ``reserved`` bytes (request table ``table``
-    and activations); ``ConfigError`` naming the knob when the weights or the reserve do not fit."""
-    dev = inputs.device
-    rest = inputs.free_after_weights - inputs.free_before_weights * (1 - frac)
+    and activations); ``ConfigError`` naming the knob, and the fraction that would fit, when they do not."""
+    dev, free = inputs.device, inputs.free_before_weights
+    rest = inputs.free_after_weights - free * (1 - frac)
+    # The least fraction that leaves the reserve and a 16-token pool: rest - reserved >= 16 * kv.
+    needed = 1 - (inputs.free_after_weights - reserved - 16 * inputs.kv_bytes_per_token) / free
+    raise_to = (f"raise mem_fraction_static from {frac} to at least {math.ceil(needed * 100) / 100}"
+                if needed <= MAX_SENSIBLE_FRACTION else f"no mem_fraction_static up to {MAX_SENSIBLE_FRACTION} fits")
     if rest <= 0:
         raise ConfigError(
             f"the weights ({inputs.weights_bytes / GiB:.2f} GiB) do not fit in mem_fraction_static={frac} of "
-            f"{inputs.free_before_weights / GiB:.2f} GiB free {dev} memory; raise mem_fraction_static "
-            f"(now {frac}), use a smaller dtype, or free memory"
+            f"{free / GiB:.2f} GiB free {dev} memory; {raise_to}, use a smaller dtype, or free memory"
         )
     budget = rest - reserved
     profiled = int(budget // inputs.kv_bytes_per_token) if budget > 0 else 0
     if profiled < 16:
         raise ConfigError(
             f"no room for a KV cache: {rest / GiB:.2f} GiB left under mem_fraction_static={frac} after the weights, "
-            f"but the request table ({table}) and activations need {reserved / GiB:.2f} GiB; raise "
-            f"mem_fraction_static, or lower context_length / max_running_requests / chunked_prefill_size"
+            f"but the request table ({table}) and activations need {reserved / GiB:.2f} GiB; {raise_to}, or lower "
+            f"context_length / max_running_requests / chunked_prefill_size"
         )
     return profiled
+
+
+def check_headroom(plan: MemoryPlan, free_now: int, device: str) -> None:
+    """After the pool, the request table and the CUDA graphs are built: the steps' transient workspace must still
+    be free on the device (something the plan did not see, another process or a larger graph pool, may have taken
+    it). ``ConfigError`` saying what to lower, and to what, when it is not: at launch, not at the first long
+    prompt."""
+    need = plan.workspace.transient
+    if free_now < need:
+        raise ConfigError(
+            f"after the weights, the KV pool and the CUDA graphs only {free_now / GiB:.2f} GiB are free on {device}, "
+            f"but a step needs up to {need / GiB:.2f} GiB (a {plan.chunked_prefill_size}-token prefill chunk and "
+            f"the logits); {plan.lower_fraction_advice(need - free_now)}"
+        )
+
+
+_TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) (GiB|MiB|KiB|B)\b")
+_UNITS = {"GiB": GiB, "MiB": 1024**2, "KiB": 1024, "B": 1}
+
+
+def out_of_memory_advice(error: BaseException, plan: MemoryPlan | None) -> str:
+    """For a step that ran out of device memory (torch's ``OutOfMemoryError``, whose message says how much it
+    "Tried to allocate"): a clause saying what to relaunch with; "" for other errors or without a plan."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if plan is None or not ("OutOfMemoryError" in names or "out of memory" in str(error)):
+        return ""
+    tried = _TRIED.search(str(error))
+    shortfall = int(float(tried[1]) * _UNITS[tried[2]]) if tried else plan.workspace.transient // 4
+    return f"; the memory plan left too little for this step: {plan.lower_fraction_advice(shortfall)}"

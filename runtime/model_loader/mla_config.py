@@ -33,6 +33,14 @@ class MLAConfig:
         """Elements one token stores per layer: the latent and the rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 
+    @property
+    def workspace_per_head(self) -> int:
+        """Temporaries of the absorbed attention per token and head, in elements (what the memory plan reserves
+        for a prefill chunk): the query, its latent part, the query row against the cache, the rotated rope parts,
+        the latent output, and the output brought back to ``v_head_dim`` and made contiguous."""
+        return (self.qk_head_dim + self.kv_lora_rank + self.cache_dim + 2 * self.qk_rope_head_dim
+                + self.kv_lora_rank + 2 * self.v_head_dim)
+
 
 def read_mla(architecture: str, cfg: dict[str, Any]) -> MLAConfig | None:
     """The MLA facts of a DeepSeek config; None for other architectures.

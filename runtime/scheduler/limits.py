@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..mem_cache.memory_plan import MemoryPlan
 from ..metrics.collector import LatencyStats
 
 __all__ = ["RESERVE_CLIP", "SchedulerLimits", "SchedulerStats"]
@@ -26,6 +27,8 @@ class SchedulerLimits:
     # most prompt positions one step scores (logits + log-softmax rows); startup passes the memory plan's, which
     # reserved their memory (this default is the plan's CPU default)
     max_scored_prompt_tokens: int = 256
+    # the plan these budgets came from: an out-of-memory step's error says what to relaunch with (None: nothing)
+    memory_plan: MemoryPlan | None = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ..engine.messages import (
     Stop,
 )
 from ..engine.outputs import StreamChunk
+from ..mem_cache.memory_plan import out_of_memory_advice
 from .intake import RequestBuilder
 from .scheduler import Scheduler
 from ..metrics.stats_log import StatsLog
@@ -103,8 +104,9 @@ class SchedulerLoop:
         """Abort the requests in flight with ``error``; after an unrecoverable device error, fail the engine."""
         sched = self.scheduler
         if not is_unrecoverable_device_error(error):
-            logger.exception("scheduler step failed; aborting the requests in flight")
-            sched.abort_all(f"engine error: {type(error).__name__}: {error}")
+            advice = out_of_memory_advice(error, sched.limits.memory_plan)
+            logger.exception("scheduler step failed; aborting the requests in flight%s", advice)
+            sched.abort_all(f"engine error: {type(error).__name__}: {error}{advice}")
             return
         sched.failure = EngineFailure(
             f"sglite engine failed: unrecoverable device error ({type(error).__name__}: {error}); the device cannot "
