@@ -49,8 +49,21 @@ def test_unsupported_schemes_are_refused_by_name_with_what_is_served(case):
 def test_quantized_mixture_of_experts_is_refused_by_name():
     moe = {**LLAMA, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "num_experts_per_tok": 2,
            "moe_intermediate_size": 32, "quantization_config": AWQ}
-    with pytest.raises(ConfigError, match="awq-quantized mixture-of-experts models are not served yet"):
+    with pytest.raises(ConfigError, match=r"awq-quantized mixture-of-experts models \(Qwen3MoeForCausalLM\) are not"):
         ModelConfig.from_dict(moe)
+
+
+def test_fp8_deepseek_v3_is_refused_saying_what_to_use_instead():
+    """DeepSeek-V3 / R1 ship FP8 (128 x 128 blocks) only: issue 31 point 6's refusal, until FP8 experts land."""
+    import json
+    from pathlib import Path
+
+    v3 = json.loads((Path(__file__).parent.parent / "configs" / "deepseek-v2-lite.json").read_text())
+    v3 |= {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "topk_method": "noaux_tc",
+           "scoring_func": "sigmoid", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+           "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+    with pytest.raises(ConfigError, match=r"fp8-quantized mixture-of-experts models \(DeepseekV3ForCausalLM\).*BF16"):
+        ModelConfig.from_dict(v3)
 
 
 def test_configs_read_as_the_exporters_write_them():

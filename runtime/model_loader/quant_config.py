@@ -119,8 +119,10 @@ def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | No
     if reader is None:
         _refuse(f"quantization {method or q!r}")
     if moe:
-        raise ConfigError(f"{method}-quantized mixture-of-experts models are not served yet (the fused experts "
-                          f"take dense weights only); sglite serves {SUPPORTED}")
+        arch = ", ".join(cfg.get("architectures") or ["?"])
+        raise ConfigError(f"{method}-quantized mixture-of-experts models ({arch}) are not served yet: the fused "
+                          f"experts take float32 / bfloat16 / float16 weights only; use the model's unquantized "
+                          f"checkpoint (DeepSeek-V3 / R1: their BF16 conversion). sglite serves {SUPPORTED}")
     return reader(q)
 
 
