@@ -99,10 +99,7 @@ def linear_method(quant: QuantizationConfig | None, prefix: str, parts: tuple[st
                           f"with {', '.join(n for n in names if n not in dense)}, which are quantized")
     if dense:
         return UNQUANTIZED
-    return _QUANT_METHODS.setdefault(quant, quant.method())
-
-
-_QUANT_METHODS: dict[QuantizationConfig, Any] = {}
+    return quant.method()  # a small stateless object per layer: its parameters live on the layer
 
 
 def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | None:
