@@ -174,6 +174,10 @@ class GGUFCheckpoint(Checkpoint):
         """transformers' converter of GGUF tokenizer metadata, with the EOS token the metadata names."""
         from transformers import AutoTokenizer
 
+        from .gguf_tokenizer import OWN_TOKENIZER, gguf_tokenizer
+
+        if self.metadata.architecture in OWN_TOKENIZER:  # transformers' GGUF reader refuses the architecture
+            return gguf_tokenizer(self.metadata)
         first = self.file.parts[0]
         tokenizer = AutoTokenizer.from_pretrained(first.parent, gguf_file=first.name)
         eos = self.metadata.get("tokenizer.ggml.eos_token_id")

@@ -3,9 +3,10 @@
 What is mapped (facts of llama.cpp's ``convert_hf_to_gguf.py`` and of the GGUF spec):
 
 - ``general.architecture`` ``llama`` (Llama and Mistral checkpoints alike; Mixtral when ``llama.expert_count`` > 0),
-  ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``; the model's hyper-parameters are ``{arch}.block_count``,
-  ``.embedding_length``, ``.feed_forward_length``, ``.attention.head_count(_kv)``, ``.attention.key_length``,
-  ``.attention.layer_norm_rms_epsilon``, ``.rope.freq_base``, ``.rope.scaling.*``, ``.context_length``; experts:
+  ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``, ``deepseek2``; the model's hyper-parameters are
+  ``{arch}.block_count``, ``.embedding_length``, ``.feed_forward_length``, ``.attention.head_count(_kv)``,
+  ``.attention.key_length``, ``.attention.layer_norm_rms_epsilon``, ``.rope.freq_base``, ``.rope.scaling.*``,
+  ``.context_length``; experts:
   ``.expert_count``, ``.expert_used_count``, ``.expert_feed_forward_length``, ``.expert_shared_feed_forward_length``
   (HF's ``num_experts`` / ``num_local_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
   ``shared_expert_intermediate_size``; ``norm_topk_prob`` is llama.cpp's fixed choice per architecture, see
@@ -15,6 +16,8 @@ What is mapped (facts of llama.cpp's ``convert_hf_to_gguf.py`` and of the GGUF s
   ffn_norm}``; experts ``ffn_gate_inp`` (router), ``ffn_{gate,up,down}_exps`` (stacked, 3-D) and Qwen2-MoE's shared
   expert ``ffn_{gate,up,down}_shexp`` + ``ffn_gate_inp_shexp``. Old Mixtral files with one tensor per expert
   (``blk.N.ffn_gate.E.weight``) are stacked at load into today's layout.
+- ``deepseek2`` (DeepSeek-V2 / V2-Lite / V3 / R1 / Moonlight): multi-head latent attention, DeepSeek-MoE and YaRN keys,
+  V2 or V3 by the routing function, the up-projection split or whole: `gguf_deepseek`.
 - For the ``llama`` architecture (Mixtral included) the converter permutes the rows of Q and K (its rotary pairs
   dimensions ``(i, i + d/2)`` as adjacent ``(2i, 2i + 1)``); the reader undoes it, so the weights equal the HF ones.
 - Llama 3.1's rope scaling is stored as a ``rope_freqs`` tensor of per-frequency divisors.
@@ -38,8 +41,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .gguf_header import ARCHITECTURES, MOE_ARCHITECTURES
-from .gguf_names import MIXTRAL_MOE_PREFIX, MOE_PREFIX, OLD_EXPERT, hf_tensor_name
+from .gguf_deepseek import deepseek_config, deepseek_rope, merge_kv_b
+from .gguf_header import ARCHITECTURES, MOE_ARCHITECTURES, SIGMOID_ARCHITECTURES, SIGMOID_GATING
+from .gguf_names import (DEEPSEEK_SHARED, MIXTRAL_MOE_PREFIX, MLA_SPLIT, MOE_PREFIX, OLD_EXPERT, SHARED_EXPERT,
+                         hf_tensor_name)
 
 
 DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -116,10 +121,13 @@ class GGUFMetadata:
 
     @property
     def hf_architecture(self) -> str:
-        """The HF architecture the file holds: ``llama`` with experts is Mixtral (`MOE_ARCHITECTURES`)."""
+        """The HF architecture the file holds: ``llama`` with experts is Mixtral (`MOE_ARCHITECTURES`), ``deepseek2``
+        with sigmoid routing DeepSeek-V3 (`SIGMOID_ARCHITECTURES`)."""
         arch = self.architecture
         if arch in MOE_ARCHITECTURES and int(self.get(f"{arch}.expert_count") or 0) > 0:
             return MOE_ARCHITECTURES[arch]
+        if arch in SIGMOID_ARCHITECTURES and self.get(f"{arch}.expert_gating_func") == SIGMOID_GATING:
+            return SIGMOID_ARCHITECTURES[arch]
         return ARCHITECTURES[arch]
 
 
@@ -169,6 +177,7 @@ class GGUFWeights:
         self._experts = int(metadata.get(f"{arch}.expert_count") or 0)
         mixtral = metadata.hf_architecture == MOE_ARCHITECTURES.get(arch)
         self._moe_prefix = MIXTRAL_MOE_PREFIX if mixtral else MOE_PREFIX
+        self._shared = DEEPSEEK_SHARED if arch == "deepseek2" else SHARED_EXPERT
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -190,14 +199,19 @@ class GGUFWeights:
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every tensor the decoder takes, Q/K rows in HF order, experts stacked
-        (``[E, I, H]`` / ``[E, H, I]``), Qwen2-MoE's shared-expert gate as ``[1, H]`` (GGUF stores it 1-D)."""
+        (``[E, I, H]`` / ``[E, H, I]``), Qwen2-MoE's shared-expert gate as ``[1, H]`` (GGUF stores it 1-D),
+        DeepSeek's ``attn_k_b`` + ``attn_v_b`` merged into ``kv_b_proj``."""
         pending: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+        latent: dict[str, dict[str, np.ndarray]] = {}
         for t in self._tensors:
-            old = OLD_EXPERT.match(t.name)
+            old, split = OLD_EXPERT.match(t.name), MLA_SPLIT.match(t.name)
             if old is not None:
                 yield from self._stack_old_experts(pending, old.groups(), dequantize(t))
                 continue
-            name = hf_tensor_name(t.name, self._moe_prefix)
+            if split is not None:
+                yield from _merge_kv_b(latent, split.groups(), dequantize(t))
+                continue
+            name = hf_tensor_name(t.name, self._moe_prefix, self._shared)
             if name is None:
                 continue
             value = torch.from_numpy(dequantize(t))
@@ -211,6 +225,11 @@ class GGUFWeights:
         if pending:
             raise ConfigError(f"GGUF experts incomplete: layer/projection {sorted(pending)} lacks some of "
                               f"{self._experts} experts")
+        if latent:
+            raise ConfigError("GGUF " + "; ".join(
+                f"layer {layer} has attn_{part}_b without attn_{'v' if part == 'k' else 'k'}_b"
+                for layer, parts in sorted(latent.items(), key=lambda item: int(item[0])) for part in parts)
+                + " (llama.cpp splits kv_b_proj into both)")
 
     def _stack_old_experts(self, pending: dict[tuple[str, str], dict[int, np.ndarray]], key: tuple[str, str, str],
                            value: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
@@ -254,7 +273,20 @@ def config_dict(metadata: GGUFMetadata, weights: GGUFWeights) -> dict[str, Any]:
         "dtype": "float32",
     }
     cfg.update(_moe_config(metadata, weights))
+    if arch == "deepseek2":
+        cfg.update(deepseek_config(metadata, names))
     return cfg
+
+
+def _merge_kv_b(latent: dict[str, dict[str, np.ndarray]], key: tuple[str, str],
+                value: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+    """Gather a layer's ``attn_k_b`` and ``attn_v_b``; once both are in, yield HF's ``kv_b_proj`` weight."""
+    layer, part = key
+    parts = latent.setdefault(layer, {})
+    parts[part] = value
+    if len(parts) == 2:
+        del latent[layer]
+        yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", torch.from_numpy(merge_kv_b(parts["k"], parts["v"]))
 
 
 _MOE_MODEL_TYPES = {"Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe",
@@ -301,6 +333,8 @@ def _embedding_rows(weights: GGUFWeights) -> int:
 
 def _rope_parameters(metadata: GGUFMetadata, weights: GGUFWeights, arch: str) -> dict[str, Any]:
     params: dict[str, Any] = {"rope_theta": float(metadata.get(f"{arch}.rope.freq_base", 10000.0))}
+    if arch == "deepseek2":
+        return deepseek_rope(metadata, params["rope_theta"])
     scaling = metadata.get(f"{arch}.rope.scaling.type")
     if "rope_freqs.weight" in weights.names():
         params["rope_type"] = "factors"

@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
-"""GGUF ``general.architecture`` -> the HF architecture sglite builds (Mistral GGUFs are ``llama``)."""
+                 "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                 "deepseek2": "DeepseekV2ForCausalLM"}
+"""GGUF ``general.architecture`` -> the HF architecture sglite builds (Mistral GGUFs are ``llama``; ``deepseek2`` is
+also V3, see `SIGMOID_ARCHITECTURES`)."""
 MOE_ARCHITECTURES = {"llama": "MixtralForCausalLM"}
 """GGUF architectures whose files with ``{arch}.expert_count`` > 0 are a mixture of experts: llama.cpp writes
 Mixtral as ``llama`` with stacked experts (``ffn_*_exps``)."""
+SIGMOID_ARCHITECTURES = {"deepseek2": "DeepseekV3ForCausalLM"}
+"""GGUF architectures whose files with ``{arch}.expert_gating_func`` = 2 (sigmoid) are another HF architecture:
+llama.cpp's ``deepseek2`` holds DeepSeek-V2 / V2-Lite / V2.5 (softmax routing, or no key: llama.cpp's default) and
+DeepSeek-V3 / R1 / Moonlight (sigmoid)."""
+SIGMOID_GATING = 2  # gguf.ExpertGatingFuncType.SIGMOID
 
 _MAGIC = b"GGUF"
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -39,6 +46,9 @@ def hf_architecture(path: str | Path) -> str | None:
     # ``tokenizer.*`` key instead of skipping a vocabulary of strings one by one.
     if arch in MOE_ARCHITECTURES and read_metadata_value(path, f"{arch}.expert_count", stop_prefix="tokenizer."):
         return MOE_ARCHITECTURES[arch]
+    if arch in SIGMOID_ARCHITECTURES and read_metadata_value(
+            path, f"{arch}.expert_gating_func", stop_prefix="tokenizer.") == SIGMOID_GATING:
+        return SIGMOID_ARCHITECTURES[arch]
     return ARCHITECTURES.get(arch)
 
 

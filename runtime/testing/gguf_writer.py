@@ -7,14 +7,19 @@ and by the tests (GGUF fixtures of tiny checkpoints). Tensor names are the inver
 them: Qwen2-MoE / Qwen3-MoE as ``qwen2moe`` / ``qwen3moe``, Mixtral as ``llama`` with ``expert_count``; each
 layer's experts stacked into one 3-D tensor per projection (from the per-expert tensors ``save_pretrained`` writes,
 ``experts.E.gate_proj`` or Mixtral's ``w1`` gate / ``w3`` up / ``w2`` down, or a fused ``experts.gate_up_proj``).
+DeepSeek-V2 / V3 as ``deepseek2`` (`gguf_writer_deepseek`: latent-attention keys, ``kv_b_proj`` split into
+``attn_k_b`` / ``attn_v_b``); layers past ``num_hidden_layers`` (V3's multi-token prediction) are left out, as the
+converter does.
 llama.cpp decides top-k renormalisation per architecture and runs no dense layer between sparse ones; a checkpoint
 that differs is written all the same, with a warning (sglite reads such files; llama.cpp computes another model). The tokenizer goes in as a ``gpt2`` (byte-level BPE) vocabulary with
 token types, merges, BOS/EOS ids, whether BOS is prepended, and the chat template; the pre-tokenizer is named
 ``default`` (llama.cpp then splits text like GPT-2: benchmarks feed token ids, so nothing depends on it).
 
 2-D and 3-D weights are stored as ``qtype`` (any type ``gguf.quants`` can quantize: F32, F16, BF16, Q8_0, Q4_0,
-Q4_1, Q5_0, Q5_1); norms, biases and routers (``ffn_gate_inp``, which llama.cpp never quantizes) stay F32. `cached_gguf` keeps one written file per folder, type and writer version
-in ``$SGLITE_CACHE/gguf`` (default ``~/.cache/sglite/gguf``).
+Q4_1, Q5_0, Q5_1); norms, biases and routers (``ffn_gate_inp``, which llama.cpp never quantizes) stay F32, and a
+weight whose rows are not whole blocks of ``qtype`` falls back to F16 (the converter's ``QuantError`` fallback:
+DeepSeek's ``attn_k_b`` rows are ``qk_nope_head_dim`` long). `cached_gguf` keeps one written file per folder, type and
+writer version in ``$SGLITE_CACHE/gguf`` (default ``~/.cache/sglite/gguf``).
 """
 
 from __future__ import annotations
@@ -31,16 +36,19 @@ from typing import Any, Callable
 import numpy as np
 
 from ..model_loader.checkpoint import SafetensorsCheckpoint
-from ..model_loader.gguf_header import ARCHITECTURES, MOE_ARCHITECTURES
+from ..model_loader.gguf_header import ARCHITECTURES, MOE_ARCHITECTURES, SIGMOID_ARCHITECTURES
 from ..model_loader.gguf_names import gguf_tensor_name
+from .gguf_writer_deepseek import deepseek_tensors, warn_deepseek_differs, write_deepseek_hparams
 
 logger = logging.getLogger(__name__)
 
 WRITER_VERSION = 1  # bump when the written layout changes: cached files are rewritten
-GGUF_ARCH = {**{hf: gguf for gguf, hf in ARCHITECTURES.items()}, **{hf: gguf for gguf, hf in MOE_ARCHITECTURES.items()}}
+GGUF_ARCH = {hf: gguf for table in (ARCHITECTURES, MOE_ARCHITECTURES, SIGMOID_ARCHITECTURES)
+             for gguf, hf in table.items()}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
 _LLAMA_CPP_NORM_TOPK = {"qwen2moe": False, "qwen3moe": True}  # build_moe_ffn's norm_w in src/models/<arch>.cpp
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _FUSED_GATE_UP = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj(?:\.weight)?$")
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -58,14 +66,20 @@ gguf_name = gguf_tensor_name
 
 
 def quantize_tensor(name: str, value: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
-    """The default `Encoder`: ``value`` as F32, or quantized to ``qtype`` by ``gguf.quants``."""
+    """The default `Encoder`: ``value`` as F32, or quantized to ``qtype`` by ``gguf.quants`` (F16 when its rows are
+    not whole blocks of ``qtype``, as ``convert_hf_to_gguf.py`` falls back)."""
     import gguf
     from gguf import quants
 
     if qtype == "F32":
         return value, None
     kind = gguf.GGMLQuantizationType[qtype]
-    return quants.quantize(value, kind), kind
+    try:
+        return quants.quantize(value, kind), kind
+    except gguf.QuantError:
+        logger.debug("%s %s: rows of %d values are not whole %s blocks, stored as F16", name, value.shape,
+                     value.shape[-1], qtype)
+        return quants.quantize(value, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
 def write_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "F32",
@@ -73,7 +87,7 @@ def write_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "F32",
     """``hf_dir`` as a GGUF file at ``out_file``, 2-D weights stored as ``qtype`` (through ``encode``).
 
     Raises:
-        ValueError: the architecture is not one sglite's GGUF reader builds (llama, qwen2, qwen3).
+        ValueError: the architecture is not one sglite's GGUF reader builds (`GGUF_ARCH`).
     """
     import gguf
 
@@ -84,7 +98,7 @@ def write_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "F32",
         raise ValueError(f"cannot write {config['architectures'][0]} as GGUF (supported: {sorted(GGUF_ARCH)})")
     _warn_llama_cpp_differs(config, arch)
     writer = gguf.GGUFWriter(str(out_file), arch)
-    _write_hparams(writer, config, qtype)
+    _write_hparams(writer, config, qtype, arch)
     _write_tokenizer(writer, hf_dir, config["vocab_size"])
     for name, value in _gguf_tensors(hf_dir, config, arch):
         quantized = value.ndim >= 2 and not name.endswith(".ffn_gate_inp.weight")
@@ -103,8 +117,11 @@ def _gguf_tensors(hf_dir: Path, config: dict, arch: str):
     kv_heads = config.get("num_key_value_heads", heads)
     wrote_output = False
     for hf, value in _hf_tensors(hf_dir, config):
-        name = gguf_name(hf)
-        if name is None:
+        name, layer = gguf_name(hf), _LAYER.match(hf)
+        if name is None or (layer is not None and int(layer.group(1)) >= config["num_hidden_layers"]):
+            continue
+        if arch == "deepseek2":
+            yield from deepseek_tensors(name, value, config)
             continue
         if arch == "llama" and ".attn_q." in name:
             value = llama_cpp_permute(value, heads)
@@ -123,7 +140,7 @@ def _hf_tensors(hf_dir: Path, config: dict):
     ``...experts.{gate,up,down}_proj`` (``[E, I, H]`` / ``[E, H, I]``): per-expert tensors (Mixtral's ``w1`` / ``w3``
     / ``w2`` are gate / up / down) once all of a projection's are read, a fused ``experts.gate_up_proj`` split in
     halves (gate first, as transformers fuses them and llama.cpp's converter splits them)."""
-    n_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    n_experts = int(config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts") or 0)
     pending: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for hf, tensor in sorted(SafetensorsCheckpoint(hf_dir).tensors(), key=lambda item: item[0]):
         value = tensor.float().numpy()
@@ -156,9 +173,11 @@ def _warn_llama_cpp_differs(config: dict, arch: str) -> None:
     if arch in _LLAMA_CPP_NORM_TOPK and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) > 1):
         logger.warning("%s has dense layers between sparse ones, which llama.cpp's %s cannot run (sglite can)",
                        name, arch)
+    if arch == "deepseek2":
+        warn_deepseek_differs(config)
 
 
-def _write_hparams(writer: Any, config: dict, qtype: str) -> None:
+def _write_hparams(writer: Any, config: dict, qtype: str, arch: str) -> None:
     import gguf
 
     heads = config["num_attention_heads"]
@@ -168,15 +187,18 @@ def _write_hparams(writer: Any, config: dict, qtype: str) -> None:
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads", heads))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    if arch == "deepseek2":
+        write_deepseek_hparams(writer, config)
+    else:
+        writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        _write_expert_hparams(writer, config)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     rope = config.get("rope_parameters") or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_vocab_size(config["vocab_size"])
-    _write_expert_hparams(writer, config)
     name = "ALL_F32" if qtype == "F32" else f"MOSTLY_{qtype}"
     writer.add_file_type(gguf.LlamaFileType.__members__.get(name, gguf.LlamaFileType.GUESSED))
 
