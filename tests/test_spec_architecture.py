@@ -199,3 +199,18 @@ def test_a_local_gguf_is_judged_by_its_header(tmp_path: Path, gguf_arch: str, ex
 ])
 def test_rules(declared: list[str], spec: SimpleNamespace, expected: str) -> None:
     assert spec_architecture(_family(architectures=declared), spec).architectures[0] == expected
+
+
+def test_fp8_native_deepseek_v3_specs_are_not_offered_but_their_siblings_are(families: dict[str, Any]) -> None:
+    """deepseek-ai ships DeepSeek-V3 / R1 in FP8 only, though the catalogue says pytorch: offering them would mean
+    a ~700 GB download refused at load (sglite has no FP8 experts yet). V2.5 (bf16) and the dense R1 distills are
+    still offered."""
+    def pytorch_spec(name: str) -> Any:
+        return next(s for s in families[name].model_specs if s.model_format == SUPPORTED_FORMAT)
+
+    for name in ("deepseek-v3", "deepseek-r1", "deepseek-r1-0528"):
+        family, spec = families[name], pytorch_spec(name)
+        verdict = match_model(family, spec, spec.quantization, need_chat=True)
+        assert verdict is not True and "ships FP8 weights" in verdict[1] and "BF16 conversion" in verdict[1], name
+    for name in ("deepseek-v2.5", "deepseek-r1-distill-qwen"):
+        assert offered(families[name], pytorch_spec(name)), name

@@ -27,6 +27,9 @@ QUANTIZED_FORMATS = {
 }
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM",
                      "DeepseekV3ForCausalLM")
+# Model ids whose checkpoints are FP8 though Xinference 4.1 lists them as pytorch: deepseek-ai publishes DeepSeek-V3
+# / V3-0324 / V3.1 / R1 / R1-0528 (671B, MoE) in FP8 only (their distills are other organisations' ids or dense).
+NATIVE_FP8 = re.compile(r"(?i)^deepseek-ai/DeepSeek-(V3|R1)(?![\w.-]*Distill)")
 # GGUF file quantizations (llama.cpp's names) whose tensor types the runtime dequantizes (runtime.models.gguf)
 GGUF_QUANTIZATIONS = re.compile(r"(?i)^(F32|F16|BF16|Q8_0|Q4_0|Q4_1|Q5_0|Q5_1|Q2_K(_S)?|Q3_K_[SML]|Q4_K_[SM]|Q5_K_[SM]|Q6_K)$")
 _TEXT_ONLY_BLOCKERS = ("vision", "audio", "omni", "embed")
@@ -90,10 +93,18 @@ def _architecture_problem(family: LLMFamilyV2, spec: LLMSpecV1, found: SpecArchi
 
 
 def _quantized_moe_problem(spec: LLMSpecV1, found: SpecArchitecture) -> str | None:
-    """Quantized mixtures of experts are refused until the fused experts take quantized weights."""
-    if spec.model_format in QUANTIZED_FORMATS and any(a in MOE_ARCHITECTURES for a in found.architectures):
+    """Quantized mixtures of experts are refused until the fused experts take quantized weights; so are the
+    ``pytorch`` specs whose checkpoint is FP8 all the same (`NATIVE_FP8`)."""
+    if not any(a in MOE_ARCHITECTURES for a in found.architectures):
+        return None
+    if spec.model_format in QUANTIZED_FORMATS:
         return (f"sglite serves {spec.model_format} checkpoints of dense models only; this one is a mixture of "
                 f"experts ({', '.join(found.architectures)}): quantized experts are not served yet")
+    model_id = getattr(spec, "model_id", None) or ""
+    if spec.model_format == SUPPORTED_FORMAT and NATIVE_FP8.search(model_id):
+        return (f"{model_id} ships FP8 weights (quantization_config fp8 in its config.json) though the catalogue "
+                f"lists it as pytorch, and sglite does not serve FP8 experts yet; a BF16 conversion registered as "
+                f"a custom model loads")
     return None
 
 
