@@ -9,7 +9,8 @@ tensor). Every ``(parameter, shard)`` a layer declares (``shard_ids``) must be f
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,7 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     cfg = checkpoint.model_config
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         model = cast_model(model_class(cfg.architecture)(cfg, tp), dtype)
     if load_format == "dummy":
         _init_dummy(model, seed)
@@ -47,6 +48,19 @@ def load_model(
         if isinstance(module, LinearBase):
             module.quant_method.process_weights_after_loading(module)
     return model.eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating parameters are created in ``dtype``: built in float32 and cast after, a bf16 model needs three times
+    its weights' memory at once (Qwen3-30B-A3B's 61 GB ran an H100 out of memory at construction, 2026-12-07).
+    torch's default dtype is process state: restored on the way out, and models are built on one thread."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -122,7 +122,7 @@ def test_backend_forward_mla_replays_in_a_cuda_graph(model: str) -> None:
     table[1:] = torch.arange(1, bs * width + 1, dtype=torch.int32, device=CUDA).view(bs, width)
     table[bs, :] = 0  # the padded row's positions map to the dummy slot
     rows, lens = torch.arange(1, bs + 1, device=CUDA), torch.full((bs,), 100, device=CUDA)
-    loc = torch.empty(bs, dtype=torch.int64, device=CUDA)
+    loc = table[rows, lens - 1].long()  # the step's slots (the warm-up before capture stores there too)
     ones, arange = torch.ones(bs, dtype=torch.int64, device=CUDA), torch.arange(bs, device=CUDA)
     batch = ForwardBatch(ForwardMode.DECODE, arange.clone(), lens - 1, loc, rows, lens, ones, arange, arange)
     tri = TritonAttentionBackend(pool, table, SCALE, num_q_heads=h)
