@@ -29,10 +29,10 @@ REGIMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def case(tiny_model):
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3"])  # MHA, and MLA's latent cache
+def case(request, tiny_model):
     """(model dir, prompts: one shared prefix + an own suffix of 2-9 tokens each, HF greedy outputs)."""
-    model_dir = tiny_model("llama")
+    model_dir = tiny_model(request.param)
     [shared] = varied_prompts(model_dir, 1, min_len=SHARED, max_len=SHARED, seed=1)
     suffixes = varied_prompts(model_dir, NUM_REQUESTS, min_len=2, max_len=9, seed=2)
     prompts = [shared + s for s in suffixes]
