@@ -46,25 +46,37 @@ inline void exp_inplace(float* x, int n) {
 """
 
 
-def build_flags(prefix: str) -> tuple[str, list[str]]:
+def build_flags(prefix: str, isa: str | None = None, avx512: bool = False) -> tuple[str, list[str]]:
     """Extension name and compiler flags for this CPU: the ISA is part of the name, so a cache directory shared
-    between machines never hands an AVX2 build to a CPU without AVX2."""
-    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (x86) or e.g. "SVE256"
+    between machines never hands an AVX2 build to a CPU without AVX2.
+
+    ``isa``: ``"DEFAULT"`` (scalar), ``"AVX2"`` or ``"AVX512"`` instead of what torch reports (tests build every
+    path of a kernel on one machine). ``avx512``: the kernel has paths of its own for F16C (with AVX2) and for
+    AVX-512 (+ VNNI where the CPU has it); off, an AVX-512 CPU gets the AVX2 flags, as the older kernels expect.
+    """
+    cap = isa or torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (x86) or e.g. "SVE256"
     flags = ["-O3", "-fopenmp"]
     if cap in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return f"{prefix}_{cap.lower()}", flags
+        flags += ["-mavx2", "-mfma"] + (["-mf16c"] if avx512 else [])
+    name = f"{prefix}_{cap.lower()}"
+    if avx512 and cap == "AVX512":  # torch's AVX512 capability means F, BW, VL and DQ
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        if torch.cpu._is_vnni_supported():
+            flags.append("-mavx512vnni")
+            name += "vnni"
+    return name, flags
 
 
-def load_cpp(prefix: str, source: str, functions: list[str] | None, what: str, way_out: str) -> ModuleType:
+def load_cpp(prefix: str, source: str, functions: list[str] | None, what: str, way_out: str,
+             isa: str | None = None, avx512: bool = False) -> ModuleType:
     """Build (or load from torch's cache) the extension ``prefix`` from ``source`` exporting ``functions`` (None:
-    the source defines its own ``PYBIND11_MODULE``).
+    the source defines its own ``PYBIND11_MODULE``); ``isa`` and ``avx512`` as in `build_flags`.
 
     Raises RuntimeError naming ``what`` failed, the cause, and ``way_out`` (how to run without it).
     """
     from torch.utils.cpp_extension import load_inline
 
-    name, flags = build_flags(prefix)
+    name, flags = build_flags(prefix, isa, avx512)
     start = time.perf_counter()
     try:
         module = load_inline(

@@ -25,6 +25,7 @@ import functools
 import torch
 
 from .build import load_cpp
+from .pool_source import POOL_CPP
 
 # The pool has ``torch.get_num_threads()`` threads (the caller included), the intra-op thread count the engine set;
 # one pool per count, created on first use. (On 2026-12-02 a pool of 2 hung once: a pool thread still leaving one
@@ -36,7 +37,7 @@ CPU_SKINNY_MAX_M = 16
 # linears of one decode step is 5-50 us; the gap between two steps is longer and pays one wake-up.
 SPIN_US = 200
 
-_CPP = r"""
+_CPP = (r"""
 #include <torch/extension.h>
 #include <pthread.h>
 #include <sched.h>
@@ -44,6 +45,7 @@ _CPP = r"""
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -54,15 +56,7 @@ _CPP = r"""
 #endif
 
 namespace {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
+""" + POOL_CPP + r"""
 #ifdef SGLITE_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -116,141 +110,12 @@ void run_rows(const Task& t, int64_t n0, int64_t n1) {
   }
 }
 
-// A pool of T-1 threads plus the caller. run() publishes a task; every thread, the caller included, claims
-// chunks of output rows from one atomic counter until none is left, so a pool thread that the OS has not
-// scheduled (a loaded machine) takes no work and the caller does it: never slower than one thread, and no
-// call waits for a thread to wake up. The counter carries the task's generation in its high half, so a late
-// thread cannot claim rows of the next task with the previous one's arguments. Idle threads poll for spin_us,
-// yielding the core after the first tenth of it, then sleep on the condition.
-class Pool {
- public:
-  static constexpr int64_t kChunkRows = 32;  // rows per claim: ~1.5 us of work at K = 576
-
-  Pool(int threads, int64_t spin_us) : threads_(std::max(1, threads)), spin_us_(spin_us) { start(); }
-  ~Pool() {
-    { std::lock_guard<std::mutex> g(*mu_); stop_ = true; gen_.fetch_add(1); }
-    cv_->notify_all();
-    for (auto& th : workers_) th.join();
-  }
-  int threads() const { return threads_; }
-
-  void run(const Task& t) {
-    const int64_t chunks = (t.N + kChunkRows - 1) / kChunkRows;
-    if (threads_ == 1 || chunks == 1) { run_rows(t, 0, t.N); return; }
-    // Close the previous task's counter before chunks_ changes: a pool thread still in work() for it holds that
-    // counter's last value, and with a larger chunks_ its claim would succeed on the old word (the hang of
-    // 2026-12-02: a phantom chunk counted twice). The closed word fails that claim and stops the loop.
-    claim_.store((claim_.load(std::memory_order_relaxed) & ~uint64_t{0xffffffffu}) | 0xffffffffu,
-                 std::memory_order_seq_cst);
-    task_ = t;
-    chunks_.store(chunks, std::memory_order_seq_cst);
-    finished_.store(0, std::memory_order_relaxed);
-    uint32_t g;
-    { std::lock_guard<std::mutex> lk(*mu_); g = gen_.fetch_add(1, std::memory_order_relaxed) + 1; }
-    claim_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
-    if (sleepers_.load(std::memory_order_acquire) > 0) cv_->notify_all();
-    work(g);
-    for (int64_t it = 1; finished_.load(std::memory_order_acquire) != chunks; ++it) {
-      if ((it & 1023) == 0) sched_yield();  // a thread holding a chunk may have been preempted
-      else cpu_relax();
-    }
-  }
-
-  // After fork() the child has only the forking thread: give it new threads and new locks.
-  void restart_in_child() {
-    new (&workers_) std::vector<std::thread>();  // the old handles name threads that do not exist here
-    mu_.release(); cv_.release();                // their state may be mid-operation: never touch them again
-    gen_.store(0); claim_.store(0); finished_.store(0); sleepers_.store(0);
-    start();
-  }
-
- private:
-  void start() {
-    mu_ = std::make_unique<std::mutex>();
-    cv_ = std::make_unique<std::condition_variable>();
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { loop(); });
-  }
-  // Claim and run chunks of generation g until none is left (or the task is no longer g).
-  void work(uint32_t g) {
-    uint64_t v = claim_.load(std::memory_order_acquire);
-    while (static_cast<uint32_t>(v >> 32) == g &&
-           static_cast<int64_t>(v & 0xffffffffu) < chunks_.load(std::memory_order_seq_cst)) {
-      if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
-      // claimed: the caller waits for this chunk, so task_ stays this task's until it is done
-      const int64_t n0 = static_cast<int64_t>(v & 0xffffffffu) * kChunkRows;
-      run_rows(task_, n0, std::min(n0 + kChunkRows, task_.N));
-      finished_.fetch_add(1, std::memory_order_acq_rel);
-      v = claim_.load(std::memory_order_acquire);
-    }
-  }
-  uint32_t wait_next(uint32_t seen) {
-    using clock = std::chrono::steady_clock;
-    const auto t0 = clock::now();
-    for (int64_t it = 0;; ++it) {
-      uint32_t g = gen_.load(std::memory_order_acquire);
-      if (g != seen) return g;
-      if ((it & 63) == 0) {
-        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - t0).count();
-        if (us >= spin_us_) break;
-        if (us * 10 >= spin_us_) sched_yield();
-      }
-      cpu_relax();
-    }
-    std::unique_lock<std::mutex> lk(*mu_);
-    sleepers_.fetch_add(1);
-    cv_->wait(lk, [&] { return gen_.load() != seen; });
-    sleepers_.fetch_sub(1);
-    return gen_.load();
-  }
-  void loop() {
-    uint32_t seen = 0;  // gen_ as start() left it: a task published before this thread runs is still seen
-    while (true) {
-      seen = wait_next(seen);
-      if (stop_) return;
-      // gen_ moves before claim_ is published: wait for this generation's counter, unless a newer task came
-      while (static_cast<uint32_t>(claim_.load(std::memory_order_acquire) >> 32) != seen &&
-             gen_.load(std::memory_order_acquire) == seen)
-        cpu_relax();
-      work(seen);
-    }
-  }
-
-  const int threads_;
-  const int64_t spin_us_;
-  std::vector<std::thread> workers_;
-  std::unique_ptr<std::mutex> mu_;
-  std::unique_ptr<std::condition_variable> cv_;
-  Task task_{};
-  std::atomic<int64_t> chunks_{0};
-  std::atomic<uint32_t> gen_{0};    // wraps around: only compared for equality
-  std::atomic<uint64_t> claim_{0};  // (generation << 32) | next chunk
-  std::atomic<int64_t> finished_{0};
-  std::atomic<int> sleepers_{0};
-  bool stop_ = false;
-};
-
-std::mutex g_pools_mu;
-std::vector<Pool*> g_pools;  // every live pool, so that a forked child can restart them all
-
-void restart_pools_in_child() {
-  new (&g_pools_mu) std::mutex();
-  for (Pool* p : g_pools) p->restart_in_child();
-}
-
 }  // namespace
 
-struct LinearPool {
-  std::unique_ptr<Pool> pool;
-  LinearPool(int64_t threads, int64_t spin_us) : pool(new Pool(static_cast<int>(threads), spin_us)) {
-    static const int registered = pthread_atfork(nullptr, nullptr, restart_pools_in_child);
-    (void)registered;
-    std::lock_guard<std::mutex> g(g_pools_mu);
-    g_pools.push_back(pool.get());
-  }
-  ~LinearPool() {
-    std::lock_guard<std::mutex> g(g_pools_mu);
-    g_pools.erase(std::remove(g_pools.begin(), g_pools.end(), pool.get()), g_pools.end());
-  }
+struct LinearPool : PoolHandle {
+  static constexpr int64_t kChunkRows = 32;  // rows per claim: ~1.5 us of work at K = 576
+
+  using PoolHandle::PoolHandle;
   int64_t threads() const { return pool->threads(); }
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -258,7 +123,7 @@ struct LinearPool {
     if (M == 0 || N == 0) return y;
     Task t{x.data_ptr<float>(), M, x.stride(0), w.data_ptr<float>(), N, K,
            bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>()};
-    pool->run(t);
+    pool->run(N, kChunkRows, [&t](int64_t n0, int64_t n1) { run_rows(t, n0, n1); });
     return y;
   }
 };
@@ -269,7 +134,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("threads", &LinearPool::threads)
       .def("linear", &LinearPool::linear, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
-"""
+""")
 
 
 @functools.cache

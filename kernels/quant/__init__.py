@@ -1,9 +1,10 @@
-"""Quantized linear layers: FP8 (block-scaled and per-channel) and 4/8-bit integer (AWQ, GPTQ) weights.
+"""Quantized linear layers: FP8 (block-scaled and per-channel), 4/8-bit integer (AWQ, GPTQ) and GGUF block weights.
 
 reference.py holds each format's layout (read there), its dequantization and the torch references (the CPU path);
 pack.py the writers (quantize and pack, for tests and checkpoint writers); fp8.py and int4.py the Triton kernels;
-config.py their launch configs. The public functions dispatch like every op of kernels/: Triton for CUDA tensors
-when triton is installed, the reference otherwise. The weights stay in their checkpoint layouts on every device
+config.py their launch configs; gguf_reference.py GGML's block formats and their references (their CPU kernel is
+``kernels/cpu/gguf.py``, no GPU kernel yet). The public functions dispatch like every op of kernels/: Triton for CUDA
+tensors when triton is installed, the reference otherwise. The weights stay in their checkpoint layouts on every device
 (no repacking at load); the one thing a runtime should do once at load is ``trivial_g_idx`` on a GPTQ ``g_idx``,
 passing None instead when it holds (the kernel then skips the per-row group lookup).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cpu import gguf as cpu_gguf
 from .config import get_quant_config
 from .fp8 import (
     fp8_block_linear_triton,
@@ -23,6 +25,7 @@ from .fp8 import (
     fp8_quantize_per_token_group_triton,
     triton,
 )
+from .gguf_reference import GGUF_BLOCKS, dequantize_gguf, gguf_linear_ref, random_gguf_blocks
 from .int4 import int4_linear_triton, trivial_g_idx
 from .pack import (
     act_order_g_idx,
@@ -89,11 +92,23 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
     return int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)
 
 
+def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K]`` times a GGUF weight of block format ``qtype`` (``qweight`` uint8 ``[N, K / values, bytes]``)
+    plus ``bias`` -> ``[..., N]`` in x's dtype. CPU float32: the C++ kernel (integer dot products on the blocks for
+    few rows, dequantize + MKL for many); otherwise ``gguf_linear_ref`` (no GPU kernel yet)."""
+    block = GGUF_BLOCKS[qtype]
+    if cpu_gguf.supports(x, qweight, block, bias):
+        return cpu_gguf.gguf_linear_checked(x, qweight, block, bias)
+    return gguf_linear_ref(x, qweight, qtype, bias)
+
+
 __all__ = [
+    "GGUF_BLOCKS",
     "act_order_g_idx",
     "dequantize_awq",
     "dequantize_fp8_block",
     "dequantize_fp8_channel",
+    "dequantize_gguf",
     "dequantize_gptq",
     "fp8_block_linear",
     "fp8_block_linear_ref",
@@ -105,6 +120,8 @@ __all__ = [
     "fp8_quantize_per_token_group_ref",
     "fp8_quantize_per_token_group_triton",
     "get_quant_config",
+    "gguf_linear",
+    "gguf_linear_ref",
     "int4_linear",
     "int4_linear_ref",
     "int4_linear_triton",
@@ -113,5 +130,6 @@ __all__ = [
     "quantize_fp8_block",
     "quantize_fp8_channel",
     "quantize_int",
+    "random_gguf_blocks",
     "trivial_g_idx",
 ]

@@ -1,0 +1,237 @@
+"""C++ of the GGUF CPU kernels (``gguf.py`` builds it): GGML's block formats decoded to 32-value sub-blocks.
+
+Every kept type is read as sub-blocks of 32 values, each an affine map of small unsigned codes (Q8_0: signed):
+``w[i] = scale[i / 16] * code[i] + offset[i / 16]`` (`Sub`). A type is a struct with its block size in values and
+bytes, ``subs`` (the scales and offsets of a block's sub-blocks, decoded once per block) and ``codes`` (one
+sub-block's 32 codes: into bytes for the scalar path, into one 256-bit register for AVX2). The dot products in
+``GGUF_KERNEL_CPP`` are written once for all types on top of that. Layouts and dequantization formulas are
+GGML's (``ggml-common.h``, ``dequantize_row_*`` in ``ggml-quants.c``); ``kernels/quant/gguf_reference.py`` states
+them in torch and is the ground truth.
+"""
+
+GGUF_TYPES_CPP = r"""
+#include <torch/extension.h>
+#include <pthread.h>
+#include <sched.h>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GG_AVX2 1
+#endif
+#if defined(GG_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define GG_VNNI 1
+#endif
+
+namespace {
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef GG_AVX2
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// One sub-block of 32 values: w[i] = s[i / 16] * code[i] + o[i / 16] (two halves for Q6_K's 16-value scales).
+struct Sub {
+  float s[2];
+  float o[2];
+};
+
+inline Sub affine(float s, float o) { return Sub{{s, s}, {o, o}}; }
+
+// Scalar: 16 packed bytes -> low nibbles as codes 0..15, high nibbles as codes 16..31 (Q4_0 / Q4_1 / Q5_*).
+inline void nibbles(const uint8_t* q, uint8_t* c) {
+  for (int j = 0; j < 16; ++j) {
+    c[j] = q[j] & 15;
+    c[j + 16] = q[j] >> 4;
+  }
+}
+
+// Scalar: bit j of the little-endian 32 bits at p becomes bit 4 of code j (the fifth bit of Q5_0 / Q5_1).
+inline void fifth_bits(const uint8_t* p, uint8_t* c) {
+  uint32_t h;
+  std::memcpy(&h, p, 4);
+  for (int j = 0; j < 32; ++j) c[j] |= ((h >> j) & 1u) << 4;
+}
+
+#ifdef GG_AVX2
+inline __m256i nibbles256(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i m = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+// bit j of 32 bits -> byte j = 16 or 0 (llama.cpp's bytes_from_bits_32, scaled to the fifth bit)
+inline __m256i fifth_bits256(const uint8_t* p) {
+  uint32_t h;
+  std::memcpy(&h, p, 4);
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(h)), shuffle);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
+}
+
+// 32 bytes of packed pairs -> low (hi == false) or high nibbles, in order.
+inline __m256i half_bytes256(const uint8_t* q, bool hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_and_si256(hi ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(15));
+}
+
+// bits [shift, shift + width) of 32 bytes, moved to bit 4 (width 1: Q5_K, 2: Q6_K).
+inline __m256i high_bits256(const uint8_t* q, int shift, int width) {
+  const __m256i v = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+                                     _mm_cvtsi32_si128(shift));
+  return _mm256_and_si256(_mm256_slli_epi16(v, 4), _mm256_set1_epi8(static_cast<char>(((1 << width) - 1) << 4)));
+}
+#endif
+
+struct Q8_0 {  // d f16, 32 x int8
+  static constexpr int kValues = 32, kBytes = 34, kSubs = 1;
+  static constexpr bool kSigned = true;
+  static void subs(const uint8_t* b, Sub* s) { s[0] = affine(f16(b), 0.f); }
+  static void codes(const uint8_t* b, int, uint8_t* c) { std::memcpy(c, b + 2, 32); }
+#ifdef GG_AVX2
+  static __m256i codes256(const uint8_t* b, int) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)); }
+#endif
+};
+
+// Q4_0 (d, 16 bytes of nibbles; w = d * (q - 8)) and Q4_1 (d, m, nibbles; w = d * q + m)
+template <bool kMin>
+struct Q4 {
+  static constexpr int kValues = 32, kBytes = kMin ? 20 : 18, kSubs = 1, kQs = kMin ? 4 : 2;
+  static constexpr bool kSigned = false;
+  static void subs(const uint8_t* b, Sub* s) {
+    const float d = f16(b);
+    s[0] = affine(d, kMin ? f16(b + 2) : -8.f * d);
+  }
+  static void codes(const uint8_t* b, int, uint8_t* c) { nibbles(b + kQs, c); }
+#ifdef GG_AVX2
+  static __m256i codes256(const uint8_t* b, int) { return nibbles256(b + kQs); }
+#endif
+};
+
+// Q5_0 (d, 32 high bits, nibbles; w = d * (q - 16)) and Q5_1 (d, m, high bits, nibbles; w = d * q + m)
+template <bool kMin>
+struct Q5 {
+  static constexpr int kValues = 32, kBytes = kMin ? 24 : 22, kSubs = 1, kQh = kMin ? 4 : 2;
+  static constexpr bool kSigned = false;
+  static void subs(const uint8_t* b, Sub* s) {
+    const float d = f16(b);
+    s[0] = affine(d, kMin ? f16(b + 2) : -16.f * d);
+  }
+  static void codes(const uint8_t* b, int, uint8_t* c) {
+    nibbles(b + kQh + 4, c);
+    fifth_bits(b + kQh, c);
+  }
+#ifdef GG_AVX2
+  static __m256i codes256(const uint8_t* b, int) {
+    return _mm256_or_si256(nibbles256(b + kQh + 4), fifth_bits256(b + kQh));
+  }
+#endif
+};
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block (ggml's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Q4_K (d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles) and Q5_K (+ 32 bytes of fifth bits before
+// the nibbles): 256 values, eight sub-blocks; sub-block k takes the low (k even) or high nibbles of qs[32 (k/2)..],
+// Q5_K's fifth bit k of qh[l]; w = d * sc[k] * q - dmin * m[k].
+template <bool kFifth>
+struct QK {
+  static constexpr int kValues = 256, kBytes = kFifth ? 176 : 144, kSubs = 8, kQs = kFifth ? 48 : 16;
+  static constexpr bool kSigned = false;
+  static void subs(const uint8_t* b, Sub* s) {
+    const float d = f16(b), dmin = f16(b + 2);
+    for (int k = 0; k < 8; ++k) {
+      int sc, m;
+      scale_min_k4(k, b + 4, &sc, &m);
+      s[k] = affine(d * sc, -dmin * m);
+    }
+  }
+  static void codes(const uint8_t* b, int k, uint8_t* c) {
+    const uint8_t* q = b + kQs + 32 * (k / 2);
+    for (int l = 0; l < 32; ++l) {
+      c[l] = (k & 1) ? q[l] >> 4 : q[l] & 15;
+      if (kFifth) c[l] |= ((b[16 + l] >> k) & 1) << 4;
+    }
+  }
+#ifdef GG_AVX2
+  static __m256i codes256(const uint8_t* b, int k) {
+    const __m256i low = half_bytes256(b + kQs + 32 * (k / 2), k & 1);
+    return kFifth ? _mm256_or_si256(low, high_bits256(b + 16, k, 1)) : low;
+  }
+#endif
+};
+
+// Q6_K: ql[128] nibbles, qh[64] 2-bit highs, 16 int8 scales (one per 16 values), d; w = d * sc * (q - 32).
+// Sub-block k = 4 n + c (n: which 128-value half, c: which quarter of it) takes the low (c < 2) or high nibbles of
+// ql[64 n + 32 (c % 2) + l] and bits 2c..2c+1 of qh[32 n + l].
+struct Q6_K {
+  static constexpr int kValues = 256, kBytes = 210, kSubs = 8;
+  static constexpr bool kSigned = false;
+  static void subs(const uint8_t* b, Sub* s) {
+    const float d = f16(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int k = 0; k < 8; ++k) {
+      const float lo = d * sc[2 * k], hi = d * sc[2 * k + 1];
+      s[k] = Sub{{lo, hi}, {-32.f * lo, -32.f * hi}};
+    }
+  }
+  static void codes(const uint8_t* b, int k, uint8_t* c) {
+    const int n = k / 4, q = k % 4;
+    const uint8_t* ql = b + 64 * n + 32 * (q % 2);
+    const uint8_t* qh = b + 128 + 32 * n;
+    for (int l = 0; l < 32; ++l)
+      c[l] = ((q >= 2 ? ql[l] >> 4 : ql[l] & 15) | (((qh[l] >> (2 * q)) & 3) << 4));
+  }
+#ifdef GG_AVX2
+  static __m256i codes256(const uint8_t* b, int k) {
+    const int n = k / 4, q = k % 4;
+    return _mm256_or_si256(half_bytes256(b + 64 * n + 32 * (q % 2), q >= 2), high_bits256(b + 128 + 32 * n, 2 * q, 2));
+  }
+#endif
+};
+
+// ggml_type ids of the kept types (ggml.h)
+enum GgmlType { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+// Calls f.template operator()<T>() for the struct of ggml type id t; false for a type not kept.
+template <class F>
+bool with_type(int64_t t, F&& f) {
+  switch (t) {
+    case kQ4_0: f.template operator()<Q4<false>>(); return true;
+    case kQ4_1: f.template operator()<Q4<true>>(); return true;
+    case kQ5_0: f.template operator()<Q5<false>>(); return true;
+    case kQ5_1: f.template operator()<Q5<true>>(); return true;
+    case kQ8_0: f.template operator()<Q8_0>(); return true;
+    case kQ4_K: f.template operator()<QK<false>>(); return true;
+    case kQ5_K: f.template operator()<QK<true>>(); return true;
+    case kQ6_K: f.template operator()<Q6_K>(); return true;
+    default: return false;
+  }
+}
+"""
