@@ -64,6 +64,10 @@ class EngineConfig(BaseModel):
         "auto", description="auto = the checkpoint's dtype on GPU, float32 on CPU"
     )
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
+    gguf_dequantize: bool = Field(
+        False, description="GGUF files: dequantize every weight at load instead of keeping the linears in their "
+        "blocks (kept only on the CPU at tp_size 1: GPU kernels do not exist yet)",
+    )
     seed: int = Field(0, description="seed of the engine's default random generator")
     tp_size: int | None = Field(
         None, ge=1, description="tensor-parallel ranks, one process and one GPU each (also tensor_parallel_size; "

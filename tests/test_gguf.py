@@ -151,9 +151,9 @@ def test_open_checkpoint_picks_and_refuses_clearly(tmp_path: Path, tmp_path_fact
 # ---- the real model ----
 
 
-def test_smollm2_gguf_greedy_equals_hf_and_reports_dequantization(smollm2, caplog) -> None:
-    """SmolLM2's Q4_1 file served directly: greedy tokens equal HF on the same weights (transformers' own GGUF
-    conversion), EOS is <|im_end|> (id 2), and the startup log says what dequantizing cost."""
+def test_smollm2_gguf_greedy_equals_hf_and_reports_its_storage(smollm2, caplog) -> None:
+    """SmolLM2's Q4_1 file served directly, its linears kept in their blocks: greedy tokens equal HF on the same
+    weights (transformers' own GGUF conversion), EOS is <|im_end|> (id 2), and the startup log says what is kept."""
     from transformers import AutoTokenizer
 
     ref_tok = AutoTokenizer.from_pretrained(smollm2.hf_dir)
@@ -170,7 +170,7 @@ def test_smollm2_gguf_greedy_equals_hf_and_reports_dequantization(smollm2, caplo
         assert [o.token_ids for o in outs] == expected
     finally:
         engine.shutdown()
-    assert "dequantized from Q4_1 to float32" in caplog.text
+    assert "210 linears kept in their GGUF blocks (Q4_1 x210)" in caplog.text
 
 
 def _header(*entries: bytes, kv_count: int | None = None) -> bytes:

@@ -287,12 +287,13 @@ def bench_hf(model_dir: Path, workload: Workload, device: torch.device, dtype: t
 
 
 def bench_llamacpp(model_dir: Path, workload: Workload, options) -> Result:
-    """llama.cpp (xllamacpp) on an F32 GGUF of ``model_dir``, every prompt submitted at once, greedy, exactly
-    ``output_len`` tokens each; a short warm-up request first (see `llamacpp_baseline`)."""
+    """llama.cpp (xllamacpp) on an F32 GGUF of ``model_dir`` (a ``.gguf`` file: that very file), every prompt
+    submitted at once, greedy, exactly ``output_len`` tokens each; a short warm-up request first (see
+    `llamacpp_baseline`)."""
     from . import llamacpp_baseline as llamacpp
     from ..testing.gguf_writer import cached_gguf
 
-    gguf = cached_gguf(model_dir, "F32")
+    gguf = model_dir if model_dir.suffix == ".gguf" else cached_gguf(model_dir, "F32")
     parallel = options.parallel or len(workload.prompts)
     slot_ctx = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)) + 8
     print(f"[bench] llama.cpp: {gguf.name}, {parallel} slots x {slot_ctx} tokens, {options.threads} threads",

@@ -121,7 +121,7 @@ def build_runtime(config: EngineConfig, grammar_backend: Callable[[], GrammarBac
         ConfigError: an option cannot work on this machine or with this model (the message names the knob).
     """
     device = resolve_device(config.device)
-    checkpoint = open_checkpoint(config.model_path)
+    checkpoint = _open_checkpoint(config, device)
     mc = checkpoint.model_config
     size = resolve_tp_size(config, device)
     check_tp_size(mc, size)
@@ -155,7 +155,7 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
     """Rank ``tp``'s shard of the model of ``config`` (reading only its slices of the weights), its KV pool and
     attention backend. The ranks of a group agree on the memory plan: it is sized from the least free memory."""
     device = resolve_device(config.device, tp.rank)
-    checkpoint = checkpoint or open_checkpoint(config.model_path)
+    checkpoint = checkpoint or _open_checkpoint(config, device)
     mc = checkpoint.model_config
     dtype = _resolve_dtype(config.dtype, device, mc)
     torch.manual_seed(config.seed)
@@ -172,6 +172,14 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
     mine = f"{weights_bytes},{plan.kv_pool_bytes},{peak_rss}"
     ranks = tuple(RankMemory(r, *map(int, v.split(","))) for r, v in enumerate(tp.exchange("report", mine)))
     return Shard(checkpoint, device, dtype, model, kv_pool, req_pool, attn, plan, ranks)
+
+
+def _open_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
+    """The model's checkpoint; a GGUF's linears keep their blocks on the CPU at tp_size 1 unless
+    ``gguf_dequantize`` (there is no GPU kernel yet, and a row-parallel shard of a K-quant would have to start on a
+    256-value block)."""
+    keep = device.type == "cpu" and not config.gguf_dequantize and (config.tp_size or 1) == 1
+    return open_checkpoint(config.model_path, keep_gguf_quantized=keep)
 
 
 def _log_startup(

@@ -13,7 +13,8 @@ What a layer stores and how it multiplies is its `LinearMethod` (``quantization/
 CUDA, ``F.linear`` otherwise); a quantized one stores packed weights, scales and zeros. The loaders below cut every
 parameter from its `ParamLayout` alone (which stored dim runs along W's output / input features and how many
 features one element spans), so they serve every format; a shard boundary inside a pack, group or block is
-refused by name when the layer is built. The bias is always dense, in the model's dtype.
+refused by name when the layer is built. A format may store some stacked parts in a parameter of their own
+(`ParamLayout.parts`: GGUF's projections of different block types). The bias is always dense, in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ from .weights import ShardId, load_slice
 class LinearBase(nn.Module):
     """``x @ W.T + bias`` with W this rank's ``[out, in]`` shard, stored as ``method`` lays it out (for the dense
     method: ``weight [out, in]``); one checkpoint tensor per parameter unless a subclass stacks several
-    (``shard_ids``). ``prefix`` (the checkpoint module name) only names the layer in errors."""
+    (``shard_ids``, with this rank's output features of each in ``parts``). ``prefix`` (the checkpoint module name)
+    only names the layer in errors."""
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPInfo,
-                 method: LinearMethod = UNQUANTIZED, prefix: str = "") -> None:
+                 method: LinearMethod = UNQUANTIZED, prefix: str = "",
+                 parts: Sequence[tuple[ShardId, int]] = ()) -> None:
         super().__init__()
         self.tp = tp
         self.quant_method = method
         self.prefix = prefix
         try:
-            layouts = method.layouts(in_features, out_features)
+            layouts = method.stacked_layouts(in_features, parts) if parts else method.layouts(in_features,
+                                                                                            out_features)
         except ValueError as exc:
             self.refuse(str(exc))
         if bias:
@@ -110,17 +114,28 @@ class _ColumnParallelLinear(LinearBase):
     def __init__(self, in_features: int, slots: dict[ShardId, _Slot], bias: bool, tp: TPInfo,
                  method: LinearMethod, prefix: str) -> None:
         total = sum(s.rows for s in slots.values())
-        super().__init__(in_features, total, bias, tp, method, prefix)
+        super().__init__(in_features, total, bias, tp, method, prefix, [(i, s.rows) for i, s in slots.items()])
         self.slots = slots
         self.shard_ids = tuple(slots)
         self.output_sizes = tuple(s.rows for s in slots.values())  # this rank's width of each stacked part
+        # parameters that hold some of the parts only (`ParamLayout.parts`): what the loader must fill in each
+        self.param_shard_ids = {p.param_layout.name: p.param_layout.parts for p in self.parameters()
+                                if p.param_layout.parts is not None}
         for param in self.parameters():
-            dim = param.param_layout.output_dim
-            for shard_id, s in slots.items():
-                problem = (param.param_layout.misalignment(dim, s.start, s.rows, s.full)
-                           or param.param_layout.misalignment(dim, s.offset, s.rows, total))
+            layout = param.param_layout
+            for shard_id in layout.parts or self.shard_ids:
+                s, (offset, rows) = slots[shard_id], self.placement(layout, shard_id)
+                problem = (layout.misalignment(layout.output_dim, s.start, s.rows, s.full)
+                           or layout.misalignment(layout.output_dim, offset, s.rows, rows))
                 if problem:
                     self.refuse(f"{problem} (part {shard_id!r}); {_ALIGN}")
+
+    def placement(self, layout: ParamLayout, shard_id: ShardId) -> tuple[int, int]:
+        """``(first row, rows)``: where part ``shard_id`` starts among the W rows a parameter of ``layout`` holds,
+        and how many rows it holds (all parts, or its `ParamLayout.parts`)."""
+        ids = layout.parts or self.shard_ids
+        rows = [self.slots[i].rows for i in ids]
+        return sum(rows[:ids.index(shard_id)]), sum(rows)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId) -> None:
         """Copy this rank's rows of the full checkpoint tensor ``shard_id`` into its rows of ``param``; a
@@ -132,7 +147,7 @@ class _ColumnParallelLinear(LinearBase):
             return
         loaded = _broadcast(layout, loaded, slot.full)
         start, size, full = layout.stored(dim, slot.start, slot.rows, slot.full)
-        offset = slot.offset // layout.span(dim)
+        offset = self.placement(layout, shard_id)[0] // layout.span(dim)
         load_slice(param.data.narrow(dim, offset, size), loaded, dim, start, full)
 
 

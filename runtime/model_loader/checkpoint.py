@@ -5,7 +5,8 @@ Two formats, one interface, picked by `open_checkpoint` from what the path holds
 - `SafetensorsCheckpoint`: a Hugging Face folder (``config.json``, ``*.safetensors`` single or sharded with an
   index, tokenizer files, ``generation_config.json``).
 - `GGUFCheckpoint`: a llama.cpp ``.gguf`` file (or a folder holding exactly one, or the first part of a split
-  file); config, tokenizer, chat template and EOS from its metadata, weights dequantized at load.
+  file); config, tokenizer, chat template and EOS from its metadata; linears kept in their blocks when asked
+  (`gguf_quant`), the other weights dequantized at load.
 
 The loader (`models.loader`) and the engine only talk to this interface.
 """
@@ -154,9 +155,11 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 class GGUFCheckpoint(Checkpoint):
-    """A GGUF file (all parts of a split file), dequantized at load."""
+    """A GGUF file (all parts of a split file). ``keep_quantized``: the linears whose type has a kernel keep their
+    blocks (`gguf_quant`: a quantization config in the config dict, their tensors yielded as blocks); the rest,
+    and everything without it, is dequantized at load."""
 
-    def __init__(self, path: Path, file: Path) -> None:
+    def __init__(self, path: Path, file: Path, keep_quantized: bool = False) -> None:
         from .gguf import GGUFFile, GGUFMetadata, GGUFWeights
 
         super().__init__(path)
@@ -164,11 +167,24 @@ class GGUFCheckpoint(Checkpoint):
         readers = self.file.readers()
         self.metadata = GGUFMetadata(readers[0])
         self.weights = GGUFWeights(readers, self.metadata)
+        self.keep_quantized = keep_quantized
+
+    @cached_property
+    def kept(self) -> dict[str, str]:
+        """``{checkpoint module: GGML type}`` of the linears kept in their blocks (none unless ``keep_quantized``)."""
+        from .gguf_quant import kept_linears
+
+        if not self.keep_quantized:
+            return {}
+        return kept_linears(self.weights.hf_types(), mla=self.metadata.architecture == "deepseek2")
 
     def config_dict(self) -> dict[str, Any]:
         from .gguf import config_dict
 
-        return config_dict(self.metadata, self.weights)
+        cfg = config_dict(self.metadata, self.weights)
+        if self.kept:
+            cfg["quantization_config"] = {"quant_method": "gguf", "kept": self.kept}
+        return cfg
 
     def load_tokenizer(self) -> Any:
         """transformers' converter of GGUF tokenizer metadata, with the EOS token the metadata names."""
@@ -197,13 +213,18 @@ class GGUFCheckpoint(Checkpoint):
         return len(self.weights)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.weights.items()
+        return self.weights.items(self.kept)
 
     def describe(self, dtype: torch.dtype, weights_bytes: int) -> str:
         types = ", ".join(f"{k} x{n}" for k, n in self.weights.type_counts().most_common())
-        return (f"GGUF {self.file.parts[0].name} ({self.weights.file_bytes() / 2**30:.2f} GiB of tensors: {types}) "
-                f"dequantized from {self.quantization} to {_dtype_name(dtype)}: {weights_bytes / 2**30:.2f} GiB "
-                "in memory (weights are not kept quantized yet)")
+        head = f"GGUF {self.file.parts[0].name} ({self.weights.file_bytes() / 2**30:.2f} GiB of tensors: {types})"
+        size = f"{weights_bytes / 2**30:.2f} GiB in memory"
+        if not self.kept:
+            why = "" if self.keep_quantized else " (gguf_dequantize, or a device without GGUF kernels)"
+            return f"{head} dequantized from {self.quantization} to {_dtype_name(dtype)}{why}: {size}"
+        quant = self.model_config.quantization
+        return (f"{head}: {quant.describe()}; the other tensors (embeddings, LM head, norms, other types) "
+                f"dequantized to {_dtype_name(dtype)}: {size}")
 
     @property
     def quantization(self) -> str:
@@ -213,8 +234,9 @@ class GGUFCheckpoint(Checkpoint):
         return max(quantized, key=quantized.get) if quantized else "F32"
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint at ``path``: a HF folder, a ``.gguf`` file, or a folder holding exactly one GGUF model.
+def open_checkpoint(path: str | Path, keep_gguf_quantized: bool = False) -> Checkpoint:
+    """The checkpoint at ``path``: a HF folder, a ``.gguf`` file, or a folder holding exactly one GGUF model
+    (``keep_gguf_quantized``: its linears keep their blocks, `GGUFCheckpoint`).
 
     Raises:
         ConfigError: nothing loadable there, or several GGUF files to choose from (the message lists them).
@@ -223,7 +245,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ConfigError(f"{path} is a file but not a .gguf file; give a checkpoint folder or a GGUF file")
-        return GGUFCheckpoint(path, path)
+        return GGUFCheckpoint(path, path, keep_gguf_quantized)
     if not path.is_dir():
         raise ConfigError(f"model path {path} does not exist")
     if (path / "config.json").is_file():
@@ -232,7 +254,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
     ggufs = sorted(p for p in path.glob("*.gguf") if not is_later_split_part(p))
     if len(ggufs) == 1:
-        return GGUFCheckpoint(path, ggufs[0])
+        return GGUFCheckpoint(path, ggufs[0], keep_gguf_quantized)
     if ggufs:
         raise ConfigError(f"{path} holds {len(ggufs)} GGUF models ({', '.join(p.name for p in ggufs[:6])}); "
                           "give the path of the file to serve")

@@ -25,14 +25,15 @@ What is mapped (facts of llama.cpp's ``convert_hf_to_gguf.py`` and of the GGUF s
   ``[experts, out, in]`` for stacked experts).
 
 Weights are dequantized to float32 with ``gguf.quants.dequantize`` (numpy) one tensor at a time and cast to the
-engine dtype by the caller; keeping them quantized on the GPU is a later step (README).
+engine dtype by the caller, except the linears the checkpoint keeps in their blocks (`gguf_quant`: on the CPU), which
+come as the file's bytes (Q/K rows un-permuted alike: a row of blocks is a row of the weight).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import torch
 from ..errors import ConfigError
 from .gguf_deepseek import deepseek_config, deepseek_rope, merge_kv_b
 from .gguf_header import ARCHITECTURES, MOE_ARCHITECTURES, SIGMOID_ARCHITECTURES, SIGMOID_GATING
+from .gguf_quant import blocks, quantized_name
 from .gguf_names import (DEEPSEEK_SHARED, MIXTRAL_MOE_PREFIX, MLA_SPLIT, MOE_PREFIX, OLD_EXPERT, SHARED_EXPERT,
                          hf_tensor_name)
 
@@ -197,10 +199,19 @@ class GGUFWeights:
     def file_bytes(self) -> int:
         return sum(int(t.n_bytes) for t in self._tensors)
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def hf_types(self) -> Iterator[tuple[str, str, int]]:
+        """``(hf_name, GGML type name, number of dims)`` of every tensor that has an HF name of its own (read from
+        the header only)."""
+        for t in self._tensors:
+            name = hf_tensor_name(t.name, self._moe_prefix, self._shared)
+            if name is not None:
+                yield name, t.tensor_type.name, len(t.shape)
+
+    def items(self, kept: Mapping[str, str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(hf_name, float32 tensor)`` for every tensor the decoder takes, Q/K rows in HF order, experts stacked
         (``[E, I, H]`` / ``[E, H, I]``), Qwen2-MoE's shared-expert gate as ``[1, H]`` (GGUF stores it 1-D),
-        DeepSeek's ``attn_k_b`` + ``attn_v_b`` merged into ``kv_b_proj``."""
+        DeepSeek's ``attn_k_b`` + ``attn_v_b`` merged into ``kv_b_proj``. The linears in ``kept`` (checkpoint
+        module -> type, `gguf_quant`) come as their blocks instead, under `gguf_quant.quantized_name`."""
         pending: dict[tuple[str, str], dict[int, np.ndarray]] = {}
         latent: dict[str, dict[str, np.ndarray]] = {}
         for t in self._tensors:
@@ -214,7 +225,11 @@ class GGUFWeights:
             name = hf_tensor_name(t.name, self._moe_prefix, self._shared)
             if name is None:
                 continue
-            value = torch.from_numpy(dequantize(t))
+            kind = kept.get(name.removesuffix(".weight")) if kept else None
+            if kind is not None:
+                name, value = quantized_name(name.removesuffix(".weight"), kind), blocks(t)
+            else:
+                value = torch.from_numpy(dequantize(t))
             if self._permute and ".q_proj." in name:
                 value = unpermute_qk(value, self._heads)
             elif self._permute and ".k_proj." in name:

@@ -10,13 +10,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..models.registry import SUPPORTED_ARCHITECTURES, supported_architecture
 from .mla_config import MLAConfig, read_mla
 from .moe_config import MoEConfig, read_moe
 from .quant_config import QuantizationConfig, read_quantization
+
+if TYPE_CHECKING:
+    from .gguf_quant import GGUFQuantization
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "factors", "yarn")
 # "factors": per-frequency divisors given explicitly (GGUF's rope_freqs tensor, how llama.cpp stores Llama 3.1)
@@ -79,7 +82,8 @@ class ModelConfig:
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
     moe: MoEConfig | None = None  # the experts of a mixture-of-experts model; None: dense
-    quantization: QuantizationConfig | None = None  # quantization_config: how the linears are stored; None: dense
+    # quantization_config (or a GGUF's kept linears): how the linears are stored; None: dense
+    quantization: QuantizationConfig | GGUFQuantization | None = None
     mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek); None: multi-head / grouped-query
 
     @property

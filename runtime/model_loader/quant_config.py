@@ -19,6 +19,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..layers.quantization.base import LinearMethod
+    from .gguf_quant import GGUFQuantization
 
 SUPPORTED = (
     "fp8 (float8 e4m3 weights with weight_block_size block scales or one scale per tensor, activation_scheme "
@@ -63,8 +64,8 @@ class QuantizationConfig:
         return any(s == module or s in module for s in self.skip) or any(
             re.match(p, module) for p in self.skip_patterns)
 
-    def method(self) -> LinearMethod:
-        """The linear method of a quantized layer (one object, shared by every layer)."""
+    def method(self, modules: tuple[str, ...] = ()) -> LinearMethod:
+        """The linear method of a quantized layer (one format for every layer, whatever ``modules`` it stacks)."""
         from ..layers.quantization import awq, fp8, gptq
 
         s = self.scheme
@@ -81,7 +82,8 @@ class QuantizationConfig:
         return f"{self.method().describe()} ({self.quant_method}){dense}"
 
 
-def linear_method(quant: QuantizationConfig | None, prefix: str, parts: tuple[str, ...] = ()) -> LinearMethod:
+def linear_method(quant: QuantizationConfig | GGUFQuantization | None, prefix: str,
+                  parts: tuple[str, ...] = ()) -> LinearMethod:
     """The method of the linear layer of checkpoint module ``prefix`` that stacks the checkpoint projections
     ``parts`` (``("q_proj", "k_proj", "v_proj")``; none: ``prefix`` itself).
 
@@ -99,11 +101,12 @@ def linear_method(quant: QuantizationConfig | None, prefix: str, parts: tuple[st
                           f"with {', '.join(n for n in names if n not in dense)}, which are quantized")
     if dense:
         return UNQUANTIZED
-    return quant.method()  # a small stateless object per layer: its parameters live on the layer
+    return quant.method(tuple(names))  # a small object per layer: its parameters live on the layer
 
 
-def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | None:
+def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | GGUFQuantization | None:
     """The ``quantization_config`` of config dict ``cfg`` (None: not quantized); ``moe``: the model has experts.
+    A GGUF checkpoint states the linears it keeps in their blocks (``quant_method`` ``gguf``, `gguf_quant`).
 
     Raises:
         ConfigError: a scheme sglite does not serve (named, with `SUPPORTED`).
@@ -112,6 +115,10 @@ def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | No
     if not q:
         return None
     method = str(q.get("quant_method", "")).lower()
+    if method == "gguf":  # experts included: they are dequantized at load, only the dense linears are kept
+        from .gguf_quant import GGUFQuantization
+
+        return GGUFQuantization.from_dict(q)
     reader = _READERS.get(method)
     if reader is None:
         _refuse(f"quantization {method or q!r}")

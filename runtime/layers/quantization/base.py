@@ -12,11 +12,14 @@ parameters, ``apply``, ``dequantize``) plus its ``quantization_config`` reading 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from xinf_sglang.kernels import linear
+
+from ..weights import ShardId
 
 
 def cdiv(a: int, b: int) -> int:
@@ -34,6 +37,8 @@ class ParamLayout:
     A piece of W that starts at a multiple of the span maps to stored elements ``[start / span, ceil(end /
     span))``. ``dtype`` None: the model's dtype (cast with the model); else kept as stored. ``scalar`` True: the
     checkpoint may give one value for the whole tensor (a per-tensor scale), broadcast over the output features.
+    ``parts``: in a layer that stacks several checkpoint projections, the ones this parameter holds, in order
+    (None: all of them); a format whose projections may be stored differently keeps them apart (GGUF).
     """
 
     name: str
@@ -44,6 +49,7 @@ class ParamLayout:
     output_span: int = 1
     input_span: int = 1
     scalar: bool = False
+    parts: tuple[ShardId, ...] | None = None
 
     def span(self, dim: int) -> int:
         """W features per stored element along stored dim ``dim`` (the output or the input dim)."""
@@ -84,6 +90,12 @@ class LinearMethod(ABC):
     @abstractmethod
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """W ``[out, in]`` in float32 (tests, and models that fold a weight into another one)."""
+
+    def stacked_layouts(self, in_features: int, parts: Sequence[tuple[ShardId, int]]) -> list[ParamLayout]:
+        """The parameters of a layer that stacks checkpoint projections ``parts`` (``(shard id, this rank's
+        output features)`` in order): by default `layouts` over all of them; a format may store some parts in
+        parameters of their own (`ParamLayout.parts`)."""
+        return self.layouts(in_features, sum(rows for _, rows in parts))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Called once every parameter is loaded (repacking for a kernel, checks); nothing by default."""
