@@ -170,7 +170,7 @@ def test_smollm2_gguf_greedy_equals_hf_and_reports_its_storage(smollm2, caplog) 
         assert [o.token_ids for o in outs] == expected
     finally:
         engine.shutdown()
-    assert "210 linears kept in their GGUF blocks (Q4_1 x210)" in caplog.text
+    assert "210 linears kept in their GGUF blocks (Q4_1 x210), and model.embed_tokens Q8_0" in caplog.text
 
 
 def _header(*entries: bytes, kv_count: int | None = None) -> bytes:

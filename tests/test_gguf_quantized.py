@@ -16,7 +16,7 @@ from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from xinf_sglang.runtime.layers.quantization.gguf import GGUFLinearMethod
 from xinf_sglang.runtime.model_loader.checkpoint import open_checkpoint
-from xinf_sglang.runtime.model_loader.gguf_quant import kept_linears
+from xinf_sglang.runtime.model_loader.gguf_quant import kept_modules
 from xinf_sglang.runtime.tp.distributed import TPInfo
 
 from xinf_sglang.runtime.testing import gguf_writer
@@ -81,8 +81,8 @@ def test_tiny_llama_kept_quantized_equals_dequantized(qtype: str, tmp_path_facto
 
 
 def test_smollm2_q4_1_kept_quantized_equals_dequantized(smollm2, caplog) -> None:
-    """The real file: 210 Q4_1 linears kept (a third of the memory), the 8-prompt set's greedy tokens equal to the
-    dequantize-at-load path's over 32 tokens."""
+    """The real file: 210 Q4_1 linears and the Q8_0 embedding (the tied head) kept (a fifth of the memory), the
+    8-prompt set's greedy tokens equal to the dequantize-at-load path's over 32 tokens."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2.hf_dir)
@@ -91,22 +91,23 @@ def test_smollm2_q4_1_kept_quantized_equals_dequantized(smollm2, caplog) -> None
         kept, kept_bytes = _generate(smollm2.gguf, prompts, dequantize=False, new_tokens=32)
     dequantized, dense_bytes = _generate(smollm2.gguf, prompts, dequantize=True, new_tokens=32)
     assert kept == dequantized
-    assert kept_bytes < dense_bytes / 2
-    assert "210 linears kept in their GGUF blocks (Q4_1 x210)" in caplog.text
+    assert kept_bytes < dense_bytes / 4
+    assert "210 linears kept in their GGUF blocks (Q4_1 x210), and model.embed_tokens Q8_0" in caplog.text
 
 
-def test_kept_linears_are_whole_stacks_of_kernel_types() -> None:
+def test_kept_modules_are_whole_stacks_of_kernel_types() -> None:
     layer = "model.layers.0"
     tensors = [(f"{layer}.self_attn.{p}_proj.weight", t, 2) for p, t in [("q", "Q4_K"), ("k", "Q4_K"), ("v", "Q6_K"),
                                                                            ("o", "Q4_K")]]
     tensors += [(f"{layer}.mlp.gate_proj.weight", "Q3_K", 2), (f"{layer}.mlp.up_proj.weight", "Q4_K", 2),
                 (f"{layer}.mlp.down_proj.weight", "Q6_K", 2), ("model.embed_tokens.weight", "Q8_0", 2),
                 (f"{layer}.input_layernorm.weight", "F32", 1)]
-    kept = kept_linears(tensors, mla=False)
+    kept = kept_modules(tensors + [("lm_head.weight", "Q2_K", 2)], mla=False)
     assert kept == {f"{layer}.self_attn.q_proj": "Q4_K", f"{layer}.self_attn.k_proj": "Q4_K",
                     f"{layer}.self_attn.v_proj": "Q6_K", f"{layer}.self_attn.o_proj": "Q4_K",
-                    f"{layer}.mlp.down_proj": "Q6_K"}  # gate/up: Q3_K has no kernel, so the stack stays dense
-    assert not any(".self_attn." in m for m in kept_linears(tensors, mla=True))
+                    f"{layer}.mlp.down_proj": "Q6_K",  # gate/up: Q3_K has no kernel, so the stack stays dense
+                    "model.embed_tokens": "Q8_0"}  # the LM head in Q2_K stays dense
+    assert not any(".self_attn." in m for m in kept_modules(tensors, mla=True))
 
 
 def test_stacked_parts_of_two_types_are_kept_apart() -> None:
@@ -147,9 +148,24 @@ def test_one_type_per_layer_is_one_parameter_and_sharded_like_any_other() -> Non
 
 def test_checkpoint_yields_blocks_only_when_asked(smollm2) -> None:
     kept = open_checkpoint(smollm2.gguf, keep_gguf_quantized=True)
-    assert kept.model_config.quantization is not None and len(kept.kept) == 210
+    assert kept.model_config.quantization is not None and len(kept.kept) == 211  # + the Q8_0 embedding
     name, value = next((n, v) for n, v in kept.tensors() if ".self_attn.q_proj." in n)
     assert name == "model.layers.0.self_attn.q_proj.qweight_q4_1" and value.dtype == torch.uint8
     assert tuple(value.shape) == (576, 18, 20)
     dense = open_checkpoint(smollm2.gguf)
     assert dense.model_config.quantization is None and dense.kept == {}
+
+
+def test_vocabulary_table_in_blocks_looks_up_and_projects() -> None:
+    """A Q8_0 embedding: a lookup dequantizes the rows it reads; as the (tied) head it is the GGUF matmul."""
+    from xinf_sglang.runtime.layers import VocabParallelEmbedding
+
+    g = torch.Generator().manual_seed(2)
+    table = VocabParallelEmbedding(100, 64, TPInfo(), "Q8_0")
+    blocks = random_gguf_blocks(100, 64, "Q8_0", g)
+    table.weight_loader(table.qweight_q8_0, blocks)
+    dense = dequantize_gguf(blocks, "Q8_0")
+    ids = torch.tensor([[3, 99, 0], [7, 7, 42]])
+    assert torch.equal(table(ids), dense[ids])
+    h = torch.randn(2, 64, generator=g)
+    assert torch.allclose(table.logits(h), h @ dense.t(), atol=1e-3)

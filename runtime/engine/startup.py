@@ -175,10 +175,11 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
 
 
 def _open_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
-    """The model's checkpoint; a GGUF's linears keep their blocks on the CPU at tp_size 1 unless
-    ``gguf_dequantize`` (there is no GPU kernel yet, and a row-parallel shard of a K-quant would have to start on a
-    256-value block)."""
-    keep = device.type == "cpu" and not config.gguf_dequantize and (config.tp_size or 1) == 1
+    """The model's checkpoint; a GGUF's linears and vocabulary tables keep their blocks on the CPU in float32 at
+    tp_size 1 unless ``gguf_dequantize`` (there is no GPU kernel yet, the CPU kernel takes float32 activations, and a
+    row-parallel shard of a K-quant would have to start on a 256-value block)."""
+    keep = (device.type == "cpu" and config.dtype in ("auto", "float32") and not config.gguf_dequantize
+            and (config.tp_size or 1) == 1)
     return open_checkpoint(config.model_path, keep_gguf_quantized=keep)
 
 

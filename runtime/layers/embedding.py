@@ -3,6 +3,9 @@
 Rank ``r`` holds the rows of ids ``[r * V / size, (r + 1) * V / size)``. The embedding looks up the ids in its
 range, zeroes the others and sums over ranks (`runtime.distributed.all_reduce`); the LM head computes the logits
 of its vocabulary slice and joins the slices (`runtime.distributed.gather_vocab`). Both are the identity at size 1.
+
+A GGUF table may stay in its blocks (``qtype``; ``layers/quantization/gguf.py``): the head then runs the GGUF matmul
+(at decode it reads a quarter of the bytes of float32 for Q8_0) and a lookup dequantizes the rows it reads.
 """
 
 from __future__ import annotations
@@ -12,22 +15,30 @@ from torch import nn
 from torch.nn import functional as F
 
 from xinf_sglang.kernels import linear
+from xinf_sglang.kernels.quant import dequantize_gguf, gguf_linear
 
 from ..tp.distributed import TPInfo, all_reduce, gather_vocab
+from .quantization.gguf import blocks_parameter, qweight_name
 from .weights import ShardId, empty_parameter, load_slice
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embeddings ``[V / size, hidden]``; as a tied model's LM head too (`logits`)."""
+    """Token embeddings ``[V / size, hidden]`` (``weight``, or ``qweight_<qtype>`` blocks); as a tied model's LM
+    head too (`logits`)."""
 
     shard_ids: tuple[ShardId, ...] = (None,)
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo, qtype: str | None = None) -> None:
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         self.vocab = tp.shard(vocab_size, "vocab_size")
-        self.weight = empty_parameter(self.vocab.size, hidden_size)
+        self.qtype = qtype
+        self.table_name = "weight" if qtype is None else qweight_name(qtype)
+        if qtype is None:
+            self.weight = empty_parameter(self.vocab.size, hidden_size)
+        else:
+            self.register_parameter(self.table_name, blocks_parameter(qtype, self.vocab.size, hidden_size))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         """This rank's rows of the full ``[vocab_size, hidden]`` table."""
@@ -36,18 +47,27 @@ class VocabParallelEmbedding(nn.Module):
     def partial(self, ids: torch.Tensor) -> torch.Tensor:
         """This rank's rows for ``ids`` in its range, zeros elsewhere: the sum over ranks is the full lookup."""
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         local = ids - self.vocab.start
         outside = (local < 0) | (local >= self.vocab.size)
-        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        rows = self._lookup(local.masked_fill(outside, 0))
         return rows.masked_fill(outside.unsqueeze(-1), 0)
+
+    def _lookup(self, local_ids: torch.Tensor) -> torch.Tensor:
+        table = getattr(self, self.table_name)
+        if self.qtype is None:
+            return F.embedding(local_ids, table)
+        rows = dequantize_gguf(table[local_ids.reshape(-1)], self.qtype)
+        return rows.reshape(*local_ids.shape, rows.shape[-1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.partial(ids), self.tp)
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``h @ weight.T``: the logits of this rank's vocabulary slice."""
-        return linear(h, self.weight)
+        if self.qtype is None:
+            return linear(h, self.weight)
+        return gguf_linear(h, getattr(self, self.table_name), self.qtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary ``[..., vocab_size]`` (this table read as the output projection)."""

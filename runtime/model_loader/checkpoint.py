@@ -171,12 +171,13 @@ class GGUFCheckpoint(Checkpoint):
 
     @cached_property
     def kept(self) -> dict[str, str]:
-        """``{checkpoint module: GGML type}`` of the linears kept in their blocks (none unless ``keep_quantized``)."""
-        from .gguf_quant import kept_linears
+        """``{checkpoint module: GGML type}`` of the linears and vocabulary tables kept in their blocks (none unless
+        ``keep_quantized``)."""
+        from .gguf_quant import kept_modules
 
         if not self.keep_quantized:
             return {}
-        return kept_linears(self.weights.hf_types(), mla=self.metadata.architecture == "deepseek2")
+        return kept_modules(self.weights.hf_types(), mla=self.metadata.architecture == "deepseek2")
 
     def config_dict(self) -> dict[str, Any]:
         from .gguf import config_dict
@@ -220,11 +221,10 @@ class GGUFCheckpoint(Checkpoint):
         head = f"GGUF {self.file.parts[0].name} ({self.weights.file_bytes() / 2**30:.2f} GiB of tensors: {types})"
         size = f"{weights_bytes / 2**30:.2f} GiB in memory"
         if not self.kept:
-            why = "" if self.keep_quantized else " (gguf_dequantize, or a device without GGUF kernels)"
+            why = "" if self.keep_quantized else " (gguf_dequantize, tp_size > 1, a GPU, or not float32)"
             return f"{head} dequantized from {self.quantization} to {_dtype_name(dtype)}{why}: {size}"
         quant = self.model_config.quantization
-        return (f"{head}: {quant.describe()}; the other tensors (embeddings, LM head, norms, other types) "
-                f"dequantized to {_dtype_name(dtype)}: {size}")
+        return f"{head}: {quant.describe()}; the other tensors dequantized to {_dtype_name(dtype)}: {size}"
 
     @property
     def quantization(self) -> str:

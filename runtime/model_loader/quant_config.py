@@ -104,6 +104,12 @@ def linear_method(quant: QuantizationConfig | GGUFQuantization | None, prefix: s
     return quant.method(tuple(names))  # a small object per layer: its parameters live on the layer
 
 
+def vocab_qtype(quant: QuantizationConfig | GGUFQuantization | None, module: str) -> str | None:
+    """The GGUF block type the vocabulary table ``module`` (``model.embed_tokens``, ``lm_head``) is kept in; None:
+    dense (every other format keeps its embeddings and LM head dense)."""
+    return quant.vocab_type(module) if quant is not None and quant.quant_method == "gguf" else None
+
+
 def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | GGUFQuantization | None:
     """The ``quantization_config`` of config dict ``cfg`` (None: not quantized); ``moe``: the model has experts.
     A GGUF checkpoint states the linears it keeps in their blocks (``quant_method`` ``gguf``, `gguf_quant`).

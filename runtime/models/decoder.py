@@ -29,6 +29,7 @@ from ..layers.moe.sparse_block import SparseMoeBlock
 from ..layers.rope import rope_inv_freq
 from ..model_executor.forward_batch import ForwardBatch
 from ..model_loader.model_config import ModelConfig
+from ..model_loader.quant_config import vocab_qtype
 from ..tp.distributed import TPInfo
 from .blocks import MLP, Attention, DecoderLayer
 
@@ -50,7 +51,8 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TPInfo, make_layer: Callable[[int], DecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        qtype = vocab_qtype(cfg.quantization, "model.embed_tokens")
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, qtype)
         self.layers = nn.ModuleList(make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -75,7 +77,8 @@ class DecoderLM(nn.Module):
         self.tp = tp
         self.model = Backbone(cfg, tp, self.make_layer)
         # Tied: no module of its own, the embedding table is read as the head (and stored once).
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, tp, vocab_qtype(cfg.quantization, "lm_head"))
         self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), cfg.rope.cos_sin_scale())
 
     def make_layer(self, layer_id: int) -> DecoderLayer:

@@ -13,7 +13,8 @@ moving a block of one format into another is lossy (Q4_K's per-sub-block minimum
 padding rows to the widest format would cost memory on every row. Parts of one type share a parameter, so the
 common case (every part of one type) is one matmul.
 
-The embeddings and the LM head are not linears built here: they stay dequantized (the model's dtype).
+The vocabulary tables use the same storage (`blocks_parameter`, ``layers/embedding.py``): the LM head is a
+`kernels.quant.gguf_linear`, an embedding lookup dequantizes the rows it reads.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def qweight_name(qtype: str) -> str:
     return f"qweight_{qtype.lower()}"
 
 
+def blocks_parameter(qtype: str, rows: int, in_features: int) -> nn.Parameter:
+    """An uninitialised ``[rows, in_features]`` weight in ``qtype``'s blocks, kept as stored by the model's cast (a
+    vocabulary table: ``layers/embedding.py``)."""
+    layout = GGUFLinearMethod.layout(qtype, in_features, rows, None)
+    param = nn.Parameter(torch.empty(layout.shape, dtype=torch.uint8), requires_grad=False)
+    param.param_layout, param.keeps_dtype = layout, True
+    return param
+
+
 class GGUFLinearMethod(LinearMethod):
     """GGML blocks of ``types``: one type per stacked part, in the layer's part order (one for an unstacked
     layer)."""
@@ -49,19 +59,20 @@ class GGUFLinearMethod(LinearMethod):
     def layouts(self, in_features: int, out_features: int) -> list[ParamLayout]:
         if len(set(self.types)) > 1:
             raise ValueError(f"stacked GGUF types {self.types} need the parts' sizes (stacked_layouts)")
-        return [self._layout(self.types[0], in_features, out_features, None)]
+        return [self.layout(self.types[0], in_features, out_features, None)]
 
     def stacked_layouts(self, in_features: int, parts: Sequence[tuple[ShardId, int]]) -> list[ParamLayout]:
         if len(parts) != len(self.types):
             raise ValueError(f"{len(parts)} stacked parts, {len(self.types)} GGUF types")
         if len(set(self.types)) == 1:
             return self.layouts(in_features, sum(rows for _, rows in parts))
-        return [self._layout(t, in_features, sum(r for (_, r), pt in zip(parts, self.types) if pt == t),
+        return [self.layout(t, in_features, sum(r for (_, r), pt in zip(parts, self.types) if pt == t),
                              tuple(i for (i, _), pt in zip(parts, self.types) if pt == t))
                 for t in dict.fromkeys(self.types)]
 
     @staticmethod
-    def _layout(qtype: str, in_features: int, rows: int, parts: tuple[ShardId, ...] | None) -> ParamLayout:
+    def layout(qtype: str, in_features: int, rows: int, parts: tuple[ShardId, ...] | None) -> ParamLayout:
+        """``qweight_<qtype>`` of ``rows`` rows of ``in_features`` (holding stacked ``parts``, None: all)."""
         block = GGUF_BLOCKS[qtype]
         if in_features % block.values:
             raise ValueError(f"{qtype} blocks hold {block.values} input features; this layer has {in_features}")
