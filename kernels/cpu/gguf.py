@@ -14,7 +14,7 @@ output feature; ``block`` is its ``kernels.quant.gguf_reference.GGUFBlock``, whi
 - Prefill (more rows): the weight is dequantized to float32 (on the pool, AVX2) and multiplied by MKL.
 
 Why int16 activations (measured on the 2-core AVX-512 machine, SmolLM2's 120 Q4_1 linears of one token,
-docs/PERFORMANCE.md): llama.cpp's int8 (``act="q8"``, ``maddubs`` / ``dpbusd``) runs 0-15% faster but moves each
+docs/PERFORMANCE.md): llama.cpp's int8 (``act="q8"``, ``maddubs`` / ``dpbusd``) runs 15-25% faster but moves each
 output by ~1e-2 of its bound and changed SmolLM2's greedy tokens against the dequantized weights in 7 of 8 prompts
 (within 48 tokens); int16 moves it by ~3e-5 and kept all 8 identical; float32 activations (``act="f32"``, the codes
 converted to floats) are exact to float rounding but 1.9x slower at one row.
@@ -36,8 +36,9 @@ from .gguf_source import GGUF_TYPES_CPP
 from .linear import SPIN_US
 from .pool_source import POOL_CPP
 
-# Up to this many rows the blocks are read directly; beyond, dequantize + MKL is faster (SmolLM2's Q4_1 linears of
-# one token on 2 threads: 13.5 / 27 / 56 / 120 ms at 8 / 16 / 32 / 64 rows against 40 / 43 / 65 / 103).
+# Up to this many rows the blocks are read directly; beyond, dequantize + MKL (SmolLM2's Q4_1 linears of one token on
+# 2 threads, scripts/bench_cpu_gguf.py: 13.6 / 27 / 59 / 123 ms at 8 / 16 / 32 / 64 rows against 35 / 41 / 61 / 160;
+# 103 at 64 rows in another run).
 GEMV_MAX_M = 32
 
 
