@@ -61,7 +61,7 @@ def build_flags(prefix: str, isa: str | None = None, avx512: bool = False) -> tu
     name = f"{prefix}_{cap.lower()}"
     if avx512 and cap == "AVX512":  # torch's AVX512 capability means F, BW, VL and DQ
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-        if torch.cpu._is_vnni_supported():
+        if getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
             flags.append("-mavx512vnni")
             name += "vnni"
     return name, flags

@@ -6,7 +6,8 @@ OpenMP threads woken for each of the ~200 linears of a token costs what the seco
 splits each weight's output rows over a small pool of its own threads that stay awake (spinning, then yielding)
 for a short while after each call, so the second core starts within a microsecond, and it reads each row-major
 weight row once per 4-row block with AVX2 FMAs while the block is reused from L1 for every input row.
-The pool has as many threads as torch's intra-op pool (``torch.get_num_threads()``), the caller included.
+The pool has as many threads as torch's intra-op pool (``torch.get_num_threads()``), the caller included; its C++
+is ``pool_source.py``, shared with the GGUF kernel (``gguf.py``).
 
 Measured on the 2-core AVX2 runner (docs/PERFORMANCE.md) for SmolLM2-135M's 211 float32 weights of one token:
 10.4 ms against MKL's 20.4 (column-major weights) and 26.6 (row-major).
