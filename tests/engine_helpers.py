@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from xinf_sglang.runtime import Engine, EngineConfig
+from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams
 
 CORPUS = Path(json.decoder.__file__).read_text() + Path(json.encoder.__file__).read_text()
 
@@ -59,3 +59,16 @@ def make_engine(model_dir: Path, **overrides) -> Engine:
     cfg = dict(model_path=str(model_dir), device="cpu", dtype="float32", debug_invariants=True)
     cfg.update(overrides)
     return Engine(EngineConfig(**cfg))
+
+
+def engine_greedy(model: Path, prompts: list[list[int]], new_tokens: int, **overrides) -> list[list[int]]:
+    """sglite's greedy tokens (EOS ignored) for ``prompts`` on a fresh `make_engine`, whose idle invariant must
+    hold afterwards."""
+    engine = make_engine(model, **overrides)
+    try:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        assert engine.check_invariants() == []
+        return [o.token_ids for o in outs]
+    finally:
+        engine.shutdown()

@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 import torch
 
-from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.errors import ConfigError
 from xinf_sglang.runtime.model_loader.checkpoint import SafetensorsCheckpoint, open_checkpoint
 from xinf_sglang.runtime.model_loader.gguf import hf_tensor_name
@@ -41,7 +40,7 @@ from xinf_sglang.runtime.model_loader.gguf_names import DEEPSEEK_SHARED, gguf_te
 from xinf_sglang.runtime.model_loader.model_config import ModelConfig
 from xinf_sglang.runtime.testing.tiny_model import ARCHS
 
-from .engine_helpers import hf_greedy, make_engine, varied_prompts
+from .engine_helpers import engine_greedy, hf_greedy, varied_prompts
 from .gguf_writer import write_gguf
 
 pytestmark = pytest.mark.skipif("deepseek_v3" not in ARCHS, reason="make_tiny_model builds no DeepSeek yet")
@@ -277,14 +276,7 @@ def test_writer_warns_where_llama_cpp_computes_another_model(tiny_model, tmp_pat
 
 
 def _engine_greedy(gguf_file: Path, prompts: list[list[int]]) -> list[list[int]]:
-    engine = make_engine(gguf_file, max_total_tokens=1024)
-    try:
-        params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
-        assert engine.check_invariants() == []
-        return [o.token_ids for o in outs]
-    finally:
-        engine.shutdown()
+    return engine_greedy(gguf_file, prompts, NEW_TOKENS, max_total_tokens=1024)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 
-from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.model_loader.checkpoint import GGUFCheckpoint, SafetensorsCheckpoint, open_checkpoint
 from xinf_sglang.runtime.model_loader.gguf import hf_tensor_name
 from xinf_sglang.runtime.model_loader.gguf_header import hf_architecture
@@ -34,7 +33,7 @@ from xinf_sglang.runtime.model_loader.gguf_names import MIXTRAL_MOE_PREFIX, gguf
 from xinf_sglang.runtime.models.registry import SUPPORTED_ARCHITECTURES
 from xinf_sglang.runtime.testing.tiny_model import ARCHS
 
-from .engine_helpers import hf_greedy, make_engine, varied_prompts
+from .engine_helpers import engine_greedy, hf_greedy, varied_prompts
 from .gguf_writer import write_gguf
 
 pytestmark = pytest.mark.skipif("qwen3_moe" not in ARCHS, reason="make_tiny_model builds no mixture of experts yet")
@@ -273,14 +272,7 @@ def test_llama_cpp_runs_the_gguf_like_hf(arch: str, tmp_path_factory, tiny_model
 
 
 def _engine_greedy(gguf_file: Path, prompts: list[list[int]]) -> list[list[int]]:
-    engine = make_engine(gguf_file, max_total_tokens=1024)
-    try:
-        params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
-        assert engine.check_invariants() == []
-        return [o.token_ids for o in outs]
-    finally:
-        engine.shutdown()
+    return engine_greedy(gguf_file, prompts, NEW_TOKENS, max_total_tokens=1024)
 
 
 def _needs_model(arch: str) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..pool_helpers import TOL, random_table, rel_err
 from . import randn, require_gpus
+from .test_cuda_attention import capture
 
 require_gpus()
 pytestmark = pytest.mark.cuda
@@ -69,19 +70,6 @@ def test_mla_decode_float32_is_exact(model: str) -> None:
     q, lens = randn(3, h, DV + DPE, dtype=torch.float32), torch.tensor(seq, device=CUDA)
     out = mla.mla_decode_triton(q, kv, table, rows, lens, SCALE, DV)
     assert rel_err(out, mla.mla_decode_ref(q, kv, table, rows, lens, SCALE, DV)) < TOL[torch.float32]
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` compiled and warmed up on a side stream (capture needs that), then captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 @pytest.mark.parametrize("model", list(HEADS))
