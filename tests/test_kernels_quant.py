@@ -7,6 +7,7 @@ which the quantization kernel sidesteps (kernels/quant/fp8.py). TRITON_INTERPRET
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 
@@ -276,6 +277,25 @@ def test_nearest_tuned_row_count_wins(monkeypatch, tmp_path) -> None:
     pick = {m: Q.get_quant_config("int4", 4096, 14336, m, torch.bfloat16, "NVIDIA H100 80GB HBM3")["BLOCK_SIZE_N"]
             for m in (1, 32, 33, 288, 289, 4096)}
     assert pick == {1: 32, 32: 32, 33: 64, 288: 64, 289: 128, 4096: 128}
+
+
+def test_sweep_writes_tuned_files_that_the_lookup_reads(monkeypatch, tmp_path) -> None:
+    """``bench kernels --sweep quant --config-out``: the best M = 1 config over AWQ + GPTQ summed (one int4 kernel)
+    and per FP8 kind; larger M get the defaults, so a prefill batch never takes the decode GEMV's entry."""
+    from xinf_sglang.runtime.bench.quant_sweep import write_tuned_configs
+
+    fast, slow = tiny(block_n=32), tiny(block_n=128)
+    rows = [{"kind": "awq", "m": 1, "weight": "qkv", "grid": [[1.0, fast], [2.0, slow]]},
+            {"kind": "gptq", "m": 1, "weight": "qkv", "grid": [[1.5, slow], [9.0, fast]]},  # summed: slow wins
+            {"kind": "fp8_block", "m": 1, "weight": "qkv", "grid": [[1.0, fast], [float("inf"), slow]]},
+            {"kind": "fp8_block", "m": 8, "weight": "qkv"}, {"kind": "bf16", "m": 1, "weight": "qkv"}]
+    paths = write_tuned_configs(rows, {"qkv": (6144, 4096)}, tmp_path, "NVIDIA H100 80GB HBM3", "bfloat16")
+    assert sorted(p.name.split(",")[0] for p in paths) == ["kind=fp8_block", "kind=int4"]
+    monkeypatch.setenv("SGLITE_QUANT_CONFIG_DIR", str(tmp_path))
+    pick = functools.partial(Q.get_quant_config, n=6144, k=4096, dtype=torch.bfloat16,
+                             device="NVIDIA H100 80GB HBM3")
+    assert pick("int4", m=1) == slow and pick("int4", m=8) == slow and pick("fp8_block", m=4) == fast
+    assert pick("int4", m=512) == qconfig.default_config("int4", 6144, 4096, 256)
 
 
 def test_shipped_config_files_are_well_formed() -> None:

@@ -43,6 +43,7 @@ class SweepOptions:
     dtype: torch.dtype = torch.bfloat16
     quick: bool = False
     chain_batch_sizes: tuple[int, ...] = (1, 8)
+    config_out: str | None = None  # where the quant sweep writes its tuned config files (none: only printed)
 
     def randn(self, *size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, device=self.device) * scale).to(self.dtype)

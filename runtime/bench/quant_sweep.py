@@ -6,18 +6,22 @@ block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and G
 bytes counted are what a call must read: the packed weight plus its scales (and zeros). Timed like the linear
 sweep: distinct copies of the weight in turn (L2 never holds the next one), inside a CUDA graph. At M = 1 each
 quantized kernel also runs over a small grid of launch shapes (the seed of the tuned JSON files that
-``get_quant_config`` reads) and the best is printed. GPU only: there is nothing to learn from the interpreter.
+``get_quant_config`` reads) and the best is printed; with ``--config-out DIR`` those bests are written as the tuned
+files (`write_tuned_configs`). GPU only: there is nothing to learn from the interpreter.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from xinf_sglang.kernels import linear as skinny_linear
 from xinf_sglang.kernels import quant as Q
-from xinf_sglang.kernels.quant.config import make_config
+from xinf_sglang.kernels.quant.config import config_file_name, default_config, make_config
+from xinf_sglang.kernels.tuned_configs import current_device_name
 
 from .kernel_sweep import SweepOptions, time_each
 from .timing import measure_bandwidth
@@ -90,6 +94,10 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
                 results.setdefault("quant", []).append(dict(row, weight=name))
                 print(f"{name:<9}{row['text']}")
             opts.empty_cache()
+    if opts.config_out:
+        for path in write_tuned_configs(results.get("quant", []), opts.shape.weights(), Path(opts.config_out),
+                                        current_device_name(opts.device), opts.dtype_name):
+            print(f"wrote {path}")
 
 
 def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) -> list[dict]:
@@ -115,3 +123,37 @@ def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) ->
             row["text"] += f"{grid[0][0]:>9.1f}{share(grid[0][0])}  {grid[0][1]}"
         rows.append(row)
     return rows
+
+
+# Row counts past the GEMV (M <= 8) written with their default configs, so that the nearest-M lookup of a larger
+# batch lands on a prefill-shaped entry and not on the M = 1 GEMV tuned here.
+DEFAULT_ROWS = (16, 32, 64, 128, 256, 1024, 4096)
+# The sweep's weight kinds per kernel of kernels/quant/config.py: AWQ and GPTQ share the int4 kernel.
+KERNEL_OF = {"fp8_block": "fp8_block", "fp8_channel": "fp8_channel", "awq": "int4", "gptq": "int4"}
+
+
+def write_tuned_configs(rows: list[dict], weights: dict[str, tuple[int, int]], out_dir: Path, device_name: str,
+                        dtype: str) -> list[Path]:
+    """One config file per (kernel, weight shape) from the sweep's M = 1 grids: the config fastest over the sweep's
+    kinds of that kernel (AWQ + GPTQ summed for int4) at M = 1, the defaults at `DEFAULT_ROWS`. Returns the paths."""
+    totals: dict[tuple[str, int, int], dict[str, list]] = {}
+    for row in rows:
+        kernel = KERNEL_OF.get(row["kind"])
+        if kernel is None or row["m"] != 1 or "grid" not in row:
+            continue
+        n, k = weights[row["weight"]]
+        sums = totals.setdefault((kernel, n, k), {})
+        for t, cfg in row["grid"]:
+            key = json.dumps(cfg, sort_keys=True)
+            sums.setdefault(key, [0.0, cfg])[0] += t
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (kernel, n, k), sums in totals.items():
+        best = min(sums.values(), key=lambda entry: entry[0])
+        if best[0] == float("inf"):
+            continue  # nothing compiled: the defaults stay
+        table = {"1": best[1]} | {str(m): default_config(kernel, n, k, m) for m in DEFAULT_ROWS}
+        path = out_dir / config_file_name(kernel, n, k, device_name, dtype)
+        path.write_text(json.dumps(table, indent=4) + "\n")
+        paths.append(path)
+    return paths

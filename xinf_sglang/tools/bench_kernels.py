@@ -6,6 +6,7 @@ command line. On a GPU::
     sglite bench kernels --model-config configs/llama-3.1-8b.json [--sweep linear,chain] [--json tune.json]
     SGLITE_DISABLE_PDL=1 sglite bench kernels --model-config ... --sweep chain     # programmatic launch off
     sglite bench kernels --model-config configs/llama-3.1-8b.json --sweep quant     # FP8 / AWQ / GPTQ linears
+    sglite bench kernels --model-config ... --sweep quant --config-out kernels/quant/configs   # and write the bests
 
 The ``quant`` sweep (:mod:`xinf_sglang.runtime.bench.quant_sweep`, GPU only) is not in the default set: its launch
 grids take a few minutes.
@@ -51,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a few launch shapes, batch sizes and small cases per sweep (a smoke run)")
     p.add_argument("--json", dest="json_out", help="also write every grid as JSON here")
+    p.add_argument("--config-out", metavar="DIR",
+                   help="the quant sweep writes its best M = 1 launch configs here as tuned config files (ship them "
+                        "in kernels/quant/configs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(device_name)
     dtype_name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     opts = kernel_sweep.SweepOptions(KernelShape.from_config(args.model_config), device, getattr(torch, dtype_name),
-                                     args.quick, tuple(args.chain_bs))
+                                     args.quick, tuple(args.chain_bs), args.config_out)
     torch.manual_seed(0)
     bw = measure_bandwidth(device, nbytes=(16 * 1024**2 if args.quick else None))
     print(f"{_describe(device)}; copy bandwidth {bw.copy / 1e9:.0f} GB/s (read + write), read bandwidth "
