@@ -165,6 +165,8 @@ class GGUFCheckpoint(Checkpoint):
         super().__init__(path)
         self.file = GGUFFile.open(file)
         readers = self.file.readers()
+        # Where the first part's tensor data starts: the header, metadata and tensor table lie before it.
+        self.metadata_end = int(readers[0].data_offset)
         self.metadata = GGUFMetadata(readers[0])
         self.weights = GGUFWeights(readers, self.metadata)
         self.keep_quantized = keep_quantized
@@ -188,7 +190,15 @@ class GGUFCheckpoint(Checkpoint):
         return cfg
 
     def load_tokenizer(self) -> Any:
-        """transformers' converter of GGUF tokenizer metadata, with the EOS token the metadata names."""
+        """The converted tokenizer (`convert_tokenizer`), cached on disk after the first conversion
+        (`gguf_tokenizer_cache`)."""
+        from .gguf_tokenizer_cache import cached_tokenizer
+
+        return cached_tokenizer(self.file.parts[0], self.metadata_end, self.convert_tokenizer)
+
+    def convert_tokenizer(self) -> Any:
+        """transformers' converter of GGUF tokenizer metadata, with the EOS token the metadata names (seconds on a
+        large vocabulary: `load_tokenizer` caches it)."""
         from transformers import AutoTokenizer
 
         from .gguf_tokenizer import OWN_TOKENIZER, gguf_tokenizer
