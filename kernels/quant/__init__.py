@@ -1,10 +1,10 @@
 """Quantized linear layers: FP8 (block-scaled and per-channel), 4/8-bit integer (AWQ, GPTQ) and GGUF block weights.
 
 reference.py holds each format's layout (read there), its dequantization and the torch references (the CPU path);
-pack.py the writers (quantize and pack, for tests and checkpoint writers); fp8.py and int4.py the Triton kernels;
-config.py their launch configs; gguf_reference.py GGML's block formats and their references (their CPU kernel is
-``kernels/cpu/gguf.py``, no GPU kernel yet). The public functions dispatch like every op of kernels/: Triton for CUDA
-tensors when triton is installed, the reference otherwise. The weights stay in their checkpoint layouts on every device
+pack.py the writers (quantize and pack, for tests and checkpoint writers); fp8.py, int4.py and gguf_triton.py the
+Triton kernels; config.py their launch configs; gguf_reference.py GGML's block formats and their references (their
+CPU kernel is ``kernels/cpu/gguf.py``). The public functions dispatch like every op of kernels/: Triton for CUDA
+tensors when triton is installed, the reference otherwise (GGUF: the C++ kernel first, for CPU float32). The weights stay in their checkpoint layouts on every device
 (no repacking at load); the one thing a runtime should do once at load is ``trivial_g_idx`` on a GPTQ ``g_idx``,
 passing None instead when it holds (the kernel then skips the per-row group lookup).
 
@@ -25,7 +25,8 @@ from .fp8 import (
     fp8_quantize_per_token_group_triton,
     triton,
 )
-from .gguf_reference import GGUF_BLOCKS, dequantize_gguf, gguf_linear_ref, random_gguf_blocks
+from .gguf_reference import GGUF_BLOCKS, dequantize_gguf, gguf_linear_ref, gguf_rows_ref, random_gguf_blocks
+from .gguf_triton import gguf_linear_triton, gguf_rows_triton
 from .int4 import int4_linear_triton, trivial_g_idx
 from .pack import (
     act_order_g_idx,
@@ -95,11 +96,24 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` times a GGUF weight of block format ``qtype`` (``qweight`` uint8 ``[N, K / values, bytes]``)
     plus ``bias`` -> ``[..., N]`` in x's dtype. CPU float32: the C++ kernel (integer dot products on the blocks for
-    few rows, dequantize + MKL for many); otherwise ``gguf_linear_ref`` (no GPU kernel yet)."""
+    few rows, dequantize + MKL for many); CUDA: the Triton kernel (GEMV for a few rows, dequantize + ``tl.dot`` for
+    more), any float dtype; otherwise ``gguf_linear_ref``."""
     block = GGUF_BLOCKS[qtype]
     if cpu_gguf.supports(x, qweight, block, bias):
         return cpu_gguf.gguf_linear_checked(x, qweight, block, bias)
+    if x.is_cuda and triton is not None:
+        return gguf_linear_triton(x, qweight, qtype, bias)
     return gguf_linear_ref(x, qweight, qtype, bias)
+
+
+def gguf_rows(qweight: torch.Tensor, ids: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of a GGUF weight (``qweight`` uint8 ``[N, K / values, bytes]`` of ``qtype``),
+    dequantized to ``dtype`` -> ``[*ids.shape, K]``: an embedding lookup. CUDA: the Triton row decoder (one
+    kernel, CUDA-graph friendly); otherwise ``gguf_rows_ref``."""
+    if qweight.is_cuda and triton is not None:
+        block = GGUF_BLOCKS[qtype]
+        return gguf_rows_triton(qweight, ids, qtype, qweight[0].numel() // block.bytes * block.values, dtype)
+    return gguf_rows_ref(qweight, ids, qtype, dtype)
 
 
 __all__ = [
@@ -122,6 +136,10 @@ __all__ = [
     "get_quant_config",
     "gguf_linear",
     "gguf_linear_ref",
+    "gguf_linear_triton",
+    "gguf_rows",
+    "gguf_rows_ref",
+    "gguf_rows_triton",
     "int4_linear",
     "int4_linear_ref",
     "int4_linear_triton",

@@ -4,8 +4,10 @@ A file is named ``kind=int4,N=4096,K=4096,device_name=NVIDIA_H100_80GB_HBM3,dtyp
 ``KINDS``) and maps a row count M (as a string key) to ``{"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K",
 "GROUP_SIZE_M", "SPLIT_K", "num_warps", "num_stages"}``; the nearest tuned M is used. The files ship in
 ``kernels/quant/configs/``; ``SGLITE_QUANT_CONFIG_DIR`` puts another folder first. The lookup itself is
-kernels/tuned_configs.py, shared with the MoE configs. ``SPLIT_K`` only means something to the int4 kernel (the FP8
-GEMM keeps it at 1).
+kernels/tuned_configs.py, shared with the MoE configs. ``SPLIT_K`` only means something to the int4 and GGUF
+kernels (the FP8 GEMM keeps it at 1). The GGUF kernel has one kind per block format (``gguf_q4_k``...): decoding a
+Q6_K block costs other instructions than a Q8_0 one, so each tunes apart; its ``BLOCK_SIZE_M`` below 16 selects
+the GEMV (no ``tl.dot``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..tuned_configs import (
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "SPLIT_K", "num_warps", "num_stages")
-KINDS = ("fp8_block", "fp8_channel", "int4")
+GGUF_KINDS = tuple(f"gguf_{t}" for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"))
+KINDS = ("fp8_block", "fp8_channel", "int4") + GGUF_KINDS
 # Up to this many rows the int4 kernel runs as a split-K GEMV (one 16-row tile, the smallest tl.dot takes).
 GEMV_MAX_M = 8
 # Programs a GEMV launch aims for: two per SM of an H100 / H200 (132 SMs), so every SM streams weights.
@@ -62,6 +65,8 @@ def default_config(kind: str, n: int, k: int, m: int) -> dict[str, int]:
     tile) and narrow column strips, so that even N = 4096 spreads over the SMs and the weights stream with a deep
     pipeline (the skinny bf16 linear's shapes, kernels/linear.py); the int4 one also splits K. Prefill takes 64-
     and 128-row tiles with GROUP_SIZE_M, so that programs running together share weight tiles in L2."""
+    if kind in GGUF_KINDS:
+        return _gguf_default(n, k, m)
     if kind == "int4":
         if m <= GEMV_MAX_M:
             bn, bk = 64, 128
@@ -76,6 +81,19 @@ def default_config(kind: str, n: int, k: int, m: int) -> dict[str, int]:
     if m <= 128:
         return make_config(64, 64, 128, 8, 1, 4, 4)
     return make_config(128, 128, 128, 8, 1, 8, 3)
+
+
+def _gguf_default(n: int, k: int, m: int) -> dict[str, int]:
+    """GGUF: up to 4 rows a GEMV on CUDA cores (``BLOCK_SIZE_M`` = rows rounded up to a power of two; the tile
+    product ``M x N x K`` kept at 4-8k floats of registers), 5-8 rows the 16-row ``tl.dot`` tile; both split K.
+    Larger batches take the int4 kernel's GEMM tiles (the dequantization in the K loop is alike)."""
+    if m <= 4:
+        bm = 1 if m == 1 else 2 if m == 2 else 4
+        bn, bk = 32, 128 if m == 1 else 64
+        return make_config(bm, bn, bk, 1, default_split_k(n, k, bn, bk), 4, 3)
+    if m <= GEMV_MAX_M:
+        return make_config(16, 64, 128, 1, default_split_k(n, k, 64, 128), 4, 3)
+    return default_config("int4", n, k, m)
 
 
 def config_dirs() -> list[Path]:

@@ -17,7 +17,8 @@ A weight ``W [N, K]`` is stored row by row, each row ``K / values`` blocks of ``
   is the low (``c`` < 2) or high nibble of ``ql[64 n + 32 (c % 2) + l]`` with bits ``2c, 2c + 1`` of
   ``qh[32 n + l]`` above it; ``w = d * scales[8 n + 2 c + l // 16] * (q - 32)``.
 
-``dequantize_gguf`` is the ground truth of the CPU kernels (``kernels/cpu/gguf.py``); tests check it against
+``dequantize_gguf`` is the ground truth of the CPU kernels (``kernels/cpu/gguf.py``) and of the Triton ones
+(``gguf_triton.py``, ``gguf_rows_ref`` for the embedding lookup); tests check it against
 ``gguf.quants.dequantize`` (llama.cpp's own Python reading). ``random_gguf_blocks`` draws valid blocks with small
 scales for tests and benchmarks.
 """
@@ -143,16 +144,26 @@ def gguf_linear_ref(x: torch.Tensor, qweight: torch.Tensor, qtype: str,
     return F.linear(x, w.to(x.dtype), bias)
 
 
+def gguf_rows_ref(qweight: torch.Tensor, ids: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` (any shape) of the weight in ``qweight``'s blocks, dequantized and cast to ``dtype``:
+    ``[*ids.shape, K]`` (an embedding lookup)."""
+    rows = dequantize_gguf(qweight[ids.reshape(-1)], qtype)
+    return rows.to(dtype).reshape(*ids.shape, rows.shape[-1])
+
+
 def random_gguf_blocks(rows: int, cols: int, qtype: str, gen: torch.Generator | None = None,
                        scale: float = 0.01) -> torch.Tensor:
     """``[rows, cols / values, bytes]`` uint8 blocks of random codes with their float16 scale fields drawn
-    uniform in ``[scale / 2, scale]`` (mins of Q4_1 / Q5_1 negative, so values centre near zero)."""
+    uniform in ``[scale / 2, scale]`` (mins of Q4_1 / Q5_1 negative, so values centre near zero), on the device of
+    ``gen`` (the CPU without one)."""
     block = GGUF_BLOCKS[qtype]
     if cols % block.values:
         raise ValueError(f"{qtype} rows hold multiples of {block.values} values, got {cols}")
-    blocks = torch.randint(0, 256, (rows, cols // block.values, block.bytes), dtype=torch.uint8, generator=gen)
+    device = gen.device if gen is not None else None
+    shape = (rows, cols // block.values)
+    blocks = torch.randint(0, 256, (*shape, block.bytes), dtype=torch.uint8, generator=gen, device=device)
     for i, offset in enumerate(block.f16_offsets):
-        value = torch.rand(rows, cols // block.values, 1, generator=gen) * scale / 2 + scale / 2
+        value = torch.rand(*shape, 1, generator=gen, device=device) * scale / 2 + scale / 2
         if i == 1 and block.values == 32:  # Q4_1 / Q5_1's m: the minimum, about -d * 8 (or -d * 16)
             value = -value * (8 if qtype == "Q4_1" else 16)
         blocks[..., offset:offset + 2] = value.half().view(torch.uint8)
