@@ -7,8 +7,9 @@ import torch
 
 from xinf_sglang.runtime.errors import ConfigError
 from xinf_sglang.runtime.mem_cache.kv_pool import KVPool
-from xinf_sglang.runtime.mem_cache.memory_plan import (GPU_FIXED_RESERVE, GiB, MemoryInputs, check_headroom,
-                                                       out_of_memory_advice, plan_memory)
+from xinf_sglang.runtime.mem_cache.memory_plan import (DEFAULT_CPU_KV_POOL_BYTES, GPU_FIXED_RESERVE, GiB,
+                                                       MemoryInputs, check_headroom, out_of_memory_advice,
+                                                       plan_memory)
 
 # Llama-3.1-8B in bf16 on an 80 GiB card: 16 GB of weights.
 LLAMA8B_KV = KVPool.bytes_per_token(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
@@ -94,6 +95,44 @@ def test_cpu_uses_available_memory_and_the_table_bound():
     plan = plan_memory(inputs)
     assert plan.mem_fraction_static == 0.25
     assert plan.pool_tokens == plan.max_running_requests * plan.context_length
+
+
+# SmolLM2-135M in float32 on the 23 GiB CPU machine: 46080 bytes per token, 8192 tokens of context.
+SMOLLM2_CPU = dict(device="cpu", free_before_weights=23 * GiB, free_after_weights=22.9 * GiB, weights_bytes=GiB // 10,
+                   kv_bytes_per_token=46080, model_context_length=8192, hidden_size=576, ffn_bytes_per_token=3 * 1536 * 4,
+                   vocab_size=49152, dtype_bytes=4)
+
+
+def test_cpu_default_pool_is_the_default_budget_not_a_quarter_of_the_machine():
+    """Issue 33: 0.25 of 23 GiB made a 5.3 GiB pool for a 135M model; by default the CPU pool takes 1 GiB."""
+    plan = plan_memory(gpu_inputs(**SMOLLM2_CPU))
+    assert plan.pool_tokens == DEFAULT_CPU_KV_POOL_BYTES // 46080 < plan.max_running_requests * plan.context_length
+    assert plan.kv_pool_bytes <= DEFAULT_CPU_KV_POOL_BYTES
+    assert "sized by the CPU default of 1 GiB" in "\n".join(plan.report())
+
+
+def test_cpu_default_pool_holds_at_least_one_context():
+    big = dict(SMOLLM2_CPU, kv_bytes_per_token=512 * 1024, model_context_length=4096)  # 4096 x 512 KiB = 2 GiB
+    assert plan_memory(gpu_inputs(**big)).pool_tokens == 4096
+
+
+def test_cpu_explicit_sizes_replace_the_default_budget():
+    """A given max_total_tokens is the pool (up to what memory allows); a given mem_fraction_static sizes it as on a
+    GPU, bounded only by max_running_requests x context_length."""
+    inputs = gpu_inputs(**SMOLLM2_CPU)
+    tokens = plan_memory(inputs, max_total_tokens=40000)
+    assert tokens.pool_tokens == 40000 and tokens.pool_bound == "max_total_tokens=40000"
+    fraction = plan_memory(inputs, mem_fraction_static=0.1)
+    assert fraction.pool_tokens == fraction.profiled_tokens > 1.5 * DEFAULT_CPU_KV_POOL_BYTES // 46080
+    assert fraction.pool_bound.startswith("mem_fraction_static=0.1 of 23.0 GiB available")
+    rows = plan_memory(inputs, mem_fraction_static=0.5, max_running_requests=4, context_length=2048)
+    assert rows.pool_tokens == 4 * 2048 and rows.pool_bound == "max_running_requests x context_length = 4 x 2048"
+
+
+def test_gpu_pool_has_no_default_budget():
+    plan = plan_memory(gpu_inputs())
+    assert plan.pool_bound.startswith("mem_fraction_static=0.9 of 79.0 GiB free")
+    assert plan.kv_pool_bytes > 40 * GiB
 
 
 def test_engine_reports_its_plan(tiny_model, caplog):

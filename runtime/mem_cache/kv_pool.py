@@ -3,14 +3,27 @@
 Layout (shared with kernels/): ``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_slots + 1, Hkv, D]``.
 Slot 0 is the dummy slot: the allocator never hands it out, and padded rows (CUDA-graph batches) write there.
 `MLAKVPool` is multi-head latent attention's layout: one row per token and layer shared by all heads.
+
+On the CPU the buffers are zeroed by the operating system (`zeros`): a page becomes resident when a token first
+writes it, so the process's memory follows the tokens used, not the pool's size.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..model_loader.model_config import ModelConfig
 from ..tp.distributed import TPInfo
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU through numpy's ``calloc``: a large one is fresh anonymous memory the kernel maps
+    zero pages into on first touch, where ``torch.zeros`` writes (and so makes resident) every page at once."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVPool:
@@ -21,8 +34,8 @@ class KVPool:
     ) -> None:
         self.num_slots = num_slots
         shape = (num_slots + 1, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffers = [zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v_buffers = [zeros(shape, dtype, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -42,7 +55,7 @@ class MLAKVPool(KVPool):
     ) -> None:
         self.num_slots = num_slots
         shape = (num_slots + 1, 1, kv_lora_rank + rope_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffers = [zeros(shape, dtype, device) for _ in range(num_layers)]
         self.v_buffers = [buf[..., :kv_lora_rank] for buf in self.k_buffers]
 
     @staticmethod

@@ -4,6 +4,13 @@ The pool formula follows SGLang's model runner:
 ``rest = free_after_weights - free_before_weights * (1 - mem_fraction_static)`` and
 ``pool_tokens = (rest - other reserved memory) // kv_bytes_per_token``. On a GPU "free" is the device's measured
 free memory; on CPU it is the system's available memory. ``max_total_tokens`` only caps the pool, never grows it.
+
+On the CPU the pool is also bounded by what the engine can use, ``max_running_requests x context_length``, and,
+unless ``mem_fraction_static`` or ``max_total_tokens`` is given, by `DEFAULT_CPU_KV_POOL_BYTES` (at least one full
+context): the fraction of a machine's memory is not what a small model needs (SmolLM2-135M took 5.3 GiB of a 23 GiB
+machine's memory for a pool its workloads never filled, issue 33). A given ``mem_fraction_static`` sizes the pool
+as on a GPU (what SGLang users expect: raising it grows the pool); a given ``max_total_tokens`` is the pool, up to
+what the fraction allows (vLLM's CPU backend likewise takes an explicit ``VLLM_CPU_KVCACHE_SPACE``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ LARGE_GPU_HEADROOM = 6 * GiB
 DEFAULT_CHUNKED_PREFILL = {"cuda": 8192, "cpu": 1024}
 DEFAULT_MAX_PREFILL = {"cuda": 16384, "cpu": 4096}
 DEFAULT_MAX_RUNNING = {"cuda": 512, "cpu": 256}
+# The CPU pool when neither mem_fraction_static nor max_total_tokens is given: 1 GiB holds ~23k tokens of
+# SmolLM2-135M in float32 (64 concurrent requests of 360 tokens), ~9k of a 7B model (Qwen2.5-7B: 112 KiB/token);
+# vLLM's CPU backend reserves 4 GiB by default on machines meant for serving. Always at least one full context.
+DEFAULT_CPU_KV_POOL_BYTES = 1 * GiB
 # Prompt positions one step scores (echo + logprobs): each is a [vocab] row of logits and of log-softmax, ~1.5 MB at
 # a 152k vocabulary, so a long scored prompt is scored over several steps instead of in one [prompt x vocab] block.
 DEFAULT_SCORED_PROMPT_TOKENS = {"cuda": 512, "cpu": 256}
@@ -85,6 +96,7 @@ class MemoryPlan:
     pool_tokens: int
     profiled_tokens: int  # what memory alone would allow
     capped_by_max_total_tokens: bool
+    pool_bound: str  # what sized the pool, in words (the startup log says it)
     context_length: int
     max_running_requests: int  # rows of the request->token table
     chunked_prefill_size: int
@@ -124,7 +136,7 @@ class MemoryPlan:
             f"weights: {self.weights_bytes / GiB:.2f} GiB",
             f"KV pool: {self.pool_tokens} tokens, {self.kv_pool_bytes / GiB:.2f} GiB "
             f"({self.kv_bytes_per_token} bytes/token, mem_fraction_static={self.mem_fraction_static}"
-            f"{' (default for this device)' if self.mem_fraction_is_default else ''})",
+            f"{' (default for this device)' if self.mem_fraction_is_default else ''}; sized by {self.pool_bound})",
             f"request table: {self.max_running_requests} rows x {self.context_length} tokens "
             f"({self.req_table_bytes / GiB:.3f} GiB); {self.workspace.describe()}",
             f"max running requests: {self.max_running_requests}; prefill chunk: {self.chunked_prefill_size} tokens; "
@@ -176,15 +188,14 @@ def plan_memory(
     req_table = rows * (ctx + 1) * 4
     workspace = _workspace(inputs, chunk, rows, scored)
     profiled = _profiled_tokens(inputs, frac, req_table + workspace.total, f"{rows} rows x context {ctx}")
-    if dev == "cpu":
-        # System memory is shared with everything else on the machine: a pool larger than every row at full
-        # context can never be used by running requests, so on CPU the table bounds it too.
-        profiled = min(profiled, rows * ctx)
+    profiled, bound = _pool_bound(inputs, profiled, frac, rows, ctx,
+                                  sized_by_user=mem_fraction_static is not None or max_total_tokens is not None)
     capped = max_total_tokens is not None and max_total_tokens < profiled
     return MemoryPlan(
         pool_tokens=max_total_tokens if capped else profiled,
         profiled_tokens=profiled,
         capped_by_max_total_tokens=capped,
+        pool_bound=f"max_total_tokens={max_total_tokens}" if capped else bound,
         context_length=ctx,
         max_running_requests=rows,
         chunked_prefill_size=chunk,
@@ -198,6 +209,22 @@ def plan_memory(
         workspace=workspace,
         free_before_weights=inputs.free_before_weights,
     )
+
+
+def _pool_bound(inputs: MemoryInputs, profiled: int, frac: float, rows: int, ctx: int,
+                sized_by_user: bool) -> tuple[int, str]:
+    """The pool before ``max_total_tokens`` and what bounds it: the fraction's memory; on the CPU also every row at
+    full context (system memory is shared with everything else on the machine: a pool larger than that is never
+    used) and, unless the user sized the pool, `DEFAULT_CPU_KV_POOL_BYTES`."""
+    bounds = [(profiled, f"mem_fraction_static={frac} of {inputs.free_before_weights / GiB:.1f} GiB "
+                         f"{'available' if inputs.device == 'cpu' else 'free'}")]
+    if inputs.device == "cpu":
+        bounds.append((rows * ctx, f"max_running_requests x context_length = {rows} x {ctx}"))
+        if not sized_by_user:
+            default = max(ctx, DEFAULT_CPU_KV_POOL_BYTES // inputs.kv_bytes_per_token)
+            bounds.append((default, f"the CPU default of {DEFAULT_CPU_KV_POOL_BYTES / GiB:.0f} GiB (at least one "
+                                    "context; set max_total_tokens or mem_fraction_static for another size)"))
+    return min(bounds, key=lambda b: b[0])
 
 
 def _workspace(inputs: MemoryInputs, chunk: int, rows: int, scored: int) -> Workspace:
