@@ -14,6 +14,7 @@ F32 GGUF's greedy output equals HF's).
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import urllib.request
@@ -107,6 +108,26 @@ def run_all(server: Any, prompts: list[list[int]], output_lens: list[int], worke
                 last = time.perf_counter()
                 print(f"[bench] llama.cpp: {done}/{len(prompts)} requests done", flush=True)
     return results  # type: ignore[return-value]
+
+
+def timed_run(gguf: Path, n_parallel: int, slot_ctx: int, options: LlamaCppOptions, prompts: list[list[int]],
+              output_lens: list[int], warmup: list[int]) -> tuple[tuple[float, list[Completion]], float]:
+    """Start a server, warm it up on ``warmup``, time every prompt at once: ``((seconds, completions), the
+    process's age when the server was ready)``. Plain arguments and no torch, so that `isolated.run_isolated`
+    can run it in a process that holds only llama.cpp."""
+    from .isolated import process_age
+
+    server = start_server(gguf, n_parallel, slot_ctx, options)
+    ready_age = process_age()
+    try:
+        complete(server, warmup, 4)
+        start = time.perf_counter()
+        outs = run_all(server, prompts, output_lens, workers=n_parallel)
+        seconds = time.perf_counter() - start
+    finally:
+        del server
+        gc.collect()
+    return (seconds, outs), ready_age
 
 
 def check_completions(completions: list[Completion], prompts: list[list[int]], output_lens: list[int]) -> None:

@@ -28,6 +28,7 @@ from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..sampling.sampling_params import SamplingParams
 from ..layers.moe.sparse_block import parameter_counts
+from .isolated import process_age, run_isolated
 from .timing import measure_bandwidth
 
 
@@ -85,6 +86,8 @@ class Result:
     cache_hit_rate: float | None = None
     output_tokens: int | None = None  # when it differs from the workload's (constrained requests end early)
     mask_ms_per_step: float | None = None
+    startup_s: float | None = None  # --isolate: its process's creation to the engine being ready
+    peak_rss_bytes: int | None = None  # --isolate: peak RSS of its process tree
 
     @property
     def generated(self) -> int:
@@ -104,7 +107,8 @@ class Result:
         return {"engine": self.name, "prompts": len(w.prompts), "input_tokens": w.input_tokens,
                 "output_tokens": self.generated, "seconds": self.seconds, "output_tok_s": self.output_tok_s,
                 "total_tok_s": self.total_tok_s, "cache_hit_rate": self.cache_hit_rate,
-                "max_cache_hit_rate": w.max_cached_tokens / w.input_tokens, "mask_ms_per_step": self.mask_ms_per_step}
+                "max_cache_hit_rate": w.max_cached_tokens / w.input_tokens, "mask_ms_per_step": self.mask_ms_per_step,
+                "startup_s": self.startup_s, "peak_rss_bytes": self.peak_rss_bytes}
 
 
 def parse_baselines(values: list[str] | None) -> list[str]:
@@ -147,6 +151,7 @@ class SgliteRun:
     dtype: torch.dtype
     weights_bytes: int
     active_weights_bytes: int  # what one token reads: a mixture of experts reads top_k of its routed experts
+    ready_age: float  # seconds from this process's creation to the engine being ready (`isolated.process_age`)
 
 
 def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
@@ -154,6 +159,7 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
     """Build the engine, make the workload from its vocabulary size (``workload_for``), time it (and, with
     ``json_schema``, the same prompts constrained to it, from a cold cache), shut the engine down."""
     engine = Engine(config)
+    ready_age = process_age()
     try:
         workload = workload_for(engine.model_config.vocab_size)
         print(f"[bench] {len(workload.prompts)} prompts, {workload.input_tokens} input tokens "
@@ -168,7 +174,8 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
             results.append(bench_engine(engine, workload, json_schema=json_schema))
         total, active = engine.run_on_scheduler(lambda s: parameter_counts(s.runner.model))
         weights = engine.memory_plan.weights_bytes
-        return SgliteRun(workload, results, engine.device, engine.dtype, weights, weights * active // total)
+        return SgliteRun(workload, results, engine.device, engine.dtype, weights, weights * active // total,
+                         ready_age)
     finally:
         engine.shutdown()
         del engine
@@ -180,6 +187,7 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
 def print_report(results: list[Result], sg: SgliteRun, roofline: bool) -> None:
     """The table, the prefix-cache report, grammar-mask times and (``roofline``) the roofline of sglite's run."""
     print_table(results, sg.device, sg.dtype)
+    print_process_costs(results)
     print_cache_report(results)
     print_mask_times(results)
     if roofline:
@@ -286,10 +294,11 @@ def bench_hf(model_dir: Path, workload: Workload, device: torch.device, dtype: t
     return Result("HF generate (batch 1)", workload, time.perf_counter() - start)
 
 
-def bench_llamacpp(model_dir: Path, workload: Workload, options) -> Result:
+def bench_llamacpp(model_dir: Path, workload: Workload, options, isolate: bool = False) -> Result:
     """llama.cpp (xllamacpp) on an F32 GGUF of ``model_dir`` (a ``.gguf`` file: that very file), every prompt
     submitted at once, greedy, exactly ``output_len`` tokens each; a short warm-up request first (see
-    `llamacpp_baseline`)."""
+    `llamacpp_baseline`). ``isolate``: in a fresh process without torch (`isolated`), its startup and peak RSS
+    reported."""
     from . import llamacpp_baseline as llamacpp
     from ..testing.gguf_writer import cached_gguf
 
@@ -298,18 +307,16 @@ def bench_llamacpp(model_dir: Path, workload: Workload, options) -> Result:
     slot_ctx = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)) + 8
     print(f"[bench] llama.cpp: {gguf.name}, {parallel} slots x {slot_ctx} tokens, {options.threads} threads",
           flush=True)
-    server = llamacpp.start_server(gguf, parallel, slot_ctx, options)
-    try:
-        llamacpp.complete(server, workload.warmup_prompts(1)[0], 4)
-        start = time.perf_counter()
-        outs = llamacpp.run_all(server, workload.prompts, workload.output_lens, workers=parallel)
-        seconds = time.perf_counter() - start
-    finally:
-        del server
-        gc.collect()
+    args = (gguf, parallel, slot_ctx, options, workload.prompts, workload.output_lens, workload.warmup_prompts(1)[0])
+    cost = None
+    if isolate:
+        (seconds, outs), cost = run_isolated(llamacpp.timed_run, *args)
+    else:
+        (seconds, outs), _ = llamacpp.timed_run(*args)
     llamacpp.check_completions(outs, workload.prompts, workload.output_lens)
     hit = sum(c.cached_tokens for c in outs) / max(1, workload.input_tokens)
-    return Result(f"llama.cpp ({parallel} slots)", workload, seconds, hit)
+    return Result(f"llama.cpp ({parallel} slots)", workload, seconds, hit, startup_s=cost and cost.startup_s,
+                  peak_rss_bytes=cost and cost.peak_rss_bytes)
 
 
 def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:
@@ -326,6 +333,14 @@ def print_table(results: list[Result], device: torch.device, dtype: torch.dtype)
         hit = f"{r.cache_hit_rate:.1%}" if r.cache_hit_rate is not None else "-"
         print(f"{r.name:<24}{len(r.workload.prompts):>8}{r.workload.input_tokens:>9}{r.generated:>9}"
               f"{r.seconds:>10.2f}{r.output_tok_s:>11.1f}{r.total_tok_s:>13.1f}{ratio:>10.2f}{hit:>11}")
+
+
+def print_process_costs(results: list[Result]) -> None:
+    """With --isolate: each engine's startup and the peak RSS of its process tree."""
+    for r in results:
+        if r.peak_rss_bytes is not None:
+            print(f"{r.name}: startup {r.startup_s:.1f} s (process start to ready), peak RSS of its process tree "
+                  f"{r.peak_rss_bytes / 2**20:.0f} MiB")
 
 
 def print_cache_report(results: list[Result]) -> None:

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="llama.cpp server slots (default: one per prompt, all prompts batched)")
     p.add_argument("--llamacpp-threads", type=int, default=0, metavar="N",
                    help="llama.cpp CPU threads (default: torch's intra-op threads, what sglite uses)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run sglite and the llama.cpp baseline each in a fresh process and report each one's startup "
+                        "(process start to ready) and peak RSS of its process tree (the HF baseline runs in this "
+                        "process and reports neither)")
     p.add_argument("--json-schema", metavar="FILE",
                    help="also run the same workload constrained to this JSON schema (needs a tokenizer) and report "
                         "its throughput and the grammar-mask time per step next to the unconstrained run")

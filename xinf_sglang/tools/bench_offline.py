@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from ..runtime.bench.offline import (
     print_report,
 )
 from ..runtime.config import EngineConfig
+from ..runtime.bench.isolated import run_isolated
 from ..runtime.bench.llamacpp_baseline import LlamaCppOptions
 
 
@@ -35,7 +39,8 @@ def run_offline(args: argparse.Namespace) -> int:
     with model_folder(args) as model_dir:
         if "llamacpp" in baselines and args.load_format == "dummy":
             raise SystemExit("--baseline llamacpp needs real weights (it runs a GGUF written from --model)")
-        sg = bench_sglite(engine_config(args, model_dir), lambda vocab: _workload(args, vocab), _json_schema(args))
+        bench = bench_sglite_isolated if args.isolate else bench_sglite
+        sg = bench(engine_config(args, model_dir), _workload_for(args), _json_schema(args))
         results = sg.results + [_run_baseline(name, args, model_dir, sg) for name in baselines]
         print_report(results, sg, args.roofline)
         if args.json_out:
@@ -54,9 +59,10 @@ def engine_config(args: argparse.Namespace, model_dir: Path) -> EngineConfig:
     )
 
 
-def _workload(args: argparse.Namespace, vocab_size: int) -> Workload:
-    return make_workload(vocab_size, args.num_prompts, args.input_len, args.output_len, args.seed,
-                         shared_prefix=args.shared_prefix, prefix_groups=args.prefix_groups)
+def _workload_for(args: argparse.Namespace) -> Callable[[int], Workload]:
+    """vocabulary size -> the workload of ``args`` (a partial: it pickles into an ``--isolate`` process)."""
+    return partial(make_workload, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                   seed=args.seed, shared_prefix=args.shared_prefix, prefix_groups=args.prefix_groups)
 
 
 def _json_schema(args: argparse.Namespace) -> dict | None:
@@ -70,7 +76,24 @@ def _run_baseline(name: str, args: argparse.Namespace, model_dir: Path, sg: Sgli
         return bench_hf(model_dir, subset, sg.device, sg.dtype, args.load_format == "dummy", args.seed)
     options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=args.llamacpp_threads or torch.get_num_threads(),
                               gpu=sg.device.type == "cuda")
-    return bench_llamacpp(model_dir, sg.workload, options)
+    return bench_llamacpp(model_dir, sg.workload, options, isolate=args.isolate)
+
+
+def bench_sglite_isolated(config: EngineConfig, workload_for: Callable[[int], Workload],
+                          json_schema: dict | None = None) -> SgliteRun:
+    """`bench_sglite` in a fresh process: its results carry the startup and the peak RSS of that process
+    tree. ``workload_for`` must pickle (a module-level function or a ``functools.partial`` of one)."""
+    sg, cost = run_isolated(_sglite_child, config, workload_for, json_schema)
+    results = [replace(r, startup_s=cost.startup_s, peak_rss_bytes=cost.peak_rss_bytes) for r in sg.results]
+    return replace(sg, results=results)
+
+
+def _sglite_child(config: EngineConfig, workload_for: Callable[[int], Workload],
+                  json_schema: dict | None) -> tuple[SgliteRun, float]:
+    """The isolated sglite process: the engine's startup log (memory plan, tokenizer cache) on stderr, then the run."""
+    logging.basicConfig(level=logging.INFO, format="[sglite] %(message)s")
+    sg = bench_sglite(config, workload_for, json_schema)
+    return sg, sg.ready_age
 
 
 def _parse_engine_arg(text: str) -> tuple[str, object]:
