@@ -66,7 +66,7 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy = random weights (benchmarks)")
     gguf_dequantize: bool = Field(
         False, description="GGUF files: dequantize every weight at load instead of keeping the linears and vocabulary "
-        "tables in their blocks (kept only on the CPU in float32 at tp_size 1: GPU kernels do not exist yet)",
+        "tables in their blocks (kept at tp_size 1, on CUDA in any dtype and on the CPU in float32)",
     )
     seed: int = Field(0, description="seed of the engine's default random generator")
     tp_size: int | None = Field(

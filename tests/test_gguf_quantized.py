@@ -4,6 +4,8 @@ dequantize-at-load path (``gguf_dequantize=True``) on tiny models of every teste
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from xinf_sglang.kernels.quant import dequantize_gguf, gguf_linear_ref, random_gguf_blocks
+from xinf_sglang.kernels.quant import GGUF_BLOCKS, dequantize_gguf, gguf_linear_ref, random_gguf_blocks
 from xinf_sglang.runtime import SamplingParams
 from xinf_sglang.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from xinf_sglang.runtime.layers.quantization.gguf import GGUFLinearMethod
 from xinf_sglang.runtime.model_loader.checkpoint import open_checkpoint
-from xinf_sglang.runtime.model_loader.gguf_quant import kept_modules
+from xinf_sglang.runtime.errors import ConfigError
+from xinf_sglang.runtime.model_loader.gguf_quant import GGUFQuantization, kept_modules, mix_types
+from xinf_sglang.runtime.model_loader.loader import load_model
 from xinf_sglang.runtime.tp.distributed import TPInfo
 
 from xinf_sglang.runtime.testing import gguf_writer
@@ -25,6 +29,7 @@ from .engine_helpers import make_engine, varied_prompts
 from .gguf_writer import _random_k_blocks, quantize_tensor
 from .gguf_writer import write_gguf as write_test_gguf
 
+ROOT = Path(__file__).resolve().parent.parent
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
 NEW_TOKENS = 16
 SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -33,9 +38,9 @@ SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a t
 """SmolLM2's 8-prompt set (issue 33's acceptance)."""
 
 
-def _generate(gguf: Path, prompts: list[list[int]], dequantize: bool, new_tokens: int = NEW_TOKENS):
+def _generate(gguf: Path, prompts: list[list[int]], dequantize: bool, new_tokens: int = NEW_TOKENS, **overrides):
     """(greedy tokens, weights bytes of the memory plan) of an engine on ``gguf``."""
-    engine = make_engine(gguf, max_total_tokens=2048, gguf_dequantize=dequantize)
+    engine = make_engine(gguf, max_total_tokens=2048, gguf_dequantize=dequantize, **overrides)
     try:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         outs = engine.generate(input_ids=prompts, sampling_params=params)
@@ -169,3 +174,68 @@ def test_vocabulary_table_in_blocks_looks_up_and_projects() -> None:
     assert torch.equal(table(ids), dense[ids])
     h = torch.randn(2, 64, generator=g)
     assert torch.allclose(table.logits(h), h @ dense.t(), atol=1e-3)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as while a bf16 model is built: lookups return the model's dtype
+    try:
+        bf16_table = VocabParallelEmbedding(100, 64, TPInfo(), "Q8_0")
+    finally:
+        torch.set_default_dtype(before)
+    bf16_table.weight_loader(bf16_table.qweight_q8_0, blocks)
+    assert torch.equal(bf16_table(ids), dense[ids].bfloat16())
+
+
+def test_blocks_are_kept_on_cuda_in_any_dtype_and_on_the_cpu_in_float32() -> None:
+    """The rule of `keeps_blocks`: the Triton kernels take every dtype, the C++ kernel float32 activations only."""
+    from xinf_sglang.runtime.model_loader.gguf_quant import keeps_blocks
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert all(keeps_blocks("cuda", d, False, 1) == has_triton for d in ("auto", "float32", "bfloat16", "float16"))
+    assert keeps_blocks("cpu", "auto", False, 1) and keeps_blocks("cpu", "float32", False, 1)
+    assert not any(keeps_blocks("cpu", d, False, 1) for d in ("bfloat16", "float16"))
+    assert not keeps_blocks("cuda", "bfloat16", True, 1) and not keeps_blocks("cuda", "bfloat16", False, 2)
+
+
+def test_q4_k_m_mix_is_llama_cpps() -> None:
+    """Q4_K_M over Llama-3.1-8B's 32 layers: attn_v and ffn_down in Q6_K in the 16 layers llama.cpp gives more
+    bits (its Q4_K_M files have exactly these), the rest Q4_K, the output Q6_K; tied: the embedding is the output."""
+    kept = mix_types("Q4_K_M", 32, tied=False)
+    six = [i for i in range(32) if kept[f"model.layers.{i}.self_attn.v_proj"] == "Q6_K"]
+    assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert all(kept[f"model.layers.{i}.mlp.down_proj"] == ("Q6_K" if i in six else "Q4_K") for i in range(32))
+    assert {kept[f"model.layers.{i}.{p}"] for i in range(32) for p in ("self_attn.q_proj", "mlp.up_proj")} == {"Q4_K"}
+    assert (kept["lm_head"], kept["model.embed_tokens"]) == ("Q6_K", "Q4_K")
+    assert mix_types("Q4_K_M", 2, tied=True)["model.embed_tokens"] == "Q6_K"
+    assert set(mix_types("Q8_0", 2, tied=True).values()) == {"Q8_0"}
+    with pytest.raises(ConfigError, match="gguf mix 'Q3_K_M'"):
+        mix_types("Q3_K_M", 2, tied=False)
+    with pytest.raises(ConfigError, match="either 'kept' or 'mix'"):
+        GGUFQuantization.from_dict({"quant_method": "gguf"})
+
+
+def test_dummy_q4_k_m_config_builds_gguf_layers_and_generates(tmp_path) -> None:
+    """configs/llama-3.1-8b-q4km.json at a tiny size (``sglite bench offline --load-format dummy``): the layers
+    hold Q4_K / Q6_K blocks as the mix says, the vocabulary tables too, the memory plan counts their bytes, and
+    greedy decoding runs (float32: the C++ kernel; bfloat16: the reference) to finite logits."""
+    cfg = json.loads((ROOT / "configs" / "llama-3.1-8b-q4km.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(open_checkpoint(tmp_path), torch.float32, torch.device("cpu"), "dummy")
+    params = dict(model.named_parameters())
+    assert params["model.layers.0.self_attn.qkv_proj.qweight_q6_k"].shape == (128, 1, 210)  # v of layer 0
+    assert "model.layers.4.self_attn.qkv_proj.qweight_q6_k" not in params  # layer 4 of 8: all Q4_K
+    assert params["model.layers.4.mlp.down_proj.qweight_q4_k"].shape == (256, 2, 144)
+    assert params["lm_head.qweight_q6_k"].shape == (512, 1, 210)
+    assert float(model.model.embed_tokens(torch.tensor([1, 2])).abs().sum()) > 0  # drawn, not left empty
+    stored = sum(p.numel() * p.element_size() for p in params.values())
+    values = {b.bytes: b.values for b in GGUF_BLOCKS.values()}
+    dense = sum(p.numel() * 4 if p.dtype != torch.uint8 else p.numel() // p.shape[-1] * values[p.shape[-1]] * 4
+                for p in params.values())
+    assert stored < dense / 5  # ~4.5-6.6 bits per weight against 32
+    prompts = [[5, 9, 11, 3], list(range(40, 70))]
+    for dtype in ("float32", "bfloat16"):
+        tokens, weights = _generate(tmp_path, prompts, False, new_tokens=4, load_format="dummy", dtype=dtype,
+                                   skip_tokenizer_init=True)
+        assert all(len(t) == 4 and all(0 <= i < 512 for i in t) for t in tokens)
+        assert weights == (stored if dtype == "float32" else stored - sum(
+            p.numel() * 2 for p in params.values() if p.dtype == torch.float32))  # the memory plan counts the blocks

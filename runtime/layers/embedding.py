@@ -5,7 +5,8 @@ range, zeroes the others and sums over ranks (`runtime.distributed.all_reduce`);
 of its vocabulary slice and joins the slices (`runtime.distributed.gather_vocab`). Both are the identity at size 1.
 
 A GGUF table may stay in its blocks (``qtype``; ``layers/quantization/gguf.py``): the head then runs the GGUF matmul
-(at decode it reads a quarter of the bytes of float32 for Q8_0) and a lookup dequantizes the rows it reads.
+(at decode it reads a quarter of the bytes of float32 for Q8_0) and a lookup dequantizes the rows it reads into the
+model's dtype (`kernels.quant.gguf_rows`: one Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from xinf_sglang.kernels import linear
-from xinf_sglang.kernels.quant import dequantize_gguf, gguf_linear
+from xinf_sglang.kernels.quant import GGUF_BLOCKS, gguf_linear, gguf_rows, random_gguf_blocks
 
 from ..tp.distributed import TPInfo, all_reduce, gather_vocab
-from .quantization.gguf import blocks_parameter, qweight_name
+from .quantization.gguf import DUMMY_SCALE, blocks_parameter, generator_on, qweight_name
 from .weights import ShardId, empty_parameter, load_slice
 
 
@@ -35,6 +36,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab = tp.shard(vocab_size, "vocab_size")
         self.qtype = qtype
         self.table_name = "weight" if qtype is None else qweight_name(qtype)
+        # The dtype a lookup returns: the model's, which is the default dtype while the model is built (the
+        # blocks themselves stay uint8 through the model's cast).
+        self.out_dtype = torch.get_default_dtype()
         if qtype is None:
             self.weight = empty_parameter(self.vocab.size, hidden_size)
         else:
@@ -57,8 +61,16 @@ class VocabParallelEmbedding(nn.Module):
         table = getattr(self, self.table_name)
         if self.qtype is None:
             return F.embedding(local_ids, table)
-        rows = dequantize_gguf(table[local_ids.reshape(-1)], self.qtype)
-        return rows.reshape(*local_ids.shape, rows.shape[-1])
+        return gguf_rows(table, local_ids, self.qtype, self.out_dtype)
+
+    def init_dummy(self, gen: torch.Generator) -> None:
+        """Random blocks with small scales for a table in blocks (``load_format="dummy"``); a dense table is
+        drawn with the other dense weights."""
+        if self.qtype is not None:
+            table = getattr(self, self.table_name)
+            in_features = table.shape[1] * GGUF_BLOCKS[self.qtype].values
+            gen = generator_on(gen, table.device)
+            table.data.copy_(random_gguf_blocks(table.shape[0], in_features, self.qtype, gen, DUMMY_SCALE))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.partial(ids), self.tp)

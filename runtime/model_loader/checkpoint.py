@@ -231,7 +231,7 @@ class GGUFCheckpoint(Checkpoint):
         head = f"GGUF {self.file.parts[0].name} ({self.weights.file_bytes() / 2**30:.2f} GiB of tensors: {types})"
         size = f"{weights_bytes / 2**30:.2f} GiB in memory"
         if not self.kept:
-            why = "" if self.keep_quantized else " (gguf_dequantize, tp_size > 1, a GPU, or not float32)"
+            why = "" if self.keep_quantized else " (gguf_dequantize, tp_size > 1, or the CPU not in float32)"
             return f"{head} dequantized from {self.quantization} to {_dtype_name(dtype)}{why}: {size}"
         quant = self.model_config.quantization
         return f"{head}: {quant.describe()}; the other tensors dequantized to {_dtype_name(dtype)}: {size}"

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..tp.distributed import TPInfo
 from ..errors import ConfigError
-from ..layers import LinearBase, ShardId, default_weight_loader
+from ..layers import LinearBase, ShardId, VocabParallelEmbedding, default_weight_loader
 from .checkpoint import Checkpoint
 from ..models.decoder import DecoderLM
 from ..models.registry import model_class
@@ -156,3 +156,5 @@ def _init_dummy(model: DecoderLM, seed: int) -> None:
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.quant_method.init_dummy(module, gen)
+        elif isinstance(module, VocabParallelEmbedding):
+            module.init_dummy(gen)  # a GGUF table in blocks

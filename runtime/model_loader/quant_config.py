@@ -124,7 +124,7 @@ def read_quantization(cfg: dict[str, Any], moe: bool) -> QuantizationConfig | GG
     if method == "gguf":  # experts included: they are dequantized at load, only the dense linears are kept
         from .gguf_quant import GGUFQuantization
 
-        return GGUFQuantization.from_dict(q)
+        return GGUFQuantization.from_dict(q, cfg)
     reader = _READERS.get(method)
     if reader is None:
         _refuse(f"quantization {method or q!r}")

@@ -4,7 +4,8 @@
 A linear stores its weight as the file does: ``qweight_<type>`` uint8 ``[out, in / block values, block bytes]``,
 one row of blocks per output feature (rows are independent, so tensor-parallel shards and llama's Q/K row order
 are plain row slices; an input shard must start on a block). ``kernels.quant.gguf_linear`` multiplies: the C++
-kernel on CPU float32 activations, the dequantize-then-matmul reference elsewhere.
+kernel on CPU float32 activations, the Triton kernels on CUDA (float32 / bf16 / fp16), the dequantize-then-matmul
+reference elsewhere.
 
 The projections a layer stacks (q/k/v, gate/up) may have different types in one file: Q4_K_M stores ``attn_v``
 as Q6_K in some layers and ``attn_q`` / ``attn_k`` as Q4_K. Such a layer keeps one parameter per type, each
@@ -15,6 +16,9 @@ common case (every part of one type) is one matmul.
 
 The vocabulary tables use the same storage (`blocks_parameter`, ``layers/embedding.py``): the LM head is a
 `kernels.quant.gguf_linear`, an embedding lookup dequantizes the rows it reads.
+
+With ``load_format="dummy"`` a model whose config carries a GGUF ``quantization_config`` (``mix``, e.g.
+``Q4_K_M``: ``model_loader/gguf_quant.py``) draws random blocks (`init_dummy`), for benchmarks at real shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from ..weights import ShardId
 from .base import LinearMethod, ParamLayout
 
 
+# Scale fields of dummy blocks: small enough that activations stay finite through many random layers.
+DUMMY_SCALE = 0.0005
+
+
 def qweight_name(qtype: str) -> str:
     """The parameter (and checkpoint tensor leaf) of a weight stored as ``qtype``: ``qweight_q4_k``."""
     return f"qweight_{qtype.lower()}"
@@ -41,6 +49,13 @@ def blocks_parameter(qtype: str, rows: int, in_features: int) -> nn.Parameter:
     param = nn.Parameter(torch.empty(layout.shape, dtype=torch.uint8), requires_grad=False)
     param.param_layout, param.keeps_dtype = layout, True
     return param
+
+
+def generator_on(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``gen``: dummy blocks are drawn where they live (a Q4_K_M 8B model
+    is GBs of random bytes, slow to draw on the CPU and copy)."""
+    seed = int(torch.randint(2**31, (1,), generator=gen, device=gen.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class GGUFLinearMethod(LinearMethod):
@@ -104,10 +119,11 @@ class GGUFLinearMethod(LinearMethod):
 
     def init_dummy(self, layer: nn.Module, gen: torch.Generator) -> None:
         """Random blocks with small scales (random bytes would put NaNs and huge values in the float16 fields)."""
-        cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen, device=gen.device)))
-        for t, w in self._weights(layer):
+        weights = self._weights(layer)
+        on_device = generator_on(gen, weights[0][1].device)
+        for t, w in weights:
             in_features = w.shape[1] * GGUF_BLOCKS[t].values
-            w.data.copy_(random_gguf_blocks(w.shape[0], in_features, t, cpu, scale=0.0005).to(w.device))
+            w.data.copy_(random_gguf_blocks(w.shape[0], in_features, t, on_device, scale=DUMMY_SCALE))
 
     def describe(self) -> str:
         return f"gguf {' + '.join(dict.fromkeys(self.types))} blocks"
