@@ -178,8 +178,10 @@ def tune_batch(shape: MoeShape, m: int, weights: tuple[torch.Tensor, torch.Tenso
         return time_ms(lambda: fused_experts_triton(x, w13, w2, topk_weights, topk_ids, config=config), device,
                        reps, inner)
 
+    default = default_config(shape.experts, m)
+    # The default is a candidate too: a grid that misses it (the quick one) must never ship a slower config.
     best, best_ms = None, float("inf")
-    for config in configs:
+    for config in [default] + [c for c in configs if c != default]:
         try:
             ms = timed(config)
         except Exception:  # noqa: BLE001 - a config that does not compile or launch (out of resources) is skipped
@@ -189,7 +191,7 @@ def tune_batch(shape: MoeShape, m: int, weights: tuple[torch.Tensor, torch.Tenso
             best, best_ms = config, ms
     if best is None:
         return None
-    default_ms = timed(default_config(shape.experts, m))
+    default_ms = best_ms if best == default else timed(default)
     return best, best_ms, default_ms
 
 
