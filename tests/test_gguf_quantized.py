@@ -12,18 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from xinf_sglang.kernels.quant import GGUF_BLOCKS, dequantize_gguf, gguf_linear_ref, random_gguf_blocks
+from xinf_sglang.kernels.quant import (
+    GGUF_BLOCKS,
+    dequantize_gguf,
+    gguf_linear_ref,
+    random_gguf_blocks,
+)
 from xinf_sglang.runtime import SamplingParams
-from xinf_sglang.runtime.layers import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from xinf_sglang.runtime.errors import ConfigError
+from xinf_sglang.runtime.layers import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from xinf_sglang.runtime.layers.quantization.gguf import GGUFLinearMethod
 from xinf_sglang.runtime.model_loader.checkpoint import open_checkpoint
-from xinf_sglang.runtime.errors import ConfigError
-from xinf_sglang.runtime.model_loader.gguf_quant import GGUFQuantization, kept_modules, mix_types
+from xinf_sglang.runtime.model_loader.gguf_quant import (
+    GGUFQuantization,
+    kept_modules,
+    mix_types,
+)
 from xinf_sglang.runtime.model_loader.loader import load_model
-from xinf_sglang.runtime.tp.distributed import TPInfo
-
 from xinf_sglang.runtime.testing import gguf_writer
+from xinf_sglang.runtime.tp.distributed import TPInfo
 
 from .engine_helpers import make_engine, varied_prompts
 from .gguf_writer import _random_k_blocks, quantize_tensor

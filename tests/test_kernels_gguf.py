@@ -18,7 +18,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from xinf_sglang.kernels import quant as Q
 
 from .pool_helpers import rel_err
-from .test_kernels import test_pdl_kernels_wait_before_any_memory_access as check_pdl_contract
+from .test_kernels import (
+    test_pdl_kernels_wait_before_any_memory_access as check_pdl_contract,
+)
 
 gt = importlib.import_module("xinf_sglang.kernels.quant.gguf_triton")
 qconfig = importlib.import_module("xinf_sglang.kernels.quant.config")

@@ -4,7 +4,8 @@
   cuts of 8 to ~300 tokens, submitted together);
 - bfloat16: no identity is expected, so both sides are measured against HF float32 by their agreeing prefixes:
   HF bfloat16's own agreement is the yardstick, sglite's must reach ``BF16_SHARE`` of it;
-- the ``.gguf`` file loaded directly (dequantized at load), float32: identical to HF float32 (the HF folder was
+- the ``.gguf`` file loaded directly, float32, its Q4_1 linears and Q8_0 embedding kept in their blocks (the Triton
+  GGUF kernels) and dequantized at load (``gguf_dequantize``): both identical to HF float32 (the HF folder was
   converted from the same file, so the weights are the same numbers);
 - a chat extraction constrained to a JSON schema parses and satisfies it.
 
@@ -57,8 +58,8 @@ def case(smollm2):
     return smollm2.hf_dir, tok, prompts, [hf_greedy(smollm2.hf_dir, p, NEW_TOKENS, device=DEVICE) for p in prompts]
 
 
-def sglite_greedy(model_path, prompts: list[list[int]], dtype: str) -> list[list[int]]:
-    with make_engine(model_path, device=DEVICE, dtype=dtype, max_total_tokens=65536) as engine:
+def sglite_greedy(model_path, prompts: list[list[int]], dtype: str, **overrides) -> list[list[int]]:
+    with make_engine(model_path, device=DEVICE, dtype=dtype, max_total_tokens=65536, **overrides) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         assert engine.check_invariants() == []
     return [o.token_ids for o in outs]
@@ -74,9 +75,10 @@ def test_float32_equals_hf(case) -> None:
     assert sglite_greedy(model_dir, prompts, "float32") == refs
 
 
-def test_gguf_file_float32_equals_hf(case, smollm2) -> None:
+@pytest.mark.parametrize("dequantize", [False, True], ids=["kept", "dequantized"])
+def test_gguf_file_float32_equals_hf(case, smollm2, dequantize: bool) -> None:
     _, _, prompts, refs = case
-    assert sglite_greedy(smollm2.gguf, prompts, "float32") == refs
+    assert sglite_greedy(smollm2.gguf, prompts, "float32", gguf_dequantize=dequantize) == refs
 
 
 def test_bfloat16_agrees_with_hf_float32_as_hf_bfloat16_does(case) -> None:
