@@ -2,8 +2,9 @@
 shapes, against the bf16 skinny linear, as achieved weight bandwidth and share of the device's copy roofline.
 
 For each weight of a decode step (qkv, o_proj, gate_up, down) and M = 1 and 8: the bf16 skinny linear, FP8
-block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and GPTQ 4-bit with groups of 128. The
-bytes counted are what a call must read: the packed weight plus its scales (and zeros). Timed like the linear
+block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and GPTQ 4-bit with groups of 128, and
+GGUF Q4_K, Q6_K and Q8_0 blocks (Q4_K_M's two types and the common 8-bit one; GGUF also at the LM head, which a GGUF
+keeps in blocks). The bytes counted are what a call must read: the packed weight plus its scales (and zeros). Timed like the linear
 sweep: distinct copies of the weight in turn (L2 never holds the next one), inside a CUDA graph. At M = 1 each
 quantized kernel also runs over a small grid of launch shapes (the seed of the tuned JSON files that
 ``get_quant_config`` reads) and the best is printed; with ``--config-out DIR`` those bests are written as the tuned
@@ -26,6 +27,8 @@ from xinf_sglang.kernels.tuned_configs import current_device_name
 from .kernel_sweep import SweepOptions, time_each
 from .timing import measure_bandwidth
 
+# The GGUF kernels timed: Q4_K_M's two types and Q8_0 (each its own kernel kind of kernels/quant/config.py).
+GGUF_SWEPT = ("gguf_q4_k", "gguf_q6_k", "gguf_q8_0")
 Call = Callable[[torch.Tensor, dict | None], torch.Tensor]  # (x, launch config or None) -> y
 
 
@@ -50,15 +53,31 @@ def _fp8_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, in
                                                        use_scaled_mm=None if cfg is None else False)), weight.nbytes
 
 
+def _gguf_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
+    """One weight of random GGUF blocks (``kind`` ``gguf_q4_k``...): its call and the bytes it reads."""
+    qtype = kind.removeprefix("gguf_").upper()
+    blocks = Q.random_gguf_blocks(n, k, qtype, torch.Generator(device=device).manual_seed(n + k), scale=1e-3)
+    return (lambda x, cfg: Q.gguf_linear_triton(x, blocks, qtype, config=cfg)), blocks.nbytes
+
+
 def _bf16_copy(n: int, k: int, device: torch.device) -> tuple[Call, int]:
     weight = (torch.randn(n, k, device=device) * 0.02).bfloat16()
     return (lambda x, cfg: skinny_linear(x, weight)), weight.nbytes
 
 
+def _one_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
+    if kind == "bf16":
+        return _bf16_copy(n, k, device)
+    if kind.startswith("gguf_"):
+        return _gguf_copy(kind, n, k, device)
+    if kind in ("awq", "gptq"):
+        return _int4_copy(kind, n, k, device)
+    return _fp8_copy(kind, n, k, device)
+
+
 def make_copies(kind: str, n: int, k: int, copies: int, device: torch.device) -> tuple[list[Call], int]:
     """``copies`` distinct weights of one kind and the bytes one call reads."""
-    made = [(_bf16_copy(n, k, device) if kind == "bf16" else _int4_copy(kind, n, k, device)
-             if kind in ("awq", "gptq") else _fp8_copy(kind, n, k, device)) for _ in range(copies)]
+    made = [_one_copy(kind, n, k, device) for _ in range(copies)]
     return [call for call, _ in made], made[0][1]
 
 
@@ -67,6 +86,9 @@ def launch_grid(kind: str, quick: bool) -> list[dict]:
     if kind in ("awq", "gptq"):
         grid = [make_config(16, bn, bk, 1, split, 4, stages) for bn, bk, split, stages in
                 itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (3, 4))]
+    elif kind in GGUF_SWEPT:  # the GEMV (BLOCK_SIZE_M 1): strip, K step, split, warps
+        grid = [make_config(1, bn, bk, 1, split, warps, 3) for bn, bk, split, warps in
+                itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8), (2, 4))]
     else:
         grid = [make_config(16, bn, 128, 1, 1, warps, stages) for bn, warps, stages in
                 itertools.product((16, 32, 64, 128), (4, 8), (4, 6, 8))]
@@ -79,7 +101,7 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
     if opts.device.type != "cuda":
         print("\n## quant: skipped: the quantized kernels are timed on a CUDA GPU only (run with --device cuda)")
         return
-    kinds = ["bf16", "awq", "gptq"]
+    kinds = ["bf16", "awq", "gptq", *GGUF_SWEPT]
     if torch.cuda.get_device_capability(opts.device) >= (8, 9):
         kinds[1:1] = ["fp8_block", "fp8_channel"]
     copy_bw = measure_bandwidth(opts.device).copy
@@ -87,9 +109,9 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
     print(f"{'weight':<9}{'kind':<12}{'M':>3}{'us':>9}{'GB/s':>7}{'%copy':>7}"
           f"{'best us':>9}{'GB/s':>7}{'%copy':>7}  best")
     for name, (n, k) in opts.shape.weights().items():
-        if name == "lm_head":
-            continue  # stays in bf16 in quantized checkpoints
         for kind in kinds:
+            if name == "lm_head" and kind not in GGUF_SWEPT:
+                continue  # stays in bf16 in the other quantized checkpoints
             for row in _time_kind(opts, kind, n, k, copy_bw):
                 results.setdefault("quant", []).append(dict(row, weight=name))
                 print(f"{name:<9}{row['text']}")
@@ -129,7 +151,8 @@ def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) ->
 # batch lands on a prefill-shaped entry and not on the M = 1 GEMV tuned here.
 DEFAULT_ROWS = (16, 32, 64, 128, 256, 1024, 4096)
 # The sweep's weight kinds per kernel of kernels/quant/config.py: AWQ and GPTQ share the int4 kernel.
-KERNEL_OF = {"fp8_block": "fp8_block", "fp8_channel": "fp8_channel", "awq": "int4", "gptq": "int4"}
+KERNEL_OF = {"fp8_block": "fp8_block", "fp8_channel": "fp8_channel", "awq": "int4", "gptq": "int4",
+             **{k: k for k in GGUF_SWEPT}}
 
 
 def write_tuned_configs(rows: list[dict], weights: dict[str, tuple[int, int]], out_dir: Path, device_name: str,
