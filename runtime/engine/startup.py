@@ -33,6 +33,7 @@ from ..mem_cache.kv_pool import KVPool, kv_bytes_per_token, make_kv_pool
 from ..mem_cache.memory_plan import MemoryInputs, MemoryPlan, check_headroom, plan_memory
 from ..model_executor.model_runner import ModelRunner
 from ..model_loader.checkpoint import Checkpoint, open_checkpoint
+from ..model_loader.gguf_quant import keeps_blocks
 from ..model_loader.model_config import ModelConfig
 from ..models.decoder import DecoderLM
 from ..model_loader.loader import load_model
@@ -175,11 +176,9 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
 
 
 def _open_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
-    """The model's checkpoint; a GGUF's linears and vocabulary tables keep their blocks on the CPU in float32 at
-    tp_size 1 unless ``gguf_dequantize`` (there is no GPU kernel yet, the CPU kernel takes float32 activations, and a
-    row-parallel shard of a K-quant would have to start on a 256-value block)."""
-    keep = (device.type == "cpu" and config.dtype in ("auto", "float32") and not config.gguf_dequantize
-            and (config.tp_size or 1) == 1)
+    """The model's checkpoint; a GGUF's linears and vocabulary tables keep their blocks where a kernel reads them
+    (`gguf_quant.keeps_blocks`: CUDA in any dtype, the CPU in float32, tp_size 1, not ``gguf_dequantize``)."""
+    keep = keeps_blocks(device.type, config.dtype, config.gguf_dequantize, config.tp_size or 1)
     return open_checkpoint(config.model_path, keep_gguf_quantized=keep)
 
 
