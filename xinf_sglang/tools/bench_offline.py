@@ -50,9 +50,10 @@ def run_offline(args: argparse.Namespace) -> int:
 
 def engine_config(args: argparse.Namespace, model_dir: Path) -> EngineConfig:
     """The engine's options (``bench.add_engine_arguments``): the command's, then every ``--engine-arg``; no
-    tokenizer when the folder has none."""
+    tokenizer when the folder has none (a GGUF file always holds one: its startup then counts it, as serving's)."""
     engine_kwargs = dict(_parse_engine_arg(a) for a in args.engine_arg)
-    has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    has_tokenizer = model_dir.suffix == ".gguf" or any(
+        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     return EngineConfig(
         model_path=str(model_dir), device=args.device, dtype=args.dtype, load_format=args.load_format,
         seed=args.seed, skip_tokenizer_init=not has_tokenizer, **engine_kwargs,
