@@ -178,7 +178,7 @@ def test_fp8_block_linear_matches_the_reference(m: int, n: int, k: int, block: t
     torch.manual_seed(m + n + k)
     x, w, bias = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
     wq, si = Q.quantize_fp8_block(w, block)
-    got = Q.fp8_block_linear_triton(x, wq, si, block, bias, config=tiny(block_k=32))
+    got = Q.fp8_block_linear_triton(x, wq, si, block, bias, config=tiny(block_k=32), gemv=False)
     want = emulated_w8a8(x, Q.dequantize_fp8_block(wq, si, block), block[1]) + bias.double()
     assert rel_err(got, want) < 1e-5
     assert rel_err(got, Q.fp8_block_linear_ref(x, wq, si, block, bias)) < 0.06  # x's FP8 rounding
@@ -193,7 +193,7 @@ def test_fp8_channel_linear_matches_the_reference(m: int, scale_shape: str) -> N
     scale = {"channel": scale, "column": scale[:, None], "tensor": scale.max().reshape(())}[scale_shape]
     if scale_shape == "tensor":
         wq = (w / scale).to(torch.float8_e4m3fn)
-    got = Q.fp8_channel_linear_triton(x, wq, scale, config=tiny(block_k=32), use_scaled_mm=False)
+    got = Q.fp8_channel_linear_triton(x, wq, scale, config=tiny(block_k=32), use_scaled_mm=False, gemv=False)
     assert rel_err(got, emulated_w8a8(x, Q.dequantize_fp8_channel(wq, scale), 96)) < 1e-5
     assert rel_err(got, Q.fp8_channel_linear_ref(x, wq, scale)) < 0.06
 
@@ -228,16 +228,18 @@ def test_int4_linear_matches_the_reference(fmt: str, group: int, bits: int, act_
     want = Q.int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group, bias)
     # 64-wide K steps: inside one group of 128 (one scale row a step), across groups of 32 (a gather per row).
     for cfg in (tiny(block_k=64), tiny(block_k=64, split_k=3)):
-        got = Q.int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group, bias, config=cfg)
+        got = Q.int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group, bias, config=cfg, gemv=False)
         assert rel_err(got, want) < 1e-5, cfg
 
 
 @pytest.mark.parametrize("m", [1, 17])
 def test_int4_default_configs_and_ragged_shapes(m: int) -> None:
-    """The configs ``get_quant_config`` picks (a GEMV with split K at m=1), and K not a multiple of the K step."""
+    """The configs ``get_quant_config`` picks (at m=1 the CUDA-core GEMV's, split K), and K not a multiple of the
+    K step."""
     torch.manual_seed(m)
     k = 1120  # 8 full 128-wide K steps and a 96-row rest; split in 4 at m=1 (3 splits once rounded to steps)
     assert Q.get_quant_config("int4", 24, k, 1, torch.float32, "No GPU")["SPLIT_K"] == 4
+    assert Q.get_quant_config("gptq_gemv", 24, k, 1, torch.float32, "No GPU")["SPLIT_K"] == 4
     for fmt in ("awq", "gptq"):
         qweight, scales, qzeros, _ = int_weight(fmt, 24, k, 32)
         x = torch.randn(m, k)
@@ -255,6 +257,89 @@ def test_int4_batched_leading_dims_and_empty() -> None:
     assert Q.int4_linear_triton(x[:0], qweight, scales, qzeros, None, "gptq", 32).shape == (0, 3, 16)
 
 
+# ---------------------------------------------------------------- the decode GEMVs (CUDA cores) under the interpreter
+
+
+def gemv_config(block_n: int, block_k: int, split_k: int = 1, num_warps: int = 4) -> dict:
+    """A GEMV launch config (``BLOCK_SIZE_M`` unused: the launcher takes M rounded up to a power of two)."""
+    return qconfig.make_config(1, block_n, block_k, 1, split_k, num_warps, 2)
+
+
+GEMV_CASES = [  # (format, group size, bits, sym, K): K = 200 is ragged against every K step
+    ("awq", 32, 4, False, 256), ("awq", 128, 4, True, 256), ("awq", -1, 4, False, 200),
+    ("gptq", 32, 4, True, 256), ("gptq", 128, 4, False, 256), ("gptq", -1, 4, False, 200),
+    ("gptq", 32, 8, False, 256), ("gptq", -1, 8, True, 200),
+]
+
+
+@pytest.mark.parametrize("fmt,group,bits,sym,k", GEMV_CASES)
+def test_int_gemv_matches_the_reference(fmt: str, group: int, bits: int, sym: bool, k: int) -> None:
+    """AWQ / GPTQ GEMV against ``int4_linear_ref`` for M = 1..4, with bias: strips that do not divide N = 48,
+    K steps inside one group of 128, capped at a group of 32, past a ragged K, split K."""
+    torch.manual_seed(group + bits + k)
+    n = 48
+    qweight, scales, qzeros, _ = int_weight(fmt, n, k, group, bits, sym=sym)
+    bias = torch.randn(n)
+    configs = [gemv_config(32, 64), gemv_config(16 if fmt == "gptq" else 64, 128, split_k=3, num_warps=2)]
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, k)
+        want = Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, group, bias)
+        got = Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, group, bias, config=configs[m % 2],
+                                   gemv=True)
+        assert rel_err(got, want) < 1e-5, (m, configs[m % 2])
+
+
+def test_int_gemv_dispatch(monkeypatch) -> None:
+    """Up to ``INT_GEMV_MAX_M`` rows the GEMV runs by default, act-order stays with the ``tl.dot`` kernel (and
+    refuses ``gemv=True``), 5+ rows take the ``tl.dot`` kernel."""
+    calls = []
+    monkeypatch.setattr(int4, "_int_gemv", lambda *a: calls.append(a[0].shape[0]) or int4_gemv(*a))
+    for m in (1, qconfig.INT_GEMV_MAX_M, qconfig.INT_GEMV_MAX_M + 1):
+        qweight, scales, qzeros, _ = int_weight("awq", 16, 64, 32)
+        x = torch.randn(m, 64)
+        got = Q.int4_linear_triton(x, qweight, scales, qzeros, None, "awq", 32)
+        assert rel_err(got, Q.int4_linear_ref(x, qweight, scales, qzeros, None, "awq", 32)) < 1e-5
+    assert calls == [1, qconfig.INT_GEMV_MAX_M]
+    qweight, scales, qzeros, g_idx = int_weight("gptq", 16, 64, 32, act_order=True)
+    x = torch.randn(1, 64)
+    got = Q.int4_linear_triton(x, qweight, scales, qzeros, g_idx, "gptq", 32)
+    assert rel_err(got, Q.int4_linear_ref(x, qweight, scales, qzeros, g_idx, "gptq", 32)) < 1e-5
+    assert calls == [1, qconfig.INT_GEMV_MAX_M]
+    with pytest.raises(ValueError, match="act-order"):
+        Q.int4_linear_triton(x, qweight, scales, qzeros, g_idx, "gptq", 32, gemv=True)
+
+
+int4_gemv = int4._int_gemv
+
+
+@pytest.mark.parametrize("n,k,block", [(48, 96, (16, 32)), (40, 200, (16, 64)), (32, 128, (128, 128))])
+def test_fp8_block_gemv_matches_the_reference(n: int, k: int, block: tuple[int, int]) -> None:
+    """The weight-only FP8 GEMV multiplies x unquantized: equal to ``fp8_block_linear_ref`` to the summation order,
+    for M = 1..4, partial N / K blocks at the edges, K steps capped at the weight's K block, split K."""
+    torch.manual_seed(n + k)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    wq, si = Q.quantize_fp8_block(w, block)
+    configs = [gemv_config(16, 64), gemv_config(8, 128, split_k=3, num_warps=2)]
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, k)
+        got = Q.fp8_block_linear_triton(x, wq, si, block, bias, config=configs[m % 2])
+        assert rel_err(got, Q.fp8_block_linear_ref(x, wq, si, block, bias)) < 1e-5, (m, configs[m % 2])
+
+
+@pytest.mark.parametrize("scale_shape", ["channel", "tensor"])
+def test_fp8_channel_gemv_matches_the_reference(scale_shape: str) -> None:
+    torch.manual_seed(5)
+    w, bias = torch.randn(40, 200), torch.randn(40)
+    wq, scale = Q.quantize_fp8_channel(w)
+    if scale_shape == "tensor":
+        scale = scale.max().reshape(())
+        wq = (w / scale).to(torch.float8_e4m3fn)
+    for m, cfg in ((1, gemv_config(16, 64)), (4, gemv_config(32, 128, split_k=2))):
+        x = torch.randn(m, 200)
+        got = Q.fp8_channel_linear_triton(x, wq, scale, bias, config=cfg)
+        assert rel_err(got, Q.fp8_channel_linear_ref(x, wq, scale, bias)) < 1e-5, m
+
+
 # ---------------------------------------------------------------- launch configs and the PDL contract
 
 
@@ -264,6 +349,9 @@ def test_default_configs(monkeypatch, tmp_path) -> None:
     assert decode["BLOCK_SIZE_M"] == 16 and decode["SPLIT_K"] > 1  # 4096 columns alone do not fill the SMs
     assert Q.get_quant_config("int4", 28672, 4096, 1, torch.bfloat16, "No GPU")["SPLIT_K"] == 1
     assert Q.get_quant_config("fp8_block", 4096, 4096, 512, torch.bfloat16, "No GPU")["BLOCK_SIZE_M"] >= 64
+    for kind in qconfig.GEMV_KINDS:  # ~2 programs per SM: N = 4096 alone is 16-64 strips
+        cfg = Q.get_quant_config(kind, 4096, 4096, 1, torch.bfloat16, "No GPU")
+        assert 132 <= -(-4096 // cfg["BLOCK_SIZE_N"]) * cfg["SPLIT_K"] <= 264, kind
     with pytest.raises(ValueError, match="unknown quantized kernel"):
         qconfig.config_file_name("nf4", 1, 1, "x", torch.bfloat16)
 
@@ -288,13 +376,15 @@ def test_sweep_writes_tuned_files_that_the_lookup_reads(monkeypatch, tmp_path) -
     rows = [{"kind": "awq", "m": 1, "weight": "qkv", "grid": [[1.0, fast], [2.0, slow]]},
             {"kind": "gptq", "m": 1, "weight": "qkv", "grid": [[1.5, slow], [9.0, fast]]},  # summed: slow wins
             {"kind": "fp8_block", "m": 1, "weight": "qkv", "grid": [[1.0, fast], [float("inf"), slow]]},
-            {"kind": "fp8_block", "m": 8, "weight": "qkv"}, {"kind": "bf16", "m": 1, "weight": "qkv"}]
+            {"kind": "fp8_block", "m": 8, "weight": "qkv"}, {"kind": "bf16", "m": 1, "weight": "qkv"},
+            {"kind": "awq_gemv", "m": 1, "weight": "qkv", "grid": [[3.0, slow], [2.0, fast]]}]  # a kind of its own
     paths = write_tuned_configs(rows, {"qkv": (6144, 4096)}, tmp_path, "NVIDIA H100 80GB HBM3", "bfloat16")
-    assert sorted(p.name.split(",")[0] for p in paths) == ["kind=fp8_block", "kind=int4"]
+    assert sorted(p.name.split(",")[0] for p in paths) == ["kind=awq_gemv", "kind=fp8_block", "kind=int4"]
     monkeypatch.setenv("SGLITE_QUANT_CONFIG_DIR", str(tmp_path))
     pick = functools.partial(Q.get_quant_config, n=6144, k=4096, dtype=torch.bfloat16,
                              device="NVIDIA H100 80GB HBM3")
     assert pick("int4", m=1) == slow and pick("int4", m=8) == slow and pick("fp8_block", m=4) == fast
+    assert pick("awq_gemv", m=1) == fast and pick("awq_gemv", m=4) == fast
     assert pick("int4", m=512) == qconfig.default_config("int4", 6144, 4096, 256)
 
 
@@ -306,6 +396,7 @@ def test_shipped_config_files_are_well_formed() -> None:
 
 
 @pytest.mark.parametrize("module,kernel", [(fp8, "_group_quant_kernel"), (fp8, "_fp8_gemm_kernel"),
-                                           (int4, "_int4_gemm_kernel"), (int4, "_splitk_reduce_kernel")])
+                                           (fp8, "_fp8_gemv_kernel"), (int4, "_int4_gemm_kernel"),
+                                           (int4, "_int_gemv_kernel"), (int4, "_splitk_reduce_kernel")])
 def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
     check_pdl_contract(module, kernel)

@@ -8,9 +8,11 @@ tensors when triton is installed, the reference otherwise (GGUF: the C++ kernel 
 (no repacking at load); the one thing a runtime should do once at load is ``trivial_g_idx`` on a GPTQ ``g_idx``,
 passing None instead when it holds (the kernel then skips the per-row group lookup).
 
-The FP8 GPU paths are W8A8 (x is quantized to FP8 per token group), so they differ from the references (which
-multiply x as it is by the dequantized weight) by x's FP8 rounding: ~2-4% relative error per output. GPUs without
-FP8 tensor cores (compute capability below 8.9) take the reference on the GPU.
+Decode (up to 4 rows) runs weight-streaming GEMVs on CUDA cores: int4.py's for AWQ / GPTQ, fp8.py's weight-only
+FP8 one (x unquantized: it matches the reference to the summation order). Larger FP8 batches are W8A8 (x is
+quantized to FP8 per token group), so they differ from the references (which multiply x as it is by the
+dequantized weight) by x's FP8 rounding: ~2-4% relative error per output. GPUs without FP8 tensor cores (compute
+capability below 8.9) take the reference on the GPU.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def fp8_quantize_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torc
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                      block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` times a block-scaled FP8 ``weight [N, K]`` (``weight_scale_inv [ceil(N/bn), ceil(K/bk)]``
-    float32, ``block_size=(bn, bk)``) plus ``bias [N]`` -> ``[..., N]`` in x's dtype. GPU: W8A8 Triton GEMM;
-    otherwise ``fp8_block_linear_ref``."""
+    float32, ``block_size=(bn, bk)``) plus ``bias [N]`` -> ``[..., N]`` in x's dtype. GPU: the weight-only GEMV
+    for M <= 4, else the W8A8 Triton GEMM; otherwise ``fp8_block_linear_ref``."""
     if _fp8_on_gpu(x):
         return fp8_block_linear_triton(x, weight, weight_scale_inv, tuple(block_size), bias)
     return fp8_block_linear_ref(x, weight, weight_scale_inv, tuple(block_size), bias)
@@ -74,8 +76,8 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` times an FP8 ``weight [N, K]`` with per-channel (``[N]`` / ``[N, 1]``) or per-tensor
-    (scalar) float32 ``weight_scale`` plus ``bias`` -> ``[..., N]`` in x's dtype. GPU: W8A8 with per-token
-    activation scales (``torch._scaled_mm`` on Hopper in bf16, else Triton); otherwise ``fp8_channel_linear_ref``."""
+    (scalar) float32 ``weight_scale`` plus ``bias`` -> ``[..., N]`` in x's dtype. GPU: the weight-only GEMV for
+    M <= 4, else W8A8 with per-token activation scales (``torch._scaled_mm`` on Hopper in bf16, else Triton); otherwise ``fp8_channel_linear_ref``."""
     if _fp8_on_gpu(x):
         return fp8_channel_linear_triton(x, weight, weight_scale, bias)
     return fp8_channel_linear_ref(x, weight, weight_scale, bias)
@@ -86,7 +88,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qz
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` times an AWQ (``fmt="awq"``, 4-bit) or GPTQ v1 (``fmt="gptq"``, 4- or 8-bit, read from the
     shapes) weight in its checkpoint layout (reference.py) plus ``bias`` -> ``[..., N]`` in x's dtype;
-    ``group_size`` -1 = one group. GPU: the dequantizing Triton GEMM (split-K GEMV for M <= 8); otherwise
+    ``group_size`` -1 = one group. GPU: the CUDA-core GEMV for M <= 4 (not act-order), else the dequantizing
+    Triton GEMM (split-K for M <= 8); otherwise
     ``int4_linear_ref``. For GPTQ pass ``g_idx=None`` unless it is act-order (``trivial_g_idx``)."""
     if x.is_cuda and triton is not None:
         return int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)

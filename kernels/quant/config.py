@@ -4,8 +4,10 @@ A file is named ``kind=int4,N=4096,K=4096,device_name=NVIDIA_H100_80GB_HBM3,dtyp
 ``KINDS``) and maps a row count M (as a string key) to ``{"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K",
 "GROUP_SIZE_M", "SPLIT_K", "num_warps", "num_stages"}``; the nearest tuned M is used. The files ship in
 ``kernels/quant/configs/``; ``SGLITE_QUANT_CONFIG_DIR`` puts another folder first. The lookup itself is
-kernels/tuned_configs.py, shared with the MoE configs. ``SPLIT_K`` only means something to the int4 and GGUF
-kernels (the FP8 GEMM keeps it at 1). The GGUF kernel has one kind per block format (``gguf_q4_k``...): decoding a
+kernels/tuned_configs.py, shared with the MoE configs. ``SPLIT_K`` only means something to the int4, GEMV and GGUF
+kernels (the FP8 GEMM keeps it at 1). The decode GEMVs on CUDA cores (``GEMV_KINDS``: ``awq_gemv``, ``gptq_gemv``,
+``fp8_block_gemv``, ``fp8_channel_gemv``, up to ``INT_GEMV_MAX_M`` / ``FP8_GEMV_MAX_M`` rows) have kinds of their
+own: their tiles mean other things than the ``tl.dot`` kernels' (AWQ and GPTQ pack along different dims). The GGUF kernel has one kind per block format (``gguf_q4_k``...): decoding a
 Q6_K block costs other instructions than a Q8_0 one, so each tunes apart; its ``BLOCK_SIZE_M`` below 16 selects
 the GEMV (no ``tl.dot``).
 """
@@ -30,9 +32,14 @@ from ..tuned_configs import (
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "SPLIT_K", "num_warps", "num_stages")
 GGUF_KINDS = tuple(f"gguf_{t}" for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"))
-KINDS = ("fp8_block", "fp8_channel", "int4") + GGUF_KINDS
-# Up to this many rows the int4 kernel runs as a split-K GEMV (one 16-row tile, the smallest tl.dot takes).
+GEMV_KINDS = ("awq_gemv", "gptq_gemv", "fp8_block_gemv", "fp8_channel_gemv")
+KINDS = ("fp8_block", "fp8_channel", "int4") + GEMV_KINDS + GGUF_KINDS
+# Up to this many rows the int4 tl.dot kernel runs as a split-K GEMV (one 16-row tile, the smallest tl.dot takes).
 GEMV_MAX_M = 8
+# Up to this many rows the weight-streaming GEMVs on CUDA cores run instead (kernels/quant/int4.py and fp8.py say
+# why 4): int4 from AWQ / GPTQ words, FP8 weight-only (no activation quantization).
+INT_GEMV_MAX_M = 4
+FP8_GEMV_MAX_M = 4
 # Programs a GEMV launch aims for: two per SM of an H100 / H200 (132 SMs), so every SM streams weights.
 GEMV_TARGET_PROGRAMS = 264
 
@@ -67,6 +74,8 @@ def default_config(kind: str, n: int, k: int, m: int) -> dict[str, int]:
     and 128-row tiles with GROUP_SIZE_M, so that programs running together share weight tiles in L2."""
     if kind in GGUF_KINDS:
         return _gguf_default(n, k, m)
+    if kind in GEMV_KINDS:
+        return _gemv_default(kind, n, k)
     if kind == "int4":
         if m <= GEMV_MAX_M:
             bn, bk = 64, 128
@@ -81,6 +90,15 @@ def default_config(kind: str, n: int, k: int, m: int) -> dict[str, int]:
     if m <= 128:
         return make_config(64, 64, 128, 8, 1, 4, 4)
     return make_config(128, 128, 128, 8, 1, 8, 3)
+
+
+def _gemv_default(kind: str, n: int, k: int) -> dict[str, int]:
+    """The CUDA-core GEMVs (``BLOCK_SIZE_M`` unused: the launcher takes the rows rounded up to a power of two).
+    AWQ: 256 columns (rows of 128 contiguous bytes), 128-row K steps; GPTQ: 128 columns (512 bytes), K steps of
+    128 (the usual group); FP8: 64 weight rows x 64 bytes. K split until about two programs per SM
+    (``default_split_k``). Tuned files from the quant sweep replace these per shape."""
+    bn, bk = {"awq_gemv": (256, 128), "gptq_gemv": (128, 128)}.get(kind, (64, 64))
+    return make_config(1, bn, bk, 1, default_split_k(n, k, bn, bk), 4, 3)
 
 
 def _gguf_default(n: int, k: int, m: int) -> dict[str, int]:

@@ -11,6 +11,18 @@ The quantization kernel rounds to the e4m3 grid itself before the cast (``_round
 already representable value is exact everywhere, while Triton's CPU interpreter rounds fp32 -> fp8 wrongly (no
 mantissa carry: 127.3 becomes 64), which would make the CPU tests meaningless. On a GPU the result is the same as
 the hardware's round-to-nearest-even cast; the few integer operations hide under the memory traffic.
+
+Decode, M <= ``FP8_GEMV_MAX_M`` (4): ``_fp8_gemv_kernel``, weight-only (W8A16). At M = 1 the W8A8 path is two
+launches (the quantization kernel, then a GEMM whose ``tl.dot`` tile pads M to 16) for a call that should take
+~1.5 us at qkv's 6 MB; it measured 47-58% of the 1-byte roofline. The GEMV reads x as it is and converts each
+weight on CUDA cores: one ``cvt`` per two e4m3 values to f16x2, one per value to float32, one FMA per row of x
+(~4-5 instructions per weight in the sm_90 SASS, against ~13 weights per clock and SM the bandwidth asks: half
+the issue rate). Tiles are ``[BLOCK_N, BLOCK_K / 16, 16]``: 16 contiguous bytes per thread, lanes along K; the 16
+values of a thread are summed in registers and the partials accumulate elementwise (block scales applied per
+step, the step inside one K block; per-channel scales once at the end), summed across threads after the loop;
+split K through int4.py's deterministic reduce. 64-wide K steps keep x's load small enough for Triton to load it
+in the product's layout (no shared-memory round trip in the loop). Accuracy is the reference's: x is not
+rounded to FP8.
 """
 
 from __future__ import annotations
@@ -24,7 +36,8 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
 from ..pdl import pdl_kwargs
-from .config import get_quant_config
+from .config import FP8_GEMV_MAX_M, get_quant_config
+from .int4 import _splitk_reduce
 from .reference import FP8_DTYPE, FP8_EPS, FP8_MAX, channel_scale
 
 if triton is not None:
@@ -120,6 +133,64 @@ if triton is not None:
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+    @triton.jit
+    def _fp8_gemv_kernel(
+        X, W, WS, BIAS, Y,
+        M, N, K, k_per_split,
+        sx_m, sw_n, sws_n, sy_m, sy_split,
+        SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, SCALE_AT_END: tl.constexpr, HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        # Y[split, :M, columns] (or Y) = X[:M, K range] @ (W * scale)[columns, K range]^T, weight-only: x stays in
+        # its dtype, each FP8 weight becomes float32 (cvt e4m3x2 -> f16x2 -> f32) and meets x in one FMA. A step
+        # is a [1, BLOCK_N, BLOCK_K / 16, 16] tile: 16 contiguous bytes per thread (one 16-byte load), lanes along
+        # K, then along N; the 16 values of a thread are summed in registers and the [BLOCK_N, BLOCK_K / 16]
+        # partials accumulate elementwise, scaled per step by the weight's K block (block scales) or once at
+        # the end (per channel); the one cross-thread reduction is after the loop.
+        pdl_wait(USE_PDL)
+        pid_k = tl.program_id(1)
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kk = tl.arange(0, BLOCK_K // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]  # [BLOCK_K / 16, 16]
+        w_ptr = W + offs_n.to(tl.int64)[None, :, None, None] * sw_n + (k_start + kk)[None, None, :, :]
+        x_ptr = X + offs_m[:, None, None, None] * sx_m + (k_start + kk)[None, None, :, :]
+        s_ptr = WS + (tl.minimum(offs_n, N - 1) // SCALE_N)[None, :, None] * sws_n  # [1, BLOCK_N, 1]
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // 16], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptr, mask=mask_m[:, None, None, None], other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_ptr)
+                else:
+                    w = tl.load(w_ptr, mask=mask_n[None, :, None, None], other=0.0)
+            else:
+                k_ok = (kk < K - k0)[None, None, :, :]
+                x = tl.load(x_ptr, mask=mask_m[:, None, None, None] & k_ok, other=0.0)
+                w = tl.load(w_ptr, mask=mask_n[None, :, None, None] & k_ok, other=0.0)
+            part = tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=3)  # [M, N, BLOCK_K / 16]
+            if SCALE_AT_END:
+                acc += part
+            else:  # BLOCK_K divides SCALE_K: the step lies in one K block
+                acc += part * tl.load(s_ptr + k0 // SCALE_K)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        out = tl.sum(acc, axis=2)
+        if SCALE_AT_END:
+            out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
+        y_off = offs_m[:, None] * sy_m + offs_n[None, :]
+        out_ok = mask_m[:, None] & mask_n[None, :]
+        if SPLIT:  # float32 partial sums, reduced by int4.py's _splitk_reduce_kernel
+            tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
+        else:
+            if HAS_BIAS:
+                out += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + y_off, out.to(Y.dtype.element_ty), mask=out_ok)
+
 def fp8_quantize_per_token_group_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher with the contract of ``fp8_quantize_per_token_group_ref``: ``x [M, K]`` (contiguous last
     dim) -> ``(x_q [M, K] float8_e4m3fn, scales [M, ceil(K/group_size)] float32)``."""
@@ -157,6 +228,38 @@ def _launch_gemm(xq, xs, weight, ws, bias, out, scale_n: int, scale_k: int, at_e
     )
 
 
+def fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             out: torch.Tensor, scale_n: int, scale_k: int, at_end: bool, cfg: dict) -> None:
+    """Launch the weight-only GEMV into ``out [M, N]``: ``scale`` float32 ``[ceil(N/scale_n), ceil(K/scale_k)]``
+    block scales, or ``[N]`` per-channel ones with ``at_end``; split K (``SPLIT_K``) through int4.py's reduce."""
+    (m, k), n = x2.shape, weight.shape[0]
+    bn = cfg["BLOCK_SIZE_N"]
+    bk = max(16, cfg["BLOCK_SIZE_K"] if at_end else min(cfg["BLOCK_SIZE_K"], scale_k & -scale_k))
+    k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
+    _fp8_gemv_kernel[(triton.cdiv(n, bn), split)](
+        x2, weight, scale, bias if bias is not None else out, target,
+        m, n, k, k_per_split,
+        x2.stride(0), weight.stride(0), scale.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
+        SCALE_N=scale_n, SCALE_K=scale_k, SCALE_AT_END=at_end, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
+        EVEN_N=n % bn == 0, SPLIT=split > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
+    )
+    if split > 1:
+        _splitk_reduce(target, bias, out)
+
+
+def _use_gemv(gemv: bool | None, m: int, scale_k: int) -> bool:
+    """The weight-only GEMV up to ``FP8_GEMV_MAX_M`` rows (``gemv`` forces it); its K step must divide the
+    weight's K block, so blocks narrower than 16 stay with the W8A8 GEMM."""
+    if gemv is None:
+        gemv = m <= FP8_GEMV_MAX_M
+    if gemv and scale_k & -scale_k < 16:
+        raise ValueError(f"the FP8 GEMV needs K blocks of a multiple of 16 columns, got {scale_k}")
+    return gemv
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} does not fit the float8_e4m3fn weight {tuple(weight.shape)} "
@@ -169,9 +272,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def fp8_block_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                             block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None, *,
-                            config: dict[str, int] | None = None) -> torch.Tensor:
-    """W8A8 with the contract of ``fp8_block_linear_ref`` (whose activations are not quantized: the two differ by
-    x's FP8 rounding). ``config`` overrides ``get_quant_config`` (the tuner passes each candidate)."""
+                            config: dict[str, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
+    """The contract of ``fp8_block_linear_ref``. Up to ``FP8_GEMV_MAX_M`` rows the weight-only GEMV (kind
+    ``fp8_block_gemv``; x unquantized, so it matches the reference to the summation order), otherwise W8A8
+    (kind ``fp8_block``; x's FP8 rounding apart). ``gemv`` forces the choice; ``config`` overrides
+    ``get_quant_config`` for the kernel chosen (the tuner passes each candidate)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use fp8_block_linear_ref")
     _check(x, weight, bias)
@@ -179,7 +284,11 @@ def fp8_block_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_
     bn, bk = block_size
     x2 = x.reshape(-1, k)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    if x2.shape[0] > 0:
+    if x2.shape[0] > 0 and _use_gemv(gemv, x2.shape[0], bk):
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        cfg = config or get_quant_config("fp8_block_gemv", n, k, x2.shape[0], x.dtype, x.device)
+        fp8_gemv(x2, weight, weight_scale_inv.float().contiguous(), bias, out, bn, bk, False, cfg)
+    elif x2.shape[0] > 0:
         cfg = config or get_quant_config("fp8_block", n, k, x2.shape[0], x.dtype, x.device)
         cfg = dict(cfg, BLOCK_SIZE_K=min(cfg["BLOCK_SIZE_K"], bk))
         xq, xs = fp8_quantize_per_token_group_triton(x2, bk)
@@ -198,10 +307,12 @@ def scaled_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def fp8_channel_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                               bias: torch.Tensor | None = None, *, config: dict[str, int] | None = None,
-                              use_scaled_mm: bool | None = None) -> torch.Tensor:
-    """W8A8 with the contract of ``fp8_channel_linear_ref``: per-token activation scales, per-channel (or
-    per-tensor) weight scales. ``torch._scaled_mm`` where ``scaled_mm_usable`` (``use_scaled_mm`` overrides),
-    else the Triton GEMM with both scales applied after the K loop."""
+                              use_scaled_mm: bool | None = None, gemv: bool | None = None) -> torch.Tensor:
+    """The contract of ``fp8_channel_linear_ref`` (per-channel or per-tensor weight scales). Up to
+    ``FP8_GEMV_MAX_M`` rows the weight-only GEMV (kind ``fp8_channel_gemv``; ``gemv`` forces the choice).
+    Otherwise W8A8 with per-token activation scales: ``torch._scaled_mm`` where ``scaled_mm_usable``
+    (``use_scaled_mm`` overrides), else the Triton GEMM with both scales applied after the K loop. ``config``
+    overrides ``get_quant_config`` for the Triton kernel chosen."""
     if triton is None:
         raise RuntimeError("triton is not installed; use fp8_channel_linear_ref")
     _check(x, weight, bias)
@@ -211,6 +322,11 @@ def fp8_channel_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scal
     scale = channel_scale(weight_scale, n).contiguous()
     if m == 0:
         return x.new_empty((*x.shape[:-1], n))
+    if _use_gemv(gemv, m, 16):
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        cfg = config or get_quant_config("fp8_channel_gemv", n, k, m, x.dtype, x.device)
+        fp8_gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, scale, bias, out, 1, k, True, cfg)
+        return out.view(*x.shape[:-1], n)
     xq, xs = fp8_quantize_per_token_group_triton(x2, k)
     if scaled_mm_usable(x, weight) if use_scaled_mm is None else use_scaled_mm:
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=x.dtype)

@@ -2,7 +2,9 @@
 shapes, against the bf16 skinny linear, as achieved weight bandwidth and share of the device's copy roofline.
 
 For each weight of a decode step (qkv, o_proj, gate_up, down) and M = 1 and 8: the bf16 skinny linear, FP8
-block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and GPTQ 4-bit with groups of 128, and
+block-scaled W8A8 (activation quantization included), FP8 per-channel, AWQ and GPTQ 4-bit with groups of 128 (these
+four through their ``tl.dot`` kernels), their decode GEMVs on CUDA cores at M = 1 and 4 (``*_gemv``: what decode
+dispatches to up to 4 rows; FP8 weight-only), and
 GGUF Q4_K, Q6_K and Q8_0 blocks (Q4_K_M's two types and the common 8-bit one; GGUF also at the LM head, which a GGUF
 keeps in blocks). The bytes counted are what a call must read: the packed weight plus its scales (and zeros). Timed like the linear
 sweep: distinct copies of the weight in turn (L2 never holds the next one), inside a CUDA graph. At M = 1 each
@@ -27,29 +29,42 @@ from xinf_sglang.kernels.tuned_configs import current_device_name
 from .kernel_sweep import SweepOptions, time_each
 from .timing import measure_bandwidth
 
+# The decode GEMVs timed beside the tl.dot kernels, and their grids: (BLOCK_SIZE_N, BLOCK_SIZE_K, SPLIT_K, warps).
+# AWQ strips of 128-512 columns are 64-256 contiguous bytes per K row, GPTQ strips of 64-256 words 256-1024 bytes
+# per packed row (its K steps are capped at the group of 128), FP8 strips are weight rows of 64 or 128 bytes.
+GEMV_GRIDS = {
+    "awq_gemv": ((128, 256, 512), (64, 128), (2, 4, 8, 16), (2, 4)),
+    "gptq_gemv": ((64, 128, 256), (128,), (1, 2, 4, 8, 16), (2, 4, 8)),
+    "fp8_block_gemv": ((16, 32, 64, 128), (64, 128), (1, 2, 4, 8), (4, 8)),
+    "fp8_channel_gemv": ((16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4,)),
+}
 # The GGUF kernels timed: Q4_K_M's two types and Q8_0 (each its own kernel kind of kernels/quant/config.py).
 GGUF_SWEPT = ("gguf_q4_k", "gguf_q6_k", "gguf_q8_0")
 Call = Callable[[torch.Tensor, dict | None], torch.Tensor]  # (x, launch config or None) -> y
 
 
-def _int4_copy(fmt: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
-    """One random AWQ / GPTQ weight (groups of 128): its call and the bytes it reads."""
+def _int4_copy(fmt: str, n: int, k: int, device: torch.device, gemv: bool = False) -> tuple[Call, int]:
+    """One random AWQ / GPTQ weight (groups of 128): its call (the GEMV or the ``tl.dot`` kernel) and the bytes it
+    reads."""
     shape = (k, n // 8) if fmt == "awq" else (k // 8, n)
     qweight = torch.randint(-(2**31), 2**31, shape, dtype=torch.int32, device=device)
     qzeros = torch.randint(-(2**31), 2**31, (k // 128, n // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(k // 128, n, device=device) * 1e-3).half()
     nbytes = qweight.nbytes + qzeros.nbytes + scales.nbytes
-    return (lambda x, cfg: Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, config=cfg)), nbytes
+    return (lambda x, cfg: Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, config=cfg,
+                                                gemv=gemv)), nbytes
 
 
-def _fp8_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, int]:
-    """One random FP8 weight, block-scaled (128 x 128) or per channel: its call and the bytes it reads."""
+def _fp8_copy(kind: str, n: int, k: int, device: torch.device, gemv: bool = False) -> tuple[Call, int]:
+    """One random FP8 weight, block-scaled (128 x 128) or per channel: its call (weight-only GEMV or W8A8) and the
+    bytes it reads."""
     weight = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
     if kind == "fp8_block":
         scale = torch.rand(-(-n // 128), -(-k // 128), device=device) * 1e-2
-        return (lambda x, cfg: Q.fp8_block_linear_triton(x, weight, scale, config=cfg)), weight.nbytes + scale.nbytes
+        return ((lambda x, cfg: Q.fp8_block_linear_triton(x, weight, scale, config=cfg, gemv=gemv)),
+                weight.nbytes + scale.nbytes)
     scale = torch.rand(n, device=device) * 1e-2
-    return (lambda x, cfg: Q.fp8_channel_linear_triton(x, weight, scale, config=cfg,
+    return (lambda x, cfg: Q.fp8_channel_linear_triton(x, weight, scale, config=cfg, gemv=gemv,
                                                        use_scaled_mm=None if cfg is None else False)), weight.nbytes
 
 
@@ -70,9 +85,10 @@ def _one_copy(kind: str, n: int, k: int, device: torch.device) -> tuple[Call, in
         return _bf16_copy(n, k, device)
     if kind.startswith("gguf_"):
         return _gguf_copy(kind, n, k, device)
-    if kind in ("awq", "gptq"):
-        return _int4_copy(kind, n, k, device)
-    return _fp8_copy(kind, n, k, device)
+    base = kind.removesuffix("_gemv")
+    if base in ("awq", "gptq"):
+        return _int4_copy(base, n, k, device, gemv=kind != base)
+    return _fp8_copy(base, n, k, device, gemv=kind != base)
 
 
 def make_copies(kind: str, n: int, k: int, copies: int, device: torch.device) -> tuple[list[Call], int]:
@@ -86,6 +102,10 @@ def launch_grid(kind: str, quick: bool) -> list[dict]:
     if kind in ("awq", "gptq"):
         grid = [make_config(16, bn, bk, 1, split, 4, stages) for bn, bk, split, stages in
                 itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (3, 4))]
+    elif kind in GEMV_GRIDS:  # the CUDA-core GEMVs: strip, K step (capped by the group / K block), split, warps
+        strips, steps, splits, warps = GEMV_GRIDS[kind]
+        grid = [make_config(1, bn, bk, 1, split, w, 3) for bn, bk, split, w in
+                itertools.product(strips, steps, splits, warps)]
     elif kind in GGUF_SWEPT:  # the GEMV (BLOCK_SIZE_M 1): strip, K step, split, warps
         grid = [make_config(1, bn, bk, 1, split, warps, 3) for bn, bk, split, warps in
                 itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8), (2, 4))]
@@ -101,9 +121,9 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
     if opts.device.type != "cuda":
         print("\n## quant: skipped: the quantized kernels are timed on a CUDA GPU only (run with --device cuda)")
         return
-    kinds = ["bf16", "awq", "gptq", *GGUF_SWEPT]
+    kinds = ["bf16", "awq", "awq_gemv", "gptq", "gptq_gemv", *GGUF_SWEPT]
     if torch.cuda.get_device_capability(opts.device) >= (8, 9):
-        kinds[1:1] = ["fp8_block", "fp8_channel"]
+        kinds[1:1] = ["fp8_block", "fp8_block_gemv", "fp8_channel", "fp8_channel_gemv"]
     copy_bw = measure_bandwidth(opts.device).copy
     print(f"\n## quantized linears at decode (bf16 activations; copy roofline {copy_bw / 1e9:.0f} GB/s)")
     print(f"{'weight':<9}{'kind':<12}{'M':>3}{'us':>9}{'GB/s':>7}{'%copy':>7}"
@@ -131,7 +151,7 @@ def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) ->
         return f"{nbytes / us / 1e3:>7.0f}{100 * nbytes / us * 1e6 / copy_bw:>6.0f}%"
 
     rows = []
-    for m in opts.few([1, 8], keep=1):
+    for m in opts.few([1, 4] if kind in GEMV_GRIDS else [1, 8], keep=1):
         x = opts.randn(m, k).bfloat16()
 
         def run(cfg: dict | None, x: torch.Tensor = x) -> float:  # us per call
@@ -152,7 +172,7 @@ def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) ->
 DEFAULT_ROWS = (16, 32, 64, 128, 256, 1024, 4096)
 # The sweep's weight kinds per kernel of kernels/quant/config.py: AWQ and GPTQ share the int4 kernel.
 KERNEL_OF = {"fp8_block": "fp8_block", "fp8_channel": "fp8_channel", "awq": "int4", "gptq": "int4",
-             **{k: k for k in GGUF_SWEPT}}
+             **{k: k for k in (*GEMV_GRIDS, *GGUF_SWEPT)}}
 
 
 def write_tuned_configs(rows: list[dict], weights: dict[str, tuple[int, int]], out_dir: Path, device_name: str,

@@ -2,12 +2,15 @@
 projection shapes (K = 4096; N = 4096 o_proj, 6144 qkv, 14336 half of gate_up, 28672 gate_up) for a decode token,
 a decode batch of 8 (the split-K GEMV), 64 rows and a 512-row prefill chunk, in bf16 and fp16, with the launch
 configs ``get_quant_config`` picks; plus act-order GPTQ, 8-bit GPTQ, down_proj's K = 14336, and CUDA-graph capture
-of the decode calls. The weights are random words (every bit pattern is a valid AWQ / GPTQ weight) with random
+of the decode calls; the decode GEMVs on CUDA cores (AWQ / GPTQ, weight-only FP8; what M <= 4 dispatches to) at
+the same shapes against the references, against the ``tl.dot`` kernels, and under graph capture. The weights are
+random words (every bit pattern is a valid AWQ / GPTQ weight) with random
 scales, so no quantizer runs. The CPU tier (tests/test_kernels_quant.py) checks the same kernels under the
 interpreter, the formats against their definitions included.
 
-Tolerances: the int4 kernel multiplies exactly the weights the reference dequantizes (cast once to x's dtype), so
-only the summation order and the output rounding differ: ``TOL`` (1e-2). The FP8 kernels are W8A8: against a
+Tolerances: the int4 kernels multiply exactly the weights the reference dequantizes (the GEMM casts them once to
+x's dtype, the GEMV keeps them in float32), so only the summation order and the output rounding differ: ``TOL``
+(1e-2); so does the weight-only FP8 GEMV. The FP8 GEMMs are W8A8: against a
 float32 emulation of the same activation quantization they agree to the output rounding; against the reference,
 whose activations stay unquantized, within x's FP8 rounding (6%). FP8 needs Hopper (skipped elsewhere)."""
 
@@ -97,7 +100,7 @@ def test_fp8_block_matches_reference(dtype: torch.dtype, n: int, m: int) -> None
     torch.manual_seed(n + m)
     weight, scale_inv = random_fp8_weight(n, K, (128, 128))
     x, bias = randn(m, K, dtype=dtype), randn(n, dtype=dtype)
-    out = Q.fp8_block_linear(x, weight, scale_inv, (128, 128), bias)
+    out = Q.fp8_block_linear_triton(x, weight, scale_inv, (128, 128), bias, gemv=False)  # W8A8 at every M
     assert out.dtype == dtype and out.shape == (m, n)
     w_dq = Q.dequantize_fp8_block(weight, scale_inv, (128, 128))
     assert rel_err(out, emulated_w8a8(x, w_dq, 128) + bias.float()) < TOL[dtype]
@@ -115,7 +118,7 @@ def test_fp8_channel_matches_reference(dtype: torch.dtype, path: str, n: int, m:
     torch.manual_seed(n + m)
     weight, scale = random_fp8_weight(n, K, None)
     x, bias = randn(m, K, dtype=dtype), randn(n, dtype=dtype)
-    out = Q.fp8_channel_linear_triton(x, weight, scale, bias, use_scaled_mm=path == "scaled_mm")
+    out = Q.fp8_channel_linear_triton(x, weight, scale, bias, use_scaled_mm=path == "scaled_mm", gemv=False)
     assert rel_err(out, emulated_w8a8(x, Q.dequantize_fp8_channel(weight, scale), K) + bias.float()) < TOL[dtype]
     assert rel_err(out, Q.fp8_channel_linear_ref(x, weight, scale, bias)) < 0.06
 
@@ -160,3 +163,115 @@ def test_int4_cuda_graph_replay_matches_eager(m: int) -> None:
 def test_fp8_cuda_graph_replay_matches_eager() -> None:
     weight, scale_inv = random_fp8_weight(6144, K, (128, 128))
     _graph_replay_matches_eager(lambda x: Q.fp8_block_linear(x, weight, scale_inv), randn(1, K, dtype=torch.bfloat16))
+
+
+# ---------------------------------------------------------------- the decode GEMVs (M <= 4)
+
+GEMV_MS = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("m", GEMV_MS)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_int_gemv_matches_reference(fmt: str, n: int, m: int) -> None:
+    """What decode dispatches to (``int4_linear`` at M <= 4), in bf16 with bias, and the ``tl.dot`` kernel agrees."""
+    torch.manual_seed(n + m)
+    qweight, scales, qzeros = random_int_weight(fmt, n, K, 128)
+    x, bias = randn(m, K, dtype=torch.bfloat16), randn(n, dtype=torch.bfloat16)
+    out = Q.int4_linear(x, qweight, scales, qzeros, None, fmt, 128, bias)
+    want = Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, 128, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert torch.equal(out, Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, bias, gemv=True))
+    dot = Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, bias, gemv=False)
+    assert rel_err(out, dot) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("case", ["gptq-8bit", "awq-g32", "gptq-g32", "awq-per-channel", "gptq-per-channel",
+                                  "awq-down-proj", "gptq-down-proj", "awq-ragged-n", "fp16"])
+def test_int_gemv_variants(case: str, m: int) -> None:
+    """8-bit GPTQ, groups of 32 (K steps capped at the group), one group, down_proj (K = 14336), N not a multiple
+    of the strip (4104), fp16 activations; every launch config of the sweep's grid at qkv's shape."""
+    torch.manual_seed(m)
+    fmt, n, k, group, bits = {"gptq-8bit": ("gptq", 4096, K, 128, 8), "awq-g32": ("awq", 4096, K, 32, 4),
+                              "gptq-g32": ("gptq", 4096, K, 32, 4), "awq-per-channel": ("awq", 4096, K, -1, 4),
+                              "gptq-per-channel": ("gptq", 4096, K, -1, 4),
+                              "awq-down-proj": ("awq", 4096, 14336, 128, 4),
+                              "gptq-down-proj": ("gptq", 4096, 14336, 128, 4), "awq-ragged-n": ("awq", 4104, K, 128, 4),
+                              "fp16": ("gptq", 6144, K, 128, 4)}[case]
+    dtype = torch.float16 if case == "fp16" else torch.bfloat16
+    qweight, scales, qzeros = random_int_weight(fmt, n, k, group, bits)
+    x = randn(m, k, dtype=dtype)
+    out = Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, group, gemv=True)
+    assert rel_err(out, Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, group)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_int_gemv_sweep_grid(fmt: str) -> None:
+    """Every launch shape the quant sweep tries compiles and computes the same product (qkv, M = 1)."""
+    from xinf_sglang.runtime.bench.quant_sweep import launch_grid
+
+    qweight, scales, qzeros = random_int_weight(fmt, 6144, K, 128)
+    x = randn(1, K, dtype=torch.bfloat16)
+    want = Q.int4_linear_ref(x, qweight, scales, qzeros, None, fmt, 128)
+    for cfg in launch_grid(f"{fmt}_gemv", quick=False)[::3]:  # a third of it: each shape compiles
+        out = Q.int4_linear_triton(x, qweight, scales, qzeros, None, fmt, 128, config=cfg, gemv=True)
+        assert rel_err(out, want) < TOL[torch.bfloat16], cfg
+
+
+@needs_hopper
+@pytest.mark.parametrize("m", GEMV_MS)
+@pytest.mark.parametrize("n", NS)
+def test_fp8_gemv_matches_reference(n: int, m: int) -> None:
+    """Weight-only: x is not quantized, so the GEMV meets the reference to the output rounding (block and channel
+    scales; what ``fp8_block_linear`` / ``fp8_channel_linear`` dispatch to at M <= 4)."""
+    torch.manual_seed(n + m)
+    x, bias = randn(m, K, dtype=torch.bfloat16), randn(n, dtype=torch.bfloat16)
+    weight, scale_inv = random_fp8_weight(n, K, (128, 128))
+    out = Q.fp8_block_linear(x, weight, scale_inv, (128, 128), bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert rel_err(out, Q.fp8_block_linear_ref(x, weight, scale_inv, (128, 128), bias)) < TOL[torch.bfloat16]
+    weight, scale = random_fp8_weight(n, K, None)
+    out = Q.fp8_channel_linear(x, weight, scale, bias)
+    assert rel_err(out, Q.fp8_channel_linear_ref(x, weight, scale, bias)) < TOL[torch.bfloat16]
+
+
+@needs_hopper
+@pytest.mark.parametrize("kind", ["fp8_block_gemv", "fp8_channel_gemv"])
+def test_fp8_gemv_sweep_grid_and_down_proj(kind: str) -> None:
+    """Every launch shape of the sweep's grid (qkv, M = 1), and down_proj's K = 14336 with the default."""
+    from xinf_sglang.runtime.bench.quant_sweep import launch_grid
+
+    block = (128, 128) if kind == "fp8_block_gemv" else None
+    for n, k, grid in ((6144, K, launch_grid(kind, quick=False)), (4096, 14336, [None])):
+        weight, scale = random_fp8_weight(n, k, block)
+        x = randn(1, k, dtype=torch.bfloat16)
+        if block:
+            want = Q.fp8_block_linear_ref(x, weight, scale, block)
+        else:
+            want = Q.fp8_channel_linear_ref(x, weight, scale)
+        for cfg in grid:
+            if block:
+                out = Q.fp8_block_linear_triton(x, weight, scale, block, config=cfg, gemv=True)
+            else:
+                out = Q.fp8_channel_linear_triton(x, weight, scale, config=cfg, gemv=True)
+            assert rel_err(out, want) < TOL[torch.bfloat16], cfg
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq", "fp8"])
+def test_gemv_cuda_graph_replay_matches_eager(fmt: str) -> None:
+    """The GEMVs and their split-K reduce (workspace allocated in the capture) replay on new inputs."""
+    if fmt == "fp8" and not HOPPER:
+        pytest.skip("FP8 kernels are checked on Hopper")
+    if fmt == "fp8":
+        weight, scale_inv = random_fp8_weight(4096, K, (128, 128))
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return Q.fp8_block_linear(x, weight, scale_inv)
+    else:
+        qweight, scales, qzeros = random_int_weight(fmt, 4096, K, 128)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return Q.int4_linear(x, qweight, scales, qzeros, None, fmt, 128)
+    _graph_replay_matches_eager(fn, randn(1, K, dtype=torch.bfloat16))
