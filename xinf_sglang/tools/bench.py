@@ -47,12 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="with --shared-prefix: G different prefixes, prompt i takes prefix i %% G (default 1)")
     p.add_argument("--baseline", action="append", default=None, metavar="NAME[,NAME]",
                    help="also time these on the same prompts: hf (HF generate, batch 1), llamacpp (xllamacpp on "
-                        "an F32 GGUF of the same weights, batched), none; comma-separated or repeated (default hf)")
+                        "an F32 GGUF of the same weights, batched), vllm (vLLM in its own virtualenv, batched), "
+                        "none; comma-separated or repeated (default hf)")
     p.add_argument("--baseline-num-prompts", type=int, default=None, help="HF on the first N prompts only")
     p.add_argument("--llamacpp-parallel", type=int, default=0, metavar="N",
                    help="llama.cpp server slots (default: one per prompt, all prompts batched)")
     p.add_argument("--llamacpp-threads", type=int, default=0, metavar="N",
                    help="llama.cpp CPU threads (default: torch's intra-op threads, what sglite uses)")
+    p.add_argument("--vllm-python", metavar="PATH",
+                   help="the python of vLLM's own virtualenv (default $SGLITE_VLLM_PYTHON)")
+    p.add_argument("--vllm-kv-cache-gib", type=int, default=4, metavar="GIB",
+                   help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, default 4)")
+    p.add_argument("--vllm-dtype", metavar="DTYPE", help="the dtype vLLM loads the weights in (default: sglite's)")
     p.add_argument("--isolate", action="store_true",
                    help="run sglite and the llama.cpp baseline each in a fresh process and report each one's startup "
                         "(process start to ready) and peak RSS of its process tree (the HF baseline runs in this "
@@ -63,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--roofline", action="store_true",
                    help="measure the device's copy and read bandwidth and print how close decode gets to the "
                         "weight-read floor")
+    p.add_argument("--suite", choices=["cpu"],
+                   help="instead of one workload, the suite's (cpu: batch-1 decode, 64 prompts, a 1024-token shared "
+                        "prefix), each engine isolated, in --rounds interleaved rounds; min and median reported")
+    p.add_argument("--rounds", type=int, default=2, help="--suite: rounds of every workload (default 2)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
     serve_options.add_arguments(sub.add_parser("serve", help=serve_options.HELP, description=serve_options.HELP))
     for name, (_, help_text) in MODES.items():

@@ -23,6 +23,7 @@ from ..runtime.bench.offline import (
     Workload,
     bench_hf,
     bench_llamacpp,
+    bench_vllm,
     bench_sglite,
     make_workload,
     parse_baselines,
@@ -31,21 +32,37 @@ from ..runtime.bench.offline import (
 from ..runtime.config import EngineConfig
 from ..runtime.bench.isolated import run_isolated
 from ..runtime.bench.llamacpp_baseline import LlamaCppOptions
+from ..runtime.bench.vllm_baseline import VllmOptions, vllm_python
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    """Time sglite, then each baseline on its workload; print the report and (``--json``) write the rows."""
+    """Time sglite, then each baseline on its workload; print the report and (``--json``) write the rows. With
+    ``--suite``, the suite's workloads in interleaved rounds instead (`bench_suite`)."""
+    if args.suite:
+        from .bench_suite import run_suite
+
+        return run_suite(args, _run_once)
+    results = _run_once(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
+
+
+def _run_once(args: argparse.Namespace) -> list[Result]:
+    """sglite then each baseline on the workload of ``args``; prints the report; returns the results."""
     baselines = parse_baselines(args.baseline)
     with model_folder(args) as model_dir:
         if "llamacpp" in baselines and args.load_format == "dummy":
             raise SystemExit("--baseline llamacpp needs real weights (it runs a GGUF written from --model)")
+        if "vllm" in baselines:
+            if args.load_format == "dummy" or model_dir.suffix == ".gguf":
+                raise SystemExit("--baseline vllm needs a checkpoint folder with real weights (--model DIR)")
+            vllm_python(args.vllm_python)  # before sglite's run: a missing virtualenv fails at once
         bench = bench_sglite_isolated if args.isolate else bench_sglite
         sg = bench(engine_config(args, model_dir), _workload_for(args), _json_schema(args))
         results = sg.results + [_run_baseline(name, args, model_dir, sg) for name in baselines]
         print_report(results, sg, args.roofline)
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
-    return 0
+    return results
 
 
 def engine_config(args: argparse.Namespace, model_dir: Path) -> EngineConfig:
@@ -75,9 +92,18 @@ def _run_baseline(name: str, args: argparse.Namespace, model_dir: Path, sg: Sgli
     if name == "hf":
         subset = sg.workload.head(args.baseline_num_prompts or len(sg.workload.prompts))
         return bench_hf(model_dir, subset, sg.device, sg.dtype, args.load_format == "dummy", args.seed)
-    options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=args.llamacpp_threads or torch.get_num_threads(),
+    if name == "vllm":
+        dtype = args.vllm_dtype or str(sg.dtype).removeprefix("torch.")
+        return bench_vllm(model_dir, sg.workload, VllmOptions(args.vllm_python, _threads(args), args.vllm_kv_cache_gib,
+                                                              dtype))
+    options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=_threads(args),
                               gpu=sg.device.type == "cuda")
     return bench_llamacpp(model_dir, sg.workload, options, isolate=args.isolate)
+
+
+def _threads(args: argparse.Namespace) -> int:
+    """A baseline's CPU threads: ``--llamacpp-threads``, else torch's intra-op threads (what sglite uses)."""
+    return args.llamacpp_threads or torch.get_num_threads()
 
 
 def bench_sglite_isolated(config: EngineConfig, workload_for: Callable[[int], Workload],
