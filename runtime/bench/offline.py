@@ -328,7 +328,7 @@ def bench_vllm(model_dir: Path, workload: Workload, options) -> Result:
     run = vllm_baseline.run_vllm(model_dir, workload.prompts, workload.output_lens, workload.warmup_prompts(1)[0],
                                  options)
     hit = sum(run.cached_tokens) / max(1, workload.input_tokens)
-    return Result("vLLM", workload, run.seconds, hit, startup_s=run.cost.startup_s,
+    return Result(f"vLLM ({options.dtype})", workload, run.seconds, hit, startup_s=run.cost.startup_s,
                   peak_rss_bytes=run.cost.peak_rss_bytes)
 
 

@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the python of vLLM's own virtualenv (default $SGLITE_VLLM_PYTHON)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=4, metavar="GIB",
                    help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, default 4)")
-    p.add_argument("--vllm-dtype", metavar="DTYPE", help="the dtype vLLM loads the weights in (default: sglite's)")
+    p.add_argument("--vllm-dtype", metavar="DTYPE", default="auto",
+                   help="the dtype vLLM loads the weights in (default auto, what its users get: on an x86 CPU a "
+                        "float32 checkpoint runs in bfloat16)")
     p.add_argument("--isolate", action="store_true",
                    help="run sglite and the llama.cpp baseline each in a fresh process and report each one's startup "
                         "(process start to ready) and peak RSS of its process tree (the HF baseline runs in this "

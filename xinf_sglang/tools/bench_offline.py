@@ -93,9 +93,8 @@ def _run_baseline(name: str, args: argparse.Namespace, model_dir: Path, sg: Sgli
         subset = sg.workload.head(args.baseline_num_prompts or len(sg.workload.prompts))
         return bench_hf(model_dir, subset, sg.device, sg.dtype, args.load_format == "dummy", args.seed)
     if name == "vllm":
-        dtype = args.vllm_dtype or str(sg.dtype).removeprefix("torch.")
         return bench_vllm(model_dir, sg.workload, VllmOptions(args.vllm_python, _threads(args), args.vllm_kv_cache_gib,
-                                                              dtype))
+                                                              args.vllm_dtype))
     options = LlamaCppOptions(parallel=args.llamacpp_parallel, threads=_threads(args),
                               gpu=sg.device.type == "cuda")
     return bench_llamacpp(model_dir, sg.workload, options, isolate=args.isolate)
