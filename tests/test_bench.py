@@ -43,8 +43,9 @@ def test_parse_baselines_accepts_commas_repeats_and_none() -> None:
     assert parse_baselines(["hf,llamacpp"]) == ["hf", "llamacpp"]
     assert parse_baselines(["llamacpp", "hf", "llamacpp"]) == ["llamacpp", "hf"]
     assert parse_baselines(["none"]) == []
-    with pytest.raises(SystemExit, match="unknown vllm"):
-        parse_baselines(["hf,vllm"])
+    assert parse_baselines(["vllm,llamacpp"]) == ["vllm", "llamacpp"]
+    with pytest.raises(SystemExit, match="unknown tgi"):
+        parse_baselines(["hf,tgi"])
     with pytest.raises(SystemExit, match="cannot be combined"):
         parse_baselines(["none", "hf"])
 

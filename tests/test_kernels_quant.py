@@ -28,6 +28,8 @@ from .test_kernels import (
 
 fp8 = importlib.import_module("xinf_sglang.kernels.quant.fp8")
 int4 = importlib.import_module("xinf_sglang.kernels.quant.int4")
+int_gemv = importlib.import_module("xinf_sglang.kernels.quant.int_gemv")
+splitk = importlib.import_module("xinf_sglang.kernels.quant.splitk")
 qconfig = importlib.import_module("xinf_sglang.kernels.quant.config")
 ref = importlib.import_module("xinf_sglang.kernels.quant.reference")
 
@@ -397,6 +399,6 @@ def test_shipped_config_files_are_well_formed() -> None:
 
 @pytest.mark.parametrize("module,kernel", [(fp8, "_group_quant_kernel"), (fp8, "_fp8_gemm_kernel"),
                                            (fp8, "_fp8_gemv_kernel"), (int4, "_int4_gemm_kernel"),
-                                           (int4, "_int_gemv_kernel"), (int4, "_splitk_reduce_kernel")])
+                                           (int_gemv, "_int_gemv_kernel"), (splitk, "_splitk_reduce_kernel")])
 def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
     check_pdl_contract(module, kernel)

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from ..pdl import pdl_kwargs
 from .config import FP8_GEMV_MAX_M, get_quant_config
-from .int4 import _splitk_reduce
+from .splitk import _splitk_reduce
 from .reference import FP8_DTYPE, FP8_EPS, FP8_MAX, channel_scale
 
 if triton is not None:
@@ -184,7 +184,7 @@ if triton is not None:
             out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
         y_off = offs_m[:, None] * sy_m + offs_n[None, :]
         out_ok = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # float32 partial sums, reduced by int4.py's _splitk_reduce_kernel
+        if SPLIT:  # float32 partial sums, reduced by splitk.py's _splitk_reduce_kernel
             tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
         else:
             if HAS_BIAS:

@@ -319,19 +319,6 @@ def bench_llamacpp(model_dir: Path, workload: Workload, options, isolate: bool =
                   peak_rss_bytes=cost and cost.peak_rss_bytes)
 
 
-def bench_vllm(model_dir: Path, workload: Workload, options) -> Result:
-    """vLLM in its own virtualenv and process on the same folder and prompts (`vllm_baseline`): every prompt at
-    once, greedy, exactly ``output_len`` tokens each; its startup and peak RSS are always reported."""
-    from . import vllm_baseline
-
-    print(f"[bench] vLLM: {options.dtype}, {options.threads} threads, {options.kv_cache_gib} GiB KV cache", flush=True)
-    run = vllm_baseline.run_vllm(model_dir, workload.prompts, workload.output_lens, workload.warmup_prompts(1)[0],
-                                 options)
-    hit = sum(run.cached_tokens) / max(1, workload.input_tokens)
-    return Result(f"vLLM ({options.dtype})", workload, run.seconds, hit, startup_s=run.cost.startup_s,
-                  peak_rss_bytes=run.cost.peak_rss_bytes)
-
-
 def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:
     """One row per engine: tokens, seconds, output and total (input + output) tokens/s, prefix-cache hits."""
     base = results[0]

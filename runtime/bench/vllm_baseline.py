@@ -24,7 +24,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .isolated import ProcessCost, run_external
+
+if TYPE_CHECKING:  # offline.py imports torch; this module is imported lazily from it
+    from .offline import Result, Workload
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 ENV_PYTHON = "SGLITE_VLLM_PYTHON"
@@ -85,3 +90,16 @@ def run_vllm(model_dir: Path, prompts: list[list[int]], output_lens: list[int], 
                                f"{len(row['token_ids'])} generated for {n} asked")
     return VllmRun(out["seconds"], [r["token_ids"] for r in rows], [r["cached_tokens"] for r in rows],
                    ProcessCost(out["ready_age"], cost.peak_rss_bytes))
+
+
+def bench_vllm(model_dir: Path, workload: Workload, options: VllmOptions) -> Result:
+    """vLLM in its own virtualenv and process on the same folder and prompts (`vllm_baseline`): every prompt at
+    once, greedy, exactly ``output_len`` tokens each; its startup and peak RSS are always reported."""
+    from .offline import Result
+
+    print(f"[bench] vLLM: {options.dtype}, {options.threads} threads, {options.kv_cache_gib} GiB KV cache", flush=True)
+    run = run_vllm(model_dir, workload.prompts, workload.output_lens, workload.warmup_prompts(1)[0],
+                                 options)
+    hit = sum(run.cached_tokens) / max(1, workload.input_tokens)
+    return Result(f"vLLM ({options.dtype})", workload, run.seconds, hit, startup_s=run.cost.startup_s,
+                  peak_rss_bytes=run.cost.peak_rss_bytes)

@@ -23,7 +23,6 @@ from ..runtime.bench.offline import (
     Workload,
     bench_hf,
     bench_llamacpp,
-    bench_vllm,
     bench_sglite,
     make_workload,
     parse_baselines,
@@ -32,7 +31,7 @@ from ..runtime.bench.offline import (
 from ..runtime.config import EngineConfig
 from ..runtime.bench.isolated import run_isolated
 from ..runtime.bench.llamacpp_baseline import LlamaCppOptions
-from ..runtime.bench.vllm_baseline import VllmOptions, vllm_python
+from ..runtime.bench.vllm_baseline import VllmOptions, bench_vllm, vllm_python
 
 
 def run_offline(args: argparse.Namespace) -> int:
