@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -48,6 +52,30 @@ def load_table(file_name: str, folders: list[Path], keys: tuple[str, ...]) -> di
         if path.is_file():
             return _load(path, path.stat().st_mtime, keys)
     return None
+
+
+# Cards with the same die, SM count and clocks as a card that configs were tuned on: the launch shapes that suit one
+# suit the other (only the memory differs: the H200 is the H100's GH100 with HBM3e). Asked for when a card has no
+# file of its own; the log says so once.
+STAND_INS = {"NVIDIA H200": "NVIDIA H100 80GB HBM3"}
+
+
+def load_device_table(file_name: Callable[[str], str], device_name: str, folders: list[Path],
+                      keys: tuple[str, ...]) -> dict[int, dict[str, int]] | None:
+    """`load_table` of ``file_name(device_name)``; where there is none and the card has a stand-in
+    (`STAND_INS`), the stand-in's table (logged once per file)."""
+    table = load_table(file_name(device_name), folders, keys)
+    stand_in = STAND_INS.get(device_name)
+    if table is None and stand_in is not None:
+        table = load_table(file_name(stand_in), folders, keys)
+        if table is not None:
+            _log_stand_in(file_name(device_name), stand_in)
+    return table
+
+
+@functools.cache
+def _log_stand_in(file_name: str, stand_in: str) -> None:
+    logger.info("tuned configs: no %s; using the %s file (same die and SM count)", file_name, stand_in)
 
 
 def nearest_entry(table: dict[int, dict[str, int]], m: int) -> dict[str, int]:

@@ -224,6 +224,21 @@ def test_nearest_tuned_batch_size_wins(monkeypatch, tmp_path) -> None:
     assert get_moe_config(8, 14336, 64, "float16", "NVIDIA H100 80GB HBM3") == moe_config.default_config(8, 64)
 
 
+def test_an_h200_takes_the_h100_file_unless_it_has_its_own(monkeypatch, tmp_path, caplog) -> None:
+    """The H200 is the H100's die with other memory: without a file of its own it reads the H100's (logged)."""
+    monkeypatch.setenv("SGLITE_MOE_CONFIG_DIR", str(tmp_path))
+    h100 = {"1": dict(TINY, BLOCK_SIZE_M=16, BLOCK_SIZE_N=32)}
+    (tmp_path / moe_config.config_file_name(8, 14336, "NVIDIA H100 80GB HBM3", torch.bfloat16)).write_text(
+        json.dumps(h100))
+    with caplog.at_level("INFO"):
+        assert get_moe_config(8, 14336, 1, torch.bfloat16, "NVIDIA H200")["BLOCK_SIZE_N"] == 32
+    assert "using the NVIDIA H100 80GB HBM3 file" in caplog.text
+    h200 = {"1": dict(TINY, BLOCK_SIZE_M=16, BLOCK_SIZE_N=64)}
+    (tmp_path / moe_config.config_file_name(8, 14336, "NVIDIA H200", torch.bfloat16)).write_text(json.dumps(h200))
+    assert get_moe_config(8, 14336, 1, torch.bfloat16, "NVIDIA H200")["BLOCK_SIZE_N"] == 64
+    assert get_moe_config(8, 14336, 1, torch.bfloat16, "NVIDIA A100-SXM4-80GB") == moe_config.default_config(8, 1)
+
+
 def test_shipped_config_files_are_well_formed() -> None:
     for path in moe_config.CONFIG_DIR.glob("*.json"):
         assert path.name.startswith("E=") and ",N=" in path.name and ",device_name=" in path.name, path.name

@@ -22,7 +22,7 @@ from ..tuned_configs import (
     current_device_name,
     device_file_part,
     dtype_name,
-    load_table,
+    load_device_table,
     nearest_entry,
 )
 
@@ -62,7 +62,8 @@ def config_dirs() -> list[Path]:
 def load_configs(num_experts: int, intermediate: int, device_name: str,
                  dtype: torch.dtype | str) -> dict[int, dict[str, int]] | None:
     """The tuned table {M: config} of the first matching file in ``config_dirs()``, or None."""
-    return load_table(config_file_name(num_experts, intermediate, device_name, dtype), config_dirs(), CONFIG_KEYS)
+    return load_device_table(lambda name: config_file_name(num_experts, intermediate, name, dtype), device_name,
+                             config_dirs(), CONFIG_KEYS)
 
 
 def get_moe_config(num_experts: int, intermediate: int, m: int, dtype: torch.dtype | str,

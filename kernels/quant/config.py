@@ -25,7 +25,7 @@ from ..tuned_configs import (
     current_device_name,
     device_file_part,
     dtype_name,
-    load_table,
+    load_device_table,
     nearest_entry,
 )
 
@@ -133,7 +133,8 @@ def _lookup(kind: str, n: int, k: int, m: int, dtype: str, device_name: str, ext
     # Cached: every quantized linear of every eager forward asks, and a file lookup is two stat calls. A tuner
     # passes its candidates explicitly; the environment folder is part of the key.
     del extra_dir
-    table = load_table(config_file_name(kind, n, k, device_name, dtype), config_dirs(), CONFIG_KEYS)
+    table = load_device_table(lambda name: config_file_name(kind, n, k, name, dtype), device_name, config_dirs(),
+                              CONFIG_KEYS)
     if not table:
         return default_config(kind, n, k, m)
     return nearest_entry(table, m)
