@@ -64,8 +64,8 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Dispatching SiLU-and-mul: Triton for CUDA tensors (when triton is installed), the C++ kernel for float32 CPU
-    tensors (``cpu_elementwise``), the reference elsewhere.
+    """Dispatching SiLU-and-mul: Triton for CUDA tensors (when triton is installed), the C++ kernel for
+    float32, bfloat16 and float16 CPU rows (``cpu_elementwise``), the reference elsewhere.
 
     ``gate_up [..., 2H]`` (gate first, then up) -> ``silu(gate) * up`` ``[..., H]`` in the input dtype.
     """

@@ -115,8 +115,8 @@ def rms_norm_triton(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatching RMSNorm: Triton for CUDA tensors (when triton is installed), the fused C++ kernel for float32 CPU
-    tensors (``cpu_elementwise``), the reference elsewhere.
+    """Dispatching RMSNorm: Triton for CUDA tensors (when triton is installed), the fused C++ kernel for
+    float32, bfloat16 and float16 CPU rows (``cpu_elementwise``), the reference elsewhere.
 
     Same contract as ``rms_norm_ref``: returns ``(norm(x + residual) * weight, x + residual or None)``.
     """

@@ -453,14 +453,16 @@ def test_cpu_dispatch_uses_reference() -> None:
 
     torch.manual_seed(11)
     x, w = torch.randn(3, 8), torch.randn(8)
-    # float32 CPU rows take the fused C++ kernels (kernels/cpu/elementwise.py; tests/test_cpu_elementwise.py)
+    # float32 / bfloat16 / float16 CPU rows take the fused C++ kernels (kernels/cpu/elementwise.py;
+    # tests/test_cpu_elementwise.py)
     assert torch.equal(kernels.rms_norm(x, w, 1e-6)[0], cpu_elementwise.rms_norm_cpu(x, w, 1e-6)[0])
     gu = torch.randn(2, 10)
     assert torch.equal(kernels.silu_and_mul(gu), cpu_elementwise.silu_and_mul_cpu(gu))
+    assert torch.equal(kernels.silu_and_mul(gu.bfloat16()), cpu_elementwise.silu_and_mul_cpu(gu.bfloat16()))
     # other dtypes the reference
     xd, wd = x.double(), w.double()
     assert torch.equal(kernels.rms_norm(xd, wd, 1e-6)[0], kernels.rms_norm_ref(xd, wd, 1e-6)[0])
-    assert torch.equal(kernels.silu_and_mul(gu.bfloat16()), kernels.silu_and_mul_ref(gu.bfloat16()))
+    assert torch.equal(kernels.silu_and_mul(gu.double()), kernels.silu_and_mul_ref(gu.double()))
     logits, mask = torch.randn(2, 40), torch.randint(-5, 5, (2, 2), dtype=torch.int32)
     assert torch.equal(kernels.apply_token_bitmask_(logits.clone(), mask), kernels.apply_token_bitmask_ref(logits, mask))
 

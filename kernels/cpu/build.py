@@ -21,13 +21,25 @@ logger = logging.getLogger(__name__)
 # C++ shared by the kernels' sources (pasted inside their anonymous namespace; needs <algorithm>, <cmath>,
 # <cstdint>, <cstring>): exp(x) in place (Cephes' expf polynomial, ~1 ulp), written so that gcc vectorises it;
 # std::exp does not vectorise without -ffast-math, which would also break the attention kernel's -inf handling.
+# gcc 12 (checked with -fopt-info-vec) left an earlier form of this scalar: std::floor does not vectorise without
+# -fno-trapping-math, std::min/max's reference arguments become per-lane arrays, and a clamp in the same loop is
+# jump-threaded into branches that would speculate trapping float ops. Hence the clamp in a loop of its own with
+# quiet compares, and floor from a truncating int cast: the same values (NaN stays NaN), 8 or 16 lanes at a time.
 # Inputs are clamped to [-87, 88] (the float range of exp's result), so large |x| give ~0 and ~1.7e38, never NaN.
 SIMD_EXP = r"""
 inline void exp_inplace(float* x, int n) {
 #pragma omp simd
+  for (int i = 0; i < n; ++i) {  // the clamp: a loop of its own, quiet compares (see above)
+    const float v = x[i];
+    const float lo = __builtin_isless(v, -87.0f) ? -87.0f : v;
+    x[i] = __builtin_isgreater(lo, 88.0f) ? 88.0f : lo;
+  }
+#pragma omp simd
   for (int i = 0; i < n; ++i) {
-    float v = std::min(std::max(x[i], -87.0f), 88.0f);
-    float fx = std::floor(v * 1.44269504088896341f + 0.5f);
+    const float v = x[i];
+    const float t = v * 1.44269504088896341f + 0.5f;
+    const int32_t ti = static_cast<int32_t>(t);  // |t| < 128
+    const float fx = static_cast<float>(ti - (__builtin_isless(t, static_cast<float>(ti)) ? 1 : 0));  // floor(t)
     float r = v - fx * 0.693359375f + fx * 2.12194440e-4f;
     float z = r * r;
     float y = 1.9875691500e-4f;
