@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
 from .cpu import linear as cpu_linear
+from .cpu import linear16 as cpu_linear16
 from .pdl import pdl_kwargs
 
 if triton is not None:
@@ -167,8 +168,9 @@ def linear_triton(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatching linear layer: the skinny Triton kernel for CUDA half-precision inputs of at most
-    ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernel (``cpu_linear``) for float32 CPU inputs of
-    at most ``CPU_SKINNY_MAX_M`` rows, ``F.linear`` for everything else. Contract as ``linear_ref``."""
+    ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernels for CPU inputs of at most 16 rows
+    (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract as
+    ``linear_ref``."""
     if x.is_cuda:
         if triton is not None and x.dtype in SKINNY_DTYPES and x.dtype == weight.dtype and (
             x.numel() <= SKINNY_MAX_M * x.shape[-1]
@@ -176,4 +178,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return linear_triton(x, weight, bias)
     elif cpu_linear.supports(x, weight, bias):
         return cpu_linear.linear_cpu(x, weight, bias)
+    elif cpu_linear16.supports(x, weight, bias):
+        return cpu_linear16.linear16_checked(x, weight, bias)
     return linear_ref(x, weight, bias)

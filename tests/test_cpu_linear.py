@@ -1,4 +1,5 @@
-"""The threaded CPU decode linear (kernels/cpu/linear.py) against ``F.linear`` in float64, on fresh random inputs."""
+"""The threaded CPU decode linears against ``F.linear`` on fresh random inputs: the float32 kernel (kernels/cpu/linear.py)
+against float64, the bfloat16 / float16 kernel (kernels/cpu/linear16.py) against float32 on the same values."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.nn import functional as F
 from xinf_sglang.kernels import linear
 
 from xinf_sglang.kernels.cpu import linear as cpu_linear
+from xinf_sglang.kernels.cpu import linear16 as cpu_linear16
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (577, 576), (3, 13), (1, 8), (4099, 72)]
 
@@ -85,6 +87,7 @@ def test_a_forked_child_gets_working_threads() -> None:
 _STRESS = """
 import random, sys, time, torch
 from xinf_sglang.kernels.cpu import linear as cpu_linear
+from xinf_sglang.kernels.cpu import linear16 as cpu_linear16
 pool = cpu_linear.load().LinearPool(2, int(sys.argv[1]))
 ws = [torch.randn(n, 64) for n in (33, 64, 100, 576, 960, 3000)]
 x = torch.randn(1, 64)
@@ -112,3 +115,87 @@ def test_two_threads_never_hang_on_back_to_back_calls(spin_us: int) -> None:
     done = subprocess.run([sys.executable, "-c", _STRESS, str(spin_us)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) > 1000
+
+
+# The 16-bit kernel (kernels/cpu/linear16.py): every build on this machine. (isa, bf16): None is what torch reports
+# (here AVX-512 with BF16: vdpbf16ps for bfloat16), then AVX-512 without BF16, AVX2, scalar.
+BUILDS16 = [(None, True), ("AVX512", False), ("AVX2", False), ("DEFAULT", False)]
+SHAPES16 = [(960, 576), (3072, 576), (576, 1536), (577, 575), (3, 13), (1, 8), (4099, 72), (64, 33)]
+
+
+def _skip_unless_cpu_runs(isa: str | None) -> None:
+    if isa == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+
+
+def _check16(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """``y`` is ``F.linear`` in float32 on the same 16-bit values, rounded once to the dtype: the float32 dot product's
+    accumulation-order error plus half an ulp of the dtype (``finfo.eps / 2`` relative)."""
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float()).double()
+    k = x.shape[-1]
+    acc = 4e-7 * k**0.5 * (x.abs().double() @ w.abs().double().t()) + 1e-6
+    half_ulp = torch.finfo(x.dtype).eps / 2 * (ref.abs() + acc)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    over = (y.double() - ref).abs() - (acc + half_ulp)
+    assert over.max() <= 0, f"off by {over.max():.3g} beyond the bound"
+
+
+@pytest.mark.parametrize("isa,bf16", BUILDS16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", SHAPES16)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_16bit_kernel_matches_float32_on_the_same_values(isa: str | None, bf16: bool, dtype: torch.dtype, n: int,
+                                                         k: int, with_bias: bool) -> None:
+    _skip_unless_cpu_runs(isa)
+    g = torch.Generator().manual_seed(n * 31 + k + with_bias)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    for m in range(1, cpu_linear16.CPU16_SKINNY_MAX_M + 1):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        _check16(cpu_linear16.linear16_cpu(x, w, b, isa=isa, bf16=bf16), x, w, b)
+
+
+def test_16bit_builds_take_the_paths_they_name() -> None:
+    assert cpu_linear16.load("DEFAULT", False).isa_bfloat16 == "scalar"
+    assert cpu_linear16.load("AVX2", False).isa_float16 == "avx2"
+    if torch.cpu._is_avx512_bf16_supported():
+        assert cpu_linear16.load().isa_bfloat16 == "avx512bf16"
+
+
+@pytest.mark.parametrize("isa,bf16", BUILDS16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_rows_do_not_depend_on_the_batch_or_thread_count(isa: str | None, bf16: bool,
+                                                                dtype: torch.dtype) -> None:
+    _skip_unless_cpu_runs(isa)
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(1030, 577, generator=g).to(dtype)
+    b = torch.randn(1030, generator=g).to(dtype)
+    x = torch.randn(cpu_linear16.CPU16_SKINNY_MAX_M, 577, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results[t] = cpu_linear16.linear16_cpu(x, w, b, isa=isa, bf16=bf16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[1], results[2])
+    for i in range(x.shape[0]):
+        assert torch.equal(cpu_linear16.linear16_cpu(x[i : i + 1], w, b, isa=isa, bf16=bf16)[0], results[2][i])
+    assert torch.equal(cpu_linear16.linear16_cpu(x[3:10], w, b, isa=isa, bf16=bf16), results[2][3:10])
+
+
+def test_16bit_dispatch_takes_the_kernel_only_where_it_applies() -> None:
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    m = cpu_linear16.CPU16_SKINNY_MAX_M
+    assert cpu_linear16.supports(torch.randn(m, 32, dtype=torch.bfloat16), w, None)
+    assert cpu_linear16.supports(torch.randn(1, 32, dtype=torch.float16), w.half(), w[:, 0].half().contiguous())
+    assert not cpu_linear16.supports(torch.randn(m + 1, 32, dtype=torch.bfloat16), w, None)  # prefill: oneDNN
+    assert not cpu_linear16.supports(torch.randn(1, 32), w, None)  # mixed dtypes
+    assert not cpu_linear16.supports(torch.randn(1, 32, dtype=torch.bfloat16), w, w[:, 0].float())
+    assert not cpu_linear16.supports(torch.randn(1, 32, dtype=torch.bfloat16), w.t().contiguous().t(), None)
+    x3 = torch.randn(2, 3, 32, dtype=torch.bfloat16)  # leading dims are flattened, as F.linear does
+    _check16(linear(x3, w).view(6, 64), x3.view(6, 32), w, None)
+    assert linear(torch.randn(40, 32, dtype=torch.bfloat16), w).shape == (40, 64)
+    with pytest.raises(ValueError, match="linear16_cpu takes bfloat16 or float16"):
+        cpu_linear16.linear16_cpu(torch.randn(1, 32, dtype=torch.bfloat16), w.float())

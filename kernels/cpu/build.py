@@ -58,13 +58,14 @@ inline void exp_inplace(float* x, int n) {
 """
 
 
-def build_flags(prefix: str, isa: str | None = None, avx512: bool = False) -> tuple[str, list[str]]:
+def build_flags(prefix: str, isa: str | None = None, avx512: bool = False, bf16: bool = False) -> tuple[str, list[str]]:
     """Extension name and compiler flags for this CPU: the ISA is part of the name, so a cache directory shared
     between machines never hands an AVX2 build to a CPU without AVX2.
 
     ``isa``: ``"DEFAULT"`` (scalar), ``"AVX2"`` or ``"AVX512"`` instead of what torch reports (tests build every
     path of a kernel on one machine). ``avx512``: the kernel has paths of its own for F16C (with AVX2) and for
     AVX-512 (+ VNNI where the CPU has it); off, an AVX-512 CPU gets the AVX2 flags, as the older kernels expect.
+    ``bf16`` (with ``avx512``): also AVX-512 BF16 (``vdpbf16ps``) where the CPU has it.
     """
     cap = isa or torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (x86) or e.g. "SVE256"
     flags = ["-O3", "-fopenmp"]
@@ -76,19 +77,22 @@ def build_flags(prefix: str, isa: str | None = None, avx512: bool = False) -> tu
         if getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
             flags.append("-mavx512vnni")
             name += "vnni"
+        if bf16 and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            flags.append("-mavx512bf16")
+            name += "bf16"
     return name, flags
 
 
 def load_cpp(prefix: str, source: str, functions: list[str] | None, what: str, way_out: str,
-             isa: str | None = None, avx512: bool = False) -> ModuleType:
+             isa: str | None = None, avx512: bool = False, bf16: bool = False) -> ModuleType:
     """Build (or load from torch's cache) the extension ``prefix`` from ``source`` exporting ``functions`` (None:
-    the source defines its own ``PYBIND11_MODULE``); ``isa`` and ``avx512`` as in `build_flags`.
+    the source defines its own ``PYBIND11_MODULE``); ``isa``, ``avx512`` and ``bf16`` as in `build_flags`.
 
     Raises RuntimeError naming ``what`` failed, the cause, and ``way_out`` (how to run without it).
     """
     from torch.utils.cpp_extension import load_inline
 
-    name, flags = build_flags(prefix, isa, avx512)
+    name, flags = build_flags(prefix, isa, avx512, bf16)
     start = time.perf_counter()
     try:
         module = load_inline(

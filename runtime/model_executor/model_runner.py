@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xinf_sglang.kernels.cpu import elementwise as cpu_elementwise, linear as cpu_linear
+from xinf_sglang.kernels.cpu import elementwise as cpu_elementwise, linear as cpu_linear, linear16 as cpu_linear16
 
 from ..layers.attention.backend import AttentionBackend
 from .forward_batch import ForwardBatch, ForwardMode
@@ -95,6 +95,8 @@ class ModelRunner:
         if device.type == "cpu":  # build the CPU kernels now, not during the first step
             cpu_linear.load()
             cpu_elementwise.load()
+            if any(p.dtype in cpu_linear16.DTYPES for p in model.parameters()):  # a bfloat16 / float16 model
+                cpu_linear16.load()
 
     def build_forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
         """Write the new slots into the request->token table and build the forward's index tensors.
