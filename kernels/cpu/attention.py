@@ -12,6 +12,11 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
   loaded two-core machine waking a second thread costs more than ~50 µs of work.
 - Decode with a ``NewToken`` rotates q and the new k, stores the new K/V and attends in the same item: one call
   per layer instead of a dozen small torch ops.
+- With AVX-512 (built with those flags where the CPU has them), each block of 64 keys is converted once into float
+  tiles (K transposed to [D, 64]), and the block's [rows, 64] scores and P @ V come from register-blocked
+  micro-kernels (up to 6 query rows x 64 lanes in registers): no horizontal sum per (row, key), no per-row pass
+  over the bf16/fp16 rows. A row's result does not depend on how rows are tiled or which thread runs its item.
+  Other CPUs keep one dot product per (row, key).
 
 The C++ source is in attention_source.py. Compiled once per machine kind on first use and cached by torch
 in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and
@@ -40,7 +45,7 @@ def load():
     """
     return load_cpp(
         "sglite_cpu_attention", CPU_ATTENTION_CPP, CPU_ATTENTION_FUNCTIONS, "CPU attention kernel",
-        "run the torch reference instead with attention_backend='torch'",
+        "run the torch reference instead with attention_backend='torch'", avx512=True,
     )
 
 
