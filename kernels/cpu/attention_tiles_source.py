@@ -1,0 +1,158 @@
+"""The AVX-512 tiles of the CPU attention kernel (spliced into ``attention_source.CPU_ATTENTION_CPP`` after `Pool`
+and `Scratch`): a block of keys converted once to float (K transposed), then register-blocked score and P @ V tiles
+over up to 6 query rows, with no horizontal sum per (row, key). Compiled only where the extension is built with
+AVX-512 (``SGLITE_ATTN_AVX512``); elsewhere ``attend`` keeps its scalar-vector loop.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AVX512_TILES"]
+
+AVX512_TILES = r"""
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SGLITE_ATTN_AVX512 1
+
+// 16 lanes of a row of T as float; lanes past `mask` read as 0.
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(mask, p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i x = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+  }
+}
+
+inline __mmask16 lanes(int n) {  // the first min(n, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max(n, 0)) - 1u);
+}
+
+// r[c] <- lane c of r[0..16): a 16x16 transpose in registers.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    t[m + 4] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
+    t[m + 8] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[m + 12] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm512_shuffle_f32x4(t[m], t[m + 8], 0x88);
+    r[m + 8] = _mm512_shuffle_f32x4(t[m], t[m + 8], 0xDD);
+    r[m + 4] = _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0x88);
+    r[m + 12] = _mm512_shuffle_f32x4(t[m + 4], t[m + 12], 0xDD);
+  }
+}
+
+// One block of nb keys into float tiles: kt[c][j] (transposed, keys nb.. zero) and vt[j][c].
+template <typename T>
+void load_block(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int d, Scratch& sc) {
+  float* kt = sc.kt.data();
+  for (int j0 = 0; j0 < kBlockKeys; j0 += 16) {
+    for (int c0 = 0; c0 < d; c0 += 16) {
+      const __mmask16 mc = lanes(d - c0);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = j0 + j < nb ? load16(pool.krow(slots[j0 + j], h) + c0, mc) : _mm512_setzero_ps();
+      transpose16(r);
+      const int nc = std::min(16, d - c0);
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(kt + (c0 + c) * kBlockKeys + j0, r[c]);
+    }
+  }
+  float* vt = sc.vt.data();
+  for (int j = 0; j < nb; ++j) {
+    const T* vr = pool.vrow(slots[j], h);
+    for (int c0 = 0; c0 < d; c0 += 16) {
+      const __mmask16 mc = lanes(d - c0);
+      _mm512_mask_storeu_ps(vt + j * d + c0, mc, load16(vr + c0, mc));
+    }
+  }
+}
+
+// s[i][0..64) = scale * q[i] . kt[:, 0..64) for rows i0 .. i0 + R: R x 4 accumulators, one broadcast per (row, c).
+template <int R>
+inline void scores_tile(const float* q, const float* kt, float* s, int i0, int d, float scale) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  const float* qr = q + i0 * d;
+  for (int c = 0; c < d; ++c) {
+    const float* kc = kt + c * kBlockKeys;
+    const __m512 k0 = _mm512_loadu_ps(kc), k1 = _mm512_loadu_ps(kc + 16), k2 = _mm512_loadu_ps(kc + 32),
+                 k3 = _mm512_loadu_ps(kc + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(qr[r * d + c]);
+      acc[r][0] = _mm512_fmadd_ps(b, k0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, k1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(b, k2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(b, k3, acc[r][3]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s + (i0 + r) * kBlockKeys + 16 * v, _mm512_mul_ps(acc[r][v], sv));
+}
+
+// acc[i][c0 .. c0 + 64) += sum_j p[i][j] * vt[j][c0 ..] for rows i0 .. i0 + R (lanes past d masked off).
+template <int R>
+inline void pv_tile(const float* p, const float* vt, float* acc, int i0, int nb, int d, int c0) {
+  __mmask16 mk[4];
+  for (int v = 0; v < 4; ++v) mk[v] = lanes(d - c0 - 16 * v);
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) a[r][v] = _mm512_maskz_loadu_ps(mk[v], acc + (i0 + r) * d + c0 + 16 * v);
+  for (int j = 0; j < nb; ++j) {
+    const float* vr = vt + j * d + c0;
+    __m512 x[4];
+    for (int v = 0; v < 4; ++v) x[v] = _mm512_maskz_loadu_ps(mk[v], vr + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 b = _mm512_set1_ps(p[(i0 + r) * kBlockKeys + j]);
+      for (int v = 0; v < 4; ++v) a[r][v] = _mm512_fmadd_ps(b, x[v], a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(acc + (i0 + r) * d + c0 + 16 * v, mk[v], a[r][v]);
+}
+
+constexpr int kTileRows = 6;  // rows per micro-kernel call: 6 x 4 accumulators + 4 key/value vectors fit 32 zmm
+
+template <template <int> class F, typename... A>
+inline void by_rows(int nq, A... args) {
+  int i0 = 0;
+  for (; i0 + kTileRows <= nq; i0 += kTileRows) F<kTileRows>::run(i0, args...);
+  switch (nq - i0) {
+    case 1: F<1>::run(i0, args...); break;
+    case 2: F<2>::run(i0, args...); break;
+    case 3: F<3>::run(i0, args...); break;
+    case 4: F<4>::run(i0, args...); break;
+    case 5: F<5>::run(i0, args...); break;
+    default: break;
+  }
+}
+template <int R>
+struct ScoresTile {
+  static void run(int i0, const float* q, const float* kt, float* s, int d, float scale) {
+    scores_tile<R>(q, kt, s, i0, d, scale);
+  }
+};
+template <int R>
+struct PvTile {
+  static void run(int i0, const float* p, const float* vt, float* acc, int nb, int d) {
+    for (int c0 = 0; c0 < d; c0 += 64) pv_tile<R>(p, vt, acc, i0, nb, d, c0);
+  }
+};
+#endif
+"""
