@@ -399,6 +399,6 @@ def test_shipped_config_files_are_well_formed() -> None:
 
 @pytest.mark.parametrize("module,kernel", [(fp8, "_group_quant_kernel"), (fp8, "_fp8_gemm_kernel"),
                                            (fp8, "_fp8_gemv_kernel"), (int4, "_int4_gemm_kernel"),
-                                           (int_gemv, "_int_gemv_kernel"), (splitk, "_splitk_reduce_kernel")])
+                                           (int_gemv, "_int_gemv_kernel"), (splitk, "_sum_parts_kernel")])
 def test_pdl_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
     check_pdl_contract(module, kernel)

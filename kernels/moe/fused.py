@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
+from ..quant.splitk import sum_parts
 from .align import (
     TRITON_MAX_PAIRS,
     moe_align_block_size_ref,
@@ -92,27 +93,12 @@ if triton is not None:
         c_ptr = C + pair[:, None] * sc_m + offs_n[None, :]
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _topk_sum_kernel(SRC, OUT, hidden, TOPK: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        # OUT[t] = sum_k SRC[t * TOPK + k] in float32, rounded once: the K weighted copies of each token.
-        pdl_wait(USE_PDL)
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < hidden
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(TOPK):
-            acc += tl.load(SRC + (row * TOPK + j) * hidden + cols, mask=mask, other=0.0)
-        tl.store(OUT + row * hidden + cols, acc.to(OUT.dtype.element_ty), mask=mask)
-
 
 def _topk_sum(src: torch.Tensor, tokens: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
     """``src [T*K, H]`` float32 -> ``[T, H]`` in ``dtype``: one launch instead of torch's sum and cast."""
     hidden = src.shape[1]
     out = torch.empty((tokens, hidden), dtype=dtype, device=src.device)
-    block = min(triton.next_power_of_2(hidden), 1024)
-    _topk_sum_kernel[(tokens, triton.cdiv(hidden, block))](
-        src, out, hidden, TOPK=topk, BLOCK=block, num_warps=4, **pdl_kwargs(src.device)
-    )
+    sum_parts(src, out, topk, topk * hidden, hidden)
     return out
 
 

@@ -184,7 +184,7 @@ if triton is not None:
             out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
         y_off = offs_m[:, None] * sy_m + offs_n[None, :]
         out_ok = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # float32 partial sums, reduced by splitk.py's _splitk_reduce_kernel
+        if SPLIT:  # float32 partial sums, reduced by splitk.py's _sum_parts_kernel
             tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
         else:
             if HAS_BIAS:

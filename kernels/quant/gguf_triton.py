@@ -147,7 +147,7 @@ if triton is not None:
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
             x_ptr += BLOCK_K
         out_mask = mask_m[:, None] & (offs_n < N)[None, :]
-        if SPLIT:  # float32 partial sums, reduced by splitk.py's _splitk_reduce_kernel
+        if SPLIT:  # float32 partial sums, reduced by splitk.py's _sum_parts_kernel
             y_ptr = Y + tl.program_id(1).to(tl.int64) * sy_split + offs_m.to(tl.int64)[:, None] * sy_m
             tl.store(y_ptr + offs_n[None, :], acc, mask=out_mask)
         else:

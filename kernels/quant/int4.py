@@ -126,7 +126,7 @@ if triton is not None:
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
             x_ptr += BLOCK_K
         out_mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # float32 partial sums, reduced by _splitk_reduce_kernel
+        if SPLIT:  # float32 partial sums, reduced by _sum_parts_kernel
             y_ptr = Y + pid_k.to(tl.int64) * sy_split + offs_m.to(tl.int64)[:, None] * sy_m + offs_n[None, :]
             tl.store(y_ptr, acc, mask=out_mask)
         else:

@@ -21,7 +21,7 @@ bf16. The GEMV keeps every weight in the registers of the thread that loaded it:
 - each K step lies in one group: the ``SUB`` sub-tiles are summed per column in registers (FMA chain), then scaled
   once per step (AWQ ``s 2**-shift * sum x (q - z) 2**shift``, GPTQ ``s (sum x q - z sum x)``); the ROWS axis is
   summed across threads once, after the loop;
-- K split (``SPLIT_K``, float32 partials + the deterministic ``_splitk_reduce_kernel``) until ~2 programs per SM;
+- K split (``SPLIT_K``, float32 partials + the deterministic ``_sum_parts_kernel``) until ~2 programs per SM;
   PDL as every kernel here.
 Offline SASS for sm_90 (AWQ, 256 columns, 128-row steps, M = 1): ~4 instructions per weight in the loop (LOP3
 1.4, FADD 1, FFMA 1, the rest loads, scales, addresses), 168 registers, no local memory, no barrier in the loop
@@ -189,7 +189,7 @@ if triton is not None:
         else:
             y_off = offs_m[:, None] * sy_m + cols[None, :]
             out_ok = mask_m[:, None] & col_ok[None, :]
-        if SPLIT:  # float32 partial sums, reduced by _splitk_reduce_kernel
+        if SPLIT:  # float32 partial sums, reduced by _sum_parts_kernel
             tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
         else:
             if HAS_BIAS:
