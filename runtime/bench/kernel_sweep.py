@@ -44,6 +44,7 @@ class SweepOptions:
     quick: bool = False
     chain_batch_sizes: tuple[int, ...] = (1, 8)
     config_out: str | None = None  # where the quant sweep writes its tuned config files (none: only printed)
+    quant_kinds: tuple[str, ...] = ()  # the quant sweep's kinds to time (empty: all of them)
 
     def randn(self, *size: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, device=self.device) * scale).to(self.dtype)

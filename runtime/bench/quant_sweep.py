@@ -32,14 +32,19 @@ from .timing import measure_bandwidth
 # The decode GEMVs timed beside the tl.dot kernels, and their grids: (BLOCK_SIZE_N, BLOCK_SIZE_K, SPLIT_K, warps).
 # AWQ strips of 128-512 columns are 64-256 contiguous bytes per K row, GPTQ strips of 64-256 words 256-1024 bytes
 # per packed row (its K steps are capped at the group of 128), FP8 strips are weight rows of 64 or 128 bytes.
+# The grids are centred on the bests of the first H100 sweep (2026-12-07: AWQ / GPTQ 64-128 columns split 8-16
+# ways with 2-4 warps, FP8 16-row strips with 128-256-wide steps split 2-8 ways), one step either side.
 GEMV_GRIDS = {
-    "awq_gemv": ((128, 256, 512), (64, 128), (2, 4, 8, 16), (2, 4)),
-    "gptq_gemv": ((64, 128, 256), (128,), (1, 2, 4, 8, 16), (2, 4, 8)),
-    "fp8_block_gemv": ((16, 32, 64, 128), (64, 128), (1, 2, 4, 8), (4, 8)),
-    "fp8_channel_gemv": ((16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4,)),
+    "awq_gemv": ((64, 128, 256), (64, 128), (4, 8, 16, 32), (1, 2, 4)),
+    "gptq_gemv": ((32, 64, 128), (128,), (4, 8, 16, 32), (1, 2, 4)),
+    "fp8_block_gemv": ((8, 16, 32), (128,), (2, 4, 8, 16), (2, 4, 8)),
+    "fp8_channel_gemv": ((8, 16, 32), (128, 256, 512), (1, 2, 4, 8), (4, 8)),
 }
 # The GGUF kernels timed: Q4_K_M's two types and Q8_0 (each its own kernel kind of kernels/quant/config.py).
 GGUF_SWEPT = ("gguf_q4_k", "gguf_q6_k", "gguf_q8_0")
+# Every kind the sweep times, in its order (FP8 only from compute capability 8.9).
+QUANT_KINDS = ("bf16", "fp8_block", "fp8_block_gemv", "fp8_channel", "fp8_channel_gemv", "awq", "awq_gemv", "gptq",
+               "gptq_gemv", *GGUF_SWEPT)
 Call = Callable[[torch.Tensor, dict | None], torch.Tensor]  # (x, launch config or None) -> y
 
 
@@ -121,9 +126,9 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
     if opts.device.type != "cuda":
         print("\n## quant: skipped: the quantized kernels are timed on a CUDA GPU only (run with --device cuda)")
         return
-    kinds = ["bf16", "awq", "awq_gemv", "gptq", "gptq_gemv", *GGUF_SWEPT]
-    if torch.cuda.get_device_capability(opts.device) >= (8, 9):
-        kinds[1:1] = ["fp8_block", "fp8_block_gemv", "fp8_channel", "fp8_channel_gemv"]
+    kinds = [k for k in QUANT_KINDS if not opts.quant_kinds or k in opts.quant_kinds]
+    if torch.cuda.get_device_capability(opts.device) < (8, 9):
+        kinds = [k for k in kinds if not k.startswith("fp8")]
     copy_bw = measure_bandwidth(opts.device).copy
     print(f"\n## quantized linears at decode (bf16 activations; copy roofline {copy_bw / 1e9:.0f} GB/s)")
     print(f"{'weight':<9}{'kind':<12}{'M':>3}{'us':>9}{'GB/s':>7}{'%copy':>7}"
@@ -136,10 +141,10 @@ def sweep_quant(opts: SweepOptions, results: dict) -> None:
                 results.setdefault("quant", []).append(dict(row, weight=name))
                 print(f"{name:<9}{row['text']}")
             opts.empty_cache()
-    if opts.config_out:
-        for path in write_tuned_configs(results.get("quant", []), opts.shape.weights(), Path(opts.config_out),
-                                        current_device_name(opts.device), opts.dtype_name):
-            print(f"wrote {path}")
+        if opts.config_out:  # after each weight, so that a run cut short keeps what it timed
+            for path in write_tuned_configs(results.get("quant", []), opts.shape.weights(), Path(opts.config_out),
+                                            current_device_name(opts.device), opts.dtype_name):
+                print(f"wrote {path}")
 
 
 def _time_kind(opts: SweepOptions, kind: str, n: int, k: int, copy_bw: float) -> list[dict]:

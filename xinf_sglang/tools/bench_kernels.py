@@ -39,6 +39,17 @@ def _sweeps(text: str) -> tuple[str, ...]:
     return names
 
 
+def _quant_kinds(text: str) -> tuple[str, ...]:
+    from ..runtime.bench.quant_sweep import QUANT_KINDS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(QUANT_KINDS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown quant kind {', '.join(unknown) or text!r}; "
+                                         f"choose from {','.join(QUANT_KINDS)}")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", required=True,
                    help="config.json whose shapes to use, e.g. configs/llama-3.1-8b.json")
@@ -55,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-out", metavar="DIR",
                    help="the quant sweep writes its best M = 1 launch configs here as tuned config files (ship them "
                         "in kernels/quant/configs)")
+    p.add_argument("--quant-kinds", type=_quant_kinds, default=(), metavar="KIND[,KIND]",
+                   help="time only these kinds in the quant sweep, e.g. awq_gemv,fp8_block_gemv (default all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(device_name)
     dtype_name = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     opts = kernel_sweep.SweepOptions(KernelShape.from_config(args.model_config), device, getattr(torch, dtype_name),
-                                     args.quick, tuple(args.chain_bs), args.config_out)
+                                     args.quick, tuple(args.chain_bs), args.config_out, tuple(args.quant_kinds))
     torch.manual_seed(0)
     bw = measure_bandwidth(device, nbytes=(16 * 1024**2 if args.quick else None))
     print(f"{_describe(device)}; copy bandwidth {bw.copy / 1e9:.0f} GB/s (read + write), read bandwidth "
