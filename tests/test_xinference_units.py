@@ -390,6 +390,44 @@ def test_request_tracker_counts_aborts_and_frees_requests_however_they_end() -> 
 
     asyncio.run(scenario())
 
+
+def test_a_stream_whose_pulling_task_is_cancelled_after_its_item_is_closed_without_the_garbage_collector() -> None:
+    """Xinference's model actor pulls each chunk in a task of its own and, once it has the chunk, hops to threads;
+    a client disconnect that cancels the pull there must close the stream (abort the request) at once, although
+    the stream object stays referenced (as xoscar's cancelled call keeps it until a garbage collection)."""
+    import asyncio
+
+    from xinf_sglang.serving.engine.streams import RequestTracker, closed_when_abandoned
+
+    async def scenario() -> None:
+        tracker, engine = RequestTracker(), _FakeEngine(*[_chunk()] * 4, _chunk("stop"))
+        stream = closed_when_abandoned(tracker.stream(engine, [1], None, "r1", None, lambda: None))
+        took, hop = asyncio.Event(), asyncio.Event()  # `hop` is never set: the thread hop the cancellation meets
+
+        async def pull(then_hop: bool) -> None:
+            await stream.__anext__()
+            took.set()
+            if then_hop:
+                await hop.wait()
+
+        await asyncio.create_task(pull(False))  # a pull that ends normally leaves the stream open
+        await asyncio.create_task(pull(False))
+        assert (len(tracker), engine.closed) == (1, 0)
+        took.clear()
+        puller = asyncio.create_task(pull(True))
+        await took.wait()
+        puller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await puller
+        for _ in range(3):  # event-loop turns for the close it started, not time
+            await asyncio.sleep(0)
+        assert (len(tracker), tracker.client_aborts, engine.closed) == (0, 1, 1)
+        assert [c async for c in stream] == []  # a later pull finds it ended
+        await stream.aclose()
+        assert engine.closed == 1
+
+    asyncio.run(scenario())
+
 # ---- the start-up hook, in fresh interpreters ----
 
 

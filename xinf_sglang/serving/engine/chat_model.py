@@ -77,7 +77,7 @@ class SgliteChatModel(SgliteModel, ChatModelMixin):
         completion = await self._start(input_ids, sampling, opts, request_id)
         n = sampling.get("n") or 1  # valid: _start built the SamplingParams
         ctx = {**template_kwargs, "_anthropic_request": bool(config.get("_anthropic_request", False))}
-        return chat.convert(completion, n, tools, ctx, opts.parallel_tool_calls)
+        return self._handed_over(chat.convert(completion, n, tools, ctx, opts.parallel_tool_calls))
 
     def _chat_path(self) -> ChatPath:
         if self._chat is None:  # built by load() right after the engine

@@ -24,7 +24,7 @@ from ..metrics import metric_labels, replica_model_uid
 from . import launch
 from .errors import SgliteRequestError
 from .request_input import RequestInput, map_config
-from .streams import Completion, CompletionRunner, RequestTracker
+from .streams import Completion, CompletionRunner, RequestTracker, closed_when_abandoned
 
 if TYPE_CHECKING:
     from xinference.model.llm.llm_family import LLMFamilyV2, LLMSpecV1
@@ -161,7 +161,8 @@ class SgliteModel(LLM):
         # Completions follow the HF convention of the model's own BOS handling (add_special_tokens=True).
         # Tokenized on a thread: a long prompt must not stall the model actor's loop, which serves everyone.
         input_ids = await asyncio.to_thread(request_input.encode, prompt, True)
-        return await self._start(input_ids, sampling, opts, request_id, echo=prompt if opts.echo else "")
+        completion = await self._start(input_ids, sampling, opts, request_id, echo=prompt if opts.echo else "")
+        return self._handed_over(completion)
 
     async def _start(
         self, input_ids: List[int], sampling: Dict[str, Any], opts: RequestOptions, request_id: Optional[str],
@@ -174,6 +175,12 @@ class SgliteModel(LLM):
             raise failure
         params = request_input.sampling_params(sampling, opts, len(input_ids))
         return await runner.run(input_ids, params, opts, request_id or uuid.uuid4().hex, echo)
+
+    @staticmethod
+    def _handed_over(completion: Completion) -> Completion:
+        """A completion as it goes back to Xinference: a stream is closed as soon as the actor's consumer of it is
+        cancelled (:func:`.streams.closed_when_abandoned`)."""
+        return completion if isinstance(completion, dict) else closed_when_abandoned(completion)
 
     def _loaded(self) -> Tuple["Engine", RequestInput, CompletionRunner]:
         """What ``load`` built (engine, request input, runner); RuntimeError before load and after stop."""
