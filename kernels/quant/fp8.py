@@ -7,10 +7,11 @@ scale per column: ``acc += dot(a, b) * a_scale[:, None] * b_scale[None, :]``. Pe
 per row over all of K, the raw dot accumulates, and both scales are applied once at the end (``SCALE_AT_END``).
 ``fp8_channel_linear_triton`` prefers ``torch._scaled_mm`` (cuBLASLt / CUTLASS row-wise scaling) where it exists.
 
-The quantization kernel rounds to the e4m3 grid itself before the cast (``_round_to_e4m3``): the cast of an
-already representable value is exact everywhere, while Triton's CPU interpreter rounds fp32 -> fp8 wrongly (no
-mantissa carry: 127.3 becomes 64), which would make the CPU tests meaningless. On a GPU the result is the same as
-the hardware's round-to-nearest-even cast; the few integer operations hide under the memory traffic.
+The quantization kernel encodes the e4m3 bytes itself (``_e4m3_code``, integer operations with one rounding) and
+stores them through a uint8 view: Triton's CPU interpreter rounds fp32 -> fp8 wrongly (no mantissa carry: 127.3
+becomes 64), and an earlier round-then-cast version rounded subnormals twice and lost the sign of negative values
+that round to zero (3 codes of 917,504 differed from torch's cast on an H100, 2026-12-07). The codes equal torch's
+round-to-nearest-even cast bit for bit; the few integer operations hide under the memory traffic.
 
 Decode, M <= ``FP8_GEMV_MAX_M`` (4): ``_fp8_gemv_kernel``, weight-only (W8A16). At M = 1 the W8A8 path is two
 launches (the quantization kernel, then a GEMM whose ``tl.dot`` tile pads M to 16) for a call that should take
@@ -48,18 +49,21 @@ if triton is not None:
     _FP8_EPS = tl.constexpr(FP8_EPS)
 
     @triton.jit
-    def _round_to_e4m3(v):
-        """float32 ``v`` (|v| <= 448) rounded to the nearest e4m3 value (ties to even), still in float32."""
+    def _e4m3_code(v):
+        """float32 ``v`` (|v| <= 448) -> its e4m3 byte (int32 0..255), rounded to nearest even with ONE rounding,
+        all in integer / exact float operations, so the codes are the same under the interpreter and on any GPU.
+        Normal range: keep 3 of the 23 mantissa bits (ties to even) and re-bias the exponent (127 -> 7). Below
+        2**-6 e4m3 is subnormal with a step of 2**-9: ``a * 512`` is exact, and adding 2**23 rounds it to an
+        integer in one IEEE rounding (the low bits of the sum are that integer; 8 is the smallest normal's code).
+        The sign is the sign bit of ``v`` (so -0.0 and negatives rounding to zero give 0x80, as torch's cast)."""
+        bits = v.to(tl.int32, bitcast=True)
         a = tl.abs(v)
-        # Below 2**-6 e4m3 is subnormal with a fixed step of 2**-9: shift into [2**-6, 2**-5), whose normal step
-        # is the same, round there, shift back.
-        sub = a < 0.015625
-        a = tl.where(sub, a + 0.015625, a)
-        bits = a.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # keep 3 of the 23 mantissa bits, ties to even
-        r = bits.to(tl.float32, bitcast=True)
-        r = tl.where(sub, r - 0.015625, r)
-        return tl.where(v < 0, -r, r)
+        abits = a.to(tl.int32, bitcast=True)
+        rounded = (abits + 0x7FFFF + ((abits >> 20) & 1)) & -0x100000
+        normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+        sub = (a * 512.0 + 8388608.0).to(tl.int32, bitcast=True) & 0xF
+        code = tl.where(a < 0.015625, sub, normal)
+        return tl.where(bits < 0, code | 0x80, code)
 
     @triton.jit
     def _group_quant_kernel(X, XQ, XS, K, sx_m, sq_m, ss_m, GROUP: tl.constexpr, BLOCK: tl.constexpr,
@@ -73,8 +77,8 @@ if triton is not None:
         x = tl.load(X + row * sx_m + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), _FP8_EPS) / _FP8_MAX
         # IEEE division (``/`` is the fast approximate one on CUDA): the codes equal torch's at FP8 rounding ties.
-        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX))
-        tl.store(XQ + row * sq_m + cols, q.to(XQ.dtype.element_ty), mask=mask)
+        q = _e4m3_code(tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX))
+        tl.store(XQ + row * sq_m + cols, q.to(tl.uint8), mask=mask)  # XQ is the FP8 tensor viewed as bytes
         tl.store(XS + row * ss_m + grp, scale)
 
     @triton.jit
@@ -205,7 +209,7 @@ def fp8_quantize_per_token_group_triton(x: torch.Tensor, group_size: int) -> tup
     if m > 0:
         block = triton.next_power_of_2(group_size)
         _group_quant_kernel[(m, groups)](
-            x, xq, xs, k, x.stride(0), xq.stride(0), xs.stride(0), GROUP=group_size, BLOCK=block,
+            x, xq.view(torch.uint8), xs, k, x.stride(0), xq.stride(0), xs.stride(0), GROUP=group_size, BLOCK=block,
             num_warps=max(1, min(8, block // 256)), **pdl_kwargs(x.device),
         )
     return xq, xs
