@@ -1,7 +1,7 @@
 """Offline throughput of the runtime on a random workload, next to baselines on the same prompts in the same
 run: HF ``generate`` (`bench_hf`, one prompt at a time) and llama.cpp (`bench_llamacpp`: xllamacpp on an F32 GGUF
 of the same weights, all prompts batched; see `llamacpp_baseline`); the report (table, prefix-cache share,
-grammar-mask time, roofline) and the device bandwidth probe. The command line is ``sglite bench offline``
+grammar-mask time, and `timing.print_roofline`). The command line is ``sglite bench offline``
 (:mod:`xinf_sglang.tools.bench`).
 
 Prompts are random token ids with uniformly drawn input and output lengths; EOS is ignored so every request
@@ -29,7 +29,7 @@ from ..engine.engine import Engine
 from ..sampling.sampling_params import SamplingParams
 from ..layers.moe.sparse_block import parameter_counts
 from .isolated import process_age, run_isolated
-from .timing import measure_bandwidth
+from .timing import measure_bandwidth, print_roofline
 
 
 BASELINES = ("hf", "llamacpp", "vllm")
@@ -67,6 +67,10 @@ class Workload:
             total += min(matched, len(prompt) - 1)
         return total
 
+    @property
+    def longest_prompt(self) -> int:
+        return max((len(p) for p in self.prompts), default=1)
+
     def warmup_prompts(self, n: int = 2, length: int = 8) -> list[list[int]]:
         """``n`` prompts of one repeated token that starts no workload prompt (a warm-up leaves nothing in a prefix
         cache that the workload could hit)."""
@@ -87,6 +91,7 @@ class Result:
     output_tokens: int | None = None  # when it differs from the workload's (constrained requests end early)
     mask_ms_per_step: float | None = None
     startup_s: float | None = None  # --isolate: its process's creation to the engine being ready
+    decode_ms_per_step: float | None = None  # sglite: the scheduler's decode steps alone (prefill left out)
     peak_rss_bytes: int | None = None  # --isolate: peak RSS of its process tree
 
     @property
@@ -108,7 +113,7 @@ class Result:
                 "output_tokens": self.generated, "seconds": self.seconds, "output_tok_s": self.output_tok_s,
                 "total_tok_s": self.total_tok_s, "cache_hit_rate": self.cache_hit_rate,
                 "max_cache_hit_rate": w.max_cached_tokens / w.input_tokens, "mask_ms_per_step": self.mask_ms_per_step,
-                "startup_s": self.startup_s, "peak_rss_bytes": self.peak_rss_bytes}
+                "decode_ms_per_step": self.decode_ms_per_step, "startup_s": self.startup_s, "peak_rss_bytes": self.peak_rss_bytes}
 
 
 def parse_baselines(values: list[str] | None) -> list[str]:
@@ -184,24 +189,17 @@ def bench_sglite(config: EngineConfig, workload_for: Callable[[int], Workload],
             torch.cuda.empty_cache()
 
 
-def print_report(results: list[Result], sg: SgliteRun, roofline: bool) -> None:
-    """The table, the prefix-cache report, grammar-mask times and (``roofline``) the roofline of sglite's run."""
-    print_table(results, sg.device, sg.dtype)
-    print_process_costs(results)
-    print_cache_report(results)
-    print_mask_times(results)
-    if roofline:
-        print_roofline(results[0], sg.active_weights_bytes, sg.device, sg.weights_bytes)
-
-
 def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = None) -> Result:
     """Submit every prompt at once; time until the last one finishes. A short warm-up runs first.
 
     With ``json_schema`` every request is constrained to it; requests then end when their JSON is complete (or
     at their output length), so the throughput counts the tokens actually generated."""
     warm = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
-    # Warm up on prompts outside the workload, so the radix cache holds nothing the workload could hit.
-    engine.generate(input_ids=workload.warmup_prompts(), sampling_params=warm)
+    # Warm up on prompts outside the workload, so the radix cache holds nothing the workload could hit, as long as
+    # its longest prompt: a prefill of that length compiles its kernels (Triton's per-shape specializations, the
+    # quantized and MoE GEMMs' prefill tiles) here and not inside the timed run (1.5 s of DeepSeek-V2-Lite's
+    # batch-1 run on an H100 before, 2026-12-07).
+    engine.generate(input_ids=workload.warmup_prompts(length=workload.longest_prompt), sampling_params=warm)
     before = engine.metrics()
     params = [SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True, json_schema=json_schema)
               for n in workload.output_lens]
@@ -213,28 +211,31 @@ def bench_engine(engine: Engine, workload: Workload, json_schema: dict | None = 
     seconds = time.perf_counter() - start
     done.set()
     generated = sum(len(o.token_ids) for o in outs)
-    _print_time_split(before, engine.metrics())
+    split = _print_time_split(before, engine.metrics())
+    decode_ms = split["decode_seconds_total"] / split["decode_steps"] * 1e3 if split["decode_steps"] else None
     if json_schema is None:
         assert generated == workload.output_tokens, "a request stopped early"
     after = engine.metrics()
     prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
     cached = after["cached_prompt_tokens_total"] - before["cached_prompt_tokens_total"]
     if json_schema is None:
-        return Result("sglite", workload, seconds, cached / prompt if prompt else 0.0)
+        return Result("sglite", workload, seconds, cached / prompt if prompt else 0.0, decode_ms_per_step=decode_ms)
     steps = after["grammar_mask_steps"] - before["grammar_mask_steps"]
     mask_ms = (after["grammar_mask_ms_per_step"] * after["grammar_mask_steps"]
                - before["grammar_mask_ms_per_step"] * before["grammar_mask_steps"]) / max(1, steps)
     return Result("sglite + JSON schema", workload, seconds, cached / prompt if prompt else 0.0, generated, mask_ms)
 
 
-def _print_time_split(before: dict, after: dict) -> None:
-    """Where the engine's time went: prefill steps vs decode steps (wall time of the scheduler's steps)."""
+def _print_time_split(before: dict, after: dict) -> dict:
+    """Where the engine's time went: prefill steps vs decode steps (wall time of the scheduler's steps); returns
+    the differences printed."""
     d = {k: after[k] - before[k] for k in ("prefill_seconds_total", "decode_seconds_total", "prefill_tokens_total",
                                            "generated_tokens_total", "decode_steps")}
     print(f"[bench] sglite time split: prefill {d['prefill_seconds_total']:.2f} s "
           f"({d['prefill_tokens_total'] / max(d['prefill_seconds_total'], 1e-9):.0f} prefill tok/s), decode "
           f"{d['decode_seconds_total']:.2f} s ({d['decode_steps']} steps, "
           f"{d['generated_tokens_total'] / max(d['decode_steps'], 1):.1f} tokens per step)", flush=True)
+    return d
 
 
 def _tp_counters(engine: Engine) -> tuple[float, int, int]:
@@ -319,6 +320,18 @@ def bench_llamacpp(model_dir: Path, workload: Workload, options, isolate: bool =
                   peak_rss_bytes=cost and cost.peak_rss_bytes)
 
 
+def print_report(results: list[Result], sg: SgliteRun, roofline: bool) -> None:
+    """The table, the prefix-cache report, grammar-mask times and (``roofline``) the roofline of sglite's run."""
+    print_table(results, sg.device, sg.dtype)
+    print_process_costs(results)
+    print_cache_report(results)
+    print_mask_times(results)
+    if roofline:
+        r = results[0]
+        per_token_ms = r.seconds / max(1, r.workload.output_tokens / len(r.workload.prompts)) * 1e3
+        print_roofline(per_token_ms, r.decode_ms_per_step, sg.active_weights_bytes, sg.device, sg.weights_bytes)
+
+
 def print_table(results: list[Result], device: torch.device, dtype: torch.dtype) -> None:
     """One row per engine: tokens, seconds, output and total (input + output) tokens/s, prefix-cache hits."""
     base = results[0]
@@ -355,24 +368,6 @@ def print_cache_report(results: list[Result]) -> None:
         if r.cache_hit_rate is not None:
             share = r.cache_hit_rate / best if best else 0.0
             print(f"{r.name}: cached {r.cache_hit_rate:.1%} of prompt tokens = {share:.1%} of the maximum")
-
-
-def print_roofline(result: Result, weights_bytes: int, device: torch.device, total_bytes: int | None = None) -> None:
-    """Batch-1 decode reads every weight a token uses once per token: the floor is ``weights_bytes`` (the active
-    weights of a mixture of experts, ``total_bytes`` of which are stored) / bandwidth per token, at the copy
-    bandwidth (the target's yardstick) and, stricter, at the read bandwidth."""
-    bw = measure_bandwidth(device)
-    if total_bytes is not None and total_bytes != weights_bytes:
-        print(f"\nroofline: a mixture of experts: {weights_bytes / 1e9:.2f} GB of its {total_bytes / 1e9:.2f} GB of "
-              "weights are read per token at batch 1 (top-k experts, attention, embeddings, LM head)")
-    per_token_ms = result.seconds / max(1, result.workload.output_tokens / len(result.workload.prompts)) * 1e3
-    copy_floor_ms, read_floor_ms = weights_bytes / bw.copy * 1e3, weights_bytes / bw.read * 1e3
-    print(f"\nroofline: weights {weights_bytes / 1e9:.2f} GB; copy bandwidth {bw.copy / 1e12:.2f} TB/s (read+write) "
-          f"-> floor {copy_floor_ms:.2f} ms/token ({1e3 / copy_floor_ms:.0f} tok/s at batch 1); read bandwidth "
-          f"{bw.read / 1e12:.2f} TB/s -> floor {read_floor_ms:.2f} ms/token ({1e3 / read_floor_ms:.0f} tok/s)")
-    print(f"roofline: sglite {per_token_ms:.2f} ms/token ({1e3 / per_token_ms:.0f} tok/s per request) = "
-          f"{copy_floor_ms / per_token_ms:.1%} of the roofline ({read_floor_ms / per_token_ms:.1%} of the "
-          f"read-bandwidth roofline)")
 
 
 def print_mask_times(results: list[Result]) -> None:

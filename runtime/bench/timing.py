@@ -79,3 +79,25 @@ def graph_time_ms(fn: Callable[[], object], device: torch.device, inner: int = 2
         for _ in range(inner):
             fn()
     return seconds_per_run(graph.replay, device, replays, warmup_s=0) * 1e3 / inner
+
+
+def print_roofline(per_token_ms: float, step_ms: float | None, weights_bytes: int, device: torch.device,
+                   total_bytes: int | None = None) -> None:
+    """Batch-1 decode reads every weight a token uses once per token: the floor is ``weights_bytes`` (the active
+    weights of a mixture of experts, ``total_bytes`` of which are stored) / bandwidth per token, at the copy
+    bandwidth (the target's yardstick) and, stricter, at the read bandwidth."""
+    bw = measure_bandwidth(device)
+    if total_bytes is not None and total_bytes != weights_bytes:
+        print(f"\nroofline: a mixture of experts: {weights_bytes / 1e9:.2f} GB of its {total_bytes / 1e9:.2f} GB of "
+              "weights are read per token at batch 1 (top-k experts, attention, embeddings, LM head)")
+    copy_floor_ms, read_floor_ms = weights_bytes / bw.copy * 1e3, weights_bytes / bw.read * 1e3
+    print(f"\nroofline: weights {weights_bytes / 1e9:.2f} GB; copy bandwidth {bw.copy / 1e12:.2f} TB/s (read+write) "
+          f"-> floor {copy_floor_ms:.2f} ms/token ({1e3 / copy_floor_ms:.0f} tok/s at batch 1); read bandwidth "
+          f"{bw.read / 1e12:.2f} TB/s -> floor {read_floor_ms:.2f} ms/token ({1e3 / read_floor_ms:.0f} tok/s)")
+    print(f"roofline: sglite {per_token_ms:.2f} ms/token ({1e3 / per_token_ms:.0f} tok/s per request) = "
+          f"{copy_floor_ms / per_token_ms:.1%} of the roofline ({read_floor_ms / per_token_ms:.1%} of the "
+          f"read-bandwidth roofline), end to end (the prompt's prefill included)")
+    if step_ms:  # what "batch-1 decode vs the roofline" means: the decode steps alone
+        print(f"roofline: sglite decode {step_ms:.2f} ms/step ({1e3 / step_ms:.0f} tok/s) = "
+              f"{copy_floor_ms / step_ms:.1%} of the roofline ({read_floor_ms / step_ms:.1%} of the read-bandwidth "
+              "roofline), decode steps alone")
