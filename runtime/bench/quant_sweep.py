@@ -32,13 +32,13 @@ from .timing import measure_bandwidth
 # The decode GEMVs timed beside the tl.dot kernels, and their grids: (BLOCK_SIZE_N, BLOCK_SIZE_K, SPLIT_K, warps).
 # AWQ strips of 128-512 columns are 64-256 contiguous bytes per K row, GPTQ strips of 64-256 words 256-1024 bytes
 # per packed row (its K steps are capped at the group of 128), FP8 strips are weight rows of 64 or 128 bytes.
-# The grids are centred on the bests of the first H100 sweep (2026-12-07: AWQ / GPTQ 64-128 columns split 8-16
-# ways with 2-4 warps, FP8 16-row strips with 128-256-wide steps split 2-8 ways), one step either side.
+# The grids are centred on the bests of the H100 sweeps (2026-12-07: AWQ / GPTQ 64-256 columns split 16 ways with
+# 1-2 warps, FP8 16-row strips with 128-512-wide steps split 2-8 ways with 2-4 warps), one step past each edge.
 GEMV_GRIDS = {
-    "awq_gemv": ((64, 128, 256), (64, 128), (4, 8, 16, 32), (1, 2, 4)),
-    "gptq_gemv": ((32, 64, 128), (128,), (4, 8, 16, 32), (1, 2, 4)),
-    "fp8_block_gemv": ((8, 16, 32), (128,), (2, 4, 8, 16), (2, 4, 8)),
-    "fp8_channel_gemv": ((8, 16, 32), (128, 256, 512), (1, 2, 4, 8), (4, 8)),
+    "awq_gemv": ((64, 128, 256), (64, 128), (8, 16, 32), (1, 2, 4)),
+    "gptq_gemv": ((32, 64, 128), (128,), (8, 16, 32), (1, 2, 4)),
+    "fp8_block_gemv": ((8, 16, 32), (128,), (4, 8, 16), (1, 2, 4)),
+    "fp8_channel_gemv": ((8, 16, 32), (256, 512, 1024), (1, 2, 4, 8), (2, 4, 8)),
 }
 # The GGUF kernels timed: Q4_K_M's two types and Q8_0 (each its own kernel kind of kernels/quant/config.py).
 GGUF_SWEPT = ("gguf_q4_k", "gguf_q6_k", "gguf_q8_0")
