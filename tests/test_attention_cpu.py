@@ -87,6 +87,26 @@ def test_decode_new_token_matches_reference(dtype: torch.dtype, hq: int, hkv: in
     assert rel_err(out2, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
+    """A big batch runs one work item per request (all its KV heads), a lone request one item per KV head: each
+    row's output is bit-equal either way, and matches the reference."""
+    torch.manual_seed(5)
+    hq, hkv, d = 9, 3, 64
+    seq = torch.randint(1, 260, (40,)).tolist()
+    num_slots = sum(seq) + 11
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=300)
+    seq_lens = torch.tensor(seq)
+    q = _fused_qkv(len(seq), hq, hkv, d, dtype)[0]
+    batched = cpu_attention.decode_attention_cpu(q, kb, vb, table, rows, seq_lens, 0.125)
+    assert rel_err(batched, decode_attention_ref(q, kb, vb, table, rows, seq_lens, 0.125)) < TOL[dtype]
+    for b in range(0, len(seq), 7):
+        alone = cpu_attention.decode_attention_cpu(q[b : b + 1], kb, vb, table, rows[b : b + 1], seq_lens[b : b + 1],
+                                                   0.125)
+        assert torch.equal(alone[0], batched[b])
+
+
 def test_decode_empty_history_gives_zeros_and_still_stores() -> None:
     torch.manual_seed(3)
     hq, hkv, d = 4, 2, 16

@@ -6,7 +6,8 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
 - It reads K/V rows straight out of the pool through the slot table (``req_to_token``), block by block, with an
   online softmax: no per-step copy of each request's padded history (the reference gathers ``k_buffer[slots]``,
   ``[B, max_len, Hkv, D]``, in every layer at every step, about as many bytes per step as the weights).
-- One work item is (request, KV head) in decode and (request, KV head, block of 16 new tokens) in extend; one pass
+- One work item is (request, KV head) in decode (a request and all its KV heads once the batch has >= 4 requests
+  per thread: they share cache lines) and (request, KV head, block of 16 new tokens) in extend; one pass
   over a KV head's keys serves every query head of its group (GQA). Items run on torch's intra-op threads
   (OpenMP, dynamic schedule, since items differ in length); a small call stays on the calling thread, because on a
   loaded two-core machine waking a second thread costs more than ~50 µs of work.

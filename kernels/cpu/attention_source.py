@@ -222,14 +222,19 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb
   const int64_t* lp = lens.data_ptr<int64_t>();
   int64_t work = 0;
   for (int64_t b = 0; b < bs; ++b) work += lp[b] * q.size(1);
-  const int64_t items = bs * hkv;
+  // With requests enough to keep every thread busy, one work item per request, its KV heads in turn: a pool slot
+  // holds every head's row side by side, so the heads after the first read lines the first pulled into the same
+  // core's caches (batch 40: 15.8 ms instead of 18.1 for 30 layers). Fewer requests: one item per (request, head).
+  const int64_t heads_per_item = bs >= 4 * at::get_num_threads() ? hkv : 1;
+  const int64_t items = bs * hkv / heads_per_item;
 #pragma omp parallel num_threads(threads_for(work))
   {
     Scratch sc(group, d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it)
-      decode_item<T>(q, out.data_ptr<T>(), pool, r2t.data_ptr<int32_t>(), r2t.stride(0), rows.data_ptr<int64_t>(),
-                     lp, nt, it / hkv, it % hkv, group, d, static_cast<float>(scale), sc);
+      for (int64_t i = it * heads_per_item; i < (it + 1) * heads_per_item; ++i)
+        decode_item<T>(q, out.data_ptr<T>(), pool, r2t.data_ptr<int32_t>(), r2t.stride(0),
+                       rows.data_ptr<int64_t>(), lp, nt, i / hkv, i % hkv, group, d, static_cast<float>(scale), sc);
   }
 }
 
