@@ -3,7 +3,8 @@
 ``fused_experts`` dispatches like every op of kernels/: the Triton grouped GEMMs (``fused.py``) for CUDA tensors when
 triton is installed, ``fused_experts_ref`` (``reference.py``, which visits only the experts that received tokens)
 otherwise, which is also the CPU serving path. ``moe_align_block_size`` (``align.py``) sorts the routed pairs by
-expert; ``get_moe_config`` (``config.py``) picks the tuned launch shape for a batch size.
+expert; ``get_moe_config`` (``config.py``) picks the tuned launch shape for a batch size; ``fused_topk``
+(``topk.py``) is the greedy routing before them, in one launch on CUDA.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .align import (
 from .config import default_config, get_moe_config
 from .fused import fused_experts_triton, moe_workspace_bytes, triton
 from .reference import fused_experts_ref
+from .topk import fused_topk, fused_topk_ref, fused_topk_triton
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -37,6 +39,9 @@ __all__ = [
     "fused_experts",
     "fused_experts_ref",
     "fused_experts_triton",
+    "fused_topk",
+    "fused_topk_ref",
+    "fused_topk_triton",
     "get_moe_config",
     "max_padded_rows",
     "moe_align_block_size",

@@ -135,3 +135,40 @@ def test_tuner_writes_a_config_that_is_then_used(tmp_path, monkeypatch) -> None:
     assert sorted(table) == ["1", "64"] and all(set(c) == set(CONFIG_KEYS) for c in table.values())
     monkeypatch.setenv("SGLITE_MOE_CONFIG_DIR", str(tmp_path))
     assert moe.get_moe_config(8, 128, 60, torch.bfloat16) == table["64"]
+
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 4096])
+@pytest.mark.parametrize("experts,top_k,scoring,bias,renormalize", [
+    (128, 8, "softmax", False, True),  # Qwen3-MoE
+    (8, 2, "softmax", False, True),  # Mixtral
+    (64, 6, "softmax", False, False),  # DeepSeek-V2-Lite
+    (256, 8, "sigmoid", True, True),  # sigmoid scores with a correction bias
+])
+def test_fused_topk_matches_reference(tokens: int, experts: int, top_k: int, scoring: str, bias: bool,
+                                      renormalize: bool) -> None:
+    """The one-launch greedy routing against its torch reference: float32 logits (no two scores tie) give the same
+    experts and weights to float32 rounding, also replayed in a CUDA graph; bf16 logits (ties happen: either
+    order is right) give experts of the same scores and the same weights."""
+    logits = randn(tokens, experts, dtype=torch.float32, scale=3.0)
+    correction = randn(experts, dtype=torch.float32, scale=0.1) if bias else None
+    args = (top_k, scoring, correction, renormalize, 2.5)
+    got_w, got_i = moe.fused_topk_triton(logits, *args)
+    want_w, want_i = moe.fused_topk_ref(logits, *args)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_w, out_i = moe.fused_topk_triton(logits, *args)
+    logits.copy_(randn(tokens, experts, dtype=torch.float32, scale=3.0))
+    graph.replay()
+    want_w, want_i = moe.fused_topk_ref(logits, *args)
+    assert torch.equal(out_i, want_i)
+    torch.testing.assert_close(out_w, want_w, rtol=1e-5, atol=1e-6)
+    if not bias:
+        half = logits.bfloat16()
+        got_w, got_i = moe.fused_topk_triton(half, *args)
+        want_w, want_i = moe.fused_topk_ref(half, *args)
+        scores = torch.softmax(half.float(), -1) if scoring == "softmax" else half.float().sigmoid()
+        assert torch.equal(scores.gather(1, got_i.long()), scores.gather(1, want_i.long()))
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)

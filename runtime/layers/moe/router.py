@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import torch
 
+from xinf_sglang.kernels.moe import fused_topk, fused_topk_ref
+
 from ...model_loader.moe_config import MoEConfig
 
 
 def select_experts(
     router_logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights float32 [T, top_k], expert ids int32 [T, top_k])`` from the router's ``[T, num_experts]`` logits."""
-    logits = router_logits.float()
-    scores = torch.softmax(logits, dim=-1) if moe.scoring == "softmax" else logits.sigmoid()
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    if moe.topk_method != "greedy":
-        choice = _keep_best_groups(choice, moe)
-    ids = torch.topk(choice, moe.top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if moe.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if moe.routed_scaling_factor != 1.0:
-        weights = weights * moe.routed_scaling_factor
-    return weights, ids.to(torch.int32)
+    """``(weights float32 [T, top_k], expert ids int32 [T, top_k])`` from the router's ``[T, num_experts]`` logits:
+    greedy routing in one launch on CUDA (``kernels.moe.fused_topk``), grouped routing through its torch
+    reference with the groups' mask."""
+    args = (moe.top_k, moe.scoring, correction_bias, moe.norm_topk_prob, moe.routed_scaling_factor)
+    if moe.topk_method == "greedy":
+        return fused_topk(router_logits, *args)
+    return fused_topk_ref(router_logits, *args, keep=lambda choice: _keep_best_groups(choice, moe))
 
 
 def _keep_best_groups(choice: torch.Tensor, moe: MoEConfig) -> torch.Tensor:
