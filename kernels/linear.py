@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from .cpu import linear as cpu_linear
 from .cpu import linear16 as cpu_linear16
-from .cpu import packed_linear as cpu_packed
 from .pdl import pdl_kwargs
 
 if triton is not None:
@@ -169,12 +168,9 @@ def linear_triton(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatching linear layer: the skinny Triton kernel for CUDA half-precision inputs of at most
-    ``SKINNY_MAX_M`` rows (decode at small batch), oneDNN over a weight packed at engine start for any number of
-    rows (``cpu_packed``: ``weight`` is an MKLDNN tensor), the threaded CPU kernels for CPU inputs of at most 16
-    rows (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract
-    as ``linear_ref`` (for a packed weight: as ``linear_ref`` on the weight before packing)."""
-    if weight.is_mkldnn:
-        return cpu_packed.linear_packed(x, weight, bias)
+    ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernels for CPU inputs of at most 16 rows
+    (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract as
+    ``linear_ref``."""
     if x.is_cuda:
         if triton is not None and x.dtype in SKINNY_DTYPES and x.dtype == weight.dtype and (
             x.numel() <= SKINNY_MAX_M * x.shape[-1]

@@ -23,7 +23,6 @@ from xinf_sglang.kernels.pdl import pdl_supported
 
 from ..mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from ..layers.attention.backend import AttentionBackend, TorchAttentionBackend
-from ..layers.cpu_packing import pack_cpu_linears
 from ..config import EngineConfig
 from ..constrained import GrammarBackend, LLGuidanceBackend
 from ..model_executor.cuda_graph import CudaGraphRunner
@@ -166,9 +165,6 @@ def build_shard(config: EngineConfig, tp: TPInfo, checkpoint: Checkpoint | None 
     peak_rss = _peak_rss()
     if config.load_format != "dummy" and tp.rank == 0:
         logger.info("sglite weights: %s", checkpoint.describe(dtype, weights_bytes))
-    packed = pack_cpu_linears(model, device, dtype)
-    if device.type == "cpu" and tp.rank == 0:
-        logger.info("sglite CPU linear weights: %s", packed)
     plan = _plan_memory(config, mc, device, dtype, free_before, weights_bytes, tp)
     kv_pool = make_kv_pool(mc, tp, plan.pool_tokens, dtype, device)
     req_pool = ReqToTokenPool(plan.max_running_requests, plan.context_length, device)
