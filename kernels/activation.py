@@ -72,5 +72,5 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and triton is not None:
         return silu_and_mul_triton(gate_up)
     if cpu_elementwise.supports_silu_and_mul(gate_up):
-        return cpu_elementwise.silu_and_mul_cpu(gate_up)
+        return cpu_elementwise.silu_and_mul_cpu_unchecked(gate_up)
     return silu_and_mul_ref(gate_up)

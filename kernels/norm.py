@@ -123,5 +123,5 @@ def rms_norm(
     if x.is_cuda and triton is not None:
         return rms_norm_triton(x, weight, eps, residual)
     if cpu_elementwise.supports_rms_norm(x, weight, residual):
-        return cpu_elementwise.rms_norm_cpu(x, weight, eps, residual)
+        return cpu_elementwise.rms_norm_cpu_unchecked(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
