@@ -85,7 +85,9 @@ def load_entry(folder: Path) -> Any:
     Raises:
         CacheEntryError: no readable manifest, a missing file or a hash mismatch, or transformers fails to load it.
     """
-    from transformers import AutoTokenizer
+    # The class the conversion builds (gguf_tokenizer.py): not AutoTokenizer, whose import alone is ~2 s and
+    # ~150 MiB of transformers' model machinery.
+    from transformers import PreTrainedTokenizerFast
 
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -97,7 +99,7 @@ def load_entry(folder: Path) -> Any:
         if not path.is_file() or _sha256(path) != digest:
             raise CacheEntryError(f"{name} is missing or differs from its manifest hash")
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return PreTrainedTokenizerFast.from_pretrained(folder)
     except Exception as exc:  # transformers raises many types for a bad folder; any of them means rebuild
         raise CacheEntryError(f"transformers cannot load it: {exc}") from None
 
