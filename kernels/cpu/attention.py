@@ -13,11 +13,12 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
   loaded two-core machine waking a second thread costs more than ~50 µs of work.
 - Decode with a ``NewToken`` rotates q and the new k, stores the new K/V and attends in the same item: one call
   per layer instead of a dozen small torch ops.
-- With AVX-512 (built with those flags where the CPU has them), each block of 64 keys is converted once into float
-  tiles (K transposed to [D, 64]), and the block's [rows, 64] scores and P @ V come from register-blocked
-  micro-kernels (up to 6 query rows x 64 lanes in registers): no horizontal sum per (row, key), no per-row pass
-  over the bf16/fp16 rows. A row's result does not depend on how rows are tiled or which thread runs its item.
-  Other CPUs keep one dot product per (row, key).
+- With AVX-512 (built with those flags where the CPU has them), each block of 64 keys is transposed once (K to
+  [D, 64]), and the block's [rows, 64] scores and P @ V come from register-blocked micro-kernels (up to 6 query
+  rows x 64 lanes in registers): no horizontal sum per (row, key). bf16 keys stay bf16 where the CPU has AVX-512
+  BF16 (``vdpbf16ps`` over pairs of head dims with the bf16 query; fp16/float keys are converted to float); V rows
+  are converted in registers in decode, once per block for the many rows of extend. A row's result does not
+  depend on how rows are tiled or which thread runs its item. Other CPUs keep one dot product per (row, key).
 
 The C++ source is in attention_source.py. Compiled once per machine kind on first use and cached by torch
 in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and
@@ -46,7 +47,7 @@ def load():
     """
     return load_cpp(
         "sglite_cpu_attention", CPU_ATTENTION_CPP, CPU_ATTENTION_FUNCTIONS, "CPU attention kernel",
-        "run the torch reference instead with attention_backend='torch'", avx512=True,
+        "run the torch reference instead with attention_backend='torch'", avx512=True, bf16=True,
     )
 
 

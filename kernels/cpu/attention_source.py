@@ -61,12 +61,14 @@ struct Pool {
 };
 
 // Per-thread buffers of one work item of at most `nq` query vectors.
-// kt/vt: one block of keys as float tiles, K transposed ([D][kBlockKeys]) and V as is ([kBlockKeys][D]).
+// kt/vt: one block of keys as float tiles, K transposed ([D][kBlockKeys]; bf16 pairs [D/2][kBlockKeys] with
+// AVX-512 BF16) and V as is ([kBlockKeys][D]).
 struct Scratch {
   std::vector<float> q, s, acc, m, l, tmp, kt, vt;
+  std::vector<uint32_t> qp;  // q as bf16 pairs, where the scores take them (AVX-512 BF16)
   Scratch(int nq, int d)
       : q(nq * d), s(nq * kBlockKeys), acc(nq * d), m(nq), l(nq), tmp(2 * d), kt(d * kBlockKeys),
-        vt(kBlockKeys * d) {}
+        vt(kBlockKeys * d), qp(nq * d / 2) {}
 };
 
 // Softmax step of one block for query i: scores -> probabilities (0 past its visible keys), rescale its state.
@@ -100,21 +102,20 @@ void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int gr
   std::fill(sc.acc.begin(), sc.acc.begin() + nq * d, 0.f);
   std::fill(sc.m.begin(), sc.m.begin() + nq, -INFINITY);
   std::fill(sc.l.begin(), sc.l.begin() + nq, 0.f);
+#ifdef SGLITE_ATTN_AVX512
+  prepare_q<T>(nq, d, sc);
+#endif
   const int64_t end = vis[(nq - 1) / group];
   for (int64_t p0 = 0; p0 < end; p0 += kBlockKeys) {
     const int nb = static_cast<int>(std::min<int64_t>(kBlockKeys, end - p0));
 #ifdef SGLITE_ATTN_AVX512
-    if (p0 + kBlockKeys < end) {  // the next block's rows, while this one computes
-      const int nn = static_cast<int>(std::min<int64_t>(kBlockKeys, end - p0 - kBlockKeys));
-      for (int j = 0; j < nn; ++j) {
-        prefetch_row(pool.krow(slots[p0 + kBlockKeys + j], h), d);
-        prefetch_row(pool.vrow(slots[p0 + kBlockKeys + j], h), d);
-      }
+    // the next block's rows while this one computes; the first block's all at once (their misses overlap)
+    for (int64_t q0 = p0 == 0 ? 0 : p0 + kBlockKeys; q0 < std::min(end, p0 + 2 * kBlockKeys); ++q0) {
+      prefetch_row(pool.krow(slots[q0], h), d);
+      prefetch_row(pool.vrow(slots[q0], h), d);
     }
-    load_block(pool, h, slots + p0, nb, d, sc);
     // rows that see none of this block (causal) still get scores; softmax_block zeroes them (nv = 0)
-    by_rows<ScoresTile>(nq, static_cast<const float*>(sc.q.data()), static_cast<const float*>(sc.kt.data()),
-                        sc.s.data(), d, scale);
+    load_block_scores(pool, h, slots + p0, nb, nq, d, scale, sc);
 #else
     for (int j = 0; j < nb; ++j) {
       if (p0 + j + kPrefetch < end) {

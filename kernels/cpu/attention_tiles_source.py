@@ -1,7 +1,14 @@
 """The AVX-512 tiles of the CPU attention kernel (spliced into ``attention_source.CPU_ATTENTION_CPP`` after `Pool`
-and `Scratch`): a block of keys converted once to float (K transposed), then register-blocked score and P @ V tiles
-over up to 6 query rows, with no horizontal sum per (row, key). Compiled only where the extension is built with
-AVX-512 (``SGLITE_ATTN_AVX512``); elsewhere ``attend`` keeps its scalar-vector loop.
+and `Scratch`): register-blocked score and P @ V tiles over up to 6 query rows, with no horizontal sum per
+(row, key). Compiled only where the extension is built with AVX-512 (``SGLITE_ATTN_AVX512``); elsewhere ``attend``
+keeps its scalar-vector loop.
+
+- Scores: a block of keys is transposed once into [D, 64] tiles. bf16 keys on a CPU with AVX-512 BF16
+  (``SGLITE_ATTN_BF16DP``) stay bf16: pairs of head dims are transposed as 32-bit words, and ``vdpbf16ps``
+  multiplies them with the query's pairs (the query is bf16 already: the model's q, or its rotation rounded to
+  bf16 as the reference rounds it), products exact in float, sums in float. Other dtypes are converted to float.
+- P @ V: a block of V is converted to float once (reading V rows straight from the pool in the tile instead
+  measured slower on a pool beyond the caches: the conversion loop keeps more rows in flight).
 """
 
 from __future__ import annotations
@@ -57,21 +64,35 @@ inline void transpose16(__m512* r) {
   }
 }
 
-// One block of nb keys into float tiles: kt[c][j] (transposed, keys nb.. zero) and vt[j][c].
-template <typename T>
-void load_block(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int d, Scratch& sc) {
+// One block of nb keys, transposed: kt[c][j] (keys nb.. zero) as float, or with Pairs (bf16 keys) as 32-bit words
+// that each hold head dims (2c, 2c + 1) of key j, not converted.
+template <typename T, bool Pairs>
+void load_k(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int d, Scratch& sc) {
   float* kt = sc.kt.data();
+  const int nw = Pairs ? d / 2 : d;
   for (int j0 = 0; j0 < kBlockKeys; j0 += 16) {
-    for (int c0 = 0; c0 < d; c0 += 16) {
-      const __mmask16 mc = lanes(d - c0);
+    for (int c0 = 0; c0 < nw; c0 += 16) {
+      const __mmask16 mc = lanes(nw - c0);
       __m512 r[16];
-      for (int j = 0; j < 16; ++j)
-        r[j] = j0 + j < nb ? load16(pool.krow(slots[j0 + j], h) + c0, mc) : _mm512_setzero_ps();
+      for (int j = 0; j < 16; ++j) {
+        if (j0 + j >= nb) {
+          r[j] = _mm512_setzero_ps();
+        } else if constexpr (Pairs) {
+          r[j] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mc, pool.krow(slots[j0 + j], h) + 2 * c0));
+        } else {
+          r[j] = load16(pool.krow(slots[j0 + j], h) + c0, mc);
+        }
+      }
       transpose16(r);
-      const int nc = std::min(16, d - c0);
+      const int nc = std::min(16, nw - c0);
       for (int c = 0; c < nc; ++c) _mm512_storeu_ps(kt + (c0 + c) * kBlockKeys + j0, r[c]);
     }
   }
+}
+
+// One block of nb values as float: vt[j][c].
+template <typename T>
+void load_v(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int d, Scratch& sc) {
   float* vt = sc.vt.data();
   for (int j = 0; j < nb; ++j) {
     const T* vr = pool.vrow(slots[j], h);
@@ -154,5 +175,78 @@ struct PvTile {
     for (int c0 = 0; c0 < d; c0 += 64) pv_tile<R>(p, vt, acc, i0, nb, d, c0);
   }
 };
+
+#if defined(__AVX512BF16__)
+#define SGLITE_ATTN_BF16DP 1
+// s[i][0..64) = scale * q[i] . K[0..64) from bf16 pairs: qp[i][w] and kp[w][j] hold dims (2w, 2w + 1) of query i
+// and key j; vdpbf16ps adds both products (exact in float) to the float accumulator.
+template <int R>
+inline void scores_dp_tile(const uint32_t* qp, const float* kp, float* s, int i0, int nw, float scale) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  const uint32_t* qr = qp + i0 * nw;
+  for (int w = 0; w < nw; ++w) {
+    const float* kw = kp + w * kBlockKeys;
+    __m512bh k[4];
+    for (int v = 0; v < 4; ++v) k[v] = (__m512bh)_mm512_loadu_ps(kw + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(qr[r * nw + w]));
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], b, k[v]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(s + (i0 + r) * kBlockKeys + 16 * v, _mm512_mul_ps(acc[r][v], sv));
+}
+template <int R>
+struct ScoresDpTile {
+  static void run(int i0, const uint32_t* qp, const float* kp, float* s, int nw, float scale) {
+    scores_dp_tile<R>(qp, kp, s, i0, nw, scale);
+  }
+};
+#endif
+
+// Whether scores of T keys come from bf16 pairs (vdpbf16ps) rather than float tiles.
+template <typename T>
+constexpr bool kDpPairs =
+#ifdef SGLITE_ATTN_BF16DP
+    std::is_same_v<T, c10::BFloat16>;
+#else
+    false;
+#endif
+
+// Before the first block: the query rows (float, bf16 values) as bf16 pairs where the scores use them.
+template <typename T>
+void prepare_q(int nq, int d, Scratch& sc) {
+  if (!kDpPairs<T> || d % 2) return;
+  for (int i = 0; i < nq * d / 2; ++i) {  // exact: the values are bf16 already, the low halves are zero
+    uint32_t lo, hi;
+    std::memcpy(&lo, &sc.q[2 * i], 4);
+    std::memcpy(&hi, &sc.q[2 * i + 1], 4);
+    sc.qp[i] = (lo >> 16) | (hi & 0xFFFF0000u);
+  }
+}
+
+// sc.s[i][0..64) = scale * q[i] . key j of the block of nb keys at `slots` (zero past nb); the block's V as
+// float in sc.vt.
+template <typename T>
+void load_block_scores(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int nq, int d, float scale,
+                       Scratch& sc) {
+  load_v(pool, h, slots, nb, d, sc);
+#ifdef SGLITE_ATTN_BF16DP
+  if constexpr (kDpPairs<T>) {
+    if (d % 2 == 0) {
+      load_k<T, true>(pool, h, slots, nb, d, sc);
+      by_rows<ScoresDpTile>(nq, static_cast<const uint32_t*>(sc.qp.data()),
+                            static_cast<const float*>(sc.kt.data()), sc.s.data(), d / 2, scale);
+      return;
+    }
+  }
+#endif
+  load_k<T, false>(pool, h, slots, nb, d, sc);
+  by_rows<ScoresTile>(nq, static_cast<const float*>(sc.q.data()), static_cast<const float*>(sc.kt.data()),
+                      sc.s.data(), d, scale);
+}
 #endif
 """
