@@ -108,3 +108,12 @@ def test_f32_gguf_loads_in_sglite_and_llamacpp_with_the_hf_weights(tiny_model, t
     assert [c.prompt_tokens for c in counts] == [len(p) for p in prompts]  # ids taken as given, no BOS added
     assert [c.completion_tokens for c in counts] == [4, 4]
     assert got == [hf_greedy(model, p, 4) for p in prompts]
+
+
+def test_bench_kernels_refuses_unknown_sweeps_and_quant_kinds(capsys) -> None:
+    for option, value, what in (("--sweep", "linear,nope", "unknown sweep 'nope'"),
+                                ("--quant-kinds", "awq_gemv,nf4", "unknown quant kind 'nf4'")):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "kernels", "--model-config", "configs/llama-3.1-8b.json", option, value])
+        err = capsys.readouterr().err
+        assert what in err and "choose from" in err

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .arg_types import int_list
@@ -30,30 +31,31 @@ SWEEPS = ("paths", "attention", "linear", "chain", "quant")  # the order they ru
 DEFAULT_SWEEPS = SWEEPS[:4]
 
 
-def _sweeps(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = sorted(set(names) - set(SWEEPS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown sweep {', '.join(unknown) or text!r}; "
-                                         f"choose from {','.join(SWEEPS)}")
-    return names
+def _names(what: str, allowed: Callable[[], tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of names, each one of ``allowed()`` (called when the option is
+    given, so that its module is imported only then)."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names, known = tuple(n.strip() for n in text.split(",") if n.strip()), allowed()
+        unknown = sorted(set(names) - set(known))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or text!r}; "
+                                             f"choose from {','.join(known)}")
+        return names
+
+    return parse
 
 
-def _quant_kinds(text: str) -> tuple[str, ...]:
+def _quant_kinds() -> tuple[str, ...]:
     from ..runtime.bench.quant_sweep import QUANT_KINDS
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = sorted(set(names) - set(QUANT_KINDS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown quant kind {', '.join(unknown) or text!r}; "
-                                         f"choose from {','.join(QUANT_KINDS)}")
-    return names
+    return QUANT_KINDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-config", required=True,
                    help="config.json whose shapes to use, e.g. configs/llama-3.1-8b.json")
-    p.add_argument("--sweep", type=_sweeps, default=DEFAULT_SWEEPS, metavar="NAME[,NAME]",
+    p.add_argument("--sweep", type=_names("sweep", lambda: SWEEPS), default=DEFAULT_SWEEPS, metavar="NAME[,NAME]",
                    help=f"which sweeps, comma-separated, of {','.join(SWEEPS)} (default all but quant)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-out", metavar="DIR",
                    help="the quant sweep writes its best M = 1 launch configs here as tuned config files (ship them "
                         "in kernels/quant/configs)")
-    p.add_argument("--quant-kinds", type=_quant_kinds, default=(), metavar="KIND[,KIND]",
+    p.add_argument("--quant-kinds", type=_names("quant kind", _quant_kinds), default=(), metavar="KIND[,KIND]",
                    help="time only these kinds in the quant sweep, e.g. awq_gemv,fp8_block_gemv (default all)")
 
 
