@@ -107,6 +107,31 @@ def test_decode_rows_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
         assert torch.equal(alone[0], batched[b])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 1, 80), (4, 4, 16)])
+@pytest.mark.parametrize("seq", [[128], [129], [300], [511, 512], [513, 1], [1100], [64, 1030]])
+def test_decode_split_kv_small_batch(dtype: torch.dtype, hq: int, hkv: int, d: int, seq: list[int]) -> None:
+    """A batch of one or two requests runs one work item per (request, KV head, chunk of keys) on the threads:
+    lengths at and past chunk edges, not multiples of 64, up to 8 chunks; each row as the reference and bit-equal
+    to the same row computed on one thread (the chunks then run in turn)."""
+    torch.manual_seed(sum(seq) + hq + d)
+    num_slots = sum(seq) + 13
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=1200)
+    seq_lens = torch.tensor(seq)
+    q = _fused_qkv(len(seq), hq, hkv, d, dtype)[0]
+    ref = decode_attention_ref(q, kb, vb, table, rows, seq_lens, 0.125)
+    out = cpu_attention.decode_attention_cpu(q, kb, vb, table, rows, seq_lens, 0.125)
+    assert rel_err(out, ref) < TOL[dtype]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = cpu_attention.decode_attention_cpu(q, kb, vb, table, rows, seq_lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, out)
+
+
 def test_decode_empty_history_gives_zeros_and_still_stores() -> None:
     torch.manual_seed(3)
     hq, hkv, d = 4, 2, 16

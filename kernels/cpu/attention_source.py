@@ -9,6 +9,7 @@ With AVX-512, a block's scores and P @ V are register-blocked tiles over float c
 from __future__ import annotations
 
 from .attention_tiles_source import AVX512_TILES
+from .attention_split_source import SPLIT_KV
 from .build import SIMD_EXP
 
 __all__ = ["CPU_ATTENTION_CPP", "CPU_ATTENTION_FUNCTIONS"]
@@ -29,6 +30,8 @@ namespace {
 constexpr int kBlockKeys = 64;     // keys per online-softmax block (scores of a block stay in L1)
 constexpr int kBlockRows = 16;     // new tokens per extend work item
 constexpr int64_t kSerialWork = 24576;  // below this many (key row x query head) products: no second thread
+constexpr int64_t kSplitWork = 1152;  // split-KV decode over the threads from this much work on (see decode_split)
+constexpr int kMaxChunks = 8;     // a decode (request, KV head)'s keys are split into at most this many chunks
 constexpr int kPrefetch = 8;       // keys ahead whose K/V rows are prefetched (slots are scattered in the pool)
 
 // Pull the cache lines of one head row in early: a request's slots need not be adjacent, so the hardware
@@ -64,11 +67,11 @@ struct Pool {
 // kt/vt: one block of keys as float tiles, K transposed ([D][kBlockKeys]; bf16 pairs [D/2][kBlockKeys] with
 // AVX-512 BF16) and V as is ([kBlockKeys][D]).
 struct Scratch {
-  std::vector<float> q, s, acc, m, l, tmp, kt, vt;
+  std::vector<float> q, s, acc, m, l, tmp, kt, vt, st;
   std::vector<uint32_t> qp;  // q as bf16 pairs, where the scores take them (AVX-512 BF16)
   Scratch(int nq, int d)
       : q(nq * d), s(nq * kBlockKeys), acc(nq * d), m(nq), l(nq), tmp(2 * d), kt(d * kBlockKeys),
-        vt(kBlockKeys * d), qp(nq * d / 2) {}
+        vt(kBlockKeys * d), st(kMaxChunks * nq * (d + 2)), qp(nq * d / 2) {}
 };
 
 // Softmax step of one block for query i: scores -> probabilities (0 past its visible keys), rescale its state.
@@ -91,26 +94,27 @@ inline void softmax_block(Scratch& sc, int i, int nb, int nv, int d) {
 
 """ + AVX512_TILES + r"""
 
-// Attention of nq query vectors (sc.q, [nq, D], float) that share KV head h; query i sees the keys at positions
-// [0, vis[i / group]) of the request whose slots are `slots` (vis nondecreasing). Result in sc.acc, normalised.
+// Attention of nq query vectors (sc.q, [nq, D], float) that share KV head h to the keys at positions [begin, stop)
+// of the request whose slots are `slots`; query i sees positions below vis[i / group] (vis nondecreasing). Leaves
+// the online-softmax state in sc (running max m, sum l, unnormalised acc); `normalize` turns acc into the result.
 // AVX-512: each block of keys is converted once into float tiles (K transposed), then the [nq, nb] scores and
 // P @ V come from register-blocked tiles (rows x 64 lanes), no horizontal sum per score. Each query row's result
 // depends only on its own inputs (same operations in the same order whatever the tiling and the thread).
 template <typename T>
 void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int group, int d,
-            const int64_t* vis, float scale, Scratch& sc) {
+            const int64_t* vis, float scale, Scratch& sc, int64_t begin, int64_t stop) {
   std::fill(sc.acc.begin(), sc.acc.begin() + nq * d, 0.f);
   std::fill(sc.m.begin(), sc.m.begin() + nq, -INFINITY);
   std::fill(sc.l.begin(), sc.l.begin() + nq, 0.f);
 #ifdef SGLITE_ATTN_AVX512
   prepare_q<T>(nq, d, sc);
 #endif
-  const int64_t end = vis[(nq - 1) / group];
-  for (int64_t p0 = 0; p0 < end; p0 += kBlockKeys) {
+  const int64_t end = stop;
+  for (int64_t p0 = begin; p0 < end; p0 += kBlockKeys) {
     const int nb = static_cast<int>(std::min<int64_t>(kBlockKeys, end - p0));
 #ifdef SGLITE_ATTN_AVX512
     // the next block's rows while this one computes; the first block's all at once (their misses overlap)
-    for (int64_t q0 = p0 == 0 ? 0 : p0 + kBlockKeys; q0 < std::min(end, p0 + 2 * kBlockKeys); ++q0) {
+    for (int64_t q0 = p0 == begin ? p0 : p0 + kBlockKeys; q0 < std::min(end, p0 + 2 * kBlockKeys); ++q0) {
       prefetch_row(pool.krow(slots[q0], h), d);
       prefetch_row(pool.vrow(slots[q0], h), d);
     }
@@ -152,6 +156,9 @@ void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int gr
     }
 #endif
   }
+}
+
+inline void normalize(Scratch& sc, int nq, int d) {
   for (int i = 0; i < nq; ++i) {
     const float inv = sc.l[i] > 0.f ? 1.f / sc.l[i] : 0.f;
     for (int c = 0; c < d; ++c) sc.acc[i * d + c] *= inv;
@@ -181,11 +188,11 @@ struct NewTok {  // the decode step's own token, before rotary (all pointers nul
   int64_t kb = 0, kh = 0, vb = 0, vh = 0, cb = 0, sb = 0;
 };
 
-// Decode item (b, h): [rotate + store the new token], then attend the group's query heads to the history.
+// The group's query heads of (b, h) as float into qf ([group, D]); with a new token, rotate them, rotate its k and
+// store its K/V in the pool first.
 template <typename T>
-void decode_item(const at::Tensor& q, T* out, const Pool<T>& pool, const int32_t* r2t, int64_t r2t_stride,
-                 const int64_t* rows, const int64_t* lens, const NewTok& nt, int64_t b, int64_t h, int group,
-                 int d, float scale, Scratch& sc) {
+void load_decode_q(const at::Tensor& q, const Pool<T>& pool, const NewTok& nt, int64_t b, int64_t h, int group,
+                   int d, float* qf, Scratch& sc) {
   const T* qb = q.data_ptr<T>() + b * q.stride(0) + h * group * q.stride(1);
   if (nt.k != nullptr) {
     const T* cs = static_cast<const T*>(nt.cos) + b * nt.cb;
@@ -200,16 +207,30 @@ void decode_item(const at::Tensor& q, T* out, const Pool<T>& pool, const int32_t
       vdst[c] = vsrc[c];
     }
     for (int g = 0; g < group; ++g) {
-      rotate(qb + g * q.stride(1), cs, sn, d, sc.q.data() + g * d);
+      rotate(qb + g * q.stride(1), cs, sn, d, qf + g * d);
       // the reference rotates q in its own dtype before attending in float32: round the same way
-      for (int c = 0; c < d; ++c) sc.q[g * d + c] = static_cast<float>(static_cast<T>(sc.q[g * d + c]));
+      for (int c = 0; c < d; ++c) qf[g * d + c] = static_cast<float>(static_cast<T>(qf[g * d + c]));
     }
   } else {
     for (int g = 0; g < group; ++g)
-      for (int c = 0; c < d; ++c) sc.q[g * d + c] = static_cast<float>(qb[g * q.stride(1) + c]);
+      for (int c = 0; c < d; ++c) qf[g * d + c] = static_cast<float>(qb[g * q.stride(1) + c]);
   }
-  const int64_t vis = lens[b];
-  attend(pool, h, r2t + rows[b] * r2t_stride, group, group, d, &vis, scale, sc);
+}
+
+""" + SPLIT_KV + r"""
+// Decode item (b, h): [rotate + store the new token], then attend the group's query heads to the history, chunk by
+// chunk (the chunks of `decode_split`, in turn on this thread), and merge.
+template <typename T>
+void decode_item(const at::Tensor& q, T* out, const Pool<T>& pool, const int32_t* r2t, int64_t r2t_stride,
+                 const int64_t* rows, const int64_t* lens, const NewTok& nt, int64_t b, int64_t h, int group,
+                 int d, float scale, Scratch& sc) {
+  load_decode_q<T>(q, pool, nt, b, h, group, d, sc.q.data(), sc);
+  const int64_t len = lens[b], ck = chunk_keys(len), n = num_chunks(len), stride = state_size(group, d);
+  for (int64_t c = 0; c < n; ++c) {
+    attend(pool, h, r2t + rows[b] * r2t_stride, group, group, d, &len, scale, sc, c * ck, std::min(len, c * ck + ck));
+    save_state(sc, group, d, sc.st.data() + c * stride);
+  }
+  merge_states(sc.st.data(), n, group, d, sc.acc.data());
   T* ob = out + (b * q.size(1) + h * group) * d;
   for (int i = 0; i < group * d; ++i) ob[i] = static_cast<T>(sc.acc[i]);
 }
@@ -226,7 +247,13 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kb, const at::Tensor& vb
   // With requests enough to keep every thread busy, one work item per request, its KV heads in turn: a pool slot
   // holds every head's row side by side, so the heads after the first read lines the first pulled into the same
   // core's caches (batch 40: 15.8 ms instead of 18.1 for 30 layers). Fewer requests: one item per (request, head).
-  const int64_t heads_per_item = bs >= 4 * at::get_num_threads() ? hkv : 1;
+  const int nthreads = at::get_num_threads();
+  if (bs * hkv < 4 * nthreads && nthreads > 1 && work >= kSplitWork) {
+    decode_split<T>(q, out.data_ptr<T>(), pool, r2t.data_ptr<int32_t>(), r2t.stride(0), rows.data_ptr<int64_t>(), lp,
+                    nt, hkv, group, d, static_cast<float>(scale), nthreads);
+    return;
+  }
+  const int64_t heads_per_item = bs >= 4 * nthreads ? hkv : 1;
   const int64_t items = bs * hkv / heads_per_item;
 #pragma omp parallel num_threads(threads_for(work))
   {
@@ -250,7 +277,8 @@ void extend_item(const at::Tensor& q, T* out, const Pool<T>& pool, const int32_t
     for (int g = 0; g < group; ++g)
       for (int c = 0; c < d; ++c) sc.q[(m * group + g) * d + c] = static_cast<float>(qr[g * q.stride(1) + c]);
   }
-  attend(pool, h, slots, n * group, group, d, vis, scale, sc);
+  attend(pool, h, slots, n * group, group, d, vis, scale, sc, 0, vis[n - 1]);
+  normalize(sc, n * group, d);
   const int64_t hq = q.size(1);
   for (int m = 0; m < n; ++m) {
     T* orow = out + ((start + m0 + m) * hq + h * group) * d;
