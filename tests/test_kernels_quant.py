@@ -342,6 +342,46 @@ def test_fp8_channel_gemv_matches_the_reference(scale_shape: str) -> None:
         assert rel_err(got, Q.fp8_channel_linear_ref(x, wq, scale, bias)) < 1e-5, m
 
 
+# ---------------------------------------------------------------- split K summed in the kernel
+
+
+@triton.jit
+def _split_parts_kernel(P, Y, WS, LOCKS, BIAS, M, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (tile, split) stores the given partial P[split] of its tile through split_k_store.
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.load(P + tl.program_id(1) * M * N + rows * N + cols, mask=(rows < M) & (cols < N), other=0.0)
+    splitk.split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, N, SPLIT, HAS_BIAS)
+
+
+@pytest.mark.parametrize("split,with_bias", [(1, True), (2, False), (5, True)])
+def test_split_k_store_sums_the_parts_in_order(split: int, with_bias: bool) -> None:
+    """The tile's last program sums the partials in split order (bit-equal to ``sum_parts``, the two-launch
+    reduce), adds the bias, rounds once into Y's dtype, over ragged tiles; the counters are left zero for the next
+    launch, so a second launch into the same counters gives the same bits."""
+    torch.manual_seed(split)
+    m, n, bn = 3, 40, 16
+    parts = torch.randn(split, m, n) * torch.logspace(-3, 3, n)  # mixed magnitudes: order-sensitive sums
+    bias = torch.randn(n) if with_bias else None
+    want = torch.empty(m, n, dtype=torch.float16)
+    splitk.sum_parts(parts, want, split, n, m * n, bias)
+    for _ in range(2):
+        out = torch.full((m, n), float("nan"), dtype=torch.float16)
+        ws, locks = splitk.split_k_buffers(out, split, triton.cdiv(n, bn))
+        _split_parts_kernel[(triton.cdiv(n, bn), split)](parts, out, ws, locks, bias if with_bias else out, m, n,
+                                                         SPLIT=split, HAS_BIAS=with_bias, BLOCK_M=4, BLOCK_N=bn)
+        assert torch.equal(out, want)
+        assert not splitk.tile_locks(out.device).any()
+
+
+def test_split_k_buffers_refuse_a_grid_past_the_counters() -> None:
+    out = torch.empty(2, 8)
+    assert splitk.split_k_buffers(out, 1, splitk.TILE_LOCKS + 1) == (out, out)
+    with pytest.raises(ValueError, match="at most .* output tiles"):
+        splitk.split_k_buffers(out, 2, splitk.TILE_LOCKS + 1)
+
+
 # ---------------------------------------------------------------- launch configs and the PDL contract
 
 

@@ -38,11 +38,12 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from ..pdl import pdl_kwargs
 from .config import FP8_GEMV_MAX_M, get_quant_config
-from .splitk import _splitk_reduce
 from .reference import FP8_DTYPE, FP8_EPS, FP8_MAX, channel_scale
+from .splitk import split_k_buffers
 
 if triton is not None:
     from ..pdl import pdl_wait
+    from .splitk import split_k_store
 
     # Globals a jit function reads must be constexpr.
     _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -139,9 +140,9 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemv_kernel(
-        X, W, WS, BIAS, Y,
+        X, W, WS, BIAS, Y, PARTS, LOCKS,
         M, N, K, k_per_split,
-        sx_m, sw_n, sws_n, sy_m, sy_split,
+        sx_m, sw_n, sws_n, sy_m,
         SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, SCALE_AT_END: tl.constexpr, HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
@@ -186,14 +187,8 @@ if triton is not None:
         out = tl.sum(acc, axis=2)
         if SCALE_AT_END:
             out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
-        y_off = offs_m[:, None] * sy_m + offs_n[None, :]
-        out_ok = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # float32 partial sums, reduced by splitk.py's _sum_parts_kernel
-            tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
-        else:
-            if HAS_BIAS:
-                out += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + y_off, out.to(Y.dtype.element_ty), mask=out_ok)
+        split_k_store(out, Y, PARTS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
+
 
 def fp8_quantize_per_token_group_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher with the contract of ``fp8_quantize_per_token_group_ref``: ``x [M, K]`` (contiguous last
@@ -235,23 +230,21 @@ def _launch_gemm(xq, xs, weight, ws, bias, out, scale_n: int, scale_k: int, at_e
 def fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
              out: torch.Tensor, scale_n: int, scale_k: int, at_end: bool, cfg: dict) -> None:
     """Launch the weight-only GEMV into ``out [M, N]``: ``scale`` float32 ``[ceil(N/scale_n), ceil(K/scale_k)]``
-    block scales, or ``[N]`` per-channel ones with ``at_end``; split K (``SPLIT_K``) through int4.py's reduce."""
+    block scales, or ``[N]`` per-channel ones with ``at_end``; split K (``SPLIT_K``) summed in the kernel (splitk.py)."""
     (m, k), n = x2.shape, weight.shape[0]
     bn = cfg["BLOCK_SIZE_N"]
     bk = max(16, cfg["BLOCK_SIZE_K"] if at_end else min(cfg["BLOCK_SIZE_K"], scale_k & -scale_k))
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
     split = triton.cdiv(k, k_per_split)
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
+    parts, locks = split_k_buffers(out, split, triton.cdiv(n, bn))
     _fp8_gemv_kernel[(triton.cdiv(n, bn), split)](
-        x2, weight, scale, bias if bias is not None else out, target,
+        x2, weight, scale, bias if bias is not None else out, out, parts, locks,
         m, n, k, k_per_split,
-        x2.stride(0), weight.stride(0), scale.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
+        x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
         SCALE_N=scale_n, SCALE_K=scale_k, SCALE_AT_END=at_end, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
-        EVEN_N=n % bn == 0, SPLIT=split > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_N=n % bn == 0, SPLIT=split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )
-    if split > 1:
-        _splitk_reduce(target, bias, out)
 
 
 def _use_gemv(gemv: bool | None, m: int, scale_k: int) -> bool:

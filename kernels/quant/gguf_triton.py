@@ -13,7 +13,8 @@ The matmul (``_gguf_matmul_kernel``) has two inner products: ``BLOCK_M >= 16`` m
 ``tl.dot`` (prefill, and decode batches of 5-8 rows as a 16-row tile), smaller ``BLOCK_M`` is a GEMV on CUDA
 cores (``x[:, None, :] * w[None]`` summed over K: at 1-4 rows a tensor-core tile would be mostly padding, and the
 decode is bound by the weight bytes and their decoding). Either splits K (``SPLIT_K`` programs per column strip)
-so a 4096-wide output still keeps every SM streaming weights, reduced by int4.py's deterministic split-K kernel.
+so a 4096-wide output still keeps every SM streaming weights, the splits summed in a fixed order by each tile's
+last program (splitk.py).
 Accumulation is float32; out-of-range rows and sub-blocks are clamped to valid addresses (their x is zero and
 their outputs are never stored), so the decode needs no masks.
 """
@@ -26,12 +27,13 @@ from ..pdl import pdl_kwargs
 from .config import get_quant_config
 from .gguf_reference import GGUF_BLOCKS, GGUFBlock
 from .int4 import triton
-from .splitk import _splitk_reduce
+from .splitk import split_k_buffers
 
 if triton is not None:
     import triton.language as tl
 
     from ..pdl import pdl_wait
+    from .splitk import split_k_store
 
     @triton.jit
     def _legacy_tile(QW, QH, base, lane, TYPE: tl.constexpr):
@@ -118,12 +120,12 @@ if triton is not None:
 
     @triton.jit
     def _gguf_matmul_kernel(
-        X, QW, QH, BIAS, Y, M, N, K, k_per_split, row_bytes, sx_m, sy_m, sy_split,
+        X, QW, QH, BIAS, Y, WS, LOCKS, M, N, K, k_per_split, row_bytes, sx_m, sy_m,
         TYPE: tl.constexpr, VALUES: tl.constexpr, BYTES: tl.constexpr, HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        # Y[split] (or Y) = X[:, K range of this split] @ dequant(W)[:, K range].T; program_id(1) is the split.
+        # Y = X @ dequant(W).T; program_id(1) is the split of K, summed by split_k_store.
         pdl_wait(USE_PDL)
         pid_m, n0 = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,15 +148,7 @@ if triton is not None:
             else:
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
             x_ptr += BLOCK_K
-        out_mask = mask_m[:, None] & (offs_n < N)[None, :]
-        if SPLIT:  # float32 partial sums, reduced by splitk.py's _sum_parts_kernel
-            y_ptr = Y + tl.program_id(1).to(tl.int64) * sy_split + offs_m.to(tl.int64)[:, None] * sy_m
-            tl.store(y_ptr + offs_n[None, :], acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            y_ptr = Y + offs_m.to(tl.int64)[:, None] * sy_m + offs_n[None, :]
-            tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=out_mask)
+        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
 
     @triton.jit
     def _gguf_rows_kernel(QW, QH, IDS, OUT, K, row_bytes, TYPE: tl.constexpr, VALUES: tl.constexpr,
@@ -197,17 +191,16 @@ def _launch(x2, blocks, halves, block: GGUFBlock, bias, out, cfg: dict[str, int]
         raise ValueError(f"BLOCK_SIZE_K of a GGUF kernel must be a power of two >= 32 (sub-blocks), got {bk}")
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
     split = triton.cdiv(k, k_per_split)
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
-    _gguf_matmul_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
-        x2, blocks, halves, bias if bias is not None else out, target, m, n, k, k_per_split, blocks.stride(0),
-        x2.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    ws, locks = split_k_buffers(out, split, tiles)
+    _gguf_matmul_kernel[(tiles, split)](
+        x2, blocks, halves, bias if bias is not None else out, out, ws, locks, m, n, k, k_per_split,
+        blocks.stride(0), x2.stride(0), out.stride(0),
         TYPE=block.ggml_type, VALUES=block.values, BYTES=block.bytes, HAS_BIAS=bias is not None,
-        EVEN_K=k % bk == 0, SPLIT=split > 1, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        EVEN_K=k % bk == 0, SPLIT=split, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_SIZE_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )
-    if split > 1:
-        _splitk_reduce(target, bias, out)
 
 
 def gguf_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None, *,

@@ -26,10 +26,11 @@ from ..pdl import pdl_kwargs
 from .config import INT_GEMV_MAX_M, get_quant_config
 from .int_gemv import _int_gemv, int_gemv_supported
 from .reference import gptq_bits, resolve_group
-from .splitk import _splitk_reduce
+from .splitk import split_k_buffers
 
 if triton is not None:
     from ..pdl import pdl_wait
+    from .splitk import split_k_store
 
     @triton.jit
     def _unpack_weights(QW, k0, n0, K, N, sqw, AWQ: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -86,15 +87,15 @@ if triton is not None:
 
     @triton.jit
     def _int4_gemm_kernel(
-        X, QW, SC, QZ, GIDX, BIAS, Y,
+        X, QW, SC, QZ, GIDX, BIAS, Y, WS, LOCKS,
         M, N, K, group, k_per_split,
-        sx_m, sqw, ssc, sqz, sy_m, sy_split,
+        sx_m, sqw, ssc, sqz, sy_m,
         AWQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr,
         GROUP_PER_TILE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        # Y[split] (or Y) = X[:, K range of this split] @ dequant(W)[K range]; program_id(1) is the split.
+        # Y = X @ dequant(W); program_id(1) is the split of K, summed by split_k_store.
         pdl_wait(USE_PDL)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -110,7 +111,6 @@ if triton is not None:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
-        mask_n = offs_n < N
         k_start = pid_k * k_per_split
         k_end = tl.minimum(K, k_start + k_per_split)
         x_ptr = X + offs_m.to(tl.int64)[:, None] * sx_m + (k_start + offs_k)[None, :]
@@ -125,15 +125,7 @@ if triton is not None:
                               HAS_GIDX, GROUP_PER_TILE, EVEN_K, BLOCK_K, BLOCK_N)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
             x_ptr += BLOCK_K
-        out_mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT:  # float32 partial sums, reduced by _sum_parts_kernel
-            y_ptr = Y + pid_k.to(tl.int64) * sy_split + offs_m.to(tl.int64)[:, None] * sy_m + offs_n[None, :]
-            tl.store(y_ptr, acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            y_ptr = Y + offs_m.to(tl.int64)[:, None] * sy_m + offs_n[None, :]
-            tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=out_mask)
+        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
 
 
 def int4_shapes(x: torch.Tensor, qweight: torch.Tensor, fmt: str) -> tuple[int, int, int]:
@@ -186,25 +178,23 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 def _int4_gemm(x2, qweight, scales, qzeros, g_idx, fmt: str, bits: int, group: int, bias, out, cfg: dict) -> None:
-    """``_int4_gemm_kernel`` (split K when the config says so, then `_splitk_reduce`) into ``out``."""
+    """``_int4_gemm_kernel`` (split K when the config says so, summed in the kernel: splitk.py) into ``out``."""
     (m, k), n = x2.shape, out.shape[1]
     bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
     split = triton.cdiv(k, k_per_split)
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
-    _int4_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), split)](
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    ws, locks = split_k_buffers(out, split, tiles)
+    _int4_gemm_kernel[(tiles, split)](
         x2, qweight, scales, qzeros, g_idx if g_idx is not None else qweight, bias if bias is not None else out,
-        target, m, n, k, group, k_per_split,
-        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), target.stride(-2),
-        target.stride(0) if split > 1 else 0,
+        out, ws, locks, m, n, k, group, k_per_split,
+        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0),
         AWQ=fmt == "awq", BITS=bits, ZERO_OFFSET=1 if fmt == "gptq" else 0, HAS_GIDX=g_idx is not None,
         GROUP_PER_TILE=g_idx is None and group % bk == 0, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
-        SPLIT=split > 1, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        SPLIT=split, DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_SIZE_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )
-    if split > 1:
-        _splitk_reduce(target, bias, out)
 
 
 def trivial_g_idx(g_idx: torch.Tensor | None, group_size: int) -> bool:

@@ -21,7 +21,7 @@ bf16. The GEMV keeps every weight in the registers of the thread that loaded it:
 - each K step lies in one group: the ``SUB`` sub-tiles are summed per column in registers (FMA chain), then scaled
   once per step (AWQ ``s 2**-shift * sum x (q - z) 2**shift``, GPTQ ``s (sum x q - z sum x)``); the ROWS axis is
   summed across threads once, after the loop;
-- K split (``SPLIT_K``, float32 partials + the deterministic ``_sum_parts_kernel``) until ~2 programs per SM;
+- K split (``SPLIT_K``) until ~2 programs per SM, the splits summed by the tile's last program (splitk.py);
   PDL as every kernel here.
 Offline SASS for sm_90 (AWQ, 256 columns, 128-row steps, M = 1): ~4 instructions per weight in the loop (LOP3
 1.4, FADD 1, FFMA 1, the rest loads, scales, addresses), 168 registers, no local memory, no barrier in the loop
@@ -32,8 +32,6 @@ asks); each extra row of x adds one FFMA per weight, hence at most 4 rows (M = 4
 
 from __future__ import annotations
 
-import torch
-
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
     import triton.language as tl
@@ -41,13 +39,14 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
 from ..pdl import pdl_kwargs
-from .splitk import _splitk_reduce
+from .splitk import split_k_buffers
 
 # 2**23 as int32 bits: a value OR-ed into its mantissa reads as 2**23 + value (``_magic_values``).
 MAGIC = 0x4B000000
 
 if triton is not None:
     from ..pdl import pdl_wait
+    from .splitk import split_k_store
 
     @triton.jit
     def _magic_values(w, magic, BITS: tl.constexpr, AWQ: tl.constexpr):
@@ -86,14 +85,15 @@ if triton is not None:
 
     @triton.jit
     def _int_gemv_kernel(
-        X, QW, SC, QZ, BIAS, Y,
+        X, QW, SC, QZ, BIAS, Y, WS, LOCKS,
         M, N, K, group, k_per_split, magic,
-        sx_m, sqw, ssc, sqz, sy_m, sy_split,
+        sx_m, sqw, ssc, sqz, sy_m,
         AWQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        # Y[split, :M, columns] (or Y) = X[:M, K range] @ dequant(W)[K range, columns]; program (columns, split).
+        # Y[:M, columns] = X[:M, :] @ dequant(W)[:, columns]; program (columns, split) sums its K range, then
+        # split_k_store adds the splits.
         # A K step is SUB sub-tiles of [1, ROWS, words] (ROWS word rows: one per lane / warp along K, so that a
         # thread owns whole columns of the step), unrolled; the step lies in one group. AWQ: sub-tiles of
         # ROWS K rows x BLOCK_N / 8 words, the zero subtracted per value through its magic float (its words
@@ -184,17 +184,10 @@ if triton is not None:
             w_ptr += (STEP if AWQ else STEP // PACK) * sqw
         out = tl.sum(acc, axis=1)  # the one cross-thread reduction: over the lanes / warps along K
         if AWQ:
-            y_off = offs_m[:, None, None] * sy_m + cols[None, :, :]
-            out_ok = mask_m[:, None, None] & col_ok[None, :, :]
+            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None, None], cols[None, :, :], sy_m, SPLIT,
+                          HAS_BIAS)
         else:
-            y_off = offs_m[:, None] * sy_m + cols[None, :]
-            out_ok = mask_m[:, None] & col_ok[None, :]
-        if SPLIT:  # float32 partial sums, reduced by _sum_parts_kernel
-            tl.store(Y + pid_k.to(tl.int64) * sy_split + y_off, out, mask=out_ok)
-        else:
-            if HAS_BIAS:
-                out += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None]
-            tl.store(Y + y_off, out.to(Y.dtype.element_ty), mask=out_ok)
+            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], cols[None, :], sy_m, SPLIT, HAS_BIAS)
 
 
 def gemv_row_lanes(words: int, num_warps: int) -> int:
@@ -224,15 +217,12 @@ def _int_gemv(x2, qweight, scales, qzeros, fmt: str, bits: int, group: int, bias
     step = rows * sub * per_row
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), step) * step
     split = triton.cdiv(k, k_per_split)
-    target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
+    ws, locks = split_k_buffers(out, split, triton.cdiv(n, bn))
     _int_gemv_kernel[(triton.cdiv(n, bn), split)](
-        x2, qweight, scales, qzeros, bias if bias is not None else out, target,
+        x2, qweight, scales, qzeros, bias if bias is not None else out, out, ws, locks,
         m, n, k, group, k_per_split, MAGIC,
-        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), target.stride(-2),
-        target.stride(0) if split > 1 else 0,
+        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0),
         AWQ=awq, BITS=bits, ZERO_OFFSET=0 if awq else 1, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
-        EVEN_N=n % bn == 0, SPLIT=split > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, ROWS=rows, SUB=sub,
+        EVEN_N=n % bn == 0, SPLIT=split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, ROWS=rows, SUB=sub,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )
-    if split > 1:
-        _splitk_reduce(target, bias, out)
