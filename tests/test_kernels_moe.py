@@ -25,6 +25,7 @@ from xinf_sglang.kernels import (
 from .pool_helpers import rel_err
 
 fused = importlib.import_module("xinf_sglang.kernels.moe.fused")
+decode = importlib.import_module("xinf_sglang.kernels.moe.decode")
 moe_config = importlib.import_module("xinf_sglang.kernels.moe.config")
 align = importlib.import_module("xinf_sglang.kernels.moe.align")
 
@@ -96,11 +97,40 @@ def test_triton_matches_reference(t, e, k, h, n, skew, changes, ids_dtype) -> No
 
 
 def test_triton_with_the_looked_up_config() -> None:
-    """No config given: the default for a decode-sized batch (16-row blocks, 64 x 128 tiles) on a tiny shape."""
+    """No config given, more tokens than the decode GEMVs take: the grouped GEMMs with the default config for a
+    decode-sized batch (16-row blocks, 64 x 128 tiles) on a tiny shape."""
     torch.manual_seed(3)
-    x, (w13, w2) = torch.randn(2, 64), _weights(4, 32, 64)
-    weights, ids = _routing(2, 4, 2)
+    t = decode.MOE_GEMV_MAX_TOKENS + 1
+    x, (w13, w2) = torch.randn(t, 64), _weights(4, 32, 64)
+    weights, ids = _routing(t, 4, 2)
     assert rel_err(fused.fused_experts_triton(x, w13, w2, weights, ids), fused_experts_ref(x, w13, w2, weights, ids)) < 1e-5
+
+
+GEMV_CASES = [  # (tokens, experts, top-k, hidden, intermediate, routing, launch shape)
+    (1, 4, 2, 32, 16, "softmax", (8, 16)),
+    (1, 8, 1, 40, 24, "softmax", (16, 16)),  # top-1: no split; hidden / intermediate ragged against the steps
+    (2, 4, 4, 48, 20, "softmax", (8, 32)),  # top-k = experts: both tokens read every expert
+    (3, 8, 3, 32, 16, "hot", (16, 8)),  # every token routed to expert 0
+    (4, 6, 2, 24, 40, "softmax", (8, 16)),
+]
+
+
+@pytest.mark.parametrize("t,e,k,h,n,skew,shape", GEMV_CASES)
+def test_decode_gemvs_match_reference(t, e, k, h, n, skew, shape) -> None:
+    """The decode path (kernels/moe/decode.py: gate/up + SiLU GEMV, down GEMV with the top-k sum in the kernel)
+    against the reference and the dense definition, and its dispatch: up to ``MOE_GEMV_MAX_TOKENS`` tokens without
+    a config. Twice: the shared split-K counters are left zero by the first call."""
+    torch.manual_seed(100 * t + e + k)
+    x = torch.randn(t, h)
+    w13, w2 = _weights(e, n, h)
+    weights, ids = _routing(t, e, k, skew)
+    cfg = {"BLOCK_SIZE_N": shape[0], "BLOCK_SIZE_K": shape[1], "num_warps": 1}
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    first = decode.fused_experts_gemv(x, w13, w2, weights, ids, cfg)
+    assert rel_err(first, ref) < 1e-5
+    assert rel_err(first.double(), _dense_loop(x, w13, w2, weights, ids)) < 1e-5
+    assert torch.equal(decode.fused_experts_gemv(x, w13, w2, weights, ids, cfg), first)
+    assert rel_err(fused.fused_experts_triton(x, w13, w2, weights, ids), ref) < 1e-5  # the default shape
 
 
 def test_dispatch_on_cpu_is_the_reference() -> None:
@@ -252,9 +282,10 @@ def test_workspace_estimate_counts_the_float32_output() -> None:
     assert size > 4096 * 8 * (3 * 768 * 2 + 2048 * 4)
 
 
-@pytest.mark.parametrize("kernel", ["_moe_gemm_kernel"])
-def test_moe_kernels_wait_before_any_memory_access(kernel: str) -> None:
+@pytest.mark.parametrize("module,kernel", [(fused, "_moe_gemm_kernel"), (decode, "_gate_up_kernel"),
+                                           (decode, "_down_kernel")])
+def test_moe_kernels_wait_before_any_memory_access(module, kernel: str) -> None:
     """The PDL contract of kernels/pdl.py, checked the way tests/test_kernels.py checks the other kernels."""
     from .test_kernels import test_pdl_kernels_wait_before_any_memory_access as check
 
-    check(fused, kernel)
+    check(module, kernel)

@@ -9,7 +9,8 @@ Padding rows carry the sentinel ``T*K``: their loads are masked and nothing is s
 fixed-size sorted buffer (CUDA-graph friendly); programs past the padded total exit at once.
 
 At decode the kernel is memory bound: a batch of one token reads K experts' weights once, which is the roofline.
-A decode-sized call is five launches (sort, GEMM, SiLU-and-mul, GEMM, sum), the last four with PDL on Hopper.
+This path is five launches (sort, GEMM, SiLU-and-mul, GEMM, sum), the last four with PDL on Hopper; decode-sized
+calls (a few tokens) take decode.py's two GEMVs instead.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .align import (
     moe_align_block_size_triton,
 )
 from .config import current_device_name, get_moe_config
+from .decode import MOE_GEMV_MAX_TOKENS, fused_experts_gemv
 from .reference import check_moe_args
 
 if triton is not None:
@@ -122,8 +124,9 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, routing: tu
 
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                          topk_ids: torch.Tensor, *, config: dict[str, int] | None = None) -> torch.Tensor:
-    """Triton launcher with the contract of ``fused_experts_ref``. ``config`` overrides ``get_moe_config`` (the
-    tuner passes each candidate). The weights need a contiguous last dim (they are never copied here)."""
+    """Triton launcher with the contract of ``fused_experts_ref``: up to ``MOE_GEMV_MAX_TOKENS`` tokens the two
+    decode GEMVs (decode.py), else the grouped GEMMs. ``config`` overrides ``get_moe_config`` and forces the
+    grouped GEMMs (the tuner passes each candidate). The weights need a contiguous last dim (never copied here)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use fused_experts_ref")
     check_moe_args(x, w13, w2, topk_weights, topk_ids)
@@ -133,8 +136,10 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     num_experts, two_n, hidden = w13.shape
     if t == 0:
         return x.new_empty((0, hidden))
-    cfg = config or get_moe_config(num_experts, two_n // 2, t, x.dtype, current_device_name(x.device))
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if config is None and t <= MOE_GEMV_MAX_TOKENS:  # decode: two GEMVs (decode.py), no sort and no padding
+        return fused_experts_gemv(x, w13, w2, topk_weights, topk_ids)
+    cfg = config or get_moe_config(num_experts, two_n // 2, t, x.dtype, current_device_name(x.device))
     # At decode sizes the one-launch Triton sort; prefill-sized routings take the torch one (align.py says why).
     align = moe_align_block_size_triton if t * k <= TRITON_MAX_PAIRS else moe_align_block_size_ref
     routing = align(topk_ids, cfg["BLOCK_SIZE_M"], num_experts)

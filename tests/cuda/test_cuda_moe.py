@@ -50,7 +50,7 @@ def _routing(tokens: int, experts: int, topk: int) -> tuple[torch.Tensor, torch.
     return w, ids.to(torch.int32)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64, 512])
+@pytest.mark.parametrize("tokens", [1, 4, 7, 64, 512])  # 1 and 4: the decode GEMVs (kernels/moe/decode.py)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", SHAPES)
 def test_triton_matches_reference(weights, name: str, dtype: torch.dtype, tokens: int) -> None:
@@ -66,12 +66,14 @@ def test_triton_matches_reference(weights, name: str, dtype: torch.dtype, tokens
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_float32_is_exact_to_float32_rounding(weights) -> None:
-    """float32 runs IEEE dots (no TF32): as close to the reference as float32 summation order allows."""
+@pytest.mark.parametrize("tokens", [3, 7])
+def test_float32_is_exact_to_float32_rounding(weights, tokens: int) -> None:
+    """float32 runs IEEE dots (no TF32; the decode GEMVs at 3 tokens are CUDA-core FMAs): as close to the
+    reference as float32 summation order allows."""
     e, _, h, k = SHAPES["qwen3-30b-a3b"]
     w13, w2 = weights("qwen3-30b-a3b", torch.float32)
-    x = randn(7, h, dtype=torch.float32)
-    topk_weights, topk_ids = _routing(7, e, k)
+    x = randn(tokens, h, dtype=torch.float32)
+    topk_weights, topk_ids = _routing(tokens, e, k)
     out = moe.fused_experts_triton(x, w13, w2, topk_weights, topk_ids)
     assert rel_err(out, moe.fused_experts_ref(x, w13, w2, topk_weights, topk_ids)) < TOL[torch.float32]
 
@@ -88,7 +90,7 @@ def test_skewed_routing_and_idle_experts(weights) -> None:
     assert moe.fused_experts_triton(x[:0], w13, w2, topk_weights[:0], topk_ids[:0]).shape == (0, h)
 
 
-@pytest.mark.parametrize("tokens", [8, 512], ids=["triton-sort", "torch-sort"])
+@pytest.mark.parametrize("tokens", [2, 8, 512], ids=["decode-gemv", "triton-sort", "torch-sort"])
 def test_cuda_graph_replay_matches_eager(weights, tokens: int) -> None:
     """The whole call (sorting included: the one-launch Triton sort at 64 pairs, the torch one at 4096) captured
     once, replayed on new routing: no host synchronisation inside."""
