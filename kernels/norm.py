@@ -2,6 +2,7 @@
 
 ``rms_norm_ref`` is the ground truth (and the CPU path); ``rms_norm_triton`` is one Triton program per row that
 does the residual add, the float32 reduction and the weight multiply in a single pass over memory.
+``qk_rms_norm`` is Qwen3's per-head norm of q and k in one launch, read straight from the fused qkv output.
 """
 
 from __future__ import annotations
@@ -125,3 +126,62 @@ def rms_norm(
     if cpu_elementwise.supports_rms_norm(x, weight, residual):
         return cpu_elementwise.rms_norm_cpu_unchecked(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qk_norm_kernel(Q, K, WQ, WK, QO, KO, q_heads, k_heads, sq_t, sq_h, sk_t, sk_h, eps, D: tl.constexpr,
+                        BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        # Program (token, head): heads [0, q_heads) are q's, the rest k's; outputs are contiguous [T, heads, D].
+        pdl_wait(USE_PDL)
+        t = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        if head < q_heads:
+            src, w_ptr, dst = Q + t * sq_t + head * sq_h, WQ, QO + (t * q_heads + head) * D
+        else:
+            kh = head - q_heads
+            src, w_ptr, dst = K + t * sk_t + kh * sk_h, WK, KO + (t * k_heads + kh) * D
+        x = tl.load(src + cols, mask=mask, other=0.0)
+        h = x.to(tl.float32)
+        h = h * tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
+        h = h.to(x.dtype).to(tl.float32)  # the cast before the weight multiply, as rms_norm_ref
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + cols, (w * h).to(QO.dtype.element_ty), mask=mask)
+
+
+def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(q, q_weight)[0], rms_norm(k, k_weight)[0])`` for ``q [T, Hq, D]`` and ``k [T, Hk, D]`` (views of
+    a fused qkv output). CUDA: ``qk_rms_norm_triton``, one launch for both and no copy of the strided views
+    (Qwen3's q/k norms were two copies and two norms per layer); otherwise two ``rms_norm`` calls."""
+    if q.is_cuda and triton is not None:
+        return qk_rms_norm_triton(q, k, q_weight, k_weight, eps)
+    return rms_norm(q, q_weight, eps)[0], rms_norm(k, k_weight, eps)[0]
+
+
+def qk_rms_norm_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher of ``qk_rms_norm``: ``q [T, Hq, D]`` and ``k [T, Hk, D]`` with any token / head strides
+    (copied only if the last one is not 1), one program per (token, head); new contiguous outputs, each equal
+    to ``rms_norm_ref``'s first output."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use rms_norm_ref")
+    d = q.shape[-1]
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[-1] != d:
+        raise ValueError(f"q must be [T, Hq, D] and k [T, Hk, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q_weight.shape != (d,) or k_weight.shape != (d,) or q_weight.dtype != k_weight.dtype or q.dtype != k.dtype:
+        raise ValueError(f"q_weight and k_weight must be [{d}] of one dtype, q and k of one dtype")
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    dtype = torch.promote_types(q_weight.dtype, q.dtype)
+    q_out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=dtype, device=k.device)
+    if q.shape[0] > 0:
+        _qk_norm_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
+            q, k, q_weight.contiguous(), k_weight.contiguous(), q_out, k_out, q.shape[1], k.shape[1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), float(eps), D=d, BLOCK=triton.next_power_of_2(d),
+            num_warps=1, **pdl_kwargs(q.device),
+        )
+    return q_out, k_out

@@ -185,6 +185,26 @@ def test_rms_norm_strided_input_and_fp32_weight() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qk_rms_norm_reads_the_qkv_views(dtype: torch.dtype) -> None:
+    """Qwen3's q/k head norms in one launch, straight from the strided q and k views of a qkv output (ragged
+    head_dim: the masked tail), equal to ``rms_norm_ref`` per tensor; fp32 weights promote as in torch."""
+    torch.manual_seed(6)
+    t, hq, hk, d = 3, 4, 2, 24
+    qkv = torch.randn(t, (hq + 2 * hk) * d).mul(3).to(dtype)
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k = q.reshape(t, hq, d), k.reshape(t, hk, d)
+    for wdtype in (dtype, torch.float32):
+        wq, wk = torch.randn(d).to(wdtype), torch.randn(d).to(wdtype)
+        got_q, got_k = norm.qk_rms_norm_triton(q, k, wq, wk, 1e-6)
+        for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+            ref = norm.rms_norm_ref(x, w, 1e-6)[0]
+            assert got.shape == ref.shape and got.dtype == ref.dtype and got.is_contiguous()
+            assert rel_err(got, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="must be"):
+        norm.qk_rms_norm_triton(q, k[..., :8], wq, wk, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_silu_and_mul(dtype: torch.dtype) -> None:
     torch.manual_seed(4)
     h = randint(5, 70)
@@ -488,7 +508,7 @@ def test_package_imports_without_triton() -> None:
 
 # The kernels of the model's forward: each may be launched with PDL on Hopper (kernels/pdl.py).
 PDL_KERNELS = [
-    (norm, "_rms_norm_kernel"), (activation, "_silu_and_mul_kernel"), (rotary, "_rotary_kernel"),
+    (norm, "_rms_norm_kernel"), (norm, "_qk_norm_kernel"), (activation, "_silu_and_mul_kernel"), (rotary, "_rotary_kernel"),
     (store_kv, "_store_kv_kernel"), (decode_attention_kernel, "decode_kernel"), (extend_attention, "_extend_kernel"),
     (linear, "_skinny_linear_kernel"),
 ]

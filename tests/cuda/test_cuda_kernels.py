@@ -46,6 +46,20 @@ def test_rms_norm(shape, dtype: torch.dtype, tokens: int, residual: bool) -> Non
 
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_rms_norm(dtype: torch.dtype, tokens: int) -> None:
+    """Qwen3-30B-A3B's q/k head norms (32 q and 4 kv heads of 128) from the views of one qkv output."""
+    torch.manual_seed(tokens)
+    qkv = randn(tokens, 40 * 128, dtype=dtype, scale=3.0)
+    q, k, _ = qkv.split([32 * 128, 4 * 128, 4 * 128], dim=-1)
+    q, k = q.reshape(tokens, 32, 128), k.reshape(tokens, 4, 128)
+    wq, wk = randn(128, dtype=dtype), randn(128, dtype=dtype)
+    got_q, got_k = norm.qk_rms_norm(q, k, wq, wk, 1e-6)
+    assert rel_err(got_q, norm.rms_norm_ref(q, wq, 1e-6)[0]) < TOL[dtype]
+    assert rel_err(got_k, norm.rms_norm_ref(k, wk, 1e-6)[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(shape, dtype: torch.dtype, tokens: int) -> None:
     torch.manual_seed(tokens)
     gu = randn(tokens, 2 * shape.intermediate, dtype=dtype, scale=3.0)
