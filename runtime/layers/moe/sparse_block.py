@@ -16,6 +16,7 @@ from xinf_sglang.kernels.moe import moe_workspace_bytes
 from ...model_loader.moe_config import MoEConfig
 from ...tp.distributed import TPInfo, all_reduce
 from ..linear import LinearBase
+from ..quantization.base import FLOAT32, UNQUANTIZED
 from ..weights import empty_parameter
 from .experts import FusedExperts
 from .router import select_experts
@@ -29,7 +30,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.tp = tp
         self.moe = moe
-        self.gate = LinearBase(hidden_size, moe.num_experts, False, tp)  # the router, replicated
+        # The router, replicated; DeepSeek's is float32 (stored so: a step casts only h).
+        self.gate = LinearBase(hidden_size, moe.num_experts, False, tp, FLOAT32 if moe.router_float32 else UNQUANTIZED)
         # DeepSeek-V3's learned bias on the scores that choose the experts (not on their weights)
         self.e_score_correction_bias = empty_parameter(moe.num_experts) if moe.topk_method == "noaux_tc" else None
         self.experts = FusedExperts(moe.num_experts, hidden_size, moe.intermediate_size, tp)
@@ -38,10 +40,7 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = LinearBase(hidden_size, 1, False, tp) if gated else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.moe.router_float32:
-            logits = torch.nn.functional.linear(h.float(), self.gate.weight.float())
-        else:
-            logits = self.gate(h)
+        logits = self.gate(h)
         weights, ids = select_experts(logits, self.moe, self.e_score_correction_bias)
         out = self.experts.partial(h, weights, ids)
         if self.shared_expert is not None:

@@ -145,4 +145,23 @@ class UnquantizedLinearMethod(LinearMethod):
         return layer.weight.float()
 
 
+class Float32LinearMethod(UnquantizedLinearMethod):
+    """A dense layer stored and computed in float32 whatever the model's dtype: DeepSeek's router (HF casts its
+    input and its weight to float32 on every call). Stored in float32 once, a step casts only the input (the
+    weight's cast was a copy launch per sparse layer and step)."""
+
+    name = "dense float32"
+
+    def init_dummy(self, layer: nn.Module, gen: torch.Generator) -> None:
+        """Drawn like the model's dense weights (the model-wide draw skips parameters that keep their dtype)."""
+        layer.weight.data.uniform_(-0.02, 0.02, generator=gen)
+
+    def layouts(self, in_features: int, out_features: int) -> list[ParamLayout]:
+        return [ParamLayout("weight", (out_features, in_features), dtype=torch.float32, output_dim=0, input_dim=1)]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x.float(), layer.weight, None if bias is None else bias.float())
+
+
 UNQUANTIZED = UnquantizedLinearMethod()
+FLOAT32 = Float32LinearMethod()
