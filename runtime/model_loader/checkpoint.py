@@ -164,11 +164,11 @@ class GGUFCheckpoint(Checkpoint):
 
         super().__init__(path)
         self.file = GGUFFile.open(file)
-        readers = self.file.readers()
+        parts = self.file.read()
         # Where the first part's tensor data starts: the header, metadata and tensor table lie before it.
-        self.metadata_end = int(readers[0].data_offset)
-        self.metadata = GGUFMetadata(readers[0])
-        self.weights = GGUFWeights(readers, self.metadata)
+        self.metadata_end = parts[0].data_offset
+        self.metadata = GGUFMetadata(parts[0])
+        self.weights = GGUFWeights(parts, self.metadata)
         self.keep_quantized = keep_quantized
 
     @cached_property

@@ -1,4 +1,4 @@
-"""GGUF checkpoints (llama.cpp's format) read with the ``gguf`` package and dequantized at load.
+"""GGUF checkpoints (llama.cpp's format) read by `gguf_header.read_gguf` and dequantized at load by the ``gguf`` package.
 
 What is mapped (facts of llama.cpp's ``convert_hf_to_gguf.py`` and of the GGUF spec):
 
@@ -45,6 +45,7 @@ from ..errors import ConfigError
 from .gguf_deepseek import deepseek_config, deepseek_rope, merge_kv_b
 from .gguf_header import ARCHITECTURES, MOE_ARCHITECTURES, SIGMOID_ARCHITECTURES, SIGMOID_GATING
 from .gguf_quant import blocks, quantized_name
+from .gguf_header import GGUFPart, GGUFTensor, read_gguf
 from .gguf_names import (DEEPSEEK_SHARED, MIXTRAL_MOE_PREFIX, MLA_SPLIT, MOE_PREFIX, OLD_EXPERT, SHARED_EXPERT,
                          hf_tensor_name)
 
@@ -58,7 +59,7 @@ _SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 @dataclass(frozen=True)
 class GGUFFile:
-    """One GGUF checkpoint (all parts of a split file), opened lazily through memory maps."""
+    """One GGUF checkpoint (all parts of a split file); `read` parses their metadata and tensor tables."""
 
     parts: tuple[Path, ...]
 
@@ -82,24 +83,31 @@ class GGUFFile:
             raise ConfigError(f"split GGUF {path.name} lacks part(s) {', '.join(missing)} in {path.parent}")
         return cls(parts)
 
-    def readers(self) -> list[Any]:
-        from gguf import GGUFReader
+    def read(self) -> list[GGUFPart]:
+        """Every part's metadata and tensor table (`gguf_header.read_gguf`: arrays such as the vocabulary are not decoded,
+        tensor data are memory-mapped).
 
-        try:
-            return [GGUFReader(str(p)) for p in self.parts]
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"{self.parts[0]} is not a readable GGUF file: {exc}") from None
+        Raises:
+            ConfigError: a part is not a readable GGUF file (the message says why).
+        """
+        parts = []
+        for path in self.parts:
+            try:
+                parts.append(read_gguf(path))
+            except (ValueError, OSError) as exc:
+                raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from None
+        return parts
 
 
 class GGUFMetadata:
     """The key/value metadata of a GGUF file (first part), with typed accessors."""
 
-    def __init__(self, reader: Any) -> None:
-        self._fields = reader.fields
+    def __init__(self, part: GGUFPart) -> None:
+        self._part = part
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        return default if field is None else field.contents()
+        """The value of ``key`` (an array as a list, decoded on each call), or ``default``."""
+        return self._part.get(key, default)
 
     def require(self, key: str) -> Any:
         value = self.get(key)
@@ -109,8 +117,7 @@ class GGUFMetadata:
 
     def count(self, key: str) -> int:
         """Number of items of an array field (0 when absent), without decoding them."""
-        field = self._fields.get(key)
-        return 0 if field is None else len(field.data)
+        return self._part.count(key)
 
     @property
     def architecture(self) -> str:
@@ -147,7 +154,7 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape)
 
 
-def dequantize(tensor: Any) -> np.ndarray:
+def dequantize(tensor: GGUFTensor) -> np.ndarray:
     """float32 numpy array of a GGUF tensor, in numpy dimension order.
 
     Raises:
@@ -163,15 +170,14 @@ def dequantize(tensor: Any) -> np.ndarray:
         )
     shape = tuple(int(d) for d in reversed(tensor.shape))
     values = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-    # F32 tensors come back as views of the read-only memory map; torch wants memory it may write.
-    return values if values.flags.writeable else values.copy()
+    return values  # F32 comes back as `GGUFTensor.data` itself: a fresh array torch may write
 
 
 class GGUFWeights:
     """The tensors of a GGUF checkpoint under HF names, dequantized one at a time (peak host memory: one tensor)."""
 
-    def __init__(self, readers: list[Any], metadata: GGUFMetadata) -> None:
-        self._tensors = [t for r in readers for t in r.tensors]
+    def __init__(self, parts: list[GGUFPart], metadata: GGUFMetadata) -> None:
+        self._tensors = [t for part in parts for t in part.tensors]
         self._permute = metadata.architecture == "llama"
         arch = metadata.architecture
         self._heads = int(metadata.require(f"{arch}.attention.head_count"))

@@ -157,11 +157,10 @@ def mix_types(mix: str, layers: int, tied: bool) -> dict[str, str]:
 
 
 def blocks(tensor: Any) -> Any:
-    """A kept tensor (a ``gguf.GGUFReader`` tensor) as uint8 ``[rows, blocks per row, block bytes]``: a copy of the
-    file's bytes (the memory map is read-only, and a parameter outlives it)."""
-    import numpy as np
+    """A kept tensor (a `gguf_header.GGUFTensor`) as uint8 ``[rows, blocks per row, block bytes]``: the file's
+    bytes, read into memory of their own (`GGUFTensor.data`)."""
     import torch
     from xinf_sglang.kernels.quant import GGUF_BLOCKS
 
-    data = np.array(tensor.data, dtype=np.uint8)
+    data = tensor.data
     return torch.from_numpy(data).reshape(data.shape[0], -1, GGUF_BLOCKS[tensor.tensor_type.name].bytes)
