@@ -19,8 +19,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from . import test_kernels  # the PDL contract check and the backend batches, reused (a module: not collected)
 from .pool_helpers import TOL, random_table, rel_err  # noqa: E402
 
-mla, mla_kernels, mla_split = (importlib.import_module(f"xinf_sglang.kernels.attention.{name}")
-                               for name in ("mla", "mla_kernels", "mla_split"))
+mla, mla_kernels, mla_split, mla_prep = (importlib.import_module(f"xinf_sglang.kernels.attention.{name}")
+                                         for name in ("mla", "mla_kernels", "mla_split", "mla_prep"))
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(mla_kernels.mla_decode_kernel, InterpretedFunction)
 SCALE = 0.3  # a model's own softmax scale, not 1/sqrt(Dk)
@@ -168,6 +168,36 @@ def test_split_count_depends_on_the_batch_and_heads_only() -> None:
 def test_mla_kernels_wait_before_any_memory_access(kernel: str) -> None:
     """The PDL contract of kernels/pdl.py, checked the way tests/test_kernels.py checks the other kernels."""
     test_kernels.test_pdl_kernels_wait_before_any_memory_access(mla_kernels, kernel)
+
+
+# ---------------------------------------------------------------- the query / cache-row assembly
+
+
+@pytest.mark.parametrize("interleave", [True, False], ids=["interleaved", "rotate-half"])
+@pytest.mark.parametrize("t,h,dv,r", [(1, 4, 32, 16), (3, 2, 24, 8)])
+def test_mla_prep_matches_reference(interleave: bool, t: int, h: int, dv: int, r: int) -> None:
+    """One launch for q = [q_latent | rope(q_pe)] and the cache rows [norm(latent) | rope(k_pe)], reading the
+    strided views the model has (a transposed bmm output, a slice of the q projection, the kv_a output), against
+    the torch sequence; a ragged latent width (24) for the masked norm."""
+    torch.manual_seed(t * 10 + h)
+    q_latent = torch.randn(h, t, dv).transpose(0, 1)  # [T, H, Dv], strides (Dv, T * Dv, 1)
+    q_pe = torch.randn(t, h, 40 + r)[..., 40:]  # a slice of the per-head projection
+    kv_a = torch.randn(t, dv + r) * 3
+    angle = torch.rand(t, r // 2) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    weight = torch.randn(dv)
+    got = mla_prep.mla_prep_triton(q_latent, q_pe, kv_a, cos, sin, weight, 1e-6, interleave)
+    want = mla_prep.mla_prep_ref(q_latent, q_pe, kv_a, cos, sin, weight, 1e-6, interleave)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 1e-6
+    assert torch.equal(got[0][..., :dv], q_latent)  # the latent query is copied as it is
+    with pytest.raises(ValueError, match="do not fit"):
+        mla_prep.mla_prep_triton(q_latent, q_pe, kv_a[:, 1:], cos, sin, weight, 1e-6, interleave)
+
+
+def test_mla_prep_kernel_waits_before_any_memory_access() -> None:
+    test_kernels.test_pdl_kernels_wait_before_any_memory_access(mla_prep, "_mla_prep_kernel")
 
 
 # ---------------------------------------------------------------- the Triton backend on an MLA pool

@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 import torch
 from torch import nn
-from xinf_sglang.kernels import apply_rotary
+from xinf_sglang.kernels.attention.mla_prep import mla_prep
 
 from ..layers import (
     LinearBase,
@@ -70,12 +70,12 @@ class MLAttention(nn.Module):
         mla, n, heads = self.mla, h.shape[0], self.num_heads
         q = self.q_proj(h) if mla.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(h))[0])
         q_nope, q_pe = q.view(n, heads, mla.qk_head_dim).split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], -1)
-        latent, k_pe = self.kv_a_proj_with_mqa(h).split([mla.kv_lora_rank, mla.qk_rope_head_dim], -1)
-        q_pe, k_pe = self._rotate(q_pe, k_pe[:, None, :], cos, sin)
         w_uk, w_uv = self._absorbed()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, heads, kv_lora]
-        cache_rows = torch.cat([self.kv_a_layernorm(latent)[0][:, None, :], k_pe], dim=-1)
-        o = attn.forward_mla(torch.cat([q_latent, q_pe], dim=-1), cache_rows, self.layer_id, batch)
+        # [q_latent | rope(q_pe)] and the cache rows [norm(latent) | rope(k_pe)]: one launch on CUDA
+        q, cache_rows = mla_prep(q_latent, q_pe, self.kv_a_proj_with_mqa(h), cos, sin, self.kv_a_layernorm.weight,
+                                 self.kv_a_layernorm.eps, mla.rope_interleave)
+        o = attn.forward_mla(q, cache_rows, self.layer_id, batch)
         o = torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, heads, v_head_dim]
         return self.o_proj(o.reshape(n, heads * mla.v_head_dim))
 
@@ -84,14 +84,6 @@ class MLAttention(nn.Module):
         mla = self.mla
         w = self.kv_b_proj.weight.view(self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
         return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim :]
-
-    def _rotate(
-        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mla.rope_interleave:  # (0, 1), (2, 3), ... -> (0, d/2), (1, d/2 + 1), ...: rotate-half's pairs
-            q = torch.cat([q[..., 0::2], q[..., 1::2]], dim=-1)
-            k = torch.cat([k[..., 0::2], k[..., 1::2]], dim=-1)
-        return apply_rotary(q.contiguous(), k.contiguous(), cos, sin)
 
 
 class DeepseekV2ForCausalLM(DecoderLM):

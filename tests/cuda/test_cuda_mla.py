@@ -148,3 +148,24 @@ def test_mla_extend(dtype: torch.dtype, model: str, case: str) -> None:
     args = (q, kv, table, rows, torch.tensor(seq, device=CUDA), ext, torch.cumsum(ext, 0) - ext, SCALE, DV)
     out = mla.mla_extend_triton(*args, max_extend_len=max(n for _, n in reqs))
     assert rel_err(out, mla.mla_extend_ref(*args)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("name", HEADS)
+def test_mla_prep_matches_reference(name: str, tokens: int) -> None:
+    """The query / cache-row assembly (kernels/attention/mla_prep.py) at DeepSeek's dims in bf16, from the strided
+    views the model passes, against the torch sequence (rotary rounding for rounding; the norm's sum order)."""
+    prep = importlib.import_module("xinf_sglang.kernels.attention.mla_prep")
+    heads = HEADS[name]
+    torch.manual_seed(tokens)
+    q_latent = randn(heads, tokens, DV, dtype=torch.bfloat16).transpose(0, 1)
+    q_pe = randn(tokens, heads, 128 + DPE, dtype=torch.bfloat16)[..., 128:]
+    kv_a = randn(tokens, DV + DPE, dtype=torch.bfloat16, scale=3.0)
+    angle = torch.rand(tokens, DPE // 2, device=CUDA) * 6
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    weight = randn(DV, dtype=torch.bfloat16)
+    got = prep.mla_prep(q_latent, q_pe, kv_a, cos, sin, weight, 1e-6, True)
+    want = prep.mla_prep_ref(q_latent, q_pe, kv_a, cos, sin, weight, 1e-6, True)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and rel_err(g, w) < TOL[torch.bfloat16]
+    assert torch.equal(got[0][..., :DV], q_latent) and torch.equal(got[0][..., DV:], want[0][..., DV:])
