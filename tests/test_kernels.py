@@ -504,6 +504,37 @@ def test_package_imports_without_triton() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_cpu_only_torch_treats_triton_as_absent(tmp_path, tiny_model) -> None:
+    """A torch without CUDA / ROCm cannot launch a Triton kernel: with TRITON_INTERPRET unset the process treats
+    triton as not installed (kernels/__init__.py; ~70 MiB saved), every model module imports, and an engine (a
+    GGUF, its linears in their blocks) answers as it does with triton imported."""
+    if torch.version.cuda is not None or torch.version.hip is not None:
+        pytest.skip("this torch has a GPU backend: triton is imported there")
+    from xinf_sglang.runtime.testing.gguf_writer import write_gguf
+
+    from .engine_helpers import engine_greedy
+
+    model = write_gguf(tiny_model("llama"), tmp_path / "tiny.gguf", "Q8_0")
+    prompt = [[5, 17, 42, 8, 99]]
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "from xinf_sglang.runtime import Engine, EngineConfig, SamplingParams\n"
+        "import xinf_sglang.runtime.models as models\n"
+        "for m in pkgutil.walk_packages(models.__path__, 'xinf_sglang.runtime.models.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "assert sys.modules.get('triton', 0) is None and importlib.util.find_spec('triton') is None\n"
+        f"e = Engine(EngineConfig(model_path={str(model)!r}, device='cpu', dtype='float32'))\n"
+        f"out = e.generate(input_ids={prompt!r}, sampling_params=SamplingParams(max_new_tokens=8, temperature=0, "
+        "ignore_eos=True))\n"
+        "e.shutdown()\n"
+        "print(out[0].token_ids)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(engine_greedy(model, prompt, 8)[0])
+
+
 # ---------------------------------------------------------------- programmatic dependent launch
 
 # The kernels of the model's forward: each may be launched with PDL on Hopper (kernels/pdl.py).
