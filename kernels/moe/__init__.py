@@ -1,8 +1,9 @@
 """Mixture-of-experts kernels: the fused experts (routing already done) and what they are built from.
 
 ``fused_experts`` dispatches like every op of kernels/: for CUDA tensors when triton is installed, the decode GEMVs
-(``decode.py``, up to ``MOE_GEMV_MAX_TOKENS`` tokens) or the Triton grouped GEMMs (``fused.py``), ``fused_experts_ref`` (``reference.py``, which visits only the experts that received tokens)
-otherwise, which is also the CPU serving path. ``moe_align_block_size`` (``align.py``) sorts the routed pairs by
+(``decode.py``, up to ``MOE_GEMV_MAX_TOKENS`` tokens) or the Triton grouped GEMMs (``fused.py``);
+``fused_experts_ref`` (``reference.py``, which visits only the experts that received tokens) otherwise, which is
+also the CPU serving path. ``moe_align_block_size`` (``align.py``) sorts the routed pairs by
 expert; ``get_moe_config`` (``config.py``) picks the tuned launch shape for a batch size; ``fused_topk``
 (``topk.py``) is the greedy routing before them, in one launch on CUDA.
 """
