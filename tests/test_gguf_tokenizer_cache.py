@@ -123,3 +123,41 @@ def test_unwritable_folder_falls_back_to_the_user_cache(gguf_file, tmp_path: Pat
     assert any("in the user cache (the GGUF's folder is not writable)" in m for m in messages), messages
     _assert_same(tokenizer, cache.load_entry(user))
     assert json.loads((user / cache.MANIFEST).read_text())["version"] == cache.CACHE_VERSION
+
+
+def _assert_identical(ours, ref) -> None:
+    """Everything of the two tokenizers that the runtime, the constrained decoders and the plugin read."""
+    assert type(ours) is type(ref)
+    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert ours.special_tokens_map == ref.special_tokens_map and ours.all_special_ids == ref.all_special_ids
+    assert {i: (t.content, t.special) for i, t in ours.added_tokens_decoder.items()} == {
+        i: (t.content, t.special) for i, t in ref.added_tokens_decoder.items()}
+    assert ours.get_vocab() == ref.get_vocab() and len(ours) == len(ref)
+    for attr in ("chat_template", "model_max_length", "clean_up_tokenization_spaces", "padding_side",
+                 "pad_token_id", "unk_token_id"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    _assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "deepseek_v2"])
+def test_an_entry_loads_as_from_pretrained_builds_it(arch: str, gguf_file, caplog) -> None:
+    """The entry is read through the constructor (`_from_folder`, no second parse of tokenizer.json), and the
+    result equals ``from_pretrained``'s on the same folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = gguf_file(arch)
+    _load(path, caplog)
+    [entry] = _entries(path.parent)
+    config = json.loads((entry / "tokenizer_config.json").read_text())
+    assert cache._plain(config, PreTrainedTokenizerFast.SPECIAL_TOKENS_ATTRIBUTES)  # the direct path is the one taken
+    _assert_identical(cache.load_entry(entry), PreTrainedTokenizerFast.from_pretrained(entry))
+
+
+def test_smollm2_entry_loads_as_from_pretrained_builds_it(smollm2) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    ckpt = open_checkpoint(smollm2.gguf)
+    ckpt.load_tokenizer()  # writes the entry if this machine has none yet
+    end = ckpt.metadata_end
+    entry = next(p for p in cache.cache_dirs(smollm2.gguf, cache.cache_key(smollm2.gguf, end)) if p.exists())
+    _assert_identical(cache.load_entry(entry), PreTrainedTokenizerFast.from_pretrained(entry))

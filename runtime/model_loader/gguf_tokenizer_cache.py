@@ -1,7 +1,7 @@
 """The tokenizer of a GGUF file, converted once and kept on disk (issue 33 point 4).
 
 Converting a GGUF vocabulary into a fast tokenizer (transformers' GGUF converter, or `gguf_tokenizer` for
-``deepseek2``) takes ~7-11 s on a 49k-token vocabulary; loading the saved result takes ~0.2 s. So the converted
+``deepseek2``) takes ~7-11 s on a 49k-token vocabulary; loading the saved result takes ~0.1 s. So the converted
 tokenizer is saved (``save_pretrained``) in a folder beside the file, ``.sglite-tokenizer-<file stem>-<key>``, or,
 when that folder is not writable, under ``$SGLITE_CACHE/tokenizers`` (default ``~/.cache/sglite/tokenizers``).
 
@@ -85,10 +85,6 @@ def load_entry(folder: Path) -> Any:
     Raises:
         CacheEntryError: no readable manifest, a missing file or a hash mismatch, or transformers fails to load it.
     """
-    # The class the conversion builds (gguf_tokenizer.py): not AutoTokenizer, whose import alone is ~2 s and
-    # ~150 MiB of transformers' model machinery.
-    from transformers import PreTrainedTokenizerFast
-
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
@@ -99,9 +95,43 @@ def load_entry(folder: Path) -> Any:
         if not path.is_file() or _sha256(path) != digest:
             raise CacheEntryError(f"{name} is missing or differs from its manifest hash")
     try:
-        return PreTrainedTokenizerFast.from_pretrained(folder)
+        return _from_folder(folder)
     except Exception as exc:  # transformers raises many types for a bad folder; any of them means rebuild
         raise CacheEntryError(f"transformers cannot load it: {exc}") from None
+
+
+_NOT_PASSED = ("tokenizer_class", "init_inputs", "add_bos_token", "add_eos_token")
+"""Keys of ``tokenizer_config.json`` that ``from_pretrained`` drops before calling the constructor when the folder
+holds a ``tokenizer.json`` (the BOS/EOS flags live in its post-processor)."""
+
+
+def _from_folder(folder: Path) -> Any:
+    """The tokenizer ``save_pretrained`` wrote into ``folder``, as ``PreTrainedTokenizerFast.from_pretrained``
+    builds it: the constructor with ``tokenizer.json`` and the saved configuration. ``from_pretrained`` also parses
+    ``tokenizer.json`` in Python for its added tokens and deep-copies the Rust tokenizer (on SmolLM2's 49k vocabulary
+    ~0.2 s and ~8 MiB that stay mapped after); its rewriting of the configuration only matters for what this
+    folder may hold but does not here (`_plain`), and then it is used as it is."""
+    # The class the conversion builds (gguf_tokenizer.py): not AutoTokenizer, whose import alone is ~2 s and
+    # ~150 MiB of transformers' model machinery.
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if not _plain(config, PreTrainedTokenizerFast.SPECIAL_TOKENS_ATTRIBUTES) or (
+            folder / "additional_chat_templates").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    kwargs = {k: v for k, v in config.items() if k not in _NOT_PASSED}
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        kwargs["chat_template"] = template.read_text()
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), name_or_path=str(folder), **kwargs)
+
+
+def _plain(config: dict[str, Any], special: list[str]) -> bool:
+    """Whether the saved configuration is what the constructor takes as it is: special tokens as plain strings
+    under the standard names, no added-token table or extra special tokens (``from_pretrained`` converts those)."""
+    tokens = {k: v for k, v in config.items() if k.endswith("_token")}
+    return (not {"added_tokens_decoder", "extra_special_tokens", "additional_special_tokens"} & config.keys()
+            and all(k in special and (v is None or isinstance(v, str)) for k, v in tokens.items()))
 
 
 def _store(tokenizer: Any, candidates: list[Path]) -> None:
