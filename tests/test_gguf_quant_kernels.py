@@ -66,6 +66,17 @@ def test_decode_rows_match_the_reference(qtype: str, act: str, build: str | None
         _check(y, x, dequantize_gguf(w, qtype), bias, TOLERANCE[act])
 
 
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("qtype", [t for t in TYPES if GGUF_BLOCKS[t].values == 32])
+def test_decode_rows_of_an_odd_number_of_blocks(qtype: str, build: str | None) -> None:
+    """The 512-bit build reads two 32-value blocks a step: 5 and 1 blocks per row leave one for the 256-bit step."""
+    for k in (160, 32):
+        for m in (1, 3, 8):
+            w, x, b = _problem(qtype, 19, k, m, seed=k + m)
+            y = cpu_gguf.gguf_linear_cpu(x, w, GGUF_BLOCKS[qtype], b, isa=build)
+            _check(y, x, dequantize_gguf(w, qtype), b, TOLERANCE["q16"])
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_prefill_rows_dequantize_then_multiply(qtype: str) -> None:
     w, x, b = _problem(qtype, 48, 512, cpu_gguf.GEMV_MAX_M + 9, seed=3)

@@ -10,6 +10,12 @@ Activations, three ways (`gguf.py` says which is used and why):
 - ``F32``: the float rows as they are, the codes converted to floats.
 
 The offsets (``Sub::o``) always multiply the exact float sums of each 16 activations.
+
+With AVX-512 BW + VNNI (``GG_ZMM``), Q16 takes two sub-blocks a step: their 64 codes in one 512-bit register, the
+activations of each full pair of sub-blocks laid out to match it (``code_pos``), each int32 lane of the dot product
+scaled by its own weight and activation scales (``dot_pair``); the per-block float conversions and the serial
+accumulator chain of the 256-bit step were what bound it (the 256-bit kernel ran as fast on a cached weight as on one
+streamed from memory). The quantized activations live in per-thread buffers reused across calls.
 """
 
 GGUF_KERNEL_CPP = r"""
@@ -30,18 +36,41 @@ struct F32 {
 };
 
 // Activation rows quantized per 32 values (P's codes, one float scale per 32), and every 16 values' float sum.
+// With GG_ZMM, Q16 rows also carry, per pair of sub-blocks, the two scales and four sums laid out along the lanes
+// of the pair's dot product (`pair_vectors`).
 template <class P>
 struct Act {
   const float* x;  // [M, K] float rows, row stride sx
   int64_t sx;
-  const typename P::Code* q;  // [M, K], each 32-value block in P::pos order
+  const typename P::Code* q;  // [M, K], each 32-value block in P::pos order (`code_pos`)
   const float* d;             // [M, K / 32]
   const float* s;             // [M, K / 16]
   int64_t K;
+  const float* v = nullptr;   // [M, K / 64, 32]: GG_ZMM's per-pair lanes (Q16 only)
 };
+
+// Full pairs of 32-value sub-blocks of a row that the 512-bit path reads as one (none without it).
+template <class P>
+constexpr int64_t zmm_pairs(int64_t K) {
+#ifdef GG_ZMM
+  if constexpr (std::is_same_v<P, Q16>) return K / 64;
+#endif
+  return 0;
+}
+
+// Where value i of sub-block e goes in a row's codes: P::pos inside the block, except in a full pair of a 512-bit
+// build, whose 64 codes are [e's and e+1's P::pos 0-15, e's and e+1's P::pos 16-31] (the zero-extension of a
+// register of both blocks' codes, `dot_pair`, takes them in that order).
+template <class P>
+inline int64_t code_pos(int64_t e, int i, int64_t pairs) {
+  const int p = P::pos(i);
+  if (e < 2 * pairs) return 64 * (e / 2) + (p < 16 ? 0 : 32) + 16 * (e % 2) + (p & 15);
+  return 32 * e + p;
+}
 
 template <class P>
 void quantize_rows(const float* x, int64_t sx, int64_t M, int64_t K, typename P::Code* q, float* d, float* s) {
+  const int64_t pairs = zmm_pairs<P>(K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t e = 0; e < K / 32; ++e) {
       const float* v = x + m * sx + 32 * e;
@@ -51,11 +80,61 @@ void quantize_rows(const float* x, int64_t sx, int64_t M, int64_t K, typename P:
       for (int i = 16; i < 32; ++i) hi += v[i];
       const float scale = amax / P::kMax, inv = scale > 0.f ? 1.f / scale : 0.f;
       for (int i = 0; i < 32; ++i)
-        q[m * K + 32 * e + P::pos(i)] = static_cast<typename P::Code>(std::nearbyint(v[i] * inv));
+        q[m * K + code_pos<P>(e, i, pairs)] = static_cast<typename P::Code>(std::nearbyint(v[i] * inv));
       d[m * (K / 32) + e] = scale;
       s[m * (K / 16) + 2 * e] = lo;
       s[m * (K / 16) + 2 * e + 1] = hi;
     }
+}
+
+// Per pair of sub-blocks (e, e + 1) of each row, 32 floats: the activation scale of each int32 lane of the pair's
+// dot product (lanes 0-7: e's, 8-15: e+1's), then each 16 values' sum in the first lane of the four lanes that
+// hold their products (lanes 0, 4, 8, 12: e's halves, e+1's halves), zero in the others.
+void pair_vectors(const float* d, const float* s, int64_t M, int64_t K, int64_t pairs, float* v) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* o = v + (m * pairs + p) * 32;
+      for (int l = 0; l < 16; ++l) o[l] = d[m * (K / 32) + 2 * p + l / 8];
+      for (int l = 0; l < 16; ++l) o[16 + l] = l % 4 ? 0.f : s[m * (K / 16) + 4 * p + l / 4];
+    }
+}
+
+#ifdef GG_ZMM
+// One 32-value block of a Q16 row in 512-bit registers: the codes `quantize_rows` writes (vcvtps2dq rounds to
+// nearest even, as std::nearbyint does), its scale and its halves' sums (summed in another order: they may differ in
+// the last bit). xa / xb: where values 0-7 and 16-23 / 8-15 and 24-31 go (`code_pos`).
+inline void quantize_block_zmm(const float* v, int16_t* xa, int16_t* xb, float* d, float* s) {
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float scale = amax / Q16::kMax, inv = scale > 0.f ? 1.f / scale : 0.f;
+  const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv))));
+  const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv))));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xa), _mm256_castsi256_si128(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + 8), _mm256_castsi256_si128(qb));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xb), _mm256_extracti128_si256(qa, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xb + 8), _mm256_extracti128_si256(qb, 1));
+  *d = scale;
+  s[0] = _mm512_reduce_add_ps(a);
+  s[1] = _mm512_reduce_add_ps(b);
+}
+#endif
+
+// quantize_rows, in 512-bit registers where the build has them (Q16).
+template <class P>
+void quantize(const float* x, int64_t sx, int64_t M, int64_t K, typename P::Code* q, float* d, float* s) {
+#ifdef GG_ZMM
+  if constexpr (std::is_same_v<P, Q16>) {
+    const int64_t pairs = K / 64;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t e = 0; e < K / 32; ++e) {
+        int16_t* xa = q + m * K + (e < 2 * pairs ? 64 * (e / 2) + 16 * (e % 2) : 32 * e);
+        quantize_block_zmm(x + m * sx + 32 * e, xa, xa + (e < 2 * pairs ? 32 : 16), d + m * (K / 32) + e,
+                           s + m * (K / 16) + 2 * e);
+      }
+    return;
+  }
+#endif
+  quantize_rows<P>(x, sx, M, K, q, d, s);
 }
 
 #ifdef GG_AVX2
@@ -126,6 +205,76 @@ inline void sub_dot(__m256i cv, const Sub& u, const Act<P>& a, int64_t m0, int64
     }
   }
 }
+
+#ifdef GG_ZMM
+// [a x4, b x4, c x4, d x4]: a value per 16-value half of a pair of sub-blocks, along the lanes of its dot product.
+// Built in registers: the Subs were just written as scalars, and a vector load of them would stall on the stores.
+template <int kSubs>
+inline __m512 spread4(float a, float b, float c, float d) {
+  if constexpr (kSubs == 1)  // one scale (offset) per sub-block: a == b, c == d
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(c), 1);
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                               _mm512_castps128_ps512(_mm_setr_ps(a, b, c, d)));
+}
+
+// acc[m] += pair . x[m0 + m] and off[m] += the pair's offsets times the activations' sums, for sub-blocks e = 2p
+// and e + 1 (codes c: e's 32 in the low half, e+1's in the high; u0, u1: their Subs). Int32 lane l of the dot
+// product holds the 16 products of values 16 (l / 4) .. of the pair (two halves of e, then of e+1), so each lane is
+// scaled by its half's weight scale and its sub-block's activation scale (Act::v).
+template <class T, int MB>
+inline void dot_pair(__m512i c, const Sub& u0, const Sub& u1, const Act<Q16>& a, int64_t m0, int64_t p, __m512* acc,
+                     __m512* off) {
+  const __m512i sign = T::kSigned ? _mm512_movm_epi8(_mm512_cmplt_epi8_mask(c, _mm512_setzero_si512()))
+                                  : _mm512_setzero_si512();
+  const __m512i lo = _mm512_unpacklo_epi8(c, sign), hi = _mm512_unpackhi_epi8(c, sign);
+  const __m512 ws = spread4<T::kSubs>(u0.s[0], u0.s[1], u1.s[0], u1.s[1]);
+  const __m512 wo = T::kSigned ? ws : spread4<T::kSubs>(u0.o[0], u0.o[1], u1.o[0], u1.o[1]);
+  const int64_t pairs = a.K / 64;
+  for (int m = 0; m < MB; ++m) {
+    const int64_t r = m0 + m;
+    const int16_t* xq = a.q + r * a.K + 64 * p;
+    const float* v = a.v + (r * pairs + p) * 32;
+    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+    dot = _mm512_dpwssd_epi32(dot, hi, _mm512_loadu_si512(xq + 32));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(v)), acc[m]);
+    if (!T::kSigned) off[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(v + 16), off[m]);
+  }
+}
+
+// out[m] = W[row] . x[m0 + m] for Q16 activations, two sub-blocks a step (an odd last one as `dot_row` takes it).
+template <class T, int MB>
+void dot_row_zmm(const uint8_t* row, const Act<Q16>& a, int64_t m0, float* out) {
+  const int64_t ne = a.K / 32, pairs = ne / 2, K16 = a.K / 16;
+  __m512 acc[MB], off[MB];
+  __m256 tail[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = off[m] = _mm512_setzero_ps(), tail[m] = _mm256_setzero_ps();
+  Sub sub[T::kSubs == 1 ? 2 : T::kSubs];
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t e = 2 * p;
+    const uint8_t* b0 = row + e / T::kSubs * T::kBytes;
+    const uint8_t* b1 = row + (e + 1) / T::kSubs * T::kBytes;
+    const int k0 = static_cast<int>(e % T::kSubs), k1 = T::kSubs == 1 ? 0 : k0 + 1;
+    if constexpr (T::kSubs == 1) {
+      T::subs(b0, sub);
+      T::subs(b1, sub + 1);
+    } else if (k0 == 0) {
+      T::subs(b0, sub);
+    }
+    const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(T::codes256(b0, k0)), T::codes256(b1, k1), 1);
+    dot_pair<T, MB>(c, sub[T::kSubs == 1 ? 0 : k0], sub[T::kSubs == 1 ? 1 : k1], a, m0, p, acc, off);
+  }
+  float tail_off[MB] = {};
+  if (ne % 2) {  // kSubs == 1 types only: K is a whole number of blocks
+    const uint8_t* blk = row + (ne - 1) * T::kBytes;
+    T::subs(blk, sub);
+    sub_dot<T, MB, Q16>(T::codes256(blk, 0), sub[0], a, m0, ne - 1, tail);
+    for (int m = 0; m < MB; ++m)
+      tail_off[m] = sub[0].o[0] * a.s[(m0 + m) * K16 + 2 * (ne - 1)] + sub[0].o[1] * a.s[(m0 + m) * K16 + 2 * ne - 1];
+  }
+  for (int m = 0; m < MB; ++m)
+    out[m] = _mm512_reduce_add_ps(acc[m]) + hsum(tail[m]) + (T::kSigned ? 0.f : _mm512_reduce_add_ps(off[m]) + tail_off[m]);
+}
+#endif
 #else
 template <class T, int MB, class P>
 inline void sub_dot(const uint8_t* c, const Sub& u, const Act<P>& a, int64_t m0, int64_t e, float* acc) {
@@ -150,6 +299,9 @@ inline void sub_dot(const uint8_t* c, const Sub& u, const Act<P>& a, int64_t m0,
 // out[m] = W[row] . x[m0 + m] for MB activation rows: each sub-block is decoded once for all of them.
 template <class T, int MB, class P>
 void dot_row(const uint8_t* row, const Act<P>& a, int64_t m0, float* out) {
+#ifdef GG_ZMM
+  if constexpr (std::is_same_v<P, Q16>) return dot_row_zmm<T, MB>(row, a, m0, out);
+#endif
   const int64_t nb = a.K / T::kValues, K16 = a.K / 16;
   float off[MB] = {};
   Sub sub[T::kSubs];
@@ -237,9 +389,15 @@ void dequantize_rows(const uint8_t* w, int64_t K, float* out, int64_t n0, int64_
 // Rows per claim of the pool: about 128 KB of weights, so that each thread streams long runs of memory (the hardware
 // prefetchers restart at every jump). For SmolLM2's 120 Q4_1 linears of one token on 2 threads: 4 KB claims 10.5
 // ms, 16 KB 6.2, 64 KB 3.5-3.9, 128 KB 3.3, 256 KB 3.7-3.8 (one thread: 5.3).
+// The claims of one call are a whole number per thread, of equal size: 3 claims on 2 threads left one thread idle for
+// a third of SmolLM2's q/k/v linear (and a fifth of its down projection).
 constexpr int64_t kChunkBytes = 1 << 17;
 
-int64_t chunk_rows(int64_t row_bytes) { return std::max<int64_t>(1, kChunkBytes / row_bytes); }
+int64_t chunk_rows(int64_t n, int64_t row_bytes, int threads) {
+  const int64_t per_thread = std::max<int64_t>(1, (n * row_bytes + threads * kChunkBytes - 1) / (threads * kChunkBytes));
+  const int64_t chunks = per_thread * threads;
+  return std::max<int64_t>(1, (n + chunks - 1) / chunks);
+}
 
 int64_t check_weight(const at::Tensor& w, int64_t type, int64_t K) {
   TORCH_CHECK(w.dtype() == at::kByte && w.is_contiguous() && w.dim() >= 2, "GGUF weight: contiguous uint8 [N, ...]");
@@ -255,17 +413,24 @@ template <class P>
 at::Tensor gemv_on(Pool& pool, const at::Tensor& x, const at::Tensor& w, int64_t type, const float* bias) {
   const int64_t M = x.size(0), K = x.size(1), N = check_weight(w, type, K);
   at::Tensor y = at::empty({M, N}, x.options());
-  const auto code = std::is_same_v<typename P::Code, int16_t> ? at::kShort : at::kChar;
-  at::Tensor q = at::empty({M, K}, code), ds = at::empty({M * (K / 32 + K / 16)}, at::kFloat);
-  float* d = ds.data_ptr<float>();
+  const int64_t pairs = zmm_pairs<P>(K);
+  // The quantized rows live in buffers of the calling thread, reused by its next call (an allocation per linear
+  // was a visible part of a batch-1 step); pool threads only read them while this call waits.
+  thread_local std::vector<typename P::Code> qbuf;
+  thread_local std::vector<float> fbuf;
+  qbuf.resize(std::max<size_t>(qbuf.size(), M * K));
+  fbuf.resize(std::max<size_t>(fbuf.size(), M * (K / 32 + K / 16 + pairs * 32)));
+  float* d = fbuf.data();
   float* s = d + M * (K / 32);
-  auto* qp = static_cast<typename P::Code*>(q.data_ptr());
-  quantize_rows<P>(x.data_ptr<float>(), x.stride(0), M, K, qp, d, s);  // F32 too: it needs the sums
-  const Act<P> a{x.data_ptr<float>(), x.stride(0), qp, d, s, K};
+  float* v = s + M * (K / 16);
+  typename P::Code* qp = qbuf.data();
+  quantize<P>(x.data_ptr<float>(), x.stride(0), M, K, qp, d, s);  // F32 too: it needs the sums
+  pair_vectors(d, s, M, K, pairs, v);
+  const Act<P> a{x.data_ptr<float>(), x.stride(0), qp, d, s, K, v};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   with_type(type, [&]<class T>() {
-    pool.run(N, chunk_rows(w.numel() / N),
+    pool.run(N, chunk_rows(N, w.numel() / N, pool.threads()),
              [&](int64_t n0, int64_t n1) { gemv_rows<T, P>(wp, a, M, N, bias, yp, n0, n1); });
   });
   return y;
@@ -283,7 +448,7 @@ struct GGUFPool : PoolHandle {
     const uint8_t* wp = w.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     with_type(type, [&]<class T>() {
-      pool->run(N, chunk_rows(w.numel() / N),
+      pool->run(N, chunk_rows(N, w.numel() / N, pool->threads()),
                 [&](int64_t n0, int64_t n1) { dequantize_rows<T>(wp, K, op, n0, n1); });
     });
     return out;

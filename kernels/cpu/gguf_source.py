@@ -34,6 +34,9 @@ GGUF_TYPES_CPP = r"""
 #if defined(GG_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define GG_VNNI 1
 #endif
+#if defined(GG_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define GG_ZMM 1  // int16 activations two sub-blocks at a time in 512-bit registers (gguf_kernel_source.py)
+#endif
 
 namespace {
 
