@@ -9,8 +9,15 @@ over HTTP; then the model is deleted and the very same workloads (same seeds per
         --num-prompts 64 --input-len 128 --output-len 128 --out /tmp/rest-vs-direct
 
 Prints one markdown row per level (REST / direct output tok/s, TTFT and ITL medians) and writes them to
-``OUT/rows.json``. ``--launch KEY=VALUE`` adds a launch option (e.g. ``stream_interval=4``); ``--profile`` samples
-the model process with py-spy during the REST sweep (``OUT/model-process.folded``, one stack per line + count).
+``OUT/rows.json``. ``--launch KEY=VALUE`` sets a launch option, for the served model and the in-process Engine
+alike (e.g. ``stream_interval=4``, ``device=cuda``; defaults ``mem_fraction_static=0.5``,
+``max_running_requests=64``); ``--profile`` samples the model process with py-spy during the REST sweep
+(``OUT/model-process.folded``, one stack per line + count). At real shapes without weights (issue 34 on a GPU)::
+
+    python scripts/bench_rest_vs_direct.py --model-config configs/llama-3.1-8b.json --launch device=cuda \
+        --launch max_running_requests=256 --sweep 1,16,64,256 --num-prompts 256 --out /tmp/rvd-8b
+
+serves a folder holding that config and the tiny model's tokenizer, with ``load_format=dummy``.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ from xinf_sglang.runtime.testing.tiny_model import make_tiny_model  # noqa: E402
 UID = "bench-tiny"
 
 
+DEFAULT_LAUNCH = {"mem_fraction_static": "0.5", "max_running_requests": "64"}
+
+
 def launch(endpoint: str, family: str, options: dict[str, str]) -> None:
-    """The registered family launched as :data:`UID` with sglite on the CPU."""
-    body = {"model_name": family, "model_engine": "sglite", "model_uid": UID, "mem_fraction_static": "0.5",
-            "max_running_requests": "64", **options}
+    """The registered family launched as :data:`UID` with sglite and ``options``."""
+    body = {"model_name": family, "model_engine": "sglite", "model_uid": UID, **options}
     status, reply = http("POST", endpoint + "/v1/models", body, timeout=LAUNCH_TIMEOUT)
     if status != 200:
         raise RuntimeError(f"launch failed: {reply}")
@@ -71,9 +80,10 @@ def rest_sweep(options) -> list:
     return asyncio.run(bench(options, RandomText(load_tokenizer(options.tokenizer))))
 
 
-def direct_sweep(options, model_dir: Path) -> list:
+def direct_sweep(options, model_dir: Path, launch_options: dict[str, str]) -> list:
     """The very workloads of :func:`rest_sweep` (same seeds per level) on an Engine in this process."""
-    from xinf_sglang.runtime import Engine, EngineConfig
+    from xinf_sglang.runtime import Engine
+    from xinf_sglang.serving.launch_options import LaunchOptions, to_engine_config
     from xinf_sglang.tools.bench_serve.datasets import make_workload, warmup_workload
     from xinf_sglang.tools.bench_serve.direct import send_direct
     from xinf_sglang.tools.bench_serve.runner import RunSpec, run_workload
@@ -81,8 +91,7 @@ def direct_sweep(options, model_dir: Path) -> list:
     from xinf_sglang.tools.bench_serve.text import RandomText, load_tokenizer
 
     text = RandomText(load_tokenizer(options.tokenizer))
-    engine = Engine(EngineConfig(model_path=str(model_dir), device="cpu", mem_fraction_static=0.5,
-                                 max_running_requests=64))
+    engine = Engine(to_engine_config(LaunchOptions.parse(launch_options), str(model_dir)))
     try:
         warm = warmup_workload(text, options.warmup_requests, options.seed, "completions")
         asyncio.run(run_workload(engine, warm, RunSpec("direct", 1, math.inf, 0), sender=send_direct))
@@ -95,6 +104,32 @@ def direct_sweep(options, model_dir: Path) -> list:
         return results
     finally:
         engine.shutdown()
+
+
+def served_folder(work: Path, args: argparse.Namespace) -> Path:
+    """``--model-dir``; else the tiny random Llama; with ``--model-config`` a folder of that config and the tiny
+    model's tokenizer files (no weights: served with ``load_format=dummy``)."""
+    if args.model_dir:
+        return args.model_dir
+    tiny = make_tiny_model(work / "tiny", "llama", 0)
+    if not args.model_config:
+        return tiny
+    folder = work / "model"
+    folder.mkdir()
+    for path in tiny.iterdir():
+        if path.is_file() and path.name != "config.json" and path.suffix not in (".safetensors", ".bin"):
+            shutil.copy(path, folder / path.name)
+    shutil.copy(args.model_config, folder / "config.json")
+    return folder
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, str]:
+    """The launch options of both halves: the defaults, ``--launch`` over them, ``load_format=dummy`` with
+    ``--model-config``."""
+    options = {**DEFAULT_LAUNCH, **dict(item.split("=", 1) for item in args.launch)}
+    if args.model_config:
+        options.setdefault("load_format", "dummy")
+    return options
 
 
 def rows(rest: list, direct: list) -> list[dict]:
@@ -117,18 +152,19 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--model-dir", type=Path, help="a checkpoint to serve instead of the tiny random Llama")
+    p.add_argument("--model-config", type=Path, help="a config.json to serve with dummy weights (real shapes)")
     p.add_argument("--profile", action="store_true", help="py-spy the model process during the REST sweep")
     p.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE", help="an extra launch option")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="rest-vs-direct-"))
-    model_dir = args.model_dir or make_tiny_model(work / "model", "llama", 0)
+    model_dir = served_folder(work, args)
     (work / "home").mkdir()
-    extra = dict(item.split("=", 1) for item in args.launch)
+    served = launch_options(args)
     with running_server(work / "home") as server:
         try:
             with registered_model(server, model_dir, "bench-tiny-family", chat_template=True) as family:
-                launch(server.endpoint, family, extra)
+                launch(server.endpoint, family, served)
                 options = serve_options(server.endpoint, model_dir, args.out, args)
                 spy = profiled(server.endpoint, args.out) if args.profile else None
                 rest = rest_sweep(options)
@@ -138,7 +174,7 @@ def main() -> int:
                 http("DELETE", f"{server.endpoint}/v1/models/{UID}", timeout=LAUNCH_TIMEOUT)
         finally:
             shutil.copy(server.log, args.out / "xinference.log")
-    table = rows(rest, direct_sweep(options, model_dir))
+    table = rows(rest, direct_sweep(options, model_dir, served))
     (args.out / "rows.json").write_text(json.dumps(table, indent=1))
     print("| streams | REST out tok/s | direct out tok/s | REST/direct | TTFT median REST / direct ms "
           "| ITL median REST / direct ms | TPOT median REST / direct ms | failed |")
