@@ -30,6 +30,13 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def silu_mul(g, u, DT: tl.constexpr):
+        """``silu(g) * u`` of float32 ``g`` / ``u`` (values of dtype ``DT``) in ``DT``, rounded twice like the
+        reference in that dtype: the silu, then the product. Shared by every kernel that ends in SwiGLU."""
+        s = (g / (1.0 + tl.exp(-g))).to(DT).to(tl.float32)
+        return (s * u).to(DT)
+
+    @triton.jit
     def _silu_and_mul_kernel(GU, OUT, stride_gu, stride_o, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -37,9 +44,7 @@ if triton is not None:
         mask = cols < d
         g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_gu + d + cols, mask=mask, other=0.0).to(tl.float32)
-        # Two roundings to the input dtype, like the reference (silu in dtype, then the product in dtype).
-        s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
-        tl.store(OUT + row * stride_o + cols, (s * u).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + row * stride_o + cols, silu_mul(g, u, OUT.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ a Qwen3-30B-A3B step (48 sparse layers). Here, up to ``MOE_GEMV_MAX_TOKENS`` tok
 
 1. ``_gate_up_kernel``, program (pair, column tile): ``x[token]`` against the gate rows and the up rows of the
    pair's expert (``w13[e, cols]`` and ``w13[e, I + cols]``), both rounded to x's dtype as the grouped path stores
-   them, then SiLU(gate) * up -> ``act [T*K, I]`` in x's dtype: the activation is fused, no ``[T*K, 2I]`` buffer;
+   them, then SiLU(gate) * up (``kernels.activation.silu_mul``, the SiLU-and-mul kernel's roundings) -> ``act
+   [T*K, I]`` in x's dtype: the activation is fused, no ``[T*K, 2I]`` buffer;
 2. ``_down_kernel``, program (token x column tile, k): ``act[pair] @ w2[e, cols]^T`` times the routing weight, a
    float32 partial of the token's output; the K partials of a token are summed in k order by the tile's last
    program (``split_k_store``, kernels/quant/splitk.py), rounded once: the top-k sum is fused, deterministic.
@@ -39,6 +40,7 @@ GEMV_CONFIG = {"BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 256, "num_warps": 4}
 """Launch shape of both GEMVs: 16 output rows x 256 K values per step (a thread loads 8 bf16 values at once)."""
 
 if triton is not None:
+    from ..activation import silu_mul
     from ..pdl import pdl_wait
     from ..quant.splitk import split_k_store
 
@@ -74,8 +76,7 @@ if triton is not None:
         dtype = ACT.dtype.element_ty
         gate = _row_dot(x_ptr, w_ptr, H, sw_n, n_ok, EVEN_K, BLOCK_N, BLOCK_K).to(dtype).to(tl.float32)
         up = _row_dot(x_ptr, w_ptr + I * sw_n, H, sw_n, n_ok, EVEN_K, BLOCK_N, BLOCK_K).to(dtype).to(tl.float32)
-        act = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(ACT + pair.to(tl.int64) * I + cols, act.to(dtype), mask=n_ok)
+        tl.store(ACT + pair.to(tl.int64) * I + cols, silu_mul(gate, up, dtype), mask=n_ok)
 
     @triton.jit
     def _down_kernel(ACT, W2, IDS, TOPK_W, OUT, PARTS, LOCKS, T, I, H, TOPK, sw_e, sw_n, EVEN_K: tl.constexpr,
