@@ -352,7 +352,7 @@ def _split_parts_kernel(P, Y, WS, LOCKS, BIAS, M, N, SPLIT: tl.constexpr, HAS_BI
     rows = tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     acc = tl.load(P + tl.program_id(1) * M * N + rows * N + cols, mask=(rows < M) & (cols < N), other=0.0)
-    splitk.split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, N, SPLIT, HAS_BIAS)
+    splitk.split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, N, 1, SPLIT, HAS_BIAS, False)
 
 
 @pytest.mark.parametrize("split,with_bias", [(1, True), (2, False), (5, True)])
@@ -373,6 +373,44 @@ def test_split_k_store_sums_the_parts_in_order(split: int, with_bias: bool) -> N
                                                          SPLIT=split, HAS_BIAS=with_bias, BLOCK_M=4, BLOCK_N=bn)
         assert torch.equal(out, want)
         assert not splitk.tile_locks(out.device).any()
+
+
+@pytest.mark.parametrize("kind", ["awq", "gptq", "fp8_block", "fp8_channel"])
+def test_gemv_silu_mul_epilogue(kind: str) -> None:
+    """A gate/up projection with ``silu_mul``: the GEMV writes SiLU-and-mul of the halves itself (the pair of column
+    tiles meets in the split-K workspace), equal to the reference product followed by SiLU-and-mul, for M = 1..4,
+    with and without a split, with bias; N / 2 not a whole number of tiles takes the product, then SiLU-and-mul."""
+    torch.manual_seed(len(kind))
+    n, k = 96, 256
+    bias = torch.randn(n)
+    if kind.startswith("fp8"):
+        w = torch.randn(n, k)
+        wq, scale = Q.quantize_fp8_block(w, (16, 64)) if kind == "fp8_block" else Q.quantize_fp8_channel(w)
+        def product(x, cfg=None, silu_mul=False):  # noqa: E306
+            if kind == "fp8_block":
+                return Q.fp8_block_linear_triton(x, wq, scale, (16, 64), bias, config=cfg, silu_mul=silu_mul)
+            return Q.fp8_channel_linear_triton(x, wq, scale, bias, config=cfg, silu_mul=silu_mul)
+        ref = functools.partial(Q.fp8_block_linear_ref, weight=wq, weight_scale_inv=scale, block_size=(16, 64),
+                                bias=bias) if kind == "fp8_block" else functools.partial(
+            Q.fp8_channel_linear_ref, weight=wq, weight_scale=scale, bias=bias)
+    else:
+        qweight, scales, qzeros, _ = int_weight(kind, n, k, 32)
+        def product(x, cfg=None, silu_mul=False):  # noqa: E306
+            return Q.int4_linear_triton(x, qweight, scales, qzeros, None, kind, 32, bias, config=cfg, gemv=True,
+                                        silu_mul=silu_mul)
+        ref = functools.partial(Q.int4_linear_ref, qweight=qweight, scales=scales, qzeros=qzeros, g_idx=None,
+                                fmt=kind, group_size=32, bias=bias)
+    tile = 8 if kind == "awq" else 16  # AWQ's tile is at least one word of 8 columns
+    configs = [gemv_config(tile, 64), gemv_config(tile, 64, split_k=3, num_warps=2), gemv_config(32, 64)]
+    for m in (1, 2, 3, 4):
+        x = torch.randn(m, k)
+        want = F.silu(ref(x)[:, : n // 2]) * ref(x)[:, n // 2:]
+        for cfg in configs:  # the last: N / 2 = 48 is not a whole number of 32-column tiles
+            got = product(x, cfg, silu_mul=True)
+            assert got.shape == (m, n // 2) and rel_err(got, want) < 1e-5, (m, cfg)
+    assert not splitk.tile_locks(x.device).any()
+    assert Q.int4_linear(torch.randn(2, k), *int_weight("awq", n, k, 32)[:3], None, "awq", 32,
+                         silu_mul=True).shape == (2, n // 2)  # the CPU dispatcher: the reference, then SiLU-and-mul
 
 
 def test_split_k_buffers_refuse_a_grid_past_the_counters() -> None:

@@ -94,7 +94,7 @@ if triton is not None:
         part = _row_dot(ACT + pair.to(tl.int64) * I, w_ptr, I, sw_n, n_ok, EVEN_K, BLOCK_N, BLOCK_K)
         part = (part * tl.load(TOPK_W + pair))[None, :]
         rows = tl.zeros([1, 1], dtype=tl.int32) + token
-        split_k_store(part, OUT, PARTS, LOCKS, OUT, T, H, rows, cols[None, :], H, SPLIT, False)
+        split_k_store(part, OUT, PARTS, LOCKS, OUT, T, H, rows, cols[None, :], H, 1, SPLIT, False, False)
 
 
 def fused_experts_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

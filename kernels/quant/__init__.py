@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..activation import silu_and_mul
 from ..cpu import gguf as cpu_gguf
 from .config import get_quant_config
 from .fp8 import (
@@ -50,6 +51,11 @@ from .reference import (
 )
 
 
+def _glu(y: torch.Tensor, silu_mul: bool) -> torch.Tensor:
+    """``y``, or SiLU-and-mul of its halves (the reference paths' ``silu_mul``)."""
+    return silu_and_mul(y) if silu_mul else y
+
+
 def _fp8_on_gpu(x: torch.Tensor) -> bool:
     """Triton's FP8 path: CUDA tensors on a card with FP8 tensor cores (Ada, Hopper and newer)."""
     return x.is_cuda and triton is not None and torch.cuda.get_device_capability(x.device) >= (8, 9)
@@ -64,36 +70,40 @@ def fp8_quantize_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torc
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                     block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None) -> torch.Tensor:
+                     block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None,
+                     silu_mul: bool = False) -> torch.Tensor:
     """``x [..., K]`` times a block-scaled FP8 ``weight [N, K]`` (``weight_scale_inv [ceil(N/bn), ceil(K/bk)]``
-    float32, ``block_size=(bn, bk)``) plus ``bias [N]`` -> ``[..., N]`` in x's dtype. GPU: the weight-only GEMV
-    for M <= 4, else the W8A8 Triton GEMM; otherwise ``fp8_block_linear_ref``."""
+    float32, ``block_size=(bn, bk)``) plus ``bias [N]`` -> ``[..., N]`` in x's dtype (``silu_mul``: SiLU-and-mul
+    of its halves, ``[..., N / 2]``: a gate/up projection). GPU: the weight-only GEMV for M <= 4 (the SiLU in its
+    epilogue), else the W8A8 Triton GEMM; otherwise ``fp8_block_linear_ref``."""
     if _fp8_on_gpu(x):
-        return fp8_block_linear_triton(x, weight, weight_scale_inv, tuple(block_size), bias)
-    return fp8_block_linear_ref(x, weight, weight_scale_inv, tuple(block_size), bias)
+        return fp8_block_linear_triton(x, weight, weight_scale_inv, tuple(block_size), bias, silu_mul=silu_mul)
+    return _glu(fp8_block_linear_ref(x, weight, weight_scale_inv, tuple(block_size), bias), silu_mul)
 
 
 def fp8_channel_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """``x [..., K]`` times an FP8 ``weight [N, K]`` with per-channel (``[N]`` / ``[N, 1]``) or per-tensor
-    (scalar) float32 ``weight_scale`` plus ``bias`` -> ``[..., N]`` in x's dtype. GPU: the weight-only GEMV for
-    M <= 4, else W8A8 with per-token activation scales (``torch._scaled_mm`` on Hopper in bf16, else Triton); otherwise ``fp8_channel_linear_ref``."""
+    (scalar) float32 ``weight_scale`` plus ``bias`` -> ``[..., N]`` in x's dtype (``silu_mul``: as
+    ``fp8_block_linear``). GPU: the weight-only GEMV for M <= 4, else W8A8 with per-token activation scales
+    (``torch._scaled_mm`` on Hopper in bf16, else Triton); otherwise ``fp8_channel_linear_ref``."""
     if _fp8_on_gpu(x):
-        return fp8_channel_linear_triton(x, weight, weight_scale, bias)
-    return fp8_channel_linear_ref(x, weight, weight_scale, bias)
+        return fp8_channel_linear_triton(x, weight, weight_scale, bias, silu_mul=silu_mul)
+    return _glu(fp8_channel_linear_ref(x, weight, weight_scale, bias), silu_mul)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                 g_idx: torch.Tensor | None, fmt: str, group_size: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """``x [..., K]`` times an AWQ (``fmt="awq"``, 4-bit) or GPTQ v1 (``fmt="gptq"``, 4- or 8-bit, read from the
     shapes) weight in its checkpoint layout (reference.py) plus ``bias`` -> ``[..., N]`` in x's dtype;
     ``group_size`` -1 = one group. GPU: the CUDA-core GEMV for M <= 4 (not act-order), else the dequantizing
     Triton GEMM (split-K for M <= 8); otherwise
-    ``int4_linear_ref``. For GPTQ pass ``g_idx=None`` unless it is act-order (``trivial_g_idx``)."""
+    ``int4_linear_ref``. For GPTQ pass ``g_idx=None`` unless it is act-order (``trivial_g_idx``). ``silu_mul``: as
+    ``fp8_block_linear``."""
     if x.is_cuda and triton is not None:
-        return int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)
-    return int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias)
+        return int4_linear_triton(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias, silu_mul=silu_mul)
+    return _glu(int4_linear_ref(x, qweight, scales, qzeros, g_idx, fmt, group_size, bias), silu_mul)
 
 
 def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
 from .config import FP8_GEMV_MAX_M, get_quant_config
 from .reference import FP8_DTYPE, FP8_EPS, FP8_MAX, channel_scale
@@ -142,9 +143,9 @@ if triton is not None:
     def _fp8_gemv_kernel(
         X, W, WS, BIAS, Y, PARTS, LOCKS,
         M, N, K, k_per_split,
-        sx_m, sw_n, sws_n, sy_m,
+        sx_m, sw_n, sws_n, sy_m, glu_tiles,
         SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, SCALE_AT_END: tl.constexpr, HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         # Y[split, :M, columns] (or Y) = X[:M, K range] @ (W * scale)[columns, K range]^T, weight-only: x stays in
@@ -187,7 +188,8 @@ if triton is not None:
         out = tl.sum(acc, axis=2)
         if SCALE_AT_END:
             out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
-        split_k_store(out, Y, PARTS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
+        split_k_store(out, Y, PARTS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, glu_tiles, SPLIT, HAS_BIAS,
+                      GLU)
 
 
 def fp8_quantize_per_token_group_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,21 +230,28 @@ def _launch_gemm(xq, xs, weight, ws, bias, out, scale_n: int, scale_k: int, at_e
 
 
 def fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-             out: torch.Tensor, scale_n: int, scale_k: int, at_end: bool, cfg: dict) -> None:
+             out: torch.Tensor, scale_n: int, scale_k: int, at_end: bool, cfg: dict, glu: bool = False) -> None:
     """Launch the weight-only GEMV into ``out [M, N]``: ``scale`` float32 ``[ceil(N/scale_n), ceil(K/scale_k)]``
-    block scales, or ``[N]`` per-channel ones with ``at_end``; split K (``SPLIT_K``) summed in the kernel (splitk.py)."""
+    block scales, or ``[N]`` per-channel ones with ``at_end``; split K (``SPLIT_K``) summed in the kernel
+    (splitk.py). ``glu``: into ``out [M, N / 2]``, SiLU-and-mul of the product's halves, fused in the epilogue when
+    ``N / 2`` is a whole number of column tiles, else after."""
     (m, k), n = x2.shape, weight.shape[0]
     bn = cfg["BLOCK_SIZE_N"]
+    if glu and (n // 2) % bn:
+        full = torch.empty((m, n), dtype=out.dtype, device=out.device)
+        fp8_gemv(x2, weight, scale, bias, full, scale_n, scale_k, at_end, cfg)
+        out.copy_(silu_and_mul(full))
+        return
     bk = max(16, cfg["BLOCK_SIZE_K"] if at_end else min(cfg["BLOCK_SIZE_K"], scale_k & -scale_k))
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
     split = triton.cdiv(k, k_per_split)
-    parts, locks = split_k_buffers(out, split, triton.cdiv(n, bn))
+    parts, locks = split_k_buffers(out, split, triton.cdiv(n, bn), n if glu else None)
     _fp8_gemv_kernel[(triton.cdiv(n, bn), split)](
         x2, weight, scale, bias if bias is not None else out, out, parts, locks,
         m, n, k, k_per_split,
-        x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0), n // 2 // bn,
         SCALE_N=scale_n, SCALE_K=scale_k, SCALE_AT_END=at_end, HAS_BIAS=bias is not None, EVEN_K=k % bk == 0,
-        EVEN_N=n % bn == 0, SPLIT=split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_N=n % bn == 0, SPLIT=split, GLU=glu, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )
 
@@ -269,28 +278,33 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def fp8_block_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                             block_size: tuple[int, int] = (128, 128), bias: torch.Tensor | None = None, *,
-                            config: dict[str, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
+                            config: dict[str, int] | None = None, gemv: bool | None = None,
+                            silu_mul: bool = False) -> torch.Tensor:
     """The contract of ``fp8_block_linear_ref``. Up to ``FP8_GEMV_MAX_M`` rows the weight-only GEMV (kind
     ``fp8_block_gemv``; x unquantized, so it matches the reference to the summation order), otherwise W8A8
     (kind ``fp8_block``; x's FP8 rounding apart). ``gemv`` forces the choice; ``config`` overrides
-    ``get_quant_config`` for the kernel chosen (the tuner passes each candidate)."""
+    ``get_quant_config`` for the kernel chosen (the tuner passes each candidate). ``silu_mul``: SiLU-and-mul of
+    the result's halves, ``[..., N / 2]`` (in the GEMV's epilogue)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use fp8_block_linear_ref")
     _check(x, weight, bias)
     n, k = weight.shape
     bn, bk = block_size
     x2 = x.reshape(-1, k)
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0 and _use_gemv(gemv, x2.shape[0], bk):
+        out = torch.empty((x2.shape[0], n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
         x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         cfg = config or get_quant_config("fp8_block_gemv", n, k, x2.shape[0], x.dtype, x.device)
-        fp8_gemv(x2, weight, weight_scale_inv.float().contiguous(), bias, out, bn, bk, False, cfg)
-    elif x2.shape[0] > 0:
+        fp8_gemv(x2, weight, weight_scale_inv.float().contiguous(), bias, out, bn, bk, False, cfg, silu_mul)
+        return out.view(*x.shape[:-1], out.shape[1])
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0:
         cfg = config or get_quant_config("fp8_block", n, k, x2.shape[0], x.dtype, x.device)
         cfg = dict(cfg, BLOCK_SIZE_K=min(cfg["BLOCK_SIZE_K"], bk))
         xq, xs = fp8_quantize_per_token_group_triton(x2, bk)
         _launch_gemm(xq, xs, weight, weight_scale_inv.float(), bias, out, bn, bk, False, cfg)
-    return out.view(*x.shape[:-1], n)
+    out = out.view(*x.shape[:-1], n)
+    return silu_and_mul(out) if silu_mul else out
 
 
 def scaled_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -304,12 +318,14 @@ def scaled_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def fp8_channel_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                               bias: torch.Tensor | None = None, *, config: dict[str, int] | None = None,
-                              use_scaled_mm: bool | None = None, gemv: bool | None = None) -> torch.Tensor:
+                              use_scaled_mm: bool | None = None, gemv: bool | None = None,
+                              silu_mul: bool = False) -> torch.Tensor:
     """The contract of ``fp8_channel_linear_ref`` (per-channel or per-tensor weight scales). Up to
     ``FP8_GEMV_MAX_M`` rows the weight-only GEMV (kind ``fp8_channel_gemv``; ``gemv`` forces the choice).
     Otherwise W8A8 with per-token activation scales: ``torch._scaled_mm`` where ``scaled_mm_usable``
     (``use_scaled_mm`` overrides), else the Triton GEMM with both scales applied after the K loop. ``config``
-    overrides ``get_quant_config`` for the Triton kernel chosen."""
+    overrides ``get_quant_config`` for the Triton kernel chosen. ``silu_mul``: SiLU-and-mul of the result's halves,
+    ``[..., N / 2]`` (in the GEMV's epilogue)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use fp8_channel_linear_ref")
     _check(x, weight, bias)
@@ -318,12 +334,12 @@ def fp8_channel_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scal
     m = x2.shape[0]
     scale = channel_scale(weight_scale, n).contiguous()
     if m == 0:
-        return x.new_empty((*x.shape[:-1], n))
+        return x.new_empty((*x.shape[:-1], n // 2 if silu_mul else n))
     if _use_gemv(gemv, m, 16):
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
         cfg = config or get_quant_config("fp8_channel_gemv", n, k, m, x.dtype, x.device)
-        fp8_gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, scale, bias, out, 1, k, True, cfg)
-        return out.view(*x.shape[:-1], n)
+        fp8_gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, scale, bias, out, 1, k, True, cfg, silu_mul)
+        return out.view(*x.shape[:-1], out.shape[1])
     xq, xs = fp8_quantize_per_token_group_triton(x2, k)
     if scaled_mm_usable(x, weight) if use_scaled_mm is None else use_scaled_mm:
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.view(1, n), out_dtype=x.dtype)
@@ -333,4 +349,5 @@ def fp8_channel_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scal
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         cfg = config or get_quant_config("fp8_channel", n, k, m, x.dtype, x.device)
         _launch_gemm(xq, xs, weight, scale, bias, out, 1, k, True, cfg)
-    return out.view(*x.shape[:-1], n)
+    out = out.view(*x.shape[:-1], n)
+    return silu_and_mul(out) if silu_mul else out

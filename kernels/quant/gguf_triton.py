@@ -148,7 +148,7 @@ if triton is not None:
             else:
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
             x_ptr += BLOCK_K
-        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
+        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, 1, SPLIT, HAS_BIAS, False)
 
     @triton.jit
     def _gguf_rows_kernel(QW, QH, IDS, OUT, K, row_bytes, TYPE: tl.constexpr, VALUES: tl.constexpr,

@@ -22,6 +22,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
 from .config import INT_GEMV_MAX_M, get_quant_config
 from .int_gemv import _int_gemv, int_gemv_supported
@@ -125,7 +126,7 @@ if triton is not None:
                               HAS_GIDX, GROUP_PER_TILE, EVEN_K, BLOCK_K, BLOCK_N)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
             x_ptr += BLOCK_K
-        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, SPLIT, HAS_BIAS)
+        split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, 1, SPLIT, HAS_BIAS, False)
 
 
 def int4_shapes(x: torch.Tensor, qweight: torch.Tensor, fmt: str) -> tuple[int, int, int]:
@@ -142,13 +143,14 @@ def int4_shapes(x: torch.Tensor, qweight: torch.Tensor, fmt: str) -> tuple[int, 
 
 def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                        g_idx: torch.Tensor | None, fmt: str, group_size: int, bias: torch.Tensor | None = None, *,
-                       config: dict[str, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
+                       config: dict[str, int] | None = None, gemv: bool | None = None,
+                       silu_mul: bool = False) -> torch.Tensor:
     """Triton launcher with the contract of ``int4_linear_ref`` (checkpoint layouts, no repacking). For GPTQ pass
     ``g_idx=None`` when it is ``k // group_size`` (``trivial_g_idx``): a given g_idx takes the per-row gather
     path. Up to ``INT_GEMV_MAX_M`` rows the CUDA-core GEMV runs (launch-config kind ``awq_gemv`` / ``gptq_gemv``),
     unless act-order; otherwise the ``tl.dot`` kernel (kind ``int4``). ``gemv`` forces the choice (True is an error
     where the GEMV does not apply); ``config`` overrides ``get_quant_config`` for the kernel chosen (the tuner passes
-    each candidate)."""
+    each candidate). ``silu_mul``: SiLU-and-mul of the result's halves, ``[..., N / 2]`` (in the GEMV's epilogue)."""
     if triton is None:
         raise RuntimeError("triton is not installed; use int4_linear_ref")
     bits, n, k = int4_shapes(x, qweight, fmt)
@@ -161,20 +163,22 @@ def int4_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.view(*x.shape[:-1], n)
+        return x.new_empty((*x.shape[:-1], n // 2 if silu_mul else n))
     supported = int_gemv_supported(fmt, bits, group, k, has_gidx)
     if gemv and not supported:
         raise ValueError(f"the int GEMV does not take {fmt} with group size {group_size}"
                          f"{' and act-order g_idx' if has_gidx else ''}")
     if supported and (m <= INT_GEMV_MAX_M if gemv is None else gemv):
         cfg = config or get_quant_config(f"{fmt}_gemv", n, k, m, x.dtype, x.device)
-        _int_gemv(x2, qweight, scales, qzeros, fmt, bits, group, bias, out, cfg)
-        return out.view(*x.shape[:-1], n)
+        out = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
+        _int_gemv(x2, qweight, scales, qzeros, fmt, bits, group, bias, out, cfg, silu_mul)
+        return out.view(*x.shape[:-1], out.shape[1])
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _int4_gemm(x2, qweight, scales, qzeros, g_idx if has_gidx else None, fmt, bits, group, bias, out,
                config or get_quant_config("int4", n, k, m, x.dtype, x.device))
-    return out.view(*x.shape[:-1], n)
+    out = out.view(*x.shape[:-1], n)
+    return silu_and_mul(out) if silu_mul else out
 
 
 def _int4_gemm(x2, qweight, scales, qzeros, g_idx, fmt: str, bits: int, group: int, bias, out, cfg: dict) -> None:

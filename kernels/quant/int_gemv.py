@@ -32,12 +32,15 @@ asks); each extra row of x adds one FFMA per weight, hence at most 4 rows (M = 4
 
 from __future__ import annotations
 
+import torch
+
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
 from .splitk import split_k_buffers
 
@@ -87,9 +90,9 @@ if triton is not None:
     def _int_gemv_kernel(
         X, QW, SC, QZ, BIAS, Y, WS, LOCKS,
         M, N, K, group, k_per_split, magic,
-        sx_m, sqw, ssc, sqz, sy_m,
+        sx_m, sqw, ssc, sqz, sy_m, glu_tiles,
         AWQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         # Y[:M, columns] = X[:M, :] @ dequant(W)[:, columns]; program (columns, split) sums its K range, then
@@ -184,10 +187,11 @@ if triton is not None:
             w_ptr += (STEP if AWQ else STEP // PACK) * sqw
         out = tl.sum(acc, axis=1)  # the one cross-thread reduction: over the lanes / warps along K
         if AWQ:
-            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None, None], cols[None, :, :], sy_m, SPLIT,
-                          HAS_BIAS)
+            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None, None], cols[None, :, :], sy_m, glu_tiles,
+                          SPLIT, HAS_BIAS, GLU)
         else:
-            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], cols[None, :], sy_m, SPLIT, HAS_BIAS)
+            split_k_store(out, Y, WS, LOCKS, BIAS, M, N, offs_m[:, None], cols[None, :], sy_m, glu_tiles, SPLIT,
+                          HAS_BIAS, GLU)
 
 
 def gemv_row_lanes(words: int, num_warps: int) -> int:
@@ -205,11 +209,19 @@ def int_gemv_supported(fmt: str, bits: int, group: int, k: int, has_gidx: bool) 
     return not has_gidx and (fmt == "awq" or group >= k or (group & -group) >= 32 // bits)
 
 
-def _int_gemv(x2, qweight, scales, qzeros, fmt: str, bits: int, group: int, bias, out, cfg: dict) -> None:
-    (m, k), n = x2.shape, out.shape[1]
+def _int_gemv(x2, qweight, scales, qzeros, fmt: str, bits: int, group: int, bias, out, cfg: dict,
+              glu: bool = False) -> None:
+    """The GEMV into ``out [M, N]``; ``glu``: into ``out [M, N / 2]``, SiLU-and-mul of the product's halves, fused
+    in the epilogue when ``N / 2`` is a whole number of column tiles (splitk.py), else after."""
+    (m, k), n = x2.shape, scales.shape[1]
     pack = 32 // bits
     awq = fmt == "awq"
     bn = max(cfg["BLOCK_SIZE_N"], pack if awq else 1)
+    if glu and (n // 2) % bn:
+        full = torch.empty((m, n), dtype=out.dtype, device=out.device)
+        _int_gemv(x2, qweight, scales, qzeros, fmt, bits, group, bias, full, cfg)
+        out.copy_(silu_and_mul(full))
+        return
     per_row = 1 if awq else pack  # K rows per word row
     limit = 1 << 30 if group >= k else group & -group  # a step must divide the group
     rows = min(gemv_row_lanes(bn // pack if awq else bn, cfg["num_warps"]), max(1, limit // per_row))
@@ -217,12 +229,13 @@ def _int_gemv(x2, qweight, scales, qzeros, fmt: str, bits: int, group: int, bias
     step = rows * sub * per_row
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), step) * step
     split = triton.cdiv(k, k_per_split)
-    ws, locks = split_k_buffers(out, split, triton.cdiv(n, bn))
+    ws, locks = split_k_buffers(out, split, triton.cdiv(n, bn), n if glu else None)
     _int_gemv_kernel[(triton.cdiv(n, bn), split)](
         x2, qweight, scales, qzeros, bias if bias is not None else out, out, ws, locks,
         m, n, k, group, k_per_split, MAGIC,
-        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0),
+        x2.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0), out.stride(0), n // 2 // bn,
         AWQ=awq, BITS=bits, ZERO_OFFSET=0 if awq else 1, HAS_BIAS=bias is not None, EVEN_K=k % step == 0,
-        EVEN_N=n % bn == 0, SPLIT=split, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, ROWS=rows, SUB=sub,
+        EVEN_N=n % bn == 0, SPLIT=split, GLU=glu, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, ROWS=rows,
+        SUB=sub,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_kwargs(x2.device),
     )

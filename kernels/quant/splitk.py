@@ -31,6 +31,7 @@ TILE_LOCKS = 1 << 18
 """Output tiles one split-K launch may have (the grid's first axis): 1 MB of counters per device."""
 
 if triton is not None:
+    from ..activation import silu_mul
     from ..pdl import pdl_wait
 
     @triton.jit
@@ -41,22 +42,55 @@ if triton is not None:
         tl.store(Y + rows.to(tl.int64) * sy_m + cols, acc.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, sy_m, SPLIT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr):
+    def _sum_splits(ws, ok, M, N, SPLIT: tl.constexpr):
+        """The ``SPLIT`` partials at ``ws`` (``M * N`` apart) summed in split order, read from L2 (``.cg``: not
+        this SM's L1, which may hold stale lines of the reused workspace)."""
+        total = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")
+        for p in range(1, SPLIT):
+            total += tl.load(ws + p * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _store_glu(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, ok, sy_m, glu_tiles, SPLIT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+        """SwiGLU epilogue: column tile ``t`` of the gate half pairs with tile ``t + glu_tiles`` of the up half
+        (``N / 2`` a multiple of the tile width); the last of the pair's ``2 * SPLIT`` programs writes
+        ``Y[rows, :N/2] = silu(gate) * up`` (gate and up each rounded to Y's dtype first, as the unfused path
+        stores them)."""
+        tl.store(WS + tl.program_id(1).to(tl.int64) * M * N + rows * N + cols, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        lock = LOCKS + tl.program_id(0) % glu_tiles
+        if tl.atomic_add(lock, 1, sem="acq_rel") == 2 * SPLIT - 1:
+            half = N // 2
+            g_cols = cols % half  # the gate columns of the pair, whichever half this program computed
+            gate = _sum_splits(WS + rows * N + g_cols, ok, M, N, SPLIT)
+            up = _sum_splits(WS + rows * N + g_cols + half, ok, M, N, SPLIT)
+            tl.store(lock, 0)
+            if HAS_BIAS:
+                gate += tl.load(BIAS + g_cols).to(tl.float32)
+                up += tl.load(BIAS + g_cols + half).to(tl.float32)
+            dt = Y.dtype.element_ty
+            out = silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32), dt)
+            tl.store(Y + rows.to(tl.int64) * sy_m + g_cols, out, mask=ok)
+
+    @triton.jit
+    def split_k_store(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, sy_m, glu_tiles, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, GLU: tl.constexpr):
         """Epilogue of a split-K program (``program_id(0)`` the output tile, ``program_id(1)`` the split): ``acc``
         is its float32 partial of ``Y[rows, cols]`` (``rows`` / ``cols`` broadcast to ``acc``'s shape). With
         ``SPLIT`` 1 it is stored (+ bias); else written to ``WS [SPLIT, M, N]`` and the tile's last program sums
-        the ``SPLIT`` partials in order into Y (module docstring)."""
+        the ``SPLIT`` partials in order into Y (module docstring). ``GLU`` (GEMVs whose ``program_id(0)`` is the
+        column tile, ``glu_tiles`` tiles per half): ``Y [M, N / 2]`` gets SiLU-and-mul of the two halves."""
         ok = (rows < M) & (cols < N)
-        if SPLIT > 1:
+        if GLU:
+            _store_glu(acc, Y, WS, LOCKS, BIAS, M, N, rows, cols, ok, sy_m, glu_tiles, SPLIT, HAS_BIAS)
+        elif SPLIT > 1:
             ws = WS + rows * N + cols
             tl.store(ws + tl.program_id(1).to(tl.int64) * M * N, acc, mask=ok)
             tl.debug_barrier()  # every thread's partial is written before the release below
             lock = LOCKS + tl.program_id(0)
             if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT - 1:  # the other SPLIT - 1 partials are visible
-                total = tl.load(ws, mask=ok, other=0.0, cache_modifier=".cg")  # L2: not this SM's stale L1
-                for p in range(1, SPLIT):
-                    total += tl.load(ws + p * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+                total = _sum_splits(ws, ok, M, N, SPLIT)
                 tl.store(lock, 0)
                 _store_out(total, Y, BIAS, N, rows, cols, ok, sy_m, HAS_BIAS)
         else:
@@ -88,19 +122,22 @@ def tile_locks(device: torch.device) -> torch.Tensor:
     return torch.zeros(TILE_LOCKS, dtype=torch.int32, device=device)
 
 
-def split_k_buffers(out: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_k_buffers(out: torch.Tensor, split: int, tiles: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(WS, LOCKS)`` for a launch of ``tiles`` output tiles x ``split`` K splits into ``out [M, N]``: the float32
     ``[split, M, N]`` partial sums and the device's tile counters; ``out`` twice (unused) when ``split`` is 1.
+    ``n``: the product's width when ``out`` is narrower (SwiGLU's ``N / 2``): then always a workspace, even at
+    ``split`` 1 (the gate and up halves meet there).
 
     Raises:
         ValueError: more than ``TILE_LOCKS`` tiles with a split (a launch config far outside decode sizes).
     """
-    if split == 1:
+    if split == 1 and n is None:
         return out, out
     if tiles > TILE_LOCKS:
         raise ValueError(f"a split-K launch has at most {TILE_LOCKS} output tiles, got {tiles}: "
                          "use SPLIT_K=1 for a grid this large")
-    return torch.empty((split, *out.shape), dtype=torch.float32, device=out.device), tile_locks(out.device)
+    shape = (split, out.shape[0], n or out.shape[1])
+    return torch.empty(shape, dtype=torch.float32, device=out.device), tile_locks(out.device)
 
 
 def sum_parts(src: torch.Tensor, out: torch.Tensor, parts: int, row_stride: int, part_stride: int,

@@ -174,6 +174,11 @@ class MergedColumnParallelLinear(_ColumnParallelLinear):
         parts = [(i, tp.shard(n, f"output size {n} of a merged projection"), n) for i, n in enumerate(output_sizes)]
         super().__init__(in_features, _stack(parts, unit=1), bias, tp, method, prefix)
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of a ``[gate | up]`` pair (this rank's halves): the SwiGLU input of a down projection,
+        in one kernel where the method's GEMV has it in its epilogue."""
+        return self.quant_method.apply_silu_mul(self, x, self.bias)
+
 
 class QKVParallelLinear(_ColumnParallelLinear):
     """q, k and v projections in one GEMM, split by heads: rows ``[q | k | v]`` of this rank's heads."""

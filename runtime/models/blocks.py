@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xinf_sglang.kernels import silu_and_mul
 
 from ..layers.attention.backend import AttentionBackend
 from ..tp.distributed import TPInfo
@@ -69,10 +68,10 @@ class MLP(nn.Module):
 
     def partial(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output (before the all-reduce), for callers that sum several first."""
-        return self.down_proj.partial(silu_and_mul(self.gate_up_proj(h)))
+        return self.down_proj.partial(self.gate_up_proj.silu_mul(h))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(h)))
+        return self.down_proj(self.gate_up_proj.silu_mul(h))
 
 
 class DecoderLayer(nn.Module):

@@ -307,3 +307,23 @@ def test_split_k_in_kernel_is_deterministic(kind: str) -> None:
     for _ in range(4):
         assert torch.equal(fn(), first)
         assert not splitk.tile_locks(first.device).any()
+
+
+@pytest.mark.parametrize("m", GEMV_MS)
+@pytest.mark.parametrize("kind", ["awq", "gptq", "fp8"])
+def test_gemv_silu_mul_epilogue(kind: str, m: int) -> None:
+    """Llama-3.1-8B's gate_up (N = 28672) with ``silu_mul``: the GEMV's epilogue writes SiLU-and-mul of the halves
+    (kernels/quant/splitk.py), against the reference product followed by SiLU-and-mul, with the shipped configs."""
+    if kind == "fp8" and not HOPPER:
+        pytest.skip("FP8 kernels are checked on Hopper")
+    x = randn(m, K, dtype=torch.bfloat16)
+    if kind == "fp8":
+        weight, scale_inv = random_fp8_weight(28672, K, (128, 128))
+        got = Q.fp8_block_linear(x, weight, scale_inv, silu_mul=True)
+        full = Q.fp8_block_linear_ref(x, weight, scale_inv)
+    else:
+        qweight, scales, qzeros = random_int_weight(kind, 28672, K, 128)
+        got = Q.int4_linear(x, qweight, scales, qzeros, None, kind, 128, silu_mul=True)
+        full = Q.int4_linear_ref(x, qweight, scales, qzeros, None, kind, 128)
+    want = F.silu(full[:, :14336].float()) * full[:, 14336:].float()
+    assert got.shape == (m, 14336) and rel_err(got, want) < TOL[torch.bfloat16]

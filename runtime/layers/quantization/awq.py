@@ -49,7 +49,14 @@ class AWQLinearMethod(LinearMethod):
         return [qweight, *int_layouts(in_features, out_features, self.group_size, grouped_input=True)]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return int4_linear(x, layer.qweight, layer.scales, layer.qzeros, None, "awq", self._group(layer), bias)
+        return self._linear(layer, x, bias, silu_mul=False)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._linear(layer, x, bias, silu_mul=True)  # the decode GEMV's epilogue does the SwiGLU
+
+    def _linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+        return int4_linear(x, layer.qweight, layer.scales, layer.qzeros, None, "awq", self._group(layer), bias,
+                           silu_mul=silu_mul)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return dequantize_awq(layer.qweight, layer.scales, layer.qzeros, self._group(layer))

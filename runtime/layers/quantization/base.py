@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from xinf_sglang.kernels import linear
+from xinf_sglang.kernels import linear, silu_and_mul
 
 from ..weights import ShardId
 
@@ -90,6 +90,11 @@ class LinearMethod(ABC):
     @abstractmethod
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """W ``[out, in]`` in float32 (tests, and models that fold a weight into another one)."""
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``silu(y[..., :out/2]) * y[..., out/2:]`` of ``y = apply(...)``: a gate/up projection's SwiGLU. Formats
+        whose decode GEMV fuses it override this."""
+        return silu_and_mul(self.apply(layer, x, bias))
 
     def stacked_layouts(self, in_features: int, parts: Sequence[tuple[ShardId, int]]) -> list[ParamLayout]:
         """The parameters of a layer that stacks checkpoint projections ``parts`` (``(shard id, this rank's

@@ -45,6 +45,10 @@ class Fp8BlockLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_block_linear(x, layer.weight, getattr(layer, self.scale_name), self.block, bias)
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # the decode GEMV's epilogue does the SwiGLU
+        return fp8_block_linear(x, layer.weight, getattr(layer, self.scale_name), self.block, bias, silu_mul=True)
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return dequantize_fp8_block(layer.weight, getattr(layer, self.scale_name), self.block)
 
@@ -68,6 +72,9 @@ class Fp8ChannelLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_channel_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_channel_linear(x, layer.weight, layer.weight_scale, bias, silu_mul=True)  # fused at decode
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return dequantize_fp8_channel(layer.weight, layer.weight_scale)

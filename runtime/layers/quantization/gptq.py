@@ -52,8 +52,14 @@ class GPTQLinearMethod(LinearMethod):
         layer.act_order = not torch.equal(layer.g_idx - layer.g_idx[0], plain)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._linear(layer, x, bias, silu_mul=False)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._linear(layer, x, bias, silu_mul=True)  # the decode GEMV's epilogue does the SwiGLU
+
+    def _linear(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
         return int4_linear(x, layer.qweight, layer.scales, layer.qzeros, self._g_idx(layer), "gptq",
-                           self._group(layer), bias)
+                           self._group(layer), bias, silu_mul=silu_mul)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return dequantize_gptq(layer.qweight, layer.scales, layer.qzeros, self._g_idx(layer), self._group(layer),
