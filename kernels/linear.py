@@ -25,9 +25,11 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 from .cpu import linear as cpu_linear
 from .cpu import linear16 as cpu_linear16
+from .activation import silu_and_mul
 from .pdl import pdl_kwargs
 
 if triton is not None:
+    from .activation import silu_mul
     from .pdl import pdl_wait, prefetch_l2
 
 # Up to this many rows the Triton kernel is used (decode batches up to 8, padded CUDA-graph batches included);
@@ -81,8 +83,10 @@ if triton is not None:
         sx_m, sw_n, sy_m,
         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH_STEPS: tl.constexpr, LINE: tl.constexpr, USE_PDL: tl.constexpr,
+        PREFETCH_STEPS: tl.constexpr, LINE: tl.constexpr, GLU: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        # GLU: N is the gate half's width (W holds 2N rows, [gate | up]); a program streams its gate strip and the
+        # matching up strip and writes Y [M, N] = silu(gate) * up (the SwiGLU of a gate/up projection).
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         # The weights are never written: while the previous kernel finishes, warm L2 with the first K steps of
@@ -99,6 +103,7 @@ if triton is not None:
         x_ptr = X + offs_m[:, None] * sx_m + offs_k[None, :]
         w_ptr = W + offs_n[:, None].to(tl.int64) * sw_n + offs_k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # GLU only (dead code otherwise)
         for k0 in range(0, K, BLOCK_K):
             # Padded x rows (M < BLOCK_M, the matmul's minimum) are zeros; their outputs are never stored.
             if EVEN_K:
@@ -112,13 +117,26 @@ if triton is not None:
                 x = tl.load(x_ptr, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if GLU:
+                if EVEN_K:
+                    w_up = tl.load(w_ptr + N * sw_n, mask=mask_n[:, None], other=0.0)
+                else:
+                    w_up = tl.load(w_ptr + N * sw_n, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=DOT_PRECISION)
             x_ptr += BLOCK_K
             w_ptr += BLOCK_K
         if HAS_BIAS:
             # Added in float32 before the one rounding to the output dtype, as cuBLAS's bias epilogue does.
             acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if GLU:
+                acc_up += tl.load(BIAS + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptr = Y + offs_m[:, None] * sy_m + offs_n[None, :]
-        tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if GLU:  # gate and up rounded to the dtype first, as the unfused path stores them
+            dt = Y.dtype.element_ty
+            out = silu_mul(acc.to(dt).to(tl.float32), acc_up.to(dt).to(tl.float32), dt)
+        else:
+            out = acc.to(Y.dtype.element_ty)
+        tl.store(y_ptr, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
 def linear_triton(
@@ -127,12 +145,14 @@ def linear_triton(
     bias: torch.Tensor | None = None,
     *,
     config: SkinnyConfig | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """Triton launcher with the contract of ``linear_ref`` for ``x [..., K]`` with at most 16 rows in all.
 
     ``weight [N, K]`` and ``x`` need a contiguous last dim and the same dtype; ``bias [N]`` optional. float32 is
     computed in IEEE float32 (no TF32). ``config`` overrides ``skinny_config(N, K)`` (the GPU tuning script uses
-    it). Returns a new ``[..., N]`` tensor in x's dtype.
+    it). Returns a new ``[..., N]`` tensor in x's dtype; ``silu_mul`` (a ``[gate | up]`` weight): ``[..., N / 2]``,
+    SiLU-and-mul of the halves in the kernel's epilogue, each program streaming a gate strip and its up strip.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use linear_ref")
@@ -149,35 +169,44 @@ def linear_triton(
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         raise ValueError("weight must have a contiguous last dim")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs an even number of output features ([gate | up]), got {n}")
+    out_n = n // 2 if silu_mul else n
+    y = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
     if m > 0:
         cfg = config or skinny_config(n, k)
-        _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+        block_n = max(16, cfg.block_n // 2) if silu_mul else cfg.block_n  # two strips a program: half as wide
+        _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
             x2, weight, bias if bias is not None else weight, y,
-            m, n, k,
+            m, out_n, k,
             x2.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=out_n % block_n == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
             PREFETCH_STEPS=min(cfg.prefetch_steps, triton.cdiv(k, cfg.block_k)),
-            LINE=max(1, min(cfg.block_k, 128 // weight.element_size())),
+            LINE=max(1, min(cfg.block_k, 128 // weight.element_size())), GLU=silu_mul,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x.device),
         )
-    return y.view(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], out_n)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           silu_mul: bool = False) -> torch.Tensor:
     """Dispatching linear layer: the skinny Triton kernel for CUDA half-precision inputs of at most
     ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernels for CPU inputs of at most 16 rows
     (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract as
-    ``linear_ref``."""
+    ``linear_ref``; ``silu_mul`` (a ``[gate | up]`` weight): SiLU-and-mul of the result's halves, ``[..., N / 2]``,
+    in the skinny kernel's epilogue where it runs."""
     if x.is_cuda:
         if triton is not None and x.dtype in SKINNY_DTYPES and x.dtype == weight.dtype and (
             x.numel() <= SKINNY_MAX_M * x.shape[-1]
         ):
-            return linear_triton(x, weight, bias)
+            return linear_triton(x, weight, bias, silu_mul=silu_mul)
+        y = linear_ref(x, weight, bias)
     elif cpu_linear.supports(x, weight, bias):
-        return cpu_linear.linear_cpu(x, weight, bias)
+        y = cpu_linear.linear_cpu(x, weight, bias)
     elif cpu_linear16.supports(x, weight, bias):
-        return cpu_linear16.linear16_checked(x, weight, bias)
-    return linear_ref(x, weight, bias)
+        y = cpu_linear16.linear16_checked(x, weight, bias)
+    else:
+        y = linear_ref(x, weight, bias)
+    return silu_and_mul(y) if silu_mul else y

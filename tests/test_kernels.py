@@ -129,6 +129,26 @@ def test_linear(dtype: torch.dtype, m: int, with_bias: bool) -> None:
         assert rel_err(out, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m,with_bias", [(1, True), (5, False), (16, True)])
+def test_linear_silu_mul_epilogue(m: int, with_bias: bool) -> None:
+    """A ``[gate | up]`` weight with ``silu_mul``: each program streams a gate strip and its up strip and writes
+    SiLU-and-mul of the two (float32 here: the roundings to the dtype are exact no-ops), against the reference
+    product followed by SiLU-and-mul; ragged halves (masked strips) and tiles dividing them; the dispatcher on the
+    CPU applies SiLU-and-mul after its kernel."""
+    torch.manual_seed(m)
+    half, k = randint(20, 60), randint(40, 300)
+    x = torch.randn(m, k)
+    w = torch.randn(2 * half, k) * k**-0.5
+    b = torch.randn(2 * half) if with_bias else None
+    want = activation.silu_and_mul_ref(linear.linear_ref(x.double(), w.double(), b.double() if with_bias else None))
+    for cfg in (None, linear.SkinnyConfig(32, 32, 4, 2)):
+        out = linear.linear_triton(x, w, b, config=cfg, silu_mul=True)
+        assert out.shape == (m, half) and rel_err(out, want) < TOL[torch.float32]
+    assert rel_err(linear.linear(x, w, b, silu_mul=True), want) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="even number"):
+        linear.linear_triton(x, w[1:], silu_mul=True)
+
+
 def test_linear_leading_dims_and_errors() -> None:
     x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
     out = linear.linear_triton(x, w)

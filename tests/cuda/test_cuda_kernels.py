@@ -151,3 +151,18 @@ def test_skinny_linear(shape, dtype: torch.dtype, weight: str, m: int) -> None:
     b = randn(n, dtype=dtype) if weight == "qkv" else None
     ref = linear.linear_ref(x.double(), w.double(), b.double() if b is not None else None)
     assert rel_err(linear.linear_triton(x, w, b), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_linear_silu_mul(shape, dtype: torch.dtype, m: int) -> None:
+    """The gate/up weight with ``silu_mul`` (the SwiGLU in the skinny kernel's epilogue) against the float64
+    product followed by SiLU-and-mul."""
+    torch.manual_seed(m)
+    n, k = shape.weights()["gate_up"]
+    x = randn(m, k, dtype=dtype)
+    w = randn(n, k, dtype=dtype, scale=k**-0.5)
+    full = linear.linear_ref(x.double(), w.double())
+    want = torch.nn.functional.silu(full[:, : n // 2]) * full[:, n // 2:]
+    got = linear.linear_triton(x, w, silu_mul=True)
+    assert got.shape == (m, n // 2) and rel_err(got, want) < TOL[dtype]

@@ -146,6 +146,9 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return linear(x, layer.weight, bias)
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, layer.weight, bias, silu_mul=True)  # the skinny GEMM's epilogue does the SwiGLU at decode
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight.float()
 
