@@ -116,6 +116,7 @@ if triton is not None:
                 mask_k = (k0 + offs_k) < K
                 x = tl.load(x_ptr, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = x.to(W.dtype.element_ty)  # a float32 weight (DeepSeek's router) takes half-precision x exactly
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if GLU:
                 if EVEN_K:
@@ -149,7 +150,8 @@ def linear_triton(
 ) -> torch.Tensor:
     """Triton launcher with the contract of ``linear_ref`` for ``x [..., K]`` with at most 16 rows in all.
 
-    ``weight [N, K]`` and ``x`` need a contiguous last dim and the same dtype; ``bias [N]`` optional. float32 is
+    ``weight [N, K]`` and ``x`` need a contiguous last dim and the same dtype, or a float32 weight with half-precision
+    ``x`` (cast exactly in the kernel; the result is float32: DeepSeek's router); ``bias [N]`` optional. float32 is
     computed in IEEE float32 (no TF32). ``config`` overrides ``skinny_config(N, K)`` (the GPU tuning script uses
     it). Returns a new ``[..., N]`` tensor in x's dtype; ``silu_mul`` (a ``[gate | up]`` weight): ``[..., N / 2]``,
     SiLU-and-mul of the halves in the kernel's epilogue, each program streaming a gate strip and its up strip.
@@ -157,7 +159,8 @@ def linear_triton(
     if triton is None:
         raise RuntimeError("triton is not installed; use linear_ref")
     n, k = weight.shape
-    if x.shape[-1] != k or x.dtype != weight.dtype:
+    mixed = weight.dtype == torch.float32 and x.dtype in SKINNY_DTYPES
+    if x.shape[-1] != k or (x.dtype != weight.dtype and not mixed):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -172,7 +175,7 @@ def linear_triton(
     if silu_mul and n % 2:
         raise ValueError(f"silu_mul needs an even number of output features ([gate | up]), got {n}")
     out_n = n // 2 if silu_mul else n
-    y = torch.empty((m, out_n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, out_n), dtype=weight.dtype if mixed else x.dtype, device=x.device)
     if m > 0:
         cfg = config or skinny_config(n, k)
         block_n = max(16, cfg.block_n // 2) if silu_mul else cfg.block_n  # two strips a program: half as wide
@@ -181,7 +184,7 @@ def linear_triton(
             m, out_n, k,
             x2.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0, EVEN_N=out_n % block_n == 0,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
             PREFETCH_STEPS=min(cfg.prefetch_steps, triton.cdiv(k, cfg.block_k)),
             LINE=max(1, min(cfg.block_k, 128 // weight.element_size())), GLU=silu_mul,
@@ -196,12 +199,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``SKINNY_MAX_M`` rows (decode at small batch), the threaded CPU kernels for CPU inputs of at most 16 rows
     (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract as
     ``linear_ref``; ``silu_mul`` (a ``[gate | up]`` weight): SiLU-and-mul of the result's halves, ``[..., N / 2]``,
-    in the skinny kernel's epilogue where it runs."""
+    in the skinny kernel's epilogue where it runs. A float32 weight with a half-precision ``x`` (DeepSeek's router)
+    computes in float32: the skinny kernel casts x itself, every other path casts it first."""
+    if x.is_cuda and triton is not None and x.dtype in SKINNY_DTYPES and weight.dtype in (x.dtype, torch.float32) and (
+        x.numel() <= SKINNY_MAX_M * x.shape[-1]
+    ):
+        return linear_triton(x, weight, bias, silu_mul=silu_mul)
+    if weight.dtype == torch.float32 and x.dtype != torch.float32:
+        x = x.float()
     if x.is_cuda:
-        if triton is not None and x.dtype in SKINNY_DTYPES and x.dtype == weight.dtype and (
-            x.numel() <= SKINNY_MAX_M * x.shape[-1]
-        ):
-            return linear_triton(x, weight, bias, silu_mul=silu_mul)
         y = linear_ref(x, weight, bias)
     elif cpu_linear.supports(x, weight, bias):
         y = cpu_linear.linear_cpu(x, weight, bias)

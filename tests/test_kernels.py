@@ -149,14 +149,25 @@ def test_linear_silu_mul_epilogue(m: int, with_bias: bool) -> None:
         linear.linear_triton(x, w[1:], silu_mul=True)
 
 
+def test_linear_float32_weight_with_half_x() -> None:
+    """DeepSeek's router: a float32 weight with fp16 x computes in float32 (x cast exactly in the kernel), the
+    dispatcher on the CPU casts x first; the result is float32."""
+    torch.manual_seed(8)
+    x, w = torch.randn(3, 72).half(), torch.randn(16, 72)
+    want = linear.linear_ref(x.float(), w)
+    got = linear.linear_triton(x, w)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
+    assert linear.linear(x, w).dtype == torch.float32 and rel_err(linear.linear(x, w), want) < 1e-6
+
+
 def test_linear_leading_dims_and_errors() -> None:
     x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
     out = linear.linear_triton(x, w)
     assert out.shape == (2, 3, 24) and rel_err(out, linear.linear_ref(x, w)) < 1e-5
     with pytest.raises(ValueError, match="at most 16 rows"):
         linear.linear_triton(torch.randn(17, 40), w)
-    with pytest.raises(ValueError, match="does not fit"):  # dtypes differ
-        linear.linear_triton(torch.randn(1, 40, dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="does not fit"):  # dtypes differ (a half weight with float32 x)
+        linear.linear_triton(torch.randn(1, 40), w.half())
     with pytest.raises(ValueError, match="does not fit"):
         linear.linear_triton(torch.randn(1, 41), w)
     # On the CPU the dispatcher takes the threaded decode kernel for float32 inputs of up to 16 rows

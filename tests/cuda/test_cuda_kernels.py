@@ -166,3 +166,13 @@ def test_skinny_linear_silu_mul(shape, dtype: torch.dtype, m: int) -> None:
     want = torch.nn.functional.silu(full[:, : n // 2]) * full[:, n // 2:]
     got = linear.linear_triton(x, w, silu_mul=True)
     assert got.shape == (m, n // 2) and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_skinny_linear_float32_router(m: int) -> None:
+    """DeepSeek-V2-Lite's router (64 x 2048, stored float32) on bf16 x: float32 out, IEEE float32 products."""
+    torch.manual_seed(m)
+    x = randn(m, 2048, dtype=torch.bfloat16)
+    w = randn(64, 2048, dtype=torch.float32, scale=2048**-0.5)
+    got = linear.linear(x, w)
+    assert got.dtype == torch.float32 and rel_err(got, linear.linear_ref(x.float(), w)) < TOL[torch.float32]
