@@ -19,8 +19,9 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from . import test_kernels  # the PDL contract check and the backend batches, reused (a module: not collected)
 from .pool_helpers import TOL, random_table, rel_err  # noqa: E402
 
-mla, mla_kernels, mla_split, mla_prep = (importlib.import_module(f"xinf_sglang.kernels.attention.{name}")
-                                         for name in ("mla", "mla_kernels", "mla_split", "mla_prep"))
+mla, mla_kernels, mla_split = (importlib.import_module(f"xinf_sglang.kernels.attention.{name}")
+                               for name in ("mla", "mla_kernels", "mla_split"))
+mla_prep = importlib.import_module("xinf_sglang.kernels.mla_prep")
 
 INTERPRETED = isinstance(tl.sum, InterpretedFunction) and isinstance(mla_kernels.mla_decode_kernel, InterpretedFunction)
 SCALE = 0.3  # a model's own softmax scale, not 1/sqrt(Dk)

@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 import torch
 from torch import nn
-from xinf_sglang.kernels.attention.mla_prep import mla_prep
+from xinf_sglang.kernels.mla_prep import mla_prep
 
 from ..layers import (
     LinearBase,

@@ -153,9 +153,9 @@ def test_mla_extend(dtype: torch.dtype, model: str, case: str) -> None:
 @pytest.mark.parametrize("tokens", [1, 64])
 @pytest.mark.parametrize("name", HEADS)
 def test_mla_prep_matches_reference(name: str, tokens: int) -> None:
-    """The query / cache-row assembly (kernels/attention/mla_prep.py) at DeepSeek's dims in bf16, from the strided
+    """The query / cache-row assembly (kernels/mla_prep.py) at DeepSeek's dims in bf16, from the strided
     views the model passes, against the torch sequence (rotary rounding for rounding; the norm's sum order)."""
-    prep = importlib.import_module("xinf_sglang.kernels.attention.mla_prep")
+    prep = importlib.import_module("xinf_sglang.kernels.mla_prep")
     heads = HEADS[name]
     torch.manual_seed(tokens)
     q_latent = randn(heads, tokens, DV, dtype=torch.bfloat16).transpose(0, 1)

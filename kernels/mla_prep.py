@@ -1,4 +1,4 @@
-"""The MLA step's query and new cache rows assembled in one launch (DeepSeek, absorbed weights; see mla.py).
+"""The MLA step's query and new cache rows assembled in one launch (DeepSeek, absorbed weights; see attention/mla.py).
 
 Between the projections and the attention an MLA layer builds two tensors: the query in latent space,
 ``q = [q_latent | rope(q_pe)]`` per head, and the new tokens' cache rows, ``[rms_norm(latent) | rope(k_pe)]``. As
@@ -21,9 +21,9 @@ try:  # triton is optional (absent on macOS / Windows): then only the reference 
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from ..norm import rms_norm_ref
-from ..pdl import pdl_kwargs
-from ..rotary import apply_rotary_ref
+from .norm import rms_norm_ref
+from .pdl import pdl_kwargs
+from .rotary import apply_rotary_ref
 
 __all__ = ["mla_prep", "mla_prep_ref", "mla_prep_triton"]
 
@@ -51,7 +51,7 @@ def mla_prep_ref(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_a: torch.Tensor,
 
 
 if triton is not None:
-    from ..pdl import pdl_wait
+    from .pdl import pdl_wait
 
     @triton.jit
     def _rope(X, c, s, R: tl.constexpr, INTERLEAVE: tl.constexpr, DT: tl.constexpr):
