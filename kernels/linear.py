@@ -140,6 +140,22 @@ if triton is not None:
         tl.store(y_ptr, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _check_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> None:
+    """ValueError unless ``linear_triton`` takes the call (its docstring)."""
+    n, k = weight.shape
+    mixed = weight.dtype == torch.float32 and x.dtype in SKINNY_DTYPES
+    if x.shape[-1] != k or (x.dtype != weight.dtype and not mixed):
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.numel() > 16 * k:
+        raise ValueError(f"linear_triton handles at most 16 rows, got {x.numel() // k}; use linear_ref")
+    if weight.stride(-1) != 1:
+        raise ValueError("weight must have a contiguous last dim")
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs an even number of output features ([gate | up]), got {n}")
+
+
 def linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -158,24 +174,14 @@ def linear_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use linear_ref")
+    _check_skinny(x, weight, bias, silu_mul)
     n, k = weight.shape
-    mixed = weight.dtype == torch.float32 and x.dtype in SKINNY_DTYPES
-    if x.shape[-1] != k or (x.dtype != weight.dtype and not mixed):
-        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m > 16:
-        raise ValueError(f"linear_triton handles at most 16 rows, got {m}; use linear_ref")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if weight.stride(-1) != 1:
-        raise ValueError("weight must have a contiguous last dim")
-    if silu_mul and n % 2:
-        raise ValueError(f"silu_mul needs an even number of output features ([gate | up]), got {n}")
     out_n = n // 2 if silu_mul else n
-    y = torch.empty((m, out_n), dtype=weight.dtype if mixed else x.dtype, device=x.device)
+    y = torch.empty((m, out_n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if m > 0:
         cfg = config or skinny_config(n, k)
         block_n = max(16, cfg.block_n // 2) if silu_mul else cfg.block_n  # two strips a program: half as wide
