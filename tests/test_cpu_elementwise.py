@@ -46,6 +46,23 @@ def test_rms_norm_3d_and_strided_rows() -> None:
     assert torch.equal(new_res, ref_res)
 
 
+def test_rms_norm_rows_equals_the_checked_path_and_refuses_in_cpp() -> None:
+    """The unchecked 2-D entry (RMSNorm's decode path) computes what rms_norm_cpu does, strided rows included, and
+    the C++ refuses what it cannot read instead of reading out of bounds."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 2 * 64, generator=g)[:, :64]  # row stride 128
+    w, res = torch.randn(64, generator=g), torch.randn(3, 64, generator=g)
+    for r in (None, res):
+        out, new_r = cpu_elementwise.rms_norm_rows(x, w, 1e-6, r)
+        ref, ref_r = cpu_elementwise.rms_norm_cpu(x, w, 1e-6, r)
+        assert torch.equal(out, ref) and (new_r is None if r is None else torch.equal(new_r, ref_r))
+    bad = [(x, torch.randn(65), None), (x, w.double(), None), (x, w, torch.randn(2, 64)),
+           (x, w, res.half()), (torch.randn(64, 3).t(), w[:3], None), (torch.randn(2, 3, 64), w, None)]
+    for args in bad:
+        with pytest.raises(RuntimeError, match="rms_norm"):
+            cpu_elementwise.rms_norm_rows(args[0], args[1], 1e-6, args[2])
+
+
 @pytest.mark.parametrize("rows,h", [(1, 1536), (2, 1000), (300, 1536)])
 def test_silu_and_mul_matches_reference(rows: int, h: int) -> None:
     g = torch.Generator().manual_seed(rows + h)

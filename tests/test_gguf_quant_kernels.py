@@ -112,6 +112,17 @@ def test_results_do_not_depend_on_the_thread_count_or_the_batch() -> None:
     assert torch.allclose(alone, one, rtol=0, atol=1e-6 * float(one.abs().max()))
 
 
+def test_gemv_rows_equals_the_checked_path_and_refuses_in_cpp() -> None:
+    """The unchecked decode entry (GGUFLinearMethod's path) computes what gguf_linear_cpu does; the C++ refuses a
+    weight, bias or x it cannot read."""
+    w, x, b = _problem("Q4_1", 40, 128, 3, seed=8)
+    block = GGUF_BLOCKS["Q4_1"]
+    assert torch.equal(cpu_gguf.gemv_rows(x, w, block, b), cpu_gguf.gguf_linear_cpu(x, w, block, b))
+    for args in [(x[:, :64], w, b), (x, w, b[:39]), (x, w, b.double()), (x.t().contiguous().t(), w, None)]:
+        with pytest.raises(RuntimeError):
+            cpu_gguf.gemv_rows(args[0], args[1], block, args[2])
+
+
 def test_dispatch_takes_the_kernel_only_for_cpu_float32() -> None:
     w, x, b = _problem("Q4_0", 32, 64, 2, seed=6)
     assert cpu_gguf.supports(x, w, GGUF_BLOCKS["Q4_0"], b)

@@ -155,11 +155,18 @@ void rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, float e
 
 // (out, new_residual or undefined); x [M, N] with unit last stride, residual like x or undefined, weight [N]; all
 // of one dtype (float32, bfloat16 or float16).
+// Checked here (a few compares) so that the decode path can call it with no Python checks (`rms_norm_rows`).
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
                                     c10::optional<torch::Tensor> residual) {
+  const torch::Tensor* r = residual.has_value() ? &*residual : nullptr;
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "rms_norm: CPU x [M, N] with unit last stride");
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
+                  weight.dim() == 1 && weight.size(0) == x.size(1), "rms_norm: weight [N] of x's dtype");
+  TORCH_CHECK(r == nullptr || (r->device().is_cpu() && r->scalar_type() == x.scalar_type() && r->dim() == 2 &&
+                               r->size(0) == x.size(0) && r->size(1) == x.size(1) && r->stride(1) == 1),
+              "rms_norm: a residual like x");
   auto out = torch::empty({x.size(0), x.size(1)}, x.options());
   torch::Tensor new_r;
-  const torch::Tensor* r = residual.has_value() ? &*residual : nullptr;
   if (r) new_r = torch::empty({x.size(0), x.size(1)}, x.options());
   const float e = static_cast<float>(eps);
   switch (x.scalar_type()) {
@@ -288,6 +295,15 @@ def rms_norm_cpu_unchecked(
     step: the second check was ~1% of a batch-1 GGUF decode step in py-spy)."""
     out, new_r = load().rms_norm(_rows(x), weight, float(eps), None if residual is None else _rows(residual))
     return out.view(x.shape), (new_r.view(x.shape) if residual is not None else None)
+
+
+def rms_norm_rows(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rms_norm_cpu`` for 2-D rows (a decode step's hidden states, ~60 calls a token): no Python checks, reshapes
+    or views; the C++ checks what it reads (CPU, one dtype, unit last stride, shapes) and raises RuntimeError."""
+    out, new_r = load().rms_norm(x, weight, eps, residual)
+    return out, (None if residual is None else new_r)
 
 
 def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:

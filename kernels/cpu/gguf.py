@@ -97,6 +97,13 @@ def gguf_linear_checked(x: torch.Tensor, qweight: torch.Tensor, block: Any, bias
     return y if flat else y.view(*x.shape[:-1], qweight.shape[0])
 
 
+def gemv_rows(x: torch.Tensor, qweight: torch.Tensor, block: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`gguf_linear_checked`'s decode path for float32 CPU ``x [M <= GEMV_MAX_M, K]`` with unit last stride (a decode
+    step's linears, ~120 calls a token: no Python checks); the C++ checks the weight and bias against ``x`` and raises
+    RuntimeError."""
+    return _pool(torch.get_num_threads()).gemv(x, qweight, block.ggml_type, bias, 0)
+
+
 def gguf_dequantize_cpu(qweight: torch.Tensor, block: Any, in_features: int, isa: str | None = None) -> torch.Tensor:
     """``W [N, in_features]`` float32 from its blocks (``dequantize_gguf``'s contract, threaded)."""
     return _pool(torch.get_num_threads(), isa).dequantize(qweight.contiguous(), block.ggml_type, in_features)

@@ -458,7 +458,10 @@ struct GGUFPool : PoolHandle {
   // sends few rows here and dequantizes for many).
   at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t type, const c10::optional<at::Tensor>& bias,
                   int64_t act) {
-    TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "x: float32 [M, K], rows contiguous");
+    TORCH_CHECK(x.device().is_cpu() && x.dtype() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+                "x: float32 CPU [M, K], rows contiguous");
+    TORCH_CHECK(!bias.has_value() || (bias->dtype() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+                                      bias->size(0) == w.size(0)), "bias: float32 [N]");
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     if (act == 1) return gemv_on<Q8>(*pool, x, w, type, bp);
     if (act == 2) return gemv_on<F32>(*pool, x, w, type, bp);

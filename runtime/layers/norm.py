@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from xinf_sglang.kernels import rms_norm
+from xinf_sglang.kernels.cpu.elementwise import DTYPES as CPU_DTYPES, rms_norm_rows
 
 from .weights import empty_parameter
 
@@ -22,4 +23,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(norm(x + residual) * weight, x + residual)``; the second item is None without a residual."""
+        if x.is_cpu and x.dim() == 2 and x.dtype is self.weight.dtype and x.dtype in CPU_DTYPES:
+            # the decode step's rows: straight to the C++ kernel (the dispatcher's checks were ~3% of a batch-1 step)
+            return rms_norm_rows(x, self.weight, self.eps, residual)
         return rms_norm(x, self.weight, self.eps, residual)
