@@ -209,26 +209,44 @@ inline void sub_dot(__m256i cv, const Sub& u, const Act<P>& a, int64_t m0, int64
 #ifdef GG_ZMM
 // [a x4, b x4, c x4, d x4]: a value per 16-value half of a pair of sub-blocks, along the lanes of its dot product.
 // Built in registers: the Subs were just written as scalars, and a vector load of them would stall on the stores.
-template <int kSubs>
 inline __m512 spread4(float a, float b, float c, float d) {
-  if constexpr (kSubs == 1)  // one scale (offset) per sub-block: a == b, c == d
-    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(c), 1);
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                _mm512_castps128_ps512(_mm_setr_ps(a, b, c, d)));
 }
 
+// Weight scales and offsets of two consecutive one-sub-block blocks (kSubs == 1) along a pair's lanes, their float16
+// fields converted in one instruction (T::subs per block took a third of the pair's instructions).
+template <class T>
+inline void pair_affine(const uint8_t* b0, const uint8_t* b1, __m512* ws, __m512* wo) {
+  uint32_t h0, h1;  // d, m (or the next field: unused)
+  std::memcpy(&h0, b0, 4);
+  std::memcpy(&h1, b1, 4);
+  const __m512 f = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(static_cast<int>(h0)),
+                                                                        static_cast<int>(h1), 1)));  // d0 m0 d1 m1
+  *ws = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
+  if constexpr (T::kMinField)
+    *wo = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), f);
+  else
+    *wo = _mm512_mul_ps(*ws, _mm512_set1_ps(T::kOffset));  // exact: a power of two
+}
+
+// The 64 codes of sub-blocks (b0, k0) and (b1, k1): the type's own two-block decoder where it has one.
+template <class T>
+inline __m512i codes512(const uint8_t* b0, int k0, const uint8_t* b1, int k1) {
+  if constexpr (requires { T::codes512(b0, b1); }) return T::codes512(b0, b1);
+  else return _mm512_inserti64x4(_mm512_castsi256_si512(T::codes256(b0, k0)), T::codes256(b1, k1), 1);
+}
+
 // acc[m] += pair . x[m0 + m] and off[m] += the pair's offsets times the activations' sums, for sub-blocks e = 2p
-// and e + 1 (codes c: e's 32 in the low half, e+1's in the high; u0, u1: their Subs). Int32 lane l of the dot
-// product holds the 16 products of values 16 (l / 4) .. of the pair (two halves of e, then of e+1), so each lane is
-// scaled by its half's weight scale and its sub-block's activation scale (Act::v).
+// and e + 1 (codes c: e's 32 in the low half, e+1's in the high; ws, wo: their scales and offsets per lane). Int32
+// lane l of the dot product holds the 16 products of values 16 (l / 4) .. of the pair (two halves of e, then of
+// e+1), so each lane is scaled by its half's weight scale and its sub-block's activation scale (Act::v).
 template <class T, int MB>
-inline void dot_pair(__m512i c, const Sub& u0, const Sub& u1, const Act<Q16>& a, int64_t m0, int64_t p, __m512* acc,
+inline void dot_pair(__m512i c, __m512 ws, __m512 wo, const Act<Q16>& a, int64_t m0, int64_t p, __m512* acc,
                      __m512* off) {
   const __m512i sign = T::kSigned ? _mm512_movm_epi8(_mm512_cmplt_epi8_mask(c, _mm512_setzero_si512()))
                                   : _mm512_setzero_si512();
   const __m512i lo = _mm512_unpacklo_epi8(c, sign), hi = _mm512_unpackhi_epi8(c, sign);
-  const __m512 ws = spread4<T::kSubs>(u0.s[0], u0.s[1], u1.s[0], u1.s[1]);
-  const __m512 wo = T::kSigned ? ws : spread4<T::kSubs>(u0.o[0], u0.o[1], u1.o[0], u1.o[1]);
   const int64_t pairs = a.K / 64;
   for (int m = 0; m < MB; ++m) {
     const int64_t r = m0 + m;
@@ -248,20 +266,21 @@ void dot_row_zmm(const uint8_t* row, const Act<Q16>& a, int64_t m0, float* out) 
   __m512 acc[MB], off[MB];
   __m256 tail[MB];
   for (int m = 0; m < MB; ++m) acc[m] = off[m] = _mm512_setzero_ps(), tail[m] = _mm256_setzero_ps();
-  Sub sub[T::kSubs == 1 ? 2 : T::kSubs];
+  Sub sub[T::kSubs];
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t e = 2 * p;
     const uint8_t* b0 = row + e / T::kSubs * T::kBytes;
     const uint8_t* b1 = row + (e + 1) / T::kSubs * T::kBytes;
     const int k0 = static_cast<int>(e % T::kSubs), k1 = T::kSubs == 1 ? 0 : k0 + 1;
+    __m512 ws, wo;
     if constexpr (T::kSubs == 1) {
-      T::subs(b0, sub);
-      T::subs(b1, sub + 1);
-    } else if (k0 == 0) {
-      T::subs(b0, sub);
+      pair_affine<T>(b0, b1, &ws, &wo);
+    } else {
+      if (k0 == 0) T::subs(b0, sub);
+      ws = spread4(sub[k0].s[0], sub[k0].s[1], sub[k1].s[0], sub[k1].s[1]);
+      wo = spread4(sub[k0].o[0], sub[k0].o[1], sub[k1].o[0], sub[k1].o[1]);
     }
-    const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(T::codes256(b0, k0)), T::codes256(b1, k1), 1);
-    dot_pair<T, MB>(c, sub[T::kSubs == 1 ? 0 : k0], sub[T::kSubs == 1 ? 1 : k1], a, m0, p, acc, off);
+    dot_pair<T, MB>(codes512<T>(b0, k0, b1, k1), ws, wo, a, m0, p, acc, off);
   }
   float tail_off[MB] = {};
   if (ne % 2) {  // kSubs == 1 types only: K is a whole number of blocks
@@ -271,8 +290,8 @@ void dot_row_zmm(const uint8_t* row, const Act<Q16>& a, int64_t m0, float* out) 
     for (int m = 0; m < MB; ++m)
       tail_off[m] = sub[0].o[0] * a.s[(m0 + m) * K16 + 2 * (ne - 1)] + sub[0].o[1] * a.s[(m0 + m) * K16 + 2 * ne - 1];
   }
-  for (int m = 0; m < MB; ++m)
-    out[m] = _mm512_reduce_add_ps(acc[m]) + hsum(tail[m]) + (T::kSigned ? 0.f : _mm512_reduce_add_ps(off[m]) + tail_off[m]);
+  for (int m = 0; m < MB; ++m)  // offsets added lane-wise first: one horizontal sum per row
+    out[m] = _mm512_reduce_add_ps(T::kSigned ? acc[m] : _mm512_add_ps(acc[m], off[m])) + hsum(tail[m]) + tail_off[m];
 }
 #endif
 #else

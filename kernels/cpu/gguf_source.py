@@ -104,9 +104,12 @@ inline __m256i high_bits256(const uint8_t* q, int shift, int width) {
 }
 #endif
 
+// A one-sub-block type (kSubs == 1) also states its Sub as fields: d (f16) first, then m (f16) if kMinField, and
+// offset kOffset * d otherwise (the 512-bit path converts two blocks' fields at once: `pair_affine`).
 struct Q8_0 {  // d f16, 32 x int8
   static constexpr int kValues = 32, kBytes = 34, kSubs = 1;
-  static constexpr bool kSigned = true;
+  static constexpr bool kSigned = true, kMinField = false;
+  static constexpr float kOffset = 0.f;
   static void subs(const uint8_t* b, Sub* s) { s[0] = affine(f16(b), 0.f); }
   static void codes(const uint8_t* b, int, uint8_t* c) { std::memcpy(c, b + 2, 32); }
 #ifdef GG_AVX2
@@ -118,7 +121,8 @@ struct Q8_0 {  // d f16, 32 x int8
 template <bool kMin>
 struct Q4 {
   static constexpr int kValues = 32, kBytes = kMin ? 20 : 18, kSubs = 1, kQs = kMin ? 4 : 2;
-  static constexpr bool kSigned = false;
+  static constexpr bool kSigned = false, kMinField = kMin;
+  static constexpr float kOffset = -8.f;
   static void subs(const uint8_t* b, Sub* s) {
     const float d = f16(b);
     s[0] = affine(d, kMin ? f16(b + 2) : -8.f * d);
@@ -127,13 +131,26 @@ struct Q4 {
 #ifdef GG_AVX2
   static __m256i codes256(const uint8_t* b, int) { return nibbles256(b + kQs); }
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // Two consecutive blocks' codes (b0's low half): both blocks' nibbles split in one 256-bit register.
+  static __m512i codes512(const uint8_t* b0, const uint8_t* b1) {
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + kQs))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + kQs)), 1);
+    const __m256i m = _mm256_set1_epi8(15);
+    const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);  // b0 lo, b1 lo, b0 hi, b1 hi
+    return _mm512_shuffle_i64x2(lh, lh, 0xd8);  // b0 lo, b0 hi, b1 lo, b1 hi
+  }
+#endif
 };
 
 // Q5_0 (d, 32 high bits, nibbles; w = d * (q - 16)) and Q5_1 (d, m, high bits, nibbles; w = d * q + m)
 template <bool kMin>
 struct Q5 {
   static constexpr int kValues = 32, kBytes = kMin ? 24 : 22, kSubs = 1, kQh = kMin ? 4 : 2;
-  static constexpr bool kSigned = false;
+  static constexpr bool kSigned = false, kMinField = kMin;
+  static constexpr float kOffset = -16.f;
   static void subs(const uint8_t* b, Sub* s) {
     const float d = f16(b);
     s[0] = affine(d, kMin ? f16(b + 2) : -16.f * d);
