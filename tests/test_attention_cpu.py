@@ -169,6 +169,30 @@ def test_extend_matches_reference(dtype: torch.dtype, hq: int, hkv: int, d: int)
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_bf16_pairs_never_read_past_the_visible_keys(d: int) -> None:
+    """bf16 P @ V takes two keys at a time (attention_pv_source.py): with odd lengths and blocks that end inside
+    a pair, slots outside every request (NaN here) and masked keys must stay out of the result, in decode and in
+    extend."""
+    torch.manual_seed(d)
+    hq, hkv, dtype = 6, 2, torch.bfloat16
+    seq = [1, 3, 63, 65, 127, 129]
+    num_slots = sum(seq) + 40
+    kb, vb = random_pool(num_slots, hkv, d, dtype)
+    table, rows = random_table(seq, num_slots, width=160)
+    unused = torch.ones(num_slots + 1, dtype=torch.bool)
+    unused[table[rows].flatten().long()] = False
+    kb[unused], vb[unused] = float("nan"), float("nan")
+    seq_lens = torch.tensor(seq)
+    q = _fused_qkv(len(seq), hq, hkv, d, dtype)[0]
+    out = cpu_attention.decode_attention_cpu(q, kb, vb, table, rows, seq_lens, 0.125)
+    assert rel_err(out, decode_attention_ref(q, kb, vb, table, rows, seq_lens, 0.125)) < TOL[dtype]
+    ext = torch.tensor([1, 3, 33, 17, 127, 5])
+    qe = _fused_qkv(int(ext.sum()), hq, hkv, d, dtype)[0]
+    args = (qe, kb, vb, table, rows, seq_lens, ext, torch.cumsum(ext, 0) - ext, 0.125)
+    assert rel_err(cpu_attention.extend_attention_cpu(*args), extend_attention_ref(*args)) < TOL[dtype]
+
+
 def test_extend_large_batch_on_threads() -> None:
     """Enough work for the kernel to spread items over torch's threads; same result as the reference."""
     torch.manual_seed(5)

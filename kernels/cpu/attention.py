@@ -19,9 +19,11 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
 - With AVX-512 (built with those flags where the CPU has them), each block of 64 keys is transposed once (K to
   [D, 64]), and the block's [rows, 64] scores and P @ V come from register-blocked micro-kernels (up to 6 query
   rows x 64 lanes in registers): no horizontal sum per (row, key). bf16 keys stay bf16 where the CPU has AVX-512
-  BF16 (``vdpbf16ps`` over pairs of head dims with the bf16 query; fp16/float keys are converted to float); a
-  block of V is converted to float once. A row's result does not depend on how rows are tiled or which thread
-  runs its item. Other CPUs keep one dot product per (row, key).
+  BF16 (``vdpbf16ps`` over pairs of head dims with the bf16 query; fp16/float keys are converted to float). P @ V
+  of bf16 values takes them as pairs of keys with the probabilities rounded to bf16 (``vdpbf16ps``, head dims a
+  multiple of 32; attention_pv_source.py); other values are converted to float once per block. The block's
+  softmax runs in 16-lane vectors. A row's result does not depend on how rows are tiled or which thread runs its
+  item. Other CPUs keep one dot product per (row, key).
 
 The C++ source is in attention_source.py. Compiled once per machine kind on first use and cached by torch
 in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); a source change rebuilds it. Needs g++ and

@@ -8,6 +8,7 @@ With AVX-512, a block's scores and P @ V are register-blocked tiles over float c
 
 from __future__ import annotations
 
+from .attention_pv_source import AVX512_PV
 from .attention_tiles_source import AVX512_TILES
 from .attention_split_source import SPLIT_KV
 from .build import SIMD_EXP
@@ -69,9 +70,10 @@ struct Pool {
 struct Scratch {
   std::vector<float> q, s, acc, m, l, tmp, kt, vt, st;
   std::vector<uint32_t> qp;  // q as bf16 pairs, where the scores take them (AVX-512 BF16)
+  std::vector<uint32_t> pp;  // a block's probabilities as bf16 pairs, where P @ V takes them (attention_pv_source)
   Scratch(int nq, int d)
       : q(nq * d), s(nq * kBlockKeys), acc(nq * d), m(nq), l(nq), tmp(2 * d), kt(d * kBlockKeys),
-        vt(kBlockKeys * d), st(kMaxChunks * nq * (d + 2)), qp(nq * d / 2) {}
+        vt(kBlockKeys * d), st(kMaxChunks * nq * (d + 2)), qp(nq * d / 2), pp(nq * kBlockKeys / 2) {}
 };
 
 // Softmax step of one block for query i: scores -> probabilities (0 past its visible keys), rescale its state.
@@ -93,6 +95,9 @@ inline void softmax_block(Scratch& sc, int i, int nb, int nv, int d) {
 }
 
 """ + AVX512_TILES + r"""
+#ifdef SGLITE_ATTN_AVX512
+""" + AVX512_PV + r"""
+#endif
 
 // Attention of nq query vectors (sc.q, [nq, D], float) that share KV head h to the keys at positions [begin, stop)
 // of the request whose slots are `slots`; query i sees positions below vis[i / group] (vis nondecreasing). Leaves
@@ -119,7 +124,11 @@ void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int gr
       prefetch_row(pool.vrow(slots[q0], h), d);
     }
     // rows that see none of this block (causal) still get scores; softmax_block zeroes them (nv = 0)
+    load_v_block(pool, h, slots + p0, nb, d, sc);
     load_block_scores(pool, h, slots + p0, nb, nq, d, scale, sc);
+    for (int i = 0; i < nq; ++i)
+      softmax_block_avx512(sc, i, static_cast<int>(std::clamp<int64_t>(vis[i / group] - p0, 0, nb)), d);
+    pv_block<T>(sc, nq, nb, d);
 #else
     for (int j = 0; j < nb; ++j) {
       if (p0 + j + kPrefetch < end) {
@@ -135,15 +144,10 @@ void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int gr
         sc.s[i * kBlockKeys + j] = dot * scale;
       }
     }
-#endif
     for (int i = 0; i < nq; ++i) {
       const int nv = static_cast<int>(std::clamp<int64_t>(vis[i / group] - p0, 0, nb));
       softmax_block(sc, i, nb, nv, d);
     }
-#ifdef SGLITE_ATTN_AVX512
-    by_rows<PvTile>(nq, static_cast<const float*>(sc.s.data()), static_cast<const float*>(sc.vt.data()),
-                    sc.acc.data(), nb, d);
-#else
     for (int j = 0; j < nb; ++j) {
       const float* vr = as_f32(pool.vrow(slots[p0 + j], h), d, sc.tmp.data());
       for (int i = 0; i < nq; ++i) {
@@ -156,6 +160,9 @@ void attend(const Pool<T>& pool, int64_t h, const int32_t* slots, int nq, int gr
     }
 #endif
   }
+#ifdef SGLITE_ATTN_AVX512
+  if (pv_pairs<T>(d)) unpermute_acc(sc, nq, d);
+#endif
 }
 
 inline void normalize(Scratch& sc, int nq, int d) {
@@ -271,11 +278,15 @@ template <typename T>
 void extend_item(const at::Tensor& q, T* out, const Pool<T>& pool, const int32_t* slots, int64_t prefix,
                  int64_t start, int64_t m0, int n, int64_t h, int group, int d, float scale, Scratch& sc) {
   int64_t vis[kBlockRows];
+  const T* q0 = q.data_ptr<T>();  // the tensor's accessors hoisted: this loop runs for every element of q
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   for (int m = 0; m < n; ++m) {
     vis[m] = prefix + m0 + m + 1;  // causal: new token m0 + m sees the prefix and new tokens up to itself
-    const T* qr = q.data_ptr<T>() + (start + m0 + m) * q.stride(0) + h * group * q.stride(1);
-    for (int g = 0; g < group; ++g)
-      for (int c = 0; c < d; ++c) sc.q[(m * group + g) * d + c] = static_cast<float>(qr[g * q.stride(1) + c]);
+    const T* qr = q0 + (start + m0 + m) * qs0 + h * group * qs1;
+    for (int g = 0; g < group; ++g) {
+      float* dst = sc.q.data() + (m * group + g) * d;
+      for (int c = 0; c < d; ++c) dst[c] = static_cast<float>(qr[g * qs1 + c]);
+    }
   }
   attend(pool, h, slots, n * group, group, d, vis, scale, sc, 0, vis[n - 1]);
   normalize(sc, n * group, d);

@@ -7,8 +7,9 @@ keeps its scalar-vector loop.
   (``SGLITE_ATTN_BF16DP``) stay bf16: pairs of head dims are transposed as 32-bit words, and ``vdpbf16ps``
   multiplies them with the query's pairs (the query is bf16 already: the model's q, or its rotation rounded to
   bf16 as the reference rounds it), products exact in float, sums in float. Other dtypes are converted to float.
-- P @ V: a block of V is converted to float once (reading V rows straight from the pool in the tile instead
-  measured slower on a pool beyond the caches: the conversion loop keeps more rows in flight).
+- P @ V (the float tile): a block of V is converted to float once (reading V rows straight from the pool in the
+  tile instead measured slower on a pool beyond the caches: the conversion loop keeps more rows in flight). bf16
+  values take the pairs tile of attention_pv_source.py instead.
 """
 
 from __future__ import annotations
@@ -228,12 +229,10 @@ void prepare_q(int nq, int d, Scratch& sc) {
   }
 }
 
-// sc.s[i][0..64) = scale * q[i] . key j of the block of nb keys at `slots` (zero past nb); the block's V as
-// float in sc.vt.
+// sc.s[i][0..64) = scale * q[i] . key j of the block of nb keys at `slots` (zero past nb).
 template <typename T>
 void load_block_scores(const Pool<T>& pool, int64_t h, const int32_t* slots, int nb, int nq, int d, float scale,
                        Scratch& sc) {
-  load_v(pool, h, slots, nb, d, sc);
 #ifdef SGLITE_ATTN_BF16DP
   if constexpr (kDpPairs<T>) {
     if (d % 2 == 0) {
