@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from xinf_sglang.kernels import linear
+from xinf_sglang.kernels.cpu import gguf as cpu_gguf
 from xinf_sglang.kernels.quant import GGUF_BLOCKS, gguf_linear, gguf_rows, random_gguf_blocks
 
 from ..tp.distributed import TPInfo, all_reduce, gather_vocab
@@ -61,6 +62,10 @@ class VocabParallelEmbedding(nn.Module):
         table = getattr(self, self.table_name)
         if self.qtype is None:
             return F.embedding(local_ids, table)
+        if table.is_cpu:  # the C++ decoder: the reference's values exactly, without its dozen small ops a step
+            block = GGUF_BLOCKS[self.qtype]
+            rows = cpu_gguf.gguf_dequantize_cpu(table[local_ids.reshape(-1)], block, table.shape[1] * block.values)
+            return rows.to(self.out_dtype).reshape(*local_ids.shape, rows.shape[-1])
         return gguf_rows(table, local_ids, self.qtype, self.out_dtype)
 
     def init_dummy(self, gen: torch.Generator) -> None:
