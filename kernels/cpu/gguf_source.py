@@ -3,8 +3,9 @@
 Every kept type is read as sub-blocks of 32 values, each an affine map of small unsigned codes (Q8_0: signed):
 ``w[i] = scale[i / 16] * code[i] + offset[i / 16]`` (`Sub`). A type is a struct with its block size in values and
 bytes, ``subs`` (the scales and offsets of a block's sub-blocks, decoded once per block) and ``codes`` (one
-sub-block's 32 codes: into bytes for the scalar path, into one 256-bit register for AVX2). The dot products in
-``GGUF_KERNEL_CPP`` are written once for all types on top of that. Layouts and dequantization formulas are
+sub-block's 32 codes: into bytes for the scalar path, into one 256-bit register for AVX2); at the end the
+activation formats the dot products take (``Q16`` / ``Q8`` / ``F32``, described in ``gguf_kernel_source.py``) and
+their quantization. The dot products in ``GGUF_KERNEL_CPP`` are written once for all types on top of that. Layouts and dequantization formulas are
 GGML's (``ggml-common.h``, ``dequantize_row_*`` in ``ggml-quants.c``); ``kernels/quant/gguf_reference.py`` states
 them in torch and is the ground truth.
 """
@@ -253,5 +254,125 @@ bool with_type(int64_t t, F&& f) {
     case kQ6_K: f.template operator()<Q6_K>(); return true;
     default: return false;
   }
+}
+
+// ---- Activations (Q16 / Q8 / F32: gguf_kernel_source.py's docstring), quantized once per call, before the
+// dot products of GGUF_KERNEL_CPP.
+struct Q8 {
+  using Code = int8_t;
+  static constexpr float kMax = 127.f;
+  static constexpr int pos(int i) { return i; }
+};
+struct Q16 {
+  using Code = int16_t;
+  static constexpr float kMax = 32767.f;
+  static constexpr int pos(int i) { return (i & 7) | ((i & 8) << 1) | ((i & 16) >> 1); }  // see the docstring
+};
+struct F32 {
+  using Code = int8_t;  // unused: the float rows are read
+  static constexpr float kMax = 127.f;
+  static constexpr int pos(int i) { return i; }
+};
+
+// Activation rows quantized per 32 values (P's codes, one float scale per 32), and every 16 values' float sum.
+// With GG_ZMM, Q16 rows also carry, per pair of sub-blocks, the two scales and four sums laid out along the lanes
+// of the pair's dot product (`pair_vectors`).
+template <class P>
+struct Act {
+  const float* x;  // [M, K] float rows, row stride sx
+  int64_t sx;
+  const typename P::Code* q;  // [M, K], each 32-value block in P::pos order (`code_pos`)
+  const float* d;             // [M, K / 32]
+  const float* s;             // [M, K / 16]
+  int64_t K;
+  const float* v = nullptr;   // [M, K / 64, 32]: GG_ZMM's per-pair lanes (Q16 only)
+};
+
+// Full pairs of 32-value sub-blocks of a row that the 512-bit path reads as one (none without it).
+template <class P>
+constexpr int64_t zmm_pairs(int64_t K) {
+#ifdef GG_ZMM
+  if constexpr (std::is_same_v<P, Q16>) return K / 64;
+#endif
+  return 0;
+}
+
+// Where value i of sub-block e goes in a row's codes: P::pos inside the block, except in a full pair of a 512-bit
+// build, whose 64 codes are [e's and e+1's P::pos 0-15, e's and e+1's P::pos 16-31] (the zero-extension of a
+// register of both blocks' codes, `dot_pair`, takes them in that order).
+template <class P>
+inline int64_t code_pos(int64_t e, int i, int64_t pairs) {
+  const int p = P::pos(i);
+  if (e < 2 * pairs) return 64 * (e / 2) + (p < 16 ? 0 : 32) + 16 * (e % 2) + (p & 15);
+  return 32 * e + p;
+}
+
+template <class P>
+void quantize_rows(const float* x, int64_t sx, int64_t M, int64_t K, typename P::Code* q, float* d, float* s) {
+  const int64_t pairs = zmm_pairs<P>(K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t e = 0; e < K / 32; ++e) {
+      const float* v = x + m * sx + 32 * e;
+      float amax = 0.f, lo = 0.f, hi = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+      for (int i = 0; i < 16; ++i) lo += v[i];
+      for (int i = 16; i < 32; ++i) hi += v[i];
+      const float scale = amax / P::kMax, inv = scale > 0.f ? 1.f / scale : 0.f;
+      for (int i = 0; i < 32; ++i)
+        q[m * K + code_pos<P>(e, i, pairs)] = static_cast<typename P::Code>(std::nearbyint(v[i] * inv));
+      d[m * (K / 32) + e] = scale;
+      s[m * (K / 16) + 2 * e] = lo;
+      s[m * (K / 16) + 2 * e + 1] = hi;
+    }
+}
+
+// Per pair of sub-blocks (e, e + 1) of each row, 32 floats: the activation scale of each int32 lane of the pair's
+// dot product (lanes 0-7: e's, 8-15: e+1's), then each 16 values' sum in the first lane of the four lanes that
+// hold their products (lanes 0, 4, 8, 12: e's halves, e+1's halves), zero in the others.
+void pair_vectors(const float* d, const float* s, int64_t M, int64_t K, int64_t pairs, float* v) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* o = v + (m * pairs + p) * 32;
+      for (int l = 0; l < 16; ++l) o[l] = d[m * (K / 32) + 2 * p + l / 8];
+      for (int l = 0; l < 16; ++l) o[16 + l] = l % 4 ? 0.f : s[m * (K / 16) + 4 * p + l / 4];
+    }
+}
+
+#ifdef GG_ZMM
+// One 32-value block of a Q16 row in 512-bit registers: the codes `quantize_rows` writes (vcvtps2dq rounds to
+// nearest even, as std::nearbyint does), its scale and its halves' sums (summed in another order: they may differ in
+// the last bit). xa / xb: where values 0-7 and 16-23 / 8-15 and 24-31 go (`code_pos`).
+inline void quantize_block_zmm(const float* v, int16_t* xa, int16_t* xb, float* d, float* s) {
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float scale = amax / Q16::kMax, inv = scale > 0.f ? 1.f / scale : 0.f;
+  const __m256i qa = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv))));
+  const __m256i qb = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv))));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xa), _mm256_castsi256_si128(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xa + 8), _mm256_castsi256_si128(qb));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xb), _mm256_extracti128_si256(qa, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xb + 8), _mm256_extracti128_si256(qb, 1));
+  *d = scale;
+  s[0] = _mm512_reduce_add_ps(a);
+  s[1] = _mm512_reduce_add_ps(b);
+}
+#endif
+
+// quantize_rows, in 512-bit registers where the build has them (Q16).
+template <class P>
+void quantize(const float* x, int64_t sx, int64_t M, int64_t K, typename P::Code* q, float* d, float* s) {
+#ifdef GG_ZMM
+  if constexpr (std::is_same_v<P, Q16>) {
+    const int64_t pairs = K / 64;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t e = 0; e < K / 32; ++e) {
+        int16_t* xa = q + m * K + (e < 2 * pairs ? 64 * (e / 2) + 16 * (e % 2) : 32 * e);
+        quantize_block_zmm(x + m * sx + 32 * e, xa, xa + (e < 2 * pairs ? 32 : 16), d + m * (K / 32) + e,
+                           s + m * (K / 16) + 2 * e);
+      }
+    return;
+  }
+#endif
+  quantize_rows<P>(x, sx, M, K, q, d, s);
 }
 """
