@@ -12,7 +12,7 @@ Contracts are those of ``decode_attention_ref`` and ``extend_attention_ref``; th
   (OpenMP, dynamic schedule, since items differ in length); a small call stays on the calling thread, because on a
   loaded two-core machine waking a second thread costs more than ~50 µs of work.
 - Decode splits each (request, KV head)'s keys into up to 8 chunks of whole blocks (a function of the length only)
-  whose softmax states are merged in order (attention_split_source.py); a batch of a request or two, too few
+  whose softmax states are merged in order (attention_tiles_source.py); a batch of a request or two, too few
   items for the threads, runs one item per chunk on all threads (SmolLM2 Q4_1 batch 1: ~77 -> ~60 µs per call).
 - Decode with a ``NewToken`` rotates q and the new k, stores the new K/V and attends in the same item: one call
   per layer instead of a dozen small torch ops.

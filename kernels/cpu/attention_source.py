@@ -9,8 +9,7 @@ With AVX-512, a block's scores and P @ V are register-blocked tiles over float c
 from __future__ import annotations
 
 from .attention_pv_source import AVX512_PV
-from .attention_tiles_source import AVX512_TILES
-from .attention_split_source import SPLIT_KV
+from .attention_tiles_source import AVX512_TILES, SPLIT_KV
 from .build import SIMD_EXP
 
 __all__ = ["CPU_ATTENTION_CPP", "CPU_ATTENTION_FUNCTIONS"]
