@@ -5,9 +5,9 @@ Every kept type is read as sub-blocks of 32 values, each an affine map of small 
 bytes, ``subs`` (the scales and offsets of a block's sub-blocks, decoded once per block) and ``codes`` (one
 sub-block's 32 codes: into bytes for the scalar path, into one 256-bit register for AVX2); at the end the
 activation formats the dot products take (``Q16`` / ``Q8`` / ``F32``, described in ``gguf_kernel_source.py``) and
-their quantization. The dot products in ``GGUF_KERNEL_CPP`` are written once for all types on top of that. Layouts and dequantization formulas are
-GGML's (``ggml-common.h``, ``dequantize_row_*`` in ``ggml-quants.c``); ``kernels/quant/gguf_reference.py`` states
-them in torch and is the ground truth.
+their quantization. The dot products in ``GGUF_KERNEL_CPP`` are written once for all types on top of that.
+Layouts and dequantization formulas are GGML's (``ggml-common.h``, ``dequantize_row_*`` in ``ggml-quants.c``);
+``kernels/quant/gguf_reference.py`` states them in torch and is the ground truth.
 """
 
 GGUF_TYPES_CPP = r"""

@@ -40,7 +40,7 @@ from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
 from .config import FP8_GEMV_MAX_M, get_quant_config
 from .reference import FP8_DTYPE, FP8_EPS, FP8_MAX, channel_scale
-from .splitk import split_k_buffers
+from .splitk import glu_unfused, split_k_buffers
 
 if triton is not None:
     from ..pdl import pdl_wait
@@ -188,8 +188,8 @@ if triton is not None:
         out = tl.sum(acc, axis=2)
         if SCALE_AT_END:
             out *= tl.load(WS + tl.minimum(offs_n, N - 1))[None, :]
-        split_k_store(out, Y, PARTS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, glu_tiles, SPLIT, HAS_BIAS,
-                      GLU)
+        split_k_store(out, Y, PARTS, LOCKS, BIAS, M, N, offs_m[:, None], offs_n[None, :], sy_m, glu_tiles, SPLIT,
+                      HAS_BIAS, GLU)
 
 
 def fp8_quantize_per_token_group_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,10 +238,7 @@ def fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
     (m, k), n = x2.shape, weight.shape[0]
     bn = cfg["BLOCK_SIZE_N"]
     if glu and (n // 2) % bn:
-        full = torch.empty((m, n), dtype=out.dtype, device=out.device)
-        fp8_gemv(x2, weight, scale, bias, full, scale_n, scale_k, at_end, cfg)
-        out.copy_(silu_and_mul(full))
-        return
+        return glu_unfused(out, lambda full: fp8_gemv(x2, weight, scale, bias, full, scale_n, scale_k, at_end, cfg))
     bk = max(16, cfg["BLOCK_SIZE_K"] if at_end else min(cfg["BLOCK_SIZE_K"], scale_k & -scale_k))
     k_per_split = triton.cdiv(triton.cdiv(k, max(1, cfg["SPLIT_K"])), bk) * bk
     split = triton.cdiv(k, k_per_split)

@@ -32,17 +32,14 @@ asks); each extra row of x adds one FFMA per weight, hence at most 4 rows (M = 4
 
 from __future__ import annotations
 
-import torch
-
 try:  # triton is optional (absent on macOS / Windows): then only the reference runs
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
-from .splitk import split_k_buffers
+from .splitk import glu_unfused, split_k_buffers
 
 # 2**23 as int32 bits: a value OR-ed into its mantissa reads as 2**23 + value (``_magic_values``).
 MAGIC = 0x4B000000
@@ -218,10 +215,7 @@ def _int_gemv(x2, qweight, scales, qzeros, fmt: str, bits: int, group: int, bias
     awq = fmt == "awq"
     bn = max(cfg["BLOCK_SIZE_N"], pack if awq else 1)
     if glu and (n // 2) % bn:
-        full = torch.empty((m, n), dtype=out.dtype, device=out.device)
-        _int_gemv(x2, qweight, scales, qzeros, fmt, bits, group, bias, full, cfg)
-        out.copy_(silu_and_mul(full))
-        return
+        return glu_unfused(out, lambda full: _int_gemv(x2, qweight, scales, qzeros, fmt, bits, group, bias, full, cfg))
     per_row = 1 if awq else pack  # K rows per word row
     limit = 1 << 30 if group >= k else group & -group  # a step must divide the group
     rows = min(gemv_row_lanes(bn // pack if awq else bn, cfg["num_warps"]), max(1, limit // per_row))

@@ -16,6 +16,7 @@ graphs included. No atomics on the data, no zeroing launch.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ try:  # triton is optional (absent on macOS / Windows): then only the references
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
+from ..activation import silu_and_mul
 from ..pdl import pdl_kwargs
 
 TILE_LOCKS = 1 << 18
@@ -122,7 +124,8 @@ def tile_locks(device: torch.device) -> torch.Tensor:
     return torch.zeros(TILE_LOCKS, dtype=torch.int32, device=device)
 
 
-def split_k_buffers(out: torch.Tensor, split: int, tiles: int, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_k_buffers(out: torch.Tensor, split: int, tiles: int,
+                    n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(WS, LOCKS)`` for a launch of ``tiles`` output tiles x ``split`` K splits into ``out [M, N]``: the float32
     ``[split, M, N]`` partial sums and the device's tile counters; ``out`` twice (unused) when ``split`` is 1.
     ``n``: the product's width when ``out`` is narrower (SwiGLU's ``N / 2``): then always a workspace, even at
@@ -138,6 +141,14 @@ def split_k_buffers(out: torch.Tensor, split: int, tiles: int, n: int | None = N
                          "use SPLIT_K=1 for a grid this large")
     shape = (split, out.shape[0], n or out.shape[1])
     return torch.empty(shape, dtype=torch.float32, device=out.device), tile_locks(out.device)
+
+
+def glu_unfused(out: torch.Tensor, product: Callable[[torch.Tensor], None]) -> None:
+    """SwiGLU where the epilogue cannot pair the column tiles (``N / 2`` not a whole number of them): ``product``
+    writes the ``[M, N]`` result into a temporary, then SiLU-and-mul of its halves goes into ``out [M, N / 2]``."""
+    full = torch.empty((out.shape[0], 2 * out.shape[1]), dtype=out.dtype, device=out.device)
+    product(full)
+    out.copy_(silu_and_mul(full))
 
 
 def sum_parts(src: torch.Tensor, out: torch.Tensor, parts: int, row_stride: int, part_stride: int,
