@@ -18,6 +18,7 @@ from ..scheduler.scheduler import Scheduler
 from ..scheduler.intake import RequestBuilder
 from ..scheduler.loop import SchedulerLoop
 from ..sampling.parallel_sampling import SiblingGroups
+from .openmp_pool import release_calling_thread_pool
 from .messages import Abort, AddRequests, NewRequest, Outputs, Query, Stop
 from .output_router import OutputRouter
 from .outputs import StreamChunk
@@ -53,6 +54,9 @@ class SchedulerClient:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         loop = SchedulerLoop(scheduler, builder, self._inbox, self._router, debug_invariants, stats_interval_s)
         loop.register(_Call, _Call.run)
+        # The model steps on the scheduler thread from here on: the loading thread's idle OpenMP pool would make
+        # every parallel region of a CPU step pay a wake-up (openmp_pool.py).
+        release_calling_thread_pool()
         self._thread = threading.Thread(target=loop.run, name="sglite-scheduler", daemon=True)
         self._thread.start()
 
