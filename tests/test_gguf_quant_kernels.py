@@ -19,6 +19,13 @@ BUILDS = ["DEFAULT", "AVX2", None]  # None: what torch reports for this CPU
 # float32 activations ~1e-7 per term; int16 (Q16) 1/32767 of each 32-value block's max; int8 (Q8, llama.cpp's
 # scheme) 1/127 of it.
 TOLERANCE = {"f32": 2e-6, "q16": 1e-4, "q8": 2e-2}
+# The tiles (many rows, AVX-512 VNNI builds) round the activations as Q16 does; the int32 sums are exact, so only the
+# float sums' order differs (worst seen on these problems: 1.2e-5). Builds without them dequantize to float32.
+TILE_ROWS = [1, 7, 8, 33, 64, 200]
+
+
+def _tolerance_of_many_rows(build: str | None) -> float:
+    return TOLERANCE["q16" if cpu_gguf.gemv_max_m(build) == cpu_gguf.GEMV_MAX_M else "f32"]
 
 
 def _problem(qtype: str, n: int, k: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,12 +65,31 @@ def test_kernel_dequantizes_exactly(qtype: str, build: str | None) -> None:
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("n,k", [(64, 256), (96, 1536), (5, 512)])
 def test_decode_rows_match_the_reference(qtype: str, act: str, build: str | None, n: int, k: int) -> None:
-    """Every row-group size of the decode path (8, 4, 2, 1 rows at a time: 7 = 4 + 2 + 1), with and without bias."""
-    for m, with_bias in [(1, False), (2, True), (7, False), (cpu_gguf.GEMV_MAX_M, True)]:
+    """Every row-group size of the decode path (8, 4, 2, 1 rows at a time: 7 = 4 + 2 + 1), with and without bias,
+    whichever rows the dispatch sends it (`gguf_linear_cpu` up to ``gemv_max_m``, the pool's ``gemv`` beyond)."""
+    pool = cpu_gguf._pool(torch.get_num_threads(), build)
+    for m, with_bias in [(1, False), (2, True), (7, False), (32, True)]:
         w, x, b = _problem(qtype, n, k, m, seed=n * k + m)
         bias = b if with_bias else None
-        y = cpu_gguf.gguf_linear_cpu(x, w, GGUF_BLOCKS[qtype], bias, act=act, isa=build)
+        if m <= cpu_gguf.gemv_max_m(build):
+            y = cpu_gguf.gguf_linear_cpu(x, w, GGUF_BLOCKS[qtype], bias, act=act, isa=build)
+        else:
+            y = pool.gemv(x, w, GGUF_BLOCKS[qtype].ggml_type, bias, cpu_gguf.ACTIVATIONS.index(act))
         _check(y, x, dequantize_gguf(w, qtype), bias, TOLERANCE[act])
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(64, 256), (96, 1536), (5, 512), (37, 768)])
+def test_tiles_match_the_reference(qtype: str, build: str | None, n: int, k: int) -> None:
+    """The many-row path on every row count of a 12-row step (1, 7 .. 200 rows: full steps and each remainder
+    below 12) and on tiles of 16 columns with fewer real ones (5, 37), with and without bias."""
+    pool = cpu_gguf._pool(torch.get_num_threads(), build)
+    for m in TILE_ROWS:
+        w, x, b = _problem(qtype, n, k, m, seed=n * k + m)
+        bias = b if m % 2 else None
+        y = pool.gemm(x, w, GGUF_BLOCKS[qtype].ggml_type, bias)
+        _check(y, x, dequantize_gguf(w, qtype), bias, _tolerance_of_many_rows(build))
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -78,10 +104,11 @@ def test_decode_rows_of_an_odd_number_of_blocks(qtype: str, build: str | None) -
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_prefill_rows_dequantize_then_multiply(qtype: str) -> None:
-    w, x, b = _problem(qtype, 48, 512, cpu_gguf.GEMV_MAX_M + 9, seed=3)
+def test_many_rows_take_the_tiles(qtype: str) -> None:
+    w, x, b = _problem(qtype, 48, 512, cpu_gguf.gemv_max_m() + 9, seed=3)
     y = cpu_gguf.gguf_linear_cpu(x, w, GGUF_BLOCKS[qtype], b)
-    _check(y, x, dequantize_gguf(w, qtype), b, TOLERANCE["f32"])
+    assert torch.equal(y, cpu_gguf._pool(torch.get_num_threads()).gemm(x, w, GGUF_BLOCKS[qtype].ggml_type, b))
+    _check(y, x, dequantize_gguf(w, qtype), b, _tolerance_of_many_rows(None))
 
 
 def test_q8_activations_err_more_than_q16() -> None:
@@ -110,17 +137,21 @@ def test_results_do_not_depend_on_the_thread_count_or_the_batch() -> None:
     assert torch.equal(one, two)
     alone = torch.cat([cpu_gguf.gguf_linear_cpu(x[i:i + 1], w, block) for i in range(8)])
     assert torch.allclose(alone, one, rtol=0, atol=1e-6 * float(one.abs().max()))
+    tiles = cpu_gguf._pool(torch.get_num_threads()).gemm
+    assert torch.equal(torch.cat([tiles(x[i:i + 1], w, block.ggml_type, None) for i in range(8)]),
+                       tiles(x, w, block.ggml_type, None))
 
 
-def test_gemv_rows_equals_the_checked_path_and_refuses_in_cpp() -> None:
-    """The unchecked decode entry (GGUFLinearMethod's path) computes what gguf_linear_cpu does; the C++ refuses a
-    weight, bias or x it cannot read."""
-    w, x, b = _problem("Q4_1", 40, 128, 3, seed=8)
+def test_linear_rows_equals_the_checked_path_and_refuses_in_cpp() -> None:
+    """The unchecked entry (GGUFLinearMethod's path) computes what gguf_linear_cpu does, for decode rows and for the
+    tiles; the C++ refuses a weight, bias or x it cannot read."""
     block = GGUF_BLOCKS["Q4_1"]
-    assert torch.equal(cpu_gguf.gemv_rows(x, w, block, b), cpu_gguf.gguf_linear_cpu(x, w, block, b))
-    for args in [(x[:, :64], w, b), (x, w, b[:39]), (x, w, b.double()), (x.t().contiguous().t(), w, None)]:
-        with pytest.raises(RuntimeError):
-            cpu_gguf.gemv_rows(args[0], args[1], block, args[2])
+    for m in (3, 40):
+        w, x, b = _problem("Q4_1", 40, 128, m, seed=8)
+        assert torch.equal(cpu_gguf.linear_rows(x, w, block, b), cpu_gguf.gguf_linear_cpu(x, w, block, b))
+        for args in [(x[:, :64], w, b), (x, w, b[:39]), (x, w, b.double()), (x.t().contiguous().t(), w, None)]:
+            with pytest.raises(RuntimeError):
+                cpu_gguf.linear_rows(args[0], args[1], block, args[2])
 
 
 def test_dispatch_takes_the_kernel_only_for_cpu_float32() -> None:

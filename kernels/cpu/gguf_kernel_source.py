@@ -356,17 +356,33 @@ struct GGUFPool : PoolHandle {
   }
 
   // y [M, N] = x [M, K] . W^T (+ bias) on the blocks, activations as act: 0 Q16, 1 Q8, 2 F32 (any M: the caller
-  // sends few rows here and dequantizes for many).
+  // sends few rows here and `gemm`s many).
   at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, int64_t type, const c10::optional<at::Tensor>& bias,
                   int64_t act) {
+    const float* bp = checked_bias(x, w, bias);
+    if (act == 1) return gemv_on<Q8>(*pool, x, w, type, bp);
+    if (act == 2) return gemv_on<F32>(*pool, x, w, type, bp);
+    return gemv_on<Q16>(*pool, x, w, type, bp);
+  }
+
+  // The same with Q16 activations for many rows: the weight decoded once per tile of 16 rows (`gemm_on`, gguf.py);
+  // without AVX-512 VNNI, dequantized to float32 and multiplied by torch.
+  at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, int64_t type, const c10::optional<at::Tensor>& bias) {
+    const float* bp = checked_bias(x, w, bias);
+    check_weight(w, type, x.size(1));
+#ifdef GG_ZMM
+    return gemm_on(*pool, x, w, type, bp);
+#else
+    return bp ? at::linear(x, dequantize(w, type, x.size(1)), *bias) : at::linear(x, dequantize(w, type, x.size(1)));
+#endif
+  }
+
+  static const float* checked_bias(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
     TORCH_CHECK(x.device().is_cpu() && x.dtype() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
                 "x: float32 CPU [M, K], rows contiguous");
     TORCH_CHECK(!bias.has_value() || (bias->dtype() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
                                       bias->size(0) == w.size(0)), "bias: float32 [N]");
-    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-    if (act == 1) return gemv_on<Q8>(*pool, x, w, type, bp);
-    if (act == 2) return gemv_on<F32>(*pool, x, w, type, bp);
-    return gemv_on<Q16>(*pool, x, w, type, bp);
+    return bias.has_value() ? bias->data_ptr<float>() : nullptr;
   }
 };
 
@@ -374,7 +390,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<GGUFPool>(m, "GGUFPool", pybind11::module_local())  // each build (ISA) its own type
       .def(pybind11::init<int64_t, int64_t>())
       .def("dequantize", &GGUFPool::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("gemv", &GGUFPool::gemv, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("gemv", &GGUFPool::gemv, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("gemm", &GGUFPool::gemm, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
 

@@ -102,10 +102,9 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if len(self._stored) == 1:  # the common case, on the decode path: as little Python as possible
             qtype, name = self._stored[0]
-            if (x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and x.shape[0] <= cpu_gguf.GEMV_MAX_M
-                    and x.stride(1) == 1):
-                # a decode step's rows: straight to the C++ GEMV (gguf_linear's checks were ~8% of a batch-1 step)
-                return cpu_gguf.gemv_rows(x, getattr(layer, name), self._block, bias)
+            if x.is_cpu and x.dtype is torch.float32 and x.dim() == 2 and x.stride(1) == 1:
+                # a step's rows: straight to the C++ (gguf_linear's checks were ~8% of a batch-1 step)
+                return cpu_gguf.linear_rows(x, getattr(layer, name), self._block, bias)
             return gguf_linear(x, getattr(layer, name), qtype, bias)
         weights = self._weights(layer)
         y = torch.cat(self._in_part_order(layer, {t: gguf_linear(x, w, t) for t, w in weights}, dim=-1), dim=-1)
