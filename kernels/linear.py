@@ -206,8 +206,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (``cpu_linear``: float32; ``cpu_linear16``: bfloat16 / float16), ``F.linear`` for everything else. Contract as
     ``linear_ref``; ``silu_mul`` (a ``[gate | up]`` weight): SiLU-and-mul of the result's halves, ``[..., N / 2]``,
     in the skinny kernel's epilogue where it runs. A float32 weight with a half-precision ``x`` (DeepSeek's router)
-    computes in float32: the skinny kernel casts x itself, every other path casts it first."""
-    if x.is_cuda and triton is not None and x.dtype in SKINNY_DTYPES and weight.dtype in (x.dtype, torch.float32) and (
+    computes in float32: x is cast first (``linear_triton`` also takes that pair, casting in the kernel, but is
+    slower there than cuBLAS)."""
+    # A float32 weight (DeepSeek's router) goes to cuBLAS after one cast of x: the skinny kernel's float32 path
+    # (an IEEE tl.dot padded to 16 rows) took ~70 us a call on an H100 at [64, 2048], cuBLAS a few (2026-12-07).
+    if x.is_cuda and triton is not None and x.dtype in SKINNY_DTYPES and weight.dtype == x.dtype and (
         x.numel() <= SKINNY_MAX_M * x.shape[-1]
     ):
         return linear_triton(x, weight, bias, silu_mul=silu_mul)

@@ -156,7 +156,8 @@ class UnquantizedLinearMethod(LinearMethod):
 class Float32LinearMethod(UnquantizedLinearMethod):
     """A dense layer stored and computed in float32 whatever the model's dtype: DeepSeek's router (HF casts its
     input and its weight to float32 on every call). Stored in float32 once; at decode on CUDA the skinny kernel
-    casts the input itself (the weight's cast, the input's and cuBLAS's GEMV were 3-4 launches per sparse layer)."""
+    x is cast and cuBLAS runs the GEMV (the weight's cast per call is gone; the skinny kernel, which can cast x
+    itself, measured slower at this shape)."""
 
     name = "dense float32"
 
@@ -168,7 +169,7 @@ class Float32LinearMethod(UnquantizedLinearMethod):
         return [ParamLayout("weight", (out_features, in_features), dtype=torch.float32, output_dim=0, input_dim=1)]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # kernels.linear computes a float32 weight in float32 (at decode on CUDA x is cast inside the kernel)
+        # kernels.linear computes a float32 weight in float32 (x cast first)
         return linear(x, layer.weight, None if bias is None else bias.float())
 
 
