@@ -208,3 +208,12 @@ def test_out_of_memory_advice_reads_what_torch_tried_to_allocate():
         f"; the memory plan left too little for this step: {plan.lower_fraction_advice(512 * 1024**2)}")
     assert "to 0.88 " in out_of_memory_advice(oom, plan)  # 0.5 GiB of 79 GiB is 0.0063; a hundredth of margin
     assert out_of_memory_advice(RuntimeError("a bug"), plan) == "" and out_of_memory_advice(oom, None) == ""
+
+
+def test_cpu_pool_buffers_start_a_cache_line() -> None:
+    # calloc's large blocks start 16 bytes past a page: a head row would straddle an extra line (issue 35)
+    from xinf_sglang.runtime.mem_cache.kv_pool import zeros
+
+    for n, dtype in ((3, torch.float32), (200_000, torch.bfloat16), (200_001, torch.float16)):
+        t = zeros((n, 3, 64), dtype, torch.device("cpu"))
+        assert t.data_ptr() % 64 == 0 and t.shape == (n, 3, 64) and t.is_contiguous() and not t.any()
