@@ -260,7 +260,7 @@ template <class T>
 void gemm_tiles(const uint8_t* w, const Rows16& a, int64_t M, int64_t N, const float* bias, float* y, int64_t t0,
                 int64_t t1) {
   constexpr int G = group_values<T>();
-  const int64_t K = a.K, row_bytes = K / T::kValues * T::kBytes, groups = K / G;
+  const int64_t K = a.K, row_bytes = K / T::kValues * T::kBytes, groups = K / G, steps = (M + 11) / 12;
   thread_local std::vector<int32_t> codes;
   thread_local std::vector<float> scales;
   codes.resize(std::max<size_t>(codes.size(), K * 8));
@@ -273,9 +273,11 @@ void gemm_tiles(const uint8_t* w, const Rows16& a, int64_t M, int64_t N, const f
     const __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
     pack_tile<T>(w + n0 * row_bytes, row_bytes, rows, K, wc, ws, wo);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-    for (int64_t m0 = 0; m0 < M; m0 += 12)
-      rows_block<G, !T::kSigned>(static_cast<int>(std::min<int64_t>(12, M - m0)), wc, ws, wo, a, m0, b, mask,
-                                 y + n0, N);
+    for (int64_t step = 0, m0 = 0; step < steps; ++step) {  // steps of equal rows: 40 = 4 x 10, not 3 x 12 + 4
+      const int64_t m1 = M * (step + 1) / steps;
+      rows_block<G, !T::kSigned>(static_cast<int>(m1 - m0), wc, ws, wo, a, m0, b, mask, y + n0, N);
+      m0 = m1;
+    }
   }
 }
 
@@ -298,7 +300,7 @@ at::Tensor gemm_on(Pool& pool, const at::Tensor& x, const at::Tensor& w, int64_t
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (N + 15) / 16;
   with_type(type, [&]<class T>() {
-    pool.run(tiles, std::max<int64_t>(1, tiles / (4 * threads)),
+    pool.run(tiles, std::max<int64_t>(1, tiles / (16 * threads)),
              [&](int64_t t0, int64_t t1) { gemm_tiles<T>(wp, a, M, N, bias, yp, t0, t1); });
   });
   return y;
