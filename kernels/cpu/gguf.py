@@ -15,7 +15,7 @@ output feature; ``block`` is its ``kernels.quant.gguf_reference.GGUFBlock``, whi
   wake-ups doubled this kernel's time).
 - More rows (prefill, and decode batches past ``GEMV_MAX_M``): with AVX-512 VNNI, tiles (``GGUF_TILES_CPP`` below):
   the activations quantized to int16 as above (natural order), each tile of 16 weight rows decoded once to int16
-  codes transposed so that one 512-bit lane holds one output feature, then for every 12 activation rows one
+  codes transposed so that one 512-bit lane holds one output feature, then for up to 12 activation rows at a time one
   ``vpdpwssd`` per pair of values (the pair broadcast) into exact int32 sums per 32 values (Q6_K: 16), scaled by
   the weight's and the activation's scales; the offsets times the exact sums as in decode. The same activation
   rounding as the decode path (~3e-5 of the bound), at twice float32's multiply-adds per instruction, and no
