@@ -61,7 +61,8 @@ def load(isa: str | None = None):
 
     Raises RuntimeError naming the cause and the way out when it cannot be built.
     """
-    return load_cpp("sglite_cpu_gguf", GGUF_TYPES_CPP + POOL_CPP + GGUF_TILES_CPP + GGUF_KERNEL_CPP, None, "CPU GGUF kernel",
+    return load_cpp("sglite_cpu_gguf", GGUF_TYPES_CPP + POOL_CPP + GGUF_TILES_CPP + GGUF_KERNEL_CPP, None,
+                    "CPU GGUF kernel",
                     "load the GGUF dequantized with gguf_dequantize=True", isa=isa, avx512=True)
 
 
@@ -166,14 +167,16 @@ void quantize_natural(const float* x, int64_t sx, int64_t K, int16_t* q, float* 
 // r[j] (16 int32 lanes) <- lane j of the inputs: a 16 x 16 transpose of 32-bit elements.
 inline void transpose16(__m512i* r) {
   __m512i t[16];
-  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  for (int i = 0; i < 16; i += 2)
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   for (int i = 0; i < 16; i += 4) {
     r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
     r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }  // r[4g + c]: in 128-bit lane L, element 4L + c of rows 4g .. 4g + 3
   for (int c = 0; c < 4; ++c) {
     const __m512i v = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), w = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
-    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), w2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i w2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
     t[c] = _mm512_shuffle_i32x4(v, v2, 0x88), t[4 + c] = _mm512_shuffle_i32x4(v, v2, 0xdd);
     t[8 + c] = _mm512_shuffle_i32x4(w, w2, 0x88), t[12 + c] = _mm512_shuffle_i32x4(w, w2, 0xdd);
   }
