@@ -199,3 +199,71 @@ def test_16bit_dispatch_takes_the_kernel_only_where_it_applies() -> None:
     assert linear(torch.randn(40, 32, dtype=torch.bfloat16), w).shape == (40, 64)
     with pytest.raises(ValueError, match="linear16_cpu takes bfloat16 or float16"):
         cpu_linear16.linear16_cpu(torch.randn(1, 32, dtype=torch.bfloat16), w.float())
+
+
+# The register-blocked kernel on a packed bfloat16 weight (linear16.pack / linear_packed): AVX-512 BF16 CPUs only.
+needs_pack = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="this CPU has no AVX-512 BF16")
+PACKED_ROWS = [1, 2, 11, 12, 13, 16, 17, 24, 33, 41, 64, 65, 200, 385]  # tiles of 12 rows, row chunks of 192
+
+
+@needs_pack
+@pytest.mark.parametrize("n,k", SHAPES16 + [(49, 1), (100, 31)])  # N % 16 != 0, K odd or not a multiple of 32
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_kernel_matches_float32_on_the_same_values(n: int, k: int, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(n * 31 + k + with_bias)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    packed = cpu_linear16.pack(w)
+    assert packed.shape == ((n + 15) // 16, (k + 1) // 2, 16, 2)
+    assert torch.equal(cpu_linear16.unpack(packed, n, k), w)
+    for m in PACKED_ROWS:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        _check16(cpu_linear16.linear_packed(x, packed, n, b), x, w, b)
+    wide = torch.randn(41, 2 * k + 3, generator=g).bfloat16()  # strided rows (a slice of a wider tensor)
+    _check16(cpu_linear16.linear_packed(wide[:, 3 : 3 + k], packed, n, b), wide[:, 3 : 3 + k], w, b)
+
+
+@needs_pack
+def test_packed_rows_do_not_depend_on_the_batch_or_thread_count() -> None:
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(1030, 577, generator=g).bfloat16()
+    b = torch.randn(1030, generator=g).bfloat16()
+    x = torch.randn(200, 577, generator=g).bfloat16()
+    packed = cpu_linear16.pack(w)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results[t] = cpu_linear16.linear_packed(x, packed, 1030, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[1], results[2])
+    for lo, hi in ((0, 1), (7, 8), (3, 20), (5, 46), (100, 200)):
+        assert torch.equal(cpu_linear16.linear_packed(x[lo:hi], packed, 1030, b), results[2][lo:hi])
+    x3 = x[:12].view(3, 4, 577)  # leading dims are flattened
+    assert torch.equal(cpu_linear16.linear_packed(x3, packed, 1030, b).view(12, 1030), results[2][:12])
+    with pytest.raises(ValueError, match="linear_packed takes bfloat16"):
+        cpu_linear16.linear_packed(x.float(), packed, 1030, b)
+
+
+@needs_pack
+def test_dense_bfloat16_layer_is_packed_once_at_load() -> None:
+    from xinf_sglang.runtime.layers.linear import RowParallelLinear
+    from xinf_sglang.runtime.layers.quantization.base import AS_STORED, PACKED_BF16
+    from xinf_sglang.runtime.tp.distributed import TPInfo
+
+    layer = RowParallelLinear(577, 100, True, TPInfo())
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(100, 577, generator=g).bfloat16()
+    layer.weight.data = w.clone()
+    layer.bias.data = torch.randn(100, generator=g).bfloat16()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method is PACKED_BF16 and layer.weight.shape == (7, 289, 16, 2)
+    assert torch.equal(layer.quant_method.dequantize(layer), w.float())
+    x = torch.randn(41, 577, generator=g).bfloat16()
+    _check16(layer(x), x, w, layer.bias)
+    kept = RowParallelLinear(577, 100, False, TPInfo(), AS_STORED)  # a weight the model reads itself (DeepSeek)
+    kept.weight.data = w.clone()
+    kept.quant_method.process_weights_after_loading(kept)
+    assert kept.quant_method is AS_STORED and torch.equal(kept.weight, w)

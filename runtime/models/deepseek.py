@@ -33,6 +33,7 @@ from ..layers import (
     ShardId,
 )
 from ..layers.attention.backend import AttentionBackend
+from ..layers.quantization.base import AS_STORED
 from ..model_executor.forward_batch import ForwardBatch
 from ..model_loader.model_config import ModelConfig
 from ..tp.distributed import TPInfo
@@ -61,7 +62,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = LinearBase(cfg.hidden_size, mla.cache_dim, cfg.attention_bias, tp)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
         kv_out = [cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)]
-        self.kv_b_proj = MergedColumnParallelLinear(mla.kv_lora_rank, kv_out, False, tp)
+        self.kv_b_proj = MergedColumnParallelLinear(mla.kv_lora_rank, kv_out, False, tp, AS_STORED)  # read as is
         self.o_proj = RowParallelLinear(cfg.num_heads * mla.v_head_dim, cfg.hidden_size, cfg.attention_bias, tp)
 
     def forward(
