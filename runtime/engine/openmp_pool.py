@@ -27,27 +27,29 @@ _RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 
 @cache
-def _loaded_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime this process has loaded (torch's bundled one), or None when none is mapped yet."""
+def _loaded_runtime() -> ctypes.CDLL:
+    """The OpenMP runtime this process has loaded (torch's bundled one). Raises LookupError when none is mapped
+    (yet): a failure is not cached, so a call after torch has loaded its runtime finds it."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:  # not Linux: nothing to release
-        return None
+    except OSError as e:  # not Linux: nothing to release
+        raise LookupError("no /proc/self/maps") from e
     for path in sorted(paths):
         name = path.rsplit("/", 1)[-1]
         if name.startswith(_RUNTIMES) and ".so" in name:
             lib = ctypes.CDLL(path)
             if hasattr(lib, "omp_pause_resource_all"):
                 return lib
-    return None
+    raise LookupError("no OpenMP runtime with omp_pause_resource_all is loaded")
 
 
 def release_calling_thread_pool() -> bool:
     """Free the OpenMP worker pool of the calling thread; True when a runtime did so. Safe to call anywhere outside
     a parallel region: a thread that needs a pool again gets a new one."""
-    lib = _loaded_runtime()
-    if lib is None:
+    try:
+        lib = _loaded_runtime()
+    except LookupError:
         return False
     rc = lib.omp_pause_resource_all(ctypes.c_int(_OMP_PAUSE_SOFT))
     if rc != 0:
